@@ -1,0 +1,16 @@
+"""Kernels for wideep-jax: grouped matmul for the MoE expert FFN."""
+from pallas_kernels.grouped_matmul import (
+    GroupedMatmulConfig,
+    grouped_matmul,
+    grouped_matmul_reference,
+    grouped_matmul_transposed,
+    grouped_matmul_transposed_reference,
+)
+
+__all__ = [
+    "GroupedMatmulConfig",
+    "grouped_matmul",
+    "grouped_matmul_reference",
+    "grouped_matmul_transposed",
+    "grouped_matmul_transposed_reference",
+]

@@ -1,0 +1,259 @@
+"""Tests for wideep_jax.config: TRT-LLM moe_config loading and validation."""
+import dataclasses
+import re
+import runpy
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wideep_jax.config import (
+    ALLTOALL_BACKENDS,
+    ConfigError,
+    LoadBalancerConfig,
+    MoEConfig,
+    load_moe_config,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+E = 256  # DeepSeek-V3 routed experts
+
+
+def raises(key: str, value: str):
+    """pytest.raises(ConfigError) whose message names ``key`` and then ``value``."""
+    return pytest.raises(ConfigError, match=f"(?s){re.escape(key)}.*{re.escape(value)}")
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+# --- example configs -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ep_size", [4, 36])
+def test_wide_ep_offline_example(ep_size):
+    cfg = load_moe_config(CONFIGS / "wide_ep.yaml", num_experts=E, ep_size=ep_size)
+    assert (cfg.backend, cfg.max_num_tokens, cfg.alltoall_backend, cfg.ep_axis) == ("WIDEEP", 9216, "auto", "ep")
+    lb = cfg.load_balancer
+    assert lb.num_slots == 288 and lb.layer_updates_per_iter == 0 and not lb.is_online
+    iga = lb.initial_global_assignments
+    assert isinstance(iga, types.MappingProxyType)
+    assert sorted(iga) == list(range(3, 61))
+    for layer, ids in iga.items():
+        assert type(layer) is int and isinstance(ids, tuple) and len(ids) == 288
+        assert all(type(e) is int for e in ids)
+        assert ids[:E] == tuple(range(E)) and len(set(ids[E:])) == 32 and max(ids[E:]) < 144
+    s2e = cfg.slot_to_expert(7, num_experts=E, ep_size=ep_size)
+    assert s2e.dtype == np.int32 and s2e.tolist() == list(iga[7])
+    for rank in s2e.reshape(ep_size, -1):  # no rank holds two copies of one expert
+        assert len(set(rank.tolist())) == rank.size
+
+
+@pytest.mark.parametrize("ep_size", [4, 36])
+def test_wide_ep_online_example(ep_size):
+    cfg = load_moe_config(CONFIGS / "wide_ep_online.yaml", num_experts=E, ep_size=ep_size)
+    assert cfg.backend == "WIDEEP" and cfg.max_num_tokens == 9216
+    assert cfg.load_balancer == LoadBalancerConfig(num_slots=288, layer_updates_per_iter=1)
+    assert cfg.load_balancer.is_online and cfg.num_slots(E) == 288
+
+
+@pytest.mark.parametrize("ep_size", [4, 36])
+def test_placement_file_loads_as_bare_load_balancer(ep_size):
+    cfg = load_moe_config({"load_balancer": str(CONFIGS / "moe_load_balancer.yaml")}, num_experts=E, ep_size=ep_size)
+    assert cfg.backend == "CUTLASS" and cfg.load_balancer.num_slots == 288
+
+
+def test_example_placement_is_reproducible(tmp_path):
+    script = runpy.run_path(str(CONFIGS / "make_example_placement.py"))
+    script["main"]([str(tmp_path / "p.yaml")])
+    assert (tmp_path / "p.yaml").read_text() == (CONFIGS / "moe_load_balancer.yaml").read_text()
+
+
+# --- sources ---------------------------------------------------------------------------------
+
+BODY = {"backend": "wideep", "max_num_tokens": 64, "load_balancer": {"num_slots": 16}}
+
+
+@pytest.mark.parametrize("source", [BODY, {"moe_config": BODY, "enable_attention_dp": True, "kv_cache_config": {}}])
+def test_bare_and_wrapped_mappings(source):
+    cfg = load_moe_config(source, num_experts=8, ep_size=4)
+    assert cfg == MoEConfig(backend="WIDEEP", max_num_tokens=64, load_balancer=LoadBalancerConfig(num_slots=16))
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_yaml_file_bare_and_wrapped(tmp_path, wrapped):
+    body = "backend: WIDEEP\nalltoall_backend: XLA\nep_axis: expert\n"
+    text = "moe_config:\n" + "".join(f"  {line}\n" for line in body.splitlines()) + "use_cuda_graph: true\n" if wrapped else body
+    cfg = load_moe_config(write(tmp_path / "c.yaml", text))
+    assert (cfg.backend, cfg.alltoall_backend, cfg.ep_axis, cfg.load_balancer) == ("WIDEEP", "xla", "expert", None)
+
+
+@pytest.mark.parametrize("source", [None, {}, {"moe_config": None}, {"moe_config": {}}])
+def test_empty_source_gives_defaults(source, tmp_path):
+    assert load_moe_config(source) == MoEConfig()
+    assert load_moe_config(write(tmp_path / "empty.yaml", "")) == MoEConfig()
+    assert MoEConfig().backend == "CUTLASS" and MoEConfig().alltoall_backend == ALLTOALL_BACKENDS[0]
+
+
+def test_load_balancer_path_relative_to_config_folder(tmp_path, monkeypatch):
+    write(tmp_path / "cfg" / "lb" / "p.yaml", "num_slots: 12\ninitial_global_assignments:\n  0: [0,1,2,3,4,5,6,7,0,1,2,3]\n")
+    cfg_file = write(tmp_path / "cfg" / "main.yaml", "moe_config:\n  backend: WIDEEP\n  load_balancer: lb/p.yaml\n")
+    monkeypatch.chdir(tmp_path)  # a different cwd must not matter
+    cfg = load_moe_config(cfg_file, num_experts=8, ep_size=4)
+    assert cfg.load_balancer.initial_global_assignments[0] == (0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3)
+    # Relative to cwd for a mapping source.
+    monkeypatch.chdir(tmp_path / "cfg")
+    assert load_moe_config({"load_balancer": "lb/p.yaml"}).load_balancer.num_slots == 12
+
+
+def test_string_layer_keys_become_ints():
+    lb = LoadBalancerConfig(num_slots=4, initial_global_assignments={"3": [0, 1, 2, 3], 5: np.array([3, 2, 1, 0])})
+    assert dict(lb.initial_global_assignments) == {3: (0, 1, 2, 3), 5: (3, 2, 1, 0)}
+    with pytest.raises(TypeError):
+        lb.initial_global_assignments[3] = (0, 0, 0, 0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        lb.num_slots = 8
+
+
+def test_configs_are_hashable_and_comparable():
+    a = MoEConfig(backend="wideep", load_balancer=LoadBalancerConfig(num_slots=4, initial_global_assignments={0: [0, 1, 2, 3]}))
+    b = MoEConfig(backend="WIDEEP", load_balancer=LoadBalancerConfig(num_slots=4, initial_global_assignments={"0": (0, 1, 2, 3)}))
+    c = MoEConfig(backend="WIDEEP", load_balancer=LoadBalancerConfig(num_slots=4, initial_global_assignments={0: [3, 2, 1, 0]}))
+    assert a == b and hash(a) == hash(b) and a != c
+
+
+# --- slot_to_expert --------------------------------------------------------------------------
+
+def test_slot_to_expert_default_round_robin():
+    cfg = MoEConfig(load_balancer=LoadBalancerConfig(num_slots=12))
+    out = cfg.slot_to_expert(None, num_experts=8, ep_size=4)
+    assert out.dtype == np.int32 and out.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]
+    assert MoEConfig().slot_to_expert(2, num_experts=8, ep_size=2).tolist() == list(range(8))
+
+
+def test_slot_to_expert_explicit_layer_and_fallback_for_other_layers():
+    ids = [7, 6, 5, 4, 3, 2, 1, 0]
+    cfg = MoEConfig(load_balancer=LoadBalancerConfig(initial_global_assignments={3: ids}))
+    assert cfg.slot_to_expert(3, num_experts=8, ep_size=2).tolist() == ids
+    assert cfg.slot_to_expert(4, num_experts=8, ep_size=2).tolist() == list(range(8))
+    with raises("layer_idx", "-1"):
+        cfg.slot_to_expert(-1, num_experts=8, ep_size=2)
+    with raises("moe_config.load_balancer.num_slots", "8"):  # validates first
+        cfg.slot_to_expert(3, num_experts=8, ep_size=3)
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+LB = "moe_config.load_balancer"
+IGA = f"{LB}.initial_global_assignments"
+
+
+@pytest.mark.parametrize(
+    "source, key, value",
+    [
+        # unknown keys, with the allowed ones listed
+        ({"backend": "WIDEEP", "max_tokens": 8}, "moe_config", "'max_tokens'; allowed keys: backend, max_num_tokens"),
+        ({"load_balancer": {"slots": 8}}, LB, "'slots'; allowed keys: num_slots"),
+        # wrong types: bool is not an int, 9216.0 is not an int
+        ({"max_num_tokens": 9216.0}, "moe_config.max_num_tokens", "9216.0 (float)"),
+        ({"max_num_tokens": True}, "moe_config.max_num_tokens", "True (bool)"),
+        ({"load_balancer": {"num_slots": "288"}}, f"{LB}.num_slots", "'288' (str)"),
+        ({"load_balancer": {"layer_updates_per_iter": False}}, f"{LB}.layer_updates_per_iter", "False (bool)"),
+        ({"load_balancer": {"layer_updates_per_iter": None}}, f"{LB}.layer_updates_per_iter", "None"),
+        ({"load_balancer": {"initial_global_assignments": {0: [0, 1.0]}}}, f"{IGA}[0][1]", "1.0 (float)"),
+        ({"load_balancer": {"initial_global_assignments": {0: [0, True]}}}, f"{IGA}[0][1]", "True (bool)"),
+        ({"load_balancer": {"initial_global_assignments": {0: "0 1"}}}, f"{IGA}[0]", "'0 1'"),
+        ({"load_balancer": {"initial_global_assignments": [[0, 1]]}}, IGA, "[[0, 1]]"),
+        ({"load_balancer": [8]}, LB, "[8]"),
+        ({"moe_config": [1]}, "moe_config", "[1]"),
+        ({"ep_axis": ""}, "moe_config.ep_axis", "''"),
+        ({"backend": None}, "moe_config.backend", "None"),
+        # bad names
+        ({"backend": "TRTLLM"}, "moe_config.backend", "'TRTLLM'"),
+        ({"alltoall_backend": "mpi"}, "moe_config.alltoall_backend", "'mpi'"),
+        # ranges that need no model numbers
+        ({"max_num_tokens": 0}, "moe_config.max_num_tokens", "0"),
+        ({"max_num_tokens": -5}, "moe_config.max_num_tokens", "-5"),
+        ({"load_balancer": {"num_slots": 0}}, f"{LB}.num_slots", "0"),
+        ({"load_balancer": {"layer_updates_per_iter": -1}}, f"{LB}.layer_updates_per_iter", "-1"),
+        ({"load_balancer": {"initial_global_assignments": {0: [0, -1]}}}, f"{IGA}[0][1]", "-1"),
+        ({"load_balancer": {"num_slots": 4, "initial_global_assignments": {2: [0, 1, 2]}}}, f"{IGA}[2]", "3 expert ids"),
+        # layer keys
+        ({"load_balancer": {"initial_global_assignments": {-1: [0]}}}, IGA, "-1"),
+        ({"load_balancer": {"initial_global_assignments": {"abc": [0]}}}, IGA, "'abc'"),
+        ({"load_balancer": {"initial_global_assignments": {"-3": [0]}}}, IGA, "'-3'"),
+        ({"load_balancer": {"initial_global_assignments": {1.5: [0]}}}, IGA, "1.5"),
+        ({"load_balancer": {"initial_global_assignments": {True: [0]}}}, IGA, "True"),
+        ({"load_balancer": {"initial_global_assignments": {3: [0], "3": [0]}}}, IGA, "'3'"),
+    ],
+)
+def test_schema_errors(source, key, value):
+    with raises(key, value):
+        load_moe_config(source)
+
+
+@pytest.mark.parametrize(
+    "lb, ep_size, key, value",
+    [
+        ({"num_slots": 6}, 2, f"{LB}.num_slots", "6 (int); allowed: an int >= num_experts = 8"),
+        ({"num_slots": 12}, 8, f"{LB}.num_slots", "12 (int); allowed: a multiple of ep_size = 8"),
+        ({}, 3, f"{LB}.num_slots", "8 (int); allowed: a multiple of ep_size = 3"),
+        ({"initial_global_assignments": {1: [0, 1, 2]}}, 2, f"{IGA}[1]", "3 expert ids; allowed: exactly num_slots = 8"),
+        ({"initial_global_assignments": {1: [0, 1, 2, 3, 4, 5, 6, 8]}}, 2, f"{IGA}[1][7]", "8 (int); allowed: an expert id in [0, 8)"),
+        ({"initial_global_assignments": {4: [0, 1, 2, 3, 4, 0, 1, 0]}}, 2, f"{IGA}[4]", "layer 4 gives no slot to experts [5, 6, 7]"),
+    ],
+)
+def test_model_dependent_errors(lb, ep_size, key, value):
+    source = {"backend": "WIDEEP", "load_balancer": lb}
+    cfg = load_moe_config(source)  # fine without model numbers
+    with raises(key, value):
+        load_moe_config(source, num_experts=8, ep_size=ep_size)
+    with raises(key, value):
+        cfg.validate(num_experts=8, ep_size=ep_size)
+
+
+@pytest.mark.parametrize("num_experts, ep_size, key, value", [(0, 2, "num_experts", "0"), (8, 2.0, "ep_size", "2.0"), (None, 4, "num_experts", "None")])
+def test_bad_model_numbers(num_experts, ep_size, key, value):
+    with raises(key, value):
+        load_moe_config({}, num_experts=num_experts, ep_size=ep_size)
+
+
+def test_num_experts_alone_validates_with_one_rank():
+    lb = {"num_slots": 6}
+    with raises("num_slots", "6"):
+        load_moe_config({"load_balancer": lb}, num_experts=8)
+    assert load_moe_config({"load_balancer": lb}, num_experts=6).num_slots(6) == 6
+
+
+def test_bad_source_type():
+    with raises("source", "42"):
+        load_moe_config(42)
+
+
+def test_missing_files(tmp_path):
+    with raises("source", str(tmp_path / "nope.yaml")):
+        load_moe_config(tmp_path / "nope.yaml")
+    cfg = write(tmp_path / "c.yaml", "moe_config:\n  load_balancer: missing_lb.yaml\n")
+    with raises(LB, str(tmp_path / "missing_lb.yaml")):
+        load_moe_config(cfg)
+
+
+@pytest.mark.parametrize("text", ["moe_config: [unclosed\n", "moe_config:\n  backend: A\n  backend: B\n"])
+def test_invalid_yaml(tmp_path, text):
+    bad = write(tmp_path / "bad.yaml", text)
+    with raises("source", str(bad)):
+        load_moe_config(bad)
+    with raises(LB, str(bad)):
+        load_moe_config({"load_balancer": str(bad)})
+
+
+def test_placement_file_errors_name_the_file(tmp_path):
+    lb = write(tmp_path / "lb.yaml", "num_slots: 8\ninitial_global_assignments:\n  3: [0, 1, 2]\n")
+    with raises(f"{IGA}[3]", str(lb)):
+        load_moe_config({"load_balancer": str(lb)})
+    write(tmp_path / "lb2.yaml", "[1, 2]\n")
+    with raises(LB, "[1, 2]"):
+        load_moe_config(write(tmp_path / "c.yaml", "load_balancer: lb2.yaml\n"))

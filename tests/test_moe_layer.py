@@ -1,0 +1,243 @@
+"""The MoE layer against a dense single-device reference, on 8 emulated CPU devices."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moe_helpers import (assert_close, make_layer, make_mesh, make_spec, random_routing,
+                         random_tokens, run_layer, unsharded)
+from wideep_jax import MoEConfig, MoELayer, moe_forward
+from wideep_jax.reference import dense_moe_reference
+
+
+def _reference(layer, x, **kw):
+    return dense_moe_reference(x, unsharded(layer.weights()), layer.spec, **kw)
+
+
+@pytest.mark.parametrize("ep", [1, 2, 4, 8])
+@pytest.mark.parametrize("kind,shared", [("softmax", 0), ("noaux_tc", 1)])
+def test_wideep_matches_dense_reference(rng, ep, kind, shared):
+    spec = make_spec(kind=kind, top_k=4, shared=shared)
+    layer = make_layer(spec, ep=ep, seed=int(rng.integers(1 << 30)))
+    x = random_tokens(rng, 8 * ep, spec.hidden_size)
+    y, stats = run_layer(layer, x)
+    assert_close(y, _reference(layer, x))
+    assert int(stats.expert_counts.sum()) == x.shape[0] * spec.top_k
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3, 5, 8])
+def test_top_k_range(rng, top_k):
+    spec = make_spec(top_k=top_k, shared=1)
+    layer = make_layer(spec, ep=4, seed=int(rng.integers(1 << 30)))
+    x = random_tokens(rng, 24, spec.hidden_size)
+    assert_close(run_layer(layer, x)[0], _reference(layer, x))
+
+
+@pytest.mark.parametrize("ep", [1, 4])
+def test_local_backend_matches_reference(rng, ep):
+    spec = make_spec(kind="noaux_tc", top_k=3, shared=1)
+    layer = make_layer(spec, backend="CUTLASS", ep=ep)
+    assert layer.w_gate_up[...].shape[0] == spec.num_experts
+    x = random_tokens(rng, 20, spec.hidden_size)
+    y, stats = run_layer(layer, x)
+    assert_close(y, _reference(layer, x))
+    assert int(stats.slot_counts.sum()) == 20 * 3
+
+
+def _adversarial_routings(rng, num_tokens, spec, ep):
+    experts_per_rank = spec.num_experts // ep
+    everything_to_expert_0 = random_routing(rng, num_tokens, spec.num_experts, 1, experts=[0])
+    ids = np.broadcast_to(np.arange(spec.top_k) % experts_per_rank, (num_tokens, spec.top_k))
+    on_rank_last = ids + experts_per_rank * (ep - 1)
+    return {
+        "one_expert": everything_to_expert_0,
+        "one_rank": random_routing(rng, num_tokens, spec.num_experts, spec.top_k,
+                                   experts=np.arange(experts_per_rank) + experts_per_rank * (ep - 1)),
+        "same_experts_all_tokens": (on_rank_last, None),
+    }
+
+
+@pytest.mark.parametrize("case", ["one_expert", "one_rank", "same_experts_all_tokens"])
+def test_adversarial_routing(rng, case):
+    ep = 4
+    top_k = 1 if case == "one_expert" else 4
+    spec = make_spec(top_k=top_k, experts=16)
+    layer = make_layer(spec, ep=ep)
+    num_tokens = 32
+    routing = _adversarial_routings(rng, num_tokens, spec, ep)[case]
+    if isinstance(routing, tuple):
+        from wideep_jax.routing import Routing
+        routing = Routing(jnp.asarray(routing[0], jnp.int32),
+                          jnp.asarray(rng.uniform(0.1, 1, (num_tokens, top_k)), jnp.float32))
+    x = random_tokens(rng, num_tokens, spec.hidden_size)
+    y, stats = run_layer(layer, x, routing=routing)
+    assert_close(y, _reference(layer, x, routing=routing))
+    # Every token lands on one rank: that rank receives all tokens exactly once.
+    rank_tokens = np.asarray(stats.rank_tokens)
+    assert rank_tokens.max() == num_tokens and rank_tokens.sum() == num_tokens
+    np.testing.assert_array_equal(
+        np.asarray(stats.expert_counts),
+        np.bincount(np.asarray(routing.ids).ravel(), minlength=spec.num_experts))
+
+
+def test_padding_and_token_mask(rng):
+    spec = make_spec(top_k=2, shared=1)
+    layer = make_layer(spec, ep=4)
+    x = random_tokens(rng, 13, spec.hidden_size)  # 13 does not divide by 4
+    mask = jnp.asarray(rng.random(13) < 0.7)
+    y, stats = run_layer(layer, x, token_mask=mask)
+    assert y.shape == (13, spec.hidden_size)
+    assert_close(y, _reference(layer, x, token_mask=mask))
+    assert np.all(np.asarray(y)[~np.asarray(mask)] == 0)
+    assert int(stats.expert_counts.sum()) == int(mask.sum()) * spec.top_k
+
+
+@pytest.mark.parametrize("backend", ["WIDEEP", "CUTLASS"])
+def test_chunking_by_max_num_tokens(rng, backend):
+    spec = make_spec(top_k=2, shared=1)
+    x = random_tokens(rng, 44, spec.hidden_size)  # 11 per rank: chunks of 3 need padding
+    whole = make_layer(spec, backend=backend, ep=4)
+    chunked = make_layer(spec, backend=backend, ep=4, max_num_tokens=3)
+    y_whole, s_whole = run_layer(whole, x)
+    y_chunked, s_chunked = run_layer(chunked, x)
+    assert_close(y_chunked, _reference(chunked, x))
+    assert_close(y_chunked, y_whole, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(s_whole.expert_counts), np.asarray(s_chunked.expert_counts))
+
+
+def test_stats_are_exact(rng):
+    ep, spec = 4, make_spec(top_k=3, experts=16)
+    layer = make_layer(spec, ep=ep)
+    routing = random_routing(rng, 40, spec.num_experts, spec.top_k)
+    x = random_tokens(rng, 40, spec.hidden_size)
+    _, stats = run_layer(layer, x, routing=routing)
+    ids = np.asarray(routing.ids)
+    np.testing.assert_array_equal(np.asarray(stats.expert_counts), np.bincount(ids.ravel(), minlength=16))
+    # Identity placement: slot == expert; rank = expert // 4; a token counts once per rank.
+    np.testing.assert_array_equal(np.asarray(stats.slot_counts), np.bincount(ids.ravel(), minlength=16))
+    want = [sum(np.any(ids[t] // 4 == r) for t in range(40)) for r in range(ep)]
+    np.testing.assert_array_equal(np.asarray(stats.rank_tokens), want)
+
+
+def test_replicated_slots_and_placement_invariance(rng):
+    """Extra slots and shuffled placements change where, not what."""
+    spec = make_spec(kind="noaux_tc", top_k=4, experts=16, shared=1)
+    ep, num_slots = 4, 24
+    perm = rng.permutation(16)
+    extra = rng.choice(16, num_slots - 16, replace=False)
+    placement = np.concatenate([perm, extra])
+    # No rank may hold two replicas of one expert (not required, but realistic).
+    lb = {"num_slots": num_slots, "initial_global_assignments": {5: placement.tolist()}}
+    plain = make_layer(spec, ep=ep, seed=3)
+    placed = make_layer(spec, ep=ep, seed=3, layer_idx=5, load_balancer=lb)
+    assert placed.w_gate_up[...].shape[0] == num_slots
+    np.testing.assert_array_equal(np.asarray(placed.slot_to_expert[...]), placement)
+    x = random_tokens(rng, 64, spec.hidden_size)
+    y_plain, _ = run_layer(plain, x)
+    y_placed, stats = run_layer(placed, x)
+    assert_close(y_placed, _reference(placed, x))
+    assert_close(y_placed, y_plain, rtol=1e-6)
+    # Replicas share the load: every slot of a replicated expert is used.
+    counts = np.asarray(stats.slot_counts)
+    assert counts.sum() == 64 * 4
+    for e in extra:
+        assert np.all(counts[placement == e] > 0) or stats.expert_counts[e] < 2
+
+
+def test_bfloat16(rng):
+    spec = make_spec(kind="noaux_tc", top_k=4, shared=1, dtype=jnp.bfloat16)
+    layer = make_layer(spec, ep=4)
+    x = random_tokens(rng, 32, spec.hidden_size, jnp.bfloat16)
+    y, _ = run_layer(layer, x)
+    assert y.dtype == jnp.bfloat16
+    assert_close(y, _reference(layer, x), rtol=1e-2)
+
+
+def test_gradients_match_dense_reference(rng):
+    spec = make_spec(kind="softmax", top_k=2, shared=1)
+    layer = make_layer(spec, ep=4)
+    x = random_tokens(rng, 16, spec.hidden_size)
+    weights = unsharded(layer.weights())
+    cot = jnp.asarray(rng.standard_normal((16, spec.hidden_size)), jnp.float32)
+
+    def loss_layer(w, x):
+        y, _ = moe_forward(x, w, spec=spec, config=layer.config, mesh=layer.mesh)
+        return jnp.sum(y * cot)
+
+    def loss_ref(w, x):
+        return jnp.sum(dense_moe_reference(x, w, spec) * cot)
+
+    diff = ("router", "w_gate_up", "w_down", "shared_gate_up", "shared_down")
+    g_layer = jax.jit(jax.grad(loss_layer, argnums=(0, 1), allow_int=True))(weights, x)
+    g_ref = jax.jit(jax.grad(loss_ref, argnums=(0, 1), allow_int=True))(weights, x)
+    assert_close(g_layer[1], g_ref[1], rtol=1e-5)
+    for name in diff:
+        assert_close(getattr(g_layer[0], name), getattr(g_ref[0], name), rtol=1e-5)
+
+
+def test_nnx_grad_and_optax_step(rng):
+    """Research users fine-tune with optax: one step lowers the loss."""
+    import optax
+
+    spec = make_spec(top_k=2)
+    layer = make_layer(spec, ep=2)
+    x = random_tokens(rng, 16, spec.hidden_size)
+    target = random_tokens(rng, 16, spec.hidden_size)
+    optimizer = nnx.Optimizer(layer, optax.sgd(0.05), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(layer, optimizer):
+        def loss_fn(layer):
+            return jnp.mean((layer(x)[0] - target) ** 2)
+        loss, grads = nnx.value_and_grad(loss_fn)(layer)
+        optimizer.update(layer, grads)
+        return loss
+
+    first = float(step(layer, optimizer))
+    second = float(step(layer, optimizer))
+    assert second < first
+
+
+def test_no_recompilation_when_routing_changes(rng):
+    spec = make_spec(kind="noaux_tc", top_k=4, shared=1)
+    layer = make_layer(spec, ep=4)
+    graphdef, state = nnx.split(layer)
+
+    @jax.jit
+    def forward(state, x, routing):
+        return nnx.merge(graphdef, state)(x, routing=routing)
+
+    for _ in range(5):
+        x = random_tokens(rng, 32, spec.hidden_size)
+        forward(state, x, random_routing(rng, 32, spec.num_experts, spec.top_k))
+    assert forward._cache_size() == 1
+
+
+def test_wideep_needs_a_mesh():
+    spec = make_spec()
+    with pytest.raises(ValueError, match="WIDEEP.*ep"):
+        MoELayer(spec, MoEConfig(backend="WIDEEP"), mesh=None, rngs=nnx.Rngs(0))
+    layer = make_layer(spec, ep=2)
+    with pytest.raises(ValueError, match="hidden_size=32"):
+        layer(jnp.zeros((4, 7)))
+
+
+def test_user_example_from_the_issue(rng):
+    """The README's example: DeepSeek routing, WIDEEP from the shipped config file."""
+    from pathlib import Path
+
+    from wideep_jax import load_moe_config
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "wide_ep.yaml"
+    spec = make_spec(kind="noaux_tc", experts=256, top_k=8, n_group=8, topk_group=4,
+                     hidden=16, inter=8, shared=1)
+    cfg = load_moe_config(path, num_experts=256, ep_size=4)
+    moe = MoELayer(spec, cfg, mesh=make_mesh(4), layer_idx=3, rngs=nnx.Rngs(0))
+    assert moe.w_gate_up[...].shape[0] == 288
+    x = random_tokens(rng, 32, spec.hidden_size)
+    y, stats = run_layer(moe, x)
+    assert_close(y, _reference(moe, x))
+    assert stats.expert_counts.shape == (256,) and int(stats.expert_counts.sum()) == 32 * 8

@@ -1,0 +1,20 @@
+"""wideep_jax: Wide Expert Parallelism for Mixture-of-Experts inference in JAX.
+
+Public API:
+  - :func:`load_moe_config` / :class:`MoEConfig`: TensorRT-LLM ``moe_config`` YAML.
+  - :class:`MoESpec`, :class:`RouterSpec`: model-side dims and routing.
+  - :class:`MoELayer`: the Flax NNX layer; ``y, stats = layer(x)``.
+  - :func:`moe_forward`, :class:`MoEWeights`, :class:`MoEStats`: the functional core.
+"""
+from wideep_jax.config import ConfigError, LoadBalancerConfig, MoEConfig, load_moe_config
+from wideep_jax.layer import MoELayer
+from wideep_jax.moe import MoEStats, MoEWeights, moe_forward
+from wideep_jax.routing import Routing, RouterSpec, route
+from wideep_jax.spec import MoESpec
+
+__all__ = [
+    "ConfigError", "LoadBalancerConfig", "MoEConfig", "load_moe_config",
+    "MoELayer", "MoEStats", "MoEWeights", "moe_forward",
+    "Routing", "RouterSpec", "route", "MoESpec",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,316 @@
+"""TensorRT-LLM ``moe_config`` schema: typed frozen dataclasses and a strict YAML loader.
+
+The accepted YAML is the ``moe_config`` section of TensorRT-LLM's Wide-EP README::
+
+    moe_config:
+        backend: WIDEEP
+        max_num_tokens: 9216
+        load_balancer: moe_load_balancer.yaml   # or an inline mapping
+
+plus two keys of our own (``alltoall_backend``, ``ep_axis``). Every bad input raises
+:class:`ConfigError` naming the key (dotted path), the bad value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import os
+import re
+import types
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+__all__ = [
+    "ALLTOALL_BACKENDS",
+    "BACKENDS",
+    "ConfigError",
+    "LoadBalancerConfig",
+    "MoEConfig",
+    "load_moe_config",
+]
+
+BACKENDS = ("CUTLASS", "WIDEEP")
+"""MoE backends: ``WIDEEP`` = all-to-all expert parallelism, ``CUTLASS`` = local (all slots on every device)."""
+ALLTOALL_BACKENDS = ("auto", "xla")
+"""Communication backends for ``WIDEEP``."""
+
+_MOE = "moe_config"
+_LB = f"{_MOE}.load_balancer"
+_IGA = f"{_LB}.initial_global_assignments"
+
+
+class ConfigError(ValueError):
+    """A ``moe_config`` value is invalid; the message names key, bad value and what is allowed."""
+
+
+def _fail(key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{key}: got {value!r} ({type(value).__name__}); allowed: {allowed}")
+
+
+def _int(key: str, value: Any, *, minimum: int, optional: bool = False) -> int | None:
+    """``value`` as an int >= ``minimum`` (None passes if ``optional``); bools and floats are rejected."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        allowed = f"an int >= {minimum}" + (" or null" if optional else "")
+        raise _fail(key, value, allowed)
+    return int(value)
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...], *, upper: bool) -> str:
+    """``value`` matched case-insensitively against ``choices``, returned in their case."""
+    if isinstance(value, str):
+        norm = value.upper() if upper else value.lower()
+        if norm in choices:
+            return norm
+    raise _fail(key, value, f"one of {', '.join(choices)} (case-insensitive)")
+
+
+def _check_keys(key: str, raw: Mapping, allowed: tuple[str, ...]) -> None:
+    for k in raw:
+        if k not in allowed:
+            raise ConfigError(f"{key}: unknown key {k!r}; allowed keys: {', '.join(allowed)}")
+
+
+def _layer_key(key: str) -> str:
+    return f"{_IGA}[{key}]"
+
+
+def _freeze_assignments(raw: Any) -> Mapping[int, tuple[int, ...]] | None:
+    """Validate the type of ``initial_global_assignments`` and make it immutable with int keys."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise _fail(_IGA, raw, "a mapping {layer index: list of expert ids, one per slot} or null")
+    out: dict[int, tuple[int, ...]] = {}
+    for layer, ids in raw.items():
+        if isinstance(layer, str) and re.fullmatch(r"[0-9]+", layer):
+            idx = int(layer)
+        elif isinstance(layer, numbers.Integral) and not isinstance(layer, bool) and layer >= 0:
+            idx = int(layer)
+        else:
+            raise _fail(f"{_IGA} (layer key)", layer, "a non-negative int layer index (int-like strings such as '3' too)")
+        if idx in out:
+            raise _fail(f"{_IGA} (layer key)", layer, f"each layer once; layer {idx} is given twice")
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple, np.ndarray)):
+            raise _fail(_layer_key(idx), ids, "a list of int expert ids, one per slot")
+        out[idx] = tuple(_int(f"{_layer_key(idx)}[{s}]", e, minimum=0) for s, e in enumerate(ids))
+    return types.MappingProxyType(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadBalancerConfig:
+    """``moe_config.load_balancer``: expert slots and their initial placement (TRT-LLM EPLB)."""
+
+    num_slots: int | None = None
+    """Total expert slots over all EP ranks; None = ``num_experts`` (no replicas)."""
+    layer_updates_per_iter: int = 0
+    """0 = static/offline placement, > 0 = online rebalancing of that many layers per iteration."""
+    initial_global_assignments: Mapping[int, tuple[int, ...]] | None = dataclasses.field(default=None, hash=False)
+    """{layer index: expert id per slot}; layers left out use the default round-robin placement."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "num_slots", _int(f"{_LB}.num_slots", self.num_slots, minimum=1, optional=True))
+        object.__setattr__(
+            self, "layer_updates_per_iter", _int(f"{_LB}.layer_updates_per_iter", self.layer_updates_per_iter, minimum=0)
+        )
+        object.__setattr__(self, "initial_global_assignments", _freeze_assignments(self.initial_global_assignments))
+        if self.num_slots is not None:
+            self._check_lengths(self.num_slots)
+
+    @property
+    def is_online(self) -> bool:
+        """True if the placement is rebalanced during serving (``layer_updates_per_iter > 0``)."""
+        return self.layer_updates_per_iter > 0
+
+    def resolved_num_slots(self, num_experts: int) -> int:
+        """``num_slots``, or ``num_experts`` when it is not set."""
+        num_experts = _int("num_experts", num_experts, minimum=1)
+        return num_experts if self.num_slots is None else self.num_slots
+
+    def _check_lengths(self, num_slots: int) -> None:
+        for layer, ids in (self.initial_global_assignments or {}).items():
+            if len(ids) != num_slots:
+                raise ConfigError(
+                    f"{_layer_key(layer)}: got a list of {len(ids)} expert ids; "
+                    f"allowed: exactly num_slots = {num_slots} (one expert id per slot)"
+                )
+
+    def validate(self, *, num_experts: int, ep_size: int) -> LoadBalancerConfig:
+        """Check slot count and placement against the model and mesh; returns self."""
+        num_experts = _int("num_experts", num_experts, minimum=1)
+        ep_size = _int("ep_size", ep_size, minimum=1)
+        num_slots = self.resolved_num_slots(num_experts)
+        if num_slots < num_experts:
+            raise _fail(f"{_LB}.num_slots", num_slots, f"an int >= num_experts = {num_experts}")
+        if num_slots % ep_size:
+            raise _fail(f"{_LB}.num_slots", num_slots, f"a multiple of ep_size = {ep_size}")
+        self._check_lengths(num_slots)
+        for layer, ids in (self.initial_global_assignments or {}).items():
+            for s, e in enumerate(ids):
+                if e >= num_experts:
+                    raise _fail(f"{_layer_key(layer)}[{s}]", e, f"an expert id in [0, {num_experts})")
+            missing = sorted(set(range(num_experts)) - set(ids))
+            if missing:
+                raise ConfigError(
+                    f"{_layer_key(layer)}: layer {layer} gives no slot to experts {missing}; "
+                    f"allowed: every expert id in [0, {num_experts}) in at least one slot"
+                )
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """``moe_config``: MoE backend, token chunking and load balancer."""
+
+    backend: str = "CUTLASS"
+    """``WIDEEP`` (all-to-all expert parallelism) or ``CUTLASS`` (local); case-insensitive, stored upper-case."""
+    max_num_tokens: int | None = None
+    """Tokens per rank per MoE call; larger inputs are chunked. None = no chunking."""
+    load_balancer: LoadBalancerConfig | None = None
+    """Slots and placement; None = one slot per expert, default placement."""
+    alltoall_backend: str = "auto"
+    """(ours) Communication backend for ``WIDEEP``, one of :data:`ALLTOALL_BACKENDS`."""
+    ep_axis: str = "ep"
+    """(ours) Mesh axis name that experts are sharded over."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "backend", _choice(f"{_MOE}.backend", self.backend, BACKENDS, upper=True))
+        object.__setattr__(
+            self, "max_num_tokens", _int(f"{_MOE}.max_num_tokens", self.max_num_tokens, minimum=1, optional=True)
+        )
+        if self.load_balancer is not None and not isinstance(self.load_balancer, LoadBalancerConfig):
+            raise _fail(_LB, self.load_balancer, "a LoadBalancerConfig or None")
+        object.__setattr__(
+            self,
+            "alltoall_backend",
+            _choice(f"{_MOE}.alltoall_backend", self.alltoall_backend, ALLTOALL_BACKENDS, upper=False),
+        )
+        if not isinstance(self.ep_axis, str) or not self.ep_axis:
+            raise _fail(f"{_MOE}.ep_axis", self.ep_axis, "a non-empty mesh axis name (str)")
+
+    def num_slots(self, num_experts: int) -> int:
+        """``load_balancer.num_slots``, or ``num_experts`` without load balancer or slot count."""
+        return (self.load_balancer or LoadBalancerConfig()).resolved_num_slots(num_experts)
+
+    def validate(self, *, num_experts: int, ep_size: int) -> MoEConfig:
+        """Run every check that needs the expert count and EP size; returns self."""
+        (self.load_balancer or LoadBalancerConfig()).validate(num_experts=num_experts, ep_size=ep_size)
+        return self
+
+    def slot_to_expert(self, layer_idx: int | None, *, num_experts: int, ep_size: int) -> np.ndarray:
+        """int32 ``[num_slots]`` expert id per slot for ``layer_idx``.
+
+        ``initial_global_assignments[layer_idx]`` if given, else TRT-LLM's default
+        round-robin placement ``slot s -> s % num_experts`` (also for ``layer_idx=None``).
+        Slot ``s`` lives on EP rank ``s // (num_slots // ep_size)``. Validates first.
+        """
+        self.validate(num_experts=num_experts, ep_size=ep_size)
+        layer_idx = _int("layer_idx", layer_idx, minimum=0, optional=True)
+        assignments = (self.load_balancer and self.load_balancer.initial_global_assignments) or {}
+        if layer_idx in assignments:
+            return np.asarray(assignments[layer_idx], dtype=np.int32)
+        return np.arange(self.num_slots(num_experts), dtype=np.int32) % num_experts
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate mapping keys instead of keeping the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(key: str, path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: file not found: {str(path)!r}; allowed: a path to an existing YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read {str(path)!r}: {e}") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: invalid YAML in {str(path)!r}: {e}") from None
+
+
+def _mapping(key: str, raw: Any) -> Mapping:
+    """``raw`` as a mapping (None -> empty)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise _fail(key, raw, "a mapping")
+    return raw
+
+
+def _load_balancer(raw: Any, base_dir: Path) -> LoadBalancerConfig | None:
+    """``load_balancer`` from an inline mapping or a placement-file path relative to ``base_dir``."""
+    if raw is None:
+        return None
+    where = ""
+    if isinstance(raw, (str, os.PathLike)):
+        path = Path(raw).expanduser()
+        if not path.is_absolute():
+            path = base_dir / path
+        where = f" (in {str(path)!r})"
+        raw = _mapping(_LB, _read_yaml(_LB, path))
+    elif not isinstance(raw, Mapping):
+        raise _fail(_LB, raw, "a mapping or a path (str) to a placement YAML file")
+    fields = tuple(f.name for f in dataclasses.fields(LoadBalancerConfig))
+    try:
+        _check_keys(_LB, raw, fields)
+        return LoadBalancerConfig(**raw)
+    except ConfigError as e:
+        raise ConfigError(f"{e}{where}") from None
+
+
+def load_moe_config(
+    source: str | os.PathLike | Mapping | None,
+    *,
+    num_experts: int | None = None,
+    ep_size: int | None = None,
+) -> MoEConfig:
+    """Load a :class:`MoEConfig` from a YAML file path or a mapping.
+
+    The content is either ``{moe_config: {...}}`` or the bare ``moe_config`` mapping.
+    With a top-level ``moe_config`` key, all other top-level keys are TensorRT-LLM
+    LLM-API options (``enable_attention_dp``, ``cuda_graph_config``, ...) that are not
+    ours and are ignored. Empty content gives the defaults. A ``load_balancer`` path is
+    resolved relative to the config file's folder (the current directory for a mapping
+    source). If ``num_experts`` is given (with ``ep_size``, default 1), :meth:`MoEConfig.validate`
+    runs too.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source).expanduser()
+        data, base_dir = _read_yaml("source", path), path.resolve().parent
+    elif source is None or isinstance(source, Mapping):
+        data, base_dir = source, Path.cwd()
+    else:
+        raise _fail("source", source, "a YAML file path (str or os.PathLike) or a mapping")
+    data = _mapping("source", data)
+    if _MOE in data:
+        data = _mapping(_MOE, data[_MOE])
+    fields = tuple(f.name for f in dataclasses.fields(MoEConfig))
+    _check_keys(_MOE, data, fields)
+    kwargs = dict(data)
+    kwargs["load_balancer"] = _load_balancer(data.get("load_balancer"), base_dir)
+    cfg = MoEConfig(**kwargs)
+    if num_experts is None and ep_size is not None:
+        raise ConfigError(
+            f"num_experts=None, ep_size={ep_size!r}: allowed: num_experts given with ep_size "
+            "(the slot count may default to num_experts)"
+        )
+    if num_experts is not None:
+        cfg.validate(num_experts=num_experts, ep_size=1 if ep_size is None else ep_size)
+    return cfg

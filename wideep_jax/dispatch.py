@@ -1,0 +1,91 @@
+"""Dispatch plan: which rank and slot each token goes to, deduplicated per rank.
+
+A token is sent to a rank at most once, however many of its top-k experts
+live there; the row carries all of its (local slot, weight) pairs for that
+rank (``-1`` / ``0`` for pairs that live elsewhere). Built on the source rank,
+inside ``shard_map``, from static shapes only.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class DispatchPlan(NamedTuple):
+    """Send-side layout shared by every communication backend.
+
+    Buffer row ``i < send_count[r]`` of destination ``r`` holds local token
+    ``send_token[r, i]``; rows past the count are padding (token 0, slots -1).
+    """
+
+    send_token: jax.Array  # int32 [R, C]
+    send_count: jax.Array  # int32 [R]
+    send_slot: jax.Array  # int32 [R, C, K]: local slot at the destination, -1 = not there
+    send_weight: jax.Array  # float32 [R, C, K]: routing weight, 0 where send_slot == -1
+    token_row: jax.Array  # int32 [T, R]: row of token t in destination r's buffer, -1 = not sent
+
+    @property
+    def num_ranks(self) -> int:
+        return self.send_token.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.send_token.shape[1]
+
+
+def make_dispatch_plan(
+    slots: jax.Array,
+    weights: jax.Array,
+    valid: jax.Array,
+    *,
+    num_ranks: int,
+    slots_per_rank: int,
+    capacity: int | None = None,
+) -> DispatchPlan:
+    """Builds the per-destination send buffers' layout.
+
+    Args:
+      slots: int32 [T, K] global slot of each routed pair.
+      weights: float [T, K] routing weights.
+      valid: bool [T] real tokens; padding tokens go nowhere.
+      num_ranks: EP group size R.
+      slots_per_rank: S / R.
+      capacity: rows per destination buffer. ``None`` = T, which holds every
+        token whatever the routing; a smaller value must come with a proof
+        that no rank receives more (it is checked to be >= T here because no
+        routing-independent bound below T exists).
+
+    Returns:
+      The plan; nothing is dropped.
+    """
+    num_tokens, top_k = slots.shape
+    if capacity is None:
+        capacity = num_tokens
+    if capacity < num_tokens:
+        raise ValueError(
+            f"capacity={capacity} is below the local token count {num_tokens}: "
+            "with adversarial routing every token can go to one rank, so tokens "
+            "would be dropped; allowed: capacity >= tokens per rank"
+        )
+    dest = (slots // slots_per_rank).astype(jnp.int32)
+    local_slot = (slots % slots_per_rank).astype(jnp.int32)
+    ranks = jnp.arange(num_ranks, dtype=jnp.int32)
+    goes_to = (dest[:, :, None] == ranks[None, None, :]).any(axis=1) & valid[:, None]  # [T, R]
+    row = jnp.cumsum(goes_to, axis=0, dtype=jnp.int32) - 1
+    token_row = jnp.where(goes_to, row, -1)
+    send_count = goes_to.sum(axis=0, dtype=jnp.int32)
+    # Invert token_row; rows that are not sent scatter out of bounds and drop.
+    scatter_row = jnp.where(goes_to, row, capacity)
+    tokens = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32)[:, None], goes_to.shape)
+    send_token = (
+        jnp.zeros((num_ranks, capacity), jnp.int32)
+        .at[jnp.broadcast_to(ranks, goes_to.shape), scatter_row]
+        .set(tokens, mode="drop", unique_indices=True)
+    )
+    live = jnp.arange(capacity, dtype=jnp.int32)[None, :] < send_count[:, None]  # [R, C]
+    here = (dest[send_token] == ranks[:, None, None]) & live[:, :, None]  # [R, C, K]
+    send_slot = jnp.where(here, local_slot[send_token], -1)
+    send_weight = jnp.where(here, weights[send_token].astype(jnp.float32), 0.0)
+    return DispatchPlan(send_token, send_count, send_slot, send_weight, token_row)

@@ -1,0 +1,236 @@
+"""Functional MoE forward: router -> dispatch plan -> all-to-all -> experts -> combine.
+
+:class:`wideep_jax.MoELayer` holds the weights and calls :func:`moe_forward`;
+benchmarks and tests may call it directly. Everything that depends on the
+routing or the placement is data, so neither recompiles.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from wideep_jax.comm import get_alltoall_backend
+from wideep_jax.config import MoEConfig
+from wideep_jax.dispatch import make_dispatch_plan
+from wideep_jax.experts import routed_experts, shared_experts
+from wideep_jax.placement import choose_slots, replica_table
+from wideep_jax.routing import Routing, route
+from wideep_jax.spec import MoESpec
+
+
+class MoEWeights(NamedTuple):
+    """The arrays of one MoE layer (global shapes)."""
+
+    router: jax.Array  # [H, E]
+    w_gate_up: jax.Array  # [S, H, 2I], sharded over the EP axis for WIDEEP
+    w_down: jax.Array  # [S, I, H]
+    slot_to_expert: jax.Array  # int32 [S]
+    correction_bias: jax.Array | None = None  # [E], noaux_tc routing only
+    shared_gate_up: jax.Array | None = None  # [H, 2Is]
+    shared_down: jax.Array | None = None  # [Is, H]
+
+
+class MoEStats(NamedTuple):
+    """Load statistics of one forward, replicated on every device (no host sync).
+
+    Attributes:
+      expert_counts: int32 [E] routed (token, k) pairs per expert, summed over ranks.
+      slot_counts: int32 [S] rows computed per slot.
+      rank_tokens: int32 [R] tokens each rank received (deduplicated; for the
+        local backend, the tokens each device computed).
+    """
+
+    expert_counts: jax.Array
+    slot_counts: jax.Array
+    rank_tokens: jax.Array
+
+
+def _check_inputs(x, token_mask, routing, spec: MoESpec):
+    if x.ndim != 2 or x.shape[1] != spec.hidden_size:
+        raise ValueError(f"x has shape {x.shape}; allowed: [tokens, hidden_size={spec.hidden_size}]")
+    if token_mask is not None and token_mask.shape != x.shape[:1]:
+        raise ValueError(f"token_mask has shape {token_mask.shape}; allowed: [{x.shape[0]}]")
+    if routing is not None:
+        want = (x.shape[0], spec.top_k)
+        if routing.ids.shape != want or routing.weights.shape != want:
+            raise ValueError(
+                f"routing has ids {routing.ids.shape} / weights {routing.weights.shape}; allowed: {want}"
+            )
+
+
+def _constrain(a: jax.Array, mesh: Mesh, spec: P) -> jax.Array:
+    """Puts ``a`` in the layout shard_map expects, on Explicit and Auto meshes alike."""
+    sharding = NamedSharding(mesh, spec)
+    if any(t == AxisType.Explicit for t in mesh.axis_types):
+        return jax.reshard(a, sharding)
+    return jax.lax.with_sharding_constraint(a, sharding)
+
+
+def _pad_rows(a: jax.Array, pad: int, value=0) -> jax.Array:
+    if pad == 0:
+        return a
+    return jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), constant_values=value)
+
+
+def moe_forward(
+    x: jax.Array,
+    weights: MoEWeights,
+    *,
+    spec: MoESpec,
+    config: MoEConfig,
+    mesh: Mesh | None = None,
+    token_mask: jax.Array | None = None,
+    routing: Routing | None = None,
+) -> tuple[jax.Array, MoEStats]:
+    """One MoE layer forward.
+
+    Args:
+      x: [T, H] tokens. With a mesh they are data-parallel over ``config.ep_axis``;
+        a T that the axis size does not divide is padded, not rejected.
+      weights: the layer's arrays.
+      spec: model dims and router.
+      config: backend, chunking, all-to-all backend, EP axis.
+      mesh: device mesh; required for ``WIDEEP``.
+      token_mask: bool [T]; False tokens are not routed (output 0, not counted).
+      routing: precomputed top-k (ids, weights) instead of the router.
+
+    Returns:
+      ``(y [T, H] in x.dtype, MoEStats)``.
+    """
+    _check_inputs(x, token_mask, routing, spec)
+    wide = config.backend == "WIDEEP"
+    axis = config.ep_axis
+    if mesh is None:
+        if wide:
+            raise ValueError(f"backend='WIDEEP' needs a mesh with an axis named {axis!r}; got mesh=None")
+        num_ranks = 1
+    else:
+        if axis not in mesh.axis_names:
+            raise ValueError(f"ep_axis={axis!r} is not an axis of the mesh; allowed: {mesh.axis_names}")
+        num_ranks = mesh.shape[axis]
+
+    num_tokens = x.shape[0]
+    pad = -num_tokens % num_ranks
+    mask = jnp.ones((num_tokens,), bool) if token_mask is None else token_mask.astype(bool)
+    args = {
+        "x": _pad_rows(x, pad),
+        "mask": _pad_rows(mask, pad, False),
+        "weights": weights,
+    }
+    if routing is not None:
+        args["routing"] = Routing(_pad_rows(routing.ids.astype(jnp.int32), pad),
+                                  _pad_rows(routing.weights.astype(jnp.float32), pad))
+
+    body = _Body(spec, config, num_ranks, axis if mesh is not None else None, wide)
+    if mesh is None:
+        y, stats = body(args)
+    else:
+        tok, rep = P(axis), P()
+        slot_spec = P(axis) if wide else rep
+        w = weights
+        weight_specs = MoEWeights(
+            router=rep, w_gate_up=slot_spec, w_down=slot_spec, slot_to_expert=rep,
+            correction_bias=None if w.correction_bias is None else rep,
+            shared_gate_up=None if w.shared_gate_up is None else rep,
+            shared_down=None if w.shared_down is None else rep,
+        )
+        in_specs = {"x": tok, "mask": tok, "weights": weight_specs}
+        if routing is not None:
+            in_specs["routing"] = Routing(tok, tok)
+        args = jax.tree.map(lambda a, s: _constrain(a, mesh, s), args, in_specs)
+        y, stats = jax.shard_map(
+            body, mesh=mesh, in_specs=(in_specs,),
+            out_specs=(tok, MoEStats(rep, rep, rep)),
+            # The stats are made replicated by psum/all_gather; loops inside the
+            # kernels carry per-device state, which the vma checker cannot see.
+            check_vma=False,
+        )(args)
+        if pad:
+            # An uneven token count cannot stay sharded: hand it back replicated, like x came.
+            y = _constrain(y, mesh, P())
+    return y[:num_tokens], stats
+
+
+class _Body:
+    """The per-device program (inside shard_map when there is a mesh)."""
+
+    def __init__(self, spec: MoESpec, config: MoEConfig, num_ranks: int, axis: str | None, wide: bool):
+        self.spec, self.config, self.num_ranks, self.axis, self.wide = spec, config, num_ranks, axis, wide
+        self.backend = get_alltoall_backend(config.alltoall_backend) if wide else None
+
+    def __call__(self, args):
+        spec, w = self.spec, args["weights"]
+        x, mask = args["x"], args["mask"]
+        rank = jax.lax.axis_index(self.axis) if self.axis else 0
+        routing = args.get("routing")
+        if routing is None:
+            logits = jnp.dot(x.astype(jnp.float32), w.router.astype(jnp.float32),
+                             preferred_element_type=jnp.float32)
+            routing = route(logits, spec.top_k, spec.router, correction_bias=w.correction_bias)
+        table = replica_table(w.slot_to_expert, spec.num_experts)
+        w_gate_up = w.w_gate_up.astype(spec.dtype)
+        w_down = w.w_down.astype(spec.dtype)
+        x_c = x.astype(spec.dtype)
+
+        def chunk(operands):
+            xc, mc, ids, rw = operands
+            slots = choose_slots(ids, mc, table, rank_offset=rank)
+            counts = jnp.zeros((spec.num_experts + 1,), jnp.int32).at[
+                jnp.where(mc[:, None], ids, spec.num_experts)].add(1)[:-1]
+            if self.wide:
+                y, group_sizes, received = self._wide(xc, mc, slots, rw, w_gate_up, w_down)
+            else:
+                out = routed_experts(xc, slots, rw, mc, w_gate_up, w_down)
+                y, group_sizes, received = out.partial.astype(jnp.float32), out.group_sizes, mc.sum()
+            return y, (counts, group_sizes, received.astype(jnp.int32))
+
+        operands = (x_c, mask, routing.ids, routing.weights)
+        y, (counts, group_sizes, received) = _chunked(chunk, operands, self.config.max_num_tokens)
+        if w.shared_gate_up is not None:
+            y = y + shared_experts(x_c, w.shared_gate_up, w.shared_down)
+        y = jnp.where(mask[:, None], y, 0.0).astype(x.dtype)
+        return y, self._stats(counts, group_sizes, received)
+
+    def _wide(self, x, mask, slots, rw, w_gate_up, w_down):
+        num_ranks, axis = self.num_ranks, self.axis
+        local_slots = w_gate_up.shape[0]
+        plan = make_dispatch_plan(slots, rw, mask, num_ranks=num_ranks, slots_per_rank=local_slots)
+        recv = self.backend.dispatch(x, plan, axis_name=axis)
+        rows = num_ranks * plan.capacity
+        out = routed_experts(
+            recv.x.reshape(rows, -1), recv.slot.reshape(rows, -1), recv.weight.reshape(rows, -1),
+            recv.valid_rows().reshape(rows), w_gate_up, w_down,
+        )
+        y = self.backend.combine(out.partial.reshape(num_ranks, plan.capacity, -1), plan, axis_name=axis)
+        return y, out.group_sizes, recv.count.sum()
+
+    def _stats(self, counts, group_sizes, received) -> MoEStats:
+        if self.axis is None:
+            return MoEStats(counts, group_sizes, received[None])
+        counts = jax.lax.psum(counts, self.axis)
+        if self.wide:
+            slot_counts = jax.lax.all_gather(group_sizes, self.axis, tiled=True)
+        else:
+            slot_counts = jax.lax.psum(group_sizes, self.axis)
+        rank_tokens = jax.lax.all_gather(received, self.axis)
+        return MoEStats(counts, slot_counts, rank_tokens)
+
+
+def _chunked(fn, operands, chunk_size: int | None):
+    """Runs ``fn`` over row chunks of at most ``chunk_size`` inside one program.
+
+    ``fn`` returns (rows [n, ...], stats pytree); stats are summed over chunks.
+    """
+    num_rows = operands[0].shape[0]
+    if chunk_size is None or num_rows <= chunk_size:
+        return fn(operands)
+    num_chunks = -(-num_rows // chunk_size)
+    pad = num_chunks * chunk_size - num_rows
+    padded = [_pad_rows(a, pad, False if a.dtype == bool else 0) for a in operands]
+    stacked = [a.reshape(num_chunks, chunk_size, *a.shape[1:]) for a in padded]
+    ys, stats = jax.lax.map(fn, tuple(stacked))
+    y = ys.reshape(num_chunks * chunk_size, *ys.shape[2:])[:num_rows]
+    return y, jax.tree.map(lambda s: s.sum(axis=0), stats)

@@ -1,0 +1,77 @@
+"""Slot placement: which expert each slot holds, and which replica a token uses.
+
+A placement is data (``slot_to_expert: int32[num_slots]``), never a static
+argument, so changing it never recompiles. Rank ``r`` of an EP group of size
+``R`` owns the contiguous slots ``[r * S / R, (r + 1) * S / R)``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class ReplicaTable(NamedTuple):
+    """Expert -> replica slots, derived on device from ``slot_to_expert``.
+
+    Replica ``j`` of expert ``e`` is ``sorted_slots[first[e] + j]`` for
+    ``0 <= j < count[e]``; no padded ``[E, max_replicas]`` table is needed.
+    """
+
+    sorted_slots: jax.Array  # int32 [S]: slots ordered by the expert they hold
+    first: jax.Array  # int32 [E]: index in sorted_slots of the expert's first replica
+    count: jax.Array  # int32 [E]: replicas per expert
+
+
+def replica_table(slot_to_expert: jax.Array, num_experts: int) -> ReplicaTable:
+    """Builds the replica table of a placement (``slot_to_expert``: int32 [S])."""
+    slot_to_expert = slot_to_expert.astype(jnp.int32)
+    sorted_slots = jnp.argsort(slot_to_expert, stable=True).astype(jnp.int32)
+    count = jnp.zeros((num_experts,), jnp.int32).at[slot_to_expert].add(1)
+    first = (jnp.cumsum(count) - count).astype(jnp.int32)
+    return ReplicaTable(sorted_slots, first, count)
+
+
+def identity_placement(num_slots: int, num_experts: int) -> jax.Array:
+    """TensorRT-LLM's default placement: slot ``s`` holds expert ``s % E``."""
+    return jnp.arange(num_slots, dtype=jnp.int32) % num_experts
+
+
+def choose_slots(
+    expert_ids: jax.Array,
+    valid: jax.Array,
+    table: ReplicaTable,
+    *,
+    rank_offset: jax.Array | int = 0,
+) -> jax.Array:
+    """Maps each routed (token, k) pair to one replica slot of its expert.
+
+    Deterministic round-robin, as TensorRT-LLM does: the pairs that chose
+    expert ``e`` (in token-major order) take its replicas in turn, starting at
+    replica ``rank_offset % count[e]``, so sources on different ranks start on
+    different replicas. Pairs of invalid tokens get slot 0 (they are never sent).
+
+    Args:
+      expert_ids: int32 [T, K] routed experts.
+      valid: bool [T] real (non-padding) tokens.
+      table: the placement's replica table.
+      rank_offset: the source rank (traced is fine).
+
+    Returns:
+      int32 [T, K] global slot ids.
+    """
+    num_tokens, top_k = expert_ids.shape
+    num_experts = table.count.shape[0]
+    flat = jnp.where(valid[:, None], expert_ids, num_experts).reshape(-1).astype(jnp.int32)
+    order = jnp.argsort(flat, stable=True)
+    sorted_ids = flat[order]
+    group_start = jnp.searchsorted(sorted_ids, sorted_ids, side="left")
+    position_sorted = jnp.arange(flat.shape[0], dtype=jnp.int32) - group_start.astype(jnp.int32)
+    position = jnp.zeros_like(flat).at[order].set(position_sorted, unique_indices=True)
+    ids = jnp.minimum(flat, num_experts - 1)
+    count = jnp.maximum(table.count[ids], 1)
+    replica = (position + rank_offset) % count
+    slots = table.sorted_slots[table.first[ids] + replica]
+    slots = jnp.where(flat < num_experts, slots, 0)
+    return slots.reshape(num_tokens, top_k)

@@ -1,0 +1,41 @@
+"""Dense reference MoE: every expert on every token, masked by the routing.
+
+Slow and memory-hungry on purpose (no dispatch, no sorting, no grouped GEMM):
+the yardstick the tests hold the real layer to.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from wideep_jax.experts import shared_experts, swiglu
+from wideep_jax.moe import MoEWeights
+from wideep_jax.routing import Routing, route
+from wideep_jax.spec import MoESpec
+
+
+def expert_weights(weights: MoEWeights, num_experts: int) -> tuple[jax.Array, jax.Array]:
+    """Per-expert [E, ...] weights from slot weights (first replica of each expert)."""
+    first_slot = jnp.argmax(weights.slot_to_expert[None, :] == jnp.arange(num_experts)[:, None], axis=1)
+    return weights.w_gate_up[first_slot], weights.w_down[first_slot]
+
+
+def dense_moe_reference(x: jax.Array, weights: MoEWeights, spec: MoESpec, *,
+                        routing: Routing | None = None, token_mask: jax.Array | None = None) -> jax.Array:
+    """The MoE layer's output computed densely in float32."""
+    x32 = x.astype(jnp.float32)
+    if routing is None:
+        logits = x32 @ weights.router.astype(jnp.float32)
+        routing = route(logits, spec.top_k, spec.router, correction_bias=weights.correction_bias)
+    w_gate_up, w_down = (w.astype(jnp.float32) for w in expert_weights(weights, spec.num_experts))
+    combine = jnp.zeros((x.shape[0], spec.num_experts), jnp.float32)
+    combine = combine.at[jnp.arange(x.shape[0])[:, None], routing.ids].add(routing.weights)
+    hidden = jnp.einsum("th,ehf->etf", x32, w_gate_up)
+    out = jnp.einsum("etf,efh->eth", swiglu(hidden, jnp.float32), w_down)
+    y = jnp.einsum("te,eth->th", combine, out)
+    if weights.shared_gate_up is not None:
+        y = y + shared_experts(x32, weights.shared_gate_up.astype(jnp.float32),
+                               weights.shared_down.astype(jnp.float32))
+    if token_mask is not None:
+        y = jnp.where(token_mask[:, None], y, 0.0)
+    return y

@@ -1,0 +1,71 @@
+"""Model-side shape of an MoE layer (the config file says how to run it)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from wideep_jax.routing import RouterSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class MoESpec:
+    """Dimensions and routing of one MoE layer.
+
+    Attributes:
+      hidden_size: model width H.
+      intermediate_size: per-expert SwiGLU width I (``moe_intermediate_size``).
+      num_experts: routed experts E.
+      top_k: experts per token (``num_experts_per_tok``).
+      router: the routing function.
+      num_shared_experts: always-on experts (DeepSeek); 0 = none.
+      shared_intermediate_size: width of the shared MLP; ``None`` =
+        ``intermediate_size * num_shared_experts`` (DeepSeek-V3's layout).
+      dtype: activation / compute dtype of the experts (router math is float32).
+      param_dtype: storage dtype of the weights.
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_experts: int
+    top_k: int
+    router: RouterSpec = dataclasses.field(default_factory=RouterSpec)
+    num_shared_experts: int = 0
+    shared_intermediate_size: int | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        for name in ("hidden_size", "intermediate_size", "num_experts", "top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"MoESpec.{name}={value!r}: allowed: a positive int")
+        if self.num_shared_experts < 0:
+            raise ValueError(f"MoESpec.num_shared_experts={self.num_shared_experts!r}: allowed: >= 0")
+        self.router.validate(num_experts=self.num_experts, top_k=self.top_k)
+
+    @property
+    def shared_width(self) -> int:
+        """Width of the shared-expert MLP (0 when there is none)."""
+        if self.num_shared_experts == 0:
+            return 0
+        return self.shared_intermediate_size or self.intermediate_size * self.num_shared_experts
+
+    @classmethod
+    def deepseek_v3(cls, **overrides) -> "MoESpec":
+        """DeepSeek-V3/R1's MoE layer: 7168 wide, 256 experts of 2048, top-8 of
+        8 groups (4 kept), 1 shared expert, sigmoid ``noaux_tc`` routing."""
+        base = dict(
+            hidden_size=7168,
+            intermediate_size=2048,
+            num_experts=256,
+            top_k=8,
+            router=RouterSpec(kind="noaux_tc", n_group=8, topk_group=4,
+                              norm_topk_prob=True, routed_scaling_factor=2.5),
+            num_shared_experts=1,
+            dtype=jnp.bfloat16,
+            param_dtype=jnp.bfloat16,
+        )
+        base.update(overrides)
+        return cls(**base)
