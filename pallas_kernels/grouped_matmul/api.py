@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.grouped_matmul import ragged_dot, xla
-from pallas_kernels.grouped_matmul.config import GroupedMatmulConfig
+from pallas_kernels.grouped_matmul.config import GroupedMatmulConfig, default_config
 
 # name -> module with `gmm` and `tgmm` (same keyword signature). Pallas kernels
 # register here later; "ragged_dot" is a benchmarking peer and never a default.
@@ -78,7 +78,7 @@ def grouped_matmul(
       group_sizes: int [G], may hold zeros; sum <= M. Data, not shape: changing it
         never recompiles.
       implementation: backend name (see IMPLEMENTATIONS); None picks the default.
-      config: tiling; None uses GroupedMatmulConfig().
+      config: tiling; None uses default_config() (platform-dependent).
       preferred_element_type: output dtype (default x.dtype). Accumulation is f32.
 
     Returns:
@@ -89,7 +89,7 @@ def grouped_matmul(
         raise ValueError(f"expected x [M, K] and w [G, K, N], got {x.shape} and {w.shape}")
     _check_group_sizes(group_sizes, w.shape[0])
     out_dtype = jnp.dtype(preferred_element_type or x.dtype)
-    return _gmm(name, config or GroupedMatmulConfig(), out_dtype, x, w, group_sizes)
+    return _gmm(name, config or default_config(), out_dtype, x, w, group_sizes)
 
 
 def grouped_matmul_transposed(
@@ -127,5 +127,5 @@ def grouped_matmul_transposed(
     out_dtype = jnp.dtype(preferred_element_type or x.dtype)
     return _IMPLEMENTATIONS[name].tgmm(
         x, dy, group_sizes, num_groups=num_groups,
-        config=config or GroupedMatmulConfig(), preferred_element_type=out_dtype,
+        config=config or default_config(), preferred_element_type=out_dtype,
     )

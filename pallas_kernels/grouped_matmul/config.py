@@ -18,3 +18,12 @@ class GroupedMatmulConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.block_m, int) or self.block_m <= 0:
             raise ValueError(f"block_m must be a positive int, got {self.block_m!r}")
+
+
+def default_config() -> GroupedMatmulConfig:
+    """Tiling used when none is given: bigger tiles on GPU, where each work item
+    is one cuBLAS call (measured on H200, M=16384 K=7168 N=2048: block_m 128 ->
+    56 TFLOP/s, 512 -> 102)."""
+    import jax
+
+    return GroupedMatmulConfig(block_m=512 if jax.default_backend() == "gpu" else 128)

@@ -1,0 +1,174 @@
+"""MoE layer forward at DeepSeek-V3 dims: total time, its split, and peers.
+
+Run on a GPU machine (one process, all local GPUs, EP = GPU count up to --ep):
+
+    python benchmarks/bench_moe_layer.py            # EP4, 128 and 4096 tokens/rank
+    python benchmarks/bench_moe_layer.py --small    # CPU smoke run of the same code
+
+Rows, per (tokens/rank, routing skew):
+  - WIDEEP (portable XLA all-to-all): the whole forward, then the same work as
+    three separately jitted stages (dispatch = replica choice + plan + all-to-all;
+    experts = expand/sort + two grouped GEMMs + reduce; combine = all-to-all back
+    + per-token sum).
+  - local peer: every GPU holds all experts and computes its own tokens (no
+    communication; the TensorRT-LLM CUTLASS-style path).
+  - GEMM floor: the routed-expert FLOPs of the busiest rank at the card's
+    measured dense bf16 matmul rate.
+Appends a table to benchmarks/RESULTS.md (card, date, commit).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from wideep_jax import MoEConfig, MoELayer, MoESpec  # noqa: E402
+from wideep_jax.bench import imbalance, median_ms, synthetic_routing, time_fn  # noqa: E402
+from wideep_jax.comm import get_alltoall_backend  # noqa: E402
+from wideep_jax.dispatch import make_dispatch_plan  # noqa: E402
+from wideep_jax.experts import routed_experts  # noqa: E402
+from wideep_jax.placement import choose_slots, replica_table  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def stage_functions(layer: MoELayer):
+    """The WIDEEP forward cut into three jitted shard_map programs."""
+    spec, config, mesh = layer.spec, layer.config, layer.mesh
+    axis = config.ep_axis
+    ep = mesh.shape[axis]
+    backend = get_alltoall_backend(config.alltoall_backend)
+    local_slots = layer.num_slots // ep
+    shard = lambda f, i, o: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=i, out_specs=o, check_vma=False))
+
+    def dispatch(x, ids, weights, slot_to_expert):
+        valid = jnp.ones(x.shape[:1], bool)
+        table = replica_table(slot_to_expert, spec.num_experts)
+        slots = choose_slots(ids, valid, table, rank_offset=jax.lax.axis_index(axis))
+        plan = make_dispatch_plan(slots, weights, valid, num_ranks=ep, slots_per_rank=local_slots)
+        return plan, backend.dispatch(x, plan, axis_name=axis)
+
+    def experts(recv, w_gate_up, w_down):
+        rows = recv.x.shape[0] * recv.x.shape[1]
+        out = routed_experts(recv.x.reshape(rows, -1), recv.slot.reshape(rows, -1),
+                             recv.weight.reshape(rows, -1), recv.valid_rows().reshape(rows),
+                             w_gate_up, w_down)
+        return out.partial.reshape(recv.x.shape)
+
+    def combine(partial, plan):
+        return backend.combine(partial, plan, axis_name=axis).astype(spec.dtype)
+
+    t, r = P(axis), P()
+    return (shard(dispatch, (t, t, t, r), t), shard(experts, (t, t, t), t), shard(combine, (t, t), t))
+
+
+def dense_rate(iters: int) -> float:
+    """Measured bf16 matmul rate (FLOP/s) of one device, on random data."""
+    n = 8192 if jax.default_backend() == "gpu" else 512
+    a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in range(2))
+    f = jax.jit(lambda a, b: a @ b)
+    return 2 * n**3 / (median_ms(time_fn(lambda: f(a, b), iters=iters)) / 1e3)
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ep", type=int, default=4)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[128, 4096])
+    parser.add_argument("--skews", nargs="+", default=["0", "1.2"], help="Zipf exponents; 0 = uniform")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--small", action="store_true", help="scaled-down dims (CPU smoke run)")
+    parser.add_argument("--no-local", action="store_true", help="skip the all-experts-local peer")
+    parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
+    args = parser.parse_args()
+
+    ep = min(args.ep, jax.device_count())
+    mesh = jax.make_mesh((ep,), ("ep",), devices=jax.devices()[:ep])
+    spec = MoESpec.deepseek_v3()
+    if args.small:
+        spec = MoESpec.deepseek_v3(hidden_size=256, intermediate_size=128, num_experts=64,
+                                   dtype=jnp.float32, param_dtype=jnp.float32)
+    card = f"{ep}x {jax.devices()[0].device_kind}"
+    wide = MoELayer(spec, MoEConfig(backend="WIDEEP"), mesh=mesh, rngs=nnx.Rngs(0))
+    stages = stage_functions(wide)
+    graphdef, state = nnx.split(wide)
+    forward = jax.jit(lambda state, x, routing: nnx.merge(graphdef, state)(x, routing=routing))
+    local = None
+    if not args.no_local:
+        local = MoELayer(spec, MoEConfig(backend="CUTLASS"), mesh=mesh, rngs=nnx.Rngs(0))
+        local_graphdef, local_state = nnx.split(local)
+        local_forward = jax.jit(lambda s, x, routing: nnx.merge(local_graphdef, s)(x, routing=routing))
+    rate = dense_rate(args.iters)
+    flops_per_row = 2 * spec.hidden_size * 3 * spec.intermediate_size
+    tok_sharding = NamedSharding(mesh, P("ep"))
+
+    rows = []
+    for tokens in args.tokens:
+        for skew in map(float, args.skews):
+            n = tokens * ep
+            x = jax.device_put(jax.random.normal(jax.random.key(1), (n, spec.hidden_size)).astype(spec.dtype),
+                               tok_sharding)
+            routing = jax.device_put(
+                synthetic_routing(jax.random.key(2), n, spec.num_experts, spec.top_k, skew), tok_sharding)
+            total = median_ms(time_fn(lambda: forward(state, x, routing), iters=args.iters))
+            _, stats = forward(state, x, routing)
+            w = wide.weights()
+            plan, recv = stages[0](x, routing.ids, routing.weights, w.slot_to_expert)
+            partial = stages[1](recv, w.w_gate_up, w.w_down)
+            t_dispatch = median_ms(time_fn(lambda: stages[0](x, routing.ids, routing.weights, w.slot_to_expert),
+                                           iters=args.iters))
+            t_experts = median_ms(time_fn(lambda: stages[1](recv, w.w_gate_up, w.w_down), iters=args.iters))
+            t_combine = median_ms(time_fn(lambda: stages[2](partial, plan), iters=args.iters))
+            rank_rows = np.asarray(stats.slot_counts).reshape(ep, -1).sum(axis=1)
+            floor = rank_rows.max() * flops_per_row / rate * 1e3
+            t_local = (median_ms(time_fn(lambda: local_forward(local_state, x, routing), iters=args.iters))
+                       if local is not None else float("nan"))
+            rows.append(dict(tokens=tokens, skew=skew, total=total, dispatch=t_dispatch, experts=t_experts,
+                             combine=t_combine, local=t_local, floor=floor,
+                             imbalance=imbalance(rank_rows)))
+            print(f"tokens/rank {tokens} skew {skew}: total {total:.3f} ms", flush=True)
+
+    header = ("| tokens/rank | routing | WIDEEP fwd ms | dispatch ms | experts ms | combine ms | "
+              "local (all experts) ms | WIDEEP/local | GEMM floor ms | floor/WIDEEP | rank imbalance |")
+    lines = [header, "|" + "---|" * 11]
+    for r in rows:
+        skew = "uniform" if r["skew"] == 0 else f"zipf {r['skew']}"
+        lines.append(
+            f"| {r['tokens']} | {skew} | {r['total']:.3f} | {r['dispatch']:.3f} | {r['experts']:.3f} | "
+            f"{r['combine']:.3f} | {r['local']:.3f} | {r['total'] / r['local']:.2f} | {r['floor']:.3f} | "
+            f"{r['floor'] / r['total']:.3f} | {r['imbalance']:.3f} |")
+    table = "\n".join(lines)
+    dims = (f"hidden {spec.hidden_size}, {spec.num_experts} experts x {spec.intermediate_size}, top-{spec.top_k}, "
+            f"{spec.router.n_group} groups/{spec.router.topk_group} kept, 1 shared, {jnp.dtype(spec.dtype).name}")
+    title = (f"## bench_moe_layer: {card}, EP{ep}, {datetime.date.today()}, commit {commit()}, "
+             f"jax {jax.__version__}")
+    notes = (f"{dims}. Portable XLA all-to-all, XLA grouped matmul (pre-Pallas baseline). "
+             f"Dense bf16 matmul measured at {rate / 1e12:.0f} TFLOP/s; median of {args.iters}.")
+    print(f"\n{title}\n\n{notes}\n\n{table}")
+    if not args.no_write:
+        with RESULTS.open("a") as f:
+            f.write(f"\n{title}\n\n{notes}\n\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Benchmark helpers shared by ``wideep bench-moe`` and ``benchmarks/``.
+
+Timing follows the usual rules for asynchronous devices: compile and warm up
+first, block on the result, repeat, take the median.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from wideep_jax.config import MoEConfig
+from wideep_jax.layer import MoELayer
+from wideep_jax.moe import MoEStats
+from wideep_jax.routing import Routing
+from wideep_jax.spec import MoESpec
+
+
+def parse_skew(text: str) -> float | None:
+    """``"uniform"`` -> 0.0, ``"zipf:1.2"`` -> 1.2, ``"router"`` -> None (use the layer's router)."""
+    if text == "uniform":
+        return 0.0
+    if text == "router":
+        return None
+    if text.startswith("zipf:"):
+        try:
+            value = float(text[5:])
+        except ValueError:
+            value = -1.0
+        if value > 0:
+            return value
+    raise ValueError(f"--skew={text!r}: allowed: 'uniform', 'router' or 'zipf:S' with S > 0")
+
+
+def synthetic_routing(key: jax.Array, num_tokens: int, num_experts: int, top_k: int,
+                      zipf_exponent: float) -> Routing:
+    """Top-k distinct experts per token; expert popularity ~ Zipf(exponent) over a
+    random ranking of experts (0 = uniform). Weights: softmax of random logits."""
+    k_rank, k_gumbel, k_weight = jax.random.split(key, 3)
+    rank = jax.random.permutation(k_rank, num_experts) + 1
+    log_p = -zipf_exponent * jnp.log(rank.astype(jnp.float32))
+    gumbel = jax.random.gumbel(k_gumbel, (num_tokens, num_experts))
+    _, ids = jax.lax.top_k(log_p[None, :] + gumbel, top_k)  # Gumbel top-k = sampling w/o replacement
+    weights = jax.nn.softmax(jax.random.normal(k_weight, (num_tokens, top_k)), axis=-1)
+    return Routing(ids.astype(jnp.int32), weights.astype(jnp.float32))
+
+
+def time_fn(fn: Callable[[], object], *, iters: int, warmup: int = 2) -> list[float]:
+    """Seconds per call of ``fn`` (which returns arrays), after warm-up."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median_ms(seconds: list[float]) -> float:
+    """Median of a list of seconds, in milliseconds."""
+    return 1e3 * statistics.median(seconds)
+
+
+def imbalance(loads) -> float:
+    """(max - mean) / mean, TensorRT-LLM's balance metric (0 = perfect)."""
+    loads = np.asarray(loads, np.float64)
+    mean = loads.mean()
+    return float((loads.max() - mean) / mean) if mean > 0 else 0.0
+
+
+@dataclasses.dataclass
+class MoEBenchResult:
+    """One layer-forward measurement."""
+
+    seconds: list[float]
+    compile_seconds: float
+    num_tokens: int
+    stats: MoEStats
+    ep_size: int
+
+    @property
+    def median_ms(self) -> float:
+        return median_ms(self.seconds)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.num_tokens / statistics.median(self.seconds)
+
+    def rank_rows(self) -> np.ndarray:
+        """Expert rows computed per rank (slot counts summed per rank)."""
+        counts = np.asarray(self.stats.slot_counts)
+        return counts.reshape(self.ep_size, -1).sum(axis=1) if self.ep_size > 1 else counts.sum(keepdims=True)
+
+
+def bench_moe_layer(spec: MoESpec, config: MoEConfig, mesh, *, tokens_per_rank: int,
+                    skew: float | None, iters: int, seed: int = 0, layer_idx: int | None = None
+                    ) -> MoEBenchResult:
+    """Builds a layer with random weights and times its jitted forward."""
+    layer = MoELayer(spec, config, mesh=mesh, layer_idx=layer_idx, rngs=nnx.Rngs(seed))
+    ep = mesh.shape[config.ep_axis] if mesh is not None and config.ep_axis in mesh.axis_names else 1
+    num_tokens = tokens_per_rank * ep
+    key_x, key_r = jax.random.split(jax.random.key(seed + 1))
+    token_sharding = None if mesh is None else NamedSharding(mesh, P(config.ep_axis))
+    x = jax.random.normal(key_x, (num_tokens, spec.hidden_size), jnp.float32).astype(spec.dtype)
+    routing = None
+    if skew is not None:
+        routing = synthetic_routing(key_r, num_tokens, spec.num_experts, spec.top_k, skew)
+    if token_sharding is not None:
+        x = jax.device_put(x, token_sharding)
+        routing = None if routing is None else jax.device_put(routing, token_sharding)
+    graphdef, state = nnx.split(layer)
+
+    @jax.jit
+    def forward(state, x, routing):
+        return nnx.merge(graphdef, state)(x, routing=routing)
+
+    start = time.perf_counter()
+    _, stats = jax.block_until_ready(forward(state, x, routing))
+    compile_seconds = time.perf_counter() - start
+    seconds = time_fn(lambda: forward(state, x, routing), iters=iters)
+    return MoEBenchResult(seconds, compile_seconds, num_tokens, stats, ep)
