@@ -1,0 +1,257 @@
+"""Placement: replica tables and round-robin replica choice vs. NumPy references.
+
+Everything here is integer bookkeeping, so every comparison is exact. Inputs
+are drawn fresh each run (the ``rng`` fixture prints its seed on failure).
+Shapes are fixed per jitted function so each compiles once.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from numpy.testing import assert_array_equal
+
+from wideep_jax.placement import ReplicaTable, choose_slots, identity_placement, replica_table
+
+E = 8  # experts
+T = 48  # tokens
+K = 4  # top-k
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def random_placement(rng: np.random.Generator, num_slots: int, num_experts: int = E,
+                     *, skew: bool = False) -> np.ndarray:
+    """Every expert at least once, the extra slots random (or all on one hot expert)."""
+    assert num_slots >= num_experts
+    extra = num_slots - num_experts
+    if skew:
+        hot = rng.integers(num_experts)
+        extra_ids = np.full(extra, hot)
+    else:
+        extra_ids = rng.integers(0, num_experts, extra)
+    placement = np.concatenate([np.arange(num_experts), extra_ids])
+    return rng.permutation(placement).astype(np.int32)
+
+
+def routing_ids(rng: np.random.Generator, mode: str, num_tokens: int = T, top_k: int = K,
+                num_experts: int = E) -> np.ndarray:
+    """int32 [T, K] expert ids for one routing pattern."""
+    if mode == "random":  # distinct experts per token
+        return np.stack([rng.choice(num_experts, top_k, replace=False)
+                         for _ in range(num_tokens)]).astype(np.int32)
+    if mode == "one_expert":  # every pair of every token on one expert
+        return np.full((num_tokens, top_k), rng.integers(num_experts), np.int32)
+    if mode == "hot_expert":  # every token picks one hot expert plus random distinct others
+        hot = rng.integers(num_experts)
+        others = [e for e in range(num_experts) if e != hot]
+        rows = [rng.permutation(np.concatenate([[hot], rng.choice(others, top_k - 1, replace=False)]))
+                for _ in range(num_tokens)]
+        return np.stack(rows).astype(np.int32)
+    raise ValueError(mode)
+
+
+def random_valid(rng: np.random.Generator, num_tokens: int = T) -> np.ndarray:
+    return rng.random(num_tokens) < 0.75
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def ref_replicas(placement: np.ndarray, num_experts: int) -> list[list[int]]:
+    """Replica j of expert e = the j-th slot (ascending) that holds e."""
+    return [[s for s in range(len(placement)) if placement[s] == e] for e in range(num_experts)]
+
+
+def ref_choose_slots(ids: np.ndarray, valid: np.ndarray, placement: np.ndarray, num_experts: int,
+                     rank_offset: int) -> np.ndarray:
+    """Token-major round robin over each expert's replicas, starting at rank_offset."""
+    replicas = ref_replicas(placement, num_experts)
+    seen = [0] * num_experts
+    out = np.zeros(ids.shape, np.int32)
+    for t in range(ids.shape[0]):
+        if not valid[t]:
+            continue  # slot 0, and it uses up no turn
+        for k in range(ids.shape[1]):
+            e = ids[t, k]
+            reps = replicas[e]
+            out[t, k] = reps[(seen[e] + rank_offset) % len(reps)]
+            seen[e] += 1
+    return out
+
+
+# ----------------------------------------------------------------------------- jitted entry points
+
+
+@functools.partial(jax.jit, static_argnames="num_experts")
+def _table(slot_to_expert, num_experts):
+    return replica_table(slot_to_expert, num_experts)
+
+
+@functools.partial(jax.jit, static_argnames="num_experts")
+def _choose(ids, valid, slot_to_expert, rank_offset, num_experts):
+    table = replica_table(slot_to_expert, num_experts)
+    return choose_slots(ids, valid, table, rank_offset=rank_offset)
+
+
+def choose(ids, valid, placement, rank_offset=0, num_experts=E) -> np.ndarray:
+    out = _choose(jnp.asarray(ids, jnp.int32), jnp.asarray(valid, bool),
+                  jnp.asarray(placement, jnp.int32), jnp.int32(rank_offset), num_experts)
+    return np.asarray(out)
+
+
+# ----------------------------------------------------------------------------- replica_table
+
+
+@pytest.mark.parametrize("num_slots", [E, 12, 16, 32])
+@pytest.mark.parametrize("skew", [False, True])
+def test_replica_table_random(rng, num_slots, skew):
+    for _ in range(5):
+        placement = random_placement(rng, num_slots, skew=skew)
+        table = _table(jnp.asarray(placement), E)
+        assert isinstance(table, ReplicaTable)
+        sorted_slots, first, count = (np.asarray(a) for a in table)
+        assert sorted_slots.shape == (num_slots,) and first.shape == (E,) and count.shape == (E,)
+        assert sorted(sorted_slots.tolist()) == list(range(num_slots))  # a permutation
+        replicas = ref_replicas(placement, E)
+        for e in range(E):
+            assert count[e] == len(replicas[e]), (e, placement)
+            got = sorted_slots[first[e]: first[e] + count[e]]
+            assert_array_equal(got, replicas[e])  # exactly its slots, ascending
+            assert np.all(placement[got] == e)
+
+
+def test_replica_table_identity_and_unplaced(rng):
+    placement = np.asarray(identity_placement(24, E))
+    assert_array_equal(placement, np.arange(24) % E)
+    sorted_slots, first, count = (np.asarray(a) for a in _table(jnp.asarray(placement), E))
+    assert_array_equal(count, np.full(E, 3))
+    for e in range(E):
+        assert_array_equal(sorted_slots[first[e]: first[e] + 3], [e, e + E, e + 2 * E])
+    # An expert held by no slot gets count 0 (the others stay exact).
+    placement = rng.integers(1, E, 16).astype(np.int32)  # expert 0 nowhere
+    sorted_slots, first, count = (np.asarray(a) for a in _table(jnp.asarray(placement), E))
+    for e, reps in enumerate(ref_replicas(placement, E)):
+        assert count[e] == len(reps)
+        assert_array_equal(sorted_slots[first[e]: first[e] + count[e]], reps)
+
+
+# ----------------------------------------------------------------------------- choose_slots
+
+
+@pytest.mark.parametrize("num_slots", [E, 16, 32])
+@pytest.mark.parametrize("mode", ["random", "one_expert", "hot_expert"])
+def test_choose_slots_matches_reference(rng, num_slots, mode):
+    for _ in range(3):
+        placement = random_placement(rng, num_slots, skew=mode != "random")
+        ids = routing_ids(rng, mode)
+        valid = random_valid(rng)
+        offset = int(rng.integers(0, 64))
+        got = choose(ids, valid, placement, offset)
+        assert_array_equal(got, ref_choose_slots(ids, valid, placement, E, offset))
+        # Every chosen slot of a valid token holds the routed expert.
+        assert np.all(placement[got[valid]] == ids[valid])
+        # Padding tokens get slot 0.
+        assert np.all(got[~valid] == 0)
+
+
+def test_choose_slots_invalid_tokens_take_no_turn(rng):
+    placement = random_placement(rng, 32)
+    for mode in ["random", "one_expert", "hot_expert"]:
+        ids = routing_ids(rng, mode)
+        valid = random_valid(rng)
+        offset = int(rng.integers(0, 8))
+        got = choose(ids, valid, placement, offset)
+        # The valid tokens get the same slots as if the padding tokens were not there.
+        n = int(valid.sum())
+        packed_ids = np.zeros_like(ids)
+        packed_ids[:n] = ids[valid]
+        packed_valid = np.arange(T) < n
+        packed = choose(packed_ids, packed_valid, placement, offset)
+        assert_array_equal(got[valid], packed[:n])
+        # No valid token at all: every slot is 0.
+        assert_array_equal(choose(ids, np.zeros(T, bool), placement, offset), 0)
+
+
+@pytest.mark.parametrize("mode", ["random", "one_expert", "hot_expert"])
+def test_choose_slots_round_robin_is_even(rng, mode):
+    for num_slots in [16, 32]:
+        placement = random_placement(rng, num_slots, skew=True)
+        ids = routing_ids(rng, mode)
+        valid = random_valid(rng)
+        got = choose(ids, valid, placement, int(rng.integers(0, 8)))
+        replicas = ref_replicas(placement, E)
+        for e in range(E):
+            picked = got[valid][ids[valid] == e]
+            per_replica = np.asarray([np.sum(picked == s) for s in replicas[e]])
+            assert per_replica.sum() == picked.size  # nothing outside the expert's replicas
+            assert per_replica.max() - per_replica.min() <= 1, (e, per_replica)
+
+
+def test_choose_slots_rank_offset_rotates(rng):
+    placement = random_placement(rng, 32, skew=True)
+    replicas = ref_replicas(placement, E)
+    ids = routing_ids(rng, "random")
+    valid = np.ones(T, bool)
+    base = choose(ids, valid, placement, 0)
+    for offset in range(1, 12):
+        got = choose(ids, valid, placement, offset)
+        for t in range(T):
+            for k in range(K):
+                reps = replicas[ids[t, k]]
+                j0 = reps.index(base[t, k])
+                assert got[t, k] == reps[(j0 + offset) % len(reps)]
+        # The first pair (token-major) of each expert starts on replica offset % count.
+        flat_ids, flat_got = ids.reshape(-1), got.reshape(-1)
+        for e in np.unique(flat_ids):
+            first = flat_got[np.argmax(flat_ids == e)]
+            assert first == replicas[e][offset % len(replicas[e])]
+    # Experts with a single replica never move.
+    assert_array_equal(choose(ids, valid, identity_placement(E, E), 5),
+                       np.asarray(identity_placement(E, E))[ids])
+
+
+def test_choose_slots_deterministic(rng):
+    placement = random_placement(rng, 32)
+    ids = routing_ids(rng, "hot_expert")
+    valid = random_valid(rng)
+    a = choose(ids, valid, placement, 3)
+    b = choose(ids.copy(), valid.copy(), placement.copy(), 3)
+    assert_array_equal(a, b)
+    # Eager (un-jitted) call agrees too.
+    table = replica_table(jnp.asarray(placement), E)
+    eager = choose_slots(jnp.asarray(ids), jnp.asarray(valid), table, rank_offset=3)
+    assert_array_equal(np.asarray(eager), a)
+
+
+def test_choose_slots_vmapped_rank_offset(rng):
+    """A traced rank offset (as inside shard_map via axis_index) works per source."""
+    placement = random_placement(rng, 16)
+    ids = routing_ids(rng, "hot_expert")
+    valid = random_valid(rng)
+    table = replica_table(jnp.asarray(placement), E)
+    offsets = jnp.arange(4, dtype=jnp.int32)
+    got = jax.jit(jax.vmap(lambda r: choose_slots(jnp.asarray(ids), jnp.asarray(valid), table,
+                                                  rank_offset=r)))(offsets)
+    for r in range(4):
+        assert_array_equal(np.asarray(got[r]), ref_choose_slots(ids, valid, placement, E, r))
+
+
+def test_no_recompile_when_placement_changes(rng):
+    @jax.jit
+    def fn(ids, valid, slot_to_expert, rank_offset):
+        table = replica_table(slot_to_expert, E)
+        return choose_slots(ids, valid, table, rank_offset=rank_offset), table
+
+    ids = routing_ids(rng, "random")
+    valid = random_valid(rng)
+    for i in range(20):
+        placement = random_placement(rng, 32, skew=bool(i % 2))
+        slots, table = fn(jnp.asarray(ids), jnp.asarray(valid), jnp.asarray(placement), jnp.int32(i))
+        assert_array_equal(np.asarray(slots), ref_choose_slots(ids, valid, placement, E, i))
+        assert_array_equal(np.asarray(table.count), np.bincount(placement, minlength=E))
+    assert fn._cache_size() == 1
