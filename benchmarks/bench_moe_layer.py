@@ -82,6 +82,9 @@ def dense_rate(iters: int) -> float:
 
 
 def commit() -> str:
+    """The git commit measured (WIDEEP_COMMIT where the tree travels without .git)."""
+    if os.environ.get("WIDEEP_COMMIT"):
+        return os.environ["WIDEEP_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).parent)

@@ -89,7 +89,7 @@ def grouped_matmul(
         raise ValueError(f"expected x [M, K] and w [G, K, N], got {x.shape} and {w.shape}")
     _check_group_sizes(group_sizes, w.shape[0])
     out_dtype = jnp.dtype(preferred_element_type or x.dtype)
-    return _gmm(name, config or default_config(), out_dtype, x, w, group_sizes)
+    return _gmm(name, config or default_config(x.shape[0], w.shape[0]), out_dtype, x, w, group_sizes)
 
 
 def grouped_matmul_transposed(
@@ -127,5 +127,5 @@ def grouped_matmul_transposed(
     out_dtype = jnp.dtype(preferred_element_type or x.dtype)
     return _IMPLEMENTATIONS[name].tgmm(
         x, dy, group_sizes, num_groups=num_groups,
-        config=config or default_config(), preferred_element_type=out_dtype,
+        config=config or default_config(x.shape[0], total_groups), preferred_element_type=out_dtype,
     )
