@@ -1,0 +1,56 @@
+"""The ``wideep`` console script (run in-process on the emulated CPU devices)."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from wideep_jax.bench import imbalance, parse_skew
+from wideep_jax.cli import main
+
+SMALL = ["bench-moe", "--hidden", "32", "--intermediate", "16", "--experts", "16", "--top-k", "4",
+         "--n-group", "4", "--topk-group", "2", "--tokens", "16", "--iters", "1"]
+
+
+def _ints(line: str) -> list[int]:
+    return [int(v) for v in re.search(r"\[([\d, ]+)\]", line).group(1).split(",")]
+
+
+@pytest.mark.parametrize("extra,ep", [([], 8), (["--ep", "4", "--skew", "zipf:1.5"], 4),
+                                      (["--ep", "2", "--skew", "router", "--backend", "CUTLASS"], 2)])
+def test_bench_moe_reports_load(capsys, extra, ep):
+    assert main(SMALL + extra) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"-> [\d,]+ tokens/s", out)
+    received = _ints(next(line for line in out.splitlines() if "per-rank" in line and "tokens" in line))
+    rows = _ints(next(line for line in out.splitlines() if "expert rows" in line))
+    assert len(received) == ep and len(rows) == ep
+    assert sum(rows) == 16 * ep * 4  # every (token, k) pair computed exactly once
+    if "CUTLASS" in extra:
+        assert received == [16] * ep
+    else:
+        assert sum(received) >= 16 * ep  # each token reaches at least one rank
+
+
+def test_bench_moe_with_config_file(capsys, tmp_path):
+    cfg = tmp_path / "moe.yaml"
+    cfg.write_text("moe_config:\n  backend: WIDEEP\n  max_num_tokens: 5\n  load_balancer:\n    num_slots: 24\n")
+    assert main(SMALL + ["--ep", "4", "--config", str(cfg)]) == 0
+    assert "(24 slots)" in capsys.readouterr().out
+
+
+def test_bench_moe_errors_name_the_value(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("moe_config:\n  backend: NOPE\n")
+    assert main(SMALL + ["--config", str(bad)]) == 2
+    assert "NOPE" in capsys.readouterr().err
+    assert main(SMALL + ["--skew", "zipf:-1"]) == 2
+    assert "zipf:-1" in capsys.readouterr().err
+
+
+def test_parse_skew_and_imbalance():
+    assert parse_skew("uniform") == 0.0 and parse_skew("zipf:1.2") == 1.2 and parse_skew("router") is None
+    with pytest.raises(ValueError, match="zipf:x"):
+        parse_skew("zipf:x")
+    assert imbalance([1, 1, 1, 1]) == 0.0
+    assert imbalance([3, 1, 1, 3]) == pytest.approx(0.5)
