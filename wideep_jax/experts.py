@@ -53,8 +53,9 @@ def routed_experts(
     """
     num_rows, top_k = slot.shape
     num_slots = w_gate_up.shape[0]
-    # A token has at most min(K, S) pairs here, so that many rows per token suffice.
-    max_rows = num_rows * min(top_k, num_slots)
+    # Every pair may be live (a caller's routing may even repeat an expert), so
+    # the row budget is N * K: nothing can be cut off whatever the routing.
+    max_rows = num_rows * top_k
     pair_valid = valid[:, None] & (slot >= 0)
     key = jnp.where(pair_valid, slot, num_slots).reshape(-1)
     order = jnp.argsort(key, stable=True)[:max_rows]
