@@ -34,7 +34,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from wideep_jax import MoEConfig, MoELayer, MoESpec  # noqa: E402
-from wideep_jax.bench import imbalance, median_ms, synthetic_routing, time_fn  # noqa: E402
+from wideep_jax.bench import imbalance, median_ms, rank_rows, synthetic_routing, time_fn  # noqa: E402
 from wideep_jax.comm import get_alltoall_backend  # noqa: E402
 from wideep_jax.dispatch import make_dispatch_plan  # noqa: E402
 from wideep_jax.experts import routed_experts  # noqa: E402
@@ -141,13 +141,13 @@ def main() -> int:
                                            iters=args.iters))
             t_experts = median_ms(time_fn(lambda: stages[1](recv, w.w_gate_up, w.w_down), iters=args.iters))
             t_combine = median_ms(time_fn(lambda: stages[2](partial, plan), iters=args.iters))
-            rank_rows = np.asarray(stats.slot_counts).reshape(ep, -1).sum(axis=1)
-            floor = rank_rows.max() * flops_per_row / rate * 1e3
+            rows_per_rank = rank_rows(stats, ep)
+            floor = rows_per_rank.max() * flops_per_row / rate * 1e3
             t_local = (median_ms(time_fn(lambda: local_forward(local_state, x, routing), iters=args.iters))
                        if local is not None else float("nan"))
             rows.append(dict(tokens=tokens, skew=skew, total=total, dispatch=t_dispatch, experts=t_experts,
                              combine=t_combine, local=t_local, floor=floor,
-                             imbalance=imbalance(rank_rows)))
+                             imbalance=imbalance(rows_per_rank)))
             print(f"tokens/rank {tokens} skew {skew}: total {total:.3f} ms", flush=True)
 
     header = ("| tokens/rank | routing | WIDEEP fwd ms | dispatch ms | experts ms | combine ms | "

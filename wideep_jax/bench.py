@@ -76,6 +76,11 @@ def imbalance(loads) -> float:
     return float((loads.max() - mean) / mean) if mean > 0 else 0.0
 
 
+def rank_rows(stats: MoEStats, ep_size: int) -> np.ndarray:
+    """Expert rows computed per EP rank: slot counts summed over each rank's slots."""
+    return np.asarray(stats.slot_counts).reshape(ep_size, -1).sum(axis=1)
+
+
 @dataclasses.dataclass
 class MoEBenchResult:
     """One layer-forward measurement."""
@@ -95,9 +100,8 @@ class MoEBenchResult:
         return self.num_tokens / statistics.median(self.seconds)
 
     def rank_rows(self) -> np.ndarray:
-        """Expert rows computed per rank (slot counts summed per rank)."""
-        counts = np.asarray(self.stats.slot_counts)
-        return counts.reshape(self.ep_size, -1).sum(axis=1) if self.ep_size > 1 else counts.sum(keepdims=True)
+        """Expert rows computed per rank."""
+        return rank_rows(self.stats, self.ep_size)
 
 
 def bench_moe_layer(spec: MoESpec, config: MoEConfig, mesh, *, tokens_per_rank: int,

@@ -85,7 +85,9 @@ def _bench_moe(args) -> int:
     print(f"  forward: {result.median_ms:.3f} ms (median of {args.iters}) -> "
           f"{result.tokens_per_second:,.0f} tokens/s")
     received = [int(v) for v in result.stats.rank_tokens]
-    rows = [int(v) for v in result.rank_rows()]
+    # Local backend: each device computes all top-k pairs of its own tokens.
+    rows = ([int(v) for v in result.rank_rows()] if config.backend == "WIDEEP"
+            else [n * spec.top_k for n in received])
     label = "received tokens" if config.backend == "WIDEEP" else "computed tokens"
     print(f"  per-rank {label}: {received}  (max-mean)/mean {imbalance(received):.3f}")
     print(f"  per-rank expert rows:     {rows}  (max-mean)/mean {imbalance(rows):.3f}")
