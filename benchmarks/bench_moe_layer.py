@@ -34,7 +34,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from wideep_jax import MoEConfig, MoELayer, MoESpec  # noqa: E402
-from wideep_jax.bench import imbalance, median_ms, rank_rows, synthetic_routing, time_fn  # noqa: E402
+from wideep_jax.bench import imbalance, jitted_forward, median_ms, rank_rows, synthetic_routing, time_fn  # noqa: E402
 from wideep_jax.comm import get_alltoall_backend  # noqa: E402
 from wideep_jax.dispatch import make_dispatch_plan  # noqa: E402
 from wideep_jax.experts import routed_experts  # noqa: E402
@@ -113,13 +113,11 @@ def main() -> int:
     card = f"{ep}x {jax.devices()[0].device_kind}"
     wide = MoELayer(spec, MoEConfig(backend="WIDEEP"), mesh=mesh, rngs=nnx.Rngs(0))
     stages = stage_functions(wide)
-    graphdef, state = nnx.split(wide)
-    forward = jax.jit(lambda state, x, routing: nnx.merge(graphdef, state)(x, routing=routing))
+    forward, state = jitted_forward(wide)
     local = None
     if not args.no_local:
         local = MoELayer(spec, MoEConfig(backend="CUTLASS"), mesh=mesh, rngs=nnx.Rngs(0))
-        local_graphdef, local_state = nnx.split(local)
-        local_forward = jax.jit(lambda s, x, routing: nnx.merge(local_graphdef, s)(x, routing=routing))
+        local_forward, local_state = jitted_forward(local)
     rate = dense_rate(args.iters)
     flops_per_row = 2 * spec.hidden_size * 3 * spec.intermediate_size
     tok_sharding = NamedSharding(mesh, P("ep"))

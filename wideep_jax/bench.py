@@ -97,11 +97,19 @@ class MoEBenchResult:
 
     @property
     def tokens_per_second(self) -> float:
-        return self.num_tokens / statistics.median(self.seconds)
+        return self.num_tokens / (self.median_ms / 1e3)
 
     def rank_rows(self) -> np.ndarray:
         """Expert rows computed per rank."""
         return rank_rows(self.stats, self.ep_size)
+
+
+def jitted_forward(layer: MoELayer):
+    """``(forward, state)``: the layer's forward as a jitted pure function
+    ``forward(state, x, routing)``, and the state to call it with."""
+    graphdef, state = nnx.split(layer)
+    forward = jax.jit(lambda state, x, routing: nnx.merge(graphdef, state)(x, routing=routing))
+    return forward, state
 
 
 def bench_moe_layer(spec: MoESpec, config: MoEConfig, mesh, *, tokens_per_rank: int,
@@ -120,12 +128,7 @@ def bench_moe_layer(spec: MoESpec, config: MoEConfig, mesh, *, tokens_per_rank: 
     if token_sharding is not None:
         x = jax.device_put(x, token_sharding)
         routing = None if routing is None else jax.device_put(routing, token_sharding)
-    graphdef, state = nnx.split(layer)
-
-    @jax.jit
-    def forward(state, x, routing):
-        return nnx.merge(graphdef, state)(x, routing=routing)
-
+    forward, state = jitted_forward(layer)
     start = time.perf_counter()
     _, stats = jax.block_until_ready(forward(state, x, routing))
     compile_seconds = time.perf_counter() - start

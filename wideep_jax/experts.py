@@ -53,12 +53,12 @@ def routed_experts(
     """
     num_rows, top_k = slot.shape
     num_slots = w_gate_up.shape[0]
-    # Every pair may be live (a caller's routing may even repeat an expert), so
-    # the row budget is N * K: nothing can be cut off whatever the routing.
-    max_rows = num_rows * top_k
+    # One row per (token, k) pair: every pair may be live (a caller's routing may
+    # even repeat an expert), so nothing can be cut off whatever the routing.
+    num_pairs = num_rows * top_k
     pair_valid = valid[:, None] & (slot >= 0)
     key = jnp.where(pair_valid, slot, num_slots).reshape(-1)
-    order = jnp.argsort(key, stable=True)[:max_rows]
+    order = jnp.argsort(key, stable=True)
     group_sizes = jnp.zeros((num_slots + 1,), jnp.int32).at[key].add(1)[:num_slots]
     row_token = order // top_k
     row_weight = weight.reshape(-1)[order].astype(jnp.float32)
@@ -72,15 +72,12 @@ def routed_experts(
     # where, not multiply: padding rows of a kernel may hold anything, NaN included.
     out = jnp.where(row_live[:, None], out * row_weight[:, None], 0.0)
 
-    # Position of every (token, k) pair in sorted order: gather-based reduce.
-    position = jnp.full((num_rows * top_k,), max_rows, jnp.int32)
-    position = position.at[order].set(jnp.arange(max_rows, dtype=jnp.int32), unique_indices=True)
-    position = position.reshape(num_rows, top_k)
+    # Sorted position of every (token, k) pair (the inverse of `order`): gather-based reduce.
+    position = jnp.zeros((num_pairs,), jnp.int32).at[order].set(
+        jnp.arange(num_pairs, dtype=jnp.int32), unique_indices=True).reshape(num_rows, top_k)
     partial = jnp.zeros((num_rows, x.shape[-1]), jnp.float32)
     for k in range(top_k):
-        pos = position[:, k]
-        take = pair_valid[:, k] & (pos < max_rows)
-        partial = partial + jnp.where(take[:, None], out[jnp.minimum(pos, max_rows - 1)], 0.0)
+        partial = partial + jnp.where(pair_valid[:, k, None], out[position[:, k]], 0.0)
     return ExpertOutput(partial.astype(x.dtype), group_sizes)
 
 
