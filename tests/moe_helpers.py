@@ -1,6 +1,8 @@
 """Shared builders for the MoE layer tests."""
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,3 +67,20 @@ def assert_close(actual, expected, rtol=1e-5):
     assert np.all(np.isfinite(actual)), "non-finite output"
     err = np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30)
     assert err <= rtol, f"relative error {err:.3e} > {rtol:.1e}"
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Counts XLA backend compilations inside the block: ``with count_compiles() as n: ...; n[0]``."""
+    from jax._src import monitoring
+    count = [0]
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            count[0] += 1
+
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield count
+    finally:
+        monitoring.unregister_event_duration_listener(listener)

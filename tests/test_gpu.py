@@ -83,3 +83,15 @@ def test_wideep_gradients_f32(rng):
         g_ref = jax.jit(jax.grad(loss_ref, argnums=(0, 1), allow_int=True))(w, x)
     assert_close(g[1], g_ref[1], rtol=1e-4)
     assert_close(g[0].w_gate_up, g_ref[0].w_gate_up, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["host", "host_replicated", "collective"])
+def test_online_eplb_on_gpu(rng, mode):
+    """The CPU suite's online checks on real GPUs: pinned_host master copy, ppermute moves."""
+    import test_eplb_online as online
+    from wideep_jax.eplb.resharding import host_memory_kind
+
+    assert host_memory_kind(make_layer(make_spec(), ep=_ep()).mesh) == "pinned_host"
+    online.test_reshard_moves_exactly_the_changed_slots(rng, mode, "random")
+    online.test_reshard_moves_exactly_the_changed_slots(rng, mode, "all_change")
+    online.test_online_loop_100_updates(rng, mode)

@@ -289,3 +289,20 @@ def test_user_routing_with_repeated_experts(rng):
     y, stats = run_layer(layer, x, routing=routing)
     assert_close(y, _reference(layer, x, routing=routing))
     assert int(stats.slot_counts.sum()) == 16 * 8
+
+
+def test_local_first_replica_selection_same_output(rng):
+    """local_first changes which replica computes a pair, never the result."""
+    spec = make_spec(kind="noaux_tc", top_k=4, experts=16, shared=1)
+    placement = np.concatenate([rng.permutation(16), rng.permutation(16)[:8]])
+    lb = {"num_slots": 24, "initial_global_assignments": {0: placement.tolist()}}
+    round_robin = make_layer(spec, ep=4, seed=5, layer_idx=0, load_balancer=lb)
+    local = make_layer(spec, ep=4, seed=5, layer_idx=0, load_balancer=lb, replica_selection="local_first")
+    assert local.config.replica_selection == "local_first"
+    x = random_tokens(rng, 64, spec.hidden_size)
+    y_rr, s_rr = run_layer(round_robin, x)
+    y_local, s_local = run_layer(local, x)
+    assert_close(y_local, _reference(local, x))
+    assert_close(y_local, y_rr, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(s_local.expert_counts), np.asarray(s_rr.expert_counts))
+    assert not np.array_equal(np.asarray(s_local.slot_counts), np.asarray(s_rr.slot_counts))

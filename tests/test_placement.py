@@ -255,3 +255,29 @@ def test_no_recompile_when_placement_changes(rng):
         assert_array_equal(np.asarray(slots), ref_choose_slots(ids, valid, placement, E, i))
         assert_array_equal(np.asarray(table.count), np.bincount(placement, minlength=E))
     assert fn._cache_size() == 1
+
+
+@pytest.mark.parametrize("mode", ["random", "hot_expert"])
+def test_local_first_uses_own_rank_replicas(rng, mode):
+    num_ranks, num_slots = 4, 16
+    placement = random_placement(rng, num_slots)
+    ids = routing_ids(rng, mode)
+    valid = random_valid(rng)
+    table = replica_table(jnp.asarray(placement), E)
+    per_rank = num_slots // num_ranks
+    for rank in range(num_ranks):
+        round_robin = np.asarray(choose_slots(jnp.asarray(ids), jnp.asarray(valid), table, rank_offset=rank))
+        local = np.asarray(choose_slots(jnp.asarray(ids), jnp.asarray(valid), table, rank_offset=rank,
+                                        local_rank=rank, num_ranks=num_ranks))
+        own = placement[rank * per_rank:(rank + 1) * per_rank]
+        for t in range(T):
+            for k in range(K):
+                if not valid[t]:
+                    assert local[t, k] == 0
+                    continue
+                e = ids[t, k]
+                assert placement[local[t, k]] == e  # always a replica of the routed expert
+                if e in own:  # the lowest replica slot on this rank
+                    assert local[t, k] == rank * per_rank + int(np.flatnonzero(own == e)[0])
+                else:
+                    assert local[t, k] == round_robin[t, k]

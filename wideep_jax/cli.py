@@ -3,6 +3,9 @@
 ``wideep bench-moe`` runs the MoE layer forward and prints tokens/s and the
 per-rank load. With no arguments: a DeepSeek-V3-shaped layer scaled down to
 run on 8 emulated CPU devices in well under a minute.
+
+``wideep eplb generate`` / ``wideep eplb report``: offline load balancing from
+expert statistics files (TensorRT-LLM's format), see :mod:`wideep_jax.eplb.offline`.
 """
 from __future__ import annotations
 
@@ -36,6 +39,12 @@ def _add_bench_moe(sub) -> None:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--cpu-devices", type=int, default=8, help="emulated CPU devices when there is no GPU")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stats-dir", default=None,
+                   help="write expert statistics (TensorRT-LLM's format) of the layer to this directory")
+    p.add_argument("--stats-iters", default=None, metavar="A-B",
+                   help="iterations A..B-1 to record with --stats-dir (default 0-ITERS); every "
+                        "iteration runs the same batch, so each holds that batch's counts")
+    p.set_defaults(func=_bench_moe)
 
 
 def _bench_moe(args) -> int:
@@ -51,6 +60,12 @@ def _bench_moe(args) -> int:
     from wideep_jax.spec import MoESpec
 
     skew = parse_skew(args.skew)
+    stats_iters = None
+    if args.stats_dir is not None:
+        from wideep_jax.eplb.stats_files import parse_iter_range
+        stats_iters = parse_iter_range(args.stats_iters or f"0-{args.iters}", name="--stats-iters")
+    elif args.stats_iters is not None:
+        raise ValueError(f"--stats-iters={args.stats_iters!r}: allowed: only with --stats-dir")
     platform = jax.default_backend()
     dtype = jnp.dtype(args.dtype or ("bfloat16" if platform == "gpu" else "float32"))
     ep = args.ep or jax.device_count()
@@ -91,6 +106,98 @@ def _bench_moe(args) -> int:
     label = "received tokens" if config.backend == "WIDEEP" else "computed tokens"
     print(f"  per-rank {label}: {received}  (max-mean)/mean {imbalance(received):.3f}")
     print(f"  per-rank expert rows:     {rows}  (max-mean)/mean {imbalance(rows):.3f}")
+    if stats_iters is not None:
+        from wideep_jax.eplb.stats_files import StatsRecorder
+        layer = args.layer_idx or 0
+        recorder = StatsRecorder(args.stats_dir, *stats_iters, num_experts=spec.num_experts,
+                                 top_k=spec.top_k)
+        # The timed loop reruns one batch, so its stats (already returned, no extra host
+        # sync in the timed region) are every iteration's stats.
+        for iteration in range(*stats_iters):
+            recorder.record(iteration, layer, result.stats)
+        recorder.step(stats_iters[1])  # saves, as a run reaching iter_stop does
+        print(f"  expert statistics: layer {layer}, iterations {stats_iters[0]}..{stats_iters[1] - 1} "
+              f"-> {args.stats_dir}/ (meta_info.json, rank0..{ep - 1}.safetensors)")
+    return 0
+
+
+def _add_eplb(sub) -> None:
+    p = sub.add_parser("eplb", help="offline expert load balancing (TensorRT-LLM's workflow)",
+                       description="Offline EPLB: placement files and load reports from expert "
+                                   "statistics (meta_info.json + rank<r>.safetensors).")
+    eplb = p.add_subparsers(dest="eplb_command", required=True)
+    g = eplb.add_parser("generate", help="write a balanced placement file from statistics",
+                        description="Balance the load summed over the iterations; write "
+                                    "TensorRT-LLM's moe_load_balancer.yaml.")
+    g.add_argument("--stats", required=True, help="statistics directory")
+    g.add_argument("--ep-size", type=int, default=None, help="EP size to balance for (default: the stats' ranks)")
+    g.add_argument("--num-slots", type=int, default=None, help="total expert slots (default: num_experts)")
+    g.add_argument("--num-nodes", type=int, default=1, help="keep each expert's replicas within one of N nodes")
+    g.add_argument("--iter-start", type=int, default=None, help="first iteration used (default: the first recorded)")
+    g.add_argument("--iter-stop", type=int, default=None, help="iteration after the last one used")
+    g.add_argument("-o", "--output", default="moe_load_balancer.yaml", help="placement file to write")
+    g.set_defaults(func=_eplb_generate)
+    r = eplb.add_parser("report", help="per-layer load statistics and a per-rank heatmap",
+                        description="Per-layer load statistics under the default placement and, "
+                                    "with --placement, projected under a placement file.")
+    r.add_argument("--stats", required=True, help="statistics directory")
+    r.add_argument("--ep-size", type=int, default=None, help="EP size (default: the stats' ranks)")
+    r.add_argument("--placement", default=None, help="placement file to project the load onto")
+    r.add_argument("--iter-start", type=int, default=None)
+    r.add_argument("--iter-stop", type=int, default=None)
+    r.add_argument("--heatmap", default=None, help="PNG of per-rank loads (default: STATS/eplb_report.png)")
+    r.add_argument("--no-heatmap", action="store_true", help="print the table only")
+    r.set_defaults(func=_eplb_report)
+
+
+def _eplb_generate(args) -> int:
+    from wideep_jax.eplb.offline import generate_placement, report, write_placement_file
+    from wideep_jax.eplb.stats_files import load_stats
+
+    stats = load_stats(args.stats, iter_start=args.iter_start, iter_stop=args.iter_stop)
+    ep = stats.ep_size if args.ep_size is None else args.ep_size
+    slots = stats.num_experts if args.num_slots is None else args.num_slots
+    placements = generate_placement(stats, ep_size=ep, num_slots=slots, num_nodes=args.num_nodes)
+    comment = (f"Generated by `wideep eplb generate` from {args.stats} (iterations "
+               f"{stats.iter_start}..{stats.iter_stop - 1}), ep_size {ep}, num_nodes {args.num_nodes}.")
+    path = write_placement_file(args.output, placements, slots, comment=comment)
+    avg = report(stats, ep_size=ep, placement=path).average()
+    print(f"wideep eplb generate: {len(placements)} layers, {stats.num_experts} experts in {slots} "
+          f"slots over {ep} ranks -> {path}")
+    print(f"  (max-mean)/mean per rank, mean over layers: default {avg.rank_imbalance:.3f} "
+          f"-> placed {avg.placed_rank_imbalance:.3f}")
+    return 0
+
+
+def _eplb_report(args) -> int:
+    from pathlib import Path
+
+    from wideep_jax.eplb.offline import format_report, normalised, report, save_heatmap
+    from wideep_jax.eplb.stats_files import load_stats
+
+    stats = load_stats(args.stats, iter_start=args.iter_start, iter_stop=args.iter_stop)
+    rep = report(stats, ep_size=args.ep_size, placement=args.placement)
+    print(f"wideep eplb report: {args.stats}, iterations {stats.iter_start}..{stats.iter_stop - 1}, "
+          f"{stats.num_experts} experts, top-{stats.top_k}, {len(stats.layers)} layers, EP {rep.ep_size} "
+          f"(default placement: {rep.num_slots} slots"
+          + (f"; placement {args.placement}: {rep.placement_num_slots} slots)" if args.placement else ")"))
+    print("  imb = (max-mean)/mean per iteration, averaged over iterations")
+    print(format_report(rep))
+    if args.no_heatmap:
+        return 0
+    png = Path(args.heatmap) if args.heatmap else Path(args.stats) / "eplb_report.png"
+    maps = [(png, rep.rank_load, "default placement")]
+    if rep.placed_rank_load is not None:
+        maps.append((png.with_name(f"{png.stem}_placed{png.suffix}"), rep.placed_rank_load,
+                     f"placement {Path(args.placement).name}"))
+    try:
+        for path, load, what in maps:
+            save_heatmap(path, normalised(load), f"per-rank load / mean, {what}", row_labels=stats.layers)
+            print(f"  heatmap: {path}")
+    except ImportError as err:
+        if args.heatmap:  # asked for explicitly: an error; by default just a note
+            raise ValueError(str(err)) from None
+        print(f"  no heatmap: {err}", file=sys.stderr)
     return 0
 
 
@@ -99,14 +206,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="wideep", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_bench_moe(sub)
+    _add_eplb(sub)
     args = parser.parse_args(argv)
     # Emulated CPU devices must be requested before the first backend is created;
     # the flag only affects the CPU platform, so it is harmless on a GPU machine.
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.cpu_devices}".strip()
+        cpu_devices = getattr(args, "cpu_devices", 8)
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={cpu_devices}".strip()
     try:
-        return _bench_moe(args)
+        return args.func(args)
     except ValueError as err:  # config and argument errors: one clear line, no traceback
         print(f"wideep: error: {err}", file=sys.stderr)
         return 2

@@ -7,7 +7,9 @@ The accepted YAML is the ``moe_config`` section of TensorRT-LLM's Wide-EP README
         max_num_tokens: 9216
         load_balancer: moe_load_balancer.yaml   # or an inline mapping
 
-plus two keys of our own (``alltoall_backend``, ``ep_axis``). Every bad input raises
+plus keys of our own, marked "(ours)" below (``alltoall_backend``, ``ep_axis``,
+``replica_selection`` and the online balancer's ``decay``, ``warmup_iters``, ``reshard``,
+``num_nodes``, ``tolerance``). Every bad input raises
 :class:`ConfigError` naming the key (dotted path), the bad value and what is allowed.
 """
 from __future__ import annotations
@@ -27,6 +29,8 @@ import yaml
 __all__ = [
     "ALLTOALL_BACKENDS",
     "BACKENDS",
+    "REPLICA_SELECTIONS",
+    "RESHARD_MODES",
     "ConfigError",
     "LoadBalancerConfig",
     "MoEConfig",
@@ -37,6 +41,10 @@ BACKENDS = ("CUTLASS", "WIDEEP")
 """MoE backends: ``WIDEEP`` = all-to-all expert parallelism, ``CUTLASS`` = local (all slots on every device)."""
 ALLTOALL_BACKENDS = ("auto", "xla")
 """Communication backends for ``WIDEEP``."""
+REPLICA_SELECTIONS = ("round_robin", "local_first")
+"""How a routed pair picks one of its expert's replicas."""
+RESHARD_MODES = ("host", "collective")
+"""Where online re-sharding reads moved expert weights from."""
 
 _MOE = "moe_config"
 _LB = f"{_MOE}.load_balancer"
@@ -59,6 +67,16 @@ def _int(key: str, value: Any, *, minimum: int, optional: bool = False) -> int |
         allowed = f"an int >= {minimum}" + (" or null" if optional else "")
         raise _fail(key, value, allowed)
     return int(value)
+
+
+def _float(key: str, value: Any, *, low: float, high: float, low_open: bool = False) -> float:
+    """``value`` as a float in [low, high] (or (low, high] if ``low_open``); bools are rejected."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        raise _fail(key, value, f"a number in {'(' if low_open else '['}{low}, {high}]")
+    return float(value)
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...], *, upper: bool) -> str:
@@ -112,8 +130,25 @@ class LoadBalancerConfig:
     """0 = static/offline placement, > 0 = online rebalancing of that many layers per iteration."""
     initial_global_assignments: Mapping[int, tuple[int, ...]] | None = dataclasses.field(default=None, hash=False)
     """{layer index: expert id per slot}; layers left out use the default round-robin placement."""
+    decay: float = 0.9
+    """(ours) Online statistics: ``load = decay * load + counts`` each iteration."""
+    warmup_iters: int = 0
+    """(ours) Online: iterations whose counts are ignored and that update nothing."""
+    reshard: str = "host"
+    """(ours) Online: ``host`` copies moved slots from a host master copy, ``collective``
+    moves them between devices with collective permutes (no host copy)."""
+    num_nodes: int = 1
+    """(ours) Placement: replicas of an expert are kept within one of this many node groups."""
+    tolerance: float = 0.05
+    """(ours) Placement: relative max-rank-load slack accepted to move fewer slots; online,
+    a layer is re-placed only if that lowers its busiest rank's load by more than this."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "decay", _float(f"{_LB}.decay", self.decay, low=0.0, high=1.0, low_open=True))
+        object.__setattr__(self, "warmup_iters", _int(f"{_LB}.warmup_iters", self.warmup_iters, minimum=0))
+        object.__setattr__(self, "reshard", _choice(f"{_LB}.reshard", self.reshard, RESHARD_MODES, upper=False))
+        object.__setattr__(self, "num_nodes", _int(f"{_LB}.num_nodes", self.num_nodes, minimum=1))
+        object.__setattr__(self, "tolerance", _float(f"{_LB}.tolerance", self.tolerance, low=0.0, high=1.0))
         object.__setattr__(self, "num_slots", _int(f"{_LB}.num_slots", self.num_slots, minimum=1, optional=True))
         object.__setattr__(
             self, "layer_updates_per_iter", _int(f"{_LB}.layer_updates_per_iter", self.layer_updates_per_iter, minimum=0)
@@ -149,6 +184,8 @@ class LoadBalancerConfig:
             raise _fail(f"{_LB}.num_slots", num_slots, f"an int >= num_experts = {num_experts}")
         if num_slots % ep_size:
             raise _fail(f"{_LB}.num_slots", num_slots, f"a multiple of ep_size = {ep_size}")
+        if ep_size % self.num_nodes:
+            raise _fail(f"{_LB}.num_nodes", self.num_nodes, f"a divisor of ep_size = {ep_size}")
         self._check_lengths(num_slots)
         for layer, ids in (self.initial_global_assignments or {}).items():
             for s, e in enumerate(ids):
@@ -177,6 +214,9 @@ class MoEConfig:
     """(ours) Communication backend for ``WIDEEP``, one of :data:`ALLTOALL_BACKENDS`."""
     ep_axis: str = "ep"
     """(ours) Mesh axis name that experts are sharded over."""
+    replica_selection: str = "round_robin"
+    """(ours) ``round_robin`` spreads an expert's pairs over its replicas; ``local_first``
+    uses a replica on the token's own rank when there is one (less traffic, less balance)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backend", _choice(f"{_MOE}.backend", self.backend, BACKENDS, upper=True))
@@ -192,6 +232,10 @@ class MoEConfig:
         )
         if not isinstance(self.ep_axis, str) or not self.ep_axis:
             raise _fail(f"{_MOE}.ep_axis", self.ep_axis, "a non-empty mesh axis name (str)")
+        object.__setattr__(
+            self, "replica_selection",
+            _choice(f"{_MOE}.replica_selection", self.replica_selection, REPLICA_SELECTIONS, upper=False),
+        )
 
     def num_slots(self, num_experts: int) -> int:
         """``load_balancer.num_slots``, or ``num_experts`` without load balancer or slot count."""

@@ -41,11 +41,14 @@ class MoEStats(NamedTuple):
       slot_counts: int32 [S] rows computed per slot.
       rank_tokens: int32 [R] tokens each rank received (deduplicated; for the
         local backend, the tokens each device computed).
+      rank_expert_counts: int32 [R, E] routed pairs per expert of the tokens that
+        started on each rank (what TensorRT-LLM's per-rank statistics files hold).
     """
 
     expert_counts: jax.Array
     slot_counts: jax.Array
     rank_tokens: jax.Array
+    rank_expert_counts: jax.Array
 
 
 def _check_inputs(x, token_mask, routing, spec: MoESpec):
@@ -143,7 +146,7 @@ def moe_forward(
         args = jax.tree.map(lambda a, s: _constrain(a, mesh, s), args, in_specs)
         y, stats = jax.shard_map(
             body, mesh=mesh, in_specs=(in_specs,),
-            out_specs=(tok, MoEStats(rep, rep, rep)),
+            out_specs=(tok, MoEStats(rep, rep, rep, rep)),
             # The stats are made replicated by psum/all_gather; loops inside the
             # kernels carry per-device state, which the vma checker cannot see.
             check_vma=False,
@@ -171,13 +174,16 @@ class _Body:
                              preferred_element_type=jnp.float32)
             routing = route(logits, spec.top_k, spec.router, correction_bias=w.correction_bias)
         table = replica_table(w.slot_to_expert, spec.num_experts)
+        # local_first: a pair uses a replica on its own rank when there is one.
+        local_rank = rank if (self.wide and self.config.replica_selection == "local_first") else None
         w_gate_up = w.w_gate_up.astype(spec.dtype)
         w_down = w.w_down.astype(spec.dtype)
         x_c = x.astype(spec.dtype)
 
         def chunk(operands):
             xc, mc, ids, rw = operands
-            slots = choose_slots(ids, mc, table, rank_offset=rank)
+            slots = choose_slots(ids, mc, table, rank_offset=rank, local_rank=local_rank,
+                                 num_ranks=self.num_ranks)
             counts = jnp.zeros((spec.num_experts + 1,), jnp.int32).at[
                 jnp.where(mc[:, None], ids, spec.num_experts)].add(1)[:-1]
             if self.wide:
@@ -209,14 +215,15 @@ class _Body:
 
     def _stats(self, counts, group_sizes, received) -> MoEStats:
         if self.axis is None:
-            return MoEStats(counts, group_sizes, received[None])
-        counts = jax.lax.psum(counts, self.axis)
+            return MoEStats(counts, group_sizes, received[None], counts[None])
+        rank_counts = jax.lax.all_gather(counts, self.axis)
+        counts = rank_counts.sum(axis=0)
         if self.wide:
             slot_counts = jax.lax.all_gather(group_sizes, self.axis, tiled=True)
         else:
             slot_counts = jax.lax.psum(group_sizes, self.axis)
         rank_tokens = jax.lax.all_gather(received, self.axis)
-        return MoEStats(counts, slot_counts, rank_tokens)
+        return MoEStats(counts, slot_counts, rank_tokens, rank_counts)
 
 
 def _chunked(fn, operands, chunk_size: int | None):

@@ -44,6 +44,8 @@ def choose_slots(
     table: ReplicaTable,
     *,
     rank_offset: jax.Array | int = 0,
+    local_rank: jax.Array | int | None = None,
+    num_ranks: int = 1,
 ) -> jax.Array:
     """Maps each routed (token, k) pair to one replica slot of its expert.
 
@@ -52,11 +54,17 @@ def choose_slots(
     replica ``rank_offset % count[e]``, so sources on different ranks start on
     different replicas. Pairs of invalid tokens get slot 0 (they are never sent).
 
+    With ``local_rank`` set (``replica_selection: local_first``), a pair whose
+    expert has a replica on ``local_rank`` (of ``num_ranks``) uses that replica
+    instead: it never leaves the rank, at the cost of balance between replicas.
+
     Args:
       expert_ids: int32 [T, K] routed experts.
       valid: bool [T] real (non-padding) tokens.
       table: the placement's replica table.
       rank_offset: the source rank (traced is fine).
+      local_rank: the source rank for ``local_first`` selection; None = round-robin only.
+      num_ranks: EP ranks the slots are split over (for ``local_rank``).
 
     Returns:
       int32 [T, K] global slot ids.
@@ -73,5 +81,22 @@ def choose_slots(
     count = jnp.maximum(table.count[ids], 1)
     replica = (position + rank_offset) % count
     slots = table.sorted_slots[table.first[ids] + replica]
+    if local_rank is not None:
+        local = local_replica(table, local_rank, num_ranks)[ids]
+        slots = jnp.where(local >= 0, local, slots)
     slots = jnp.where(flat < num_experts, slots, 0)
     return slots.reshape(num_tokens, top_k)
+
+
+def local_replica(table: ReplicaTable, rank: jax.Array | int, num_ranks: int) -> jax.Array:
+    """int32 [E]: for each expert, its lowest replica slot on ``rank``, or -1 if none."""
+    num_slots = table.sorted_slots.shape[0]
+    per_rank = num_slots // num_ranks
+    slot_expert = jnp.zeros((num_slots,), jnp.int32).at[table.sorted_slots].set(
+        jnp.repeat(jnp.arange(table.count.shape[0], dtype=jnp.int32), table.count,
+                   total_repeat_length=num_slots))
+    slots = jnp.arange(num_slots, dtype=jnp.int32)
+    on_rank = slots // per_rank == rank
+    big = jnp.int32(num_slots)
+    best = jnp.full((table.count.shape[0],), big, jnp.int32).at[slot_expert].min(jnp.where(on_rank, slots, big))
+    return jnp.where(best < big, best, -1)

@@ -1,0 +1,336 @@
+"""Offline EPLB: statistics files (TensorRT-LLM's format), placement generation, report, CLI."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from moe_helpers import make_layer, make_spec, random_routing, random_tokens, run_layer
+from wideep_jax.cli import main
+from wideep_jax.config import load_moe_config
+from wideep_jax.eplb.offline import (format_report, generate_placement, report, save_heatmap,
+                                     write_placement_file)
+from wideep_jax.eplb.stats_files import (StatsFileError, StatsRecorder, load_stats,
+                                         parse_iter_range)
+
+HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
+SMALL = ["bench-moe", "--hidden", "32", "--intermediate", "16", "--experts", "16", "--top-k", "4",
+         "--n-group", "4", "--topk-group", "2", "--tokens", "16", "--iters", "1"]
+
+
+def write_trtllm_stats(path, counts: np.ndarray, *, iters, layers, top_k=2, dtype=np.int64):
+    """A TensorRT-LLM-style writer: counts [R, I, L, E] -> meta_info.json + rank{r}.safetensors
+    (torch.bincount gives int64), plus the other files TensorRT-LLM leaves in the directory."""
+    path.mkdir(parents=True, exist_ok=True)
+    num_ranks, _, _, num_experts = counts.shape
+    (path / "meta_info.json").write_text(json.dumps({"num_experts": num_experts, "num_experts_per_token": top_k}))
+    for r in range(num_ranks):
+        save_file({f"{i}_{l}": counts[r, a, b].astype(dtype) for a, i in enumerate(iters)
+                   for b, l in enumerate(layers)}, str(path / f"rank{r}.safetensors"))
+        # Not counts: must be ignored by the reader (different keys and shapes).
+        junk = {"x": np.zeros((3, 5), np.int32)}
+        for name in (f"rank{r}_raw", f"cooccurrence_rank{r}", f"token_selected_experts_rank{r}"):
+            save_file(junk, str(path / f"{name}.safetensors"))
+    return path
+
+
+def zipf_counts(rng, num_ranks, num_iters, num_layers, num_experts, tokens=256, top_k=2, s=1.3):
+    """[R, I, L, E] skewed counts: Zipf(s) popularity over a random expert order per layer."""
+    out = np.zeros((num_ranks, num_iters, num_layers, num_experts), np.int64)
+    for b in range(num_layers):
+        p = 1.0 / (rng.permutation(num_experts) + 1.0) ** s
+        out[:, :, b] = rng.multinomial(tokens * top_k, p / p.sum(), size=(num_ranks, num_iters))
+    return out
+
+
+# -- recording -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("max_num_tokens", [None, 3])
+def test_recorder_round_trip_matches_bincount(tmp_path, rng, max_num_tokens):
+    ep, num_experts, top_k, num_tokens = 4, 16, 2, 32
+    spec = make_spec(experts=num_experts, top_k=top_k)
+    layer = make_layer(spec, ep=ep, max_num_tokens=max_num_tokens)
+    rec = StatsRecorder(tmp_path / "stats", 10, 12, num_experts=num_experts, top_k=top_k)
+    expected: dict[str, np.ndarray] = {}
+    # Iteration 11, layer 3 has two MoE calls (as chunked prefill): their counts add up.
+    calls = [(9, 3), (10, 3), (10, 5), (11, 3), (11, 3), (11, 5)]
+    for iteration, layer_idx in calls:
+        x = random_tokens(rng, num_tokens, spec.hidden_size)
+        routing = random_routing(rng, num_tokens, num_experts, top_k)
+        _, stats = run_layer(layer, x, routing=routing)
+        rec.record(iteration, layer_idx, stats)
+        if iteration < 10:
+            continue
+        ids = np.asarray(routing.ids).reshape(ep, num_tokens // ep, top_k)  # contiguous token split
+        want = np.stack([np.bincount(ids[r].ravel(), minlength=num_experts) for r in range(ep)])
+        key = f"{iteration}_{layer_idx}"
+        expected[key] = expected.get(key, 0) + want
+    assert isinstance(rec._records[(11, 3)], jax.Array)  # kept on device until saved
+    assert not rec.done and not (tmp_path / "stats").exists()
+    rec.record(12, 3, stats)  # first iteration >= iter_stop: saves, records nothing
+    assert rec.done and rec.saved
+
+    files = sorted(p.name for p in (tmp_path / "stats").iterdir())
+    assert files == ["meta_info.json"] + [f"rank{r}.safetensors" for r in range(ep)]
+    meta = json.loads((tmp_path / "stats" / "meta_info.json").read_text())
+    assert meta == {"num_experts": num_experts, "num_experts_per_token": top_k}
+    for r in range(ep):
+        data = load_file(str(tmp_path / "stats" / f"rank{r}.safetensors"))
+        assert sorted(data) == sorted(expected)
+        for key, value in data.items():
+            assert value.dtype == np.int32 and value.shape == (num_experts,)
+            np.testing.assert_array_equal(value, expected[key][r], err_msg=f"rank {r} key {key}")
+
+    loaded = load_stats(tmp_path / "stats")
+    assert (loaded.ep_size, loaded.iters, loaded.layers) == (ep, [10, 11], [3, 5])
+    np.testing.assert_array_equal(loaded.counts[1, 0], expected["11_3"].sum(0))
+    np.testing.assert_array_equal(loaded.per_rank[2, 0, 1], expected["10_5"][2])
+
+
+def test_recorder_arrays_step_and_checks(tmp_path):
+    rec = StatsRecorder(tmp_path / "s", 0, 2, num_experts=4, top_k=1)
+    rec.record(0, 0, np.array([[1, 0, 0, 0], [0, 2, 0, 0]], np.int32))
+    rec.record(1, 0, np.array([[0, 0, 0, 1], [0, 0, 3, 0]], np.int32))
+    with pytest.raises(ValueError, match="3 ranks; allowed: 2"):
+        rec.record(1, 0, np.zeros((3, 4), np.int32))
+    with pytest.raises(ValueError, match=r"\(2, 5\).*num_experts=4"):
+        rec.record(1, 0, np.zeros((2, 5), np.int32))
+    with pytest.raises(ValueError, match="float32"):
+        rec.record(1, 0, np.zeros((2, 4), np.float32))
+    with pytest.raises(ValueError, match="outside jit"):
+        jax.jit(lambda c: rec.record(1, 0, c) or c)(np.zeros((2, 4), np.int32))
+    rec.step(2)
+    assert rec.done and load_stats(tmp_path / "s").counts.tolist() == [[[1, 2, 0, 0]], [[0, 0, 3, 1]]]
+
+    empty = StatsRecorder(tmp_path / "e", 5, 6, num_experts=4, top_k=1)
+    with pytest.raises(ValueError, match=r"nothing was recorded in iterations \[5, 6\)"):
+        empty.save()
+    with pytest.raises(ValueError, match="iter_start=3, iter_stop=3"):
+        StatsRecorder(tmp_path, 3, 3, num_experts=4, top_k=1)
+
+
+def test_recorder_removes_stale_rank_files(tmp_path):
+    write_trtllm_stats(tmp_path, np.ones((4, 1, 1, 4), np.int64), iters=[0], layers=[0])
+    rec = StatsRecorder(tmp_path, 0, 1, num_experts=4, top_k=2)
+    rec.record(0, 0, np.ones((2, 4), np.int32))
+    rec.save()
+    assert load_stats(tmp_path).ep_size == 2
+
+
+def test_parse_iter_range_and_env(monkeypatch, tmp_path):
+    assert parse_iter_range("100-200") == (100, 200) and parse_iter_range(" 3 - 4 ") == (3, 4)
+    for bad in ("100", "a-b", "5-5", "7-3", "-1-4", "1-2-3"):
+        with pytest.raises(ValueError, match=re.escape(f"EXPERT_STATISTIC_ITER_RANGE={bad!r}")):
+            parse_iter_range(bad)
+    monkeypatch.delenv("EXPERT_STATISTIC_ITER_RANGE", raising=False)
+    assert StatsRecorder.from_env(8, 2) is None
+    monkeypatch.setenv("EXPERT_STATISTIC_ITER_RANGE", "5-9")
+    monkeypatch.delenv("EXPERT_STATISTIC_PATH", raising=False)
+    rec = StatsRecorder.from_env(8, 2)
+    assert (str(rec.path), rec.iter_start, rec.iter_stop) == ("expert_statistic", 5, 9)
+    monkeypatch.setenv("EXPERT_STATISTIC_PATH", str(tmp_path))
+    assert StatsRecorder.from_env(8, 2).path == tmp_path
+
+
+# -- loading -------------------------------------------------------------------------------
+
+def test_load_stats_reads_trtllm_files(tmp_path, rng):
+    counts = rng.integers(0, 50, (2, 4, 3, 8))
+    write_trtllm_stats(tmp_path, counts, iters=[7, 8, 9, 10], layers=[3, 4, 60])
+    stats = load_stats(tmp_path)
+    assert (stats.ep_size, stats.iters, stats.layers, stats.num_experts, stats.top_k) == (
+        2, [7, 8, 9, 10], [3, 4, 60], 8, 2)
+    assert stats.counts.dtype == np.int64
+    np.testing.assert_array_equal(stats.counts, counts.sum(0))
+    np.testing.assert_array_equal(stats.per_rank, counts)
+    part = load_stats(tmp_path, iter_start=8, iter_stop=10)
+    assert part.iters == [8, 9] and (part.iter_start, part.iter_stop) == (8, 10)
+    np.testing.assert_array_equal(part.load(), counts[:, 1:3].sum((0, 1)))
+
+
+def test_load_stats_errors_name_the_problem(tmp_path, rng):
+    counts = rng.integers(0, 9, (2, 3, 2, 4))
+    with pytest.raises(StatsFileError, match="nowhere"):
+        load_stats(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StatsFileError, match="meta_info.json"):
+        load_stats(tmp_path / "empty")
+    gap = write_trtllm_stats(tmp_path / "gap", counts, iters=[1, 2, 4], layers=[0, 1])
+    with pytest.raises(StatsFileError, match="iteration 3 missing"):
+        load_stats(gap)
+    hole = write_trtllm_stats(tmp_path / "hole", counts, iters=[1, 2, 3], layers=[0, 1])
+    for r in range(2):
+        data = load_file(str(hole / f"rank{r}.safetensors"))
+        del data["2_1"]
+        save_file(data, str(hole / f"rank{r}.safetensors"))
+    with pytest.raises(StatsFileError, match="'2_1'"):
+        load_stats(hole)
+    with pytest.raises(StatsFileError, match=r"iterations \[0, 3\).*\[1, 4\)"):
+        load_stats(hole, iter_start=0, iter_stop=3)
+    with pytest.raises(StatsFileError, match="iter_start=3, iter_stop=3"):
+        load_stats(hole, iter_start=3, iter_stop=3)
+    bad_key = write_trtllm_stats(tmp_path / "key", counts, iters=[1, 2, 3], layers=[0, 1])
+    save_file({"1_0": counts[0, 0, 0], "iter1": counts[0, 0, 0]}, str(bad_key / "rank1.safetensors"))
+    with pytest.raises(StatsFileError, match=r"rank1\.safetensors.*'iter1'"):
+        load_stats(bad_key)
+    shape = write_trtllm_stats(tmp_path / "shape", counts, iters=[1, 2, 3], layers=[0, 1])
+    save_file({"1_0": np.zeros(5, np.int32)}, str(shape / "rank0.safetensors"))
+    with pytest.raises(StatsFileError, match=r"'1_0' has shape \[5\].*num_experts=4"):
+        load_stats(shape)
+    ranks = write_trtllm_stats(tmp_path / "ranks", counts, iters=[1, 2, 3], layers=[0, 1])
+    (ranks / "rank1.safetensors").rename(ranks / "rank2.safetensors")
+    with pytest.raises(StatsFileError, match=r"missing rank1\.safetensors"):
+        load_stats(ranks)
+
+
+# -- generate and report -------------------------------------------------------------------
+
+def _numpy_report(counts, placement, ep):
+    """Per layer [mean, std, rank imb, slot imb], per iteration then averaged (loops)."""
+    def imb(v):
+        return (v.max() - v.mean()) / v.mean()
+    num_iters, num_layers, num_experts = counts.shape
+    out = []
+    for b in range(num_layers):
+        rows = []
+        for a in range(num_iters):
+            c = counts[a, b].astype(np.float64)
+            p = placement[b]
+            slot = c[p] / np.bincount(p, minlength=num_experts)[p]
+            rows.append([c.mean(), c.std(ddof=1), imb(slot.reshape(ep, -1).sum(1)), imb(slot)])
+        out.append(np.mean(rows, axis=0))
+    return np.array(out)
+
+
+def test_generate_write_load_and_report(tmp_path, rng):
+    ep, num_experts, num_slots, layers = 8, 32, 40, [3, 4, 5]
+    counts = zipf_counts(rng, 4, 5, len(layers), num_experts)
+    stats = load_stats(write_trtllm_stats(tmp_path / "stats", counts, iters=range(20, 25), layers=layers))
+    placement = generate_placement(stats, ep_size=ep, num_slots=num_slots)
+    assert sorted(placement) == layers
+    path = write_placement_file(tmp_path / "lb.yaml", placement, num_slots)
+    text = path.read_text()
+    assert "layer_updates_per_iter: 0" in text and re.search(r"^  3: \[\d+, \d+", text, re.M)
+    cfg = load_moe_config({"backend": "WIDEEP", "load_balancer": str(path)}, num_experts=num_experts, ep_size=ep)
+    assert cfg.load_balancer.num_slots == num_slots
+    for layer in layers:
+        ids = np.asarray(cfg.load_balancer.initial_global_assignments[layer])
+        np.testing.assert_array_equal(ids, placement[layer])
+        assert set(ids.tolist()) == set(range(num_experts))
+        assert all(len(set(r)) == len(r) for r in ids.reshape(ep, -1).tolist())
+
+    rep = report(stats, ep_size=ep, placement=path)
+    total = counts.sum(0)
+    default = np.tile(np.arange(num_slots) % num_experts, (len(layers), 1))
+    placed = np.stack([placement[l] for l in layers])
+    want_default = _numpy_report(total, default, ep)
+    want_placed = _numpy_report(total, placed, ep)
+    got = np.array([[r.mean, r.std, r.rank_imbalance, r.slot_imbalance] for r in rep.layers])
+    np.testing.assert_allclose(got, want_default, rtol=1e-9)
+    got_placed = np.array([[r.placed_rank_imbalance, r.placed_slot_imbalance] for r in rep.layers])
+    np.testing.assert_allclose(got_placed, want_placed[:, 2:], rtol=1e-9)
+    assert rep.rank_load.shape == (3, ep) and rep.placed_rank_load.shape == (3, ep)
+    np.testing.assert_allclose(rep.rank_load.sum(1), total.sum((0, 2)))
+    # The balancer works on the summed load: it can only lower that imbalance.
+    summed = lambda m: (m.max(1) - m.mean(1)) / m.mean(1)  # noqa: E731
+    assert np.all(summed(rep.placed_rank_load) <= summed(rep.rank_load) + 1e-9)
+    assert rep.average().placed_rank_imbalance < rep.average().rank_imbalance
+
+    # Without a placement: one slot per expert; a dict placement gives the same projection.
+    plain = report(stats)
+    assert plain.ep_size == 4 and plain.num_slots == num_experts and plain.placed_rank_load is None
+    np.testing.assert_allclose([r.rank_imbalance for r in plain.layers],
+                               _numpy_report(total, np.tile(np.arange(num_experts), (3, 1)), 4)[:, 2])
+    as_dict = report(stats, ep_size=ep, placement=placement)
+    assert [r.placed_rank_imbalance for r in as_dict.layers] == [r.placed_rank_imbalance for r in rep.layers]
+    table = format_report(rep)
+    assert table.splitlines()[0].split()[:3] == ["layer", "mean", "std"] and "avg" in table
+
+
+def test_generate_and_report_errors(tmp_path, rng):
+    stats = load_stats(write_trtllm_stats(tmp_path, zipf_counts(rng, 2, 2, 1, 16), iters=[0, 1], layers=[0]))
+    with pytest.raises(ValueError, match="num_slots=20: allowed: a multiple of ep_size = 8"):
+        generate_placement(stats, ep_size=8, num_slots=20)
+    with pytest.raises(ValueError, match="num_slots=8"):
+        generate_placement(stats, ep_size=4, num_slots=8)
+    with pytest.raises(ValueError, match="ep_size=3"):
+        report(stats, ep_size=3)
+    bad = {0: np.zeros(16, np.int32)}  # expert 0 everywhere: the others are not covered
+    with pytest.raises(ValueError, match="initial_global_assignments"):
+        report(stats, placement=bad)
+
+
+def test_heatmap_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = save_heatmap(tmp_path / "sub" / "h.png", np.arange(12.0).reshape(3, 4), "t", row_labels=[3, 4, 5])
+    data = path.read_bytes()
+    assert len(data) > 1000 and data.startswith(b"\x89PNG")
+
+
+def test_heatmap_without_matplotlib(tmp_path, monkeypatch):
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        save_heatmap(tmp_path / "h.png", np.ones((2, 2)), "t")
+
+
+# -- command line --------------------------------------------------------------------------
+
+def test_cli_generate_and_report(tmp_path, rng, capsys):
+    stats_dir = write_trtllm_stats(tmp_path / "stats", zipf_counts(rng, 4, 3, 2, 32), iters=[5, 6, 7], layers=[1, 2])
+    out = tmp_path / "lb.yaml"
+    assert main(["eplb", "generate", "--stats", str(stats_dir), "--ep-size", "8", "--num-slots", "48",
+                 "--iter-start", "6", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "2 layers, 32 experts in 48 slots over 8 ranks" in text and str(out) in text
+    default, placed = map(float, re.search(r"default ([\d.]+) -> placed ([\d.]+)", text).groups())
+    assert placed < default
+    assert load_moe_config({"load_balancer": str(out)}, num_experts=32, ep_size=8).load_balancer.num_slots == 48
+
+    heat = tmp_path / "heat.png"
+    assert main(["eplb", "report", "--stats", str(stats_dir), "--ep-size", "8", "--placement", str(out)]
+                + (["--heatmap", str(heat)] if HAVE_MPL else ["--no-heatmap"])) == 0
+    text = capsys.readouterr().out
+    assert "rank imb (placed)" in text and re.search(r"^\s+2\s+\d", text, re.M) and "avg" in text
+    assert main(["eplb", "report", "--stats", str(stats_dir)]) == 0  # default heatmap path
+    captured = capsys.readouterr()
+    assert "EP 4" in captured.out
+    if HAVE_MPL:
+        assert heat.stat().st_size > 0 and (tmp_path / "heat_placed.png").stat().st_size > 0
+        assert (stats_dir / "eplb_report.png").stat().st_size > 0
+    else:  # the default heatmap is optional: a note, exit code 0
+        assert "pip install matplotlib" in captured.err
+
+
+def test_cli_eplb_errors(tmp_path, rng, capsys):
+    assert main(["eplb", "report", "--stats", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
+    counts = zipf_counts(rng, 2, 3, 1, 16)
+    gap = write_trtllm_stats(tmp_path / "gap", counts, iters=[1, 2, 5], layers=[0])
+    assert main(["eplb", "generate", "--stats", str(gap), "-o", str(tmp_path / "x.yaml")]) == 2
+    assert "iteration 3 missing" in capsys.readouterr().err
+    ok = write_trtllm_stats(tmp_path / "ok", counts, iters=[1, 2, 3], layers=[0])
+    assert main(["eplb", "generate", "--stats", str(ok), "--ep-size", "8", "--num-slots", "20"]) == 2
+    assert "num_slots=20" in capsys.readouterr().err
+    assert main(SMALL + ["--stats-dir", str(tmp_path / "b"), "--stats-iters", "9-2"]) == 2
+    assert "--stats-iters='9-2'" in capsys.readouterr().err
+
+
+def test_bench_moe_records_statistics(tmp_path, capsys):
+    stats_dir = tmp_path / "bench_stats"
+    assert main(SMALL + ["--ep", "4", "--skew", "zipf:1.5", "--layer-idx", "3", "--stats-dir", str(stats_dir),
+                         "--stats-iters", "2-5"]) == 0
+    assert "expert statistics: layer 3, iterations 2..4" in capsys.readouterr().out
+    stats = load_stats(stats_dir)
+    assert (stats.ep_size, stats.iters, stats.layers, stats.top_k) == (4, [2, 3, 4], [3], 4)
+    # 16 tokens per rank x top-4, every (token, k) pair counted once on its source rank.
+    assert stats.per_rank.sum(-1).tolist() == [[[64]] * 3] * 4
+    assert main(["eplb", "generate", "--stats", str(stats_dir), "--num-slots", "24",
+                 "-o", str(tmp_path / "lb.yaml")]) == 0
+    assert "1 layers, 16 experts in 24 slots over 4 ranks" in capsys.readouterr().out

@@ -1,0 +1,204 @@
+"""Online EPLB: statistics, scheduling, re-sharding and the full loop with MoE layers.
+
+Re-sharding copies bits, so weights are compared exactly; layer outputs are
+compared with the dense reference and with a layer that never rebalances.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from moe_helpers import (assert_close, count_compiles, make_layer, make_mesh, make_spec, random_tokens,
+                         run_layer)
+from wideep_jax import moe_forward
+from wideep_jax.eplb.balancer import OnlineBalancer
+from wideep_jax.eplb.online import eplb_update
+from wideep_jax.eplb.online import _reshard
+from wideep_jax.eplb.resharding import host_memory_kind, make_master_copy
+from wideep_jax.eplb.state import EplbConfig, init_state
+from wideep_jax.routing import Routing
+
+EP = min(4, jax.device_count())  # 4 on the CPU emulation; what there is on a GPU machine
+
+
+def covering_placement(rng, num_slots, num_experts, ep):
+    """Every expert once, extras random, no rank holding one expert twice."""
+    per_rank = num_slots // ep
+    while True:
+        p = np.concatenate([rng.permutation(num_experts), rng.integers(0, num_experts, num_slots - num_experts)])
+        p = rng.permutation(p)
+        if all(len(set(r)) == per_rank for r in p.reshape(ep, per_rank)):
+            return p.astype(np.int32)
+
+
+def expert_weights(rng, num_experts, shapes=((6, 10), (5, 6))):
+    return tuple(jnp.asarray(rng.standard_normal((num_experts, *s)), jnp.float32) for s in shapes)
+
+
+def slot_weights_of(master, placement, mesh):
+    sharding = NamedSharding(mesh, P("ep"))
+    return tuple(jax.device_put(np.asarray(m)[placement], sharding) for m in master)
+
+
+MODES = ["host", "host_replicated", "collective"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", ["random", "all_change", "none_change"])
+def test_reshard_moves_exactly_the_changed_slots(rng, mode, case):
+    num_layers, num_experts, num_slots = 3, 10, 12  # 10 experts: the sharded master is padded
+    mesh = make_mesh(EP)
+    masters = [expert_weights(rng, num_experts) for _ in range(num_layers)]
+    old = np.stack([covering_placement(rng, num_slots, num_experts, EP) for _ in range(num_layers)])
+    if case == "none_change":
+        new = old.copy()
+    elif case == "all_change":  # rotate experts so every slot changes
+        new = (old + 1) % num_experts
+    else:
+        new = np.stack([covering_placement(rng, num_slots, num_experts, EP) for _ in range(num_layers)])
+    weights = [slot_weights_of(m, o, mesh) for m, o in zip(masters, old)]
+    config = EplbConfig(num_layers=num_layers, num_experts=num_experts, num_slots=num_slots, ep_size=EP,
+                        reshard="collective" if mode == "collective" else "host")
+    replicated = mode == "host_replicated"
+    master_host = None
+    if mode != "collective":
+        master_host = [make_master_copy(w, jnp.asarray(o), num_experts, mesh, replicated=replicated)
+                       for w, o in zip(weights, old)]
+        for mh, m in zip(master_host, masters):  # the master copy is the experts, bit for bit
+            for a, b in zip(mh, m):
+                np.testing.assert_array_equal(np.asarray(a)[:num_experts], np.asarray(b))
+                assert a.sharding.memory_kind == host_memory_kind(mesh)
+    out = jax.jit(lambda w, o, n, m: _reshard(w, o, n, m, config=config, mesh=mesh, axis="ep",
+                                              master_replicated=replicated))(
+        weights, jnp.asarray(old), jnp.asarray(new), master_host)
+    for layer in range(num_layers):
+        for got, m in zip(out[layer], masters[layer]):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(m)[new[layer]])
+
+
+def test_statistics_decay_warmup_and_schedule(rng):
+    num_layers, num_experts, num_slots = 5, 8, 12
+    mesh = make_mesh(EP)
+    config = EplbConfig(num_layers=num_layers, num_experts=num_experts, num_slots=num_slots, ep_size=EP,
+                        layer_updates_per_iter=2, decay=0.5, warmup_iters=2, reshard="collective")
+    assert config.num_groups == 3
+    masters = [expert_weights(rng, num_experts) for _ in range(num_layers)]
+    placement = np.stack([np.arange(num_slots) % num_experts] * num_layers).astype(np.int32)
+    weights = [slot_weights_of(m, p, mesh) for m, p in zip(masters, placement)]
+    state = init_state(placement, num_experts)
+    load = np.zeros((num_layers, num_experts))
+    for it in range(12):
+        counts = rng.integers(0, 50, (num_layers, num_experts)).astype(np.int32)
+        counts[:, 0] += 400  # a hot expert, so every scheduled layer gets a new placement
+        before = np.asarray(state.placement)
+        state, weights = eplb_update(state, weights, jnp.asarray(counts), config=config, mesh=mesh)
+        after = np.asarray(state.placement)
+        changed = (after != before).any(axis=1)
+        if it < config.warmup_iters:
+            assert not changed.any()
+            np.testing.assert_array_equal(np.asarray(state.load), 0)
+            continue
+        load = 0.5 * load + counts
+        group = (it - config.warmup_iters) % config.num_groups
+        scheduled = np.arange(num_layers) % config.num_groups == group
+        assert not changed[~scheduled].any(), f"iteration {it}: unscheduled layers moved"
+        np.testing.assert_array_equal(np.asarray(state.moved_slots), (after != before).sum(axis=1))
+        load[changed] = 0.0  # reset after a placement change
+        np.testing.assert_allclose(np.asarray(state.load), load, rtol=1e-6)
+        assert int(state.iteration) == it + 1
+        for layer in range(num_layers):
+            # every expert keeps a slot, and the hot one got replicas
+            assert set(after[layer]) == set(range(num_experts))
+            for got, m in zip(weights[layer], masters[layer]):
+                np.testing.assert_array_equal(np.asarray(got), np.asarray(m)[after[layer]])
+    assert (np.asarray(state.placement) == 0).sum(axis=1).min() > 1
+
+
+def drifting_routing(rng, it, num_tokens, num_experts, top_k, *, period=25):
+    """Zipf-skewed top-k whose hot experts drift every ``period`` iterations."""
+    shift = (it // period) * 5
+    rank = (np.arange(num_experts) - shift) % num_experts
+    p = 1.0 / (rank + 1.0) ** 1.3
+    p /= p.sum()
+    ids = np.stack([rng.choice(num_experts, top_k, replace=False, p=p) for _ in range(num_tokens)])
+    weights = rng.uniform(0.1, 1.0, (num_tokens, top_k)).astype(np.float32)
+    return Routing(jnp.asarray(ids, jnp.int32), jnp.asarray(weights))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_online_loop_100_updates(rng, mode):
+    """100 online updates under drifting skew: exact weights, same outputs, nothing lost, one compile."""
+    spec = make_spec(kind="softmax", experts=16, top_k=4, hidden=16, inter=8)
+    num_layers, num_slots, tokens = 2, 24, 64
+    reshard = "collective" if mode == "collective" else "host"
+    lb = {"num_slots": num_slots, "layer_updates_per_iter": 1, "reshard": reshard, "decay": 0.9}
+    layers = [make_layer(spec, ep=EP, seed=10 + i, load_balancer=lb) for i in range(num_layers)]
+    plain = [make_layer(spec, ep=EP, seed=10 + i) for i in range(num_layers)]  # no balancer, 16 slots
+    balancer = OnlineBalancer(layers, replicate_master=mode == "host_replicated")
+    assert balancer.config.num_groups == 2
+    masters = [tuple(np.asarray(a) for a in (p.w_gate_up[...], p.w_down[...])) for p in plain]
+    forward = jax.jit(lambda w, x, r: moe_forward(x, w, spec=spec, config=layers[0].config,
+                                                  mesh=layers[0].mesh, routing=r))
+    imbalance_first, imbalance_last, moved = [], [], 0
+    compiles = count_compiles()
+    for it in range(100):
+        if it == 2:  # forward and step are compiled by now; nothing may compile after
+            compiles_after_warmup = compiles.__enter__()
+        x = random_tokens(rng, tokens, spec.hidden_size)
+        stats = []
+        for layer_idx, (layer, ref) in enumerate(zip(layers, plain)):
+            routing = drifting_routing(rng, it, tokens, spec.num_experts, spec.top_k)
+            y, s = forward(layer.weights(), x, routing)
+            if it % 10 == 0 or it == 99:
+                y_plain, _ = run_layer(ref, x, routing=routing)
+                assert_close(y, y_plain, rtol=1e-5)
+            assert int(s.slot_counts.sum()) == tokens * spec.top_k  # no pair lost
+            per_rank = np.asarray(s.slot_counts).reshape(EP, -1).sum(axis=1)
+            (imbalance_first if it < 5 else imbalance_last if it >= 80 else []).append(
+                per_rank.max() / per_rank.mean() - 1)
+            stats.append(s)
+        state = balancer.step(stats)
+        moved += int(np.asarray(state.moved_slots).sum())
+    compiles.__exit__(None, None, None)
+    assert forward._cache_size() == 1
+    assert compiles_after_warmup[0] == 0, f"{compiles_after_warmup[0]} compilations after warm-up"
+    assert moved > 0
+    for layer, m in zip(layers, masters):
+        placement = np.asarray(layer.slot_to_expert[...])
+        assert set(placement) == set(range(spec.num_experts))
+        for got, want in zip((layer.w_gate_up[...], layer.w_down[...]), m):
+            np.testing.assert_array_equal(np.asarray(got), want[placement])
+    assert np.mean(imbalance_last) < np.mean(imbalance_first), (imbalance_first, imbalance_last)
+
+
+def test_eplb_update_errors(rng):
+    mesh = make_mesh(EP)
+    config = EplbConfig(num_layers=1, num_experts=8, num_slots=12, ep_size=EP)
+    state = init_state(np.arange(12)[None] % 8, 8)
+    weights = [slot_weights_of(expert_weights(rng, 8), np.arange(12) % 8, mesh)]
+    with pytest.raises(ValueError, match=r"counts has shape \(1, 7\)"):
+        eplb_update(state, weights, jnp.zeros((1, 7), jnp.int32), config=config, mesh=mesh, master=None)
+    with pytest.raises(ValueError, match="reshard='host' needs master"):
+        eplb_update(state, weights, jnp.zeros((1, 8), jnp.int32), config=config, mesh=mesh)
+    with pytest.raises(ValueError, match="EplbConfig.num_slots: got 10"):
+        EplbConfig(num_layers=1, num_experts=8, num_slots=10, ep_size=EP)
+    with pytest.raises(ValueError, match="EplbConfig.decay: got 0"):
+        EplbConfig(num_layers=1, num_experts=8, num_slots=12, ep_size=EP, decay=0)
+
+
+def test_balancer_needs_online_config():
+    spec = make_spec(experts=16)
+    layer = make_layer(spec, ep=EP, load_balancer={"num_slots": 24})
+    with pytest.raises(ValueError, match="layer_updates_per_iter: got 0"):
+        OnlineBalancer([layer])
+    with pytest.raises(ValueError, match="backend: got 'CUTLASS'"):
+        OnlineBalancer([make_layer(spec, backend="CUTLASS", ep=1)])
+
+
+def test_compile_counter_sees_a_compile():
+    with count_compiles() as n:
+        jax.jit(lambda a: a * 3 + 1)(jnp.arange(7.0)).block_until_ready()
+    assert n[0] >= 1

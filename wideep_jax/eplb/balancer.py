@@ -1,0 +1,88 @@
+"""Online EPLB for a model's :class:`~wideep_jax.MoELayer` s.
+
+``balancer = OnlineBalancer(layers)`` once; after each forward,
+``balancer.step(stats)`` with the layers' :class:`~wideep_jax.MoEStats`. The step is
+the jitted :func:`~wideep_jax.eplb.eplb_update`; its results are written back into
+the layers (slot weights and placement), so the next forward uses them.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from wideep_jax.eplb.online import check_update, compiled_step
+from wideep_jax.eplb.resharding import make_master_copy
+from wideep_jax.eplb.state import EplbConfig, EplbState, init_state
+from wideep_jax.layer import MoELayer
+from wideep_jax.moe import MoEStats
+
+
+class OnlineBalancer:
+    """Re-places ``layer_updates_per_iter`` of ``layers`` per step, moving only changed slots.
+
+    Args:
+      layers: the model's MoE layers, all ``WIDEEP`` on one mesh with the same dims.
+      config: balancer settings; default: from the first layer's ``moe_config``
+        (its ``load_balancer`` must be online).
+      replicate_master: ``reshard: host`` only: a full host copy per device instead
+        of one copy sharded over the EP group (see :func:`make_master_copy`).
+
+    Attributes:
+      state: the current :class:`EplbState` (device arrays).
+      master: per layer, the experts' weights in host memory (``reshard: host``), else None.
+    """
+
+    def __init__(self, layers: Sequence[MoELayer], config: EplbConfig | None = None, *,
+                 replicate_master: bool = False):
+        if not layers:
+            raise ValueError("layers: got an empty sequence; allowed: one or more MoELayer")
+        first = layers[0]
+        if first.config.backend != "WIDEEP":
+            raise ValueError(f"moe_config.backend: got {first.config.backend!r}; allowed: 'WIDEEP' "
+                             "(the online balancer moves slots between EP ranks)")
+        for i, layer in enumerate(layers):
+            if (layer.mesh, layer.num_slots, layer.spec.num_experts) != (first.mesh, first.num_slots,
+                                                                         first.spec.num_experts):
+                raise ValueError(f"layers[{i}] differs from layers[0] in mesh, num_slots or num_experts; "
+                                 "allowed: one balancer per group of identical layers")
+        self.layers = list(layers)
+        self.mesh, self.axis = first.mesh, first.config.ep_axis
+        num_experts = first.spec.num_experts
+        if config is None:
+            config = EplbConfig.from_moe_config(first.config, num_layers=len(layers),
+                                                num_experts=num_experts, ep_size=first.ep_size)
+        if (config.num_layers, config.num_slots, config.num_experts) != (len(layers), first.num_slots, num_experts):
+            raise ValueError(f"config: num_layers/num_slots/num_experts = {config.num_layers}/"
+                             f"{config.num_slots}/{config.num_experts}; allowed: {len(layers)}/"
+                             f"{first.num_slots}/{num_experts} (the layers')")
+        self.config = config
+        placement = jnp.stack([layer.slot_to_expert[...] for layer in layers])
+        state = init_state(placement, num_experts)
+        self.state = jax.device_put(state, NamedSharding(self.mesh, P()))
+        self.master = None
+        if config.reshard == "host":
+            self.master = [make_master_copy(self._slot_weights(layer), layer.slot_to_expert[...],
+                                            num_experts, self.mesh, axis=self.axis,
+                                            replicated=replicate_master) for layer in layers]
+
+    @staticmethod
+    def _slot_weights(layer: MoELayer):
+        return (layer.w_gate_up[...], layer.w_down[...])
+
+    def step(self, stats: Sequence[MoEStats] | jax.Array) -> EplbState:
+        """Feeds one iteration's statistics (a ``MoEStats`` per layer, or int [L, E]
+        counts) and applies the re-placement to the layers. No host sync."""
+        counts = stats if isinstance(stats, jax.Array) else jnp.stack([s.expert_counts for s in stats])
+        weights = [self._slot_weights(layer) for layer in self.layers]
+        check_update(self.state, weights, counts, self.master, self.config)
+        step = compiled_step(self.config, self.mesh, self.axis, weights, self.master)
+        self.state, weights, placements = step(self.state, weights, counts, self.master)
+        for layer, (gate_up, down), placement in zip(self.layers, weights, placements):
+            # set_value, not ``v[...] = x``: the old buffers were donated to the step.
+            layer.w_gate_up.set_value(gate_up)
+            layer.w_down.set_value(down)
+            layer.slot_to_expert.set_value(placement)
+        return self.state

@@ -1,0 +1,265 @@
+"""Offline EPLB (TensorRT-LLM's workflow): statistics -> placement file -> report.
+
+1. Collect: a run records per-rank expert counts with
+   :class:`~wideep_jax.eplb.stats_files.StatsRecorder` (or TensorRT-LLM with
+   ``EXPERT_STATISTIC_ITER_RANGE``).
+2. Generate: :func:`generate_placement` balances the load summed over the iterations
+   (:func:`~wideep_jax.eplb.algorithm.compute_placement`, all layers in one call) and
+   :func:`write_placement_file` writes TensorRT-LLM's ``moe_load_balancer.yaml``.
+3. Report: :func:`report` gives per-layer load statistics under the default
+   placement and, projected, under a placement file (as TensorRT-LLM's
+   ``report_load_statistics.py``); :func:`save_heatmap` draws per-rank loads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from wideep_jax.eplb.stats_files import LoadedStats
+
+__all__ = [
+    "LayerLoad",
+    "LoadReport",
+    "format_report",
+    "generate_placement",
+    "normalised",
+    "report",
+    "save_heatmap",
+    "write_placement_file",
+]
+
+Placement = Mapping[int, "np.ndarray | list[int]"]
+
+
+def _positive_int(name: str, value) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r}: allowed: an int >= 1")
+    return int(value)
+
+
+def generate_placement(stats: LoadedStats, *, ep_size: int, num_slots: int,
+                       num_nodes: int = 1) -> dict[int, np.ndarray]:
+    """``{layer: int32 [num_slots] slot_to_expert}`` balancing the load summed over ``stats.iters``."""
+    from wideep_jax.eplb.algorithm import compute_placement
+
+    ep_size = _positive_int("ep_size", ep_size)
+    num_slots = _positive_int("num_slots", num_slots)
+    num_nodes = _positive_int("num_nodes", num_nodes)
+    # Checked here too so the CLI names its own flags' values before any jax work.
+    if num_slots < stats.num_experts:
+        raise ValueError(f"num_slots={num_slots}: allowed: >= num_experts = {stats.num_experts}")
+    if num_slots % ep_size:
+        raise ValueError(f"num_slots={num_slots}: allowed: a multiple of ep_size = {ep_size}")
+    load = stats.load().astype(np.float32)  # [L, E]
+    slots = np.asarray(compute_placement(load, num_slots, ep_size, num_nodes=num_nodes), np.int32)
+    return {layer: slots[i] for i, layer in enumerate(stats.layers)}
+
+
+def write_placement_file(path: str | os.PathLike, placements: Placement, num_slots: int, *,
+                         comment: str | None = None) -> Path:
+    """Writes TensorRT-LLM's placement YAML (``num_slots``, ``layer_updates_per_iter: 0``,
+    ``initial_global_assignments`` with one inline list per layer); returns the path."""
+    num_slots = _positive_int("num_slots", num_slots)
+    rows = {}
+    for layer, ids in sorted(placements.items()):
+        ids = np.asarray(ids)
+        if ids.shape != (num_slots,) or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"placement of layer {layer}: shape {list(ids.shape)}, dtype {ids.dtype}; "
+                             f"allowed: {num_slots} (num_slots) integer expert ids")
+        rows[int(layer)] = [int(e) for e in ids]
+    lines = [f"# {line}" for line in (comment or "").splitlines()]
+    lines += [f"num_slots: {num_slots}", "layer_updates_per_iter: 0", "initial_global_assignments:"]
+    # Inline (flow-style) lists, one line per layer, as TensorRT-LLM's generate_eplb_config.py.
+    lines += [f"  {layer}: [{', '.join(map(str, ids))}]" for layer, ids in rows.items()]
+    text = "\n".join(lines) + "\n"
+    parsed = yaml.safe_load(text)
+    assert parsed["initial_global_assignments"] == (rows or None) and parsed["num_slots"] == num_slots
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@dataclasses.dataclass
+class LayerLoad:
+    """Load statistics of one MoE layer; each value is computed per iteration, then averaged
+    over the iterations (TensorRT-LLM's convention)."""
+
+    layer: int
+    mean: float
+    """Mean per-expert load (routed pairs)."""
+    std: float
+    """Standard deviation of the per-expert load (ddof=1, as torch.std)."""
+    rank_imbalance: float
+    """(max - mean) / mean of the per-rank load under the default placement."""
+    slot_imbalance: float
+    """(max - mean) / mean of the per-slot load under the default placement."""
+    placed_rank_imbalance: float | None = None
+    """Projected (max - mean) / mean of the per-rank load under the given placement."""
+    placed_slot_imbalance: float | None = None
+    """Projected (max - mean) / mean of the per-slot load under the given placement."""
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """Per-layer load statistics and per-rank loads (for :func:`save_heatmap`)."""
+
+    layers: list[LayerLoad]
+    ep_size: int
+    num_slots: int
+    """Slots of the default placement (slot ``s`` -> expert ``s % E``)."""
+    rank_load: np.ndarray
+    """float64 [num_layers, ep_size], default placement, summed over the iterations."""
+    placed_rank_load: np.ndarray | None = None
+    """float64 [num_layers, ep_size] under the given placement, or None."""
+    placement_num_slots: int | None = None
+
+    def average(self) -> LayerLoad:
+        """Mean of every column over the layers (``layer = -1``)."""
+        def avg(name):
+            values = [getattr(row, name) for row in self.layers]
+            return None if values[0] is None else float(np.mean(values))
+        return LayerLoad(-1, *(avg(f.name) for f in dataclasses.fields(LayerLoad)[1:]))
+
+
+def _slot_loads(counts: np.ndarray, slot_to_expert: np.ndarray) -> np.ndarray:
+    """[I, L, S]: each slot carries ``counts[e] / replicas[e]`` of its expert."""
+    num_experts = counts.shape[-1]
+    replicas = np.stack([np.bincount(row, minlength=num_experts) for row in slot_to_expert])
+    per_replica = counts / np.maximum(replicas, 1)[None]
+    index = np.broadcast_to(slot_to_expert, counts.shape[:2] + slot_to_expert.shape[-1:])
+    return np.take_along_axis(per_replica, index, -1)
+
+
+def _imbalance(loads: np.ndarray) -> np.ndarray:
+    """(max - mean) / mean over the last axis, averaged over iterations (axis 0) that had load."""
+    mean = loads.mean(-1)
+    ratio = np.where(mean > 0, (loads.max(-1) - mean) / np.where(mean > 0, mean, 1), np.nan)
+    has_load = ~np.isnan(ratio)
+    return np.where(has_load.any(0), np.nansum(ratio, 0) / np.maximum(has_load.sum(0), 1), 0.0)
+
+
+def _resolve_placement(placement, stats: LoadedStats, ep_size: int) -> tuple[int, dict[int, np.ndarray]]:
+    """``(num_slots, {layer: slot_to_expert})`` from a placement file or mapping, validated
+    by the config loader (coverage, lengths, num_slots a multiple of ep_size)."""
+    from wideep_jax.config import load_moe_config
+
+    if isinstance(placement, (str, os.PathLike)):
+        source = str(Path(placement).expanduser().resolve())
+    elif isinstance(placement, Mapping):
+        rows = {int(k): np.asarray(v).tolist() for k, v in placement.items()}
+        lengths = {len(v) for v in rows.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"placement: layers have {sorted(lengths)} slots; allowed: one slot count")
+        source = {"num_slots": lengths.pop(), "initial_global_assignments": rows}
+    else:
+        raise ValueError(f"placement={placement!r}: allowed: a placement file path or {{layer: slot_to_expert}}")
+    lb = load_moe_config({"load_balancer": source}, num_experts=stats.num_experts,
+                         ep_size=ep_size).load_balancer
+    num_slots = lb.num_slots or stats.num_experts
+    default = np.arange(num_slots) % stats.num_experts
+    given = lb.initial_global_assignments or {}
+    # Layers the file leaves out run with the default placement, as in the runtime.
+    return num_slots, {l: np.asarray(given.get(l, default), np.int64) for l in stats.layers}
+
+
+def report(stats: LoadedStats, *, ep_size: int | None = None, placement=None) -> LoadReport:
+    """Per-layer load statistics under the default placement and, if ``placement`` (a
+    placement file or ``{layer: slot_to_expert}``) is given, projected under it."""
+    ep_size = stats.ep_size if ep_size is None else _positive_int("ep_size", ep_size)
+    num_experts = stats.num_experts
+    placed = None
+    num_slots = num_experts
+    if placement is not None:
+        num_slots, placed = _resolve_placement(placement, stats, ep_size)
+    if num_slots % ep_size:
+        raise ValueError(f"ep_size={ep_size}: allowed: a divisor of num_slots = {num_slots} "
+                         "(the default placement has one slot per expert)")
+    counts = stats.counts.astype(np.float64)  # [I, L, E]
+    num_layers = len(stats.layers)
+
+    def loads(s2e: np.ndarray):
+        slot = _slot_loads(counts, s2e)
+        rank = slot.reshape(*slot.shape[:2], ep_size, -1).sum(-1)
+        return slot, rank
+
+    default = np.broadcast_to(np.arange(num_slots) % num_experts, (num_layers, num_slots))
+    slot, rank = loads(default)
+    mean = counts.mean(-1).mean(0)
+    std = (counts.std(-1, ddof=1) if num_experts > 1 else np.zeros_like(counts[..., 0])).mean(0)
+    rank_imb, slot_imb = _imbalance(rank), _imbalance(slot)
+    placed_rank = placed_slot = placed_rank_load = None
+    if placed is not None:
+        p_slot, p_rank = loads(np.stack([placed[l] for l in stats.layers]))
+        placed_rank, placed_slot = _imbalance(p_rank), _imbalance(p_slot)
+        placed_rank_load = p_rank.sum(0)
+    rows = [LayerLoad(layer, float(mean[i]), float(std[i]), float(rank_imb[i]), float(slot_imb[i]),
+                      None if placed is None else float(placed_rank[i]),
+                      None if placed is None else float(placed_slot[i]))
+            for i, layer in enumerate(stats.layers)]
+    return LoadReport(rows, ep_size, num_slots, rank.sum(0), placed_rank_load,
+                      None if placed is None else num_slots)
+
+
+def format_report(rep: LoadReport) -> str:
+    """A text table: one row per layer and an ``avg`` row."""
+    placed = rep.placed_rank_load is not None
+    head = ["layer", "mean", "std", "rank imb", "slot imb"]
+    if placed:
+        head += ["rank imb (placed)", "slot imb (placed)"]
+
+    def cells(row: LayerLoad) -> list[str]:
+        out = ["avg" if row.layer < 0 else str(row.layer), f"{row.mean:.1f}", f"{row.std:.1f}",
+               f"{row.rank_imbalance:.3f}", f"{row.slot_imbalance:.3f}"]
+        if placed:
+            out += [f"{row.placed_rank_imbalance:.3f}", f"{row.placed_slot_imbalance:.3f}"]
+        return out
+
+    table = [head] + [cells(r) for r in rep.layers] + [cells(rep.average())]
+    widths = [max(len(r[c]) for r in table) for c in range(len(head))]
+    fmt = lambda r: "  ".join(v.rjust(w) for v, w in zip(r, widths))  # noqa: E731
+    lines = [fmt(table[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in table[1:]]
+    return "\n".join(lines)
+
+
+def save_heatmap(png_path: str | os.PathLike, matrix, title: str, *, row_labels=None,
+                 xlabel: str = "EP rank", ylabel: str = "MoE layer",
+                 colorbar_label: str = "load / layer mean") -> Path:
+    """Draws ``matrix [layers, ranks]`` as a heatmap PNG (matplotlib, Agg); returns the path."""
+    try:  # lazily: the package and the other commands work without matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError("save_heatmap needs matplotlib: pip install matplotlib") from None
+    matrix = np.asarray(matrix, np.float64)
+    if matrix.ndim != 2 or 0 in matrix.shape:
+        raise ValueError(f"matrix has shape {list(matrix.shape)}; allowed: [layers, ranks], non-empty")
+    rows, cols = matrix.shape
+    # Figure/FigureCanvasAgg directly: no pyplot global state, no backend switch.
+    fig = Figure(figsize=(min(3.0 + 0.3 * cols, 24.0), min(2.0 + 0.22 * rows, 24.0)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, aspect="auto", cmap="magma", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label=colorbar_label)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if row_labels is not None:
+        step = max(1, rows // 32)  # keep the labels readable for deep models
+        ax.set_yticks(range(0, rows, step), [str(v) for v in list(row_labels)[::step]])
+    fig.tight_layout()
+    path = Path(png_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def normalised(rank_load: np.ndarray) -> np.ndarray:
+    """Per-rank load divided by its layer's mean (1 = balanced)."""
+    mean = rank_load.mean(-1, keepdims=True)
+    return rank_load / np.where(mean > 0, mean, 1)

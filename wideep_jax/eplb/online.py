@@ -1,0 +1,175 @@
+"""Online EPLB: one jit-compiled functional step per iteration.
+
+``state, weights = eplb_update(state, weights, counts, config=..., mesh=...)``:
+
+1. statistics: ``load = decay * load + counts`` (skipped during warm-up);
+2. schedule: the layers of group ``iteration % num_groups`` (layer ``l`` is in
+   group ``l % num_groups``, ``num_groups = ceil(L / layer_updates_per_iter)``,
+   TRT-LLM's interleaving) get a new placement from their load, migration-aware
+   so that slots whose expert need not move stay put; a layer keeps its current
+   placement unless the new one lowers its busiest rank's load by more than
+   ``tolerance`` (relative), so noise in the counts does not churn weights;
+3. re-sharding: only slots whose expert changed are written (see
+   :mod:`wideep_jax.eplb.resharding`); a layer whose placement changed has its
+   load reset to zero.
+
+Everything is data: changing loads or placements never recompiles, and the step
+makes no host sync, so it is dispatched asynchronously behind inference.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from wideep_jax.eplb.algorithm import compute_placement, rank_loads
+from wideep_jax.eplb.resharding import (host_memory_kind, master_is_replicated, reshard_collective,
+                                       reshard_from_host, reshard_from_sharded_host)
+from wideep_jax.eplb.state import EplbConfig, EplbState, accumulate, group_layers
+from wideep_jax.moe import _constrain
+
+Pytree = Any
+
+
+def check_update(state: EplbState, weights: Sequence[Pytree], counts: jax.Array, master, config: EplbConfig):
+    want = (config.num_layers, config.num_experts)
+    if tuple(counts.shape) != want:
+        raise ValueError(f"counts has shape {tuple(counts.shape)}; allowed: [num_layers, num_experts] = {list(want)}")
+    if tuple(state.placement.shape) != (config.num_layers, config.num_slots):
+        raise ValueError(f"state.placement has shape {tuple(state.placement.shape)}; allowed: "
+                         f"[{config.num_layers}, {config.num_slots}]")
+    if len(weights) != config.num_layers:
+        raise ValueError(f"weights has {len(weights)} layers; allowed: num_layers = {config.num_layers}")
+    for leaf in jax.tree.leaves(weights):
+        if leaf.shape[0] != config.num_slots:
+            raise ValueError(f"a slot-weight leaf has shape {leaf.shape}; allowed: leading dim num_slots = "
+                             f"{config.num_slots}")
+    if config.reshard == "host":
+        if master is None or len(master) != config.num_layers:
+            raise ValueError("reshard='host' needs master: one [num_experts, ...] pytree per layer "
+                             "(see make_master_copy)")
+        padded = -(-config.num_experts // config.ep_size) * config.ep_size
+        for leaf in jax.tree.leaves(master):
+            want = config.num_experts if leaf.sharding.is_fully_replicated else padded
+            if leaf.shape[0] != want:
+                raise ValueError(f"a master leaf has shape {leaf.shape}; allowed: leading dim {want} "
+                                 "(num_experts replicated, or padded to a multiple of ep_size when sharded)")
+    elif master is not None:
+        raise ValueError("reshard='collective' moves weights between devices; got a master copy, allowed: None")
+
+
+def new_placements(state: EplbState, counts: jax.Array, config: EplbConfig) -> tuple[jax.Array, jax.Array]:
+    """Statistics and scheduling: returns ``(load [L, E], placement [L, S])`` after this step."""
+    active = state.iteration >= config.warmup_iters
+    load = accumulate(state.load, counts, decay=config.decay, active=active)
+    layers, valid = group_layers(state.iteration - config.warmup_iters, config)
+    current = state.placement[layers]
+    proposal = compute_placement(load[layers], config.num_slots, config.ep_size,
+                                 num_nodes=config.num_nodes, current=current,
+                                 tolerance=config.tolerance)
+    # Hysteresis: the current placement moves nothing, so it stays unless the
+    # proposal lowers the busiest rank's load by more than the tolerance.
+    busiest = lambda p: rank_loads(load[layers], p, config.ep_size).max(axis=1)
+    better = busiest(current) > busiest(proposal) * (1.0 + config.tolerance)
+    # A layer with no statistics yet keeps its placement.
+    take = valid & active & better & (load[layers].sum(axis=1) > 0)
+    rows = jnp.where(take, layers, config.num_layers)  # out of range = not written
+    placement = state.placement.at[rows].set(proposal.astype(jnp.int32), mode="drop")
+    return load, placement
+
+
+def _reshard(weights, old, new, master, *, config: EplbConfig, mesh: Mesh, axis: str,
+             master_replicated: bool = False):
+    """Moves each layer's changed slots (``old``/``new``: int32 [L, S], replicated)."""
+    ranks = config.ep_size
+    slot_spec = P(axis)
+    weight_specs = jax.tree.map(lambda _: slot_spec, weights)
+    to_device = host_memory_kind(mesh) is not None
+
+    def move(w, o, n, m):
+        if config.reshard == "collective":
+            return reshard_collective(w, o, n, axis_name=axis, num_ranks=ranks)
+        if master_replicated:
+            return reshard_from_host(w, o, n, m, axis_name=axis, num_ranks=ranks, to_device=to_device)
+        return reshard_from_sharded_host(w, m, o, n, num_experts=config.num_experts, axis_name=axis,
+                                         num_ranks=ranks, to_device=to_device)
+
+    def body(weights, old, new, master):
+        out = []
+        for i, w in enumerate(weights):
+            m = None if master is None else master[i]
+            # Placements are replicated, so every device takes the same branch and
+            # the collectives inside run everywhere or nowhere; an unchanged layer
+            # costs nothing (no loop, no scratch copy).
+            changed = (old[i] != new[i]).any()
+            out.append(jax.lax.cond(changed, lambda w, i=i, m=m: move(w, old[i], new[i], m), lambda w: w, w))
+        return out
+
+    master_spec = P() if master_replicated else P(axis)
+    master_specs = None if master is None else jax.tree.map(lambda _: master_spec, master)
+    return jax.shard_map(body, mesh=mesh, in_specs=(weight_specs, P(), P(), master_specs),
+                         out_specs=weight_specs, check_vma=False)(weights, old, new, master)
+
+
+def _step(state, weights, counts, master, *, config: EplbConfig, mesh: Mesh, axis: str,
+          master_replicated: bool):
+    load, placement = new_placements(state, counts, config)
+    moved = (placement != state.placement).sum(axis=1).astype(jnp.int32)
+    load = jnp.where((moved > 0)[:, None], 0.0, load)
+    old, new = _constrain(state.placement, mesh, P()), _constrain(placement, mesh, P())
+    weights = _reshard(list(weights), old, new, master, config=config, mesh=mesh, axis=axis,
+                       master_replicated=master_replicated)
+    layer_placements = tuple(placement[i] for i in range(config.num_layers))
+    return EplbState(load, placement, state.iteration + 1, moved), weights, layer_placements
+
+
+@functools.cache
+def _jitted_step(config: EplbConfig, mesh: Mesh, axis: str, weight_shardings, master_replicated: bool):
+    """The step compiled for one set of static settings and weight layouts.
+
+    Outputs keep exactly the inputs' sharding objects, so a model jitted on the
+    layers before the step does not recompile after it.
+    """
+    rep = NamedSharding(mesh, P())
+    state_shardings = EplbState(rep, rep, rep, rep)
+    placements = (rep,) * config.num_layers
+    step = functools.partial(_step, config=config, mesh=mesh, axis=axis, master_replicated=master_replicated)
+    return jax.jit(step, donate_argnums=(1,),
+                   out_shardings=(state_shardings, list(weight_shardings), placements))
+
+
+def compiled_step(config: EplbConfig, mesh: Mesh, axis: str, weights: Sequence[Pytree], master=None):
+    """The jitted ``(state, weights, counts, master) -> (state, weights, per-layer placements)``."""
+    shardings = tuple(jax.tree.map(lambda a: a.sharding, w) for w in weights)
+    return _jitted_step(config, mesh, axis, shardings, master is not None and master_is_replicated(master))
+
+
+def eplb_update(state: EplbState, weights: Sequence[Pytree], counts: jax.Array, *,
+                config: EplbConfig, mesh: Mesh, axis: str = "ep",
+                master: Sequence[Pytree] | None = None) -> tuple[EplbState, list[Pytree]]:
+    """One online balancing step (jit-compiled; ``weights`` are donated).
+
+    Args:
+      state: the balancer state (:func:`wideep_jax.eplb.init_state`).
+      weights: per MoE layer, a pytree of slot weights with leaves ``[num_slots, ...]``
+        sharded over ``axis`` (e.g. ``(w_gate_up, w_down)``).
+      counts: int [num_layers, num_experts] routed pairs of this iteration
+        (stack of each layer's ``MoEStats.expert_counts``).
+      config: static balancer settings.
+      mesh: the device mesh of the weights.
+      axis: the EP mesh axis.
+      master: ``reshard='host'`` only: per layer, the experts' weights ``[num_experts, ...]``
+        in host memory (:func:`wideep_jax.eplb.make_master_copy`).
+
+    Returns:
+      ``(state, weights)``; slots whose expert changed hold their new expert's weights.
+    """
+    check_update(state, weights, counts, master, config)
+    weights = list(weights)
+    step = compiled_step(config, mesh, axis, weights, master)
+    state, weights, _ = step(state, weights, counts, None if master is None else list(master))
+    return state, weights

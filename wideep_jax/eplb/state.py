@@ -1,0 +1,116 @@
+"""EPLB state and load statistics, as pure functions of the state.
+
+The state is a small pytree of device arrays that jit carries from step to step:
+the decayed per-expert load of every MoE layer and every layer's placement.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wideep_jax.config import RESHARD_MODES, LoadBalancerConfig, MoEConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class EplbConfig:
+    """Static settings of the online balancer (hashable: a jit static argument)."""
+
+    num_layers: int
+    """MoE layers the balancer covers (index ``l`` = position in the weights list)."""
+    num_experts: int
+    num_slots: int
+    ep_size: int
+    layer_updates_per_iter: int = 1
+    """Layers re-placed per iteration (TRT-LLM's ``layer_updates_per_iter``)."""
+    decay: float = 0.9
+    warmup_iters: int = 0
+    reshard: str = "host"
+    num_nodes: int = 1
+    tolerance: float = 0.05
+
+    def __post_init__(self):
+        for name in ("num_layers", "num_experts", "num_slots", "ep_size", "layer_updates_per_iter", "num_nodes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"EplbConfig.{name}: got {value!r}; allowed: an int >= 1")
+        if self.num_slots < self.num_experts or self.num_slots % self.ep_size:
+            raise ValueError(f"EplbConfig.num_slots: got {self.num_slots}; allowed: >= num_experts = "
+                             f"{self.num_experts} and a multiple of ep_size = {self.ep_size}")
+        if not 0.0 < self.decay <= 1.0:
+            raise ValueError(f"EplbConfig.decay: got {self.decay!r}; allowed: a number in (0, 1]")
+        if self.reshard not in RESHARD_MODES:
+            raise ValueError(f"EplbConfig.reshard: got {self.reshard!r}; allowed: one of {RESHARD_MODES}")
+
+    @property
+    def num_groups(self) -> int:
+        """Layer groups updated in turn: layer ``l`` is in group ``l % num_groups``."""
+        return math.ceil(self.num_layers / self.layer_updates_per_iter)
+
+    @property
+    def group_size(self) -> int:
+        """Most layers in one group (groups of the last residue may be one short)."""
+        return math.ceil(self.num_layers / self.num_groups)
+
+    @classmethod
+    def from_moe_config(cls, config: MoEConfig, *, num_layers: int, num_experts: int,
+                        ep_size: int) -> EplbConfig:
+        """The balancer settings of a ``moe_config`` with an online ``load_balancer``."""
+        lb = config.load_balancer or LoadBalancerConfig()
+        if not lb.is_online:
+            raise ValueError(
+                "moe_config.load_balancer.layer_updates_per_iter: got "
+                f"{lb.layer_updates_per_iter}; allowed: an int >= 1 for the online balancer"
+            )
+        config.validate(num_experts=num_experts, ep_size=ep_size)
+        return cls(num_layers=num_layers, num_experts=num_experts,
+                   num_slots=lb.resolved_num_slots(num_experts), ep_size=ep_size,
+                   layer_updates_per_iter=min(lb.layer_updates_per_iter, num_layers),
+                   decay=lb.decay, warmup_iters=lb.warmup_iters, reshard=lb.reshard,
+                   num_nodes=lb.num_nodes, tolerance=lb.tolerance)
+
+
+class EplbState(NamedTuple):
+    """What the balancer carries between iterations (all device arrays)."""
+
+    load: jax.Array  # float32 [L, E]: decayed routed pairs since the layer's last placement change
+    placement: jax.Array  # int32 [L, S]: slot -> expert of every layer
+    iteration: jax.Array  # int32 []: eplb_update calls so far
+    moved_slots: jax.Array  # int32 [L]: slots whose expert changed at the last call
+
+
+def init_state(placement: jax.Array | np.ndarray, num_experts: int) -> EplbState:
+    """Fresh state for ``placement`` (int32 [L, S]); loads start at zero."""
+    placement = jnp.asarray(placement, jnp.int32)
+    if placement.ndim != 2:
+        raise ValueError(f"placement has shape {placement.shape}; allowed: [num_layers, num_slots]")
+    num_layers = placement.shape[0]
+    return EplbState(
+        load=jnp.zeros((num_layers, num_experts), jnp.float32),
+        placement=placement,
+        iteration=jnp.zeros((), jnp.int32),
+        moved_slots=jnp.zeros((num_layers,), jnp.int32),
+    )
+
+
+def accumulate(load: jax.Array, counts: jax.Array, *, decay: float, active: jax.Array) -> jax.Array:
+    """``decay * load + counts`` where ``active`` (a bool scalar), else ``load``."""
+    updated = decay * load + counts.astype(jnp.float32)
+    return jnp.where(active, updated, load)
+
+
+def group_layers(iteration_in_schedule: jax.Array, config: EplbConfig) -> tuple[jax.Array, jax.Array]:
+    """The layers updated at this iteration (TRT-LLM's interleaving).
+
+    Returns ``(layers int32 [group_size], valid bool [group_size])``: group
+    ``g = iteration % num_groups`` is the layers ``l`` with ``l % num_groups == g``.
+    """
+    groups = config.num_groups
+    g = iteration_in_schedule % groups
+    layers = g + groups * jnp.arange(config.group_size, dtype=jnp.int32)
+    valid = layers < config.num_layers
+    return jnp.where(valid, layers, 0), valid
