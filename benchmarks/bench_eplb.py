@@ -159,7 +159,18 @@ def online_forward(layer, weights, x, routing):
     return moe_forward(x, weights, spec=layer.spec, config=layer.config, mesh=layer.mesh, routing=routing)
 
 
-def reshard_section(layer, balancer, mesh, ep, iters):
+def available_host_bytes() -> int:
+    """MemAvailable from /proc/meminfo (0 where unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def reshard_section(layer, balancer, mesh, ep, iters, with_replicated):
     """Times moving n slots per rank of one layer, host and collective."""
     current = np.asarray(layer.slot_to_expert[...])
     per_rank = layer.num_slots // ep
@@ -167,7 +178,11 @@ def reshard_section(layer, balancer, mesh, ep, iters):
     slot_bytes = sum(a.dtype.itemsize * int(np.prod(a.shape[1:])) for a in weights[0])
     out = []
     rng = np.random.default_rng(0)
-    for mode in ("host", "host_replicated", "collective"):
+    modes = ["host", "collective"]
+    expert_bytes = slot_bytes * layer.spec.num_experts
+    if with_replicated and expert_bytes * ep * 3 < available_host_bytes():
+        modes.insert(1, "host_replicated")
+    for mode in modes:
         config = EplbConfig(num_layers=1, num_experts=layer.spec.num_experts, num_slots=layer.num_slots,
                             ep_size=ep, reshard="collective" if mode == "collective" else "host")
         replicated = mode == "host_replicated"
@@ -177,14 +192,15 @@ def reshard_section(layer, balancer, mesh, ep, iters):
                   "collective": None}[mode]
         step = jax.jit(lambda w, o, n, m, config=config, replicated=replicated: _reshard(
             w, o, n, m, config=config, mesh=mesh, axis="ep", master_replicated=replicated), donate_argnums=0)
-        for changed in sorted({1, min(8, per_rank), per_rank}):
-            # Swap `changed` slots of each rank with slots of the next rank (a valid placement).
+        singles = [np.flatnonzero(np.bincount(current, minlength=layer.spec.num_experts)[r] == 1)
+                   for r in current.reshape(ep, per_rank)]
+        for changed in sorted({1, 8, min(len(x) for x in singles)}):
+            # Rank r takes the `changed` singly-held experts of rank r-1 (a valid placement).
             new = current.reshape(ep, per_rank).copy()
-            cols = rng.choice(per_rank, changed, replace=False)
-            new[:, cols] = np.roll(new[:, cols], 1, axis=0)
+            cols = [rng.choice(x, changed, replace=False) for x in singles]
+            for r in range(ep):
+                new[r, cols[r]] = current.reshape(ep, per_rank)[r - 1, cols[r - 1]]
             new = new.reshape(-1)
-            if any(len(set(r)) < per_rank for r in new.reshape(ep, per_rank)):
-                continue  # the swap put two replicas on one rank; skip this size
             moved = int((new != current).reshape(ep, per_rank).sum(axis=1).max())
             old_a, new_a = jnp.asarray(current)[None], jnp.asarray(new)[None]
             weights = step(weights, old_a, new_a, master)  # compile; moves to `new`
@@ -231,6 +247,9 @@ def main() -> int:
     parser.add_argument("--warmup-updates", type=int, default=8)
     parser.add_argument("--small", action="store_true", help="scaled-down dims (CPU smoke run)")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--replicated-master", action="store_true",
+                        help="also time the per-device replicated master copy (EP x the experts' bytes of "
+                             "host memory; skipped when that does not fit 3 times in available memory)")
     args = parser.parse_args()
 
     ep = min(args.ep, jax.device_count())
@@ -255,7 +274,7 @@ def main() -> int:
         o = rows["overhead"]
         overhead = (f"| {tokens} | {o['forward']:.3f} | {o['with_step']:.3f} | "
                     f"{o['with_step'] / o['forward']:.3f} |")
-    reshard = reshard_section(layer, balancer, mesh, ep, args.iters)
+    reshard = reshard_section(layer, balancer, mesh, ep, args.iters, args.replicated_master)
     del layer, balancer
     solve = solve_section(args.iters)
 

@@ -142,7 +142,8 @@ def test_online_loop_100_updates(rng, mode):
     masters = [tuple(np.asarray(a) for a in (p.w_gate_up[...], p.w_down[...])) for p in plain]
     forward = jax.jit(lambda w, x, r: moe_forward(x, w, spec=spec, config=layers[0].config,
                                                   mesh=layers[0].mesh, routing=r))
-    imbalance_first, imbalance_last, moved = [], [], 0
+    balanced, unbalanced, moved = [], [], 0
+    home = np.arange(spec.num_experts) // (spec.num_experts // EP)  # the plain layer's expert -> rank
     compiles = count_compiles()
     for it in range(100):
         if it == 2:  # forward and step are compiled by now; nothing may compile after
@@ -156,9 +157,11 @@ def test_online_loop_100_updates(rng, mode):
                 y_plain, _ = run_layer(ref, x, routing=routing)
                 assert_close(y, y_plain, rtol=1e-5)
             assert int(s.slot_counts.sum()) == tokens * spec.top_k  # no pair lost
-            per_rank = np.asarray(s.slot_counts).reshape(EP, -1).sum(axis=1)
-            (imbalance_first if it < 5 else imbalance_last if it >= 80 else []).append(
-                per_rank.max() / per_rank.mean() - 1)
+            if it >= 10:  # rows per rank: balanced layer vs the plain layer's placement
+                per_rank = np.asarray(s.slot_counts).reshape(EP, -1).sum(axis=1)
+                plain_rank = np.bincount(home, weights=np.asarray(s.expert_counts), minlength=EP)
+                balanced.append(per_rank.max() / per_rank.mean() - 1)
+                unbalanced.append(plain_rank.max() / plain_rank.mean() - 1)
             stats.append(s)
         state = balancer.step(stats)
         moved += int(np.asarray(state.moved_slots).sum())
@@ -171,7 +174,8 @@ def test_online_loop_100_updates(rng, mode):
         assert set(placement) == set(range(spec.num_experts))
         for got, want in zip((layer.w_gate_up[...], layer.w_down[...]), m):
             np.testing.assert_array_equal(np.asarray(got), want[placement])
-    assert np.mean(imbalance_last) < np.mean(imbalance_first), (imbalance_first, imbalance_last)
+    # Over the drifting run, the balancer's busiest rank is closer to the mean.
+    assert np.mean(balanced) < np.mean(unbalanced), (np.mean(balanced), np.mean(unbalanced))
 
 
 def test_eplb_update_errors(rng):

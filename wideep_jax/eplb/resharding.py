@@ -54,19 +54,36 @@ def make_master_copy(slot_weights: Pytree, slot_to_expert: jax.Array | np.ndarra
     if missing:
         raise ValueError(f"slot_to_expert gives no slot to experts {missing}; allowed: every expert "
                          f"in [0, {num_experts}) in at least one slot")
-    first_slot = np.array([np.flatnonzero(placement == e)[0] for e in range(num_experts)])
+    first_slot = [int(np.flatnonzero(placement == e)[0]) for e in range(num_experts)]
     kind = host_memory_kind(mesh)
+
+    def rows(a, experts) -> np.ndarray:
+        # One slot at a time from the device shard that holds it: host RAM never
+        # holds more than the rows asked for.
+        shards = {s.index[0].start or 0: s.data for s in a.addressable_shards}
+        starts = sorted(shards)
+        out = np.zeros((len(experts), *a.shape[1:]), a.dtype)
+        for i, e in enumerate(experts):
+            if e < num_experts:
+                slot = first_slot[e]
+                start = max((x for x in starts if x <= slot), default=None)
+                if start is None or slot - start >= shards[start].shape[0]:
+                    raise ValueError(f"slot {slot} (expert {e}) is not on a device of this process; "
+                                     "allowed: slot weights whose shards are all addressable here")
+                out[i] = np.asarray(shards[start][slot - start])
+        return out
+
     if replicated:
         sharding = NamedSharding(mesh, P(), memory_kind=kind)
-        return jax.tree.map(lambda a: jax.device_put(np.asarray(a)[first_slot], sharding), slot_weights)
+        return jax.tree.map(lambda a: jax.device_put(rows(a, range(num_experts)), sharding), slot_weights)
     ranks = mesh.shape[axis]
     padded = -(-num_experts // ranks) * ranks
     sharding = NamedSharding(mesh, P(axis), memory_kind=kind)
 
     def shard(a):
-        rows = np.asarray(a)[first_slot]
-        rows = np.concatenate([rows, np.zeros((padded - num_experts, *rows.shape[1:]), rows.dtype)])
-        return jax.device_put(rows, sharding)
+        return jax.make_array_from_callback(
+            (padded, *a.shape[1:]), sharding,
+            lambda index: rows(a, range(*index[0].indices(padded))))
 
     return jax.tree.map(shard, slot_weights)
 
