@@ -257,3 +257,18 @@ def test_placement_file_errors_name_the_file(tmp_path):
     write(tmp_path / "lb2.yaml", "[1, 2]\n")
     with raises(LB, "[1, 2]"):
         load_moe_config(write(tmp_path / "c.yaml", "load_balancer: lb2.yaml\n"))
+
+
+def test_every_config_key_is_documented_in_the_readme():
+    import dataclasses
+    from pathlib import Path
+
+    from wideep_jax.config import LoadBalancerConfig, MoEConfig
+
+    root = Path(__file__).resolve().parents[1]
+    for doc in (root / "README.md", root / "configs" / "CONFIG_TABLE.md"):
+        text = doc.read_text()
+        for f in dataclasses.fields(MoEConfig):
+            assert f"| `moe_config.{f.name}` |" in text, (doc.name, f.name)
+        for f in dataclasses.fields(LoadBalancerConfig):
+            assert f"| `moe_config.load_balancer.{f.name}` |" in text, (doc.name, f.name)

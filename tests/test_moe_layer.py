@@ -263,7 +263,7 @@ def test_placement_changes_are_data(rng):
         return nnx.merge(graphdef, state)(x)
 
     y0, _ = forward(state, x)
-    for _ in range(12):
+    for _ in range(100):
         placement = np.concatenate([rng.permutation(16), rng.choice(16, num_slots - 16, replace=False)])
         s2e = jnp.asarray(placement, jnp.int32)
         layer.slot_to_expert[...] = jax.device_put(s2e, layer.slot_to_expert[...].sharding)

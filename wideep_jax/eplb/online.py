@@ -68,17 +68,24 @@ def new_placements(state: EplbState, counts: jax.Array, config: EplbConfig) -> t
     load = accumulate(state.load, counts, decay=config.decay, active=active)
     layers, valid = group_layers(state.iteration - config.warmup_iters, config)
     current = state.placement[layers]
-    proposal = compute_placement(load[layers], config.num_slots, config.ep_size,
-                                 num_nodes=config.num_nodes, current=current,
-                                 tolerance=config.tolerance)
-    # Hysteresis: the current placement moves nothing, so it stays unless the
-    # proposal lowers the busiest rank's load by more than the tolerance.
-    busiest = lambda p: rank_loads(load[layers], p, config.ep_size).max(axis=1)
-    better = busiest(current) > busiest(proposal) * (1.0 + config.tolerance)
-    # A layer with no statistics yet keeps its placement.
-    take = valid & active & better & (load[layers].sum(axis=1) > 0)
+    group_load = load[layers]
+    busiest = lambda p: rank_loads(group_load, p, config.ep_size).max(axis=1)
+    # Hysteresis: the current placement moves nothing, so it stays unless a new one
+    # lowers the busiest rank's load by more than the tolerance. No placement beats
+    # the mean rank load, so a layer already within the tolerance of it is not
+    # re-solved at all (the steady state costs no solve).
+    current_max = busiest(current)
+    mean_rank_load = group_load.sum(axis=1) / config.ep_size
+    need = (valid & active & (group_load.sum(axis=1) > 0)  # no statistics yet: keep
+            & (current_max > mean_rank_load * (1.0 + config.tolerance)))
+    proposal = jax.lax.cond(
+        need.any(),
+        lambda: compute_placement(group_load, config.num_slots, config.ep_size, num_nodes=config.num_nodes,
+                                  current=current, tolerance=config.tolerance).astype(jnp.int32),
+        lambda: current)
+    take = need & (current_max > busiest(proposal) * (1.0 + config.tolerance))
     rows = jnp.where(take, layers, config.num_layers)  # out of range = not written
-    placement = state.placement.at[rows].set(proposal.astype(jnp.int32), mode="drop")
+    placement = state.placement.at[rows].set(proposal, mode="drop")
     return load, placement
 
 
