@@ -22,6 +22,7 @@ class ReplicaTable(NamedTuple):
     sorted_slots: jax.Array  # int32 [S]: slots ordered by the expert they hold
     first: jax.Array  # int32 [E]: index in sorted_slots of the expert's first replica
     count: jax.Array  # int32 [E]: replicas per expert
+    slot_to_expert: jax.Array  # int32 [S]: the placement itself
 
 
 def replica_table(slot_to_expert: jax.Array, num_experts: int) -> ReplicaTable:
@@ -30,7 +31,7 @@ def replica_table(slot_to_expert: jax.Array, num_experts: int) -> ReplicaTable:
     sorted_slots = jnp.argsort(slot_to_expert, stable=True).astype(jnp.int32)
     count = jnp.zeros((num_experts,), jnp.int32).at[slot_to_expert].add(1)
     first = (jnp.cumsum(count) - count).astype(jnp.int32)
-    return ReplicaTable(sorted_slots, first, count)
+    return ReplicaTable(sorted_slots, first, count, slot_to_expert)
 
 
 def identity_placement(num_slots: int, num_experts: int) -> jax.Array:
@@ -92,11 +93,9 @@ def local_replica(table: ReplicaTable, rank: jax.Array | int, num_ranks: int) ->
     """int32 [E]: for each expert, its lowest replica slot on ``rank``, or -1 if none."""
     num_slots = table.sorted_slots.shape[0]
     per_rank = num_slots // num_ranks
-    slot_expert = jnp.zeros((num_slots,), jnp.int32).at[table.sorted_slots].set(
-        jnp.repeat(jnp.arange(table.count.shape[0], dtype=jnp.int32), table.count,
-                   total_repeat_length=num_slots))
     slots = jnp.arange(num_slots, dtype=jnp.int32)
     on_rank = slots // per_rank == rank
     big = jnp.int32(num_slots)
-    best = jnp.full((table.count.shape[0],), big, jnp.int32).at[slot_expert].min(jnp.where(on_rank, slots, big))
+    best = jnp.full((table.count.shape[0],), big, jnp.int32).at[table.slot_to_expert].min(
+        jnp.where(on_rank, slots, big))
     return jnp.where(best < big, best, -1)
