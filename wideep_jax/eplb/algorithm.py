@@ -1,51 +1,52 @@
 """EPLB: expert-parallel load balancing, jit-compiled and vectorised over layers.
 
-Given a per-expert load ``[L, E]`` it returns ``slot_to_expert: int32 [L, S]``;
-rank ``r`` of ``R = ep_size`` owns the contiguous slots ``[r*S/R, (r+1)*S/R)``.
-Every layer is solved independently (``vmap``); only the sizes are static, so new
-loads or a new current placement never recompile.
+Given per-expert loads ``[L, E]`` it returns ``slot_to_expert: int32 [L, S]``; rank
+``r`` of ``R = ep_size`` owns the contiguous slots ``[r*S/R, (r+1)*S/R)``. Layers are
+solved independently (``vmap``); only sizes are static, so new loads or a new
+current placement never recompile. With ``N = num_nodes`` nodes of ``G = R/N``
+ranks and ``k = S/R`` slots per rank, per layer:
 
-Steps, per layer (``N = num_nodes`` nodes of ``G = R/N`` ranks, ``k = S/R`` slots
-per rank):
+1. Nodes (only if ``N > 1``; DeepSeek's hierarchical EPLB). Experts, heaviest first
+   (ties: lower id), each go to the least-loaded node (ties: lower) with fewer than
+   ``E/N`` experts. An expert and all its replicas live on that node, so its tokens
+   never cross nodes to reach a replica; each node gets ``S/N`` slots.
+2. Replication, per node: one replica each, then each extra slot goes to the expert
+   with the largest ``load / count`` (ties: lower id), at most ``G`` replicas (two
+   replicas of one expert never share a rank). Closed form: the top ``S/N - E/N``
+   of the values ``load_e / j`` (``j = 1..G-1``), by one ``top_k``.
+3. Packing, per node: replicas, heaviest per-replica load first (ties: lower id),
+   each to the least-loaded rank (ties: lower) with a free slot and no replica of
+   that expert yet. A replica that finds none is set aside, and placed the same way
+   after all others (in order). If it still finds none, a repair keeps the
+   placement valid: the lightest rank ``u`` without the expert is full, so ``u``'s
+   lightest replica (ties: lowest slot) that the lightest free rank ``f`` lacks
+   moves to ``f``, and the expert takes its slot. Steps 2-3 are :func:`greedy_placement`.
+4. Refinement: while it lowers the maximum, swap a replica of the most-loaded rank
+   with one of another rank of its node (the pair minimising the larger new load;
+   ties: lowest index). The maximum never rises: never worse than the greedy.
+5. Migration (only with ``current``); ``cap = (1 + tolerance + 1e-6) *`` the maximum
+   of step 4. Two starting points: (A) ranks are interchangeable for the load, so
+   the packed rank contents ("bins") are matched to physical ranks greedily by the
+   number of experts shared with ``current`` (ties: lowest bin, then rank; with
+   ``N > 1`` nodes are matched first, then ranks inside them). (B) "Sticky": ranks
+   keep their current experts (slot order, at most the new count of each, no
+   duplicates, only experts of the rank's node as matched in A), the missing
+   replicas are packed as in step 3 into the freed slots, then step 4 runs until
+   the maximum is at most ``cap``. B is used if it is within ``cap`` and keeps more
+   experts in place than A. Then, in rounds, swaps of two replicas between two
+   ranks of one node that keep more experts in place with both ranks within
+   ``cap``: each rank pair's best swap (ties: lowest slot pair), then pairs by gain
+   (ties: lowest pair), each rank once per round, until a round finds none. Kept
+   experts keep their slots; new ones fill the freed slots in bin order. If this
+   changed more slots than the step-4 placement as is, that one is returned.
 
-1. Nodes (only if ``N > 1``, as DeepSeek's hierarchical EPLB). Experts, heaviest
-   first (ties: lower id), go one by one to the least-loaded node (ties: lower node)
-   that has fewer than ``E/N`` experts. An expert and all its replicas then live on
-   that node, so its tokens never cross nodes to reach a replica; each node gets
-   ``S/N`` slots. For ``N = 1`` the single node is everything.
-2. Replication, per node: each expert starts with one replica; each extra slot goes
-   to the expert with the largest load per replica (``load / count``; ties: lower
-   id), never beyond ``G`` replicas because two replicas of one expert never share
-   a rank. Closed form: the greedy takes the largest ``S/N - E/N`` of the values
-   ``load_e / j`` (``j = 1..G-1``), found with one ``top_k``.
-3. Packing, per node: replicas, heaviest per-replica load first (ties: lower
-   expert id), each to the least-loaded rank (ties: lower rank) that has a free
-   slot and no replica of that expert yet. If no rank qualifies (every rank with a
-   free slot already holds the expert) a repair keeps the placement valid: the
-   lightest rank ``u`` without the expert is full, so its lightest replica that the
-   lightest free rank ``f`` lacks moves to ``f`` and the expert takes its slot.
-   Steps 2-3 alone are :func:`greedy_placement`.
-4. Refinement: while it lowers the maximum, swap one replica of the most-loaded
-   rank with one replica of another rank of its node (the pair minimising the
-   larger of the two new loads; ties: lowest index). The maximum never rises, so
-   the result is never worse than the greedy placement.
-5. Migration (only if ``current`` is given). Ranks are interchangeable for the
-   load, so the packed rank contents ("bins") are matched to physical ranks
-   greedily by overlap with ``current`` (most shared experts first; ties: lowest
-   bin, then rank). With ``N > 1`` whole nodes are matched first, then ranks inside
-   each node. Then swaps of two replicas between two ranks of one node keep more
-   experts where they are, as long as both ranks stay at most ``(1 + tolerance) *``
-   the balanced maximum. They go in rounds: each rank pair's best swap (largest
-   gain; ties: lowest slot pair), then pairs by gain (ties: lowest pair), each rank
-   at most once per round, until a round finds none. Finally, an expert that stays
-   on its rank keeps its slot; the others fill the freed slots in bin order.
-
-Float arithmetic (float32) and every tie-break are fixed, so
-:mod:`wideep_jax.eplb.algorithm_reference` (plain NumPy loops) gives identical output.
-Loads must be finite; negative and NaN loads count as zero.
+Float32 arithmetic and every tie-break are fixed, so the NumPy loops of
+:mod:`wideep_jax.eplb.algorithm_reference` give identical output. Loads must be
+finite; negative and NaN loads count as zero.
 """
 from __future__ import annotations
 
+import numbers
 from functools import partial
 
 import jax
@@ -56,6 +57,7 @@ __all__ = ["compute_placement", "greedy_placement", "imbalance", "rank_loads"]
 
 _F32 = jnp.float32
 _I32 = jnp.int32
+_SLACK = 1e-6  # relative; absorbs float32 rounding of loads summed in another order
 
 
 def _check(load_shape: tuple[int, ...], num_slots: int, ep_size: int, num_nodes: int,
@@ -78,19 +80,31 @@ def _check(load_shape: tuple[int, ...], num_slots: int, ep_size: int, num_nodes:
                          f"{num_experts} (each node holds E/num_nodes experts)")
     ranks_per_node = ep_size // num_nodes
     if num_slots > num_experts * ranks_per_node:
-        raise ValueError(
-            f"num_slots: got {num_slots}; allowed: <= num_experts * ranks per node = "
-            f"{num_experts} * {ranks_per_node} = {num_experts * ranks_per_node} (an expert has at "
-            "most one replica per rank, and with num_nodes > 1 all its replicas stay in one node)")
+        raise ValueError(f"num_slots: got {num_slots}; allowed: <= num_experts * ranks per node = "
+                         f"{num_experts * ranks_per_node} (at most one replica per rank, all in "
+                         "one node)")
     if current_shape is not None and current_shape != (*load_shape[:-1], num_slots):
         raise ValueError(f"current: got shape {current_shape}; allowed: "
                          f"{(*load_shape[:-1], num_slots)} (load's leading shape + [num_slots])")
-    if not tolerance >= 0:
+    if isinstance(tolerance, numbers.Real) and not tolerance >= 0:  # a tracer is not checked
         raise ValueError(f"tolerance: got {tolerance!r}; allowed: a float >= 0")
 
 
+def _first(mask: jax.Array) -> jax.Array:
+    """First True index of ``mask`` (flat; 0 if none). A plain min-reduction: XLA runs
+    it much faster than argmax's paired (value, index) reduction."""
+    mask = mask.reshape(-1)
+    first = jnp.min(jnp.where(mask, jnp.arange(mask.shape[0], dtype=_I32), mask.shape[0]))
+    return jnp.where(first < mask.shape[0], first, 0)
+
+
 def _masked_argmin(values: jax.Array, mask: jax.Array) -> jax.Array:
-    return jnp.argmin(jnp.where(mask, values, jnp.inf)).astype(_I32)
+    values = jnp.where(mask, values, jnp.inf)
+    return _first(values == jnp.min(values))
+
+
+def _argmax(values: jax.Array) -> jax.Array:
+    return _first(values == jnp.max(values))
 
 
 def _partition_nodes(load: jax.Array, num_nodes: int) -> jax.Array:
@@ -124,59 +138,69 @@ def _replicate(load: jax.Array, num_slots: int, cap: int) -> jax.Array:
     return jnp.ones(num_experts, _I32).at[chosen // depth].add(1)
 
 
-def _pack(w: jax.Array, count: jax.Array, num_ranks: int, per_rank: int):
-    """Step 3: (slots int32 [R, k] of expert ids, rank load float32 [R])."""
+def _pack(w, need, slots, load, rank_node, expert_node):
+    """Step 3: fills free (-1) slots with ``need[e]`` replicas of ``e`` on ranks of its node."""
+    num_ranks, per_rank = slots.shape
     order = jnp.argsort(-w, stable=True)
-    ends = jnp.cumsum(count[order])  # replica i belongs to the first expert whose end > i
-    replicas = order[(ends[None, :] <= jnp.arange(num_ranks * per_rank)[:, None]).sum(1)]
-    rank_ids = jnp.arange(num_ranks, dtype=_I32)
-    cols = jnp.arange(per_rank, dtype=_I32)
+    ends = jnp.cumsum(need[order])  # replica i belongs to the first expert whose end > i
+    replicas = order[jnp.minimum((ends[None, :] <= jnp.arange(slots.size)[:, None]).sum(1),
+                                 w.shape[0] - 1)]
+    rank_ids, cols = jnp.arange(num_ranks, dtype=_I32), jnp.arange(per_rank, dtype=_I32)
+    iota = jnp.arange(slots.size, dtype=_I32)
 
     # Updates are one-hot selects, not scatters: the arrays are tiny, and under
     # vmap selects compile and run faster than batched scatters.
-    def body(i, state):
-        slots, fill, load = state
+    def put(slots, at_rank, col, e):  # col: scalar or [R, 1]
+        return jnp.where(at_rank[:, None] & (cols == col), e, slots)
+
+    def fast(i, state):  # the common case; a stuck replica is set aside
+        slots, load, aside, num_aside = state
         e = replicas[i]
+        fits = (rank_node == expert_node[e]) & (slots < 0).any(1) & ~(slots == e).any(1)
+        at = (i < ends[-1]) & fits.any() & (rank_ids == _masked_argmin(load, fits))
+        slots = put(slots, at, jnp.min(jnp.where(slots < 0, cols, per_rank), 1, keepdims=True), e)
+        stuck = (i < ends[-1]) & ~fits.any()
+        aside = jnp.where(stuck & (iota == num_aside), e, aside)
+        return slots, jnp.where(at, load + w[e], load), aside, num_aside + stuck
+
+    def repair(state):  # set-aside replicas, in order, with the repair if still stuck
+        slots, load, aside, num_aside, n = state
+        e = aside[n]
+        node_ok = rank_node == expert_node[e]
         holds = (slots == e).any(1)
-        free = fill < per_rank
+        free = (slots < 0).any(1) & node_ok
         ok = (free & ~holds).any()
         b = _masked_argmin(load, free & ~holds)
-        # Repair operands (used only when not ok): see the module docstring.
         bf = _masked_argmin(load, free)
-        bu = _masked_argmin(load, ~holds)
+        bu = _masked_argmin(load, node_ok & ~holds)
         row_u, row_f = slots[bu], slots[bf]
-        lacks = ~(row_u[:, None] == row_f[None, :]).any(1)
-        j = _masked_argmin(w[jnp.maximum(row_u, 0)], lacks)
+        j = _masked_argmin(w[jnp.maximum(row_u, 0)], ~(row_u[:, None] == row_f[None, :]).any(1))
         x = row_u[j]
         wx = w[jnp.maximum(x, 0)]
         at_f = ~ok & (rank_ids == bf)
-        slots = jnp.where(at_f[:, None] & (cols == fill[bf])[None, :], x, slots)
-        fill = fill + at_f
+        slots = put(slots, at_f, _first(row_f < 0), x)
         load = jnp.where(at_f, load + wx, load)
-        target = jnp.where(ok, b, bu)
-        col = jnp.where(ok, fill[b], j)
-        at_t = rank_ids == target
-        slots = jnp.where(at_t[:, None] & (cols == col)[None, :], e, slots)
-        fill = fill + (at_t & ok)
+        at_t = rank_ids == jnp.where(ok, b, bu)
+        slots = put(slots, at_t, jnp.where(ok, _first(slots[b] < 0), j), e)
         load = jnp.where(at_t, jnp.where(ok, load + w[e], (load - wx) + w[e]), load)
-        return slots, fill, load
+        return slots, load, aside, num_aside, n + 1
 
-    init = (jnp.full((num_ranks, per_rank), -1, _I32), jnp.zeros(num_ranks, _I32),
-            jnp.zeros(num_ranks, _F32))
-    slots, _, load = lax.fori_loop(0, num_ranks * per_rank, body, init)
-    return slots, load
+    state = (slots, load, jnp.full(slots.size, -1, _I32), jnp.array(0, _I32))
+    state = lax.fori_loop(0, slots.size, fast, state)
+    state = lax.while_loop(lambda s: s[4] < s[3], repair, (*state, jnp.array(0, _I32)))
+    return state[0], state[1]
 
 
-def _refine(slots: jax.Array, load: jax.Array, w: jax.Array, max_iter: int):
-    """Step 4: swaps that lower the most-loaded rank; returns (slots, load)."""
+def _refine(slots, load, w, rank_node, max_iter: int, target=None):
+    """Step 4: swaps (inside a node) that lower the most-loaded rank, until ``max <= target``."""
     num_ranks, per_rank = slots.shape
-    size = num_ranks * per_rank
+    size = slots.size
     rank_of = jnp.arange(size, dtype=_I32) // per_rank
     ranks, cols = jnp.arange(num_ranks, dtype=_I32), jnp.arange(per_rank, dtype=_I32)
 
     def body(state):
         slots, load, _, it = state
-        a = jnp.argmax(load).astype(_I32)
+        a = _argmax(load)
         row, x = slots[a], slots.reshape(-1)
         t_on_a = (x[:, None] == row[None, :]).any(1)  # [S]: slot t's expert already on a
         i_on = jnp.repeat((row[:, None, None] == slots[None]).any(2), per_rank, axis=1)  # [k, S]
@@ -184,8 +208,9 @@ def _refine(slots: jax.Array, load: jax.Array, w: jax.Array, max_iter: int):
         new_a = (load[a] - wi)[:, None] + wt[None, :]
         new_b = (load[rank_of] - wt)[None, :] + wi[:, None]
         worst = jnp.maximum(new_a, new_b)
-        valid = (rank_of != a)[None, :] & ~t_on_a[None, :] & ~i_on & (worst < load[a])
-        idx = jnp.argmin(jnp.where(valid, worst, jnp.inf).reshape(-1))
+        other = (rank_of != a) & (rank_node[rank_of] == rank_node[a])
+        valid = other[None, :] & ~t_on_a[None, :] & ~i_on & (worst < load[a])
+        idx = _masked_argmin(worst, valid)
         found = valid.reshape(-1)[idx]
         i, t = idx // size, idx % size
         b, j = rank_of[t], t % per_rank
@@ -196,8 +221,12 @@ def _refine(slots: jax.Array, load: jax.Array, w: jax.Array, max_iter: int):
         load = jnp.where(at_a, new_a[i, t], jnp.where(at_b, new_b[i, t], load))
         return slots, load, found, it + 1
 
+    def cond(state):
+        go = state[2] & (state[3] < max_iter)
+        return go if target is None else go & (jnp.max(state[1]) > target)
+
     state = (slots, load, jnp.array(True), jnp.array(0, _I32))
-    slots, load, _, _ = lax.while_loop(lambda s: s[2] & (s[3] < max_iter), body, state)
+    slots, load, _, _ = lax.while_loop(cond, body, state)
     return slots, load
 
 
@@ -207,7 +236,7 @@ def _greedy_match(score: jax.Array, allowed: jax.Array) -> jax.Array:
 
     def body(_, state):
         s, perm = state
-        idx = jnp.argmax(s.reshape(-1))
+        idx = _argmax(s)
         b, r = idx // n, idx % n
         return s.at[b, :].set(-2).at[:, r].set(-2), perm.at[b].set(r.astype(_I32))
 
@@ -220,32 +249,34 @@ def _migration_swaps(bins, load, w, cur_has, cap, rank_node, max_rounds: int):
     num_ranks, per_rank = bins.shape
     ranks = jnp.arange(num_ranks, dtype=_I32)
     pair_ok = (rank_node[:, None] == rank_node[None, :]) & (ranks[:, None] < ranks[None, :])
-
-    def flip(a):  # a[r, r2, j] -> [r1, i, r2] = a[r2, r1, i]
-        return a.transpose(1, 2, 0)
+    slot_pair = jnp.arange(per_rank * per_rank, dtype=_I32).reshape(per_rank, per_rank)
 
     def body(state):
         x, load, _, it = state
         flat = x.reshape(-1)
         was = cur_has[:, flat].reshape(num_ranks, num_ranks, per_rank)  # expert at (r2, j) was on r
-        now = (x[:, :, None] == flat[None, None, :]).any(1)  # [r, t]: x_t on rank r
-        now = now.reshape(num_ranks, num_ranks, per_rank)
+        now = (x[:, :, None] == flat).any(1).reshape(was.shape)  # expert at (r2, j) is on r
         keep = cur_has[ranks[:, None], x].astype(_I32)
-        # Pair axes [r1, i, r2, j]: swap x[r1, i] with x[r2, j].
-        gain = (was[:, None].astype(_I32) + flip(was)[..., None].astype(_I32)
-                - keep[:, :, None, None] - keep[None, None])
-        blocked = now[:, None] | flip(now)[..., None]
+        # Pair axes [r1, r2, i, j]: swap x[r1, i] with x[r2, j]. Axis-1 swaps of the
+        # [r, r2, j] tables give [r1, r2, i] = table[r2, r1, i]: x[r1, i] was/is on r2.
+        gain = (was[:, :, None, :].astype(_I32) + was.transpose(1, 0, 2)[..., None].astype(_I32)
+                - keep[:, None, :, None] - keep[None, :, None, :])
+        blocked = now[:, :, None, :] | now.transpose(1, 0, 2)[..., None]
         wx = w[x]
-        rest = load[:, None] - wx
-        new1 = rest[:, :, None, None] + wx[None, None]
-        new2 = rest[None, None] + wx[:, :, None, None]
-        valid = (pair_ok[:, None, :, None] & ~blocked & (new1 <= cap) & (new2 <= cap) & (gain > 0))
-        score = jnp.where(valid, gain, 0).transpose(0, 2, 1, 3).reshape(num_ranks, num_ranks, -1)
-        best, arg = score.max(-1), score.argmax(-1).astype(_I32)
+        rest = load[:, None] - wx  # rank minus the slot's replica
+        new1 = rest[:, None, :, None] + wx[None, :, None, :]
+        new2 = rest[None, :, None, :] + wx[:, None, :, None]
+        valid = (pair_ok[:, :, None, None] & ~blocked & (new1 <= cap) & (new2 <= cap) & (gain > 0))
+        # One max-reduce instead of an argmax: code = gain * k^2 + (k^2 - 1 - (i*k + j)),
+        # so the largest code is the largest gain, then the lowest slot pair.
+        pairs = per_rank * per_rank
+        code = jnp.where(valid, gain * pairs + (pairs - 1 - slot_pair), -1).max((2, 3))
+        best = jnp.where(code >= 0, code // pairs, 0)
+        arg = pairs - 1 - code % pairs
 
         def pick(n, st):
             best, sel = st
-            idx = jnp.argmax(best.reshape(-1))
+            idx = _argmax(best)
             r1, r2 = idx // num_ranks, idx % num_ranks
             ok = best[r1, r2] > 0
             used = (ranks == r1) | (ranks == r2)
@@ -260,7 +291,7 @@ def _migration_swaps(bins, load, w, cur_has, cap, rank_node, max_rounds: int):
         c1, c2 = jnp.minimum(r1, num_ranks - 1), jnp.minimum(r2, num_ranks - 1)
         i, j = arg[c1, c2] // per_rank, arg[c1, c2] % per_rank
         x1, x2 = x[c1, i], x[c2, j]
-        l1, l2 = new1[c1, i, c2, j], new2[c1, i, c2, j]
+        l1, l2 = rest[c1, i] + wx[c2, j], rest[c2, j] + wx[c1, i]  # = new1, new2 there
         x = x.at[r1, i].set(x2, mode="drop").at[r2, j].set(x1, mode="drop")
         load = load.at[r1].set(l1, mode="drop").at[r2].set(l2, mode="drop")
         return x, load, ok.any(), it + 1
@@ -283,15 +314,37 @@ def _order_rank(b: jax.Array, c: jax.Array) -> jax.Array:
     return jnp.where(kept, c, (pick * b[None, :]).sum(1)).astype(_I32)
 
 
-def _migrate(bins, load, w, cur, tolerance, num_nodes: int):
+def _sticky(cur, w, count, expert_node, rank_node, cap):
+    """Candidate B of step 5: keep what ``cur`` may keep, pack the rest, refine to ``cap``."""
+    num_ranks, per_rank = cur.shape
+    flat, num_experts = cur.reshape(-1), w.shape[0]
+    pos = jnp.arange(flat.shape[0])
+    rank_of = pos // per_rank
+    e = jnp.clip(flat, 0, num_experts - 1)
+    same = (flat[:, None] == flat[None, :]) & (pos[None, :] < pos[:, None])  # [s, earlier s']
+    dup = (same & (rank_of[:, None] == rank_of[None, :])).any(1)
+    valid = (flat == e) & ~dup & (rank_node[rank_of] == expert_node[e])
+    keep = valid & ((same & valid[None, :]).sum(1) < count[e])  # first count[e] copies stay
+    need = count - (keep[:, None] & (e[:, None] == jnp.arange(num_experts))).sum(0)
+    slot_w = jnp.where(keep, w[e], 0).reshape(num_ranks, per_rank)
+    load = jnp.zeros(num_ranks, _F32)
+    for j in range(per_rank):  # column by column: the reference adds in this order too
+        load = load + slot_w[:, j]
+    slots = jnp.where(keep, flat, -1).reshape(num_ranks, per_rank).astype(_I32)
+    slots, load = _pack(w, need, slots, load, rank_node, expert_node)
+    return _refine(slots, load, w, rank_node, flat.shape[0], target=cap)
+
+
+def _migrate(bins, load, w, count, expert_node, cur, tolerance, num_nodes: int):
     """Step 5: bins [R, k] -> slots [R, k] placed to keep as much of ``cur`` as possible."""
     num_ranks, per_rank = bins.shape
+    ranks = jnp.arange(num_ranks, dtype=_I32)
     experts = jnp.arange(w.shape[0], dtype=_I32)
     bin_has = (bins[:, :, None] == experts).any(1)
     cur_has = (cur[:, :, None] == experts).any(1)
     overlap = jnp.dot(bin_has.astype(_F32), cur_has.T.astype(_F32),
                       precision=lax.Precision.HIGHEST).astype(_I32)
-    rank_node = jnp.arange(num_ranks, dtype=_I32) // (num_ranks // num_nodes)
+    rank_node = ranks // (num_ranks // num_nodes)
     allowed = jnp.ones((num_ranks, num_ranks), bool)
     if num_nodes > 1:
         node_bins = bin_has.reshape(num_nodes, -1, w.shape[0]).sum(1)
@@ -299,12 +352,22 @@ def _migrate(bins, load, w, cur, tolerance, num_nodes: int):
         node_overlap = jnp.minimum(node_bins[:, None], node_cur[None, :]).sum(-1)
         node_perm = _greedy_match(node_overlap, jnp.ones((num_nodes, num_nodes), bool))
         allowed = rank_node[None, :] == node_perm[rank_node][:, None]
+        expert_node = node_perm[expert_node]  # sticky candidate: experts follow their node
     perm = _greedy_match(overlap, allowed)
-    holder = jnp.zeros(num_ranks, _I32).at[perm].set(jnp.arange(num_ranks, dtype=_I32))
-    bins, load = bins[holder], load[holder]
-    cap = jnp.max(load) * (jnp.asarray(1, _F32) + tolerance)
-    bins, _ = _migration_swaps(bins, load, w, cur_has, cap, rank_node, num_ranks * per_rank)
-    return jax.vmap(_order_rank)(bins, cur)
+    holder = jnp.zeros(num_ranks, _I32).at[perm].set(ranks)
+    cap = jnp.max(load) * (jnp.asarray(1, _F32) + tolerance + _SLACK)
+    sticky, sticky_load = _sticky(cur, w, count, expert_node, rank_node, cap)
+
+    def kept(slots):
+        return cur_has[ranks[:, None], slots].sum()
+
+    use = (jnp.max(sticky_load) <= cap) & (kept(sticky) > kept(bins[holder]))
+    slots, _ = _migration_swaps(jnp.where(use, sticky, bins[holder]),
+                                jnp.where(use, sticky_load, load[holder]), w, cur_has, cap,
+                                rank_node, num_ranks * per_rank)
+    slots = jax.vmap(_order_rank)(slots, cur)
+    # Never more moves than the load-only placement as it is.
+    return jnp.where((slots != cur).sum() <= (bins != cur).sum(), slots, bins)
 
 
 def _solve_layer(load, current, tolerance, *, num_slots: int, ep_size: int, num_nodes: int,
@@ -312,23 +375,30 @@ def _solve_layer(load, current, tolerance, *, num_slots: int, ep_size: int, num_
     num_experts = load.shape[0]
     ranks_per_node, per_rank = ep_size // num_nodes, num_slots // ep_size
     load = jnp.where(load > 0, load, 0).astype(_F32)  # also turns -0.0 and NaN into +0.0
-    if num_nodes > 1:
-        ids = _partition_nodes(load, num_nodes)
-    else:
-        ids = jnp.arange(num_experts, dtype=_I32)[None]
+    ids = (_partition_nodes(load, num_nodes) if num_nodes > 1
+           else jnp.arange(num_experts, dtype=_I32)[None])  # [N, E/N] expert ids per node
     node_load = load[ids]
-    count = jax.vmap(partial(_replicate, num_slots=num_slots // num_nodes, cap=ranks_per_node))(
-        node_load)
+    replicate = partial(_replicate, num_slots=num_slots // num_nodes, cap=ranks_per_node)
+    count = jax.vmap(replicate)(node_load)
     w = node_load / count.astype(_F32)
-    slots, rload = jax.vmap(partial(_pack, num_ranks=ranks_per_node, per_rank=per_rank))(w, count)
+    one_node = jnp.zeros(ranks_per_node, _I32)
+    empty = jnp.full((ranks_per_node, per_rank), -1, _I32)
+    slots, rload = jax.vmap(lambda w_, c_: _pack(w_, c_, empty, jnp.zeros(ranks_per_node, _F32),
+                                                 one_node, jnp.zeros_like(c_)))(w, count)
     if refine:
-        slots, rload = jax.vmap(partial(_refine, max_iter=num_slots // num_nodes))(slots, rload, w)
+        slots, rload = jax.vmap(partial(_refine, rank_node=one_node,
+                                        max_iter=num_slots // num_nodes))(slots, rload, w)
     bins = jax.vmap(lambda i, s: i[s])(ids, slots).reshape(ep_size, per_rank)
     if current is None:
         return bins.reshape(-1)
-    w_global = jnp.zeros(num_experts, _F32).at[ids.reshape(-1)].set(w.reshape(-1))
+
+    def by_expert(v):  # [N, E/N] per node -> [E] per expert id
+        return jnp.zeros(num_experts, v.dtype).at[ids.reshape(-1)].set(v.reshape(-1))
+
+    expert_node = by_expert(jnp.broadcast_to(jnp.arange(num_nodes, dtype=_I32)[:, None], ids.shape))
     cur = current.astype(_I32).reshape(ep_size, per_rank)
-    return _migrate(bins, rload.reshape(-1), w_global, cur, tolerance, num_nodes).reshape(-1)
+    return _migrate(bins, rload.reshape(-1), by_expert(w), by_expert(count), expert_node, cur,
+                    tolerance, num_nodes).reshape(-1)
 
 
 @partial(jax.jit, static_argnames=("num_slots", "ep_size", "num_nodes", "refine"))
@@ -340,6 +410,19 @@ def _solve(load, current, tolerance, *, num_slots, ep_size, num_nodes, refine):
     return jax.vmap(fn, in_axes=(0, 0, None))(load, current, tolerance)
 
 
+def _run(load, current, tolerance, num_slots: int, ep_size: int, num_nodes: int,
+         refine: bool) -> jax.Array:
+    load = jnp.asarray(load)
+    current_shape = None if current is None else tuple(jnp.shape(current))
+    _check(tuple(load.shape), num_slots, ep_size, num_nodes, current_shape, tolerance)
+    squeeze = load.ndim == 1
+    if current is not None:
+        current = jnp.asarray(current, _I32).reshape(-1, num_slots)
+    out = _solve(load.reshape(-1, load.shape[-1]), current, jnp.asarray(tolerance, _F32),
+                 num_slots=num_slots, ep_size=ep_size, num_nodes=num_nodes, refine=refine)
+    return out[0] if squeeze else out
+
+
 def compute_placement(load, num_slots: int, ep_size: int, *, num_nodes: int = 1, current=None,
                       tolerance: float = 0.0) -> jax.Array:
     """Balanced placement ``int32 [L, num_slots]`` (``[num_slots]`` for a 1-D ``load``).
@@ -348,34 +431,19 @@ def compute_placement(load, num_slots: int, ep_size: int, *, num_nodes: int = 1,
       load: float [L, E] or [E], non-negative load per expert (e.g. token counts).
       num_slots: total slots S over the EP group (``E <= S <= E * ep_size / num_nodes``).
       ep_size: ranks R; rank r owns slots ``[r*S/R, (r+1)*S/R)``.
-      num_nodes: nodes; > 1 keeps each expert's replicas inside one node.
-      current: int [L, S] (or [S]) current placement; if given, ranks are relabelled
-        and replicas swapped so that fewer slots change (see the module docstring).
-      tolerance: relative slack of the maximum rank load allowed for keeping
-        experts in place (only used with ``current``).
+      num_nodes: nodes (``N`` divides ``R`` and ``E``); > 1 keeps each expert's
+        replicas inside one node.
+      current: int [L, S] (or [S]) current placement; if given, the result moves
+        as few slots as it can (see the module docstring, step 5).
+      tolerance: relative slack on the maximum rank load that step 5 may spend
+        to keep experts in place (used only with ``current``).
     """
-    load = jnp.asarray(load)
-    current_shape = None if current is None else tuple(jnp.shape(current))
-    _check(tuple(load.shape), num_slots, ep_size, num_nodes, current_shape, tolerance)
-    squeeze = load.ndim == 1
-    load2 = load[None] if squeeze else load
-    cur2 = None
-    if current is not None:
-        cur2 = jnp.asarray(current, _I32)
-        cur2 = cur2[None] if squeeze else cur2
-    out = _solve(load2, cur2, jnp.asarray(tolerance, _F32), num_slots=num_slots,
-                 ep_size=ep_size, num_nodes=num_nodes, refine=True)
-    return out[0] if squeeze else out
+    return _run(load, current, tolerance, num_slots, ep_size, num_nodes, True)
 
 
 def greedy_placement(load, num_slots: int, ep_size: int) -> jax.Array:
     """Baseline: steps 2-3 only (replicate, then largest-first onto the least-loaded rank)."""
-    load = jnp.asarray(load)
-    _check(tuple(load.shape), num_slots, ep_size, 1, None, 0.0)
-    squeeze = load.ndim == 1
-    out = _solve(load[None] if squeeze else load, None, jnp.zeros((), _F32),
-                 num_slots=num_slots, ep_size=ep_size, num_nodes=1, refine=False)
-    return out[0] if squeeze else out
+    return _run(load, None, 0.0, num_slots, ep_size, 1, False)
 
 
 def rank_loads(load, slot_to_expert, ep_size: int) -> jax.Array:

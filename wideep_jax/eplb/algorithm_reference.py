@@ -38,35 +38,43 @@ def _replicate(load: np.ndarray, num_slots: int, cap: int) -> np.ndarray:
     return count
 
 
-def _pack(w: np.ndarray, count: np.ndarray, num_ranks: int, per_rank: int):
-    slots = np.full((num_ranks, per_rank), -1, np.int64)
-    fill = np.zeros(num_ranks, int)
-    load = np.zeros(num_ranks, _F32)
+def _pack(w, need, slots, load, rank_node, expert_node):
+    slots, load = slots.copy(), load.copy()
     order = np.argsort(-w, kind="stable")
-    for e in np.repeat(order, count[order]):
+    aside = []
+    for e in np.repeat(order, need[order]):
+        fits = (rank_node == expert_node[e]) & (slots < 0).any(1) & ~(slots == e).any(1)
+        if not fits.any():
+            aside.append(e)
+            continue
+        b = _argmin(load, fits)
+        slots[b, np.argmax(slots[b] < 0)] = e
+        load[b] = load[b] + w[e]
+    for e in aside:
+        node_ok = rank_node == expert_node[e]
         holds = (slots == e).any(1)
-        free = fill < per_rank
+        free = (slots < 0).any(1) & node_ok
         if (free & ~holds).any():
             b = _argmin(load, free & ~holds)
-            slots[b, fill[b]] = e
-            fill[b] += 1
+            slots[b, np.argmax(slots[b] < 0)] = e
             load[b] = load[b] + w[e]
             continue
-        # Repair: every rank with a free slot holds e already.
-        bf, bu = _argmin(load, free), _argmin(load, ~holds)
+        # Repair: every rank of the node with a free slot holds e already.
+        bf, bu = _argmin(load, free), _argmin(load, node_ok & ~holds)
         j = _argmin(w[slots[bu]], ~np.isin(slots[bu], slots[bf]))
         x = slots[bu, j]
-        slots[bf, fill[bf]] = x
-        fill[bf] += 1
+        slots[bf, np.argmax(slots[bf] < 0)] = x
         load[bf] = load[bf] + w[x]
         slots[bu, j] = e
         load[bu] = (load[bu] - w[x]) + w[e]
     return slots, load
 
 
-def _refine(slots: np.ndarray, load: np.ndarray, w: np.ndarray, max_iter: int):
+def _refine(slots, load, w, rank_node, max_iter: int, target=None):
     num_ranks, per_rank = slots.shape
     for _ in range(max_iter):
+        if target is not None and load.max() <= target:
+            break
         a = int(np.argmax(load))
         best = None
         for i in range(per_rank):
@@ -74,7 +82,7 @@ def _refine(slots: np.ndarray, load: np.ndarray, w: np.ndarray, max_iter: int):
             for t in range(num_ranks * per_rank):
                 b, j = divmod(t, per_rank)
                 xt = slots[b, j]
-                if b == a or xt in slots[a] or xi in slots[b]:
+                if b == a or rank_node[b] != rank_node[a] or xt in slots[a] or xi in slots[b]:
                     continue
                 new_a = (load[a] - w[xi]) + w[xt]
                 new_b = (load[b] - w[xt]) + w[xi]
@@ -148,7 +156,24 @@ def _order_rank(b: np.ndarray, c: np.ndarray) -> np.ndarray:
     return out
 
 
-def _migrate(bins, load, w, cur, tolerance: float, num_nodes: int) -> np.ndarray:
+def _sticky(cur, w, count, expert_node, rank_node, cap):
+    num_ranks, per_rank = cur.shape
+    slots = np.full((num_ranks, per_rank), -1, np.int64)
+    need = count.astype(np.int64).copy()
+    for r in range(num_ranks):
+        for j, e in enumerate(cur[r]):
+            if (0 <= e < len(w) and e not in slots[r] and rank_node[r] == expert_node[e]
+                    and need[e] > 0):
+                slots[r, j] = e
+                need[e] -= 1
+    load = np.zeros(num_ranks, _F32)
+    for j in range(per_rank):
+        load = load + np.where(slots[:, j] >= 0, w[np.maximum(slots[:, j], 0)], _F32(0))
+    slots, load = _pack(w, need, slots, load, rank_node, expert_node)
+    return _refine(slots, load, w, rank_node, num_ranks * per_rank, target=cap)
+
+
+def _migrate(bins, load, w, count, expert_node, cur, tolerance, num_nodes: int) -> np.ndarray:
     num_ranks, per_rank = bins.shape
     num_experts = len(w)
     bin_has = np.zeros((num_ranks, num_experts), bool)
@@ -165,12 +190,22 @@ def _migrate(bins, load, w, cur, tolerance: float, num_nodes: int) -> np.ndarray
         node_overlap = np.minimum(node_bins[:, None], node_cur[None, :]).sum(-1)
         node_perm = _greedy_match(node_overlap, np.ones((num_nodes, num_nodes), bool))
         allowed = rank_node[None, :] == node_perm[rank_node][:, None]
-    perm = _greedy_match(overlap, allowed)
-    holder = np.argsort(perm)
-    bins, load = bins[holder], load[holder]
-    cap = _F32(load.max()) * (_F32(1) + _F32(tolerance))
-    bins = _migration_swaps(bins, load, w, cur_has, cap, rank_node, num_ranks * per_rank)
-    return np.stack([_order_rank(bins[rank], cur[rank]) for rank in range(num_ranks)])
+        expert_node = node_perm[expert_node]
+    holder = np.argsort(_greedy_match(overlap, allowed))
+    cap = _F32(load.max()) * (_F32(1) + _F32(tolerance) + _F32(1e-6))
+    sticky, sticky_load = _sticky(cur, w, count, expert_node, rank_node, cap)
+
+    def kept(slots):
+        return sum(cur_has[r, e] for r in range(num_ranks) for e in slots[r])
+
+    if sticky_load.max() <= cap and kept(sticky) > kept(bins[holder]):
+        start, start_load = sticky, sticky_load
+    else:
+        start, start_load = bins[holder], load[holder]
+    slots = _migration_swaps(start, start_load.copy(), w, cur_has, cap, rank_node,
+                             num_ranks * per_rank)
+    slots = np.stack([_order_rank(slots[rank], cur[rank]) for rank in range(num_ranks)])
+    return slots if (slots != cur).sum() <= (bins != cur).sum() else bins
 
 
 def _solve_layer(load, current, tolerance, num_slots, ep_size, num_nodes, refine) -> np.ndarray:
@@ -183,21 +218,26 @@ def _solve_layer(load, current, tolerance, num_slots, ep_size, num_nodes, refine
         ids = np.arange(num_experts)[None]
     bins, rank_load = [], []
     w_global = np.zeros(num_experts, _F32)
-    for node_ids in ids:
+    count_global = np.zeros(num_experts, np.int64)
+    expert_node = np.zeros(num_experts, np.int64)
+    one_node = np.zeros(ranks_per_node, np.int64)
+    for n, node_ids in enumerate(ids):
         node_load = load[node_ids]
         count = _replicate(node_load, num_slots // num_nodes, ranks_per_node)
         w = node_load / count.astype(_F32)
-        slots, rl = _pack(w, count, ranks_per_node, per_rank)
+        slots, rl = _pack(w, count, np.full((ranks_per_node, per_rank), -1, np.int64),
+                          np.zeros(ranks_per_node, _F32), one_node, np.zeros(len(w), np.int64))
         if refine:
-            slots, rl = _refine(slots, rl, w, num_slots // num_nodes)
+            slots, rl = _refine(slots, rl, w, one_node, num_slots // num_nodes)
         bins.append(node_ids[slots])
         rank_load.append(rl)
-        w_global[node_ids] = w
+        w_global[node_ids], count_global[node_ids], expert_node[node_ids] = w, count, n
     bins = np.concatenate(bins)
     if current is None:
         return bins.reshape(-1).astype(np.int32)
     cur = np.asarray(current, np.int64).reshape(ep_size, per_rank)
-    out = _migrate(bins, np.concatenate(rank_load), w_global, cur, tolerance, num_nodes)
+    out = _migrate(bins, np.concatenate(rank_load), w_global, count_global, expert_node, cur,
+                   tolerance, num_nodes)
     return out.reshape(-1).astype(np.int32)
 
 
