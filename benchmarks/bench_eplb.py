@@ -37,8 +37,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from bench_moe_layer import commit  # noqa: E402
-from wideep_jax import MoELayer, MoESpec, load_moe_config  # noqa: E402
+from bench_moe_layer import commit, setup  # noqa: E402
+from wideep_jax import MoELayer, load_moe_config  # noqa: E402
 from wideep_jax.bench import imbalance, jitted_forward, median_ms, rank_rows, time_fn  # noqa: E402
 from wideep_jax.eplb.algorithm import compute_placement, greedy_placement, rank_loads  # noqa: E402
 from wideep_jax.eplb.balancer import OnlineBalancer  # noqa: E402
@@ -194,7 +194,8 @@ def reshard_section(layer, balancer, mesh, ep, iters, with_replicated):
             w, o, n, m, config=config, mesh=mesh, axis="ep", master_replicated=replicated), donate_argnums=0)
         singles = [np.flatnonzero(np.bincount(current, minlength=layer.spec.num_experts)[r] == 1)
                    for r in current.reshape(ep, per_rank)]
-        for changed in sorted({1, 8, min(len(x) for x in singles)}):
+        most = min(len(x) for x in singles)
+        for changed in sorted(n for n in {1, 8, most} if 0 < n <= most):
             # Rank r takes the `changed` singly-held experts of rank r-1 (a valid placement).
             new = current.reshape(ep, per_rank).copy()
             cols = [rng.choice(x, changed, replace=False) for x in singles]
@@ -260,14 +261,8 @@ def main() -> int:
                              "host memory; skipped when that does not fit 3 times in available memory)")
     args = parser.parse_args()
 
-    ep = min(args.ep, jax.device_count())
-    mesh = jax.make_mesh((ep,), ("ep",), devices=jax.devices()[:ep])
-    spec = MoESpec.deepseek_v3()
-    if args.small:
-        spec = MoESpec.deepseek_v3(hidden_size=128, intermediate_size=64, num_experts=64,
-                                   dtype=jnp.float32, param_dtype=jnp.float32)
+    ep, mesh, spec, card = setup(args.ep, args.small, small_hidden=128, small_intermediate=64)
     num_slots = spec.num_experts + args.extra_slots
-    card = f"{ep}x {jax.devices()[0].device_kind}"
     lines = []
     for tokens in args.tokens:
         print(f"tokens/rank {tokens}", flush=True)

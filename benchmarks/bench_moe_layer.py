@@ -93,6 +93,18 @@ def commit() -> str:
         return "unknown"
 
 
+def setup(ep: int, small: bool, *, small_hidden: int = 256, small_intermediate: int = 128):
+    """``(ep, mesh, spec, card)``: EP over the first ``ep`` devices (fewer if there are
+    fewer) and DeepSeek-V3 layer dims, or float32 scaled-down dims for a CPU smoke run."""
+    ep = min(ep, jax.device_count())
+    mesh = jax.make_mesh((ep,), ("ep",), devices=jax.devices()[:ep])
+    spec = MoESpec.deepseek_v3()
+    if small:
+        spec = MoESpec.deepseek_v3(hidden_size=small_hidden, intermediate_size=small_intermediate,
+                                   num_experts=64, dtype=jnp.float32, param_dtype=jnp.float32)
+    return ep, mesh, spec, f"{ep}x {jax.devices()[0].device_kind}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ep", type=int, default=4)
@@ -104,13 +116,7 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args()
 
-    ep = min(args.ep, jax.device_count())
-    mesh = jax.make_mesh((ep,), ("ep",), devices=jax.devices()[:ep])
-    spec = MoESpec.deepseek_v3()
-    if args.small:
-        spec = MoESpec.deepseek_v3(hidden_size=256, intermediate_size=128, num_experts=64,
-                                   dtype=jnp.float32, param_dtype=jnp.float32)
-    card = f"{ep}x {jax.devices()[0].device_kind}"
+    ep, mesh, spec, card = setup(args.ep, args.small)
     wide = MoELayer(spec, MoEConfig(backend="WIDEEP"), mesh=mesh, rngs=nnx.Rngs(0))
     stages = stage_functions(wide)
     forward, state = jitted_forward(wide)
