@@ -5,6 +5,7 @@ Public API:
   - :class:`MoESpec`, :class:`RouterSpec`: model-side dims and routing.
   - :class:`MoELayer`: the Flax NNX layer; ``y, stats = layer(x)``.
   - :func:`moe_forward`, :class:`MoEWeights`, :class:`MoEStats`: the functional core.
+  - :mod:`wideep_jax.eplb`: the load balancer (placement, offline files, online ``OnlineBalancer``).
 """
 from wideep_jax.config import ConfigError, LoadBalancerConfig, MoEConfig, load_moe_config
 from wideep_jax.layer import MoELayer
