@@ -1,0 +1,188 @@
+"""Grouped matmul: ours against its peers, prefill and decode shapes, one process, one card.
+
+    python benchmarks/bench_grouped_matmul.py          # GPU: DeepSeek-V3 per-rank shapes at EP4
+    python benchmarks/bench_grouped_matmul.py --small  # CPU smoke run of the same code
+
+Peers, each where it is available: ``torch._grouped_mm`` (torch with CUDA), JAX's
+``ragged_dot_mgpu`` Pallas kernel (Hopper; best of a small tile sweep),
+``jax.lax.ragged_dot``, and a dense matmul with the same FLOPs. "ours" is
+``pallas_kernels.grouped_matmul`` with its default implementation (best of a
+``block_m`` sweep). Prefill rows report TFLOP/s over the real rows; decode rows
+report GB/s over the weight bytes of the groups that have rows (a group with no
+rows need not be read), next to the card's measured copy bandwidth.
+Appends a table to benchmarks/RESULTS.md (card, date, commit).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench_moe_layer import commit  # noqa: E402
+from pallas_kernels import grouped_matmul  # noqa: E402
+from pallas_kernels.grouped_matmul import GroupedMatmulConfig  # noqa: E402
+from pallas_kernels.grouped_matmul.api import DEFAULT_IMPLEMENTATION  # noqa: E402
+from wideep_jax.bench import median_ms, time_fn  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def group_sizes(rng, num_rows: int, num_groups: int, kind: str) -> np.ndarray:
+    """int32 [G] summing to ``num_rows``: ``uniform`` (equal +-1) or ``zipf`` (popularity ~ 1/rank^1.2)."""
+    if kind == "uniform":
+        sizes = np.full(num_groups, num_rows // num_groups)
+        sizes[: num_rows % num_groups] += 1
+    else:
+        p = 1.0 / np.arange(1, num_groups + 1) ** 1.2
+        sizes = rng.multinomial(num_rows, rng.permutation(p / p.sum()))
+    return sizes.astype(np.int32)
+
+
+def best_of(candidates: dict, iters: int) -> tuple[str, float]:
+    """``(label, ms)`` of the fastest zero-argument callable; failing ones are skipped."""
+    best = ("none", float("inf"))
+    for label, fn in candidates.items():
+        try:
+            ms = median_ms(time_fn(fn, iters=iters))
+        except Exception as err:  # a tile that does not fit is not a result
+            print(f"    skip {label}: {type(err).__name__}: {str(err).splitlines()[0][:120]}", flush=True)
+            continue
+        if ms < best[1]:
+            best = (label, ms)
+    return best
+
+
+def jax_peers(x, w, sizes, iters: int, on_gpu: bool) -> dict[str, tuple[str, float]]:
+    gs = jnp.asarray(sizes)
+    out = {}
+    ours = {}
+    for block_m in (64, 128, 256):
+        f = jax.jit(functools.partial(grouped_matmul, config=GroupedMatmulConfig(block_m=block_m)))
+        ours[f"block_m={block_m}"] = functools.partial(f, x, w, gs)
+    out["ours"] = best_of(ours, iters)
+    ragged = jax.jit(jax.lax.ragged_dot)
+    out["lax.ragged_dot"] = best_of({"": functools.partial(ragged, x, w, gs)}, iters)
+    if on_gpu:
+        try:
+            from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+        except ImportError as err:
+            print(f"    no ragged_dot_mgpu: {err}")
+        else:
+            sweep = {}
+            for bm, bn, steps, grid_n in ((128, 128, 4, 1), (128, 256, 4, 1), (128, 128, 4, 4),
+                                          (64, 256, 4, 2), (128, 192, 5, 1)):
+                if w.shape[2] % (bn * grid_n):
+                    continue
+                f = jax.jit(functools.partial(ragged_dot_mgpu.ragged_dot, block_m=bm, block_n=bn, block_k=64,
+                                              max_concurrent_steps=steps, grid_block_n=grid_n))
+                sweep[f"bm={bm} bn={bn} steps={steps} grid_n={grid_n}"] = functools.partial(
+                    lambda f: f(x, w, group_sizes=gs), f)
+            out["ragged_dot_mgpu"] = best_of(sweep, iters)
+    rows = int(sizes.sum())
+    dense = jax.jit(lambda a, b: a @ b)
+    xd = x[:rows]
+    out["dense (same FLOPs)"] = best_of({"": functools.partial(dense, xd, w[0])}, iters)
+    return out
+
+
+def torch_peer(m, k, n, sizes, iters: int):
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available() or not hasattr(torch, "_grouped_mm"):
+        return None
+    a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    # _grouped_mm wants the weight's last dim contiguous as [G, N, K] transposed.
+    b = torch.randn(len(sizes), n, k, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    offs = torch.tensor(np.cumsum(sizes), device="cuda", dtype=torch.int32)
+    fn = lambda: torch._grouped_mm(a, b, offs=offs, out_dtype=torch.bfloat16)
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return ("", median_ms(times))
+
+
+def copy_bandwidth(iters: int) -> float:
+    """Measured device copy rate, GB/s (read + write)."""
+    n = (1 << 30) if jax.default_backend() == "gpu" else (1 << 24)
+    a = jnp.ones((n,), jnp.bfloat16)
+    f = jax.jit(lambda a: a + 1)
+    return 2 * a.nbytes / (median_ms(time_fn(lambda: f(a), iters=iters)) / 1e3) / 1e9
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--small", action="store_true", help="CPU smoke dims")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    on_gpu = jax.default_backend() == "gpu"
+    rng = np.random.default_rng(0)
+    if args.small:
+        groups, prefill_rows, decode_rows = 8, 512, (32, 64)
+        shapes = {"gate/up": (256, 384), "down": (128, 256)}
+    else:
+        groups, prefill_rows, decode_rows = 64, 32768, (128, 256, 512, 1024)
+        shapes = {"gate/up": (7168, 4096), "down": (2048, 7168)}
+    dtype = jnp.bfloat16
+    bandwidth = copy_bandwidth(args.iters)
+    lines = []
+    cases = [(name, prefill_rows, kind) for name in shapes for kind in ("uniform", "zipf")]
+    cases += [("gate/up", rows, "uniform") for rows in decode_rows]
+    for name, rows, kind in cases:
+        k, n = shapes[name]
+        sizes = group_sizes(rng, rows, groups, kind)
+        x = jax.random.normal(jax.random.key(0), (rows, k), jnp.float32).astype(dtype)
+        w = (jax.random.normal(jax.random.key(1), (groups, k, n), jnp.float32) / np.sqrt(k)).astype(dtype)
+        print(f"{name} rows={rows} {kind}", flush=True)
+        results = jax_peers(x, w, sizes, args.iters, on_gpu)
+        if on_gpu:
+            peer = torch_peer(rows, k, n, sizes, args.iters)
+            if peer is not None:
+                results["torch._grouped_mm"] = peer
+        decode = rows < prefill_rows
+        flops = 2.0 * rows * k * n
+        weight_bytes = int((sizes > 0).sum()) * k * n * jnp.dtype(dtype).itemsize
+        base = results.get("torch._grouped_mm", results["ours"])[1]
+        for impl, (label, ms) in results.items():
+            rate = (weight_bytes / (ms / 1e3) / 1e9) if decode else (flops / (ms / 1e3) / 1e12)
+            unit = f"{rate:.0f} GB/s ({rate / bandwidth:.2f} of copy)" if decode else f"{rate:.0f} TFLOP/s"
+            if decode and impl.startswith("dense"):
+                unit = "n/a (one weight matrix)"
+            lines.append(f"| {name} | {rows} | {kind} | {impl} | {label} | {ms:.3f} | {unit} | {base / ms:.2f} |")
+            print("  " + lines[-1], flush=True)
+
+    card = jax.devices()[0].device_kind
+    title = (f"## bench_grouped_matmul: 1x {card}, {datetime.date.today()}, commit {commit()}, "
+             f"jax {jax.__version__}, default implementation {DEFAULT_IMPLEMENTATION!r}")
+    notes = (f"{groups} groups, bf16 in, f32 accumulate; decode rates count the weight bytes of non-empty groups; "
+             f"measured copy bandwidth {bandwidth:.0f} GB/s; median of {args.iters}; ratio = torch._grouped_mm "
+             "(or ours without torch) time / this time.")
+    table = "\n".join(["| GEMM | rows | groups | implementation | best tiles | ms | rate | speed vs torch |",
+                       "|---|---|---|---|---|---|---|---|"] + lines)
+    text = f"\n{title}\n\n{notes}\n\n{table}\n"
+    print(text)
+    if not args.no_write:
+        with RESULTS.open("a") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
