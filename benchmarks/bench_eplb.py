@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from bench_moe_layer import commit, setup  # noqa: E402
+from bench_moe_layer import commit, publish, setup  # noqa: E402
 from wideep_jax import MoELayer, load_moe_config  # noqa: E402
 from wideep_jax.bench import imbalance, jitted_forward, median_ms, rank_rows, time_fn  # noqa: E402
 from wideep_jax.eplb.algorithm import compute_placement, greedy_placement, rank_loads  # noqa: E402
@@ -47,9 +47,6 @@ from wideep_jax.eplb.state import EplbConfig  # noqa: E402
 from wideep_jax.eplb.resharding import make_master_copy  # noqa: E402
 from wideep_jax.placement import choose_slots, replica_table  # noqa: E402
 from wideep_jax.routing import Routing  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-
 
 def popularity(num_experts: int, exponent: float, seed: int = 0) -> jax.Array:
     """Log-probabilities of a Zipf(exponent) popularity over a fixed random ranking."""
@@ -303,10 +300,7 @@ def main() -> int:
             f"iteration):\n\n{t2}\n\nRe-sharding one layer:\n\n{t3}\n\nPlacement solve (61 layers x 256 experts -> "
             f"288 slots, 32 ranks, gamma(0.5) loads; re-solve after a lognormal(0.1) drift with the old placement "
             f"as `current`, tolerance 0.01, of 17568 slots):\n\n{t4}\n")
-    print(text)
-    if not args.no_write:
-        with RESULTS.open("a") as f:
-            f.write(text)
+    publish(text, write=not args.no_write)
     return 0
 
 

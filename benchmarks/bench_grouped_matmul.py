@@ -27,14 +27,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench_moe_layer import commit  # noqa: E402
+from bench_moe_layer import commit, publish  # noqa: E402
 from pallas_kernels import grouped_matmul  # noqa: E402
 from pallas_kernels.grouped_matmul import GroupedMatmulConfig  # noqa: E402
 from pallas_kernels.grouped_matmul.api import DEFAULT_IMPLEMENTATION  # noqa: E402
 from wideep_jax.bench import median_ms, time_fn  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-
 
 def group_sizes(rng, num_rows: int, num_groups: int, kind: str) -> np.ndarray:
     """int32 [G] summing to ``num_rows``: ``uniform`` (equal +-1) or ``zipf`` (popularity ~ 1/rank^1.2)."""
@@ -177,10 +174,7 @@ def main() -> int:
     table = "\n".join(["| GEMM | rows | groups | implementation | best tiles | ms | rate | speed vs torch |",
                        "|---|---|---|---|---|---|---|---|"] + lines)
     text = f"\n{title}\n\n{notes}\n\n{table}\n"
-    print(text)
-    if not args.no_write:
-        with RESULTS.open("a") as f:
-            f.write(text)
+    publish(text, write=not args.no_write)
     return 0
 
 

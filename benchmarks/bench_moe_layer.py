@@ -29,7 +29,6 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
@@ -91,6 +90,14 @@ def commit() -> str:
         return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
+
+
+def publish(text: str, *, write: bool) -> None:
+    """Prints a result section and, if ``write``, appends it to RESULTS.md."""
+    print(text)
+    if write:
+        with RESULTS.open("a") as f:
+            f.write(text if text.endswith("\n") else text + "\n")
 
 
 def setup(ep: int, small: bool, *, small_hidden: int = 256, small_intermediate: int = 128):
@@ -170,10 +177,7 @@ def main() -> int:
              f"jax {jax.__version__}")
     notes = (f"{dims}. Portable XLA all-to-all, XLA grouped matmul (pre-Pallas baseline). "
              f"Dense bf16 matmul measured at {rate / 1e12:.0f} TFLOP/s; median of {args.iters}.")
-    print(f"\n{title}\n\n{notes}\n\n{table}")
-    if not args.no_write:
-        with RESULTS.open("a") as f:
-            f.write(f"\n{title}\n\n{notes}\n\n{table}\n")
+    publish(f"\n{title}\n\n{notes}\n\n{table}\n", write=not args.no_write)
     return 0
 
 

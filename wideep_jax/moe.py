@@ -64,7 +64,7 @@ def _check_inputs(x, token_mask, routing, spec: MoESpec):
             )
 
 
-def _constrain(a: jax.Array, mesh: Mesh, spec: P) -> jax.Array:
+def constrain(a: jax.Array, mesh: Mesh, spec: P) -> jax.Array:
     """Puts ``a`` in the layout shard_map expects, on Explicit and Auto meshes alike."""
     sharding = NamedSharding(mesh, spec)
     if any(t == AxisType.Explicit for t in mesh.axis_types):
@@ -143,7 +143,7 @@ def moe_forward(
         in_specs = {"x": tok, "mask": tok, "weights": weight_specs}
         if routing is not None:
             in_specs["routing"] = Routing(tok, tok)
-        args = jax.tree.map(lambda a, s: _constrain(a, mesh, s), args, in_specs)
+        args = jax.tree.map(lambda a, s: constrain(a, mesh, s), args, in_specs)
         y, stats = jax.shard_map(
             body, mesh=mesh, in_specs=(in_specs,),
             out_specs=(tok, MoEStats(rep, rep, rep, rep)),
@@ -153,7 +153,7 @@ def moe_forward(
         )(args)
         if pad:
             # An uneven token count cannot stay sharded: hand it back replicated, like x came.
-            y = _constrain(y, mesh, P())
+            y = constrain(y, mesh, P())
     return y[:num_tokens], stats
 
 

@@ -30,7 +30,7 @@ from wideep_jax.eplb.algorithm import compute_placement, rank_loads
 from wideep_jax.eplb.resharding import (host_memory_kind, master_is_replicated, reshard_collective,
                                        reshard_from_host, reshard_from_sharded_host)
 from wideep_jax.eplb.state import EplbConfig, EplbState, accumulate, group_layers
-from wideep_jax.moe import _constrain
+from wideep_jax.moe import constrain
 
 Pytree = Any
 
@@ -127,7 +127,7 @@ def _step(state, weights, counts, master, *, config: EplbConfig, mesh: Mesh, axi
     load, placement = new_placements(state, counts, config)
     moved = (placement != state.placement).sum(axis=1).astype(jnp.int32)
     load = jnp.where((moved > 0)[:, None], 0.0, load)
-    old, new = _constrain(state.placement, mesh, P()), _constrain(placement, mesh, P())
+    old, new = constrain(state.placement, mesh, P()), constrain(placement, mesh, P())
     weights = _reshard(list(weights), old, new, master, config=config, mesh=mesh, axis=axis,
                        master_replicated=master_replicated)
     layer_placements = tuple(placement[i] for i in range(config.num_layers))
