@@ -3,14 +3,16 @@
     python benchmarks/bench_grouped_matmul.py          # GPU: DeepSeek-V3 per-rank shapes at EP4
     python benchmarks/bench_grouped_matmul.py --small  # CPU smoke run of the same code
 
-Peers, each where it is available: ``torch._grouped_mm`` (torch with CUDA), JAX's
-``ragged_dot_mgpu`` Pallas kernel (Hopper; best of a small tile sweep),
-``jax.lax.ragged_dot``, and a dense matmul with the same FLOPs. "ours" is
-``pallas_kernels.grouped_matmul`` with its default implementation (best of a
-``block_m`` sweep). Prefill rows report TFLOP/s over the real rows; decode rows
-report GB/s over the weight bytes of the groups that have rows (a group with no
-rows need not be read), next to the card's measured copy bandwidth.
-Appends a table to benchmarks/RESULTS.md (card, date, commit).
+Ours: the ``mosaic_gpu`` and ``triton`` Pallas kernels (each the best of a small
+tile sweep; default tiles first) and the ``xla`` loop. Peers, each where it is
+available: ``torch._grouped_mm`` (torch with CUDA), JAX's ``ragged_dot_mgpu``
+Pallas kernel (Hopper; best of a small tile sweep), ``jax.lax.ragged_dot``, and a
+dense XLA matmul with the same FLOPs. Fused rows time gate/up with the SwiGLU
+epilogue and down with the routing-weight row scale, against torch doing the
+same with ``_grouped_mm`` plus its elementwise ops. Prefill rows report TFLOP/s
+over the real rows; decode rows report GB/s over the weight bytes of the groups
+that have rows (a group with no rows need not be read), next to the card's
+measured copy bandwidth. Appends a table to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -28,9 +30,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench_moe_layer import commit, publish  # noqa: E402
-from pallas_kernels import grouped_matmul  # noqa: E402
-from pallas_kernels.grouped_matmul import GroupedMatmulConfig  # noqa: E402
-from pallas_kernels.grouped_matmul.api import DEFAULT_IMPLEMENTATION  # noqa: E402
+from pallas_kernels import MosaicGpuConfig, TritonConfig, grouped_matmul, grouped_swiglu  # noqa: E402
+from pallas_kernels.grouped_matmul import default_implementation  # noqa: E402
+from pallas_kernels.grouped_matmul import mosaic_gpu as mosaic_module  # noqa: E402
+from pallas_kernels.grouped_matmul import triton as triton_module  # noqa: E402
 from wideep_jax.bench import median_ms, time_fn  # noqa: E402
 
 def group_sizes(rng, num_rows: int, num_groups: int, kind: str) -> np.ndarray:
@@ -58,14 +61,65 @@ def best_of(candidates: dict, iters: int) -> tuple[str, float]:
     return best
 
 
+def mosaic_sweep(m, g, k, n_out, epilogue) -> list:
+    """Default tiles first, then a few measured contenders (prefill or decode)."""
+    default = mosaic_module.default_config(m, g, k=k, n_out=n_out, epilogue=epilogue)
+    walk = dict(grid_minor="m", grid_tile_width=4)
+    if m // g >= 128:
+        if epilogue == "swiglu":
+            more = [MosaicGpuConfig(tile_m=64, tile_n=128, wg_split="m", max_concurrent_steps=4, **walk),
+                    MosaicGpuConfig(tile_m=64, tile_n=128, wg_split="m", max_concurrent_steps=4,
+                                    chain_items=True, **walk)]
+        else:
+            more = [MosaicGpuConfig(chain_items=True, **walk), MosaicGpuConfig(grid_minor="m", grid_tile_width=2),
+                    MosaicGpuConfig(tile_m=64, tile_n=256, wg_split="m", **walk)]
+    else:
+        more = [MosaicGpuConfig(tile_m=64, tile_n=64, max_concurrent_steps=8),
+                MosaicGpuConfig(tile_m=64, tile_n=256, max_concurrent_steps=2),
+                MosaicGpuConfig(tile_m=64, tile_n=128, max_concurrent_steps=4, chain_items=True)]
+    return [default] + [c for c in more if c != default]
+
+
+def triton_sweep(m, g, k, n_out, epilogue) -> list:
+    default = triton_module.default_config(m, g, k=k, n_out=n_out, epilogue=epilogue)
+    more = ([TritonConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
+             TritonConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)]
+            if m // g >= 128 else
+            [TritonConfig(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=4),
+             TritonConfig(block_m=32, block_n=64, block_k=128, num_warps=4, num_stages=5)])
+    return [default] + [c for c in more if c != default]
+
+
+def short(config) -> str:
+    """A config's fields that differ from the class defaults."""
+    fields = type(config).__dataclass_fields__
+    return " ".join(f"{name}={getattr(config, name)}" for name, f in fields.items()
+                    if getattr(config, name) != f.default) or "defaults"
+
+
+def ours(x, w, gs, epilogue, iters, on_gpu, row_scale=None) -> dict[str, tuple[str, float]]:
+    m, k = x.shape
+    g, n = w.shape[0], w.shape[2] // (2 if epilogue == "swiglu" else 1)
+    call = (functools.partial(grouped_swiglu) if epilogue == "swiglu"
+            else functools.partial(grouped_matmul, row_scale=row_scale))
+    sweeps = {"xla loop": [None]}
+    if on_gpu:
+        sweeps = {"mosaic_gpu": mosaic_sweep(m, g, k, n, epilogue), "triton": triton_sweep(m, g, k, n, epilogue),
+                  **sweeps}
+    out = {}
+    for impl, configs in sweeps.items():
+        candidates = {}
+        for config in configs:
+            name = "xla" if impl == "xla loop" else impl
+            f = jax.jit(functools.partial(call, implementation=name, config=config))
+            candidates["default" if config is None else short(config)] = functools.partial(f, x, w, gs)
+        out[impl] = best_of(candidates, iters)
+    return out
+
+
 def jax_peers(x, w, sizes, iters: int, on_gpu: bool) -> dict[str, tuple[str, float]]:
     gs = jnp.asarray(sizes)
     out = {}
-    ours = {}
-    for block_m in (64, 128, 256):
-        f = jax.jit(functools.partial(grouped_matmul, config=GroupedMatmulConfig(block_m=block_m)))
-        ours[f"block_m={block_m}"] = functools.partial(f, x, w, gs)
-    out["ours"] = best_of(ours, iters)
     ragged = jax.jit(jax.lax.ragged_dot)
     out["lax.ragged_dot"] = best_of({"": functools.partial(ragged, x, w, gs)}, iters)
     if on_gpu:
@@ -91,7 +145,7 @@ def jax_peers(x, w, sizes, iters: int, on_gpu: bool) -> dict[str, tuple[str, flo
     return out
 
 
-def torch_peer(m, k, n, sizes, iters: int):
+def torch_peer(m, k, n, sizes, iters: int, epilogue: str = "none"):
     try:
         import torch
     except ImportError:
@@ -102,7 +156,17 @@ def torch_peer(m, k, n, sizes, iters: int):
     # _grouped_mm wants the weight's last dim contiguous as [G, N, K] transposed.
     b = torch.randn(len(sizes), n, k, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     offs = torch.tensor(np.cumsum(sizes), device="cuda", dtype=torch.int32)
-    fn = lambda: torch._grouped_mm(a, b, offs=offs, out_dtype=torch.bfloat16)
+    scale = torch.rand(m, 1, device="cuda", dtype=torch.bfloat16)
+
+    def fn():
+        y = torch._grouped_mm(a, b, offs=offs, out_dtype=torch.bfloat16)
+        if epilogue == "swiglu":
+            gate, up = y.chunk(2, dim=-1)
+            y = torch.nn.functional.silu(gate) * up
+        elif epilogue == "row_scale":
+            y = y * scale
+        return y
+
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -123,56 +187,79 @@ def copy_bandwidth(iters: int) -> float:
     return 2 * a.nbytes / (median_ms(time_fn(lambda: f(a), iters=iters)) / 1e3) / 1e9
 
 
+CASES = {  # name: (k index into shapes, epilogue)
+    "gate/up": ("gate/up", "none"),
+    "down": ("down", "none"),
+    "gate/up + SwiGLU": ("gate/up", "swiglu"),
+    "down x weight": ("down", "row_scale"),
+}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--small", action="store_true", help="CPU smoke dims")
+    parser.add_argument("--phase", choices=("prefill", "decode", "all"), default="all")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     on_gpu = jax.default_backend() == "gpu"
     rng = np.random.default_rng(0)
     if args.small:
-        groups, prefill_rows, decode_rows = 8, 512, (32, 64)
-        shapes = {"gate/up": (256, 384), "down": (128, 256)}
+        groups, prefill_rows, decode_rows = 8, 1024, (32, 64)
+        shapes = {"gate/up": (256, 512), "down": (256, 256)}
     else:
         groups, prefill_rows, decode_rows = 64, 32768, (128, 256, 512, 1024)
         shapes = {"gate/up": (7168, 4096), "down": (2048, 7168)}
     dtype = jnp.bfloat16
     bandwidth = copy_bandwidth(args.iters)
+    cases = []
+    if args.phase in ("prefill", "all"):
+        cases += [(name, prefill_rows, kind) for name in CASES for kind in ("uniform", "zipf")]
+    if args.phase in ("decode", "all"):
+        cases += [("gate/up", rows, "uniform") for rows in decode_rows]
+        cases += [("down", rows, "uniform") for rows in decode_rows[::2]]
+        cases += [("gate/up + SwiGLU", decode_rows[-2], "zipf"), ("down x weight", decode_rows[-2], "zipf")]
     lines = []
-    cases = [(name, prefill_rows, kind) for name in shapes for kind in ("uniform", "zipf")]
-    cases += [("gate/up", rows, "uniform") for rows in decode_rows]
     for name, rows, kind in cases:
-        k, n = shapes[name]
+        shape, epilogue = CASES[name]
+        k, n = shapes[shape]
         sizes = group_sizes(rng, rows, groups, kind)
         x = jax.random.normal(jax.random.key(0), (rows, k), jnp.float32).astype(dtype)
         w = (jax.random.normal(jax.random.key(1), (groups, k, n), jnp.float32) / np.sqrt(k)).astype(dtype)
+        gs = jnp.asarray(sizes)
         print(f"{name} rows={rows} {kind}", flush=True)
-        results = jax_peers(x, w, sizes, args.iters, on_gpu)
+        row_scale = jnp.ones((rows,), jnp.float32) if epilogue == "row_scale" else None
+        results = ours(x, w, gs, epilogue, args.iters, on_gpu, row_scale)
+        if epilogue == "none":
+            results.update(jax_peers(x, w, sizes, args.iters, on_gpu and rows == prefill_rows))
         if on_gpu:
-            peer = torch_peer(rows, k, n, sizes, args.iters)
+            peer = torch_peer(rows, k, n, sizes, args.iters, epilogue)
             if peer is not None:
-                results["torch._grouped_mm"] = peer
-        decode = rows < prefill_rows
+                results["torch._grouped_mm" + ("" if epilogue == "none" else " + eager epilogue")] = peer
         flops = 2.0 * rows * k * n
         weight_bytes = int((sizes > 0).sum()) * k * n * jnp.dtype(dtype).itemsize
-        base = results.get("torch._grouped_mm", results["ours"])[1]
+        decode = rows < prefill_rows
+        torch_ms = next((ms for impl, (_, ms) in results.items() if impl.startswith("torch")), None)
+        base = {"torch": torch_ms, "ragged_dot_mgpu": results.get("ragged_dot_mgpu", (0, None))[1],
+                "dense": None if decode else results.get("dense (same FLOPs)", (0, None))[1]}
         for impl, (label, ms) in results.items():
             rate = (weight_bytes / (ms / 1e3) / 1e9) if decode else (flops / (ms / 1e3) / 1e12)
             unit = f"{rate:.0f} GB/s ({rate / bandwidth:.2f} of copy)" if decode else f"{rate:.0f} TFLOP/s"
             if decode and impl.startswith("dense"):
                 unit = "n/a (one weight matrix)"
-            lines.append(f"| {name} | {rows} | {kind} | {impl} | {label} | {ms:.3f} | {unit} | {base / ms:.2f} |")
+            ratios = " | ".join("" if b is None or not np.isfinite(ms) else f"{b / ms:.2f}" for b in base.values())
+            lines.append(f"| {name} | {rows} | {kind} | {impl} | {label} | {ms:.3f} | {unit} | {ratios} |")
             print("  " + lines[-1], flush=True)
 
     card = jax.devices()[0].device_kind
-    title = (f"## bench_grouped_matmul: 1x {card}, {datetime.date.today()}, commit {commit()}, "
-             f"jax {jax.__version__}, default implementation {DEFAULT_IMPLEMENTATION!r}")
-    notes = (f"{groups} groups, bf16 in, f32 accumulate; decode rates count the weight bytes of non-empty groups; "
-             f"measured copy bandwidth {bandwidth:.0f} GB/s; median of {args.iters}; ratio = torch._grouped_mm "
-             "(or ours without torch) time / this time.")
-    table = "\n".join(["| GEMM | rows | groups | implementation | best tiles | ms | rate | speed vs torch |",
-                       "|---|---|---|---|---|---|---|---|"] + lines)
+    title = (f"## bench_grouped_matmul ({args.phase}): 1x {card}, {datetime.date.today()}, commit {commit()}, "
+             f"jax {jax.__version__}, default implementation {default_implementation()!r}")
+    notes = (f"{groups} groups, bf16 in, f32 accumulate, bf16 out; decode rates count the weight bytes of "
+             f"non-empty groups; measured copy bandwidth {bandwidth:.0f} GB/s; median of {args.iters}; "
+             "a ratio column = that peer's time / this time (> 1: this row is faster).")
+    table = "\n".join(["| GEMM | rows | groups | implementation | best tiles | ms | rate "
+                       "| vs torch | vs ragged_dot_mgpu | vs dense |",
+                       "|---|---|---|---|---|---|---|---|---|---|"] + lines)
     text = f"\n{title}\n\n{notes}\n\n{table}\n"
     publish(text, write=not args.no_write)
     return 0

@@ -8,7 +8,7 @@ The accepted YAML is the ``moe_config`` section of TensorRT-LLM's Wide-EP README
         load_balancer: moe_load_balancer.yaml   # or an inline mapping
 
 plus keys of our own, marked "(ours)" below (``alltoall_backend``, ``ep_axis``,
-``replica_selection`` and the online balancer's ``decay``, ``warmup_iters``, ``reshard``,
+``replica_selection``, ``expert_kernel`` and the online balancer's ``decay``, ``warmup_iters``, ``reshard``,
 ``num_nodes``, ``tolerance``). Every bad input raises
 :class:`ConfigError` naming the key (dotted path), the bad value and what is allowed.
 """
@@ -30,6 +30,7 @@ __all__ = [
     "ALLTOALL_BACKENDS",
     "BACKENDS",
     "REPLICA_SELECTIONS",
+    "EXPERT_KERNELS",
     "RESHARD_MODES",
     "ConfigError",
     "LoadBalancerConfig",
@@ -42,6 +43,8 @@ BACKENDS = ("CUTLASS", "WIDEEP")
 ALLTOALL_BACKENDS = ("auto", "xla")
 """Communication backends for ``WIDEEP``."""
 REPLICA_SELECTIONS = ("round_robin", "local_first")
+EXPERT_KERNELS = ("auto", "mosaic_gpu", "triton", "xla")
+"""Grouped-matmul implementations for the expert FFN (``auto``: by device and dtype)."""
 """How a routed pair picks one of its expert's replicas."""
 RESHARD_MODES = ("host", "collective")
 """Where online re-sharding reads moved expert weights from."""
@@ -217,6 +220,8 @@ class MoEConfig:
     replica_selection: str = "round_robin"
     """(ours) ``round_robin`` spreads an expert's pairs over its replicas; ``local_first``
     uses a replica on the token's own rank when there is one (less traffic, less balance)."""
+    expert_kernel: str = "auto"
+    """(ours) Grouped-matmul implementation of the expert FFN, one of :data:`EXPERT_KERNELS`."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backend", _choice(f"{_MOE}.backend", self.backend, BACKENDS, upper=True))
@@ -235,6 +240,10 @@ class MoEConfig:
         object.__setattr__(
             self, "replica_selection",
             _choice(f"{_MOE}.replica_selection", self.replica_selection, REPLICA_SELECTIONS, upper=False),
+        )
+        object.__setattr__(
+            self, "expert_kernel",
+            _choice(f"{_MOE}.expert_kernel", self.expert_kernel, EXPERT_KERNELS, upper=False),
         )
 
     def num_slots(self, num_experts: int) -> int:

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import grouped_matmul
+from pallas_kernels import grouped_matmul, grouped_swiglu
 
 
 class ExpertOutput(NamedTuple):
@@ -24,6 +24,57 @@ def swiglu(gate_up: jax.Array, dtype) -> jax.Array:
     """SiLU(gate) * up on ``[..., 2I]`` laid out as gate | up, in float32."""
     gate, up = jnp.split(gate_up.astype(jnp.float32), 2, axis=-1)
     return (jax.nn.silu(gate) * up).astype(dtype)
+
+
+class PairOrder(NamedTuple):
+    """Where each (token, k) pair goes in slot-sorted order, and back."""
+
+    row_token: jax.Array  # int32 [N*K] source token row of each sorted row
+    row_weight: jax.Array  # float32 [N*K] routing weight of each sorted row
+    position: jax.Array  # int32 [N, K] sorted row of each pair
+    pair_valid: jax.Array  # bool [N, K] pairs that are computed
+    group_sizes: jax.Array  # int32 [S] sorted rows per slot (padding rows last)
+
+
+def sort_pairs(slot: jax.Array, weight: jax.Array, valid: jax.Array, num_slots: int) -> PairOrder:
+    """Orders the live (token, k) pairs by slot; dead pairs go last, as padding."""
+    num_rows, top_k = slot.shape
+    # One row per (token, k) pair: every pair may be live (a caller's routing may
+    # even repeat an expert), so nothing can be cut off whatever the routing.
+    num_pairs = num_rows * top_k
+    pair_valid = valid[:, None] & (slot >= 0)
+    key = jnp.where(pair_valid, slot, num_slots).reshape(-1)
+    order = jnp.argsort(key, stable=True)
+    group_sizes = jnp.zeros((num_slots + 1,), jnp.int32).at[key].add(1)[:num_slots]
+    # Sorted position of every pair (the inverse of `order`), for a gather-based reduce.
+    position = jnp.zeros((num_pairs,), jnp.int32).at[order].set(
+        jnp.arange(num_pairs, dtype=jnp.int32), unique_indices=True).reshape(num_rows, top_k)
+    return PairOrder(
+        row_token=(order // top_k).astype(jnp.int32),
+        row_weight=weight.reshape(-1)[order].astype(jnp.float32),
+        position=position,
+        pair_valid=pair_valid,
+        group_sizes=group_sizes,
+    )
+
+
+def permute_rows(x: jax.Array, pairs: PairOrder) -> jax.Array:
+    """[N*K, H] token rows in slot-sorted order (one copy per pair)."""
+    return x[pairs.row_token]
+
+
+def combine_rows(out: jax.Array, pairs: PairOrder, dtype) -> jax.Array:
+    """[N, H]: each token's sum over its valid pairs' rows of ``out`` (float32 sum).
+
+    Rows of invalid pairs and padding rows are never selected (``where``, not a
+    multiply, so their unspecified values, NaN included, cannot leak in).
+    """
+    num_rows, top_k = pairs.position.shape
+    partial = jnp.zeros((num_rows, out.shape[-1]), jnp.float32)
+    for k in range(top_k):
+        partial = partial + jnp.where(pairs.pair_valid[:, k, None],
+                                      out[pairs.position[:, k]].astype(jnp.float32), 0.0)
+    return partial.astype(dtype)
 
 
 def routed_experts(
@@ -51,34 +102,14 @@ def routed_experts(
     Returns:
       Per-row partial sums (x.dtype) and rows per slot.
     """
-    num_rows, top_k = slot.shape
-    num_slots = w_gate_up.shape[0]
-    # One row per (token, k) pair: every pair may be live (a caller's routing may
-    # even repeat an expert), so nothing can be cut off whatever the routing.
-    num_pairs = num_rows * top_k
-    pair_valid = valid[:, None] & (slot >= 0)
-    key = jnp.where(pair_valid, slot, num_slots).reshape(-1)
-    order = jnp.argsort(key, stable=True)
-    group_sizes = jnp.zeros((num_slots + 1,), jnp.int32).at[key].add(1)[:num_slots]
-    row_token = order // top_k
-    row_weight = weight.reshape(-1)[order].astype(jnp.float32)
-    row_live = key[order] < num_slots
-
-    rows = x[row_token]
-    hidden = grouped_matmul(rows, w_gate_up, group_sizes, implementation=gmm_implementation)
-    act = swiglu(hidden, x.dtype)
-    out = grouped_matmul(act, w_down, group_sizes, implementation=gmm_implementation,
-                         preferred_element_type=jnp.float32)
-    # where, not multiply: padding rows of a kernel may hold anything, NaN included.
-    out = jnp.where(row_live[:, None], out * row_weight[:, None], 0.0)
-
-    # Sorted position of every (token, k) pair (the inverse of `order`): gather-based reduce.
-    position = jnp.zeros((num_pairs,), jnp.int32).at[order].set(
-        jnp.arange(num_pairs, dtype=jnp.int32), unique_indices=True).reshape(num_rows, top_k)
-    partial = jnp.zeros((num_rows, x.shape[-1]), jnp.float32)
-    for k in range(top_k):
-        partial = partial + jnp.where(pair_valid[:, k, None], out[position[:, k]], 0.0)
-    return ExpertOutput(partial.astype(x.dtype), group_sizes)
+    pairs = sort_pairs(slot, weight, valid, w_gate_up.shape[0])
+    rows = permute_rows(x, pairs)
+    # Two kernel launches: gate/up with the SwiGLU epilogue, down scaled by the routing weight.
+    act = grouped_swiglu(rows, w_gate_up.astype(x.dtype), pairs.group_sizes,
+                         implementation=gmm_implementation)
+    out = grouped_matmul(act, w_down.astype(x.dtype), pairs.group_sizes, row_scale=pairs.row_weight,
+                         implementation=gmm_implementation)
+    return ExpertOutput(combine_rows(out, pairs, x.dtype), pairs.group_sizes)
 
 
 def shared_experts(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array) -> jax.Array:

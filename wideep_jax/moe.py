@@ -163,6 +163,7 @@ class _Body:
     def __init__(self, spec: MoESpec, config: MoEConfig, num_ranks: int, axis: str | None, wide: bool):
         self.spec, self.config, self.num_ranks, self.axis, self.wide = spec, config, num_ranks, axis, wide
         self.backend = get_alltoall_backend(config.alltoall_backend) if wide else None
+        self.kernel = None if config.expert_kernel == "auto" else config.expert_kernel
 
     def __call__(self, args):
         spec, w = self.spec, args["weights"]
@@ -189,7 +190,7 @@ class _Body:
             if self.wide:
                 y, group_sizes, received = self._wide(xc, mc, slots, rw, w_gate_up, w_down)
             else:
-                out = routed_experts(xc, slots, rw, mc, w_gate_up, w_down)
+                out = routed_experts(xc, slots, rw, mc, w_gate_up, w_down, gmm_implementation=self.kernel)
                 y, group_sizes, received = out.partial.astype(jnp.float32), out.group_sizes, mc.sum()
             return y, (counts, group_sizes, received.astype(jnp.int32))
 
@@ -208,7 +209,7 @@ class _Body:
         rows = num_ranks * plan.capacity
         out = routed_experts(
             recv.x.reshape(rows, -1), recv.slot.reshape(rows, -1), recv.weight.reshape(rows, -1),
-            recv.valid_rows().reshape(rows), w_gate_up, w_down,
+            recv.valid_rows().reshape(rows), w_gate_up, w_down, gmm_implementation=self.kernel,
         )
         y = self.backend.combine(out.partial.reshape(num_ranks, plan.capacity, -1), plan, axis_name=axis)
         return y, out.group_sizes, recv.count.sum()

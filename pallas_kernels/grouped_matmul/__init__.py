@@ -1,22 +1,28 @@
 """Grouped matmul: one op interface, one module per backend, `api` picks."""
 from pallas_kernels.grouped_matmul.api import (
-    DEFAULT_IMPLEMENTATION,
     IMPLEMENTATIONS,
+    default_implementation,
     grouped_matmul,
     grouped_matmul_transposed,
+    grouped_swiglu,
 )
 from pallas_kernels.grouped_matmul.config import GroupedMatmulConfig
+from pallas_kernels.grouped_matmul.mosaic_gpu import MosaicGpuConfig
 from pallas_kernels.grouped_matmul.reference import (
     grouped_matmul_reference,
     grouped_matmul_transposed_reference,
 )
+from pallas_kernels.grouped_matmul.triton import TritonConfig
 
 __all__ = [
-    "DEFAULT_IMPLEMENTATION",
     "IMPLEMENTATIONS",
     "GroupedMatmulConfig",
+    "MosaicGpuConfig",
+    "TritonConfig",
+    "default_implementation",
     "grouped_matmul",
     "grouped_matmul_reference",
     "grouped_matmul_transposed",
     "grouped_matmul_transposed_reference",
+    "grouped_swiglu",
 ]

@@ -1,30 +1,76 @@
-"""The grouped-matmul entry points: validate, pick an implementation, add the VJP."""
+"""The grouped-matmul entry points: validate, pick an implementation, add the VJP.
+
+Implementations (one module each, same keyword interface):
+  * ``mosaic_gpu``: Pallas Mosaic GPU kernel for Hopper (wgmma, TMA, persistent,
+    warp-specialized); SwiGLU and row-scale epilogues fused. Default on sm90.
+  * ``triton``: Pallas kernel through the Triton lowering, any CUDA GPU; epilogues
+    fused. Default on other GPUs.
+  * ``xla``: a loop of XLA dots over row tiles; epilogues in XLA. Default on CPU.
+  * ``ragged_dot``: ``jax.lax.ragged_dot``, a benchmarking peer, never a default.
+
+The Pallas kernels run in their interpret modes off GPU (slow; for tests).
+"""
 from __future__ import annotations
 
 import functools
-import types
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.grouped_matmul import ragged_dot, xla
+from pallas_kernels.grouped_matmul import mosaic_gpu, ragged_dot, triton, xla
 from pallas_kernels.grouped_matmul.config import GroupedMatmulConfig, default_config
 
-# name -> module with `gmm` and `tgmm` (same keyword signature). Pallas kernels
-# register here later; "ragged_dot" is a benchmarking peer and never a default.
-_IMPLEMENTATIONS: dict[str, types.ModuleType] = {"xla": xla, "ragged_dot": ragged_dot}
-IMPLEMENTATIONS: tuple[str, ...] = tuple(_IMPLEMENTATIONS)
-DEFAULT_IMPLEMENTATION = "xla"  # on every platform, until the Pallas kernels land
+Epilogue = Literal["none", "swiglu", "row_scale"]
+IMPLEMENTATIONS: tuple[str, ...] = ("mosaic_gpu", "triton", "xla", "ragged_dot")
+# name -> config class it takes
+_CONFIG_TYPES = {
+    "mosaic_gpu": mosaic_gpu.MosaicGpuConfig,
+    "triton": triton.TritonConfig,
+    "xla": GroupedMatmulConfig,
+    "ragged_dot": GroupedMatmulConfig,
+}
+_LOOP_MODULES = {"xla": xla, "ragged_dot": ragged_dot}
 
 
-def _resolve(implementation: str | None) -> str:
-    name = DEFAULT_IMPLEMENTATION if implementation is None else implementation
-    if name not in _IMPLEMENTATIONS:
+def default_implementation(dtype=jnp.bfloat16) -> str:
+    """The implementation used when none is named, for operands of ``dtype``.
+
+    16-bit operands on GPU: ``mosaic_gpu`` on Hopper (sm90), ``triton`` on other
+    CUDA GPUs. Everything else (CPU, or float32 operands, which the tensor-core
+    kernels do not take) uses ``xla``.
+    """
+    device = jax.devices()[0]
+    if device.platform != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return "xla"
+    capability = str(getattr(device, "compute_capability", ""))
+    return "mosaic_gpu" if capability.split(".")[0] == "9" else "triton"
+
+
+def _resolve(implementation: str | None, dtype=jnp.bfloat16) -> str:
+    name = default_implementation(dtype) if implementation is None else implementation
+    if name not in _CONFIG_TYPES:
         raise ValueError(
             f"unknown grouped_matmul implementation {name!r}; "
             f"allowed: {', '.join(IMPLEMENTATIONS)} (or None for the default)"
         )
     return name
+
+
+def _resolve_config(name: str, config, num_rows: int, num_groups: int, k: int, n_out: int,
+                    epilogue: Epilogue = "none"):
+    expected = _CONFIG_TYPES[name]
+    if config is None:
+        if name == "mosaic_gpu":
+            return mosaic_gpu.default_config(num_rows, num_groups, k=k, n_out=n_out, epilogue=epilogue)
+        if name == "triton":
+            return triton.default_config(num_rows, num_groups, k=k, n_out=n_out, epilogue=epilogue)
+        return default_config(num_rows, num_groups)
+    if not isinstance(config, expected):
+        raise ValueError(
+            f"config {config!r} does not fit implementation {name!r}: it takes a {expected.__name__}"
+        )
+    return config
 
 
 def _check_group_sizes(group_sizes: jax.Array, num_groups: int) -> None:
@@ -35,29 +81,98 @@ def _check_group_sizes(group_sizes: jax.Array, num_groups: int) -> None:
         )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _gmm(name: str, config: GroupedMatmulConfig, out_dtype, x, w, group_sizes):
-    impl = _IMPLEMENTATIONS[name]
-    return impl.gmm(x, w, group_sizes, config=config, preferred_element_type=out_dtype)
+def _live_rows(group_sizes: jax.Array, num_rows: int) -> jax.Array:
+    """bool [M]: rows inside some group (the rest are padding)."""
+    total = jnp.minimum(jnp.sum(jnp.maximum(group_sizes, 0)), num_rows)
+    return jnp.arange(num_rows) < total
 
 
-def _gmm_fwd(name, config, out_dtype, x, w, group_sizes):
-    return _gmm(name, config, out_dtype, x, w, group_sizes), (x, w, group_sizes)
+def _swiglu(h: jax.Array) -> jax.Array:
+    gate, up = jnp.split(h, 2, axis=-1)
+    return jax.nn.silu(gate) * up
 
 
-def _gmm_bwd(name, config, out_dtype, residuals, dy):
-    x, w, group_sizes = residuals
-    impl = _IMPLEMENTATIONS[name]
-    # dx uses the same grouping with w^T; padding rows fall outside every group -> 0.
-    dx = _gmm(name, config, x.dtype, dy, jnp.swapaxes(w, 1, 2), group_sizes)
-    dw = impl.tgmm(
-        x, dy, group_sizes, num_groups=w.shape[0], config=config,
-        preferred_element_type=w.dtype,
+def _forward(name, config, epilogue, out_dtype, x, w, group_sizes, row_scale):
+    """The implementation's output; padding rows hold unspecified values."""
+    if name in _LOOP_MODULES:
+        h = _LOOP_MODULES[name].gmm(x, w, group_sizes, config=config,
+                                    preferred_element_type=jnp.float32)
+        if epilogue == "swiglu":
+            h = _swiglu(h)
+        elif epilogue == "row_scale":
+            h = h * row_scale[:, None]
+        return h.astype(out_dtype)
+    module = mosaic_gpu if name == "mosaic_gpu" else triton
+    return module.grouped_matmul(
+        x, w, group_sizes, config=config, epilogue=epilogue, row_scale=row_scale,
+        out_dtype=out_dtype, interpret=jax.default_backend() != "gpu",
     )
-    return dx, dw, None  # group_sizes is integer data: no cotangent
+
+
+def _tgmm(name, config, x, dy, group_sizes, num_groups, out_dtype):
+    # The Pallas kernels have no transposed variant yet: weight gradients use the XLA loop.
+    module = _LOOP_MODULES.get(name, xla)
+    if module is xla and not isinstance(config, GroupedMatmulConfig):
+        config = default_config(x.shape[0], group_sizes.shape[0])
+    return module.tgmm(x, dy, group_sizes, num_groups=num_groups, config=config,
+                       preferred_element_type=out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _gmm(name, config, epilogue, out_dtype, x, w, group_sizes, row_scale):
+    return _forward(name, config, epilogue, out_dtype, x, w, group_sizes, row_scale)
+
+
+def _gmm_fwd(name, config, epilogue, out_dtype, x, w, group_sizes, row_scale):
+    out = _gmm(name, config, epilogue, out_dtype, x, w, group_sizes, row_scale)
+    return out, (x, w, group_sizes, row_scale)
+
+
+def _gmm_bwd(name, config, epilogue, out_dtype, residuals, dy):
+    x, w, group_sizes, row_scale = residuals
+    live = _live_rows(group_sizes, x.shape[0])[:, None]
+    # Padding rows of the output are unspecified, so their cotangents carry nothing.
+    dy = jnp.where(live, dy.astype(jnp.float32), 0.0)
+    d_scale = None
+    if epilogue != "none":
+        # Recompute the pre-epilogue product (cheaper to store nothing but inputs).
+        h = jnp.where(live, _forward(name, config, "none", jnp.float32, x, w, group_sizes, None), 0.0)
+        if epilogue == "swiglu":
+            gate, up = jnp.split(h, 2, axis=-1)
+            sig = jax.nn.sigmoid(gate)
+            silu = gate * sig
+            dy = jnp.concatenate([dy * up * (sig + silu * (1.0 - sig)), dy * silu], axis=-1)
+        else:
+            d_scale = jnp.sum(dy * h, axis=-1).astype(row_scale.dtype)
+            dy = dy * row_scale[:, None]
+    dy = dy.astype(x.dtype)
+    w_t = jnp.swapaxes(w, 1, 2)
+    # The forward tiling need not fit the transposed shapes: use the default for them.
+    t_config = config if name in _LOOP_MODULES else _resolve_config(
+        name, None, dy.shape[0], w.shape[0], k=dy.shape[1], n_out=x.shape[1])
+    dx = _forward(name, t_config, "none", x.dtype, dy, w_t, group_sizes, None)
+    dx = jnp.where(live, dx, 0).astype(x.dtype)
+    dw = _tgmm(name, config, x, dy, group_sizes, w.shape[0], w.dtype)
+    return dx, dw, None, d_scale  # group_sizes is integer data: no cotangent
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def _run(x, w, group_sizes, *, epilogue, row_scale, implementation, config, preferred_element_type):
+    name = _resolve(implementation, jnp.result_type(x, w))
+    if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"expected x [M, K] and w [G, K, N], got {x.shape} and {w.shape}")
+    _check_group_sizes(group_sizes, w.shape[0])
+    if epilogue == "swiglu" and w.shape[2] % 2:
+        raise ValueError(f"w_gate_up's last dim must be even (gate | up), got {w.shape[2]}")
+    if row_scale is not None and (row_scale.shape != (x.shape[0],)):
+        raise ValueError(f"row_scale must have shape ({x.shape[0]},), got {row_scale.shape}")
+    n_out = w.shape[2] // (2 if epilogue == "swiglu" else 1)
+    config = _resolve_config(name, config, x.shape[0], w.shape[0], x.shape[1], n_out, epilogue)
+    out_dtype = jnp.dtype(preferred_element_type or x.dtype)
+    scale = None if row_scale is None else row_scale.astype(jnp.float32)
+    return _gmm(name, config, epilogue, out_dtype, x, w, group_sizes, scale)
 
 
 def grouped_matmul(
@@ -65,8 +180,9 @@ def grouped_matmul(
     w: jax.Array,
     group_sizes: jax.Array,
     *,
+    row_scale: jax.Array | None = None,
     implementation: str | None = None,
-    config: GroupedMatmulConfig | None = None,
+    config=None,
     preferred_element_type=None,
 ) -> jax.Array:
     """Rows of x sorted by group, each times its group's weight.
@@ -77,19 +193,45 @@ def grouped_matmul(
       w: [G, K, N] per-group weights.
       group_sizes: int [G], may hold zeros; sum <= M. Data, not shape: changing it
         never recompiles.
-      implementation: backend name (see IMPLEMENTATIONS); None picks the default.
-      config: tiling; None uses default_config() (platform-dependent).
+      row_scale: optional float [M]; row r of the product is scaled by
+        row_scale[r] inside the kernel (the routing weight of the down projection).
+      implementation: one of IMPLEMENTATIONS; None picks `default_implementation`
+        for the operands' dtype.
+      config: the implementation's tiling dataclass; None uses its default.
       preferred_element_type: output dtype (default x.dtype). Accumulation is f32.
 
     Returns:
-      [M, N]; rows at or past sum(group_sizes) are 0. Differentiable in x and w.
+      [M, N]. Rows at or past sum(group_sizes) are padding: not computed, and
+      their values are unspecified (the Pallas kernels never write them).
+      Differentiable in x, w and row_scale.
     """
-    name = _resolve(implementation)
-    if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"expected x [M, K] and w [G, K, N], got {x.shape} and {w.shape}")
-    _check_group_sizes(group_sizes, w.shape[0])
-    out_dtype = jnp.dtype(preferred_element_type or x.dtype)
-    return _gmm(name, config or default_config(x.shape[0], w.shape[0]), out_dtype, x, w, group_sizes)
+    return _run(x, w, group_sizes, epilogue="none" if row_scale is None else "row_scale",
+                row_scale=row_scale, implementation=implementation, config=config,
+                preferred_element_type=preferred_element_type)
+
+
+def grouped_swiglu(
+    x: jax.Array,
+    w_gate_up: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    implementation: str | None = None,
+    config=None,
+    preferred_element_type=None,
+) -> jax.Array:
+    """``silu(x @ gate) * (x @ up)`` per group, fused into one grouped matmul.
+
+    Args:
+      x, group_sizes, implementation, config, preferred_element_type: as in
+        `grouped_matmul`.
+      w_gate_up: [G, K, 2I], gate columns then up columns.
+
+    Returns:
+      [M, I]; padding rows unspecified. Differentiable in x and w_gate_up.
+    """
+    return _run(x, w_gate_up, group_sizes, epilogue="swiglu", row_scale=None,
+                implementation=implementation, config=config,
+                preferred_element_type=preferred_element_type)
 
 
 def grouped_matmul_transposed(
@@ -99,7 +241,7 @@ def grouped_matmul_transposed(
     *,
     num_groups: int | None = None,
     implementation: str | None = None,
-    config: GroupedMatmulConfig | None = None,
+    config=None,
     preferred_element_type=None,
 ) -> jax.Array:
     """Per-group x^T @ dy (the weight gradient of `grouped_matmul`).
@@ -108,13 +250,14 @@ def grouped_matmul_transposed(
       x: [M, K]; dy: [M, N]; group_sizes: int [G] as in `grouped_matmul`.
       num_groups: number of leading groups to return (default G, must be <= G);
         rows of later groups are skipped.
-      implementation, config: as in `grouped_matmul`.
+      implementation, config: as in `grouped_matmul` (the Pallas implementations
+        use the XLA loop here).
       preferred_element_type: output dtype (default x.dtype). Accumulation is f32.
 
     Returns:
       dw [num_groups, K, N] with dw[g] = x[rows_g].T @ dy[rows_g]; empty groups 0.
     """
-    name = _resolve(implementation)
+    name = _resolve(implementation, jnp.result_type(x, dy))
     if x.ndim != 2 or dy.ndim != 2 or x.shape[0] != dy.shape[0]:
         raise ValueError(f"expected x [M, K] and dy [M, N], got {x.shape} and {dy.shape}")
     if group_sizes.ndim != 1:
@@ -124,8 +267,6 @@ def grouped_matmul_transposed(
     num_groups = total_groups if num_groups is None else num_groups
     if not 0 <= num_groups <= total_groups:
         raise ValueError(f"num_groups must be in [0, {total_groups}], got {num_groups}")
+    config = _resolve_config(name, config, x.shape[0], total_groups, x.shape[1], dy.shape[1])
     out_dtype = jnp.dtype(preferred_element_type or x.dtype)
-    return _IMPLEMENTATIONS[name].tgmm(
-        x, dy, group_sizes, num_groups=num_groups,
-        config=config or default_config(x.shape[0], total_groups), preferred_element_type=out_dtype,
-    )
+    return _tgmm(name, config, x, dy, group_sizes, num_groups, out_dtype)

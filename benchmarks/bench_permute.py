@@ -1,0 +1,93 @@
+"""Permute and combine of the expert path against the card's copy bandwidth.
+
+    python benchmarks/bench_permute.py          # GPU: DeepSeek-V3 rows per EP rank
+    python benchmarks/bench_permute.py --small  # CPU smoke run of the same code
+
+Times the three memory-bound steps of `wideep_jax.experts` around the grouped
+GEMMs, each jitted alone: `sort_pairs` (the plan), `permute_rows` (token rows
+into slot-sorted order, one copy per (token, k) pair) and `combine_rows` (each
+token's sum over its pairs' expert outputs). Bandwidth counts the bytes each
+must read and write (rows read + rows written), against a measured device copy
+(read + write of a 2 GiB buffer). Appends to benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench_grouped_matmul import copy_bandwidth  # noqa: E402
+from bench_moe_layer import commit, publish  # noqa: E402
+from wideep_jax.bench import median_ms, time_fn  # noqa: E402
+from wideep_jax.experts import combine_rows, permute_rows, sort_pairs  # noqa: E402
+
+
+def routing(rng, tokens: int, top_k: int, slots: int, skew: float):
+    """Distinct slots per token, popularity ~ 1/rank^skew; weights sum to 1."""
+    p = 1.0 / np.arange(1, slots + 1) ** skew
+    p = rng.permutation(p / p.sum())
+    slot = np.stack([rng.choice(slots, top_k, replace=False, p=p) for _ in range(tokens)])
+    weight = rng.random((tokens, top_k)).astype(np.float32)
+    return jnp.asarray(slot, jnp.int32), jnp.asarray(weight / weight.sum(1, keepdims=True))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--small", action="store_true", help="CPU smoke dims")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    hidden, top_k, slots = (256, 4, 16) if args.small else (7168, 8, 64)
+    token_counts = (64, 512) if args.small else (128, 1024, 4096, 16384)
+    dtype = jnp.bfloat16
+    item = jnp.dtype(dtype).itemsize
+    bandwidth = copy_bandwidth(args.iters)
+    plan = jax.jit(lambda s, w, v: sort_pairs(s, w, v, slots))
+    permute = jax.jit(permute_rows)
+    combine = jax.jit(lambda out, pairs: combine_rows(out, pairs, dtype))
+    lines = []
+    for tokens in token_counts:
+        slot, weight = routing(rng, tokens, top_k, slots, 1.2)
+        valid = jnp.ones((tokens,), bool)
+        x = jax.random.normal(jax.random.key(0), (tokens, hidden), jnp.float32).astype(dtype)
+        pairs = plan(slot, weight, valid)
+        rows = permute(x, pairs)
+        np.testing.assert_array_equal(np.asarray(rows), np.asarray(x)[np.asarray(pairs.row_token)])
+        out = rows  # any [N*K, H] rows: combine's cost does not depend on values
+        got = np.asarray(combine(out, pairs), np.float32)
+        want = np.asarray(x, np.float32) * top_k
+        assert np.allclose(got, want, rtol=2e-2, atol=1e-2), "combine is wrong"
+        pair_bytes = tokens * top_k * hidden * item
+        steps = {
+            "sort_pairs (plan)": (lambda: plan(slot, weight, valid), None),
+            "permute_rows": (lambda: permute(x, pairs), 2 * pair_bytes),
+            "combine_rows": (lambda: combine(out, pairs), pair_bytes + tokens * hidden * item),
+        }
+        for name, (fn, nbytes) in steps.items():
+            ms = median_ms(time_fn(fn, iters=args.iters))
+            rate = "" if nbytes is None else f"{nbytes / (ms / 1e3) / 1e9:.0f}"
+            share = "" if nbytes is None else f"{nbytes / (ms / 1e3) / 1e9 / bandwidth:.2f}"
+            lines.append(f"| {tokens} | {name} | {ms * 1e3:.1f} | {rate} | {share} |")
+            print("  " + lines[-1], flush=True)
+
+    card = jax.devices()[0].device_kind
+    title = (f"## bench_permute: 1x {card}, {datetime.date.today()}, commit {commit()}, "
+             f"jax {jax.__version__}")
+    notes = (f"hidden {hidden}, top-{top_k} of {slots} local slots (Zipf 1.2), bf16; XLA gathers; "
+             f"bytes = rows read + rows written; measured copy bandwidth {bandwidth:.0f} GB/s; "
+             f"median of {args.iters}.")
+    table = "\n".join(["| tokens | step | µs | GB/s | of copy |", "|---|---|---|---|---|"] + lines)
+    publish(f"\n{title}\n\n{notes}\n\n{table}\n", write=not args.no_write)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""Grouped matmul for Hopper in Pallas Mosaic GPU: persistent, warp-specialized.
+
+One CTA per SM loops over (row tile, column tile) work items of a
+`schedule.TileSchedule`: only real tiles of non-empty groups are visited, so
+empty experts' weights are never read (decode is bound by the weight bytes
+actually used). Each item runs a TMA pipeline over K with one producer
+warpgroup and two consumer warpgroups issuing wgmma, then an epilogue that
+stores only the tile's live rows (a power-of-two ladder of TMA stores).
+
+Epilogues: plain, SwiGLU (gate and up columns of ``w`` side by side, two
+accumulators, ``silu(gate) * up`` stored), and a per-row scale (the routing
+weight) for the down projection. CPU: Mosaic GPU's interpret mode runs the
+same kernel (slow; for tests).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.grouped_matmul.schedule import TileSchedule, tile_schedule
+
+Epilogue = Literal["none", "swiglu", "row_scale"]
+_LOG2E = math.log2(math.e)
+_INTERPRET_CTAS = 4  # simulated CTAs on CPU: enough to exercise the persistent loop
+_ROW_ALIGN = 8  # tiled TMA loads of x need row offsets that are multiples of 8
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicGpuConfig:
+    """Tiling of the Mosaic GPU grouped matmul (static, hashable).
+
+    Attributes:
+      tile_m, tile_n: one consumer warpgroup's accumulator tile.
+      tile_k: K step of the TMA pipeline.
+      max_concurrent_steps: pipeline stages in shared memory.
+      wg_split: how the two consumer warpgroups split the CTA tile: "n" gives a
+        ``tile_m x 2*tile_n`` CTA tile, "m" a ``2*tile_m x tile_n`` one.
+      grid_minor: "n" walks column tiles fastest (reuses the rows' tile), "m"
+        walks row tiles fastest (reuses a weight column tile).
+      grid_tile_width: planar-snake band width along ``grid_minor``.
+      epi_tile_m, epi_tile_n: epilogue store tile.
+      delay_release: k steps a consumer keeps a stage (and a wgmma) in flight
+        before releasing it to the producer (0 or 1).
+      chain_items: let the producer stream the next work item's K steps while
+        the consumers finish the current one (no pipeline drain between items).
+        Needs ``delay_release == 0`` and K / tile_k divisible by
+        ``max_concurrent_steps``.
+      max_ctas: persistent CTAs to launch (None: one per SM).
+    """
+
+    tile_m: int = 128
+    tile_n: int = 128
+    tile_k: int = 64
+    max_concurrent_steps: int = 4
+    wg_split: Literal["m", "n"] = "n"
+    grid_minor: Literal["m", "n"] = "n"
+    grid_tile_width: int = 8
+    epi_tile_m: int = 64
+    epi_tile_n: int = 64
+    delay_release: int = 0
+    chain_items: bool = False
+    max_ctas: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("tile_m", "tile_n", "tile_k", "epi_tile_m", "epi_tile_n"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0 or value % 8:
+                raise ValueError(f"MosaicGpuConfig.{name} must be a positive multiple of 8, got {value!r}")
+        if self.tile_m % 64:
+            raise ValueError(f"MosaicGpuConfig.tile_m must be a multiple of 64 (wgmma), got {self.tile_m}")
+        if self.tile_m % self.epi_tile_m or self.tile_n % self.epi_tile_n:
+            raise ValueError(
+                f"epilogue tile ({self.epi_tile_m}, {self.epi_tile_n}) must divide "
+                f"the warpgroup tile ({self.tile_m}, {self.tile_n})"
+            )
+        if self.wg_split not in ("m", "n") or self.grid_minor not in ("m", "n"):
+            raise ValueError(
+                f"wg_split and grid_minor must be 'm' or 'n', got {self.wg_split!r}, {self.grid_minor!r}"
+            )
+        if self.max_concurrent_steps < 2 or self.grid_tile_width < 1 or self.delay_release not in (0, 1):
+            raise ValueError(
+                "MosaicGpuConfig needs max_concurrent_steps >= 2, grid_tile_width >= 1 and "
+                f"delay_release 0 or 1, got {self.max_concurrent_steps}, {self.grid_tile_width}, "
+                f"{self.delay_release}"
+            )
+        if self.chain_items and self.delay_release:
+            raise ValueError("MosaicGpuConfig.chain_items needs delay_release=0")
+
+    @property
+    def cta_tile_m(self) -> int:
+        return self.tile_m * (2 if self.wg_split == "m" else 1)
+
+    @property
+    def cta_tile_n(self) -> int:
+        return self.tile_n * (2 if self.wg_split == "n" else 1)
+
+
+def default_config(
+    num_rows: int, num_groups: int, *, k: int = 7168, n_out: int = 4096, epilogue: Epilogue = "none"
+) -> MosaicGpuConfig:
+    """Tiles measured best on H100 (benchmarks/RESULTS.md), shrunk to fit small K and N.
+
+    Prefill (>= 128 rows per group): 128x256 CTA tiles walked row-tile-major in bands
+    of 4; SwiGLU (two accumulators) uses two 64x128 warpgroup tiles split along M.
+    Decode: 64-row tiles; long K streams best with narrow 64x128 CTA tiles and 4
+    stages, short K with wide 64x512 tiles and 2 stages.
+    """
+    walk = dict(grid_minor="m", grid_tile_width=4)
+    if num_rows // max(1, num_groups) >= 128:
+        if epilogue == "swiglu":
+            config = MosaicGpuConfig(tile_m=64, tile_n=128, wg_split="m", max_concurrent_steps=3, **walk)
+        else:
+            config = MosaicGpuConfig(**walk)
+    elif epilogue == "swiglu":
+        config = MosaicGpuConfig(tile_m=64, tile_n=64, max_concurrent_steps=4)
+    elif k >= 4096:
+        config = MosaicGpuConfig(tile_m=64, tile_n=64, max_concurrent_steps=4)
+    else:
+        config = MosaicGpuConfig(tile_m=64, tile_n=256, max_concurrent_steps=2)
+    tile_n, tile_k = config.tile_n, config.tile_k
+    while n_out % (tile_n * (2 if config.wg_split == "n" else 1)) and tile_n > 16:
+        tile_n //= 2
+    while k % tile_k and tile_k > 16:
+        tile_k //= 2
+    return dataclasses.replace(config, tile_n=tile_n, tile_k=tile_k, epi_tile_n=min(config.epi_tile_n, tile_n))
+
+
+def _num_sms() -> int:
+    device = jax.devices()[0]
+    return getattr(device, "core_count", None) or 132 if device.platform == "gpu" else 132
+
+
+def _silu_times(gate: jax.Array, up: jax.Array) -> jax.Array:
+    return gate / (1.0 + jnp.exp2(gate * -_LOG2E)) * up
+
+
+def _kernel(
+    tile_group, tile_start, tile_live_begin, tile_live_end, num_tiles, x_gmem, w_gmem, scale_gmem, out_gmem,
+    *, config: MosaicGpuConfig, epilogue: Epilogue, n_out: int,
+):
+    dtype = x_gmem.dtype
+    out_dtype = out_gmem.dtype
+    k = x_gmem.shape[1]
+    tile_m, tile_n, tile_k = config.tile_m, config.tile_n, config.tile_k
+    cta_m, cta_n = config.cta_tile_m, config.cta_tile_n
+    n_iters = n_out // cta_n
+    k_iters = k // tile_k
+    num_acc = 2 if epilogue == "swiglu" else 1
+    swizzle = plgpu.find_swizzle(tile_k * jnp.dtype(dtype).itemsize * 8)
+    swizzle_elems = swizzle // jnp.dtype(dtype).itemsize
+    transforms = (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(swizzle))
+    epi_m, epi_n = config.epi_tile_m, config.epi_tile_n
+
+    def pipeline(body, compute_context, state=None):
+        x_spec = plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk), transforms=transforms,
+                                 memory_space=plgpu.SMEM, delay_release=config.delay_release)
+        w_spec = plgpu.BlockSpec((tile_k, cta_n), lambda kk: (kk, 0), transforms=transforms,
+                                 memory_space=plgpu.SMEM, delay_release=config.delay_release)
+        return plgpu.emit_pipeline_warp_specialized(
+            body, grid=(k_iters,), memory_registers=40, in_specs=[x_spec] + [w_spec] * num_acc,
+            wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=config.max_concurrent_steps,
+            compute_context=compute_context, pipeline_state=state,
+        )
+
+    ignore = lambda *_, **__: None  # the allocations depend only on the specs
+    w_example = w_gmem.at[0, :, pl.ds(0, cta_n)]
+
+    @functools.partial(
+        pl.run_scoped,
+        allocs=pipeline(ignore, ignore).get_allocations(x_gmem, *[w_example] * num_acc),
+        out_smem=plgpu.SMEM((2, 2, epi_m, epi_n), out_dtype),
+        collective_axes="wg",
+    )
+    def _scope(allocs, out_smem):
+        wg = lax.axis_index("wg")
+        real_tiles = num_tiles[0]
+        minor = 0 if config.grid_minor == "m" else 1
+
+        @plgpu.nd_loop((real_tiles * n_iters,), collective_axes="sm")
+        def _item(info):
+            t, j = plgpu.planar_snake(info.index[0], (real_tiles, n_iters), minor,
+                                      config.grid_tile_width)
+            group, start = tile_group[t], pl.multiple_of(tile_start[t], _ROW_ALIGN)
+            live_begin, live_end = tile_live_begin[t], tile_live_end[t]
+            if config.wg_split == "m":
+                wg_row0 = wg * tile_m
+                wg_m, wg_n = pl.ds(pl.multiple_of(wg_row0, tile_m), tile_m), slice(None)
+                wg_col0 = j * cta_n
+            else:
+                wg_row0 = 0
+                wg_m, wg_n = slice(None), pl.ds(pl.multiple_of(wg * tile_n, tile_n), tile_n)
+                wg_col0 = j * cta_n + wg * tile_n
+            wg_begin = jnp.clip(live_begin - wg_row0, 0, tile_m)
+            wg_end = jnp.clip(live_end - wg_row0, 0, tile_m)
+
+            def compute_context(run_pipeline):
+                acc_types = [plgpu.ACC((tile_m, tile_n), jnp.float32) for _ in range(num_acc)]
+
+                def with_accs(*acc_refs):
+                    run_pipeline(tuple(acc_refs))
+                    accs = [a[...] for a in acc_refs]
+                    if epilogue == "swiglu":
+                        value = _silu_times(accs[0], accs[1])
+                    elif epilogue == "row_scale":
+                        scale = plgpu.load(scale_gmem.at[pl.ds(start + wg_row0, tile_m)],
+                                           layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+                        value = accs[0] * lax.broadcast_in_dim(scale, accs[0].shape, [0])
+                    else:
+                        value = accs[0]
+                    _store_rows(value.astype(out_dtype), out_smem.at[wg], out_gmem,
+                                row0=start + wg_row0, col0=wg_col0, begin=wg_begin, end=wg_end,
+                                epi_m=epi_m, epi_n=epi_n)
+
+                pl.run_scoped(with_accs, *acc_types)
+
+            def mma(_, x_smem, *rest):
+                *w_smems, accs = rest
+                for acc, w_smem in zip(accs, w_smems):
+                    plgpu.wgmma(acc, x_smem.at[wg_m], w_smem.at[:, wg_n])
+                plgpu.wgmma_wait(config.delay_release)
+                return accs
+
+            x_rows = x_gmem.at[pl.ds(start, cta_m), :]
+            w_cols = [w_gmem.at[group, :, pl.ds(j * cta_n + a * n_out, cta_n)] for a in range(num_acc)]
+            state = None
+            if config.chain_items:
+                steady = jnp.where(info.local_index == info.num_local_steps - 1,
+                                   jnp.int32(plgpu.PipelinePipeline.STOP),
+                                   jnp.int32(plgpu.PipelinePipeline.STEADY))
+                # A CTA's only item must START (the prologue), not STOP.
+                state = jnp.where(info.local_index == 0, jnp.int32(plgpu.PipelinePipeline.START), steady)
+            pipeline(mma, compute_context, state)(x_rows, *w_cols, allocations=allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _store_rows(value, out_smem, out_gmem, *, row0, col0, begin, end, epi_m, epi_n):
+    """Stores rows [begin, end) of ``value`` [tile_m, tile_n] to out rows row0 + i, cols col0 + j."""
+    tile_m, tile_n = value.shape
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous item's stores
+    for mi in range(tile_m // epi_m):
+        first = jnp.clip(begin - mi * epi_m, 0, epi_m)
+        live_here = jnp.clip(end - mi * epi_m, 0, epi_m) - first
+
+        @pl.when(live_here > 0)
+        def _():
+            for ni in range(tile_n // epi_n):
+                slot = (mi * (tile_n // epi_n) + ni) % 2
+                plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                out_smem[slot] = value[mi * epi_m:(mi + 1) * epi_m, ni * epi_n:(ni + 1) * epi_n]
+                plgpu.commit_smem()
+                # TMA boxes are static: store live rows as a ladder of power-of-two boxes.
+                done = first
+                size = epi_m
+                while size >= 1:
+                    @pl.when((live_here & size) != 0)
+                    def _(size=size, done=done):
+                        plgpu.copy_smem_to_gmem(
+                            out_smem.at[slot, pl.ds(done, size)],
+                            out_gmem.at[pl.ds(row0 + mi * epi_m + done, size),
+                                        pl.ds(col0 + ni * epi_n, epi_n)],
+                        )
+                    done = done + (live_here & size)
+                    size //= 2
+
+
+def _check(x, w, config: MosaicGpuConfig, n_out: int) -> None:
+    k = x.shape[1]
+    if k % config.tile_k:
+        raise ValueError(f"K={k} must be a multiple of tile_k={config.tile_k} for the mosaic_gpu grouped matmul")
+    if n_out % config.cta_tile_n:
+        raise ValueError(
+            f"N={n_out} must be a multiple of the CTA tile's {config.cta_tile_n} columns "
+            f"for the mosaic_gpu grouped matmul (config {config})"
+        )
+    if config.chain_items and (k // config.tile_k) % config.max_concurrent_steps:
+        raise ValueError(
+            f"chain_items needs K / tile_k = {k // config.tile_k} divisible by "
+            f"max_concurrent_steps={config.max_concurrent_steps}"
+        )
+    if x.dtype != w.dtype or x.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"mosaic_gpu grouped matmul needs x and w both bf16 or f16, got {x.dtype}, {w.dtype}")
+
+
+def grouped_matmul(
+    x: jax.Array,
+    w: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    config: MosaicGpuConfig | None = None,
+    epilogue: Epilogue = "none",
+    row_scale: jax.Array | None = None,
+    out_dtype=None,
+    schedule: TileSchedule | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """[M, N] grouped matmul; with ``epilogue="swiglu"`` w is [G, K, 2N] (gate | up).
+
+    Rows at or past ``sum(group_sizes)`` are not written (unspecified values).
+    ``interpret`` runs Mosaic GPU's CPU interpreter on a few simulated CTAs.
+    """
+    m = x.shape[0]
+    n_out = w.shape[2] // (2 if epilogue == "swiglu" else 1)
+    config = config or default_config(m, w.shape[0], k=x.shape[1], n_out=n_out, epilogue=epilogue)
+    _check(x, w, config, n_out)
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    cta_m = config.cta_tile_m
+    if schedule is None:
+        schedule = tile_schedule(group_sizes, m, cta_m, _ROW_ALIGN)
+    # The TMA box of a tile must fit in x's shape (it may still reach past the last row).
+    x_in = jnp.pad(x, ((0, cta_m - m), (0, 0))) if m < cta_m else x
+    if epilogue == "row_scale":
+        if row_scale is None or row_scale.shape != (m,):
+            raise ValueError(f"epilogue='row_scale' needs row_scale of shape ({m},)")
+        scale = jnp.pad(row_scale.astype(jnp.float32), (0, cta_m))
+    else:
+        scale = jnp.zeros((8,), jnp.float32)
+    if interpret:
+        num_ctas = min(_INTERPRET_CTAS, config.max_ctas or _INTERPRET_CTAS)
+    else:
+        num_ctas = min(_num_sms(), config.max_ctas or _num_sms())
+    kernel = plgpu.kernel(
+        functools.partial(_kernel, config=config, epilogue=epilogue, n_out=n_out),
+        out_type=jax.ShapeDtypeStruct((m, n_out), out_dtype),
+        grid=(num_ctas,),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else False,
+    )
+    return kernel(schedule.group, schedule.start, schedule.live_begin, schedule.live_end,
+                  schedule.num_tiles, x_in, w, scale)

@@ -1,0 +1,193 @@
+"""One suite over every grouped-matmul implementation, fused epilogues included.
+
+On CPU the Pallas kernels (mosaic_gpu, triton) run in their interpret modes, so
+the same kernel code that runs on a GPU is checked here against float64 NumPy.
+Dims are small but keep the kernels' constraints (K % 64, N % 128).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_helpers import count_compiles
+from pallas_kernels import MosaicGpuConfig, grouped_matmul, grouped_swiglu
+from pallas_kernels.grouped_matmul import GroupedMatmulConfig, default_implementation
+from pallas_kernels.grouped_matmul.schedule import max_tiles, tile_schedule
+
+IMPLS = ["xla", "mosaic_gpu", "triton"]
+G, K, N = 6, 128, 256
+
+
+def np_forward(x, w, sizes, epilogue, row_scale=None):
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    out = np.zeros((x.shape[0], w.shape[2]))
+    start = 0
+    for g, size in enumerate(sizes):
+        out[start:start + size] = x[start:start + size] @ w[g]
+        start += size
+    if epilogue == "swiglu":
+        gate, up = np.split(out, 2, axis=1)
+        out = gate / (1 + np.exp(-gate)) * up
+    elif epilogue == "row_scale":
+        out = out * np.asarray(row_scale, np.float64)[:, None]
+    return out
+
+
+def sizes_for(kind: str, m: int, rng) -> np.ndarray:
+    if kind == "zeros":  # random split with empty groups and 1/4 padding rows
+        p = rng.random(G) * (np.arange(G) % 2 == 0)
+        return rng.multinomial(m - m // 4, p / p.sum()).astype(np.int32)
+    if kind == "giant":
+        return np.array([1, 0, m - 3, 0, 2, 0], np.int32)
+    if kind == "last":
+        return np.array([0] * (G - 1) + [m], np.int32)
+    return np.array([0, 3, 0, 1, 0, 5], np.int32)  # "tiny": M below every row tile
+
+
+def run(impl, epilogue, x, w, sizes, row_scale):
+    if epilogue == "swiglu":
+        return grouped_swiglu(x, w, jnp.asarray(sizes), implementation=impl)
+    return grouped_matmul(x, w, jnp.asarray(sizes), implementation=impl,
+                          row_scale=row_scale if epilogue == "row_scale" else None)
+
+
+CASES = [("zeros", 203), ("giant", 200), ("last", 130), ("tiny", 20)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("epilogue", ["none", "swiglu", "row_scale"])
+@pytest.mark.parametrize("kind,m", CASES)
+def test_forward_bf16_matches_float64(rng, impl, epilogue, kind, m):
+    if impl != "xla" and epilogue != "none" and kind in ("giant", "tiny"):
+        pytest.skip("interpret mode is slow: epilogues run on the other cases")
+    x = jnp.asarray(rng.standard_normal((m, K)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((G, K, N)) / np.sqrt(K), jnp.bfloat16)
+    row_scale = jnp.asarray(rng.random(m), jnp.float32)
+    sizes = sizes_for(kind, m, rng)
+    out = np.asarray(run(impl, epilogue, x, w, sizes, row_scale), np.float64)
+    assert out.shape == (m, N // 2 if epilogue == "swiglu" else N)
+    live = int(sizes.sum())
+    ref = np_forward(np.asarray(x, np.float32), np.asarray(w, np.float32), sizes, epilogue, row_scale)
+    err = np.linalg.norm(out[:live] - ref[:live]) / max(np.linalg.norm(ref[:live]), 1e-30)
+    assert err <= 1e-2, err
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("epilogue", ["swiglu", "row_scale"])
+def test_gradients_match_reference(rng, impl, epilogue):
+    m = 150
+    sizes = jnp.asarray(np.array([40, 0, 70, 0, 20, 0], np.int32))  # 20 padding rows
+    x = jnp.asarray(rng.standard_normal((m, K)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((G, K, N)) / np.sqrt(K), jnp.bfloat16)
+    scale = jnp.asarray(rng.random(m), jnp.float32)
+    n_out = N // 2 if epilogue == "swiglu" else N
+    cot = jnp.asarray(rng.standard_normal((m, n_out)), jnp.float32)
+    live = (np.arange(m) < int(sizes.sum()))[:, None]
+
+    def loss(impl_name, x, w, scale):
+        if impl_name == "ref":  # plain jnp on float32 copies of the same inputs
+            x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
+            ids = jnp.repeat(jnp.arange(G), sizes, total_repeat_length=m)
+            h = jnp.einsum("mk,mkn->mn", x32, w32[ids])
+            if epilogue == "swiglu":
+                gate, up = jnp.split(h, 2, axis=1)
+                h = jax.nn.silu(gate) * up
+            else:
+                h = h * scale[:, None]
+            y = h
+        elif epilogue == "swiglu":
+            y = grouped_swiglu(x, w, sizes, implementation=impl_name, preferred_element_type=jnp.float32)
+        else:
+            y = grouped_matmul(x, w, sizes, row_scale=scale, implementation=impl_name,
+                               preferred_element_type=jnp.float32)
+        return jnp.sum(jnp.where(live, y, 0.0) * cot)
+
+    grads = jax.grad(lambda *a: loss(impl, *a), argnums=(0, 1, 2))(x, w, scale)
+    refs = jax.grad(lambda *a: loss("ref", *a), argnums=(0, 1, 2))(x, w, scale)
+    names = ("dx", "dw", "d_scale")
+    for name, got, want in zip(names, grads, refs):
+        if name == "d_scale" and epilogue == "swiglu":
+            continue
+        got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+        if name != "dw":
+            got, want = got[live[:, 0]], want[live[:, 0]]
+        err = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+        assert err <= 2e-2, (name, err)
+    assert np.all(np.asarray(grads[0], np.float32)[~live[:, 0]] == 0)  # padding rows: no gradient
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_new_group_sizes_do_not_recompile(rng, impl):
+    m = 64
+    x = jnp.asarray(rng.standard_normal((m, K)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((G, K, N)) / np.sqrt(K), jnp.bfloat16)
+    f = jax.jit(lambda x, w, s: grouped_swiglu(x, w, s, implementation=impl))
+    f(x, w, jnp.asarray(sizes_for("zeros", m, rng))).block_until_ready()
+    with count_compiles() as compiles:
+        for kind in ("giant", "tiny"):
+            sizes = sizes_for(kind, m, rng)
+            out = np.asarray(f(x, w, jnp.asarray(sizes)), np.float64)
+            live = int(sizes.sum())
+            ref = np_forward(np.asarray(x, np.float32), np.asarray(w, np.float32), sizes, "swiglu")
+            assert np.linalg.norm(out[:live] - ref[:live]) <= 1e-2 * np.linalg.norm(ref[:live])
+    assert compiles[0] == 0
+
+
+def test_defaults_and_config_errors(rng):
+    assert default_implementation() == "xla"  # CPU
+    x = jnp.zeros((16, K), jnp.bfloat16)
+    w = jnp.zeros((G, K, N), jnp.bfloat16)
+    sizes = jnp.zeros((G,), jnp.int32)
+    with pytest.raises(ValueError, match="GroupedMatmulConfig.*mosaic_gpu.*MosaicGpuConfig"):
+        grouped_matmul(x, w, sizes, implementation="mosaic_gpu", config=GroupedMatmulConfig())
+    with pytest.raises(ValueError, match="K=100 must be a multiple of tile_k=64"):
+        grouped_matmul(jnp.zeros((16, 100), jnp.bfloat16), jnp.zeros((G, 100, N), jnp.bfloat16), sizes,
+                       implementation="mosaic_gpu", config=MosaicGpuConfig())
+    with pytest.raises(ValueError, match="N=200"):
+        grouped_matmul(x, jnp.zeros((G, K, 200), jnp.bfloat16), sizes,
+                       implementation="mosaic_gpu", config=MosaicGpuConfig())
+    with pytest.raises(ValueError, match="tile_m must be a multiple of 64"):
+        MosaicGpuConfig(tile_m=32)
+    with pytest.raises(ValueError, match="chain_items needs delay_release=0"):
+        MosaicGpuConfig(chain_items=True, delay_release=1)
+    with pytest.raises(ValueError, match="bf16 or f16"):
+        grouped_matmul(x.astype(jnp.float32), w.astype(jnp.float32), sizes, implementation="mosaic_gpu")
+    with pytest.raises(ValueError, match="row_scale must have shape"):
+        grouped_matmul(x, w, sizes, row_scale=jnp.ones((3,)))
+
+
+def test_mosaic_chained_items_on_few_ctas(rng):
+    """Two simulated CTAs walk many items with the cross-item pipeline (chain_items)."""
+    m = 300
+    sizes = np.array([100, 0, 7, 150, 0, 13], np.int32)
+    x = jnp.asarray(rng.standard_normal((m, K)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((G, K, N)) / np.sqrt(K), jnp.bfloat16)
+    config = MosaicGpuConfig(tile_m=64, tile_n=64, max_concurrent_steps=2, chain_items=True, max_ctas=2,
+                             grid_minor="m", grid_tile_width=2)
+    out = np.asarray(grouped_matmul(x, w, jnp.asarray(sizes), implementation="mosaic_gpu", config=config),
+                     np.float64)
+    ref = np_forward(np.asarray(x, np.float32), np.asarray(w, np.float32), sizes, "none")
+    live = int(sizes.sum())
+    assert np.linalg.norm(out[:live] - ref[:live]) <= 1e-2 * np.linalg.norm(ref[:live])
+
+
+@pytest.mark.parametrize("block_m,align", [(64, 8), (128, 8), (16, 1)])
+def test_tile_schedule_covers_each_live_row_once(rng, block_m, align):
+    for _ in range(20):
+        m = int(rng.integers(1, 400))
+        g = int(rng.integers(1, 12))
+        sizes = rng.multinomial(int(rng.integers(0, m + 1)), rng.dirichlet(np.ones(g) * 0.3))
+        sched = tile_schedule(jnp.asarray(sizes, jnp.int32), m, block_m, align)
+        group, start, begin, end, n = (np.asarray(a) for a in sched)
+        n = int(n[0])
+        assert len(group) == max_tiles(m, g, block_m, align) >= n
+        owner = np.full(m, -1)
+        for t in range(n):
+            assert start[t] % align == 0 and 0 <= begin[t] < end[t] <= block_m  # no empty real tile
+            rows = np.arange(start[t] + begin[t], start[t] + end[t])
+            assert np.all(owner[rows] == -1)
+            owner[rows] = group[t]
+        assert np.all(end[n:] == 0)
+        np.testing.assert_array_equal(owner, np.repeat(np.r_[np.arange(g), -1], np.r_[sizes, m - sizes.sum()]))
