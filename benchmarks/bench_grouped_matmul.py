@@ -47,12 +47,15 @@ def group_sizes(rng, num_rows: int, num_groups: int, kind: str) -> np.ndarray:
     return sizes.astype(np.int32)
 
 
+BATCH = 1  # back-to-back calls per timed sample (set by --batch)
+
+
 def best_of(candidates: dict, iters: int) -> tuple[str, float]:
     """``(label, ms)`` of the fastest zero-argument callable; failing ones are skipped."""
     best = ("none", float("inf"))
     for label, fn in candidates.items():
         try:
-            ms = median_ms(time_fn(fn, iters=iters))
+            ms = median_ms(time_fn(fn, iters=iters, batch=BATCH))
         except Exception as err:  # a tile that does not fit is not a result
             print(f"    skip {label}: {type(err).__name__}: {str(err).splitlines()[0][:120]}", flush=True)
             continue
@@ -67,12 +70,15 @@ def mosaic_sweep(m, g, k, n_out, epilogue) -> list:
     walk = dict(grid_minor="m", grid_tile_width=4)
     if m // g >= 128:
         if epilogue == "swiglu":
-            more = [MosaicGpuConfig(tile_m=64, tile_n=128, wg_split="m", max_concurrent_steps=4, **walk),
-                    MosaicGpuConfig(tile_m=64, tile_n=128, wg_split="m", max_concurrent_steps=4,
-                                    chain_items=True, **walk)]
+            more = [MosaicGpuConfig(tile_m=64, tile_n=128, wg_split="m", max_concurrent_steps=4,
+                                    chain_items=True, **walk),
+                    MosaicGpuConfig(tile_m=64, tile_n=128, wg_split="m", max_concurrent_steps=3,
+                                    swizzled_epilogue=True, **walk)]
         else:
-            more = [MosaicGpuConfig(chain_items=True, **walk), MosaicGpuConfig(grid_minor="m", grid_tile_width=2),
-                    MosaicGpuConfig(tile_m=64, tile_n=256, wg_split="m", **walk)]
+            more = [MosaicGpuConfig(chain_items=True, **walk), MosaicGpuConfig(tile_m=64, tile_n=256, wg_split="m", **walk),
+                    MosaicGpuConfig(swizzled_epilogue=True, max_concurrent_steps=3, **walk),
+                    MosaicGpuConfig(tile_m=64, tile_n=256, wg_split="m", swizzled_epilogue=True,
+                                    max_concurrent_steps=3, **walk)]
     else:
         more = [MosaicGpuConfig(tile_m=64, tile_n=64, max_concurrent_steps=8),
                 MosaicGpuConfig(tile_m=64, tile_n=256, max_concurrent_steps=2),
@@ -173,9 +179,10 @@ def torch_peer(m, k, n, sizes, iters: int, epilogue: str = "none"):
     times = []
     for _ in range(iters):
         start = time.perf_counter()
-        fn()
+        for _ in range(BATCH):
+            fn()
         torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / BATCH)
     return ("", median_ms(times))
 
 
@@ -184,7 +191,7 @@ def copy_bandwidth(iters: int) -> float:
     n = (1 << 30) if jax.default_backend() == "gpu" else (1 << 24)
     a = jnp.ones((n,), jnp.bfloat16)
     f = jax.jit(lambda a: a + 1)
-    return 2 * a.nbytes / (median_ms(time_fn(lambda: f(a), iters=iters)) / 1e3) / 1e9
+    return 2 * a.nbytes / (median_ms(time_fn(lambda: f(a), iters=iters, batch=BATCH)) / 1e3) / 1e9
 
 
 CASES = {  # name: (k index into shapes, epilogue)
@@ -200,8 +207,12 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--small", action="store_true", help="CPU smoke dims")
     parser.add_argument("--phase", choices=("prefill", "decode", "all"), default="all")
+    parser.add_argument("--batch", type=int, default=5, help="back-to-back calls per timed sample")
+    parser.add_argument("--only", default="", help="comma-separated substrings of 'GEMM rows groups' to run")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    global BATCH
+    BATCH = args.batch
     on_gpu = jax.default_backend() == "gpu"
     rng = np.random.default_rng(0)
     if args.small:
@@ -219,6 +230,8 @@ def main() -> int:
         cases += [("gate/up", rows, "uniform") for rows in decode_rows]
         cases += [("down", rows, "uniform") for rows in decode_rows[::2]]
         cases += [("gate/up + SwiGLU", decode_rows[-2], "zipf"), ("down x weight", decode_rows[-2], "zipf")]
+    if args.only:
+        cases = [c for c in cases if any(part in f"{c[0]} {c[1]} {c[2]}" for part in args.only.split(","))]
     lines = []
     for name, rows, kind in cases:
         shape, epilogue = CASES[name]
@@ -255,7 +268,8 @@ def main() -> int:
     title = (f"## bench_grouped_matmul ({args.phase}): 1x {card}, {datetime.date.today()}, commit {commit()}, "
              f"jax {jax.__version__}, default implementation {default_implementation()!r}")
     notes = (f"{groups} groups, bf16 in, f32 accumulate, bf16 out; decode rates count the weight bytes of "
-             f"non-empty groups; measured copy bandwidth {bandwidth:.0f} GB/s; median of {args.iters}; "
+             f"non-empty groups; measured copy bandwidth {bandwidth:.0f} GB/s; median of {args.iters} samples "
+             f"of {args.batch} back-to-back calls; "
              "a ratio column = that peer's time / this time (> 1: this row is faster).")
     table = "\n".join(["| GEMM | rows | groups | implementation | best tiles | ms | rate "
                        "| vs torch | vs ragged_dot_mgpu | vs dense |",

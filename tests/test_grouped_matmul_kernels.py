@@ -158,14 +158,16 @@ def test_defaults_and_config_errors(rng):
         grouped_matmul(x, w, sizes, row_scale=jnp.ones((3,)))
 
 
-def test_mosaic_chained_items_on_few_ctas(rng):
-    """Two simulated CTAs walk many items with the cross-item pipeline (chain_items)."""
+@pytest.mark.parametrize("swizzled", [False, True])
+def test_mosaic_chained_items_on_few_ctas(rng, swizzled):
+    """Two simulated CTAs walk many items with the cross-item pipeline (chain_items);
+    tiles that start mid-way (group starts not 8-aligned) store through the row ladder."""
     m = 300
     sizes = np.array([100, 0, 7, 150, 0, 13], np.int32)
     x = jnp.asarray(rng.standard_normal((m, K)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((G, K, N)) / np.sqrt(K), jnp.bfloat16)
     config = MosaicGpuConfig(tile_m=64, tile_n=64, max_concurrent_steps=2, chain_items=True, max_ctas=2,
-                             grid_minor="m", grid_tile_width=2)
+                             grid_minor="m", grid_tile_width=2, swizzled_epilogue=swizzled)
     out = np.asarray(grouped_matmul(x, w, jnp.asarray(sizes), implementation="mosaic_gpu", config=config),
                      np.float64)
     ref = np_forward(np.asarray(x, np.float32), np.asarray(w, np.float32), sizes, "none")

@@ -52,15 +52,20 @@ def synthetic_routing(key: jax.Array, num_tokens: int, num_experts: int, top_k: 
     return Routing(ids.astype(jnp.int32), weights.astype(jnp.float32))
 
 
-def time_fn(fn: Callable[[], object], *, iters: int, warmup: int = 2) -> list[float]:
-    """Seconds per call of ``fn`` (which returns arrays), after warm-up."""
+def time_fn(fn: Callable[[], object], *, iters: int, warmup: int = 2, batch: int = 1) -> list[float]:
+    """Seconds per call of ``fn`` (which returns arrays), after warm-up.
+
+    Each sample times ``batch`` back-to-back calls and divides: with batch > 1
+    the host's dispatch and sync latency (tens of µs) overlaps device work, so
+    short kernels are timed by the device, not by the host.
+    """
     for _ in range(warmup):
         jax.block_until_ready(fn())
     times = []
     for _ in range(iters):
         start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
+        jax.block_until_ready([fn() for _ in range(batch)])
+        times.append((time.perf_counter() - start) / batch)
     return times
 
 

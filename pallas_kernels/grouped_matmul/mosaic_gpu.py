@@ -54,6 +54,9 @@ class MosaicGpuConfig:
         Needs ``delay_release == 0`` and K / tile_k divisible by
         ``max_concurrent_steps``.
       max_ctas: persistent CTAs to launch (None: one per SM).
+      swizzled_epilogue: store whole epilogue tiles through swizzled shared
+        memory (no bank conflicts) and only partial ones through the plain
+        buffer that row-granular TMA stores need; costs one more buffer.
     """
 
     tile_m: int = 128
@@ -68,6 +71,7 @@ class MosaicGpuConfig:
     delay_release: int = 0
     chain_items: bool = False
     max_ctas: int | None = None
+    swizzled_epilogue: bool = False
 
     def __post_init__(self) -> None:
         for name in ("tile_m", "tile_n", "tile_k", "epi_tile_m", "epi_tile_n"):
@@ -158,6 +162,9 @@ def _kernel(
     swizzle_elems = swizzle // jnp.dtype(dtype).itemsize
     transforms = (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(swizzle))
     epi_m, epi_n = config.epi_tile_m, config.epi_tile_n
+    out_swizzle = plgpu.find_swizzle(epi_n * jnp.dtype(out_dtype).itemsize * 8)
+    out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(out_dtype).itemsize)),
+                      plgpu.SwizzleTransform(out_swizzle))
 
     def pipeline(body, compute_context, state=None):
         x_spec = plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk), transforms=transforms,
@@ -176,10 +183,12 @@ def _kernel(
     @functools.partial(
         pl.run_scoped,
         allocs=pipeline(ignore, ignore).get_allocations(x_gmem, *[w_example] * num_acc),
-        out_smem=plgpu.SMEM((2, 2, epi_m, epi_n), out_dtype),
+        out_smem=plgpu.SMEM((2, 2, epi_m, epi_n), out_dtype, transforms=out_transforms)
+        if config.swizzled_epilogue else None,
+        part_smem=plgpu.SMEM((2, 1 if config.swizzled_epilogue else 2, epi_m, epi_n), out_dtype),
         collective_axes="wg",
     )
-    def _scope(allocs, out_smem):
+    def _scope(allocs, out_smem, part_smem):
         wg = lax.axis_index("wg")
         real_tiles = num_tiles[0]
         minor = 0 if config.grid_minor == "m" else 1
@@ -215,7 +224,8 @@ def _kernel(
                         value = accs[0] * lax.broadcast_in_dim(scale, accs[0].shape, [0])
                     else:
                         value = accs[0]
-                    _store_rows(value.astype(out_dtype), out_smem.at[wg], out_gmem,
+                    _store_rows(value.astype(out_dtype), None if out_smem is None else out_smem.at[wg],
+                                part_smem.at[wg], out_gmem,
                                 row0=start + wg_row0, col0=wg_col0, begin=wg_begin, end=wg_end,
                                 epi_m=epi_m, epi_n=epi_n)
 
@@ -242,20 +252,39 @@ def _kernel(
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _store_rows(value, out_smem, out_gmem, *, row0, col0, begin, end, epi_m, epi_n):
-    """Stores rows [begin, end) of ``value`` [tile_m, tile_n] to out rows row0 + i, cols col0 + j."""
+def _store_rows(value, full_smem, part_smem, out_gmem, *, row0, col0, begin, end, epi_m, epi_n):
+    """Stores rows [begin, end) of ``value`` [tile_m, tile_n] to out rows row0 + i, cols col0 + j.
+
+    ``part_smem`` [slots, epi_m, epi_n] is unswizzled: a TMA box may start at any
+    row of it. ``full_smem`` [2, epi_m, epi_n] (swizzled) or None takes whole tiles.
+    """
     tile_m, tile_n = value.shape
+    part_slots = part_smem.shape[0]
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous item's stores
     for mi in range(tile_m // epi_m):
         first = jnp.clip(begin - mi * epi_m, 0, epi_m)
         live_here = jnp.clip(end - mi * epi_m, 0, epi_m) - first
+        whole = (first == 0) & (live_here == epi_m)
+        tiles = [(ni, value[mi * epi_m:(mi + 1) * epi_m, ni * epi_n:(ni + 1) * epi_n],
+                  out_gmem.at[pl.ds(row0 + mi * epi_m, epi_m), pl.ds(col0 + ni * epi_n, epi_n)])
+                 for ni in range(tile_n // epi_n)]
 
-        @pl.when(live_here > 0)
+        if full_smem is not None:
+            @pl.when(whole)
+            def _():
+                for ni, tile, dst in tiles:
+                    slot = (mi * len(tiles) + ni) % 2
+                    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                    full_smem[slot] = tile
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(full_smem.at[slot], dst)
+
+        @pl.when((live_here > 0) & (~whole if full_smem is not None else True))
         def _():
-            for ni in range(tile_n // epi_n):
-                slot = (mi * (tile_n // epi_n) + ni) % 2
-                plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                out_smem[slot] = value[mi * epi_m:(mi + 1) * epi_m, ni * epi_n:(ni + 1) * epi_n]
+            for ni, tile, dst in tiles:
+                slot = (mi * len(tiles) + ni) % part_slots
+                plgpu.wait_smem_to_gmem(part_slots - 1, wait_read_only=True)
+                part_smem[slot] = tile
                 plgpu.commit_smem()
                 # TMA boxes are static: store live rows as a ladder of power-of-two boxes.
                 done = first
@@ -263,11 +292,8 @@ def _store_rows(value, out_smem, out_gmem, *, row0, col0, begin, end, epi_m, epi
                 while size >= 1:
                     @pl.when((live_here & size) != 0)
                     def _(size=size, done=done):
-                        plgpu.copy_smem_to_gmem(
-                            out_smem.at[slot, pl.ds(done, size)],
-                            out_gmem.at[pl.ds(row0 + mi * epi_m + done, size),
-                                        pl.ds(col0 + ni * epi_n, epi_n)],
-                        )
+                        plgpu.copy_smem_to_gmem(part_smem.at[slot, pl.ds(done, size)],
+                                                dst.at[pl.ds(done, size)])
                     done = done + (live_here & size)
                     size //= 2
 
