@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 from bench_grouped_matmul import copy_bandwidth  # noqa: E402
 from bench_moe_layer import commit, publish  # noqa: E402
 from wideep_jax.bench import median_ms, time_fn  # noqa: E402
+from pallas_kernels import permute as pallas_permute  # noqa: E402
 from wideep_jax.experts import combine_rows, permute_rows, sort_pairs  # noqa: E402
 
 
@@ -72,6 +73,15 @@ def main() -> int:
             "permute_rows": (lambda: permute(x, pairs), 2 * pair_bytes),
             "combine_rows": (lambda: combine(out, pairs), pair_bytes + tokens * hidden * item),
         }
+        if jax.default_backend() == "gpu":  # the Pallas (Triton) kernels, same bytes
+            gather = jax.jit(pallas_permute.gather_rows)
+            reduce = jax.jit(lambda y, p, v: pallas_permute.combine_rows(y, p, v, out_dtype=dtype))
+            np.testing.assert_array_equal(np.asarray(gather(x, pairs.row_token)), np.asarray(rows))
+            np.testing.assert_allclose(np.asarray(reduce(out, pairs.position, pairs.pair_valid), np.float32),
+                                       got, rtol=1e-2, atol=1e-2)
+            steps["pallas gather_rows"] = (lambda: gather(x, pairs.row_token), 2 * pair_bytes)
+            steps["pallas combine_rows"] = (lambda: reduce(out, pairs.position, pairs.pair_valid),
+                                            pair_bytes + tokens * hidden * item)
         for name, (fn, nbytes) in steps.items():
             ms = median_ms(time_fn(fn, iters=args.iters, batch=args.batch))
             rate = "" if nbytes is None else f"{nbytes / (ms / 1e3) / 1e9:.0f}"
@@ -82,7 +92,7 @@ def main() -> int:
     card = jax.devices()[0].device_kind
     title = (f"## bench_permute: 1x {card}, {datetime.date.today()}, commit {commit()}, "
              f"jax {jax.__version__}")
-    notes = (f"hidden {hidden}, top-{top_k} of {slots} local slots (Zipf 1.2), bf16; XLA gathers; "
+    notes = (f"hidden {hidden}, top-{top_k} of {slots} local slots (Zipf 1.2), bf16; XLA gathers and the Pallas kernels of pallas_kernels/permute.py; "
              f"bytes = rows read + rows written; measured copy bandwidth {bandwidth:.0f} GB/s; "
              f"median of {args.iters} samples of {args.batch} back-to-back calls.")
     table = "\n".join(["| tokens | step | µs | GB/s | of copy |", "|---|---|---|---|---|"] + lines)

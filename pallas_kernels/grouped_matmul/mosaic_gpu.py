@@ -114,27 +114,33 @@ def default_config(
 
     Prefill (>= 128 rows per group): 128x256 CTA tiles walked row-tile-major in bands
     of 4; SwiGLU (two accumulators) uses two 64x128 warpgroup tiles split along M.
-    Decode: 64-row tiles; long K streams best with narrow 64x128 CTA tiles and 4
-    stages, short K with wide 64x512 tiles and 2 stages.
+    Decode: 64-row tiles; long K (gate/up) streams best with wide 64x512 CTA tiles
+    and 2 stages, short K (down) with 64x256 tiles, 4 stages and chained items.
     """
     walk = dict(grid_minor="m", grid_tile_width=4)
     if num_rows // max(1, num_groups) >= 128:
         if epilogue == "swiglu":
-            config = MosaicGpuConfig(tile_m=64, tile_n=128, wg_split="m", max_concurrent_steps=3, **walk)
+            config = MosaicGpuConfig(tile_m=64, tile_n=128, wg_split="m", max_concurrent_steps=4, **walk)
         else:
             config = MosaicGpuConfig(**walk)
     elif epilogue == "swiglu":
         config = MosaicGpuConfig(tile_m=64, tile_n=64, max_concurrent_steps=4)
     elif k >= 4096:
-        config = MosaicGpuConfig(tile_m=64, tile_n=64, max_concurrent_steps=4)
-    else:
         config = MosaicGpuConfig(tile_m=64, tile_n=256, max_concurrent_steps=2)
+    else:
+        config = MosaicGpuConfig(tile_m=64, tile_n=128, max_concurrent_steps=4)
     tile_n, tile_k = config.tile_n, config.tile_k
     while n_out % (tile_n * (2 if config.wg_split == "n" else 1)) and tile_n > 16:
         tile_n //= 2
     while k % tile_k and tile_k > 16:
         tile_k //= 2
-    return dataclasses.replace(config, tile_n=tile_n, tile_k=tile_k, epi_tile_n=min(config.epi_tile_n, tile_n))
+    config = dataclasses.replace(config, tile_n=tile_n, tile_k=tile_k, epi_tile_n=min(config.epi_tile_n, tile_n))
+    # Streaming the next item's K steps during the current epilogue: 711 vs 591-653
+    # TFLOP/s at gate/up prefill on H100 (RESULTS.md); needs whole pipeline rounds.
+    prefill_or_short_k = num_rows // max(1, num_groups) >= 128 or (k < 4096 and epilogue != "swiglu")
+    if prefill_or_short_k and (k // tile_k) % config.max_concurrent_steps == 0:
+        config = dataclasses.replace(config, chain_items=True)
+    return config
 
 
 def _num_sms() -> int:
