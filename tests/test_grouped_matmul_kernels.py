@@ -6,6 +6,8 @@ Dims are small but keep the kernels' constraints (K % 64, N % 128).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -193,3 +195,28 @@ def test_tile_schedule_covers_each_live_row_once(rng, block_m, align):
             owner[rows] = group[t]
         assert np.all(end[n:] == 0)
         np.testing.assert_array_equal(owner, np.repeat(np.r_[np.arange(g), -1], np.r_[sizes, m - sizes.sum()]))
+
+
+@pytest.mark.parametrize("m", [4100, 150, 20, 64])
+@pytest.mark.parametrize("epilogue", ["none", "swiglu", "row_scale"])
+@pytest.mark.parametrize("swizzled", [False, True])
+def test_mosaic_lowers_for_cuda(m, epilogue, swizzled):
+    """The full Mosaic GPU lowering runs on CPU; it checks what interpret mode does not
+    (TMA tiling of odd row counts, shared-memory budget, layouts)."""
+    from pallas_kernels.grouped_matmul import mosaic_gpu
+
+    k, n = (512, 768) if m > 1000 else (K, N)
+    config = mosaic_gpu.default_config(m, G, k=k, n_out=n // 2 if epilogue == "swiglu" else n,
+                                       epilogue=epilogue)
+    if swizzled:
+        config = dataclasses.replace(config, swizzled_epilogue=True, max_concurrent_steps=2,
+                                     chain_items=False)
+
+    def f(x, w, gs, scale):
+        return mosaic_gpu.grouped_matmul(x, w, gs, config=config, epilogue=epilogue,
+                                         row_scale=scale if epilogue == "row_scale" else None)
+
+    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((G, k, n), jnp.bfloat16),
+            jax.ShapeDtypeStruct((G,), jnp.int32), jax.ShapeDtypeStruct((m,), jnp.float32))
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text

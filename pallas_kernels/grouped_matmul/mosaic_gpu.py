@@ -347,12 +347,14 @@ def grouped_matmul(
     cta_m = config.cta_tile_m
     if schedule is None:
         schedule = tile_schedule(group_sizes, m, cta_m, _ROW_ALIGN)
-    # The TMA box of a tile must fit in x's shape (it may still reach past the last row).
-    x_in = jnp.pad(x, ((0, cta_m - m), (0, 0))) if m < cta_m else x
+    # Tiled TMA needs a row count that is a multiple of 8, and a tile's box must fit
+    # in x's shape (it may still reach past the last live row). Only then: a copy.
+    rows = max(-(-m // _ROW_ALIGN) * _ROW_ALIGN, cta_m)
+    x_in = jnp.pad(x, ((0, rows - m), (0, 0))) if rows != m else x
     if epilogue == "row_scale":
         if row_scale is None or row_scale.shape != (m,):
             raise ValueError(f"epilogue='row_scale' needs row_scale of shape ({m},)")
-        scale = jnp.pad(row_scale.astype(jnp.float32), (0, cta_m))
+        scale = jnp.pad(row_scale.astype(jnp.float32), (0, rows - m + cta_m))
     else:
         scale = jnp.zeros((8,), jnp.float32)
     if interpret:
@@ -361,7 +363,7 @@ def grouped_matmul(
         num_ctas = min(_num_sms(), config.max_ctas or _num_sms())
     kernel = plgpu.kernel(
         functools.partial(_kernel, config=config, epilogue=epilogue, n_out=n_out),
-        out_type=jax.ShapeDtypeStruct((m, n_out), out_dtype),
+        out_type=jax.ShapeDtypeStruct((rows, n_out), out_dtype),
         grid=(num_ctas,),
         grid_names=("sm",),
         num_threads=3,
@@ -369,5 +371,6 @@ def grouped_matmul(
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=plgpu.InterpretGPUParams() if interpret else False,
     )
-    return kernel(schedule.group, schedule.start, schedule.live_begin, schedule.live_end,
-                  schedule.num_tiles, x_in, w, scale)
+    out = kernel(schedule.group, schedule.start, schedule.live_begin, schedule.live_end,
+                 schedule.num_tiles, x_in, w, scale)
+    return out if rows == m else out[:m]
