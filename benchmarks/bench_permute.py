@@ -5,8 +5,9 @@
 
 Times the three memory-bound steps of `wideep_jax.experts` around the grouped
 GEMMs, each jitted alone: `sort_pairs` (the plan), `permute_rows` (token rows
-into slot-sorted order, one copy per (token, k) pair) and `combine_rows` (each
-token's sum over its pairs' expert outputs). Bandwidth counts the bytes each
+into slot-sorted order, one copy per (token, k) pair; XLA's gather) and
+`combine_rows` (each token's sum over its pairs' expert outputs), and on GPU the
+Pallas kernels of `pallas_kernels.permute` for the last two. Bandwidth counts the bytes each
 must read and write (rows read + rows written), against a measured device copy
 (read + write of a 2 GiB buffer). Appends to benchmarks/RESULTS.md.
 """
@@ -53,7 +54,7 @@ def main() -> int:
     item = jnp.dtype(dtype).itemsize
     bandwidth = copy_bandwidth(args.iters)
     plan = jax.jit(lambda s, w, v: sort_pairs(s, w, v, slots))
-    permute = jax.jit(permute_rows)
+    permute = jax.jit(lambda x, pairs: permute_rows(x, pairs, implementation="xla"))
     combine = jax.jit(lambda out, pairs: combine_rows(out, pairs, dtype))
     lines = []
     for tokens in token_counts:

@@ -168,3 +168,29 @@ def test_lowers_for_cuda(dtype, n, h, r, k):
             S((r, h), dtype), S((n, k), jnp.int32), S((n, k), jnp.bool_))
         for traced in (gather, combine):
             assert "__gpu$xla.gpu.triton" in traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_permute_rows_pallas_path_and_gradient(rng):
+    """experts.permute_rows with the Pallas gather (interpret on CPU) equals XLA's, and so
+    does its gradient (scatter-add of the row cotangents)."""
+    import wideep_jax.experts as experts
+
+    tokens, top_k, hidden, slots = 12, 3, 40, 5
+    slot = jnp.asarray(rng.integers(-1, slots, (tokens, top_k)), jnp.int32)
+    weight = jnp.asarray(rng.random((tokens, top_k)), jnp.float32)
+    pairs = experts.sort_pairs(slot, weight, jnp.ones((tokens,), bool), slots)
+    x = jnp.asarray(rng.standard_normal((tokens, hidden)), jnp.float32)
+    cot = jnp.asarray(rng.standard_normal((tokens * top_k, hidden)), jnp.float32)
+    orig = experts.permute_kernels.gather_rows
+    experts.permute_kernels.gather_rows = lambda x, i: orig(x, i, interpret=True)
+    try:
+        got = experts.permute_rows(x, pairs, implementation="pallas")
+        g_got = jax.grad(lambda x: jnp.sum(experts.permute_rows(x, pairs, implementation="pallas") * cot))(x)
+    finally:
+        experts.permute_kernels.gather_rows = orig
+    want = experts.permute_rows(x, pairs, implementation="xla")
+    g_want = jax.grad(lambda x: jnp.sum(experts.permute_rows(x, pairs, implementation="xla") * cot))(x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_want), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="'nope'"):
+        experts.permute_rows(x, pairs, implementation="nope")

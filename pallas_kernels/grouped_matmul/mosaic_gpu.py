@@ -110,37 +110,37 @@ class MosaicGpuConfig:
 def default_config(
     num_rows: int, num_groups: int, *, k: int = 7168, n_out: int = 4096, epilogue: Epilogue = "none"
 ) -> MosaicGpuConfig:
-    """Tiles measured best on H100 (benchmarks/RESULTS.md), shrunk to fit small K and N.
+    """Tiles measured best on one H100 (benchmarks/RESULTS.md), shrunk to fit small K, N.
 
-    Prefill (>= 128 rows per group): 128x256 CTA tiles walked row-tile-major in bands
-    of 4; SwiGLU (two accumulators) uses two 64x128 warpgroup tiles split along M.
-    Decode: 64-row tiles; long K (gate/up) streams best with wide 64x512 CTA tiles
-    and 2 stages, short K (down) with 64x256 tiles, 4 stages and chained items.
+    Prefill (>= 128 rows per group): 128x256 CTA tiles, two 64x256 warpgroup tiles
+    split along M, walked row-tile-major in bands of 4 (720 TFLOP/s at gate/up);
+    SwiGLU (two accumulators): two 64x128 tiles and chained items (612). Decode:
+    64-row tiles; long K (gate/up) streams best with 64x512 CTA tiles and 2 stages
+    (0.95-0.97 of copy bandwidth), short K (down) with 64x256 tiles, 4 stages and
+    chained items (0.89-0.91), SwiGLU with 64x128.
     """
     walk = dict(grid_minor="m", grid_tile_width=4)
-    if num_rows // max(1, num_groups) >= 128:
-        if epilogue == "swiglu":
-            config = MosaicGpuConfig(tile_m=64, tile_n=128, wg_split="m", max_concurrent_steps=4, **walk)
-        else:
-            config = MosaicGpuConfig(**walk)
+    prefill = num_rows // max(1, num_groups) >= 128
+    if prefill and epilogue == "swiglu":
+        config, chain = MosaicGpuConfig(tile_m=64, tile_n=128, wg_split="m", max_concurrent_steps=4, **walk), True
+    elif prefill:
+        config, chain = MosaicGpuConfig(tile_m=64, tile_n=256, wg_split="m", **walk), False
     elif epilogue == "swiglu":
-        config = MosaicGpuConfig(tile_m=64, tile_n=64, max_concurrent_steps=4)
+        config, chain = MosaicGpuConfig(tile_m=64, tile_n=64, max_concurrent_steps=4), False
     elif k >= 4096:
-        config = MosaicGpuConfig(tile_m=64, tile_n=256, max_concurrent_steps=2)
+        config, chain = MosaicGpuConfig(tile_m=64, tile_n=256, max_concurrent_steps=2), False
     else:
-        config = MosaicGpuConfig(tile_m=64, tile_n=128, max_concurrent_steps=4)
+        config, chain = MosaicGpuConfig(tile_m=64, tile_n=128, max_concurrent_steps=4), True
     tile_n, tile_k = config.tile_n, config.tile_k
     while n_out % (tile_n * (2 if config.wg_split == "n" else 1)) and tile_n > 16:
         tile_n //= 2
     while k % tile_k and tile_k > 16:
         tile_k //= 2
-    config = dataclasses.replace(config, tile_n=tile_n, tile_k=tile_k, epi_tile_n=min(config.epi_tile_n, tile_n))
-    # Streaming the next item's K steps during the current epilogue: 711 vs 591-653
-    # TFLOP/s at gate/up prefill on H100 (RESULTS.md); needs whole pipeline rounds.
-    prefill_or_short_k = num_rows // max(1, num_groups) >= 128 or (k < 4096 and epilogue != "swiglu")
-    if prefill_or_short_k and (k // tile_k) % config.max_concurrent_steps == 0:
-        config = dataclasses.replace(config, chain_items=True)
-    return config
+    # Chaining streams the next item's K steps during this item's epilogue; it
+    # needs whole rounds of pipeline stages.
+    chain = chain and (k // tile_k) % config.max_concurrent_steps == 0
+    return dataclasses.replace(config, tile_n=tile_n, tile_k=tile_k, chain_items=chain,
+                               epi_tile_n=min(config.epi_tile_n, tile_n))
 
 
 def _num_sms() -> int:
