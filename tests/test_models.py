@@ -1,0 +1,163 @@
+"""Models: Hugging Face parity (committed tiny fixtures), loading errors, KV cache."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moe_helpers import count_compiles, make_mesh
+from wideep_jax.config import load_moe_config
+from wideep_jax.models import from_hf_config, from_pretrained
+from wideep_jax.models.loading import Checkpoint
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+ARCHS = ["qwen3_moe", "mixtral"]
+
+
+def fixture(name: str):
+    folder = FIXTURES / f"{name}_tiny"
+    expected = np.load(folder / "expected.npz")
+    return folder, expected["input_ids"], expected["logits"]
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_match_transformers_local(arch):
+    folder, ids, want = fixture(arch)
+    model = from_pretrained(folder, dtype=jnp.float32)
+    assert rel_err(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(ids)), want) <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_match_transformers_wide_ep_with_replicas(arch):
+    """WIDEEP over 4 devices with extra slots: replicas are filled from their experts."""
+    folder, ids, want = fixture(arch)
+    cfg = from_hf_config(json.loads((folder / "config.json").read_text()))
+    num_slots = -(-(cfg.num_experts + 2) // 4) * 4  # >= 2 replicas, a multiple of EP
+    moe = load_moe_config({"backend": "WIDEEP", "load_balancer": {"num_slots": num_slots}},
+                          num_experts=cfg.num_experts, ep_size=4)
+    model = from_pretrained(folder, moe_config=moe, mesh=make_mesh(4), dtype=jnp.float32)
+    layer = next(layer.mlp for layer in model.layers if hasattr(layer.mlp, "slot_to_expert"))
+    assert layer.w_gate_up[...].shape[0] == num_slots
+    assert rel_err(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(ids)), want) <= 1e-4
+
+
+def test_fused_expert_layout_loads_the_same(tmp_path):
+    """transformers 5's fused ``experts.gate_up_proj`` tensors give the same model."""
+    from safetensors.numpy import save_file
+
+    folder, ids, want = fixture("qwen3_moe")
+    ckpt = Checkpoint(folder)
+    tensors = {}
+    for name in list(ckpt._where):
+        value = np.asarray(ckpt.get(name))
+        if ".experts." not in name:
+            tensors[name] = value
+    cfg = from_hf_config(json.loads((folder / "config.json").read_text()))
+    for i in cfg.moe_layers:
+        p = f"model.layers.{i}.mlp.experts"
+        get = lambda e, n: np.asarray(ckpt.get(f"{p}.{e}.{n}.weight"))
+        tensors[f"{p}.gate_up_proj"] = np.stack(
+            [np.concatenate([get(e, "gate_proj"), get(e, "up_proj")]) for e in range(cfg.num_experts)])
+        tensors[f"{p}.down_proj"] = np.stack([get(e, "down_proj") for e in range(cfg.num_experts)])
+    shutil.copy(folder / "config.json", tmp_path / "config.json")
+    save_file(tensors, tmp_path / "model.safetensors")
+    model = from_pretrained(tmp_path, dtype=jnp.float32)
+    assert rel_err(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(ids)), want) <= 1e-4
+
+
+def _edited_copy(tmp_path, edit):
+    from safetensors.numpy import save_file
+
+    folder, _, _ = fixture("qwen3_moe")
+    ckpt = Checkpoint(folder)
+    tensors = {name: np.asarray(ckpt.get(name)) for name in list(ckpt._where)}
+    edit(tensors)
+    shutil.copy(folder / "config.json", tmp_path / "config.json")
+    save_file(tensors, tmp_path / "model.safetensors")
+    return tmp_path
+
+
+def test_loading_errors_name_the_tensor(tmp_path):
+    (tmp_path / "a").mkdir()
+    missing = _edited_copy(tmp_path / "a", lambda t: t.pop("model.layers.2.mlp.experts.5.up_proj.weight"))
+    with pytest.raises(KeyError, match="model.layers.2.mlp.experts.5.up_proj.weight"):
+        from_pretrained(missing, dtype=jnp.float32)
+
+    def bad_shape(t):
+        t["model.layers.0.self_attn.k_proj.weight"] = np.zeros((5, 48), np.float32)
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ValueError, match=r"k_proj.weight.*\(5, 48\).*\(32, 48\)"):
+        from_pretrained(_edited_copy(tmp_path / "b", bad_shape), dtype=jnp.float32)
+
+    def extra(t):
+        t["model.layers.0.mlp.shared_expert.weight"] = np.zeros((2,), np.float32)
+    (tmp_path / "c").mkdir()
+    with pytest.raises(ValueError, match="shared_expert.weight"):
+        from_pretrained(_edited_copy(tmp_path / "c", extra), dtype=jnp.float32)
+
+    (tmp_path / "d").mkdir()
+    cfg = json.loads((FIXTURES / "qwen3_moe_tiny" / "config.json").read_text()) | {"model_type": "llama"}
+    (tmp_path / "d" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="model_type='llama'.*qwen3_moe"):
+        from_pretrained(tmp_path / "d")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kv_cache_prefill_then_decode_matches_full_forward(arch):
+    """Prefill 4 tokens, then decode one at a time under one jit: every step's logits equal
+    the full forward's at that position (Mixtral's sliding window of 5 included), and the
+    decode steps never recompile."""
+    folder, ids, want = fixture(arch)
+    model = from_pretrained(folder, dtype=jnp.float32)
+    ids = jnp.asarray(ids)
+    step = nnx.jit(lambda model, tokens, cache: model(tokens, cache=cache)[:2])
+    cache = model.init_cache(ids.shape[0], 16)
+    logits, cache = step(model, ids[:, :4], cache)
+    got = [np.asarray(logits)]
+    decode = nnx.jit(lambda model, tokens, cache: model(tokens, cache=cache)[:2])
+    logits, cache = decode(model, ids[:, 4:5], cache)
+    got.append(np.asarray(logits))
+    with count_compiles() as compiles:
+        for t in range(5, ids.shape[1]):
+            logits, cache = decode(model, ids[:, t:t + 1], cache)
+            got.append(np.asarray(logits))
+    assert compiles[0] == 0
+    assert rel_err(np.concatenate(got, axis=1), want) <= 1e-4
+
+
+def test_generate_greedy_matches_step_by_step_argmax():
+    """Left-padded prompts of different lengths: greedy tokens equal argmax of the full
+    forward on each prompt alone, re-run with every generated token appended."""
+    from wideep_jax.models.generate import generate, sample
+
+    folder, ids, _ = fixture("qwen3_moe")
+    model = from_pretrained(folder, dtype=jnp.float32)
+    prompts = [list(ids[0, :7]), list(ids[1, :3])]
+    result = generate(model, prompts, max_new_tokens=4)
+    forward = nnx.jit(lambda m, x: m(x))
+    for row, prompt in enumerate(prompts):
+        seq = list(prompt)
+        for t in range(4):
+            nxt = int(np.argmax(np.asarray(forward(model, jnp.asarray([seq])))[0, -1]))
+            assert result.tokens[row, t] == nxt, (row, t)
+            seq.append(nxt)
+    assert result.expert_counts.shape == (2, 8)  # 2 MoE layers (layer 1 is dense)
+    # (7 + 3 prompt tokens + 2 x 3 decoded) tokens x top-2, per MoE layer.
+    assert (result.expert_counts.sum(axis=1) == (10 + 6) * 2).all()
+    # Sampling: top_p -> 0 keeps only the most likely token, i.e. greedy.
+    logits = jnp.asarray(np.random.default_rng(0).standard_normal((3, 50)), jnp.float32)
+    np.testing.assert_array_equal(sample(logits, jax.random.key(1), temperature=1.0, top_p=1e-6),
+                                  np.argmax(np.asarray(logits), axis=-1))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, prompts, max_new_tokens=0)

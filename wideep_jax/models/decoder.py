@@ -1,0 +1,103 @@
+"""A decoder-only MoE language model in Flax NNX whose MoE blocks are `MoELayer`s."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from wideep_jax.config import MoEConfig
+from wideep_jax.layer import MoELayer
+from wideep_jax.models.config import DecoderConfig
+from wideep_jax.models.layers import Attention, CacheMeta, DenseMLP, LayerCache, RMSNorm
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm attention and MLP (MoE or dense) with residuals."""
+
+    def __init__(self, cfg: DecoderConfig, index: int, moe_config: MoEConfig | None, mesh: Mesh | None,
+                 *, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        if index in cfg.moe_layers:
+            self.mlp = MoELayer(cfg.moe_spec(), moe_config, mesh=mesh, layer_idx=index, rngs=rngs)
+        else:
+            self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, cfg.dtype, rngs=rngs)
+
+    def __call__(self, x, positions, token_valid, cache, meta):
+        attn, cache = self.attn(self.input_norm(x), positions, token_valid, cache, meta)
+        x = x + attn
+        h = self.post_attn_norm(x)
+        b, t, hidden = h.shape
+        if isinstance(self.mlp, MoELayer):
+            y, stats = self.mlp(h.reshape(b * t, hidden), token_mask=token_valid.reshape(b * t))
+            y = y.reshape(b, t, hidden)
+        else:
+            y, stats = self.mlp(h), None
+        return x + y, cache, stats
+
+
+class CausalLM(nnx.Module):
+    """``logits = model(input_ids)`` for ``input_ids [batch, seq]``.
+
+    With a cache (see `init_cache`), ``model(ids, cache=cache)`` appends the new
+    tokens' keys and values and returns ``(logits, cache, stats)``: prefill and
+    decode are the same call with a different ``seq``.
+    """
+
+    def __init__(self, cfg: DecoderConfig, moe_config: MoEConfig | None = None, *, mesh: Mesh | None = None,
+                 rngs: nnx.Rngs):
+        self.cfg = cfg
+        key = rngs.params()
+        self.embed = nnx.Param(jax.random.normal(key, (cfg.vocab_size, cfg.hidden_size), jnp.float32)
+                               .astype(cfg.dtype))
+        self.layers = nnx.List([DecoderLayer(cfg, i, moe_config, mesh, rngs=rngs)
+                                for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else nnx.Param(
+            (jax.random.normal(jax.random.fold_in(key, 1), (cfg.hidden_size, cfg.vocab_size), jnp.float32)
+             / cfg.hidden_size ** 0.5).astype(cfg.dtype))
+
+    def init_cache(self, batch: int, max_len: int) -> tuple[list[LayerCache], CacheMeta]:
+        """An empty cache of ``max_len`` positions for ``batch`` sequences."""
+        cfg = self.cfg
+        shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        layers = [LayerCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+                  for _ in range(cfg.num_hidden_layers)]
+        return layers, CacheMeta(jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((batch, max_len), bool),
+                                 jnp.zeros((), jnp.int32))
+
+    def __call__(self, input_ids, *, positions=None, token_valid=None, cache=None):
+        """Logits [B, T, V] (float32); with ``cache``: ``(logits, cache, stats)``.
+
+        Args:
+          input_ids: int [B, T].
+          positions: int [B, T] (default: the cache length + 0..T-1).
+          token_valid: bool [B, T]; False marks padding (e.g. left-padded prompts).
+          cache: ``(layer caches, CacheMeta)`` from `init_cache` or a previous call.
+        """
+        b, t = input_ids.shape
+        layer_caches, meta = (None, None) if cache is None else cache
+        start = 0 if meta is None else meta.length
+        if positions is None:
+            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        if token_valid is None:
+            token_valid = jnp.ones((b, t), bool)
+        x = self.embed[...][input_ids]
+        new_caches, stats = [], []
+        for i, layer in enumerate(self.layers):
+            x, layer_cache, layer_stats = layer(x, positions, token_valid,
+                                                None if layer_caches is None else layer_caches[i], meta)
+            new_caches.append(layer_cache)
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        x = self.norm(x)
+        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        logits = jnp.dot(x, head, preferred_element_type=jnp.float32)
+        if cache is None:
+            return logits
+        upd = lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v, start, axis=1)
+        meta = CacheMeta(upd(meta.positions, positions.astype(jnp.int32)), upd(meta.valid, token_valid),
+                         meta.length + t)
+        return logits, (new_caches, meta), stats

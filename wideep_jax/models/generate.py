@@ -1,0 +1,108 @@
+"""Batched generation with a KV cache: one jitted prefill, then one jitted decode step per token.
+
+Prompts of different lengths are left-padded (padding is masked out of attention
+and of the MoE layers, and each prompt's positions start at 0), so every decode
+step has the same shapes and the step compiles once.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from wideep_jax.models.decoder import CausalLM
+
+
+class Generation(NamedTuple):
+    tokens: np.ndarray  # int32 [B, max_new_tokens]
+    prefill_seconds: float  # compilation excluded (a warm-up call compiles both steps)
+    decode_seconds: float
+    expert_counts: np.ndarray  # int [MoE layers, E] routed pairs over prefill and decode
+
+
+def sample(logits: jax.Array, key: jax.Array, *, temperature: float, top_p: float) -> jax.Array:
+    """Greedy when ``temperature == 0``; else temperature + nucleus (top-p) sampling. [B, V] -> [B]."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    keep = jnp.cumsum(probs, axis=-1) - probs < top_p
+    choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def _step(model: CausalLM, ids, positions, valid, cache, key, temperature, top_p):
+    logits, cache, stats = model(ids, positions=positions, token_valid=valid, cache=cache)
+    counts = jnp.stack([s.expert_counts for s in stats]) if stats else jnp.zeros((0, 0), jnp.int32)
+    # The last valid token of each row predicts the next one (left padding: the last column).
+    token = sample(logits[:, -1], key, temperature=temperature, top_p=top_p)
+    return token, cache, counts, stats
+
+
+def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             on_token: Callable[[int], None] | None = None, after_step: Callable[[list], None] | None = None
+             ) -> Generation:
+    """Generates ``max_new_tokens`` per prompt.
+
+    Args:
+      model: a `CausalLM`.
+      prompts: token-id lists (any lengths >= 1).
+      max_new_tokens: tokens to generate per prompt (>= 1).
+      temperature, top_p: sampling (0 = greedy).
+      seed: sampling key.
+      on_token: called after each decode step with the step index (progress bars).
+      after_step: called with each step's per-layer ``MoEStats`` (e.g. an online balancer).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts: allowed: one or more non-empty token-id lists")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: allowed: >= 1")
+    if not 0.0 < top_p <= 1.0 or temperature < 0.0:
+        raise ValueError(f"temperature={temperature}, top_p={top_p}: allowed: temperature >= 0, 0 < top_p <= 1")
+    batch, width = len(prompts), max(len(p) for p in prompts)
+    ids = np.zeros((batch, width), np.int32)
+    valid = np.zeros((batch, width), bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        valid[row, width - len(prompt):] = True
+    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
+    lengths = valid.sum(axis=1).astype(np.int32)
+    cache = model.init_cache(batch, width + max_new_tokens)
+    step = nnx.jit(_step, static_argnames=("temperature", "top_p"))
+    key = jax.random.key(seed)
+    out = np.zeros((batch, max_new_tokens), np.int32)
+    # Warm-up: compile the prefill and the decode step on a throwaway copy of the cache.
+    token, warm, _, _ = step(model, jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(valid), cache,
+                             key, temperature, top_p)
+    jax.block_until_ready(step(model, token[:, None], jnp.asarray(lengths)[:, None], jnp.ones((batch, 1), bool),
+                               warm, key, temperature, top_p)[0])
+
+    start = time.perf_counter()
+    token, cache, counts, stats = step(model, jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(valid),
+                                       cache, jax.random.fold_in(key, 0), temperature, top_p)
+    out[:, 0] = np.asarray(token)
+    total = np.asarray(counts).astype(np.int64)
+    prefill = time.perf_counter() - start
+    if after_step is not None:
+        after_step(stats)
+    start = time.perf_counter()
+    for t in range(1, max_new_tokens):
+        pos = jnp.asarray(lengths + t - 1)[:, None]
+        token, cache, counts, stats = step(model, token[:, None], pos, jnp.ones((batch, 1), bool), cache,
+                                           jax.random.fold_in(key, t), temperature, top_p)
+        out[:, t] = np.asarray(token)
+        total = total + np.asarray(counts)
+        if after_step is not None:
+            after_step(stats)
+        if on_token is not None:
+            on_token(t)
+    return Generation(out, prefill, time.perf_counter() - start, total)

@@ -1,0 +1,171 @@
+"""``from_pretrained``: a Hugging Face checkpoint folder into a `CausalLM`, tensor by tensor.
+
+Safetensors files are memory-mapped and read one tensor at a time; a layer's
+experts are gathered into its slot layout (following the layer's placement,
+replicas included) and placed straight onto their devices, so host memory
+stays near one layer's experts. Both expert layouts are read: the Hub's
+per-expert tensors (``experts.{e}.gate_proj`` / Mixtral's ``w1, w3, w2``) and
+transformers 5's fused ``experts.gate_up_proj`` / ``experts.down_proj``.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from wideep_jax.config import MoEConfig
+from wideep_jax.layer import MoELayer
+from wideep_jax.models.config import from_hf_config
+from wideep_jax.models.decoder import CausalLM
+
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
+           "I64": np.int64, "I32": np.int32}
+_IGNORED = ("rotary_emb.inv_freq",)
+
+
+class Checkpoint:
+    """Name -> lazily read NumPy array over a folder's ``*.safetensors`` files."""
+
+    def __init__(self, folder: Path):
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{folder}: no *.safetensors files")
+        self._where: dict[str, tuple[Path, dict, int]] = {}
+        for file in files:
+            with file.open("rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+            for name, info in header.items():
+                if name != "__metadata__":
+                    self._where[name] = (file, info, 8 + size)
+        self.unused = set(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """The tensor ``name`` (memory-mapped); raises naming it if missing or misshapen."""
+        if name not in self._where:
+            raise KeyError(f"checkpoint has no tensor {name!r}")
+        file, info, base = self._where[name]
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(f"tensor {name!r}: dtype {info['dtype']} not supported; allowed: {sorted(_DTYPES)}")
+        begin, end = info["data_offsets"]
+        array = np.memmap(file, dtype=_DTYPES[info["dtype"]], mode="r", offset=base + begin,
+                          shape=tuple(info["shape"])) if end > begin else np.zeros(info["shape"])
+        if shape is not None and tuple(array.shape) != tuple(shape):
+            raise ValueError(f"tensor {name!r}: shape {tuple(array.shape)}, expected {tuple(shape)}")
+        self.unused.discard(name)
+        return array
+
+
+def _set(variable, value: np.ndarray, sharding, dtype) -> None:
+    value = np.asarray(value).astype(dtype)
+    expected = variable.get_value().shape  # the abstract model holds shapes only
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(f"internal: shape {value.shape} for a parameter of shape {expected}")
+    variable.set_value(jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value))
+
+
+def _experts(ckpt: Checkpoint, prefix: str, model_type: str, num_experts: int, hidden: int, width: int):
+    """(gate_up [E, H, 2I], down [E, I, H]) in our layout, from either checkpoint layout."""
+    fused = f"{prefix}.experts.gate_up_proj"
+    if fused in ckpt:
+        gate_up = np.asarray(ckpt.get(fused, (num_experts, 2 * width, hidden))).transpose(0, 2, 1)
+        down = np.asarray(ckpt.get(f"{prefix}.experts.down_proj", (num_experts, hidden, width))).transpose(0, 2, 1)
+        return gate_up, down
+    names = ("w1", "w3", "w2") if model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    gate_up = np.empty((num_experts, hidden, 2 * width), np.float32)
+    down = np.empty((num_experts, width, hidden), np.float32)
+    for e in range(num_experts):
+        base = f"{prefix}.experts.{e}"
+        gate_up[e, :, :width] = ckpt.get(f"{base}.{names[0]}.weight", (width, hidden)).T
+        gate_up[e, :, width:] = ckpt.get(f"{base}.{names[1]}.weight", (width, hidden)).T
+        down[e] = ckpt.get(f"{base}.{names[2]}.weight", (hidden, width)).T
+    return gate_up, down
+
+
+def _put_slots(variable, per_expert: np.ndarray, slot_to_expert: np.ndarray, sharding, dtype) -> None:
+    """Each device builds only its own slots (replicas copied from their expert)."""
+    shape = (len(slot_to_expert),) + per_expert.shape[1:]
+    if sharding is None:
+        variable.set_value(jnp.asarray(per_expert[slot_to_expert].astype(dtype)))
+        return
+    variable.set_value(jax.make_array_from_callback(
+        shape, sharding, lambda index: per_expert[slot_to_expert[index[0]]].astype(dtype)[(slice(None),) + index[1:]]))
+
+
+def from_pretrained(path, *, moe_config: MoEConfig | None = None, mesh: Mesh | None = None,
+                    dtype=jnp.bfloat16) -> CausalLM:
+    """Loads a Hugging Face checkpoint folder (config.json + safetensors) as a `CausalLM`.
+
+    Args:
+      path: folder with ``config.json`` and one or more ``*.safetensors`` files.
+      moe_config: how to run the MoE layers (backend, slots, placement); None = local.
+      mesh: device mesh (required for ``backend: WIDEEP``); other weights are replicated.
+      dtype: parameter and activation dtype.
+
+    Returns:
+      The model, callable as ``model(input_ids) -> logits [batch, seq, vocab]``.
+    """
+    folder = Path(path)
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{folder}: no config.json")
+    cfg = from_hf_config(json.loads(config_file.read_text()), dtype=dtype)
+    ckpt = Checkpoint(folder)
+    # Built abstractly (no random weights), then every parameter is read from the checkpoint.
+    model = nnx.eval_shape(lambda: CausalLM(cfg, moe_config, mesh=mesh, rngs=nnx.Rngs(0)))
+    replicated = None if mesh is None else NamedSharding(mesh, P())
+    h, v = cfg.hidden_size, cfg.vocab_size
+    _set(model.embed, ckpt.get("model.embed_tokens.weight", (v, h)), replicated, dtype)
+    _set(model.norm.weight, ckpt.get("model.norm.weight", (h,)), replicated, dtype)
+    if model.lm_head is not None:
+        _set(model.lm_head, ckpt.get("lm_head.weight", (v, h)).T, replicated, dtype)
+    q_dim, kv_dim = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}"
+        _set(layer.input_norm.weight, ckpt.get(f"{p}.input_layernorm.weight", (h,)), replicated, dtype)
+        _set(layer.post_attn_norm.weight, ckpt.get(f"{p}.post_attention_layernorm.weight", (h,)), replicated, dtype)
+        attn = layer.attn
+        for ours, theirs, out_dim in ((attn.q_proj, "q_proj", q_dim), (attn.k_proj, "k_proj", kv_dim),
+                                      (attn.v_proj, "v_proj", kv_dim)):
+            _set(ours, ckpt.get(f"{p}.self_attn.{theirs}.weight", (out_dim, h)).T, replicated, dtype)
+        _set(attn.o_proj, ckpt.get(f"{p}.self_attn.o_proj.weight", (h, q_dim)).T, replicated, dtype)
+        if attn.q_norm is not None:
+            _set(attn.q_norm.weight, ckpt.get(f"{p}.self_attn.q_norm.weight", (cfg.head_dim,)), replicated, dtype)
+            _set(attn.k_norm.weight, ckpt.get(f"{p}.self_attn.k_norm.weight", (cfg.head_dim,)), replicated, dtype)
+        if isinstance(layer.mlp, MoELayer):
+            _load_moe(ckpt, layer.mlp, cfg, p, mesh, replicated, dtype)
+        else:
+            w = cfg.intermediate_size
+            gate = ckpt.get(f"{p}.mlp.gate_proj.weight", (w, h))
+            up = ckpt.get(f"{p}.mlp.up_proj.weight", (w, h))
+            _set(layer.mlp.gate_up, np.concatenate([gate.T, up.T], axis=1), replicated, dtype)
+            _set(layer.mlp.down, ckpt.get(f"{p}.mlp.down_proj.weight", (h, w)).T, replicated, dtype)
+    unused = sorted(n for n in ckpt.unused if not n.endswith(_IGNORED))
+    if unused:
+        raise ValueError(f"checkpoint tensors not used by {cfg.model_type}: {unused[:5]}"
+                         f"{' ...' if len(unused) > 5 else ''} ({len(unused)} in all)")
+    return model
+
+
+def _load_moe(ckpt, layer: MoELayer, cfg, prefix, mesh, replicated, dtype) -> None:
+    h, e, w = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+    moe = f"{prefix}.block_sparse_moe" if f"{prefix}.block_sparse_moe.gate.weight" in ckpt else f"{prefix}.mlp"
+    _set(layer.router, ckpt.get(f"{moe}.gate.weight", (e, h)).T, replicated, dtype)
+    gate_up, down = _experts(ckpt, moe, cfg.model_type, e, h, w)
+    # The abstract layer holds no values: its placement comes from the config again.
+    slot_to_expert = np.asarray(layer.config.slot_to_expert(layer.layer_idx, num_experts=e, ep_size=layer.ep_size))
+    _set(layer.slot_to_expert, slot_to_expert, replicated, np.int32)
+    wide = layer.config.backend == "WIDEEP"
+    slots = None if mesh is None else NamedSharding(mesh, P(layer.config.ep_axis) if wide else P())
+    _put_slots(layer.w_gate_up, gate_up, slot_to_expert, slots, dtype)
+    _put_slots(layer.w_down, down, slot_to_expert, slots, dtype)
