@@ -54,3 +54,29 @@ def test_parse_skew_and_imbalance():
         parse_skew("zipf:x")
     assert imbalance([1, 1, 1, 1]) == 0.0
     assert imbalance([3, 1, 1, 3]) == pytest.approx(0.5)
+
+
+def test_run_default_preset_small(capsys):
+    """The main job: tiny preset, wide EP over 8 devices, online EPLB, speeds and balance."""
+    assert main(["run", "--batch", "2", "--prompt-len", "5", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "online EPLB" in out and "8 cpu devices" in out
+    assert re.search(r"prefill: 10 tokens .* -> [\d,]+ tokens/s", out)
+    assert re.search(r"decode: 6 tokens .* -> [\d,]+ tokens/s", out)
+    assert len(re.findall(r"layer \d: rank imbalance", out)) == 3  # layers 1-3 are MoE
+
+
+def test_run_checkpoint_with_prompts_is_greedy_and_deterministic(capsys):
+    """A Hugging Face checkpoint folder with token-id prompts: the same tokens twice."""
+    from pathlib import Path
+    folder = str(Path(__file__).resolve().parent / "fixtures" / "qwen3_moe_tiny")
+    args = ["run", "--model", folder, "--ep", "4", "--prompt", "1,2,3,4", "--prompt", "5,6",
+            "--max-new-tokens", "3"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    second = capsys.readouterr().out
+    tokens = lambda out: [line.split("->")[1] for line in out.splitlines() if line.strip().startswith("[")]
+    assert tokens(first) == tokens(second) and len(tokens(first)) == 2
+    assert main(["run", "--model", folder, "--prompt", "hello"]) == 2  # no tokenizer: a clear error
+    assert "--prompt='hello'" in capsys.readouterr().err

@@ -1,5 +1,9 @@
 """The ``wideep`` command line.
 
+``wideep run`` is the main job: generation with a model (a built-in tiny preset
+by default, or a Hugging Face checkpoint) with wide EP and online EPLB, then
+prefill / decode tokens/s and per-layer balance; see :mod:`wideep_jax.run`.
+
 ``wideep bench-moe`` runs the MoE layer forward and prints tokens/s and the
 per-rank load. With no arguments: a DeepSeek-V3-shaped layer scaled down to
 run on 8 emulated CPU devices in well under a minute.
@@ -205,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``wideep`` console script."""
     parser = argparse.ArgumentParser(prog="wideep", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    from wideep_jax import run
+    run.add_parser(sub)
     _add_bench_moe(sub)
     _add_eplb(sub)
     args = parser.parse_args(argv)

@@ -4,10 +4,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from wideep_jax.config import MoEConfig
 from wideep_jax.layer import MoELayer
+from wideep_jax.moe import constrain
 from wideep_jax.models.config import DecoderConfig
 from wideep_jax.models.layers import Attention, CacheMeta, DenseMLP, LayerCache, RMSNorm
 
@@ -32,6 +33,9 @@ class DecoderLayer(nnx.Module):
         b, t, hidden = h.shape
         if isinstance(self.mlp, MoELayer):
             y, stats = self.mlp(h.reshape(b * t, hidden), token_mask=token_valid.reshape(b * t))
+            if self.mlp.mesh is not None:
+                # The MoE hands tokens back sharded over EP; attention here runs replicated.
+                y = constrain(y, self.mlp.mesh, P())
             y = y.reshape(b, t, hidden)
         else:
             y, stats = self.mlp(h), None
@@ -48,7 +52,7 @@ class CausalLM(nnx.Module):
 
     def __init__(self, cfg: DecoderConfig, moe_config: MoEConfig | None = None, *, mesh: Mesh | None = None,
                  rngs: nnx.Rngs):
-        self.cfg = cfg
+        self.cfg, self.mesh = cfg, mesh
         key = rngs.params()
         self.embed = nnx.Param(jax.random.normal(key, (cfg.vocab_size, cfg.hidden_size), jnp.float32)
                                .astype(cfg.dtype))
@@ -58,6 +62,16 @@ class CausalLM(nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nnx.Param(
             (jax.random.normal(jax.random.fold_in(key, 1), (cfg.hidden_size, cfg.vocab_size), jnp.float32)
              / cfg.hidden_size ** 0.5).astype(cfg.dtype))
+        if mesh is not None:
+            # Everything but the MoE layers (which place their own slots) is replicated.
+            replicated = NamedSharding(mesh, P())
+            dense = [self.norm, *(m for layer in self.layers for m in (layer.input_norm, layer.attn,
+                                                                         layer.post_attn_norm, layer.mlp)
+                                  if not isinstance(m, MoELayer))]
+            variables = [self.embed] + ([self.lm_head] if self.lm_head is not None else [])
+            variables += [v for m in dense for _, v in nnx.iter_graph(m) if isinstance(v, nnx.Variable)]
+            for var in variables:
+                var.set_value(jax.device_put(var.get_value(), replicated))
 
     def init_cache(self, batch: int, max_len: int) -> tuple[list[LayerCache], CacheMeta]:
         """An empty cache of ``max_len`` positions for ``batch`` sequences."""
@@ -65,8 +79,10 @@ class CausalLM(nnx.Module):
         shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
         layers = [LayerCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
                   for _ in range(cfg.num_hidden_layers)]
-        return layers, CacheMeta(jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((batch, max_len), bool),
-                                 jnp.zeros((), jnp.int32))
+        cache = layers, CacheMeta(jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((batch, max_len), bool),
+                                  jnp.zeros((), jnp.int32))
+        # Replicated on the model's mesh, like the activations of the attention layers.
+        return cache if self.mesh is None else jax.device_put(cache, NamedSharding(self.mesh, P()))
 
     def __call__(self, input_ids, *, positions=None, token_valid=None, cache=None):
         """Logits [B, T, V] (float32); with ``cache``: ``(logits, cache, stats)``.

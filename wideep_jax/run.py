@@ -1,0 +1,154 @@
+"""``wideep run``: the main job. Builds or loads a model, generates, reports speed and balance.
+
+With no arguments it runs the built-in ``tiny`` preset (a Qwen3-MoE-shaped model
+with random weights) with wide EP over every device (8 emulated CPU devices on a
+machine without a GPU) and online EPLB. ``--model PATH`` runs a Hugging Face
+checkpoint folder instead.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+PRESETS = {
+    "tiny": dict(model_type="qwen3_moe", vocab_size=512, hidden_size=256, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=4, head_dim=32, intermediate_size=512,
+                 moe_intermediate_size=128, num_experts=32, num_experts_per_tok=4, moe_layers=(1, 2, 3),
+                 qk_norm=True),
+}
+"""Built-in model shapes (random weights); layer 0 is dense as in DeepSeek-V3."""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help="generate with a model (the main job)",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny", help=f"checkpoint folder or preset ({', '.join(PRESETS)})")
+    p.add_argument("--moe-config", default=None,
+                   help="moe_config YAML (default: WIDEEP, EP-many extra slots, online EPLB)")
+    p.add_argument("--ep", type=int, default=None, help="EP size (default: all devices)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="a prompt: comma-separated token ids, or text when the checkpoint has a "
+                        "tokenizer (repeatable); default: random prompts")
+    p.add_argument("--batch", type=int, default=8, help="random prompts when --prompt is not given")
+    p.add_argument("--prompt-len", type=int, default=32, help="length of the random prompts")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--cpu-devices", type=int, default=8, help="emulated CPU devices when there is no GPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=main_job)
+
+
+def _moe_config(path, num_experts: int, ep: int):
+    from wideep_jax.config import load_moe_config
+
+    if path is not None:
+        return load_moe_config(path, num_experts=num_experts, ep_size=ep)
+    return load_moe_config({"backend": "WIDEEP", "load_balancer": {"num_slots": num_experts + ep,
+                                                                   "layer_updates_per_iter": 1}},
+                           num_experts=num_experts, ep_size=ep)
+
+
+def _tokenizer(folder: Path | None):
+    if folder is None or not (folder / "tokenizer.json").exists():
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return None
+    return Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+
+def _prompts(args, vocab: int, tokenizer) -> list[list[int]]:
+    import numpy as np
+
+    if not args.prompt:
+        rng = np.random.default_rng(args.seed)
+        return [list(map(int, rng.integers(0, vocab, args.prompt_len))) for _ in range(args.batch)]
+    prompts = []
+    for text in args.prompt:
+        parts = [p.strip() for p in text.split(",")]
+        if all(p.lstrip("-").isdigit() for p in parts):
+            ids = [int(p) for p in parts]
+        elif tokenizer is not None:
+            ids = tokenizer.encode(text).ids
+        else:
+            raise ValueError(f"--prompt={text!r}: allowed: comma-separated token ids "
+                             "(no tokenizer.json with the model, or the `tokenizers` package is missing)")
+        if not ids or not all(0 <= i < vocab for i in ids):
+            raise ValueError(f"--prompt={text!r}: allowed: 1 or more token ids in [0, {vocab})")
+        prompts.append(ids)
+    return prompts
+
+
+def main_job(args) -> int:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from wideep_jax.eplb.algorithm import imbalance, rank_loads
+    from wideep_jax.layer import MoELayer
+    from wideep_jax.models import CausalLM, DecoderConfig, from_hf_config, from_pretrained
+    from wideep_jax.models.generate import generate
+
+    platform = jax.default_backend()
+    dtype = jnp.dtype(args.dtype or ("bfloat16" if platform == "gpu" else "float32"))
+    ep = args.ep or jax.device_count()
+    if not 1 <= ep <= jax.device_count():
+        raise ValueError(f"--ep={ep}: allowed: 1..{jax.device_count()} ({platform} devices)")
+    folder = None if args.model in PRESETS else Path(args.model)
+    if folder is not None and not folder.is_dir():
+        raise ValueError(f"--model={args.model!r}: allowed: a checkpoint folder or a preset ({', '.join(PRESETS)})")
+    if folder is None:
+        cfg = DecoderConfig(**PRESETS[args.model], dtype=dtype)
+    else:
+        import json
+        cfg = from_hf_config(json.loads((folder / "config.json").read_text()), dtype=dtype)
+    moe_config = _moe_config(args.moe_config, cfg.num_experts, ep)
+    mesh = jax.make_mesh((ep,), (moe_config.ep_axis,), devices=jax.devices()[:ep],
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    start = time.perf_counter()
+    model = (CausalLM(cfg, moe_config, mesh=mesh, rngs=nnx.Rngs(args.seed)) if folder is None
+             else from_pretrained(folder, moe_config=moe_config, mesh=mesh, dtype=dtype))
+    print(f"wideep run: {args.model} ({cfg.model_type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+          f"{cfg.num_experts} experts top-{cfg.num_experts_per_tok}, {dtype.name}) on {ep} {platform} devices, "
+          f"{moe_config.backend}; built in {time.perf_counter() - start:.1f} s")
+    tokenizer = _tokenizer(folder)
+    prompts = _prompts(args, cfg.vocab_size, tokenizer)
+    moe_layers = [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoELayer)]
+    balancer = None
+    lb = moe_config.load_balancer
+    if lb is not None and lb.is_online and moe_config.backend == "WIDEEP" and moe_layers:
+        from wideep_jax.eplb import OnlineBalancer
+        balancer = OnlineBalancer(moe_layers)
+        print(f"  online EPLB: {lb.num_slots} slots, {lb.layer_updates_per_iter} layer(s) re-placed per step")
+
+    def progress(t: int) -> None:
+        done = (t + 1) * 30 // args.max_new_tokens
+        print(f"\r  decoding [{'#' * done}{'.' * (30 - done)}] {t + 1}/{args.max_new_tokens}",
+              end="", file=sys.stderr, flush=True)
+
+    result = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_p=args.top_p, seed=args.seed, on_token=progress,
+                      after_step=None if balancer is None else balancer.step)
+    print(file=sys.stderr)
+    prompt_tokens = sum(len(p) for p in prompts)
+    decode_tokens = len(prompts) * (args.max_new_tokens - 1)
+    print(f"  prefill: {prompt_tokens} tokens in {result.prefill_seconds * 1e3:.1f} ms -> "
+          f"{prompt_tokens / result.prefill_seconds:,.0f} tokens/s")
+    if decode_tokens:
+        print(f"  decode: {decode_tokens} tokens in {result.decode_seconds * 1e3:.1f} ms -> "
+              f"{decode_tokens / result.decode_seconds:,.0f} tokens/s ({len(prompts)} sequences)")
+    for layer, counts in zip(moe_layers, result.expert_counts):
+        loads = np.asarray(rank_loads(counts, layer.slot_to_expert[...], layer.ep_size))
+        print(f"  layer {layer.layer_idx}: rank imbalance (max-mean)/mean {float(imbalance(loads)):.3f}, "
+              f"busiest expert {counts.max() / max(counts.mean(), 1e-9):.2f}x the mean")
+    for row, prompt in enumerate(prompts[:4]):
+        new = [int(t) for t in result.tokens[row]]
+        text = tokenizer.decode(new) if tokenizer is not None else " ".join(map(str, new[:16]))
+        print(f"  [{row}] {len(prompt)} prompt tokens -> {text}{' ...' if tokenizer is None and len(new) > 16 else ''}")
+    return 0
