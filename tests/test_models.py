@@ -17,7 +17,7 @@ from wideep_jax.models import from_hf_config, from_pretrained
 from wideep_jax.models.loading import Checkpoint
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-ARCHS = ["qwen3_moe", "mixtral"]
+ARCHS = ["qwen3_moe", "mixtral", "deepseek_v3"]
 
 
 def fixture(name: str):

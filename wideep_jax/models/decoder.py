@@ -10,7 +10,7 @@ from wideep_jax.config import MoEConfig
 from wideep_jax.layer import MoELayer
 from wideep_jax.moe import constrain
 from wideep_jax.models.config import DecoderConfig
-from wideep_jax.models.layers import Attention, CacheMeta, DenseMLP, LayerCache, RMSNorm
+from wideep_jax.models.layers import Attention, CacheMeta, DenseMLP, LatentAttention, LayerCache, RMSNorm
 
 
 class DecoderLayer(nnx.Module):
@@ -19,7 +19,7 @@ class DecoderLayer(nnx.Module):
     def __init__(self, cfg: DecoderConfig, index: int, moe_config: MoEConfig | None, mesh: Mesh | None,
                  *, rngs: nnx.Rngs):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = LatentAttention(cfg, rngs=rngs) if cfg.mla is not None else Attention(cfg, rngs=rngs)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
         if index in cfg.moe_layers:
             self.mlp = MoELayer(cfg.moe_spec(), moe_config, mesh=mesh, layer_idx=index, rngs=rngs)
@@ -76,8 +76,11 @@ class CausalLM(nnx.Module):
     def init_cache(self, batch: int, max_len: int) -> tuple[list[LayerCache], CacheMeta]:
         """An empty cache of ``max_len`` positions for ``batch`` sequences."""
         cfg = self.cfg
-        shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-        layers = [LayerCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+        if cfg.mla is not None:  # the latent and the shared rotary key, not per-head K and V
+            shapes = (batch, max_len, cfg.mla.kv_lora_rank), (batch, max_len, cfg.mla.qk_rope_head_dim)
+        else:
+            shapes = ((batch, max_len, cfg.num_key_value_heads, cfg.head_dim),) * 2
+        layers = [LayerCache(*(jnp.zeros(shape, cfg.dtype) for shape in shapes))
                   for _ in range(cfg.num_hidden_layers)]
         cache = layers, CacheMeta(jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((batch, max_len), bool),
                                   jnp.zeros((), jnp.int32))

@@ -1,13 +1,15 @@
 """Decoder building blocks: RMSNorm, RoPE, GQA attention with a KV cache, dense SwiGLU."""
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from wideep_jax.models.config import DecoderConfig
+from wideep_jax.models.config import DecoderConfig, RopeConfig
 
 
 class LayerCache(NamedTuple):
@@ -42,16 +44,55 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * x32.astype(x.dtype)
 
 
-def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotates ``x [B, T, heads, D]`` by position (half-split layout, as HF's rotate_half)."""
+def _mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_frequencies(rope: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
+    """(inverse frequencies [dim/2], cos/sin scale) as Hugging Face computes them."""
+    pos_freqs = rope.theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
+    if rope.kind == "default":
+        return (1.0 / pos_freqs).astype(np.float32), 1.0
+    # YaRN: interpolate low frequencies by `factor`, keep high ones, ramp in between.
+    def correction_dim(rotations):
+        return dim * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+            2 * math.log(rope.theta))
+    low = max(math.floor(correction_dim(rope.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / ((high - low) or 0.001), 0, 1)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (rope.factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    if rope.mscale and rope.mscale_all_dim:
+        scale = _mscale(rope.factor, rope.mscale) / _mscale(rope.factor, rope.mscale_all_dim)
+    else:
+        scale = _mscale(rope.factor)
+    return inv_freq.astype(np.float32), float(scale)
+
+
+def softmax_scale(rope: RopeConfig, head_dim: int) -> float:
+    """``head_dim**-0.5``, times YaRN's ``mscale_all_dim`` correction squared (DeepSeek)."""
+    scale = head_dim ** -0.5
+    if rope.kind == "yarn" and rope.mscale_all_dim:
+        scale *= _mscale(rope.factor, rope.mscale_all_dim) ** 2
+    return scale
+
+
+def rotary(x: jax.Array, positions: jax.Array, rope: RopeConfig, *, interleaved: bool = False) -> jax.Array:
+    """Rotates ``x [B, T, heads, D]`` by position.
+
+    Half-split pairs (x_i, x_{i+D/2}) as HF's rotate_half, or with ``interleaved``
+    adjacent pairs (x_2i, x_2i+1) written back half-split (DeepSeek's layout).
+    """
     dim = x.shape[-1]
-    inv_freq = 1.0 / theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
-    cos = jnp.concatenate([jnp.cos(angles)] * 2, -1)[:, :, None, :].astype(x.dtype)
-    sin = jnp.concatenate([jnp.sin(angles)] * 2, -1)[:, :, None, :].astype(x.dtype)
-    half = dim // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
+    inv_freq, scale = rope_frequencies(rope, dim)
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, D/2]
+    cos = (jnp.cos(angles) * scale)[:, :, None, :].astype(x.dtype)
+    sin = (jnp.sin(angles) * scale)[:, :, None, :].astype(x.dtype)
+    if interleaved:
+        first, second = x[..., 0::2], x[..., 1::2]
+    else:
+        first, second = x[..., : dim // 2], x[..., dim // 2:]
+    return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
 
 
 class Attention(nnx.Module):
@@ -81,28 +122,85 @@ class Attention(nnx.Module):
         v = (x @ self.v_proj[...]).reshape(b, t, nkv, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
-        if cache is None:
-            keys, values, key_pos, key_valid = k, v, positions, token_valid
+        q, k = rotary(q, positions, cfg.rope_config), rotary(k, positions, cfg.rope_config)
+        (keys, values), key_pos, key_valid, cache = _append(cache, meta, (k, v), positions, token_valid)
+        out = _attend(q, keys, values, positions, key_pos, key_valid, d ** -0.5, cfg.sliding_window)
+        return out.reshape(b, t, nh * d) @ self.o_proj[...], cache
+
+
+def _append(cache, meta, new, positions, token_valid):
+    """Writes this call's entries at the cache's end; returns everything attention may read."""
+    if cache is None:
+        return new, positions, token_valid, None
+    put = lambda old, value: jax.lax.dynamic_update_slice_in_dim(old, value.astype(old.dtype), meta.length, axis=1)
+    cache = LayerCache(*(put(old, value) for old, value in zip(cache, new)))
+    return tuple(cache), put(meta.positions, positions), put(meta.valid, token_valid), cache
+
+
+def _attend(q, k, v, positions, key_pos, key_valid, scale: float, window: int | None):
+    """Causal softmax attention. q [B,T,H,Dk], k [B,S,KVH,Dk], v [B,S,KVH,Dv] -> [B,T,H,Dv]."""
+    b, t, nh, dk = q.shape
+    nkv = k.shape[2]
+    qg = q.reshape(b, t, nkv, nh // nkv, dk)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    allowed = key_valid[:, None, :] & (key_pos[:, None, :] <= positions[:, :, None])
+    if window is not None:
+        allowed &= positions[:, :, None] - key_pos[:, None, :] < window
+    scores = jnp.where(allowed[:, None, None], scores, -jnp.inf)
+    # A query with no allowed key (a padding token) gets zeros, not NaN.
+    probs = jnp.nan_to_num(jax.nn.softmax(scores, axis=-1)).astype(q.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
+    return out.reshape(b, t, nh, v.shape[-1])
+
+
+class LatentAttention(nnx.Module):
+    """DeepSeek's multi-head latent attention. The cache holds the normalised KV latent
+    and the shared rotary key (``LayerCache(keys=latent [B,S,R], values=k_rot [B,S,Dr])``);
+    keys and values are expanded from it per call."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        m, h, nh = cfg.mla, cfg.hidden_size, cfg.num_attention_heads
+        self.cfg = cfg
+        qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+        keys = jax.random.split(rngs.params(), 5)
+        if m.q_lora_rank is None:
+            self.q_proj = _param(keys[0], (h, nh * qk), h, cfg.dtype)
+            self.q_a_proj = self.q_a_norm = self.q_b_proj = None
         else:
-            start = meta.length
-            keys = jax.lax.dynamic_update_slice_in_dim(cache.keys, k.astype(cache.keys.dtype), start, axis=1)
-            values = jax.lax.dynamic_update_slice_in_dim(cache.values, v.astype(cache.values.dtype), start, axis=1)
-            cache = LayerCache(keys, values)
-            key_pos = jax.lax.dynamic_update_slice_in_dim(meta.positions, positions, start, axis=1)
-            key_valid = jax.lax.dynamic_update_slice_in_dim(meta.valid, token_valid, start, axis=1)
-        group = nh // nkv
-        qg = q.reshape(b, t, nkv, group, d)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(q.dtype),
-                            preferred_element_type=jnp.float32) * d ** -0.5
-        allowed = key_valid[:, None, :] & (key_pos[:, None, :] <= positions[:, :, None])
-        if cfg.sliding_window is not None:
-            allowed &= positions[:, :, None] - key_pos[:, None, :] < cfg.sliding_window
-        scores = jnp.where(allowed[:, None, None], scores, -jnp.inf)
-        # A query with no allowed key (a padding token) gets zeros, not NaN.
-        probs = jnp.nan_to_num(jax.nn.softmax(scores, axis=-1)).astype(q.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(q.dtype)).reshape(b, t, nh * d)
-        return out @ self.o_proj[...], cache
+            self.q_proj = None
+            self.q_a_proj = _param(keys[0], (h, m.q_lora_rank), h, cfg.dtype)
+            self.q_a_norm = RMSNorm(m.q_lora_rank, 1e-6, cfg.dtype)
+            self.q_b_proj = _param(keys[1], (m.q_lora_rank, nh * qk), m.q_lora_rank, cfg.dtype)
+        self.kv_a_proj = _param(keys[2], (h, m.kv_lora_rank + m.qk_rope_head_dim), h, cfg.dtype)
+        self.kv_a_norm = RMSNorm(m.kv_lora_rank, 1e-6, cfg.dtype)
+        self.kv_b_proj = _param(keys[3], (m.kv_lora_rank, nh * (m.qk_nope_head_dim + m.v_head_dim)),
+                                m.kv_lora_rank, cfg.dtype)
+        self.o_proj = _param(keys[4], (nh * m.v_head_dim, h), nh * m.v_head_dim, cfg.dtype)
+
+    def __call__(self, x, positions, token_valid, cache: LayerCache | None, meta: CacheMeta | None):
+        cfg, m = self.cfg, self.cfg.mla
+        b, t, _ = x.shape
+        nh = cfg.num_attention_heads
+        q = x @ self.q_proj[...] if self.q_proj is not None else \
+            self.q_a_norm(x @ self.q_a_proj[...]) @ self.q_b_proj[...]
+        q = q.reshape(b, t, nh, m.qk_nope_head_dim + m.qk_rope_head_dim)
+        q_nope, q_rot = q[..., :m.qk_nope_head_dim], q[..., m.qk_nope_head_dim:]
+        compressed = x @ self.kv_a_proj[...]
+        latent = self.kv_a_norm(compressed[..., :m.kv_lora_rank])
+        k_rot = compressed[..., m.kv_lora_rank:][:, :, None, :]
+        rope = cfg.rope_config
+        q_rot = rotary(q_rot, positions, rope, interleaved=m.rope_interleave)
+        k_rot = rotary(k_rot, positions, rope, interleaved=m.rope_interleave)[:, :, 0]
+        (latent, k_rot), key_pos, key_valid, cache = _append(cache, meta, (latent, k_rot), positions, token_valid)
+        s = latent.shape[1]
+        kv = (latent.astype(x.dtype) @ self.kv_b_proj[...]).reshape(b, s, nh, m.qk_nope_head_dim + m.v_head_dim)
+        k = jnp.concatenate([kv[..., :m.qk_nope_head_dim],
+                             jnp.broadcast_to(k_rot[:, :, None, :].astype(x.dtype), (b, s, nh, m.qk_rope_head_dim))],
+                            axis=-1)
+        scale = softmax_scale(rope, m.qk_nope_head_dim + m.qk_rope_head_dim)
+        out = _attend(jnp.concatenate([q_nope, q_rot], -1), k, kv[..., m.qk_nope_head_dim:], positions,
+                      key_pos, key_valid, scale, cfg.sliding_window)
+        return out.reshape(b, t, nh * m.v_head_dim) @ self.o_proj[...], cache
 
 
 class DenseMLP(nnx.Module):

@@ -10,6 +10,7 @@ transformers 5's fused ``experts.gate_up_proj`` / ``experts.down_proj``.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -129,19 +130,14 @@ def from_pretrained(path, *, moe_config: MoEConfig | None = None, mesh: Mesh | N
     _set(model.norm.weight, ckpt.get("model.norm.weight", (h,)), replicated, dtype)
     if model.lm_head is not None:
         _set(model.lm_head, ckpt.get("lm_head.weight", (v, h)).T, replicated, dtype)
-    q_dim, kv_dim = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}"
         _set(layer.input_norm.weight, ckpt.get(f"{p}.input_layernorm.weight", (h,)), replicated, dtype)
         _set(layer.post_attn_norm.weight, ckpt.get(f"{p}.post_attention_layernorm.weight", (h,)), replicated, dtype)
-        attn = layer.attn
-        for ours, theirs, out_dim in ((attn.q_proj, "q_proj", q_dim), (attn.k_proj, "k_proj", kv_dim),
-                                      (attn.v_proj, "v_proj", kv_dim)):
-            _set(ours, ckpt.get(f"{p}.self_attn.{theirs}.weight", (out_dim, h)).T, replicated, dtype)
-        _set(attn.o_proj, ckpt.get(f"{p}.self_attn.o_proj.weight", (h, q_dim)).T, replicated, dtype)
-        if attn.q_norm is not None:
-            _set(attn.q_norm.weight, ckpt.get(f"{p}.self_attn.q_norm.weight", (cfg.head_dim,)), replicated, dtype)
-            _set(attn.k_norm.weight, ckpt.get(f"{p}.self_attn.k_norm.weight", (cfg.head_dim,)), replicated, dtype)
+        if cfg.mla is not None:
+            _load_latent_attention(ckpt, layer.attn, cfg, p, replicated, dtype)
+        else:
+            _load_attention(ckpt, layer.attn, cfg, p, replicated, dtype)
         if isinstance(layer.mlp, MoELayer):
             _load_moe(ckpt, layer.mlp, cfg, p, mesh, replicated, dtype)
         else:
@@ -150,11 +146,43 @@ def from_pretrained(path, *, moe_config: MoEConfig | None = None, mesh: Mesh | N
             up = ckpt.get(f"{p}.mlp.up_proj.weight", (w, h))
             _set(layer.mlp.gate_up, np.concatenate([gate.T, up.T], axis=1), replicated, dtype)
             _set(layer.mlp.down, ckpt.get(f"{p}.mlp.down_proj.weight", (h, w)).T, replicated, dtype)
-    unused = sorted(n for n in ckpt.unused if not n.endswith(_IGNORED))
+    # DeepSeek's multi-token-prediction layers sit past num_hidden_layers; inference skips them.
+    mtp = re.compile(r"model\.layers\.(\d+)\.").match
+    unused = sorted(n for n in ckpt.unused if not n.endswith(_IGNORED)
+                    and not ((hit := mtp(n)) and int(hit.group(1)) >= cfg.num_hidden_layers))
     if unused:
         raise ValueError(f"checkpoint tensors not used by {cfg.model_type}: {unused[:5]}"
                          f"{' ...' if len(unused) > 5 else ''} ({len(unused)} in all)")
     return model
+
+
+def _load_attention(ckpt, attn, cfg, p, replicated, dtype) -> None:
+    h = cfg.hidden_size
+    q_dim, kv_dim = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    for ours, theirs, out_dim in ((attn.q_proj, "q_proj", q_dim), (attn.k_proj, "k_proj", kv_dim),
+                                  (attn.v_proj, "v_proj", kv_dim)):
+        _set(ours, ckpt.get(f"{p}.self_attn.{theirs}.weight", (out_dim, h)).T, replicated, dtype)
+    _set(attn.o_proj, ckpt.get(f"{p}.self_attn.o_proj.weight", (h, q_dim)).T, replicated, dtype)
+    if attn.q_norm is not None:
+        _set(attn.q_norm.weight, ckpt.get(f"{p}.self_attn.q_norm.weight", (cfg.head_dim,)), replicated, dtype)
+        _set(attn.k_norm.weight, ckpt.get(f"{p}.self_attn.k_norm.weight", (cfg.head_dim,)), replicated, dtype)
+
+
+def _load_latent_attention(ckpt, attn, cfg, p, replicated, dtype) -> None:
+    m, h, nh = cfg.mla, cfg.hidden_size, cfg.num_attention_heads
+    qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+    a = f"{p}.self_attn"
+    linear = lambda ours, name, shape: _set(ours, ckpt.get(f"{a}.{name}.weight", shape).T, replicated, dtype)
+    if m.q_lora_rank is None:
+        linear(attn.q_proj, "q_proj", (nh * qk, h))
+    else:
+        linear(attn.q_a_proj, "q_a_proj", (m.q_lora_rank, h))
+        _set(attn.q_a_norm.weight, ckpt.get(f"{a}.q_a_layernorm.weight", (m.q_lora_rank,)), replicated, dtype)
+        linear(attn.q_b_proj, "q_b_proj", (nh * qk, m.q_lora_rank))
+    linear(attn.kv_a_proj, "kv_a_proj_with_mqa", (m.kv_lora_rank + m.qk_rope_head_dim, h))
+    _set(attn.kv_a_norm.weight, ckpt.get(f"{a}.kv_a_layernorm.weight", (m.kv_lora_rank,)), replicated, dtype)
+    linear(attn.kv_b_proj, "kv_b_proj", (nh * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank))
+    linear(attn.o_proj, "o_proj", (h, nh * m.v_head_dim))
 
 
 def _load_moe(ckpt, layer: MoELayer, cfg, prefix, mesh, replicated, dtype) -> None:
@@ -169,3 +197,11 @@ def _load_moe(ckpt, layer: MoELayer, cfg, prefix, mesh, replicated, dtype) -> No
     slots = None if mesh is None else NamedSharding(mesh, P(layer.config.ep_axis) if wide else P())
     _put_slots(layer.w_gate_up, gate_up, slot_to_expert, slots, dtype)
     _put_slots(layer.w_down, down, slot_to_expert, slots, dtype)
+    if layer.correction_bias is not None:  # noaux_tc routing (DeepSeek-V3); kept in float32
+        _set(layer.correction_bias, ckpt.get(f"{moe}.gate.e_score_correction_bias", (e,)), replicated, np.float32)
+    if layer.shared_gate_up is not None:
+        width = layer.spec.shared_width
+        get = lambda name, shape: ckpt.get(f"{moe}.shared_experts.{name}.weight", shape)
+        _set(layer.shared_gate_up, np.concatenate([get("gate_proj", (width, h)).T, get("up_proj", (width, h)).T],
+                                                  axis=1), replicated, dtype)
+        _set(layer.shared_down, get("down_proj", (h, width)).T, replicated, dtype)
