@@ -77,7 +77,7 @@ def _prompts(args, vocab: int, tokenizer) -> list[list[int]]:
             ids = tokenizer.encode(text).ids
         else:
             raise ValueError(f"--prompt={text!r}: allowed: comma-separated token ids "
-                             "(no tokenizer.json with the model, or the `tokenizers` package is missing)")
+                             "(no tokenizer.json with the model, or the `tokenizers` package is missing: pip install -e .[text])")
         if not ids or not all(0 <= i < vocab for i in ids):
             raise ValueError(f"--prompt={text!r}: allowed: 1 or more token ids in [0, {vocab})")
         prompts.append(ids)

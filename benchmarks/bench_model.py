@@ -1,0 +1,124 @@
+"""A multi-layer DeepSeek-V3-shaped model: prefill and decode tokens/s, Pallas expert kernels vs XLA.
+
+    python benchmarks/bench_model.py --ep 4 --layers 4   # GPU: real layer dims, random weights
+    python benchmarks/bench_model.py --small             # CPU smoke run of the same code
+
+The model has DeepSeek-V3's layer dims (MLA attention, 256 experts top-8 with
+grouped routing, one shared expert; the first layer dense) and as many layers as
+``--layers`` asks, with wide EP over ``--ep`` devices. Both runs use the same
+model; one sets ``moe_config.expert_kernel: xla`` (the portable path), the other
+``auto`` (the Pallas kernels on GPU). Prefill: a batch of prompts in one call;
+decode: one token per sequence per step, with a KV cache. Appends to RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from bench_moe_layer import commit, publish  # noqa: E402
+from wideep_jax.config import load_moe_config  # noqa: E402
+from wideep_jax.models import CausalLM, DecoderConfig  # noqa: E402
+from wideep_jax.models.config import MLAConfig  # noqa: E402
+from wideep_jax.routing import RouterSpec  # noqa: E402
+
+
+def deepseek_v3(layers: int, small: bool, dtype) -> DecoderConfig:
+    if small:
+        mla = MLAConfig(q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+        dims = dict(vocab_size=512, hidden_size=128, num_attention_heads=4, intermediate_size=256,
+                    moe_intermediate_size=32, num_experts=32)
+    else:
+        mla = MLAConfig(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                        v_head_dim=128)
+        dims = dict(vocab_size=129280, hidden_size=7168, num_attention_heads=128, intermediate_size=18432,
+                    moe_intermediate_size=2048, num_experts=256)
+    return DecoderConfig(
+        model_type="deepseek_v3", num_hidden_layers=layers + 1, num_key_value_heads=dims["num_attention_heads"],
+        head_dim=mla.qk_rope_head_dim, num_experts_per_tok=8, moe_layers=tuple(range(1, layers + 1)),
+        mla=mla, n_shared_experts=1, dtype=dtype,
+        router=RouterSpec(kind="noaux_tc", n_group=8, topk_group=4, routed_scaling_factor=2.5), **dims)
+
+
+def run(model: CausalLM, batch: int, prompt_len: int, steps: int, iters: int) -> tuple[float, float]:
+    """(prefill ms, decode ms per step), medians; compiled before timing."""
+    step = nnx.jit(lambda m, ids, cache: m(ids, cache=cache)[:2])
+    ids = jax.random.randint(jax.random.key(0), (batch, prompt_len), 0, model.cfg.vocab_size)
+    prefill, decode = [], []
+    for i in range(iters + 1):
+        cache = model.init_cache(batch, prompt_len + steps)
+        start = time.perf_counter()
+        logits, cache = step(model, ids, cache)
+        token = jnp.argmax(logits[:, -1], -1)[:, None]
+        jax.block_until_ready(token)
+        prefill.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for _ in range(steps):
+            logits, cache = step(model, token, cache)
+            token = jnp.argmax(logits[:, -1], -1)[:, None]
+        jax.block_until_ready(token)
+        decode.append((time.perf_counter() - start) / steps)
+    # The first round compiles (prefill and decode shapes): not timed.
+    return 1e3 * float(np.median(prefill[1:])), 1e3 * float(np.median(decode[1:]))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ep", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=4, help="MoE layers (after one dense layer)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--small", action="store_true", help="CPU smoke dims")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    if args.small:
+        args.batch, args.prompt_len, args.decode_steps, args.iters = 2, 16, 3, 1
+    ep = min(args.ep, jax.device_count())
+    dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    cfg = deepseek_v3(args.layers, args.small, dtype)
+    mesh = jax.make_mesh((ep,), ("ep",), devices=jax.devices()[:ep], axis_types=(jax.sharding.AxisType.Auto,))
+    base = load_moe_config({"backend": "WIDEEP"}, num_experts=cfg.num_experts, ep_size=ep)
+    model = CausalLM(cfg, base, mesh=mesh, rngs=nnx.Rngs(0))
+    lines, results = [], {}
+    for kernel in ("xla", "auto"):
+        config = dataclasses.replace(base, expert_kernel=kernel)
+        for layer in model.layers:  # same weights, another expert kernel
+            if hasattr(layer.mlp, "slot_to_expert"):
+                layer.mlp.config = config
+        prefill_ms, decode_ms = run(model, args.batch, args.prompt_len, args.decode_steps, args.iters)
+        results[kernel] = (prefill_ms, decode_ms)
+        prefill_tps = args.batch * args.prompt_len / (prefill_ms / 1e3)
+        decode_tps = args.batch / (decode_ms / 1e3)
+        ratio = "" if kernel == "xla" else (f"{results['xla'][0] / prefill_ms:.2f} / "
+                                            f"{results['xla'][1] / decode_ms:.2f}")
+        lines.append(f"| expert_kernel={kernel} | {prefill_ms:.1f} | {prefill_tps:,.0f} | {decode_ms:.2f} | "
+                     f"{decode_tps:,.0f} | {ratio} |")
+        print("  " + lines[-1], flush=True)
+    card = jax.devices()[0].device_kind
+    title = (f"## bench_model: {ep}x {card}, EP{ep}, {datetime.date.today()}, commit {commit()}, "
+             f"jax {jax.__version__}")
+    notes = (f"DeepSeek-V3 layer dims{' (scaled down)' if args.small else ''}, 1 dense + {args.layers} MoE "
+             f"layers, random weights, {jnp.dtype(dtype).name}; prefill: {args.batch} prompts x "
+             f"{args.prompt_len} tokens; decode: {args.batch} sequences, {args.decode_steps} steps; attention "
+             "runs replicated on every device; XLA all-to-all; median of "
+             f"{args.iters}; ratio = xla time / this time (prefill / decode).")
+    table = "\n".join(["| run | prefill ms | prefill tokens/s | decode ms/step | decode tokens/s | speed-up |",
+                       "|---|---|---|---|---|---|"] + lines)
+    publish(f"\n{title}\n\n{notes}\n\n{table}\n", write=not args.no_write)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
