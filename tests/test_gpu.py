@@ -155,3 +155,28 @@ def test_online_eplb_on_gpu(rng, mode):
     online.test_reshard_moves_exactly_the_changed_slots(rng, mode, "random")
     online.test_reshard_moves_exactly_the_changed_slots(rng, mode, "all_change")
     online.test_online_loop_100_updates(rng, mode)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3"])
+def test_hf_models_on_gpu(arch):
+    """The parity fixtures on GPUs: float32 (XLA expert loop) to 1e-4, and bfloat16 with the
+    default (Pallas) expert kernels to 3e-2, both with wide EP."""
+    import json
+    from pathlib import Path
+
+    from flax import nnx
+
+    from moe_helpers import make_mesh
+    from wideep_jax.config import load_moe_config
+    from wideep_jax.models import from_hf_config, from_pretrained
+
+    folder = Path(__file__).resolve().parent / "fixtures" / f"{arch}_tiny"
+    expected = np.load(folder / "expected.npz")
+    cfg = from_hf_config(json.loads((folder / "config.json").read_text()))
+    ep = 2 if jax.device_count() >= 2 else 1
+    moe = load_moe_config({"backend": "WIDEEP"}, num_experts=cfg.num_experts, ep_size=ep)
+    for dtype, rtol in ((jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)):
+        model = from_pretrained(folder, moe_config=moe, mesh=make_mesh(ep), dtype=dtype)
+        with jax.default_matmul_precision("highest"):  # no TF32 for the float32 run
+            logits = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(expected["input_ids"]))
+        assert_close(np.asarray(logits, np.float64), expected["logits"], rtol=rtol)
