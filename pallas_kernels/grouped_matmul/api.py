@@ -33,22 +33,26 @@ _CONFIG_TYPES = {
 _LOOP_MODULES = {"xla": xla, "ragged_dot": ragged_dot}
 
 
-def default_implementation(dtype=jnp.bfloat16) -> str:
-    """The implementation used when none is named, for operands of ``dtype``.
+def default_implementation(dtype=jnp.bfloat16, k: int = 7168, n_out: int = 4096) -> str:
+    """The implementation used when none is named, for operands of ``dtype`` and a
+    contraction ``k`` / output width ``n_out``.
 
-    16-bit operands on GPU: ``mosaic_gpu`` on Hopper (sm90), ``triton`` on other
-    CUDA GPUs. Everything else (CPU, or float32 operands, which the tensor-core
-    kernels do not take) uses ``xla``.
+    16-bit operands on GPU: ``mosaic_gpu`` on Hopper (sm90) when K and N are
+    multiples of 64 (its swizzled tiles), else ``triton`` when they are multiples
+    of 16; ``triton`` on other CUDA GPUs. Everything else (CPU, float32 operands,
+    which the tensor-core kernels do not take, or odd widths) uses ``xla``.
     """
     device = jax.devices()[0]
     if device.platform != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
         return "xla"
     capability = str(getattr(device, "compute_capability", ""))
-    return "mosaic_gpu" if capability.split(".")[0] == "9" else "triton"
+    if capability.split(".")[0] == "9" and k % 64 == 0 and n_out % 64 == 0:
+        return "mosaic_gpu"
+    return "triton" if k % 16 == 0 and n_out % 16 == 0 else "xla"
 
 
-def _resolve(implementation: str | None, dtype=jnp.bfloat16) -> str:
-    name = default_implementation(dtype) if implementation is None else implementation
+def _resolve(implementation: str | None, dtype=jnp.bfloat16, k: int = 7168, n_out: int = 4096) -> str:
+    name = default_implementation(dtype, k, n_out) if implementation is None else implementation
     if name not in _CONFIG_TYPES:
         raise ValueError(
             f"unknown grouped_matmul implementation {name!r}; "
@@ -160,9 +164,10 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
 def _run(x, w, group_sizes, *, epilogue, row_scale, implementation, config, preferred_element_type):
-    name = _resolve(implementation, jnp.result_type(x, w))
     if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
         raise ValueError(f"expected x [M, K] and w [G, K, N], got {x.shape} and {w.shape}")
+    name = _resolve(implementation, jnp.result_type(x, w), x.shape[1],
+                    w.shape[2] // (2 if epilogue == "swiglu" else 1))
     _check_group_sizes(group_sizes, w.shape[0])
     if epilogue == "swiglu" and w.shape[2] % 2:
         raise ValueError(f"w_gate_up's last dim must be even (gate | up), got {w.shape[2]}")
@@ -257,9 +262,9 @@ def grouped_matmul_transposed(
     Returns:
       dw [num_groups, K, N] with dw[g] = x[rows_g].T @ dy[rows_g]; empty groups 0.
     """
-    name = _resolve(implementation, jnp.result_type(x, dy))
     if x.ndim != 2 or dy.ndim != 2 or x.shape[0] != dy.shape[0]:
         raise ValueError(f"expected x [M, K] and dy [M, N], got {x.shape} and {dy.shape}")
+    name = _resolve(implementation, jnp.result_type(x, dy), x.shape[1], dy.shape[1])
     if group_sizes.ndim != 1:
         raise ValueError(f"group_sizes must be 1-D, got shape {group_sizes.shape}")
     total_groups = group_sizes.shape[0]
