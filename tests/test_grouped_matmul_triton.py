@@ -14,22 +14,11 @@ import pytest
 from pallas_kernels.grouped_matmul import triton
 from pallas_kernels.grouped_matmul.reference import grouped_matmul_reference
 from pallas_kernels.grouped_matmul.schedule import tile_schedule
+from test_grouped_matmul_kernels import G, sizes_for  # the suite's group-size cases
 
-G = 6
 EPILOGUES = ["none", "swiglu", "row_scale"]
 # Lowering emits a DeprecationWarning for the Pallas Triton backend; expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
-
-
-def sizes_for(kind: str, m: int, rng) -> np.ndarray:
-    if kind == "zeros":  # random split over even groups (odd ones empty), 1/4 padding rows
-        p = rng.random(G) * (np.arange(G) % 2 == 0)
-        return rng.multinomial(m - m // 4, p / p.sum()).astype(np.int32)
-    if kind == "giant":
-        return np.array([1, 0, m - 3, 0, 2, 0], np.int32)
-    if kind == "last":
-        return np.array([0] * (G - 1) + [m], np.int32)
-    return np.array([0, 3, 0, 1, 0, 5], np.int32)  # "tiny": M below block_m
 
 
 # (sizes kind, M, K, N_out, config): M is never a multiple of block_m.
