@@ -220,3 +220,25 @@ def test_mosaic_lowers_for_cuda(m, epilogue, swizzled):
             jax.ShapeDtypeStruct((G,), jnp.int32), jax.ShapeDtypeStruct((m,), jnp.float32))
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("epilogue", ["swiglu", "row_scale"])
+def test_mosaic_backward_lowers_for_cuda(monkeypatch, epilogue):
+    """The gradient's kernels (recomputed product, dx on w^T) fit shared memory at prefill size."""
+    from pallas_kernels.grouped_matmul import api
+
+    monkeypatch.setattr(api, "_LOWER_FOR_GPU", True)
+    m, k, n = 4100, 512, 768
+
+    def loss(x, w, scale, gs):
+        if epilogue == "swiglu":
+            y = grouped_swiglu(x, w, gs, implementation="mosaic_gpu")
+        else:
+            y = grouped_matmul(x, w, gs, row_scale=scale, implementation="mosaic_gpu")
+        return jnp.sum(y.astype(jnp.float32))
+
+    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((G, k, n), jnp.bfloat16),
+            jax.ShapeDtypeStruct((m,), jnp.float32), jax.ShapeDtypeStruct((G,), jnp.int32))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    text = grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 2  # the recomputed product and dx

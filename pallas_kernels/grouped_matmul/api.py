@@ -31,6 +31,8 @@ _CONFIG_TYPES = {
     "ragged_dot": GroupedMatmulConfig,
 }
 _LOOP_MODULES = {"xla": xla, "ragged_dot": ragged_dot}
+# Tests set this to lower the Pallas kernels for CUDA on a CPU-only machine.
+_LOWER_FOR_GPU = False
 
 
 def default_implementation(dtype=jnp.bfloat16, k: int = 7168, n_out: int = 4096) -> str:
@@ -109,7 +111,7 @@ def _forward(name, config, epilogue, out_dtype, x, w, group_sizes, row_scale):
     module = mosaic_gpu if name == "mosaic_gpu" else triton
     return module.grouped_matmul(
         x, w, group_sizes, config=config, epilogue=epilogue, row_scale=row_scale,
-        out_dtype=out_dtype, interpret=jax.default_backend() != "gpu",
+        out_dtype=out_dtype, interpret=jax.default_backend() != "gpu" and not _LOWER_FOR_GPU,
     )
 
 
@@ -139,8 +141,12 @@ def _gmm_bwd(name, config, epilogue, out_dtype, residuals, dy):
     dy = jnp.where(live, dy.astype(jnp.float32), 0.0)
     d_scale = None
     if epilogue != "none":
-        # Recompute the pre-epilogue product (cheaper to store nothing but inputs).
-        h = jnp.where(live, _forward(name, config, "none", jnp.float32, x, w, group_sizes, None), 0.0)
+        # Recompute the pre-epilogue product (cheaper to store nothing but inputs). The
+        # Pallas kernels write it in x's dtype: a float32 output tile would not fit
+        # their shared memory next to the pipeline stages.
+        h_dtype = jnp.float32 if name in _LOOP_MODULES else x.dtype
+        h = _forward(name, config, "none", h_dtype, x, w, group_sizes, None).astype(jnp.float32)
+        h = jnp.where(live, h, 0.0)
         if epilogue == "swiglu":
             gate, up = jnp.split(h, 2, axis=-1)
             sig = jax.nn.sigmoid(gate)
