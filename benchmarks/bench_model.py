@@ -112,7 +112,7 @@ def main() -> int:
     notes = (f"DeepSeek-V3 layer dims{' (scaled down)' if args.small else ''}, 1 dense + {args.layers} MoE "
              f"layers, random weights, {jnp.dtype(dtype).name}; prefill: {args.batch} prompts x "
              f"{args.prompt_len} tokens; decode: {args.batch} sequences, {args.decode_steps} steps; attention "
-             "runs replicated on every device; XLA all-to-all; median of "
+             "data parallel over EP (sequences split); XLA all-to-all; median of "
              f"{args.iters}; ratio = xla time / this time (prefill / decode).")
     table = "\n".join(["| run | prefill ms | prefill tokens/s | decode ms/step | decode tokens/s | speed-up |",
                        "|---|---|---|---|---|---|"] + lines)

@@ -161,3 +161,24 @@ def test_generate_greedy_matches_step_by_step_argmax():
                                   np.argmax(np.asarray(logits), axis=-1))
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, prompts, max_new_tokens=0)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_attention_data_parallel_with_cache(arch):
+    """Batch 2 over EP 2: attention and the KV cache are split by sequence, and the
+    cached decode still equals transformers' logits."""
+    folder, ids, want = fixture(arch)
+    cfg = from_hf_config(json.loads((folder / "config.json").read_text()))
+    moe = load_moe_config({"backend": "WIDEEP"}, num_experts=cfg.num_experts, ep_size=2)
+    model = from_pretrained(folder, moe_config=moe, mesh=make_mesh(2), dtype=jnp.float32)
+    ids = jnp.asarray(ids)
+    cache = model.init_cache(ids.shape[0], 16)
+    assert cache[0][0].keys.sharding.spec[0] == "ep"  # each device holds one sequence's cache
+    step = nnx.jit(lambda model, tokens, cache: model(tokens, cache=cache)[:2])
+    logits, cache = step(model, ids[:, :6], cache)
+    got = [np.asarray(logits)]
+    for t in range(6, ids.shape[1]):
+        logits, cache = step(model, ids[:, t:t + 1], cache)
+        got.append(np.asarray(logits))
+    assert rel_err(np.concatenate(got, axis=1), want) <= 1e-4
+    assert rel_err(nnx.jit(lambda m, x: m(x))(model, ids), want) <= 1e-4

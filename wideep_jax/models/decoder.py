@@ -26,17 +26,18 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, cfg.dtype, rngs=rngs)
 
-    def __call__(self, x, positions, token_valid, cache, meta):
+    def __call__(self, x, positions, token_valid, cache, meta, batch_spec: P):
         attn, cache = self.attn(self.input_norm(x), positions, token_valid, cache, meta)
         x = x + attn
         h = self.post_attn_norm(x)
         b, t, hidden = h.shape
         if isinstance(self.mlp, MoELayer):
             y, stats = self.mlp(h.reshape(b * t, hidden), token_mask=token_valid.reshape(b * t))
-            if self.mlp.mesh is not None:
-                # The MoE hands tokens back sharded over EP; attention here runs replicated.
-                y = constrain(y, self.mlp.mesh, P())
             y = y.reshape(b, t, hidden)
+            if self.mlp.mesh is not None:
+                # Batch-major tokens come back sharded over EP, which is the attention's
+                # batch split (no data moves) when the batch divides; else replicated.
+                y = constrain(y, self.mlp.mesh, batch_spec)
         else:
             y, stats = self.mlp(h), None
         return x + y, cache, stats
@@ -53,6 +54,10 @@ class CausalLM(nnx.Module):
     def __init__(self, cfg: DecoderConfig, moe_config: MoEConfig | None = None, *, mesh: Mesh | None = None,
                  rngs: nnx.Rngs):
         self.cfg, self.mesh = cfg, mesh
+        axis = (moe_config or MoEConfig()).ep_axis
+        # Attention is data parallel over the EP axis (TensorRT-LLM's attention DP):
+        # each device holds the KV cache of its share of the sequences.
+        self.dp_axis = axis if mesh is not None and axis in mesh.axis_names else None
         key = rngs.params()
         self.embed = nnx.Param(jax.random.normal(key, (cfg.vocab_size, cfg.hidden_size), jnp.float32)
                                .astype(cfg.dtype))
@@ -82,10 +87,20 @@ class CausalLM(nnx.Module):
             shapes = ((batch, max_len, cfg.num_key_value_heads, cfg.head_dim),) * 2
         layers = [LayerCache(*(jnp.zeros(shape, cfg.dtype) for shape in shapes))
                   for _ in range(cfg.num_hidden_layers)]
-        cache = layers, CacheMeta(jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((batch, max_len), bool),
-                                  jnp.zeros((), jnp.int32))
-        # Replicated on the model's mesh, like the activations of the attention layers.
-        return cache if self.mesh is None else jax.device_put(cache, NamedSharding(self.mesh, P()))
+        meta = CacheMeta(jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((batch, max_len), bool),
+                         jnp.zeros((), jnp.int32))
+        if self.mesh is None:
+            return layers, meta
+        split = NamedSharding(self.mesh, self._batch_spec(batch))
+        rep = NamedSharding(self.mesh, P())
+        return (jax.device_put(layers, split),
+                CacheMeta(*jax.device_put((meta.positions, meta.valid), split), jax.device_put(meta.length, rep)))
+
+    def _batch_spec(self, batch: int) -> P:
+        """Batch-dim split of the attention's arrays: over the EP axis when it divides."""
+        if self.dp_axis is None or batch % self.mesh.shape[self.dp_axis]:
+            return P()
+        return P(self.dp_axis)
 
     def __call__(self, input_ids, *, positions=None, token_valid=None, cache=None):
         """Logits [B, T, V] (float32); with ``cache``: ``(logits, cache, stats)``.
@@ -103,11 +118,14 @@ class CausalLM(nnx.Module):
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         if token_valid is None:
             token_valid = jnp.ones((b, t), bool)
+        spec = self._batch_spec(b)
         x = self.embed[...][input_ids]
+        if self.mesh is not None:
+            x, positions, token_valid = (constrain(a, self.mesh, spec) for a in (x, positions, token_valid))
         new_caches, stats = [], []
         for i, layer in enumerate(self.layers):
             x, layer_cache, layer_stats = layer(x, positions, token_valid,
-                                                None if layer_caches is None else layer_caches[i], meta)
+                                                None if layer_caches is None else layer_caches[i], meta, spec)
             new_caches.append(layer_cache)
             if layer_stats is not None:
                 stats.append(layer_stats)
