@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from wideep_jax.experts import shared_experts
 from wideep_jax.models.config import DecoderConfig, RopeConfig
 
 
@@ -212,5 +213,5 @@ class DenseMLP(nnx.Module):
         self.down = _param(k2, (width, hidden), width, dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate, up = jnp.split(x @ self.gate_up[...], 2, axis=-1)
-        return (jax.nn.silu(gate) * up) @ self.down[...]
+        # The same dense SwiGLU as the MoE layer's shared experts (float32 accumulation).
+        return shared_experts(x, self.gate_up[...], self.down[...]).astype(x.dtype)
