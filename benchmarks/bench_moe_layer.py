@@ -47,7 +47,7 @@ def stage_functions(layer: MoELayer):
     spec, config, mesh = layer.spec, layer.config, layer.mesh
     axis = config.ep_axis
     ep = mesh.shape[axis]
-    backend = get_alltoall_backend(config.alltoall_backend)
+    backend = get_alltoall_backend(config.alltoall_backend, mesh=mesh, axis=axis)
     local_slots = layer.num_slots // ep
     shard = lambda f, i, o: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=i, out_specs=o, check_vma=False))
 
@@ -65,11 +65,11 @@ def stage_functions(layer: MoELayer):
                              w_gate_up, w_down)
         return out.partial.reshape(recv.x.shape)
 
-    def combine(partial, plan):
-        return backend.combine(partial, plan, axis_name=axis).astype(spec.dtype)
+    def combine(partial, plan, recv_count):
+        return backend.combine(partial, plan, recv_count, axis_name=axis).astype(spec.dtype)
 
     t, r = P(axis), P()
-    return (shard(dispatch, (t, t, t, r), t), shard(experts, (t, t, t), t), shard(combine, (t, t), t))
+    return (shard(dispatch, (t, t, t, r), t), shard(experts, (t, t, t), t), shard(combine, (t, t, t), t))
 
 
 def dense_rate(iters: int) -> float:
@@ -151,7 +151,7 @@ def main() -> int:
             t_dispatch = median_ms(time_fn(lambda: stages[0](x, routing.ids, routing.weights, w.slot_to_expert),
                                            iters=args.iters))
             t_experts = median_ms(time_fn(lambda: stages[1](recv, w.w_gate_up, w.w_down), iters=args.iters))
-            t_combine = median_ms(time_fn(lambda: stages[2](partial, plan), iters=args.iters))
+            t_combine = median_ms(time_fn(lambda: stages[2](partial, plan, recv.count), iters=args.iters))
             rows_per_rank = rank_rows(stats, ep)
             floor = rows_per_rank.max() * flops_per_row / rate * 1e3
             t_local = (median_ms(time_fn(lambda: local_forward(local_state, x, routing), iters=args.iters))

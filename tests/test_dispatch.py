@@ -199,7 +199,7 @@ def _round_trip_fn():
         pair_weight = jnp.where(recv.slot >= 0, recv.weight, 0.0).sum(-1)  # [R, C]
         # Padding rows get NaN: combine must never read them.
         partial = jnp.where(recv.valid_rows()[:, :, None], recv.x * pair_weight[:, :, None], jnp.nan)
-        y = backend.combine(partial, plan, axis_name="ep")
+        y = backend.combine(partial, plan, recv.count, axis_name="ep")
         return y, recv, plan
 
     spec = P("ep")

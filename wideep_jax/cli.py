@@ -58,7 +58,7 @@ def _bench_moe(args) -> int:
     import jax.numpy as jnp
 
     from wideep_jax.bench import bench_moe_layer, imbalance, parse_skew
-    from wideep_jax.comm import get_alltoall_backend
+    from wideep_jax.comm import resolve_alltoall_backend
     from wideep_jax.config import MoEConfig, load_moe_config
     from wideep_jax.routing import RouterSpec
     from wideep_jax.spec import MoESpec
@@ -94,7 +94,7 @@ def _bench_moe(args) -> int:
     result = bench_moe_layer(spec, config, mesh, tokens_per_rank=args.tokens, skew=skew,
                              iters=args.iters, seed=args.seed, layer_idx=args.layer_idx)
     slots = config.num_slots(spec.num_experts)
-    comm = get_alltoall_backend(config.alltoall_backend).name if config.backend == "WIDEEP" else "no"
+    comm = resolve_alltoall_backend(config.alltoall_backend, mesh, config.ep_axis) if config.backend == "WIDEEP" else "no"
     print(f"wideep bench-moe: {config.backend} ({comm} all-to-all), EP {ep} on "
           f"{ep} {platform} devices, {args.tokens} tokens/rank ({result.num_tokens} total)")
     print(f"  layer: hidden {spec.hidden_size}, {spec.num_experts} experts x {spec.intermediate_size} "
@@ -205,6 +205,30 @@ def _eplb_report(args) -> int:
     return 0
 
 
+def _add_build_ffi(sub) -> None:
+    p = sub.add_parser("build-ffi", help="build the NCCL / NVLink all-to-all library (nvcc) into the cache",
+                       description="Builds ffi/csrc into $WIDEEP_CACHE_DIR (default ~/.cache/wideep_jax), "
+                                   "keyed by source hash, jaxlib and NCCL versions and GPU arch; prints its path.")
+    p.add_argument("--force", action="store_true", help="rebuild even if the cache has it")
+    p.add_argument("--archs", default=None, help="comma-separated GPU archs, e.g. 90,100 (default: visible GPUs)")
+    p.add_argument("--verbose", action="store_true", help="print the nvcc command")
+    p.set_defaults(func=_build_ffi)
+
+
+def _build_ffi(args) -> int:
+    from wideep_jax.comm import ffi_build
+
+    if args.archs:
+        os.environ["WIDEEP_CUDA_ARCHS"] = args.archs
+    try:
+        path = ffi_build.build_library(force=args.force, verbose=args.verbose)
+    except ffi_build.FfiBuildError as err:
+        print(f"wideep: error: {err}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``wideep`` console script."""
     parser = argparse.ArgumentParser(prog="wideep", description=__doc__.splitlines()[0])
@@ -213,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_parser(sub)
     _add_bench_moe(sub)
     _add_eplb(sub)
+    _add_build_ffi(sub)
     args = parser.parse_args(argv)
     # Emulated CPU devices must be requested before the first backend is created;
     # the flag only affects the CPU platform, so it is harmless on a GPU machine.

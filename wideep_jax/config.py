@@ -40,7 +40,7 @@ __all__ = [
 
 BACKENDS = ("CUTLASS", "WIDEEP")
 """MoE backends: ``WIDEEP`` = all-to-all expert parallelism, ``CUTLASS`` = local (all slots on every device)."""
-ALLTOALL_BACKENDS = ("auto", "xla")
+ALLTOALL_BACKENDS = ("auto", "xla", "nccl", "nvlink")
 """Communication backends for ``WIDEEP``."""
 REPLICA_SELECTIONS = ("round_robin", "local_first")
 EXPERT_KERNELS = ("auto", "mosaic_gpu", "triton", "xla")

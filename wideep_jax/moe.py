@@ -127,7 +127,7 @@ def moe_forward(
         args["routing"] = Routing(_pad_rows(routing.ids.astype(jnp.int32), pad),
                                   _pad_rows(routing.weights.astype(jnp.float32), pad))
 
-    body = _Body(spec, config, num_ranks, axis if mesh is not None else None, wide)
+    body = _Body(spec, config, num_ranks, axis if mesh is not None else None, wide, mesh)
     if mesh is None:
         y, stats = body(args)
     else:
@@ -160,9 +160,11 @@ def moe_forward(
 class _Body:
     """The per-device program (inside shard_map when there is a mesh)."""
 
-    def __init__(self, spec: MoESpec, config: MoEConfig, num_ranks: int, axis: str | None, wide: bool):
+    def __init__(self, spec: MoESpec, config: MoEConfig, num_ranks: int, axis: str | None, wide: bool,
+                 mesh: Mesh | None):
         self.spec, self.config, self.num_ranks, self.axis, self.wide = spec, config, num_ranks, axis, wide
-        self.backend = get_alltoall_backend(config.alltoall_backend) if wide else None
+        self.backend = (get_alltoall_backend(config.alltoall_backend, mesh=mesh, axis=config.ep_axis)
+                        if wide else None)
         self.kernel = None if config.expert_kernel == "auto" else config.expert_kernel
 
     def __call__(self, args):
@@ -211,7 +213,8 @@ class _Body:
             recv.x.reshape(rows, -1), recv.slot.reshape(rows, -1), recv.weight.reshape(rows, -1),
             recv.valid_rows().reshape(rows), w_gate_up, w_down, gmm_implementation=self.kernel,
         )
-        y = self.backend.combine(out.partial.reshape(num_ranks, plan.capacity, -1), plan, axis_name=axis)
+        y = self.backend.combine(out.partial.reshape(num_ranks, plan.capacity, -1), plan, recv.count,
+                                axis_name=axis)
         return y, out.group_sizes, recv.count.sum()
 
     def _stats(self, counts, group_sizes, received) -> MoEStats:

@@ -1,23 +1,66 @@
-"""Communication backends for expert-parallel dispatch/combine."""
+"""Communication backends for expert-parallel dispatch/combine.
+
+All share :class:`AllToAllBackend`'s interface, so ``moe_config.alltoall_backend``
+(or ``$WIDEEP_ALLTOALL``, which overrides it) switches them:
+
+* ``xla``: ``jax.lax.all_to_all`` on padded buffers; any platform.
+* ``nccl``: XLA FFI custom call, grouped NCCL send/recv of the real rows; GPUs,
+  one or several processes.
+* ``nvlink``: XLA FFI custom call, one-sided peer stores; GPUs of one process
+  with peer access.
+* ``auto``: ``nvlink`` for one process with peer-connected GPUs, ``nccl``
+  across processes, ``xla`` on CPU.
+"""
 from __future__ import annotations
+
+import os
+
+import jax
+from jax.sharding import Mesh
 
 from wideep_jax.comm.base import AllToAllBackend, ReceivedTokens
 from wideep_jax.comm.xla import XlaAllToAll
 
-_BACKENDS: dict[str, type] = {"xla": XlaAllToAll}
+BACKEND_NAMES = ("auto", "xla", "nccl", "nvlink")
+ENV_VAR = "WIDEEP_ALLTOALL"
 
 
-def get_alltoall_backend(name: str) -> AllToAllBackend:
-    """Returns the backend named ``name`` (``"auto"`` resolves to the best available).
+def resolve_alltoall_backend(name: str, mesh: Mesh | None = None, axis: str = "ep") -> str:
+    """The concrete backend ``name`` means here: ``$WIDEEP_ALLTOALL`` overrides it,
+    and ``auto`` becomes ``xla``, ``nccl`` or ``nvlink`` for ``mesh``."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        name, source = env.strip().lower(), f"{ENV_VAR}={env!r}"
+    else:
+        name, source = str(name).lower(), f"alltoall_backend={name!r}"
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"{source} is not a communication backend; allowed: {list(BACKEND_NAMES)}")
+    if name != "auto":
+        return name
+    if mesh is None or any(d.platform != "gpu" for d in mesh.devices.flat):
+        return "xla"
+    from wideep_jax.comm import ffi_lib
 
-    Only the portable ``"xla"`` backend exists so far; ``"auto"`` picks it.
+    groups = ffi_lib.ep_groups(mesh, axis)
+    return "nvlink" if ffi_lib.peer_access(groups) else "nccl"
+
+
+def get_alltoall_backend(name: str, *, mesh: Mesh | None = None, axis: str = "ep") -> AllToAllBackend:
+    """The backend for ``name`` (see :func:`resolve_alltoall_backend`) over ``mesh``'s ``axis``.
+
+    The FFI backends build their library on first use (nvcc + NCCL headers).
     """
-    resolved = "xla" if name == "auto" else name
-    if resolved not in _BACKENDS:
-        raise ValueError(
-            f"alltoall_backend={name!r} is not available; allowed: {['auto', *_BACKENDS]}"
-        )
-    return _BACKENDS[resolved]()
+    resolved = resolve_alltoall_backend(name, mesh, axis)
+    if resolved == "xla":
+        return XlaAllToAll()
+    if resolved == "nccl":
+        from wideep_jax.comm.nccl import NcclAllToAll
+
+        return NcclAllToAll(mesh, axis)
+    from wideep_jax.comm.nvlink import NvlinkAllToAll
+
+    return NvlinkAllToAll(mesh, axis)
 
 
-__all__ = ["AllToAllBackend", "ReceivedTokens", "XlaAllToAll", "get_alltoall_backend"]
+__all__ = ["AllToAllBackend", "BACKEND_NAMES", "ReceivedTokens", "XlaAllToAll", "get_alltoall_backend",
+           "resolve_alltoall_backend"]

@@ -1,7 +1,7 @@
 """The communication-backend interface for expert-parallel dispatch/combine.
 
-Every backend (portable XLA all_to_all today; NCCL and one-sided NVLink FFI
-custom calls later) takes the same :class:`~wideep_jax.dispatch.DispatchPlan`
+Every backend (portable XLA all_to_all; NCCL and one-sided NVLink FFI custom
+calls) takes the same :class:`~wideep_jax.dispatch.DispatchPlan`
 and returns the same :class:`ReceivedTokens`, so a config key switches them.
 Both methods run inside ``shard_map`` over the EP axis.
 """
@@ -42,8 +42,10 @@ class AllToAllBackend(Protocol):
         """Sends each local token ``x[T, H]`` once to every rank in ``plan``."""
         ...
 
-    def combine(self, partial: jax.Array, plan: DispatchPlan, *, axis_name: str) -> jax.Array:
+    def combine(self, partial: jax.Array, plan: DispatchPlan, recv_count: jax.Array, *,
+                axis_name: str) -> jax.Array:
         """Returns ``[T, H]`` float32: per token, the sum of the partial sums
         ``partial[R, C, H]`` (indexed like the received buffers) of every rank
-        it was sent to."""
+        it was sent to. ``recv_count`` is :attr:`ReceivedTokens.count` of the
+        dispatch (the rows of each source that are real)."""
         ...

@@ -40,7 +40,9 @@ class XlaAllToAll:
             count=recv_meta[:, -1],
         )
 
-    def combine(self, partial: jax.Array, plan: DispatchPlan, *, axis_name: str) -> jax.Array:
+    def combine(self, partial: jax.Array, plan: DispatchPlan, recv_count: jax.Array, *,
+                axis_name: str) -> jax.Array:
+        del recv_count  # whole buffers move; the padding rows are never read back
         back = _all_to_all(partial, axis_name)  # back[r] = rank r's partial sums for my rows
         return gather_partials(back, plan.token_row)
 

@@ -1,0 +1,263 @@
+"""Dispatch and combine of the communication backends at DeepSeek-V3 shapes.
+
+    python benchmarks/bench_alltoall.py                 # all GPUs of this host, 128 and 4096 tokens/rank
+    python benchmarks/bench_alltoall.py --tokens 128 4096 16384
+    python benchmarks/bench_alltoall.py --small         # CPU smoke run (xla backend only)
+
+One process, every backend over the same plan on the same cards: ours (`nvlink`,
+`nccl`) and the portable `xla` path (XLA's all_to_all on padded buffers), plus
+torch's NCCL `all_to_all_single` with the same splits (run first, in spawned
+processes, one per GPU) where torch is installed.
+
+Hidden 7168 bf16, top-8 of 256 experts, uniform routing; each token goes once
+to every rank holding one of its experts. Each op runs `--loop` times inside one
+jitted `fori_loop`, so the time is the device's, not the host's dispatch. GB/s
+per GPU = bytes of real token rows leaving the GPU (to other ranks) / time, the
+same count for every backend. Appends a table to benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+HIDDEN, EXPERTS, TOP_K = 7168, 256, 8
+
+
+def routing(seed: int, ranks: int, tokens: int, experts: int):
+    """[R*T, K] distinct experts per token (uniform) and weights."""
+    rng = np.random.default_rng(seed)
+    ids = np.argsort(rng.random((ranks * tokens, experts)), axis=1)[:, :TOP_K].astype(np.int32)
+    weights = rng.random(ids.shape).astype(np.float32)
+    return ids, weights / weights.sum(1, keepdims=True)
+
+
+def row_counts(ids: np.ndarray, ranks: int, tokens: int, experts: int) -> np.ndarray:
+    """[src, dst] deduplicated rows each rank sends each rank."""
+    dest = ids // (experts // ranks)
+    goes = (dest[:, :, None] == np.arange(ranks)).any(1).reshape(ranks, tokens, ranks)
+    return goes.sum(1)
+
+
+# ----------------------------------------------------------------------------- torch peer
+
+
+def _torch_worker(rank, ranks, counts, hidden, loops, queue):
+    import torch
+    import torch.distributed as dist
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=ranks, init_method="tcp://127.0.0.1:29533",
+                            device_id=torch.device("cuda", rank))
+    send = [int(c) * hidden for c in counts[rank]]
+    recv = [int(counts[s][rank]) * hidden for s in range(ranks)]
+    x = torch.randn(sum(send), dtype=torch.bfloat16, device="cuda")
+    out = torch.empty(sum(recv), dtype=torch.bfloat16, device="cuda")
+    times = {}
+    for name, (o, i, os_, is_) in {"dispatch": (out, x, recv, send), "combine": (x, out, send, recv)}.items():
+        for _ in range(3):
+            dist.all_to_all_single(o, i, os_, is_)
+        torch.cuda.synchronize()
+        dist.barrier()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(loops):
+            dist.all_to_all_single(o, i, os_, is_)
+        end.record()
+        torch.cuda.synchronize()
+        times[name] = start.elapsed_time(end) / loops * 1e3  # µs
+    queue.put((rank, times))
+    dist.destroy_process_group()
+
+
+def torch_peer(counts: np.ndarray, hidden: int, loops: int) -> dict | None:
+    """µs per call of torch's NCCL all_to_all_single with the plan's splits (slowest rank)."""
+    try:
+        import torch
+        import torch.multiprocessing as mp
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    ranks = counts.shape[0]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_torch_worker, args=(r, ranks, counts.tolist(), hidden, loops, queue))
+             for r in range(ranks)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join()
+    return {op: max(t[op] for _, t in results) for op in ("dispatch", "combine")}
+
+
+# ----------------------------------------------------------------------------- ours
+
+
+def jax_times(backend_name: str, mesh, ids, weights, tokens: int, hidden: int, experts: int,
+              loops: int, iters: int, dtype) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from wideep_jax.bench import median_ms, time_fn
+    from wideep_jax.comm import ffi_lib, get_alltoall_backend
+    from wideep_jax.dispatch import make_dispatch_plan
+
+    ranks = mesh.shape["ep"]
+    if backend_name.startswith("nvlink:"):  # nvlink:N = at most N CTAs per call
+        from wideep_jax.comm.nvlink import NvlinkAllToAll
+
+        comm = NvlinkAllToAll(mesh, "ep", max_ctas=int(backend_name.split(":")[1]))
+    else:
+        comm = get_alltoall_backend(backend_name, mesh=mesh, axis="ep")
+    spr = experts // ranks
+    tok = P("ep")
+
+    def plan_of(slots, w):
+        return make_dispatch_plan(slots, w, jnp.ones(slots.shape[:1], bool), num_ranks=ranks, slots_per_rank=spr)
+
+    def dispatch_loop(x, slots, w):
+        plan = plan_of(slots, w)
+
+        def step(i, carry):
+            x, acc = carry
+            x = x.at[0, 0].add((acc * 0).astype(x.dtype))  # in place: defeats loop-invariant hoisting
+            recv = comm.dispatch(x, plan, axis_name="ep")
+            return x, acc + recv.x[0, 0, 0].astype(jnp.float32) + recv.count[0]
+
+        return jax.lax.fori_loop(0, loops, step, (x, jnp.float32(0)))[1][None]
+
+    def combine_loop(x, slots, w):
+        plan = plan_of(slots, w)
+        recv = comm.dispatch(x, plan, axis_name="ep")
+        partial = recv.x
+
+        def step(i, carry):
+            p, acc = carry
+            p = p.at[0, 0, 0].add((acc * 0).astype(p.dtype))
+            y = comm.combine(p, plan, recv.count, axis_name="ep")
+            return p, acc + y[0, 0]
+
+        return jax.lax.fori_loop(0, loops, step, (partial, jnp.float32(0)))[1][None]
+
+    sharding = NamedSharding(mesh, tok)
+    x = jax.device_put(jax.random.normal(jax.random.key(0), (ranks * tokens, hidden), dtype), sharding)
+    slots = jax.device_put(jnp.asarray(ids), sharding)  # one slot per expert: slot == expert
+    w = jax.device_put(jnp.asarray(weights), sharding)
+    out = {}
+    for name, body in (("dispatch", dispatch_loop), ("combine", combine_loop)):
+        f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok), out_specs=tok, check_vma=False))
+        jax.block_until_ready(f(x, slots, w))
+        profiled = getattr(comm, "workspaces", ())
+        for ws in profiled:
+            for d in mesh.devices.flat:
+                ffi_lib.nvlink_profile(ws, d, reset=True)
+        total = median_ms(time_fn(lambda: f(x, slots, w), iters=iters))
+        out[name] = total / loops * 1e3  # µs per op (the combine loop's one dispatch is < 1/loops)
+        if profiled:  # the kernels alone: slowest device's mean
+            out[name + "_kernel"] = max(ffi_lib.nvlink_profile(ws, d)[name + "_us"]
+                                        for ws in profiled for d in mesh.devices.flat
+                                        if ffi_lib.nvlink_profile(ws, d)[name + "_calls"])
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ep", type=int, default=None, help="EP ranks (default: every GPU, at most 8)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[128, 4096], help="tokens per rank")
+    parser.add_argument("--loop", type=int, default=50, help="ops per timed jit call")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--backends", nargs="+", default=["xla", "nccl", "nvlink"],
+                        help="xla, nccl, nvlink, or nvlink:N (at most N CTAs per call)")
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--small", action="store_true", help="CPU smoke run: 4 emulated devices, hidden 256")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+
+    hidden = 256 if args.small else HIDDEN
+    experts = 64 if args.small else EXPERTS
+    backends = ["xla"] if args.small else args.backends
+    if args.small:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+        args.loop = min(args.loop, 5)
+
+    # torch first, before JAX takes the GPUs' memory.
+    ranks_guess = args.ep
+    if ranks_guess is None and not args.small:
+        try:
+            import torch
+            ranks_guess = min(8, torch.cuda.device_count())
+        except ImportError:
+            ranks_guess = None
+    peers = {}
+    if not args.small and not args.no_torch and ranks_guess and ranks_guess > 1:
+        for tokens in args.tokens:
+            ids, _ = routing(tokens, ranks_guess, tokens, experts)
+            peers[tokens] = torch_peer(row_counts(ids, ranks_guess, tokens, experts), hidden, args.loop)
+
+    import jax
+    import jax.numpy as jnp
+
+    from bench_moe_layer import commit, publish
+
+    ranks = min(args.ep or 8, jax.device_count())
+    if ranks_guess and ranks != ranks_guess:
+        peers = {}
+    mesh = jax.make_mesh((ranks,), ("ep",), devices=jax.devices()[:ranks])
+    card = f"{ranks}x {jax.devices()[0].device_kind}"
+    row_bytes = hidden * 2
+    lines = []
+    for tokens in args.tokens:
+        ids, weights = routing(tokens, ranks, tokens, experts)
+        counts = row_counts(ids, ranks, tokens, experts)
+        off_rank = counts * (1 - np.eye(ranks, dtype=int))
+        sent = off_rank.sum(1).max() * row_bytes  # busiest sender
+        back = off_rank.sum(0).max() * row_bytes  # combine: rows go back the other way
+        results = {name: jax_times(name, mesh, ids, weights, tokens, hidden, experts, args.loop, args.iters,
+                                   jnp.bfloat16) for name in backends}
+        if peers.get(tokens):
+            results["torch nccl (all_to_all_single)"] = peers[tokens]
+        base = results.get("xla")
+        for name, t in results.items():
+            ratio = "" if base is None or name == "xla" else (
+                f"{base['dispatch'] / t['dispatch']:.2f} / {base['combine'] / t['combine']:.2f}")
+            kernel = (f"{t['dispatch_kernel']:.1f} / {t['combine_kernel']:.1f} "
+                      f"({sent / t['dispatch_kernel'] / 1e3:.0f} / {back / t['combine_kernel'] / 1e3:.0f} GB/s)"
+                      if "dispatch_kernel" in t else "")
+            lines.append(f"| {tokens} | {name} | {t['dispatch']:.1f} | {t['combine']:.1f} | "
+                         f"{sent / t['dispatch'] / 1e3:.0f} | {back / t['combine'] / 1e3:.0f} | {ratio} | {kernel} |")
+            print(lines[-1], flush=True)
+
+    text = "\n".join([
+        "",
+        f"## bench_alltoall: {card}, EP{ranks}, {datetime.date.today()}, commit {commit()}, jax {jax.__version__}",
+        "",
+        f"Hidden {hidden} bf16, top-{TOP_K} of {experts} experts (uniform), one slot per expert; µs per op "
+        f"(mean of {args.loop} in one jitted loop, median of {args.iters}); GB/s per GPU = off-rank token "
+        "rows (hidden x 2 bytes) of the busiest rank / time; ratio = xla time / this time (dispatch / combine). "
+        "torch: NCCL all_to_all_single with the same splits, one process per GPU (CUDA events, eager "
+        "loop). nvlink kernel: the custom call's own time (device timer, first CTA's start to the last "
+        "CTA's end, slowest rank), without the loop's other ops.",
+        "",
+        "| tokens/rank | backend | dispatch µs | combine µs | dispatch GB/s | combine GB/s | speed-up vs xla "
+        "| nvlink kernel µs (dispatch / combine) |",
+        "|---|---|---|---|---|---|---|---|",
+        *lines,
+        "",
+    ])
+    publish(text, write=not args.no_write and not args.small)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+// NCCL all-to-all for expert-parallel dispatch and combine: grouped
+// ncclSend/ncclRecv of only the real rows of each per-peer buffer.
+//
+// The per-peer row counts are exchanged on the device first; the host then
+// needs them to size the sends, so each call copies them back and waits for
+// the stream once (what torch's all_to_all_single with splits and DeepEP's
+// normal mode do too). That wait keeps these handlers out of CUDA graphs.
+#include <nccl.h>
+
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "common.h"
+
+namespace wideep {
+namespace {
+
+struct NcclMember {
+  ncclComm_t comm = nullptr;
+  int rank = 0;
+  int nranks = 0;
+  int32_t* host_counts = nullptr;  // pinned, 2 * nranks
+  std::mutex* mu = nullptr;        // guards host_counts
+};
+
+std::mutex g_nccl_mu;
+std::unordered_map<int64_t, std::unordered_map<int, NcclMember>> g_comms;
+
+#define WIDEEP_NCCL_OR_RETURN(expr)                                                       \
+  do {                                                                                    \
+    ncclResult_t r_ = (expr);                                                             \
+    if (r_ != ncclSuccess)                                                                \
+      return ffi::Error::Internal(std::string(#expr) + " failed: " + ncclGetErrorString(r_)); \
+  } while (0)
+
+ffi::Error FindComm(int64_t id, int ordinal, NcclMember* out) {
+  std::lock_guard<std::mutex> lock(g_nccl_mu);
+  auto set = g_comms.find(id);
+  if (set == g_comms.end()) {
+    return ffi::Error::InvalidArgument("wideep nccl: communicator set " + std::to_string(id) +
+                                       " was not created in this process");
+  }
+  auto member = set->second.find(ordinal);
+  if (member == set->second.end()) {
+    return ffi::Error::InvalidArgument("wideep nccl: GPU " + std::to_string(ordinal) +
+                                       " has no communicator in set " + std::to_string(id));
+  }
+  *out = member->second;
+  return ffi::Error::Success();
+}
+
+// Sends rows [0, send[r]) of block r of `send` to rank r and receives rows
+// [0, recv[r]) of block r of `recv` from rank r; blocks are `block_bytes` apart.
+ffi::Error ExchangeRows(const NcclMember& m, cudaStream_t stream, const char* send, char* recv,
+                        int64_t block_bytes, int64_t row_bytes, const int32_t* send_rows,
+                        const int32_t* recv_rows) {
+  WIDEEP_NCCL_OR_RETURN(ncclGroupStart());
+  for (int r = 0; r < m.nranks; ++r) {
+    if (send_rows[r] > 0) {
+      WIDEEP_NCCL_OR_RETURN(ncclSend(send + r * block_bytes, send_rows[r] * row_bytes, ncclInt8, r,
+                                     m.comm, stream));
+    }
+    if (recv_rows[r] > 0) {
+      WIDEEP_NCCL_OR_RETURN(ncclRecv(recv + r * block_bytes, recv_rows[r] * row_bytes, ncclInt8, r,
+                                     m.comm, stream));
+    }
+  }
+  WIDEEP_NCCL_OR_RETURN(ncclGroupEnd());
+  return ffi::Error::Success();
+}
+
+ffi::Error CopyCountsToHost(const NcclMember& m, cudaStream_t stream, const int32_t* a, const int32_t* b) {
+  WIDEEP_CUDA_OR_RETURN(cudaMemcpyAsync(m.host_counts, a, m.nranks * sizeof(int32_t),
+                                        cudaMemcpyDeviceToHost, stream));
+  WIDEEP_CUDA_OR_RETURN(cudaMemcpyAsync(m.host_counts + m.nranks, b, m.nranks * sizeof(int32_t),
+                                        cudaMemcpyDeviceToHost, stream));
+  WIDEEP_CUDA_OR_RETURN(cudaStreamSynchronize(stream));
+  return ffi::Error::Success();
+}
+
+ffi::Error CheckCounts(const NcclMember& m, int64_t capacity, const char* op) {
+  for (int i = 0; i < 2 * m.nranks; ++i) {
+    if (m.host_counts[i] < 0 || m.host_counts[i] > capacity) {
+      return ffi::Error::InvalidArgument(std::string("wideep nccl ") + op + ": row count " +
+                                         std::to_string(m.host_counts[i]) + " is outside [0, capacity=" +
+                                         std::to_string(capacity) + "]");
+    }
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error DispatchImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer send_x,
+                        ffi::Buffer<ffi::S32> send_meta, ffi::Buffer<ffi::S32> send_count,
+                        ffi::Result<ffi::AnyBuffer> recv_x, ffi::Result<ffi::Buffer<ffi::S32>> recv_meta,
+                        ffi::Result<ffi::Buffer<ffi::S32>> recv_count, int64_t comm) {
+  NcclMember m;
+  if (ffi::Error e = FindComm(comm, ordinal, &m); !e.success()) return e;
+  const auto xd = send_x.dimensions();
+  const auto md = send_meta.dimensions();
+  if (xd.size() != 3 || md.size() != 3 || xd[0] != m.nranks || md[0] != m.nranks || md[1] != xd[1] ||
+      send_count.element_count() != static_cast<size_t>(m.nranks)) {
+    return ffi::Error::InvalidArgument("wideep nccl dispatch: expected send_x [R, C, H], send_meta [R, C, M], "
+                                       "send_count [R] with R = " + std::to_string(m.nranks));
+  }
+  const int64_t capacity = xd[1];
+  const int32_t* dev_send = send_count.typed_data();
+  int32_t* dev_recv = recv_count->typed_data();
+  // Counts first: one int per peer, on the device.
+  WIDEEP_NCCL_OR_RETURN(ncclGroupStart());
+  for (int r = 0; r < m.nranks; ++r) {
+    WIDEEP_NCCL_OR_RETURN(ncclSend(dev_send + r, 1, ncclInt32, r, m.comm, stream));
+    WIDEEP_NCCL_OR_RETURN(ncclRecv(dev_recv + r, 1, ncclInt32, r, m.comm, stream));
+  }
+  WIDEEP_NCCL_OR_RETURN(ncclGroupEnd());
+  if (capacity == 0) return ffi::Error::Success();
+  std::lock_guard<std::mutex> lock(*m.mu);
+  if (ffi::Error e = CopyCountsToHost(m, stream, dev_send, dev_recv); !e.success()) return e;
+  if (ffi::Error e = CheckCounts(m, capacity, "dispatch"); !e.success()) return e;
+  const int32_t* host_send = m.host_counts;
+  const int32_t* host_recv = m.host_counts + m.nranks;
+  const int64_t x_row = static_cast<int64_t>(send_x.size_bytes()) / (m.nranks * capacity);
+  const int64_t meta_row = static_cast<int64_t>(send_meta.size_bytes()) / (m.nranks * capacity);
+  if (ffi::Error e = ExchangeRows(m, stream, static_cast<const char*>(send_x.untyped_data()),
+                                  static_cast<char*>(recv_x->untyped_data()), capacity * x_row, x_row,
+                                  host_send, host_recv);
+      !e.success()) {
+    return e;
+  }
+  return ExchangeRows(m, stream, reinterpret_cast<const char*>(send_meta.typed_data()),
+                      reinterpret_cast<char*>(recv_meta->typed_data()), capacity * meta_row, meta_row,
+                      host_send, host_recv);
+}
+
+ffi::Error CombineImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partial,
+                       ffi::Buffer<ffi::S32> send_rows, ffi::Buffer<ffi::S32> recv_rows,
+                       ffi::Result<ffi::AnyBuffer> back, int64_t comm) {
+  NcclMember m;
+  if (ffi::Error e = FindComm(comm, ordinal, &m); !e.success()) return e;
+  const auto pd = partial.dimensions();
+  if (pd.size() != 3 || pd[0] != m.nranks || send_rows.element_count() != static_cast<size_t>(m.nranks) ||
+      recv_rows.element_count() != static_cast<size_t>(m.nranks)) {
+    return ffi::Error::InvalidArgument("wideep nccl combine: expected partial [R, C, H], send_rows [R], "
+                                       "recv_rows [R] with R = " + std::to_string(m.nranks));
+  }
+  const int64_t capacity = pd[1];
+  if (capacity == 0) return ffi::Error::Success();
+  std::lock_guard<std::mutex> lock(*m.mu);
+  if (ffi::Error e = CopyCountsToHost(m, stream, send_rows.typed_data(), recv_rows.typed_data());
+      !e.success()) {
+    return e;
+  }
+  if (ffi::Error e = CheckCounts(m, capacity, "combine"); !e.success()) return e;
+  const int64_t row = static_cast<int64_t>(partial.size_bytes()) / (m.nranks * capacity);
+  return ExchangeRows(m, stream, static_cast<const char*>(partial.untyped_data()),
+                      static_cast<char*>(back->untyped_data()), capacity * row, row, m.host_counts,
+                      m.host_counts + m.nranks);
+}
+
+}  // namespace
+}  // namespace wideep
+
+namespace ffi = xla::ffi;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WideepNcclDispatch, wideep::DispatchImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()         // send_x [R, C, H]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // send_meta [R, C, M]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // send_count [R]
+                                  .Ret<ffi::AnyBuffer>()         // recv_x [R, C, H]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // recv_meta [R, C, M]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // recv_count [R]
+                                  .Attr<int64_t>("comm"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WideepNcclCombine, wideep::CombineImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()         // partial [R, C, H]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // send_rows [R]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // recv_rows [R]
+                                  .Ret<ffi::AnyBuffer>()         // back [R, C, H]
+                                  .Attr<int64_t>("comm"));
+
+extern "C" {
+
+int wideep_nccl_version() {
+  int version = 0;
+  return ncclGetVersion(&version) == ncclSuccess ? version : -1;
+}
+
+// Writes a fresh ncclUniqueId (NCCL_UNIQUE_ID_BYTES bytes) to `out`.
+int wideep_nccl_unique_id(char* out) {
+  ncclUniqueId id;
+  ncclResult_t r = ncclGetUniqueId(&id);
+  if (r != ncclSuccess) return wideep::Fail(std::string("ncclGetUniqueId failed: ") + ncclGetErrorString(r));
+  memcpy(out, id.internal, NCCL_UNIQUE_ID_BYTES);
+  return 0;
+}
+
+int wideep_nccl_unique_id_bytes() { return NCCL_UNIQUE_ID_BYTES; }
+
+// Creates communicator set `id` for this process's `nlocal` GPUs: GPU
+// ordinals[i] is rank ranks[i] of an `nranks`-rank group whose unique id is
+// unique_ids[i * NCCL_UNIQUE_ID_BYTES ...]. Idempotent per id.
+int wideep_nccl_init(int64_t id, int nlocal, const int* ordinals, const int* ranks, int nranks,
+                     const char* unique_ids) {
+  using namespace wideep;
+  std::lock_guard<std::mutex> lock(g_nccl_mu);
+  if (g_comms.count(id)) return 0;
+  DeviceGuard guard;
+  std::vector<ncclComm_t> comms(nlocal, nullptr);
+  ncclResult_t r = ncclGroupStart();
+  for (int i = 0; i < nlocal && r == ncclSuccess; ++i) {
+    ncclUniqueId uid;
+    memcpy(uid.internal, unique_ids + static_cast<int64_t>(i) * NCCL_UNIQUE_ID_BYTES, NCCL_UNIQUE_ID_BYTES);
+    if (cudaSetDevice(ordinals[i]) != cudaSuccess) return Fail("cudaSetDevice failed for GPU " + std::to_string(ordinals[i]));
+    r = ncclCommInitRank(&comms[i], nranks, uid, ranks[i]);
+  }
+  ncclResult_t end = ncclGroupEnd();
+  if (r == ncclSuccess) r = end;
+  if (r != ncclSuccess) return Fail(std::string("ncclCommInitRank failed: ") + ncclGetErrorString(r));
+  std::unordered_map<int, NcclMember> members;
+  for (int i = 0; i < nlocal; ++i) {
+    NcclMember m;
+    m.comm = comms[i], m.rank = ranks[i], m.nranks = nranks;
+    WIDEEP_CUDA_OR_FAIL(cudaSetDevice(ordinals[i]));
+    WIDEEP_CUDA_OR_FAIL(cudaMallocHost(&m.host_counts, 2 * nranks * sizeof(int32_t)));
+    m.mu = new std::mutex();
+    members[ordinals[i]] = m;
+  }
+  g_comms[id] = std::move(members);
+  return 0;
+}
+
+}  // extern "C"

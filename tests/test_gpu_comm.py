@@ -1,0 +1,232 @@
+"""The FFI all-to-all backends (NCCL, one-sided NVLink) on real GPUs: ``pytest -m gpu``.
+
+Everything is compared to the portable XLA path exactly: dispatch and
+combine only move data, and combine sums each token's partial rows in the
+same rank order, so equal bits are the bar (not a tolerance).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+from numpy.testing import assert_array_equal
+
+from moe_helpers import count_compiles, make_layer, make_spec, random_routing, random_tokens, run_layer
+from test_dispatch import ROUTINGS, dyadic_tokens, random_slots, random_valid, random_weights
+from wideep_jax import moe_forward
+from wideep_jax.comm import get_alltoall_backend, resolve_alltoall_backend
+from wideep_jax.dispatch import make_dispatch_plan
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(jax.default_backend() != "gpu" or jax.device_count() < 2, reason="needs 2+ CUDA GPUs"),
+]
+
+BACKENDS = ["nccl", "nvlink"]
+SPR = 3
+
+
+def _ranks() -> list[int]:
+    return sorted({2, min(4, jax.device_count())})
+
+
+def _round_trip(backend_name: str, num_ranks: int, dtype):
+    mesh = jax.make_mesh((num_ranks,), ("ep",), devices=jax.devices()[:num_ranks])
+    backend = get_alltoall_backend(backend_name, mesh=mesh, axis="ep")
+
+    def body(x, slots, weights, valid):
+        plan = make_dispatch_plan(slots, weights, valid, num_ranks=num_ranks, slots_per_rank=SPR)
+        recv = backend.dispatch(x, plan, axis_name="ep")
+        live = recv.valid_rows()
+        pair_weight = jnp.where(recv.slot >= 0, recv.weight, 0.0).sum(-1)
+        partial = jnp.where(live[:, :, None], recv.x * pair_weight[:, :, None].astype(x.dtype), 0)
+        y = backend.combine(partial, plan, recv.count, axis_name="ep")
+        # Padding rows are unspecified: zero them so outputs compare exactly.
+        rx = jnp.where(live[:, :, None], recv.x, 0)
+        return y, rx, recv.slot, recv.weight, recv.count
+
+    spec = P("ep")
+    return mesh, jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 4, out_specs=(spec,) * 5,
+                                       check_vma=False))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dispatch_combine_equal_xla(rng, backend, dtype):
+    """Random and adversarial routings (one slot, one rank, every rank, no valid token)."""
+    tokens, top_k, hidden = 40, 4, 136  # hidden*2 bytes is not a multiple of 16 for bf16: odd rows
+    for num_ranks in _ranks():
+        mesh, fn = _round_trip(backend, num_ranks, dtype)
+        _, ref = _round_trip("xla", num_ranks, dtype)
+        sharding = NamedSharding(mesh, P("ep"))
+        for mode in ROUTINGS:
+            if mode == "every_rank" and top_k < num_ranks:
+                continue
+            x = dyadic_tokens(rng, (num_ranks * tokens, hidden)).astype(dtype)
+            slots = np.concatenate([random_slots(rng, mode, tokens, top_k, num_ranks, SPR)
+                                    for _ in range(num_ranks)])
+            valid = np.concatenate([random_valid(rng, mode, tokens) for _ in range(num_ranks)])
+            weights = random_weights(rng, slots.shape)
+            args = [jax.device_put(jnp.asarray(a), sharding) for a in (x, slots, weights, valid)]
+            got, want = fn(*args), ref(*args)
+            for name, g, w in zip(("y", "x", "slot", "weight", "count"), got, want):
+                assert_array_equal(np.asarray(g, np.float64), np.asarray(w, np.float64),
+                                   err_msg=f"{backend} R={num_ranks} {mode}: {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hidden_7168_bf16_equal_xla(rng, backend):
+    """DeepSeek-V3's row (7168 bf16) with top-8 over 4 ranks: the vectorised paths."""
+    num_ranks = min(4, jax.device_count())
+    mesh, fn = _round_trip(backend, num_ranks, jnp.bfloat16)
+    _, ref = _round_trip("xla", num_ranks, jnp.bfloat16)
+    sharding = NamedSharding(mesh, P("ep"))
+    tokens, top_k = 96, 8
+    x = dyadic_tokens(rng, (num_ranks * tokens, 7168)).astype(jnp.bfloat16)
+    slots = np.concatenate([random_slots(rng, "random", tokens, top_k, num_ranks, SPR) for _ in range(num_ranks)])
+    valid = np.ones(num_ranks * tokens, bool)
+    weights = random_weights(rng, slots.shape)
+    args = [jax.device_put(jnp.asarray(a), sharding) for a in (x, slots, weights, valid)]
+    for g, w in zip(fn(*args), ref(*args)):
+        assert_array_equal(np.asarray(g, np.float64), np.asarray(w, np.float64))
+
+
+@pytest.mark.parametrize("shared", [0, 1])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moe_layer_equal_across_backends(rng, backend, shared):
+    """The whole layer (bf16, replicas, Pallas expert kernels) gives the same bits.
+
+    With a shared expert, XLA autotunes the shared expert's GEMM separately in
+    each program, so its f32 rounding may differ: then at most 1 bf16 ulp, rarely."""
+    ep = min(4, jax.device_count())
+    spec = make_spec(kind="noaux_tc", top_k=8, shared=shared, hidden=512, inter=256, experts=64,
+                     dtype=jnp.bfloat16)
+    x = random_tokens(rng, 128 * ep, spec.hidden_size, jnp.bfloat16)
+    routing = random_routing(rng, x.shape[0], spec.num_experts, spec.top_k)
+    mask = jnp.asarray(rng.random(x.shape[0]) < 0.9)
+    outs = {}
+    for name in ("xla", backend):
+        layer = make_layer(spec, ep=ep, alltoall_backend=name,
+                           load_balancer={"num_slots": spec.num_experts + 2 * ep})
+        outs[name], stats = run_layer(layer, x, token_mask=mask)
+        outs[name + "_routed"], _ = run_layer(layer, x, routing=routing)
+    for key in ("", "_routed"):
+        got, want = np.asarray(outs[backend + key], np.float32), np.asarray(outs["xla" + key], np.float32)
+        if not shared:
+            assert_array_equal(got, want)
+            continue
+        ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(want), 1e-30))) - 7)
+        assert np.all(np.abs(got - want) <= ulp)
+        assert np.mean(got != want) < 1e-3
+    assert int(stats.expert_counts.sum()) == int(mask.sum()) * spec.top_k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_equal_xla(rng, backend):
+    """custom_vjp: dispatch and combine transpose into each other (f32, exact bookkeeping)."""
+    ep = min(4, jax.device_count())
+    spec = make_spec(top_k=4, shared=0, hidden=64, inter=32, experts=16)
+    x = random_tokens(rng, 32 * ep, spec.hidden_size)
+    grads = {}
+    for name in ("xla", backend):
+        layer = make_layer(spec, ep=ep, alltoall_backend=name)
+        w = layer.weights()
+        loss = lambda w, x: jnp.sum(moe_forward(x, w, spec=spec, config=layer.config, mesh=layer.mesh)[0] ** 2)
+        with jax.default_matmul_precision("highest"):
+            grads[name] = jax.jit(jax.grad(loss, argnums=(0, 1), allow_int=True))(w, x)
+    g, want = grads[backend], grads["xla"]
+    # Sums over ranks run in another order than XLA's scatter-add transpose: f32 rounding only.
+    np.testing.assert_allclose(np.asarray(g[1]), np.asarray(want[1]), rtol=1e-4, atol=1e-5)
+    for field in ("router", "w_gate_up", "w_down"):
+        np.testing.assert_allclose(np.asarray(getattr(g[0], field)), np.asarray(getattr(want[0], field)),
+                                   rtol=1e-4, atol=1e-5, err_msg=field)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_1000_calls_with_collectives_around(rng, backend):
+    """1000 back-to-back dispatch+combine inside one jit (a fori_loop), between psums and an
+    all_gather; then 50 more from Python. No deadlock, same result as XLA, no recompilation."""
+    num_ranks = min(4, jax.device_count())
+    tokens, top_k, hidden = 64, 4, 256
+
+    def make(name):
+        mesh = jax.make_mesh((num_ranks,), ("ep",), devices=jax.devices()[:num_ranks])
+        comm = get_alltoall_backend(name, mesh=mesh, axis="ep")
+
+        def body(x, slots, weights):
+            valid = jnp.ones(x.shape[:1], bool)
+            plan = make_dispatch_plan(slots, weights, valid, num_ranks=num_ranks, slots_per_rank=SPR)
+            x = x + jax.lax.psum(x[:1], "ep") * 0  # a collective before
+
+            def step(i, acc):
+                recv = comm.dispatch(acc.astype(jnp.bfloat16), plan, axis_name="ep")
+                partial = jnp.where(recv.valid_rows()[:, :, None], recv.x, 0)
+                y = comm.combine(partial, plan, recv.count, axis_name="ep")
+                # Normalise by the number of ranks each token reached, so values stay put.
+                reached = (plan.token_row >= 0).sum(-1, keepdims=True).astype(jnp.float32)
+                return y / jnp.maximum(reached, 1) + jax.lax.psum(i, "ep").astype(jnp.float32) * 0
+
+            out = jax.lax.fori_loop(0, 1000, step, x.astype(jnp.float32))
+            return out, jax.lax.all_gather(out.sum(), "ep")  # a collective after
+
+        spec = P("ep")
+        return mesh, jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 3, out_specs=(spec, P()),
+                                           check_vma=False))
+
+    mesh, fn = make(backend)
+    _, ref = make("xla")
+    sharding = NamedSharding(mesh, P("ep"))
+    x = dyadic_tokens(rng, (num_ranks * tokens, hidden))
+    slots = np.concatenate([random_slots(rng, "random", tokens, top_k, num_ranks, SPR) for _ in range(num_ranks)])
+    weights = random_weights(rng, slots.shape)
+    args = [jax.device_put(jnp.asarray(a), sharding) for a in (x, slots, weights)]
+    got, want = fn(*args), ref(*args)
+    assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    assert_array_equal(np.asarray(got[0]), np.asarray(x, np.float32).astype(jnp.bfloat16).astype(np.float32))
+    with count_compiles() as compiles:
+        for _ in range(50):
+            out = fn(*args)
+        jax.block_until_ready(out)
+    assert compiles[0] == 0
+    assert_array_equal(np.asarray(out[0]), np.asarray(want[0]))
+
+
+def test_auto_picks_nvlink_in_one_process():
+    mesh = jax.make_mesh((2,), ("ep",), devices=jax.devices()[:2])
+    assert resolve_alltoall_backend("auto", mesh, "ep") == "nvlink"
+    os.environ["WIDEEP_ALLTOALL"] = "nccl"
+    try:
+        assert resolve_alltoall_backend("auto", mesh, "ep") == "nccl"
+        assert resolve_alltoall_backend("nvlink", mesh, "ep") == "nccl"
+    finally:
+        del os.environ["WIDEEP_ALLTOALL"]
+
+
+def test_nvlink_timeout_is_an_error_not_a_hang():
+    """A rank whose peer never arrives aborts with a message after WIDEEP_COMM_TIMEOUT_S."""
+    script = textwrap.dedent("""
+        import jax, jax.numpy as jnp
+        from wideep_jax.comm import get_alltoall_backend
+        from wideep_jax.dispatch import make_dispatch_plan
+        mesh = jax.make_mesh((2,), ("ep",), devices=jax.devices()[:2])
+        comm = get_alltoall_backend("nvlink", mesh=mesh, axis="ep")
+        def lonely(x):  # rank 0 alone: rank 1 never joins
+            plan = make_dispatch_plan(jnp.zeros((8, 2), jnp.int32) + 1, jnp.ones((8, 2)), jnp.ones(8, bool),
+                                      num_ranks=2, slots_per_rank=1)
+            return comm.dispatch(x, plan, axis_name="ep").x
+        x = jax.device_put(jnp.ones((8, 64), jnp.bfloat16), jax.devices()[0])
+        out = jax.jit(lonely)(x)
+        print("value", float(out.sum()))
+    """)
+    env = dict(os.environ, WIDEEP_COMM_TIMEOUT_S="2", WIDEEP_ALLTOALL="")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, env=env)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-3000:]
+    assert "timed out" in text, text[-3000:]

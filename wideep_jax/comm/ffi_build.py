@@ -1,0 +1,186 @@
+"""Builds the FFI library (``ffi/csrc``) with nvcc into a cache.
+
+The library has no Python ABI: C++/CUDA against XLA's FFI headers
+(``jax.ffi.include_dir()``) and NCCL (the ``nvidia-nccl-cu13`` package).
+It is cached under ``$WIDEEP_CACHE_DIR`` (default ``~/.cache/wideep_jax``),
+keyed by the sources' hash, the jaxlib and NCCL versions, nvcc and the GPU
+architectures, so editing a source or upgrading jaxlib rebuilds it. Built on
+first use or by ``wideep build-ffi``.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+LIBRARY_NAME = "libwideep_ffi.so"
+SOURCE_DIR = Path(__file__).resolve().parents[2] / "ffi" / "csrc"
+DEFAULT_ARCHS = ("80", "90")  # what CI compiles for when no GPU is visible
+FALLBACK_CUDA_HOMES = ("/usr/local/cuda",)
+
+
+class FfiBuildError(RuntimeError):
+    """The FFI library could not be built; the message says what to install."""
+
+
+def source_files() -> list[Path]:
+    """The library's sources (``ffi/csrc/*.cu``, ``*.h``), sorted."""
+    if not SOURCE_DIR.is_dir():
+        raise FfiBuildError(
+            f"FFI sources not found at {SOURCE_DIR}; install wideep-jax from a source checkout "
+            "(pip install -e .) so ffi/csrc ships with it"
+        )
+    return sorted(p for p in SOURCE_DIR.iterdir() if p.suffix in (".cu", ".h"))
+
+
+def find_nvcc() -> str:
+    """Path of nvcc: ``$NVCC``, then ``PATH``, then ``$CUDA_HOME/bin``, ``/usr/local/cuda/bin``."""
+    candidates = [os.environ.get("NVCC"), shutil.which("nvcc")]
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), *FALLBACK_CUDA_HOMES):
+        if home:
+            candidates.append(str(Path(home) / "bin" / "nvcc"))
+    for c in candidates:
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return c
+    raise FfiBuildError(
+        "nvcc not found (looked at $NVCC, PATH, $CUDA_HOME/bin, /usr/local/cuda/bin); install the "
+        "CUDA toolkit (nvcc >= 12.4, e.g. `pip install nvidia-cuda-nvcc-cu13` or the system package) "
+        "or choose alltoall_backend: xla (WIDEEP_ALLTOALL=xla)"
+    )
+
+
+def nccl_paths() -> tuple[Path, Path]:
+    """(include dir, lib dir) of NCCL from the ``nvidia-nccl-cu13`` package or ``$NCCL_HOME``."""
+    roots = []
+    if os.environ.get("NCCL_HOME"):
+        roots.append(Path(os.environ["NCCL_HOME"]))
+    try:
+        import nvidia.nccl
+
+        roots.extend(Path(p) for p in nvidia.nccl.__path__)
+    except ImportError:
+        pass
+    for root in roots:
+        if (root / "include" / "nccl.h").is_file() and (root / "lib").is_dir():
+            return root / "include", root / "lib"
+    raise FfiBuildError(
+        "NCCL headers not found (looked at $NCCL_HOME and the nvidia.nccl package); "
+        "`pip install nvidia-nccl-cu13` (or `pip install wideep-jax[ffi]`), "
+        "or choose alltoall_backend: xla (WIDEEP_ALLTOALL=xla)"
+    )
+
+
+def _nccl_library(lib_dir: Path) -> str:
+    names = sorted(p.name for p in lib_dir.glob("libnccl.so*"))
+    if not names:
+        raise FfiBuildError(f"no libnccl.so* in {lib_dir}; reinstall nvidia-nccl-cu13")
+    return "libnccl.so.2" if "libnccl.so.2" in names else names[0]
+
+
+def _nccl_version(include: Path) -> str:
+    text = (include / "nccl.h").read_text(errors="replace")
+    parts = [re.search(rf"#define NCCL_{k}\s+(\d+)", text) for k in ("MAJOR", "MINOR", "PATCH")]
+    return ".".join(m.group(1) if m else "?" for m in parts)
+
+
+def target_archs() -> tuple[str, ...]:
+    """GPU architectures to compile for: ``$WIDEEP_CUDA_ARCHS`` (e.g. ``"90,100"``),
+    else those of the visible GPUs, else ``DEFAULT_ARCHS``."""
+    env = os.environ.get("WIDEEP_CUDA_ARCHS")
+    if env:
+        archs = tuple(a.strip().replace(".", "") for a in env.split(",") if a.strip())
+        bad = [a for a in archs if not a.isdigit()]
+        if bad:
+            raise FfiBuildError(f"WIDEEP_CUDA_ARCHS={env!r} has {bad}; allowed: comma-separated like '80,90'")
+        return archs
+    import jax
+
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:
+        gpus = []
+    found = sorted({str(d.compute_capability).replace(".", "") for d in gpus
+                    if getattr(d, "compute_capability", None)})
+    return tuple(found) or DEFAULT_ARCHS
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("WIDEEP_CACHE_DIR", Path.home() / ".cache" / "wideep_jax"))
+
+
+def _build_key(nvcc: str, archs: tuple[str, ...], nccl_version: str) -> str:
+    import jaxlib
+
+    h = hashlib.sha256()
+    for path in source_files():
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    for part in (jaxlib.__version__, nccl_version, version, ",".join(archs)):
+        h.update(part.encode())
+    return h.hexdigest()[:20]
+
+
+def nvcc_command(out: Path, archs: tuple[str, ...]) -> list[str]:
+    """The nvcc invocation that builds the library to ``out``."""
+    import jax
+
+    nvcc = find_nvcc()
+    nccl_include, nccl_lib = nccl_paths()
+    cmd = [
+        nvcc, "-O3", "-std=c++17", "--shared", "-Xcompiler", "-fPIC",
+        # XLA's FFI headers trip these two harmless nvcc front-end warnings.
+        "-diag-suppress=2473,940",
+        "-I", jax.ffi.include_dir(), "-I", str(SOURCE_DIR), "-I", str(nccl_include),
+        "--threads", "0",
+    ]
+    for arch in archs:
+        cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    cmd += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]  # PTX for newer GPUs
+    cmd += [str(p) for p in source_files() if p.suffix == ".cu"]
+    cmd += ["-o", str(out), "-L", str(nccl_lib), f"-l:{_nccl_library(nccl_lib)}",
+            "-Xlinker", f"-rpath={nccl_lib}"]
+    return cmd
+
+
+def library_path(archs: tuple[str, ...] | None = None) -> Path:
+    """Where the library for the current sources and toolchain lives (built or not)."""
+    archs = archs or target_archs()
+    nccl_include, _ = nccl_paths()
+    key = _build_key(find_nvcc(), archs, _nccl_version(nccl_include))
+    return _cache_root() / "ffi" / key / LIBRARY_NAME
+
+
+def build_library(*, force: bool = False, archs: tuple[str, ...] | None = None, verbose: bool = False) -> Path:
+    """Builds the library if the cache lacks it and returns its path.
+
+    Concurrent builders (several processes) serialize on a lock file; the
+    result is moved into place atomically.
+    """
+    archs = archs or target_archs()
+    out = library_path(archs)
+    if out.is_file() and not force:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if out.is_file() and not force:
+            return out
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            tmp_out = Path(tmp) / LIBRARY_NAME
+            cmd = nvcc_command(tmp_out, archs)
+            if verbose:
+                print(" ".join(cmd), flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise FfiBuildError(
+                    f"building {LIBRARY_NAME} failed (exit {proc.returncode}):\n{' '.join(cmd)}\n"
+                    f"{proc.stdout[-4000:]}{proc.stderr[-8000:]}"
+                )
+            os.replace(tmp_out, out)
+    return out

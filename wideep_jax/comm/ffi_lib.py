@@ -1,0 +1,193 @@
+"""Loads the FFI library, registers its XLA targets, and sets up its state.
+
+Set-up (communicators, peer-mapped workspaces) happens on the host while a
+program is traced, through the library's small C API; the custom calls then
+find that state by an integer id baked into the HLO. Ids are hashes of what
+they describe, so the same program in a new process gets the same HLO (and
+hits the persistent compilation cache).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import threading
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from wideep_jax.comm.ffi_build import build_library
+
+TARGETS = {
+    "wideep_nvlink_dispatch": "WideepNvlinkDispatch",
+    "wideep_nvlink_combine": "WideepNvlinkCombine",
+    "wideep_nccl_dispatch": "WideepNcclDispatch",
+    "wideep_nccl_combine": "WideepNcclCombine",
+}
+DEFAULT_TIMEOUT_S = 30.0
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_nccl_sets: set[int] = set()
+_workspaces: set[int] = set()
+
+
+class FfiError(RuntimeError):
+    """A call into the FFI library's C API failed."""
+
+
+def library() -> ctypes.CDLL:
+    """The FFI library (built on first use) with its XLA targets registered for CUDA."""
+    global _lib
+    with _lock:
+        if _lib is None:
+            lib = ctypes.CDLL(str(build_library()), mode=ctypes.RTLD_GLOBAL)
+            lib.wideep_last_error.restype = ctypes.c_char_p
+            lib.wideep_nvlink_peer_access.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
+            lib.wideep_nvlink_create.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+                                                 ctypes.POINTER(ctypes.c_int), ctypes.c_uint64]
+            lib.wideep_nvlink_profile.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.POINTER(ctypes.c_uint64),
+                                                  ctypes.c_int]
+            lib.wideep_nccl_unique_id.argtypes = [ctypes.c_char_p]
+            lib.wideep_nccl_init.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.POINTER(ctypes.c_int),
+                                             ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_char_p]
+            for target, symbol in TARGETS.items():
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="CUDA")
+            _lib = lib
+        return _lib
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        raise FfiError(f"{what}: {library().wideep_last_error().decode(errors='replace')}")
+    return rc
+
+
+def _ints(values) -> ctypes.Array:
+    values = [int(v) for v in values]
+    return (ctypes.c_int * len(values))(*values)
+
+
+def stable_id(*parts) -> int:
+    """A positive int63 naming ``parts`` (the same in every process)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 62) - 1)
+
+
+def timeout_ms() -> int:
+    """The one-sided kernels' wait limit: ``$WIDEEP_COMM_TIMEOUT_S`` (default 30 s)."""
+    raw = os.environ.get("WIDEEP_COMM_TIMEOUT_S", str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"WIDEEP_COMM_TIMEOUT_S={raw!r}; allowed: a positive number of seconds")
+    return max(1, int(seconds * 1000))
+
+
+def ep_groups(mesh: Mesh, axis: str) -> list[list[jax.Device]]:
+    """The mesh's EP groups: devices that share every other axis index, in ``axis`` order
+    (position in a group = ``jax.lax.axis_index(axis)`` = rank)."""
+    if axis not in mesh.axis_names:
+        raise ValueError(f"ep_axis={axis!r} is not an axis of the mesh; allowed: {mesh.axis_names}")
+    devices = np.moveaxis(mesh.devices, mesh.axis_names.index(axis), -1)
+    return [list(row) for row in devices.reshape(-1, devices.shape[-1])]
+
+
+def peer_access(groups: list[list[jax.Device]]) -> bool:
+    """True when every group is in this process and its GPUs can map each other's memory."""
+    me = jax.process_index()
+    for g in groups:
+        if any(d.process_index != me or d.platform != "gpu" for d in g):
+            return False
+        ordinals = [d.local_hardware_id for d in g]
+        if not _check(library().wideep_nvlink_peer_access(len(ordinals), _ints(ordinals)), "peer access"):
+            return False
+    return True
+
+
+def nvlink_workspace(groups: list[list[jax.Device]], data_bytes: int) -> int:
+    """Id of a peer-mapped workspace with ``data_bytes`` per half on every group member.
+
+    Sizes are rounded up to a power of two (at least 1 MiB) so few distinct
+    workspaces exist; they live as long as the process (compiled programs and
+    captured CUDA graphs keep their addresses).
+    """
+    size = max(1 << 20, 1 << max(0, int(data_bytes) - 1).bit_length())
+    ordinals = [[d.local_hardware_id for d in g] for g in groups]
+    me = jax.process_index()
+    if any(d.process_index != me for g in groups for d in g):
+        raise ValueError("alltoall_backend='nvlink' needs every device of the mesh in this process; "
+                         "allowed across processes: 'nccl' or 'xla'")
+    wid = stable_id("nvlink", ordinals, size)
+    with _lock:
+        if wid in _workspaces:
+            return wid
+    flat = [o for g in ordinals for o in g]
+    _check(library().wideep_nvlink_create(wid, len(ordinals), len(ordinals[0]), _ints(flat), size),
+           "creating the nvlink workspace")
+    with _lock:
+        _workspaces.add(wid)
+    return wid
+
+
+def nvlink_profile(workspace: int, device: jax.Device, *, reset: bool = False) -> dict[str, float]:
+    """Mean kernel time (µs, CTA 0's start to the last CTA's end) and call counts of
+    the nvlink dispatch and combine on ``device`` since the last reset (synchronizes)."""
+    out = (ctypes.c_uint64 * 4)()
+    _check(library().wideep_nvlink_profile(workspace, device.local_hardware_id, out, int(reset)),
+           "reading the nvlink profile")
+    ns_d, calls_d, ns_c, calls_c = (int(v) for v in out)
+    return {"dispatch_us": ns_d / max(calls_d, 1) / 1e3, "dispatch_calls": calls_d,
+            "combine_us": ns_c / max(calls_c, 1) / 1e3, "combine_calls": calls_c}
+
+
+def nccl_communicators(groups: list[list[jax.Device]]) -> int:
+    """Id of NCCL communicators for this process's devices, one per device, rank =
+    position in its group. Across processes the unique ids travel through
+    ``jax.distributed``'s key-value store."""
+    cid = stable_id("nccl", [[(d.process_index, d.id) for d in g] for g in groups])
+    with _lock:
+        if cid in _nccl_sets:
+            return cid
+    lib = library()
+    uid_bytes = lib.wideep_nccl_unique_id_bytes()
+    me = jax.process_index()
+    ordinals, ranks, uids = [], [], b""
+    for index, group in enumerate(groups):
+        if all(d.process_index != me for d in group):
+            continue
+        uid = _group_unique_id(lib, cid, index, group, uid_bytes)
+        for rank, d in enumerate(group):
+            if d.process_index == me:
+                ordinals.append(d.local_hardware_id)
+                ranks.append(rank)
+                uids += uid
+    _check(lib.wideep_nccl_init(cid, len(ordinals), _ints(ordinals), _ints(ranks), len(groups[0]), uids),
+           "creating NCCL communicators")
+    with _lock:
+        _nccl_sets.add(cid)
+    return cid
+
+
+def _group_unique_id(lib, cid: int, index: int, group, uid_bytes: int) -> bytes:
+    def fresh() -> bytes:
+        buf = ctypes.create_string_buffer(uid_bytes)
+        _check(lib.wideep_nccl_unique_id(buf), "ncclGetUniqueId")
+        return buf.raw
+
+    if all(d.process_index == jax.process_index() for d in group):
+        return fresh()
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:
+        raise RuntimeError("a multi-process EP group needs jax.distributed.initialize() first")
+    key = f"wideep_nccl/{cid}/{index}"
+    if group[0].process_index == jax.process_index():
+        uid = fresh()
+        client.key_value_set_bytes(key, uid)
+        return uid
+    return client.blocking_key_value_get_bytes(key, 300_000)

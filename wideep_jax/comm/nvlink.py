@@ -1,0 +1,76 @@
+"""One-sided NVLink backend: peer stores into symmetric workspaces (one process).
+
+Dispatch pushes each token once per destination rank straight into that
+rank's workspace and raises a flag there; the receiver copies its rows out.
+Combine pushes partial rows back the same way and reduces them per token in
+rank order, so its sums equal the portable path's bit for bit. Row counts stay
+on the device (no host sync), so the custom calls may live in a CUDA graph.
+A rank that waits longer than ``WIDEEP_COMM_TIMEOUT_S`` for a peer aborts the
+kernel with a message instead of hanging. Kernels: ``ffi/csrc/nvlink_alltoall.cu``.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wideep_jax.comm import ffi_lib
+from wideep_jax.comm.ffi_backend import FfiAllToAll
+
+
+def _align16(n: int) -> int:
+    return -(-n // 16) * 16
+
+
+class NvlinkAllToAll(FfiAllToAll):
+    """Dispatch/combine with the one-sided NVLink kernels."""
+
+    name = "nvlink"
+
+    def __init__(self, mesh, axis: str, *, max_ctas: int | None = None):
+        """``max_ctas``: CTAs per call (default: one per SM; fewer leave SMs to
+        overlapping work at some bandwidth)."""
+        super().__init__(mesh, axis)
+        if max_ctas is not None and (int(max_ctas) != max_ctas or max_ctas < 1):
+            raise ValueError(f"max_ctas={max_ctas!r}; allowed: a positive int or None (one per SM)")
+        self.max_ctas = 0 if max_ctas is None else int(max_ctas)
+        self.workspaces: set[int] = set()  # ids this backend's calls use (for profiling)
+        if not ffi_lib.peer_access(self.groups):
+            raise ValueError(
+                "alltoall_backend='nvlink' needs every EP group in this process on GPUs with peer "
+                "access to each other; allowed otherwise: 'nccl' or 'xla'"
+            )
+
+    def _dispatch(self, x, plan):
+        num_ranks, capacity, top_k = plan.send_slot.shape
+        hidden = x.shape[1]
+        row = _align16(hidden * x.dtype.itemsize) + _align16(2 * top_k * 4)
+        workspace = ffi_lib.nvlink_workspace(self.groups, num_ranks * capacity * row)
+        self.workspaces.add(workspace)
+        out_types = (
+            jax.ShapeDtypeStruct((num_ranks, capacity, hidden), x.dtype),
+            jax.ShapeDtypeStruct((num_ranks, capacity, top_k), jnp.int32),
+            jax.ShapeDtypeStruct((num_ranks, capacity, top_k), jnp.float32),
+            jax.ShapeDtypeStruct((num_ranks,), jnp.int32),
+        )
+        return jax.ffi.ffi_call("wideep_nvlink_dispatch", out_types, has_side_effect=True)(
+            x, plan.send_token, plan.send_count, plan.send_slot, plan.send_weight.astype(jnp.float32),
+            workspace=np.int64(workspace), timeout_ms=np.int64(ffi_lib.timeout_ms()),
+            max_ctas=np.int64(self.max_ctas),
+        )
+
+    def _combine(self, partial_sums, plan, recv_count):
+        num_ranks, capacity, hidden = partial_sums.shape
+        if partial_sums.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+            raise ValueError(f"nvlink combine: partial sums are {partial_sums.dtype}; allowed: "
+                             "bfloat16, float16, float32")
+        row = _align16(hidden * partial_sums.dtype.itemsize)
+        workspace = ffi_lib.nvlink_workspace(self.groups, num_ranks * capacity * row)
+        self.workspaces.add(workspace)
+        num_tokens = plan.token_row.shape[0]
+        out_type = jax.ShapeDtypeStruct((num_tokens, hidden), jnp.float32)
+        return jax.ffi.ffi_call("wideep_nvlink_combine", out_type, has_side_effect=True)(
+            partial_sums, recv_count, plan.token_row,
+            workspace=np.int64(workspace), timeout_ms=np.int64(ffi_lib.timeout_ms()),
+            max_ctas=np.int64(self.max_ctas),
+        )
