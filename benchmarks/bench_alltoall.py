@@ -164,9 +164,10 @@ def jax_times(backend_name: str, mesh, ids, weights, tokens: int, hidden: int, e
         total = median_ms(time_fn(lambda: f(x, slots, w), iters=iters))
         out[name] = total / loops * 1e3  # µs per op (the combine loop's one dispatch is < 1/loops)
         if profiled:  # the kernels alone: slowest device's mean
-            out[name + "_kernel"] = max(ffi_lib.nvlink_profile(ws, d)[name + "_us"]
-                                        for ws in profiled for d in mesh.devices.flat
-                                        if ffi_lib.nvlink_profile(ws, d)[name + "_calls"])
+            stats = [ffi_lib.nvlink_profile(ws, d) for ws in profiled for d in mesh.devices.flat]
+            out[name + "_kernel"] = max(s[name + "_us"] for s in stats if s[name + "_calls"])
+            if name == "dispatch":
+                out["direct"] = all(s["direct_calls"] == s["dispatch_calls"] for s in stats if s["dispatch_calls"])
     return out
 
 
@@ -232,7 +233,8 @@ def main() -> int:
             ratio = "" if base is None or name == "xla" else (
                 f"{base['dispatch'] / t['dispatch']:.2f} / {base['combine'] / t['combine']:.2f}")
             kernel = (f"{t['dispatch_kernel']:.1f} / {t['combine_kernel']:.1f} "
-                      f"({sent / t['dispatch_kernel'] / 1e3:.0f} / {back / t['combine_kernel'] / 1e3:.0f} GB/s)"
+                      f"({sent / t['dispatch_kernel'] / 1e3:.0f} / {back / t['combine_kernel'] / 1e3:.0f} GB/s"
+                      f"{', into the outputs' if t.get('direct') else ', via the workspace'})"
                       if "dispatch_kernel" in t else "")
             lines.append(f"| {tokens} | {name} | {t['dispatch']:.1f} | {t['combine']:.1f} | "
                          f"{sent / t['dispatch'] / 1e3:.0f} | {back / t['combine'] / 1e3:.0f} | {ratio} | {kernel} |")

@@ -4,18 +4,26 @@
 //
 // Every device of an EP group owns a workspace: a control block followed by
 // two data halves. A call pushes each token once per destination rank straight
-// into that rank's workspace (peer stores over NVLink), then raises a flag there
+// into that rank's buffers (peer stores over NVLink), then raises a flag there
 // with a release store; the receiver waits on its flags with acquire loads.
+// Each receiver posts its dispatch output addresses in its senders' mailboxes
+// at the start of a call; with WIDEEP_NVLINK_DIRECT=1 and outputs in classic
+// device memory (peer-mapped once peer access is on) senders write there
+// directly. Otherwise (the default) rows land in the workspace and the
+// receiver copies them out.
 // Calls alternate halves, so a sender never overwrites rows a receiver still
 // reads: to reach call n+2 it must have seen the receiver's call n+1 data,
 // which the receiver only sends after finishing call n. The call counter and
 // the row counts live in device memory, so the kernels can be captured in a
 // CUDA graph / XLA command buffer.
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstddef>
 #include <cstdio>
+#include <cstdlib>
+#include <string>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -36,6 +44,14 @@ struct Ctrl {
   uint32_t finished;                   // CTAs of this call done
   int32_t recv_count[2][kMaxRanks];    // rows from each source rank, per data half
   char* peers[kMaxRanks];              // every rank's workspace, mapped here
+  struct Mailbox {
+    char* x;
+    int32_t* slot;
+    float* weight;
+    int32_t* count;
+  } mail[2][kMaxRanks];                // receiver r's dispatch outputs (null: use the workspace)
+  uint64_t mail_seq[2][kMaxRanks];     // call whose addresses mail[.][r] holds
+  uint64_t prof_direct;                // dispatch calls whose outputs were written directly
   uint64_t prof_start;                 // CTA 0's start of the running call (globaltimer ns)
   uint64_t prof_ns[2], prof_calls[2];  // kernel time and calls: [dispatch, combine]
 };
@@ -50,6 +66,13 @@ struct Member {
 };
 
 std::mutex g_mu;
+// WIDEEP_NVLINK_DIRECT=1 lets peers write dispatch outputs directly where they
+// are classic device memory. Off by default: jaxlib's default allocator never
+// qualified on the GPUs measured so far, so this path is not validated yet.
+const bool g_allow_direct = [] {
+  const char* v = std::getenv("WIDEEP_NVLINK_DIRECT");
+  return v != nullptr && std::string(v) == "1";
+}();
 std::unordered_map<int64_t, std::unordered_map<int, Member>> g_workspaces;
 
 // ---------------------------------------------------------------------------
@@ -104,14 +127,16 @@ __device__ void WaitFlag(const uint64_t* flag, uint64_t seq, uint64_t timeout_ns
 
 // Called by every thread of a CTA after its stores to `dest`: the last CTA
 // for that destination raises the destination's flag for this rank.
+__device__ __forceinline__ void FenceSys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+
 __device__ __forceinline__ void SignalSent(Ctrl* ctrl, int dest, int rank, int ctas_per_rank,
                                            uint64_t seq) {
-  __threadfence_system();
+  FenceSys();
   __syncthreads();
   if (threadIdx.x == 0 && dest != rank) {
     if (atomicAdd(&ctrl->sent[dest], 1u) == static_cast<uint32_t>(ctas_per_rank - 1)) {
       ctrl->sent[dest] = 0;
-      __threadfence_system();
+      FenceSys();
       Ctrl* peer = reinterpret_cast<Ctrl*>(ctrl->peers[dest]);
       StoreReleaseSys(&peer->flags[rank], seq);
     }
@@ -169,12 +194,14 @@ struct DispatchParams {
   int32_t* recv_slot;
   float* recv_weight;
   int32_t* recv_count;
+  bool direct;  // peers may write recv_* themselves
 };
 
 // Every CTA first sends to destination blockIdx / cpr, then copies the rows of
 // source blockIdx / cpr out of the workspace: all SMs push, then all copy out.
 // The grid fits on the GPU at once (the waits need every CTA resident).
 __global__ void __launch_bounds__(kThreads) DispatchKernel(DispatchParams p) {
+  __shared__ Ctrl::Mailbox box;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const uint64_t seq = CurrentCall(p.ctrl);
   const int half = static_cast<int>(seq & 1);
@@ -186,24 +213,45 @@ __global__ void __launch_bounds__(kThreads) DispatchKernel(DispatchParams p) {
   const int splits = p.row.splits;
   StartCall(p.ctrl);
 
+  // Post this rank's output addresses (or null) in every sender's mailbox.
+  if (blockIdx.x == 0 && threadIdx.x < p.nranks && threadIdx.x != p.rank) {
+    Ctrl* sender = reinterpret_cast<Ctrl*>(p.ctrl->peers[threadIdx.x]);
+    Ctrl::Mailbox mine{nullptr, nullptr, nullptr, nullptr};
+    if (p.direct) mine = {p.recv_x, p.recv_slot, p.recv_weight, p.recv_count};
+    sender->mail[half][p.rank] = mine;
+    StoreReleaseSys(&sender->mail_seq[half][p.rank], seq);
+  }
+
   {  // Send to `peer`.
     const bool self = peer == p.rank;
     const int64_t n = p.send_count[peer];
+    if (threadIdx.x == 0) {
+      if (self) {
+        box = {p.recv_x, p.recv_slot, p.recv_weight, p.recv_count};
+      } else {
+        WaitFlag(&p.ctrl->mail_seq[half][peer], seq, p.timeout_ns, "dispatch (mailbox)", p.rank, peer);
+        volatile Ctrl::Mailbox* posted = &p.ctrl->mail[half][peer];
+        box.x = posted->x, box.slot = posted->slot, box.weight = posted->weight, box.count = posted->count;
+      }
+    }
+    __syncthreads();
+    const bool direct = box.x != nullptr;  // rows go straight into the destination's outputs
     char* region = nullptr;
-    if (!self) region = p.ctrl->peers[peer] + kCtrlBytes + half * p.data_bytes + p.rank * C * p.row_bytes;
+    if (!direct) region = p.ctrl->peers[peer] + kCtrlBytes + half * p.data_bytes + p.rank * C * p.row_bytes;
+    const int64_t block = static_cast<int64_t>(p.rank) * C;  // our rows in the destination's outputs
     for (int64_t item = first; item < n * splits; item += stride) {
       const int64_t i = item / splits;
       const int k = static_cast<int>(item % splits);
       const int64_t t = p.send_token[peer * C + i];
       const char* src = p.x + t * p.row.payload + p.row.Offset(k);
       const int64_t pair = (peer * C + i) * K;
-      char* dst = self ? p.recv_x + (peer * C + i) * p.row.payload : region + i * p.row_bytes;
+      char* dst = direct ? box.x + (block + i) * p.row.payload : region + i * p.row_bytes;
       WarpCopy<false>(dst + p.row.Offset(k), src, p.row.Length(k), lane);
       if (k != 0) continue;
-      if (self) {
+      if (direct) {
         for (int64_t e = lane; e < K; e += 32) {
-          p.recv_slot[pair + e] = p.send_slot[pair + e];
-          p.recv_weight[pair + e] = p.send_weight[pair + e];
+          box.slot[(block + i) * K + e] = p.send_slot[pair + e];
+          box.weight[(block + i) * K + e] = p.send_weight[pair + e];
         }
       } else {
         int32_t* meta = reinterpret_cast<int32_t*>(region + i * p.row_bytes + p.meta_offset);
@@ -213,12 +261,12 @@ __global__ void __launch_bounds__(kThreads) DispatchKernel(DispatchParams p) {
         }
       }
     }
-    if (self) {
+    if (direct) {  // the destination's padding pairs and our row count
       for (int64_t e = n * K + part * kThreads + threadIdx.x; e < C * K; e += p.ctas_per_rank * kThreads) {
-        p.recv_slot[peer * C * K + e] = -1;
-        p.recv_weight[peer * C * K + e] = 0.0f;
+        box.slot[block * K + e] = -1;
+        box.weight[block * K + e] = 0.0f;
       }
-      if (part == 0 && threadIdx.x == 0) p.recv_count[peer] = static_cast<int32_t>(n);
+      if (part == 0 && threadIdx.x == 0) box.count[p.rank] = static_cast<int32_t>(n);
     } else if (part == 0 && threadIdx.x == 0) {
       reinterpret_cast<Ctrl*>(p.ctrl->peers[peer])->recv_count[half][p.rank] = static_cast<int32_t>(n);
     }
@@ -228,29 +276,32 @@ __global__ void __launch_bounds__(kThreads) DispatchKernel(DispatchParams p) {
   if (peer != p.rank) {  // Receive from `peer`.
     if (threadIdx.x == 0) WaitFlag(&p.ctrl->flags[peer], seq, p.timeout_ns, "dispatch", p.rank, peer);
     __syncthreads();
-    const int64_t n = *reinterpret_cast<volatile int32_t*>(&p.ctrl->recv_count[half][peer]);
-    const char* region = reinterpret_cast<char*>(p.ctrl) + kCtrlBytes + half * p.data_bytes +
-                         peer * C * p.row_bytes;
-    for (int64_t item = first; item < n * splits; item += stride) {
-      const int64_t i = item / splits;
-      const int k = static_cast<int>(item % splits);
-      const char* row = region + i * p.row_bytes;
-      WarpCopy<true>(p.recv_x + (peer * C + i) * p.row.payload + p.row.Offset(k), row + p.row.Offset(k),
-                     p.row.Length(k), lane);
-      if (k != 0) continue;
-      const int32_t* meta = reinterpret_cast<const int32_t*>(row + p.meta_offset);
-      const int64_t pair = (peer * C + i) * K;
-      for (int64_t e = lane; e < K; e += 32) {
-        p.recv_slot[pair + e] = __ldcg(meta + e);
-        p.recv_weight[pair + e] = __int_as_float(__ldcg(meta + K + e));
+    if (!p.direct) {
+      const int64_t n = *reinterpret_cast<volatile int32_t*>(&p.ctrl->recv_count[half][peer]);
+      const char* region = reinterpret_cast<char*>(p.ctrl) + kCtrlBytes + half * p.data_bytes +
+                           peer * C * p.row_bytes;
+      for (int64_t item = first; item < n * splits; item += stride) {
+        const int64_t i = item / splits;
+        const int k = static_cast<int>(item % splits);
+        const char* row = region + i * p.row_bytes;
+        WarpCopy<true>(p.recv_x + (peer * C + i) * p.row.payload + p.row.Offset(k), row + p.row.Offset(k),
+                       p.row.Length(k), lane);
+        if (k != 0) continue;
+        const int32_t* meta = reinterpret_cast<const int32_t*>(row + p.meta_offset);
+        const int64_t pair = (peer * C + i) * K;
+        for (int64_t e = lane; e < K; e += 32) {
+          p.recv_slot[pair + e] = __ldcg(meta + e);
+          p.recv_weight[pair + e] = __int_as_float(__ldcg(meta + K + e));
+        }
       }
+      for (int64_t e = n * K + part * kThreads + threadIdx.x; e < C * K; e += p.ctas_per_rank * kThreads) {
+        p.recv_slot[peer * C * K + e] = -1;
+        p.recv_weight[peer * C * K + e] = 0.0f;
+      }
+      if (part == 0 && threadIdx.x == 0) p.recv_count[peer] = static_cast<int32_t>(n);
     }
-    for (int64_t e = n * K + part * kThreads + threadIdx.x; e < C * K; e += p.ctas_per_rank * kThreads) {
-      p.recv_slot[peer * C * K + e] = -1;
-      p.recv_weight[peer * C * K + e] = 0.0f;
-    }
-    if (part == 0 && threadIdx.x == 0) p.recv_count[peer] = static_cast<int32_t>(n);
   }
+  if (p.direct && blockIdx.x == 0 && threadIdx.x == 0) p.ctrl->prof_direct += 1;
   FinishCall(p.ctrl, seq, 0);
 }
 
@@ -376,6 +427,30 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
 // ---------------------------------------------------------------------------
 // Host side.
 
+// True when `ptr` is classic device memory (cuMemAlloc): peer access, once
+// enabled, maps it into every peer. Pool (cudaMallocAsync) and VMM memory
+// need per-allocation access rights instead, so they take the workspace path.
+bool PeerMapped(const void* ptr) {
+  using GetAttribute = CUresult (*)(void*, CUpointer_attribute, CUdeviceptr);
+  static GetAttribute get = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    if (cudaGetDriverEntryPointByVersion("cuPointerGetAttribute", &fn, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      return static_cast<GetAttribute>(nullptr);
+    }
+    return reinterpret_cast<GetAttribute>(fn);
+  }();
+  if (get == nullptr || ptr == nullptr) return false;
+  int legacy = 0;
+  if (get(&legacy, CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE, reinterpret_cast<CUdeviceptr>(ptr)) !=
+      CUDA_SUCCESS) {
+    return false;
+  }
+  return legacy != 0;
+}
+
 ffi::Error FindMember(int64_t workspace, int ordinal, Member* out) {
   std::lock_guard<std::mutex> lock(g_mu);
   auto set = g_workspaces.find(workspace);
@@ -466,6 +541,8 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer x,
   p.recv_slot = recv_slot->typed_data();
   p.recv_weight = recv_weight->typed_data();
   p.recv_count = recv_count->typed_data();
+  p.direct = g_allow_direct && PeerMapped(p.recv_x) && PeerMapped(p.recv_slot) &&
+             PeerMapped(p.recv_weight) && PeerMapped(p.recv_count);
   DispatchKernel<<<m.nranks * p.ctas_per_rank, kThreads, 0, stream>>>(p);
   WIDEEP_CUDA_OR_RETURN(cudaGetLastError());
   return ffi::Error::Success();
@@ -672,7 +749,8 @@ int wideep_nvlink_create(int64_t id, int ngroups, int nranks, const int* ordinal
 }
 
 // Reads (and with reset != 0, zeroes) GPU `ordinal`'s kernel timing in
-// workspace `id`: out = {dispatch ns, dispatch calls, combine ns, combine calls}.
+// workspace `id`: out = {dispatch ns, dispatch calls, combine ns, combine calls,
+// dispatch calls written directly}.
 // Synchronous; for benchmarks.
 int wideep_nvlink_profile(int64_t id, int ordinal, uint64_t* out, int reset) {
   using namespace wideep;
@@ -690,12 +768,14 @@ int wideep_nvlink_profile(int64_t id, int ordinal, uint64_t* out, int reset) {
   WIDEEP_CUDA_OR_FAIL(cudaDeviceSynchronize());
   uint64_t vals[4];
   char* base = m.base;
+  WIDEEP_CUDA_OR_FAIL(cudaMemcpy(out + 4, base + offsetof(Ctrl, prof_direct), sizeof(uint64_t), cudaMemcpyDeviceToHost));
   WIDEEP_CUDA_OR_FAIL(cudaMemcpy(vals, base + offsetof(Ctrl, prof_ns), 2 * sizeof(uint64_t), cudaMemcpyDeviceToHost));
   WIDEEP_CUDA_OR_FAIL(cudaMemcpy(vals + 2, base + offsetof(Ctrl, prof_calls), 2 * sizeof(uint64_t), cudaMemcpyDeviceToHost));
   out[0] = vals[0], out[1] = vals[2], out[2] = vals[1], out[3] = vals[3];
   if (reset) {
     WIDEEP_CUDA_OR_FAIL(cudaMemset(base + offsetof(Ctrl, prof_ns), 0, 2 * sizeof(uint64_t)));
     WIDEEP_CUDA_OR_FAIL(cudaMemset(base + offsetof(Ctrl, prof_calls), 0, 2 * sizeof(uint64_t)));
+    WIDEEP_CUDA_OR_FAIL(cudaMemset(base + offsetof(Ctrl, prof_direct), 0, sizeof(uint64_t)));
     WIDEEP_CUDA_OR_FAIL(cudaDeviceSynchronize());
   }
   return 0;

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 
-import jax
 from jax.sharding import Mesh
 
 from wideep_jax.comm.base import AllToAllBackend, ReceivedTokens

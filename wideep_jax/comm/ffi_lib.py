@@ -135,13 +135,14 @@ def nvlink_workspace(groups: list[list[jax.Device]], data_bytes: int) -> int:
 
 def nvlink_profile(workspace: int, device: jax.Device, *, reset: bool = False) -> dict[str, float]:
     """Mean kernel time (µs, CTA 0's start to the last CTA's end) and call counts of
-    the nvlink dispatch and combine on ``device`` since the last reset (synchronizes)."""
-    out = (ctypes.c_uint64 * 4)()
+    the nvlink dispatch and combine on ``device`` since the last reset (synchronizes);
+    ``direct_calls``: dispatches whose rows peers wrote into the outputs themselves."""
+    out = (ctypes.c_uint64 * 5)()
     _check(library().wideep_nvlink_profile(workspace, device.local_hardware_id, out, int(reset)),
            "reading the nvlink profile")
-    ns_d, calls_d, ns_c, calls_c = (int(v) for v in out)
+    ns_d, calls_d, ns_c, calls_c, direct = (int(v) for v in out)
     return {"dispatch_us": ns_d / max(calls_d, 1) / 1e3, "dispatch_calls": calls_d,
-            "combine_us": ns_c / max(calls_c, 1) / 1e3, "combine_calls": calls_c}
+            "combine_us": ns_c / max(calls_c, 1) / 1e3, "combine_calls": calls_c, "direct_calls": direct}
 
 
 def nccl_communicators(groups: list[list[jax.Device]]) -> int:
