@@ -112,6 +112,28 @@ def test_selection_on_cpu(monkeypatch):
         get_alltoall_backend("nope")
 
 
+def test_auto_without_toolchain_warns_and_uses_xla(monkeypatch):
+    """On GPUs without nvcc, auto keeps working on the portable path, with a warning."""
+    class FakeDevice:
+        platform = "gpu"
+
+    class FakeMesh:
+        devices = np.array([FakeDevice(), FakeDevice()])
+
+    def no_toolchain(groups):
+        raise ffi_build.FfiBuildError("nvcc not found")
+
+    monkeypatch.delenv("WIDEEP_ALLTOALL", raising=False)
+    monkeypatch.setattr(ffi_lib, "ep_groups", lambda mesh, axis: [[1, 2]])
+    monkeypatch.setattr(ffi_lib, "peer_access", no_toolchain)
+    with pytest.warns(RuntimeWarning, match="nvcc not found"):
+        assert resolve_alltoall_backend("auto", FakeMesh(), "ep") == "xla"
+    monkeypatch.setattr(ffi_lib, "peer_access", lambda groups: False)
+    assert resolve_alltoall_backend("auto", FakeMesh(), "ep") == "nccl"
+    monkeypatch.setattr(ffi_lib, "peer_access", lambda groups: True)
+    assert resolve_alltoall_backend("auto", FakeMesh(), "ep") == "nvlink"
+
+
 @pytest.mark.parametrize("name", ["nccl", "nvlink"])
 def test_ffi_backends_refuse_cpu_devices(name, monkeypatch):
     monkeypatch.delenv("WIDEEP_ALLTOALL", raising=False)

@@ -9,11 +9,13 @@ All share :class:`AllToAllBackend`'s interface, so ``moe_config.alltoall_backend
 * ``nvlink``: XLA FFI custom call, one-sided peer stores; GPUs of one process
   with peer access.
 * ``auto``: ``nvlink`` for one process with peer-connected GPUs, ``nccl``
-  across processes, ``xla`` on CPU.
+  across processes, ``xla`` on CPU (and, with a warning, on GPUs where the FFI
+  library cannot be built: no nvcc or NCCL headers).
 """
 from __future__ import annotations
 
 import os
+import warnings
 
 from jax.sharding import Mesh
 
@@ -39,9 +41,16 @@ def resolve_alltoall_backend(name: str, mesh: Mesh | None = None, axis: str = "e
     if mesh is None or any(d.platform != "gpu" for d in mesh.devices.flat):
         return "xla"
     from wideep_jax.comm import ffi_lib
+    from wideep_jax.comm.ffi_build import FfiBuildError
 
-    groups = ffi_lib.ep_groups(mesh, axis)
-    return "nvlink" if ffi_lib.peer_access(groups) else "nccl"
+    try:
+        return "nvlink" if ffi_lib.peer_access(ffi_lib.ep_groups(mesh, axis)) else "nccl"
+    except FfiBuildError as err:
+        # auto must still run where no toolchain is installed; say so loudly.
+        warnings.warn(f"{source} uses 'xla': the FFI all-to-all library cannot be built here ({err}). "
+                      "Choose alltoall_backend: xla (or WIDEEP_ALLTOALL=xla) to make that explicit.",
+                      RuntimeWarning, stacklevel=2)
+        return "xla"
 
 
 def get_alltoall_backend(name: str, *, mesh: Mesh | None = None, axis: str = "ep") -> AllToAllBackend:

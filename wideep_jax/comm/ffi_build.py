@@ -49,7 +49,7 @@ def find_nvcc() -> str:
             return c
     raise FfiBuildError(
         "nvcc not found (looked at $NVCC, PATH, $CUDA_HOME/bin, /usr/local/cuda/bin); install the "
-        "CUDA toolkit (nvcc >= 12.4, e.g. `pip install nvidia-cuda-nvcc-cu13` or the system package) "
+        "CUDA toolkit (nvcc >= 12.4) or point $NVCC / $CUDA_HOME at it, "
         "or choose alltoall_backend: xla (WIDEEP_ALLTOALL=xla)"
     )
 
