@@ -231,3 +231,43 @@ def test_build_ffi_command(tmp_path):
                           text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert str(tmp_path) in proc.stdout and "libwideep_ffi.so" in proc.stdout
+
+
+_UNIQUE_ID_WORKER = """
+import os, sys
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+pid, port = int(sys.argv[1]), sys.argv[2]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+from wideep_jax.comm import ffi_lib
+devices = jax.devices()
+group = [d for d in devices if d.process_index == 0][:1] + [d for d in devices if d.process_index == 1][:1]
+lib = ffi_lib.library()
+uid = ffi_lib._group_unique_id(lib, 1234, 0, group, lib.wideep_nccl_unique_id_bytes())
+print("UID", uid.hex(), flush=True)
+jax.distributed.shutdown()
+"""
+
+
+def test_nccl_unique_id_travels_through_the_kv_store(tmp_path):
+    """Two processes (jax.distributed on CPU): the group's first process makes the NCCL
+    unique id and the other reads the same bytes from the key-value store."""
+    if _toolchain_missing():
+        pytest.skip("no nvcc / NCCL headers")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "worker.py"
+    script.write_text(_UNIQUE_ID_WORKER)
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env) for i in range(2)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    uids = [next(line.split()[1] for line in out.splitlines() if line.startswith("UID ")) for out in outs]
+    assert uids[0] == uids[1] and len(uids[0]) == 256 and set(uids[0]) != {"0"}

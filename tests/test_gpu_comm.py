@@ -198,15 +198,13 @@ def test_1000_calls_with_collectives_around(rng, backend):
     assert_array_equal(np.asarray(out[0]), np.asarray(want[0]))
 
 
-def test_auto_picks_nvlink_in_one_process():
+def test_auto_picks_nvlink_in_one_process(monkeypatch):
     mesh = jax.make_mesh((2,), ("ep",), devices=jax.devices()[:2])
+    monkeypatch.delenv("WIDEEP_ALLTOALL", raising=False)
     assert resolve_alltoall_backend("auto", mesh, "ep") == "nvlink"
-    os.environ["WIDEEP_ALLTOALL"] = "nccl"
-    try:
-        assert resolve_alltoall_backend("auto", mesh, "ep") == "nccl"
-        assert resolve_alltoall_backend("nvlink", mesh, "ep") == "nccl"
-    finally:
-        del os.environ["WIDEEP_ALLTOALL"]
+    monkeypatch.setenv("WIDEEP_ALLTOALL", "nccl")
+    assert resolve_alltoall_backend("auto", mesh, "ep") == "nccl"
+    assert resolve_alltoall_backend("nvlink", mesh, "ep") == "nccl"
 
 
 def test_nvlink_timeout_is_an_error_not_a_hang():

@@ -114,9 +114,14 @@ def main_job(args) -> int:
     start = time.perf_counter()
     model = (CausalLM(cfg, moe_config, mesh=mesh, rngs=nnx.Rngs(args.seed)) if folder is None
              else from_pretrained(folder, moe_config=moe_config, mesh=mesh, dtype=dtype))
+    if moe_config.backend == "WIDEEP":
+        from wideep_jax.comm import resolve_alltoall_backend
+        comm = f" ({resolve_alltoall_backend(moe_config.alltoall_backend, mesh, moe_config.ep_axis)} all-to-all)"
+    else:
+        comm = ""
     print(f"wideep run: {args.model} ({cfg.model_type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"{cfg.num_experts} experts top-{cfg.num_experts_per_tok}, {dtype.name}) on {ep} {platform} devices, "
-          f"{moe_config.backend}; built in {time.perf_counter() - start:.1f} s")
+          f"{moe_config.backend}{comm}; built in {time.perf_counter() - start:.1f} s")
     tokenizer = _tokenizer(folder)
     prompts = _prompts(args, cfg.vocab_size, tokenizer)
     moe_layers = [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoELayer)]

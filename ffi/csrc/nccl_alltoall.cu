@@ -7,6 +7,7 @@
 // normal mode do too). That wait keeps these handlers out of CUDA graphs.
 #include <nccl.h>
 
+#include <initializer_list>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -50,20 +51,28 @@ ffi::Error FindComm(int64_t id, int ordinal, NcclMember* out) {
   return ffi::Error::Success();
 }
 
-// Sends rows [0, send[r]) of block r of `send` to rank r and receives rows
-// [0, recv[r]) of block r of `recv` from rank r; blocks are `block_bytes` apart.
-ffi::Error ExchangeRows(const NcclMember& m, cudaStream_t stream, const char* send, char* recv,
-                        int64_t block_bytes, int64_t row_bytes, const int32_t* send_rows,
-                        const int32_t* recv_rows) {
+// One payload of an exchange: block r of `send` / `recv` ([R, C, row]) holds
+// the rows for / from rank r.
+struct Payload {
+  const char* send;
+  char* recv;
+  int64_t row_bytes, capacity;
+};
+
+// Sends rows [0, send_rows[r]) of every payload's block r to rank r and
+// receives rows [0, recv_rows[r]) from it, all in one NCCL group (one launch).
+ffi::Error ExchangeRows(const NcclMember& m, cudaStream_t stream, std::initializer_list<Payload> payloads,
+                        const int32_t* send_rows, const int32_t* recv_rows) {
   WIDEEP_NCCL_OR_RETURN(ncclGroupStart());
   for (int r = 0; r < m.nranks; ++r) {
-    if (send_rows[r] > 0) {
-      WIDEEP_NCCL_OR_RETURN(ncclSend(send + r * block_bytes, send_rows[r] * row_bytes, ncclInt8, r,
-                                     m.comm, stream));
-    }
-    if (recv_rows[r] > 0) {
-      WIDEEP_NCCL_OR_RETURN(ncclRecv(recv + r * block_bytes, recv_rows[r] * row_bytes, ncclInt8, r,
-                                     m.comm, stream));
+    for (const Payload& p : payloads) {
+      const int64_t block = r * p.capacity * p.row_bytes;
+      if (send_rows[r] > 0) {
+        WIDEEP_NCCL_OR_RETURN(ncclSend(p.send + block, send_rows[r] * p.row_bytes, ncclInt8, r, m.comm, stream));
+      }
+      if (recv_rows[r] > 0) {
+        WIDEEP_NCCL_OR_RETURN(ncclRecv(p.recv + block, recv_rows[r] * p.row_bytes, ncclInt8, r, m.comm, stream));
+      }
     }
   }
   WIDEEP_NCCL_OR_RETURN(ncclGroupEnd());
@@ -121,15 +130,13 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer sen
   const int32_t* host_recv = m.host_counts + m.nranks;
   const int64_t x_row = static_cast<int64_t>(send_x.size_bytes()) / (m.nranks * capacity);
   const int64_t meta_row = static_cast<int64_t>(send_meta.size_bytes()) / (m.nranks * capacity);
-  if (ffi::Error e = ExchangeRows(m, stream, static_cast<const char*>(send_x.untyped_data()),
-                                  static_cast<char*>(recv_x->untyped_data()), capacity * x_row, x_row,
-                                  host_send, host_recv);
-      !e.success()) {
-    return e;
-  }
-  return ExchangeRows(m, stream, reinterpret_cast<const char*>(send_meta.typed_data()),
-                      reinterpret_cast<char*>(recv_meta->typed_data()), capacity * meta_row, meta_row,
-                      host_send, host_recv);
+  return ExchangeRows(
+      m, stream,
+      {Payload{static_cast<const char*>(send_x.untyped_data()), static_cast<char*>(recv_x->untyped_data()),
+               x_row, capacity},
+       Payload{reinterpret_cast<const char*>(send_meta.typed_data()),
+               reinterpret_cast<char*>(recv_meta->typed_data()), meta_row, capacity}},
+      host_send, host_recv);
 }
 
 ffi::Error CombineImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partial,
@@ -152,9 +159,11 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer part
   }
   if (ffi::Error e = CheckCounts(m, capacity, "combine"); !e.success()) return e;
   const int64_t row = static_cast<int64_t>(partial.size_bytes()) / (m.nranks * capacity);
-  return ExchangeRows(m, stream, static_cast<const char*>(partial.untyped_data()),
-                      static_cast<char*>(back->untyped_data()), capacity * row, row, m.host_counts,
-                      m.host_counts + m.nranks);
+  return ExchangeRows(
+      m, stream,
+      {Payload{static_cast<const char*>(partial.untyped_data()), static_cast<char*>(back->untyped_data()), row,
+               capacity}},
+      m.host_counts, m.host_counts + m.nranks);
 }
 
 }  // namespace

@@ -1,0 +1,76 @@
+"""The NCCL backend across processes (``jax.distributed``, one GPU per process): ``pytest -m gpu``.
+
+Each worker owns one GPU; the EP group spans both processes, so ``auto`` must
+pick ``nccl`` and the communicators' unique id travels through the
+distributed key-value store. The layer's output must equal the portable
+path's bit for bit on every process's shard.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(jax.default_backend() != "gpu" or jax.device_count() < 2, reason="needs 2+ CUDA GPUs"),
+]
+
+WORKER = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+pid, port, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=n, process_id=pid)
+from moe_helpers import make_layer, make_spec, run_layer
+from wideep_jax.comm import resolve_alltoall_backend
+
+mesh = jax.make_mesh((n,), ("ep",), devices=jax.devices()[:n])
+assert resolve_alltoall_backend("auto", mesh, "ep") == "nccl"
+spec = make_spec(top_k=4, hidden=256, inter=128, experts=16, dtype=jnp.bfloat16)
+x_host = np.random.default_rng(0).standard_normal((64 * n, 256)).astype(jnp.bfloat16)
+outs = {}
+for name in ("xla", "nccl"):
+    layer = make_layer(spec, ep=n, alltoall_backend=name)
+    sharding = NamedSharding(layer.mesh, P("ep"))
+    x = jax.make_array_from_callback(x_host.shape, sharding, lambda index: x_host[index])
+    for _ in range(20):  # repeated calls: no deadlock across processes
+        y, stats = run_layer(layer, x)
+    outs[name] = [np.asarray(s.data, np.float32) for s in y.addressable_shards]
+    assert int(stats.expert_counts.sum()) == x_host.shape[0] * spec.top_k
+for a, b in zip(outs["xla"], outs["nccl"]):
+    np.testing.assert_array_equal(a, b)
+print("WORKER OK", pid, flush=True)
+jax.distributed.shutdown()
+"""
+
+
+def test_nccl_backend_across_two_processes(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    tests = Path(__file__).resolve().parent
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(pid), XLA_PYTHON_CLIENT_MEM_FRACTION="0.1",
+                   PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")]))
+        env.pop("XLA_FLAGS", None)
+        procs.append(subprocess.Popen([sys.executable, str(script), str(pid), str(port), "2"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("the two-process NCCL run did not finish in 300 s")
+    for pid, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and f"WORKER OK {pid}" in out, out[-3000:]
