@@ -124,3 +124,44 @@ def test_lowers_for_cuda(epilogue, m, config):
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
         text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text
+
+
+@pytest.mark.parametrize("kind,m,k,n,config", CASES, ids=[c[0] for c in CASES])
+def test_tgmm_matches_reference(rng, kind, m, k, n, config):
+    """dw[g] = x_g^T dy_g; padding rows hold NaN and must never be read."""
+    sizes = sizes_for(kind, m, rng)
+    live = int(sizes.sum())
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16).at[live:].set(jnp.nan)
+    dy = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16).at[live:].set(jnp.nan)
+    got = np.asarray(triton.tgmm(x, dy, jnp.asarray(sizes), config=config, out_dtype=jnp.float32,
+                                 interpret=True))
+    bounds = np.r_[0, np.cumsum(sizes)]
+    xf, dyf = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    want = np.stack([xf[a:b].T @ dyf[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+    assert got.shape == (G, k, n) and np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    assert np.all(got[sizes == 0] == 0)
+    first = np.asarray(triton.tgmm(x, dy, jnp.asarray(sizes), num_groups=2, config=config,
+                                   out_dtype=jnp.float32, interpret=True))
+    np.testing.assert_array_equal(first, got[:2])
+
+
+def test_tgmm_bad_inputs_raise():
+    x = jnp.zeros((8, 48), jnp.bfloat16)
+    with pytest.raises(ValueError, match="block_k=32"):
+        triton.tgmm(x, jnp.zeros((8, 32), jnp.bfloat16), jnp.array([8, 0]),
+                    config=triton.TritonConfig(block_k=32, block_n=32))
+    with pytest.raises(ValueError, match="bf16 or f16"):
+        triton.tgmm(x.astype(jnp.float32), jnp.zeros((8, 32), jnp.float32), jnp.array([8, 0]))
+    with pytest.raises(ValueError, match="dy"):
+        triton.tgmm(x, jnp.zeros((7, 32), jnp.bfloat16), jnp.array([8, 0]))
+
+
+def test_tgmm_lowers_for_cuda():
+    S = jax.ShapeDtypeStruct
+    args = [S((4100, 512), jnp.bfloat16), S((4100, 768), jnp.bfloat16), S((G,), jnp.int32)]
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+        text = jax.jit(lambda x, dy, gs: triton.tgmm(x, dy, gs)).trace(*args).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert "__gpu$xla.gpu.triton" in text

@@ -10,8 +10,9 @@ are never read and rows at or past ``sum(group_sizes)`` are never touched.
 
 Epilogues: plain, SwiGLU (gate and up columns of ``w`` side by side, two
 accumulators, ``silu(gate) * up`` stored), and a per-row scale (the routing
-weight) for the down projection. CPU: Pallas' interpret mode runs the same
-kernel (slow; for tests).
+weight) for the down projection. `tgmm` is the transposed kernel (the weight
+gradient): one program per (group, K block, N block) looping over the group's
+row tiles. CPU: Pallas' interpret mode runs the same kernels (slow; for tests).
 """
 from __future__ import annotations
 
@@ -188,3 +189,79 @@ def grouped_matmul(
         interpret=interpret,
         name=f"grouped_matmul_triton_{epilogue}",
     )(*operands)
+
+
+def _tgmm_kernel(offset_ref, size_ref, x_ref, dy_ref, out_ref, *, config: TritonConfig):
+    # One program per (group, K block, N block): dw[g] block = sum over the group's
+    # row tiles of x_tile^T @ dy_tile. Empty groups run no tile and store zeros.
+    bm, bk, bn = config.block_m, config.block_k, config.block_n
+    g, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    start, size = offset_ref[g], size_ref[g]
+    ks = pl.ds(pl.multiple_of(i * bk, bk), bk)
+    ns = pl.ds(pl.multiple_of(j * bn, bn), bn)
+
+    def step(t, acc):
+        first = start + t * bm
+        live = lax.broadcasted_iota(jnp.int32, (bm, 1), 0) < size - t * bm  # [bm, 1]
+        x = plgpu_triton.load(x_ref.at[pl.ds(first, bm), ks], mask=jnp.broadcast_to(live, (bm, bk)), other=0)
+        dy = plgpu_triton.load(dy_ref.at[pl.ds(first, bm), ns], mask=jnp.broadcast_to(live, (bm, bn)), other=0)
+        return acc + plgpu_triton.dot(x, dy, trans_a=True)
+
+    acc = lax.fori_loop(0, (size + bm - 1) // bm, step, jnp.zeros((bk, bn), jnp.float32))
+    plgpu_triton.store(out_ref.at[g, ks, ns], acc.astype(out_ref.dtype))
+
+
+def default_tgmm_config(num_rows: int, num_groups: int, *, k: int = 7168, n: int = 4096) -> TritonConfig:
+    """Tiles of the transposed kernel: ``block_k`` x ``block_n`` outputs per program,
+    ``block_m`` rows per step (not yet tuned on a GPU), shrunk to fit K and N."""
+    rows_per_group = num_rows // max(1, num_groups)
+    config = TritonConfig(block_m=64 if rows_per_group >= 64 else 32, block_n=128, block_k=128,
+                          num_warps=8, num_stages=3)
+    block_k, block_n = config.block_k, config.block_n
+    while k % block_k and block_k > 16:
+        block_k //= 2
+    while n % block_n and block_n > 16:
+        block_n //= 2
+    return dataclasses.replace(config, block_k=block_k, block_n=block_n)
+
+
+def tgmm(
+    x: jax.Array,
+    dy: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    num_groups: int | None = None,
+    config: TritonConfig | None = None,
+    out_dtype=None,
+    interpret: bool = False,
+) -> jax.Array:
+    """dw[g] = x[rows_g]^T @ dy[rows_g] for the first ``num_groups`` groups: [num_groups, K, N].
+
+    The weight gradient of :func:`grouped_matmul`; rows at or past
+    ``sum(group_sizes)`` are never read, empty groups give zeros.
+    """
+    if x.ndim != 2 or dy.ndim != 2 or x.shape[0] != dy.shape[0]:
+        raise ValueError(f"expected x [M, K] and dy [M, N], got {x.shape} and {dy.shape}")
+    (m, k), n = x.shape, dy.shape[1]
+    num_groups = group_sizes.shape[0] if num_groups is None else num_groups
+    config = config or default_tgmm_config(m, group_sizes.shape[0], k=k, n=n)
+    if k % config.block_k or n % config.block_n:
+        raise ValueError(f"K={k} and N={n} must be multiples of block_k={config.block_k} and "
+                         f"block_n={config.block_n} for the triton transposed grouped matmul")
+    if x.dtype != dy.dtype or x.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"triton transposed grouped matmul needs x and dy both bf16 or f16, got "
+                         f"{x.dtype}, {dy.dtype}")
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    if m == 0 or num_groups == 0:
+        return jnp.zeros((num_groups, k, n), out_dtype)
+    sizes = group_sizes.astype(jnp.int32)
+    offsets = jnp.cumsum(sizes) - sizes
+    return pl.pallas_call(
+        functools.partial(_tgmm_kernel, config=config),
+        out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+        grid=(num_groups, k // config.block_k, n // config.block_n),
+        compiler_params=plgpu_triton.CompilerParams(num_warps=config.num_warps,
+                                                    num_stages=config.num_stages),
+        interpret=interpret,
+        name="grouped_matmul_transposed_triton",
+    )(offsets, sizes, x, dy)
