@@ -6,6 +6,8 @@ replicas included) and placed straight onto their devices, so host memory
 stays near one layer's experts. Both expert layouts are read: the Hub's
 per-expert tensors (``experts.{e}.gate_proj`` / Mixtral's ``w1, w3, w2``) and
 transformers 5's fused ``experts.gate_up_proj`` / ``experts.down_proj``.
+FP8 block-quantized weights (DeepSeek-V3/R1's ``F8_E4M3`` tensors with a float32
+``weight_scale_inv`` per 128x128 block) are dequantized as they are read.
 """
 from __future__ import annotations
 
@@ -26,15 +28,53 @@ from wideep_jax.layer import MoELayer
 from wideep_jax.models.config import from_hf_config
 from wideep_jax.models.decoder import CausalLM
 
+_FP8 = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
-           "I64": np.int64, "I32": np.int32}
+           "I64": np.int64, "I32": np.int32, **_FP8}
 _IGNORED = ("rotary_emb.inv_freq",)
+# config.json's ``quantization_config`` values that we read (DeepSeek-V3/R1's).
+_QUANT_METHODS, _FP8_FORMATS = ("fp8",), ("e4m3", "e5m2")
+
+
+def _block_size(hf_config: dict) -> tuple[int, int]:
+    """The FP8 weight block size from config.json's ``quantization_config`` ([128, 128] if absent)."""
+    quant = hf_config.get("quantization_config")
+    if quant is None:
+        return (128, 128)
+    method, fmt = quant.get("quant_method"), quant.get("fmt", "e4m3")
+    if method not in _QUANT_METHODS:
+        raise ValueError(f"config.json quantization_config.quant_method={method!r} not supported; "
+                         f"allowed: {list(_QUANT_METHODS)}")
+    if fmt not in _FP8_FORMATS:
+        raise ValueError(f"config.json quantization_config.fmt={fmt!r} not supported; allowed: {list(_FP8_FORMATS)}")
+    block = quant.get("weight_block_size", [128, 128])
+    if not (isinstance(block, (list, tuple)) and len(block) == 2
+            and all(isinstance(b, int) and b > 0 for b in block)):
+        raise ValueError(f"config.json quantization_config.weight_block_size={block!r}; allowed: two positive ints")
+    return tuple(block)
+
+
+def _dequantize(weight: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> np.ndarray:
+    """``weight * scale`` per block of the last two axes, one row block at a time (the memmap
+    is read once, and no full-size scale is built); the last blocks may be partial."""
+    rows, cols = block
+    out = np.empty(weight.shape, np.float32)
+    for i in range(scale.shape[-2]):
+        r = slice(i * rows, (i + 1) * rows)
+        per_col = np.repeat(scale[..., i, :].astype(np.float32), cols, axis=-1)[..., None, :weight.shape[-1]]
+        out[..., r, :] = weight[..., r, :].astype(np.float32) * per_col
+    return out
 
 
 class Checkpoint:
-    """Name -> lazily read NumPy array over a folder's ``*.safetensors`` files."""
+    """Name -> lazily read NumPy array over a folder's ``*.safetensors`` files.
 
-    def __init__(self, folder: Path):
+    FP8 tensors are returned dequantized to float32 with their ``_scale_inv`` in blocks of
+    ``block`` (rows, columns); reading one marks its scale as used too.
+    """
+
+    def __init__(self, folder: Path, block: tuple[int, int] = (128, 128)):
+        self.block = tuple(block)
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"{folder}: no *.safetensors files")
@@ -63,8 +103,25 @@ class Checkpoint:
                           shape=tuple(info["shape"])) if end > begin else np.zeros(info["shape"])
         if shape is not None and tuple(array.shape) != tuple(shape):
             raise ValueError(f"tensor {name!r}: shape {tuple(array.shape)}, expected {tuple(shape)}")
+        if info["dtype"] in _FP8:
+            array = self._dequantized(name, info["dtype"], array)
         self.unused.discard(name)
         return array
+
+    def _dequantized(self, name: str, dtype: str, weight: np.ndarray) -> np.ndarray:
+        scale_name = f"{name}_scale_inv"
+        if scale_name not in self._where:
+            raise ValueError(f"tensor {name!r}: dtype {dtype} without a block scale {scale_name!r}; "
+                             "FP8 weights are read only with one")
+        if weight.ndim < 2:
+            raise ValueError(f"tensor {name!r}: dtype {dtype} with shape {weight.shape}; FP8 needs 2 or more axes")
+        rows, cols = self.block
+        want = weight.shape[:-2] + (-(-weight.shape[-2] // rows), -(-weight.shape[-1] // cols))
+        scale = self._where[scale_name][1]
+        if tuple(scale["shape"]) != want:
+            raise ValueError(f"tensor {scale_name!r}: shape {tuple(scale['shape'])}, expected {want} "
+                             f"(weight {weight.shape} in blocks of {self.block})")
+        return _dequantize(weight, self.get(scale_name), self.block)
 
 
 def _set(variable, value: np.ndarray, sharding, dtype) -> None:
@@ -75,16 +132,20 @@ def _set(variable, value: np.ndarray, sharding, dtype) -> None:
     variable.set_value(jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value))
 
 
-def _experts(ckpt: Checkpoint, prefix: str, model_type: str, num_experts: int, hidden: int, width: int):
-    """(gate_up [E, H, 2I], down [E, I, H]) in our layout, from either checkpoint layout."""
+def _experts(ckpt: Checkpoint, prefix: str, model_type: str, num_experts: int, hidden: int, width: int,
+             dtype=np.float32):
+    """(gate_up [E, H, 2I], down [E, I, H]) in our layout, from either checkpoint layout.
+
+    Per-expert tensors are gathered straight into ``dtype`` (the parameter dtype), so a
+    layer's experts take their final size on the host, not float32's."""
     fused = f"{prefix}.experts.gate_up_proj"
     if fused in ckpt:
         gate_up = np.asarray(ckpt.get(fused, (num_experts, 2 * width, hidden))).transpose(0, 2, 1)
         down = np.asarray(ckpt.get(f"{prefix}.experts.down_proj", (num_experts, hidden, width))).transpose(0, 2, 1)
         return gate_up, down
     names = ("w1", "w3", "w2") if model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
-    gate_up = np.empty((num_experts, hidden, 2 * width), np.float32)
-    down = np.empty((num_experts, width, hidden), np.float32)
+    gate_up = np.empty((num_experts, hidden, 2 * width), dtype)
+    down = np.empty((num_experts, width, hidden), dtype)
     for e in range(num_experts):
         base = f"{prefix}.experts.{e}"
         gate_up[e, :, :width] = ckpt.get(f"{base}.{names[0]}.weight", (width, hidden)).T
@@ -111,7 +172,7 @@ def from_pretrained(path, *, moe_config: MoEConfig | None = None, mesh: Mesh | N
       path: folder with ``config.json`` and one or more ``*.safetensors`` files.
       moe_config: how to run the MoE layers (backend, slots, placement); None = local.
       mesh: device mesh (required for ``backend: WIDEEP``); other weights are replicated.
-      dtype: parameter and activation dtype.
+      dtype: parameter and activation dtype (FP8 checkpoints are dequantized to it).
 
     Returns:
       The model, callable as ``model(input_ids) -> logits [batch, seq, vocab]``.
@@ -120,8 +181,9 @@ def from_pretrained(path, *, moe_config: MoEConfig | None = None, mesh: Mesh | N
     config_file = folder / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{folder}: no config.json")
-    cfg = from_hf_config(json.loads(config_file.read_text()), dtype=dtype)
-    ckpt = Checkpoint(folder)
+    hf_config = json.loads(config_file.read_text())
+    cfg = from_hf_config(hf_config, dtype=dtype)
+    ckpt = Checkpoint(folder, _block_size(hf_config))
     # Built abstractly (no random weights), then every parameter is read from the checkpoint.
     model = nnx.eval_shape(lambda: CausalLM(cfg, moe_config, mesh=mesh, rngs=nnx.Rngs(0)))
     replicated = None if mesh is None else NamedSharding(mesh, P())
@@ -189,7 +251,7 @@ def _load_moe(ckpt, layer: MoELayer, cfg, prefix, mesh, replicated, dtype) -> No
     h, e, w = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
     moe = f"{prefix}.block_sparse_moe" if f"{prefix}.block_sparse_moe.gate.weight" in ckpt else f"{prefix}.mlp"
     _set(layer.router, ckpt.get(f"{moe}.gate.weight", (e, h)).T, replicated, dtype)
-    gate_up, down = _experts(ckpt, moe, cfg.model_type, e, h, w)
+    gate_up, down = _experts(ckpt, moe, cfg.model_type, e, h, w, np.dtype(dtype))
     # The abstract layer holds no values: its placement comes from the config again.
     slot_to_expert = np.asarray(layer.config.slot_to_expert(layer.layer_idx, num_experts=e, ep_size=layer.ep_size))
     _set(layer.slot_to_expert, slot_to_expert, replicated, np.int32)
