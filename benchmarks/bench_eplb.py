@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from bench_moe_layer import commit, publish, setup  # noqa: E402
+from bench_moe_layer import backends_text, commit, publish, setup  # noqa: E402
 from wideep_jax import MoELayer, load_moe_config  # noqa: E402
 from wideep_jax.bench import imbalance, jitted_forward, median_ms, rank_rows, time_fn  # noqa: E402
 from wideep_jax.eplb.algorithm import compute_placement, greedy_placement, rank_loads  # noqa: E402
@@ -281,8 +281,8 @@ def main() -> int:
     title = (f"## bench_eplb: {card}, EP{ep}, {datetime.date.today()}, commit {commit()}, jax {jax.__version__}")
     notes = (f"hidden {spec.hidden_size}, {spec.num_experts} experts x {spec.intermediate_size}, top-{spec.top_k}, "
              f"{jnp.dtype(spec.dtype).name}; Zipf {args.skew} popularity over a fixed ranking, fresh samples per "
-             f"call; balanced modes use {num_slots} slots; median of {args.iters}. Portable XLA all-to-all and "
-             "XLA grouped matmul (pre-Pallas).")
+             f"call; balanced modes use {num_slots} slots; median of {args.iters}. "
+             f"{backends_text(load_moe_config({'backend': 'WIDEEP'}), mesh, spec)}.")
     t1 = "\n".join(["| tokens/rank | balancer | slots | fwd ms | speed-up vs none | rank imbalance | "
                     "off-rank copies/token | slots moved/update |", "|" + "---|" * 8] + lines)
     t2 = "\n".join(["| tokens/rank | fwd only ms/iter | fwd + online step ms/iter | ratio |", "|---|---|---|---|",
