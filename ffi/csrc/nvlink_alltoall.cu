@@ -491,6 +491,15 @@ Pieces SplitRows(int64_t payload, int64_t rows, int ctas_per_rank) {
   return p;
 }
 
+// The rows of every source rank must fit one data half of the workspace.
+ffi::Error CheckRoom(const char* op, const Member& m, int64_t workspace, int64_t capacity, int64_t row_bytes) {
+  const uint64_t need = static_cast<uint64_t>(m.nranks) * capacity * row_bytes;
+  if (need <= m.data_bytes) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(std::string("wideep nvlink ") + op + ": needs " + std::to_string(need) +
+                                     " bytes per workspace half, workspace " + std::to_string(workspace) +
+                                     " has " + std::to_string(m.data_bytes));
+}
+
 uint64_t TimeoutNs(int64_t timeout_ms) {
   return static_cast<uint64_t>(timeout_ms > 0 ? timeout_ms : 1) * 1000000ull;
 }
@@ -522,12 +531,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer x,
   p.top_k = static_cast<int>(top_k);
   p.meta_offset = AlignUp(payload, 16);
   p.row_bytes = p.meta_offset + AlignUp(2 * top_k * 4, 16);
-  const uint64_t need = static_cast<uint64_t>(m.nranks) * capacity * p.row_bytes;
-  if (need > m.data_bytes) {
-    return ffi::Error::InvalidArgument("wideep nvlink dispatch: needs " + std::to_string(need) +
-                                       " bytes per workspace half, workspace " + std::to_string(workspace) +
-                                       " has " + std::to_string(m.data_bytes));
-  }
+  if (ffi::Error e = CheckRoom("dispatch", m, workspace, capacity, p.row_bytes); !e.success()) return e;
   p.data_bytes = m.data_bytes;
   p.timeout_ns = TimeoutNs(timeout_ms);
   p.ctas_per_rank = CtasPerRank(m, max_ctas);
@@ -573,12 +577,7 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer part
   p.num_tokens = static_cast<int>(tokens), p.hidden = static_cast<int>(hidden);
   const int64_t payload = static_cast<int64_t>(partial.size_bytes()) / (m.nranks * capacity);
   p.row_bytes = AlignUp(payload, 16);
-  const uint64_t need = static_cast<uint64_t>(m.nranks) * capacity * p.row_bytes;
-  if (need > m.data_bytes) {
-    return ffi::Error::InvalidArgument("wideep nvlink combine: needs " + std::to_string(need) +
-                                       " bytes per workspace half, workspace " + std::to_string(workspace) +
-                                       " has " + std::to_string(m.data_bytes));
-  }
+  if (ffi::Error e = CheckRoom("combine", m, workspace, capacity, p.row_bytes); !e.success()) return e;
   p.data_bytes = m.data_bytes;
   p.timeout_ns = TimeoutNs(timeout_ms);
   p.ctas_per_rank = CtasPerRank(m, max_ctas);
