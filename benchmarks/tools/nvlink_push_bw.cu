@@ -1,0 +1,159 @@
+// NVLink store bandwidth between GPUs of one process, by CTA count and copy
+// style: what the one-sided all-to-all's push phase can reach at best.
+//
+//   nvcc -O3 -gencode=arch=compute_90,code=sm_90 -o /tmp/push_bw benchmarks/tools/nvlink_push_bw.cu
+//   /tmp/push_bw [MiB per GPU, default 128]
+//
+// Every GPU pushes to the next one (a ring; with 2 GPUs they exchange), all at
+// once, so each link carries traffic both ways as in an all-to-all. Modes:
+//   v4      one warp per 16-byte lane stride, 8 loads in flight (the kernel's WarpCopy)
+//   v4pull  the same, but reading the peer's buffer into local memory
+//   bulk    cp.async.bulk global->shared, then shared->peer global (the copy engine
+//           of the SM, one thread issuing, 4 stages of 16 KiB per CTA)
+//   local   v4 into this GPU's own memory (HBM copy, for scale)
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#define CHECK(x)                                                                        \
+  do {                                                                                  \
+    cudaError_t e = (x);                                                                \
+    if (e != cudaSuccess) {                                                             \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
+      std::exit(1);                                                                     \
+    }                                                                                   \
+  } while (0)
+
+__global__ void __launch_bounds__(512) CopyV4(int4* dst, const int4* src, int64_t n) {
+  const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = gridDim.x * int64_t(blockDim.x) / 32;
+  constexpr int kU = 8;
+  // Each warp takes whole 4 KiB chunks (32 lanes x 8 x 16 B).
+  for (int64_t c = warp; c * 32 * kU < n; c += warps) {
+    const int64_t base = c * 32 * kU + lane;
+    int4 v[kU];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) v[u] = __ldcg(src + base + 32 * u);
+#pragma unroll
+    for (int u = 0; u < kU; ++u) dst[base + 32 * u] = v[u];
+  }
+}
+
+__device__ __forceinline__ uint32_t Smem(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+constexpr int kStages = 4;
+constexpr int kChunk = 16384;
+
+__global__ void __launch_bounds__(32) CopyBulk(char* dst, const char* src, int64_t bytes) {
+  extern __shared__ __align__(128) char buf[];
+  __shared__ __align__(8) uint64_t bar[kStages];
+  if (threadIdx.x != 0) return;
+  for (int s = 0; s < kStages; ++s) {
+    asm volatile("mbarrier.init.shared.b64 [%0], 1;" ::"r"(Smem(&bar[s])));
+  }
+  asm volatile("fence.mbarrier_init.release.cluster;");
+  const int64_t chunks = bytes / kChunk;
+  uint32_t phase[kStages] = {};
+  int64_t i = 0;
+  for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x, ++i) {
+    const int s = i % kStages;
+    char* slot = buf + s * kChunk;
+    // The store that last used this stage must have read it.
+    asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(kStages - 1) : "memory");
+    asm volatile("mbarrier.arrive.expect_tx.shared.b64 _, [%0], %1;" ::"r"(Smem(&bar[s])), "r"(kChunk));
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+            Smem(slot)),
+        "l"(src + c * kChunk), "r"(kChunk), "r"(Smem(&bar[s]))
+        : "memory");
+    asm volatile(
+        "{ .reg .pred p; W: mbarrier.try_wait.parity.shared.b64 p, [%0], %1; @!p bra W; }" ::"r"(Smem(&bar[s])),
+        "r"(phase[s]));
+    phase[s] ^= 1;
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst + c * kChunk),
+                 "r"(Smem(slot)), "r"(kChunk)
+                 : "memory");
+    asm volatile("cp.async.bulk.commit_group;");
+  }
+  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+
+int main(int argc, char** argv) {
+  const int64_t mib = argc > 1 ? std::atoll(argv[1]) : 128;
+  const int64_t bytes = mib << 20;
+  int n = 0;
+  CHECK(cudaGetDeviceCount(&n));
+  if (n < 2) {
+    std::printf("needs 2 or more GPUs, found %d\n", n);
+    return 1;
+  }
+  std::vector<char*> src(n), dst(n);
+  std::vector<cudaStream_t> stream(n);
+  std::vector<cudaEvent_t> start(n), stop(n);
+  int sms = 0;
+  for (int d = 0; d < n; ++d) {
+    CHECK(cudaSetDevice(d));
+    for (int p = 0; p < n; ++p) {
+      if (p != d) {
+        cudaError_t err = cudaDeviceEnablePeerAccess(p, 0);
+        if (err != cudaSuccess && err != cudaErrorPeerAccessAlreadyEnabled) CHECK(err);
+        cudaGetLastError();
+      }
+    }
+    CHECK(cudaMalloc(&src[d], bytes));
+    CHECK(cudaMalloc(&dst[d], bytes));
+    CHECK(cudaMemset(src[d], d + 1, bytes));
+    CHECK(cudaStreamCreateWithFlags(&stream[d], cudaStreamNonBlocking));
+    CHECK(cudaEventCreate(&start[d]));
+    CHECK(cudaEventCreate(&stop[d]));
+    CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d));
+    CHECK(cudaFuncSetAttribute(CopyBulk, cudaFuncAttributeMaxDynamicSharedMemorySize, kStages * kChunk));
+  }
+  std::printf("%d GPUs, %d SMs, %lld MiB per GPU, every GPU pushing to the next at once\n", n, sms,
+              static_cast<long long>(mib));
+  std::printf("| mode | CTAs | GB/s per GPU (slowest) |\n|---|---|---|\n");
+  const char* modes[] = {"local", "v4", "v4pull", "bulk"};
+  const int ctas_list[] = {8, 16, 24, 32, 48, 66, 99, 132, 264};
+  for (const char* mode : modes) {
+    for (int ctas : ctas_list) {
+      const bool bulk = mode[0] == 'b';
+      float worst = 0;
+      for (int rep = 0; rep < 4; ++rep) {
+        for (int d = 0; d < n; ++d) {
+          CHECK(cudaSetDevice(d));
+          const int peer = (d + 1) % n;
+          char* to = dst[peer];
+          const char* from = src[d];
+          if (mode[0] == 'l') to = dst[d];
+          if (mode[2] == 'p') to = dst[d], from = src[peer];
+          CHECK(cudaEventRecord(start[d], stream[d]));
+          if (bulk) {
+            CopyBulk<<<ctas, 32, kStages * kChunk, stream[d]>>>(to, from, bytes);
+          } else {
+            CopyV4<<<ctas, 512, 0, stream[d]>>>(reinterpret_cast<int4*>(to), reinterpret_cast<const int4*>(from),
+                                                 bytes / 16);
+          }
+          CHECK(cudaGetLastError());
+          CHECK(cudaEventRecord(stop[d], stream[d]));
+        }
+        float slowest = 0;
+        for (int d = 0; d < n; ++d) {
+          CHECK(cudaSetDevice(d));
+          CHECK(cudaEventSynchronize(stop[d]));
+          float ms = 0;
+          CHECK(cudaEventElapsedTime(&ms, start[d], stop[d]));
+          if (ms > slowest) slowest = ms;
+        }
+        if (rep > 0 && (worst == 0 || slowest < worst)) worst = slowest;  // best of 3 after a warm-up
+      }
+      std::printf("| %s | %d | %.0f |\n", mode, ctas, bytes / (worst * 1e-3) / 1e9);
+    }
+  }
+  return 0;
+}
