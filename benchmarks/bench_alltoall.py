@@ -113,10 +113,11 @@ def jax_times(backend_name: str, mesh, ids, weights, tokens: int, hidden: int, e
     from wideep_jax.dispatch import make_dispatch_plan
 
     ranks = mesh.shape["ep"]
-    if backend_name.startswith("nvlink:"):  # nvlink:N = at most N CTAs per call
+    if backend_name.startswith("nvlink:"):  # nvlink:N[:S] = at most N CTAs per call, S of them sending
         from wideep_jax.comm.nvlink import NvlinkAllToAll
 
-        comm = NvlinkAllToAll(mesh, "ep", max_ctas=int(backend_name.split(":")[1]))
+        sizes = [int(v) or None for v in backend_name.split(":")[1:]] + [None]
+        comm = NvlinkAllToAll(mesh, "ep", max_ctas=sizes[0], send_ctas=sizes[1])
     else:
         comm = get_alltoall_backend(backend_name, mesh=mesh, axis="ep")
     spr = experts // ranks
@@ -166,8 +167,6 @@ def jax_times(backend_name: str, mesh, ids, weights, tokens: int, hidden: int, e
         if profiled:  # the kernels alone: slowest device's mean
             stats = [ffi_lib.nvlink_profile(ws, d) for ws in profiled for d in mesh.devices.flat]
             out[name + "_kernel"] = max(s[name + "_us"] for s in stats if s[name + "_calls"])
-            if name == "dispatch":
-                out["direct"] = all(s["direct_calls"] == s["dispatch_calls"] for s in stats if s["dispatch_calls"])
     return out
 
 
@@ -178,7 +177,7 @@ def main() -> int:
     parser.add_argument("--loop", type=int, default=50, help="ops per timed jit call")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--backends", nargs="+", default=["xla", "nccl", "nvlink"],
-                        help="xla, nccl, nvlink, or nvlink:N (at most N CTAs per call)")
+                        help="xla, nccl, nvlink, or nvlink:N[:S] (at most N CTAs per call, S of them sending; 0 = default)")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--small", action="store_true", help="CPU smoke run: 4 emulated devices, hidden 256")
     parser.add_argument("--no-write", action="store_true")
@@ -233,8 +232,7 @@ def main() -> int:
             ratio = "" if base is None or name == "xla" else (
                 f"{base['dispatch'] / t['dispatch']:.2f} / {base['combine'] / t['combine']:.2f}")
             kernel = (f"{t['dispatch_kernel']:.1f} / {t['combine_kernel']:.1f} "
-                      f"({sent / t['dispatch_kernel'] / 1e3:.0f} / {back / t['combine_kernel'] / 1e3:.0f} GB/s"
-                      f"{', into the outputs' if t.get('direct') else ', via the workspace'})"
+                      f"({sent / t['dispatch_kernel'] / 1e3:.0f} / {back / t['combine_kernel'] / 1e3:.0f} GB/s)"
                       if "dispatch_kernel" in t else "")
             lines.append(f"| {tokens} | {name} | {t['dispatch']:.1f} | {t['combine']:.1f} | "
                          f"{sent / t['dispatch'] / 1e3:.0f} | {back / t['combine'] / 1e3:.0f} | {ratio} | {kernel} |")

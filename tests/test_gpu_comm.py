@@ -37,12 +37,12 @@ def _ranks() -> list[int]:
     return sorted({2, min(4, jax.device_count())})
 
 
-def _round_trip(backend_name: str, num_ranks: int, dtype):
+def _round_trip(backend_name: str, num_ranks: int, dtype, slots_per_rank: int = SPR):
     mesh = jax.make_mesh((num_ranks,), ("ep",), devices=jax.devices()[:num_ranks])
     backend = get_alltoall_backend(backend_name, mesh=mesh, axis="ep")
 
     def body(x, slots, weights, valid):
-        plan = make_dispatch_plan(slots, weights, valid, num_ranks=num_ranks, slots_per_rank=SPR)
+        plan = make_dispatch_plan(slots, weights, valid, num_ranks=num_ranks, slots_per_rank=slots_per_rank)
         recv = backend.dispatch(x, plan, axis_name="ep")
         live = recv.valid_rows()
         pair_weight = jnp.where(recv.slot >= 0, recv.weight, 0.0).sum(-1)
@@ -85,12 +85,13 @@ def test_dispatch_combine_equal_xla(rng, backend, dtype):
 def test_hidden_7168_bf16_equal_xla(rng, backend):
     """DeepSeek-V3's row (7168 bf16) with top-8 over 4 ranks: the vectorised paths."""
     num_ranks = min(4, jax.device_count())
-    mesh, fn = _round_trip(backend, num_ranks, jnp.bfloat16)
-    _, ref = _round_trip("xla", num_ranks, jnp.bfloat16)
-    sharding = NamedSharding(mesh, P("ep"))
     tokens, top_k = 96, 8
+    spr = max(SPR, -(-top_k // num_ranks))  # distinct slots per token need num_slots >= top_k
+    mesh, fn = _round_trip(backend, num_ranks, jnp.bfloat16, spr)
+    _, ref = _round_trip("xla", num_ranks, jnp.bfloat16, spr)
+    sharding = NamedSharding(mesh, P("ep"))
     x = dyadic_tokens(rng, (num_ranks * tokens, 7168)).astype(jnp.bfloat16)
-    slots = np.concatenate([random_slots(rng, "random", tokens, top_k, num_ranks, SPR) for _ in range(num_ranks)])
+    slots = np.concatenate([random_slots(rng, "random", tokens, top_k, num_ranks, spr) for _ in range(num_ranks)])
     valid = np.ones(num_ranks * tokens, bool)
     weights = random_weights(rng, slots.shape)
     args = [jax.device_put(jnp.asarray(a), sharding) for a in (x, slots, weights, valid)]

@@ -2,20 +2,25 @@
 // one process whose GPUs have peer access (the analogue of TensorRT-LLM's
 // MNNVL all-to-all and DeepEP's intranode kernels).
 //
-// Every device of an EP group owns a workspace: a control block followed by
-// two data halves. A call pushes each token once per destination rank straight
-// into that rank's buffers (peer stores over NVLink), then raises a flag there
-// with a release store; the receiver waits on its flags with acquire loads.
-// Each receiver posts its dispatch output addresses in its senders' mailboxes
-// at the start of a call; with WIDEEP_NVLINK_DIRECT=1 and outputs in classic
-// device memory (peer-mapped once peer access is on) senders write there
-// directly. Otherwise (the default) rows land in the workspace and the
-// receiver copies them out.
-// Calls alternate halves, so a sender never overwrites rows a receiver still
-// reads: to reach call n+2 it must have seen the receiver's call n+1 data,
-// which the receiver only sends after finishing call n. The call counter and
-// the row counts live in device memory, so the kernels can be captured in a
-// CUDA graph / XLA command buffer.
+// Every device of an EP group owns a workspace: a control block and two
+// halves, each half a data region (7/8) and a flag region (1/8). The grid is
+// split in two roles that run at once:
+// - sender CTAs store rows (each token once per destination rank, a row cut
+//   into pieces) straight into the destination's data region over NVLink;
+//   after each piece its warp fences and raises that piece's flag there;
+// - receiver CTAs wait for pieces with acquire loads as they land and stream
+//   them out (dispatch: copy into the outputs; combine: reduce each token's
+//   rows in rank order, the portable path's order, so sums match it bit for
+//   bit). A few CTAs already saturate NVLink stores, so the copy-out hides
+//   behind the transfer instead of following it.
+// Flags hold the call number that wrote them, so they only grow and never
+// need resetting; they live apart from the data so no row bytes of another
+// call's layout can pose as a flag. At its start a call posts its number (and
+// for dispatch its row counts) to every peer, and no call ends before seeing
+// every peer's number: a sender can only reach call n+2, which reuses call
+// n's half, after its peers have started call n+1, i.e. finished call n. The
+// call counter and the row counts live in device memory, so the kernels can
+// be captured in a CUDA graph / XLA command buffer.
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -36,22 +41,15 @@ namespace {
 constexpr int64_t kCtrlBytes = 64 * 1024;
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
+constexpr int kMaxPieces = 16;     // flags per row; keep equal to nvlink.py's MAX_PIECES
+constexpr int64_t kMinPiece = 512;  // bytes; keep equal to nvlink.py's MIN_PIECE
 
 struct Ctrl {
   uint64_t seq;                        // calls completed on this device
-  uint64_t flags[kMaxRanks];           // flags[s] = last call whose rows from rank s have landed
-  uint32_t sent[kMaxRanks];            // CTAs of this call done sending to each destination
+  uint64_t calls[kMaxRanks];           // calls[s] = last call rank s has started
   uint32_t finished;                   // CTAs of this call done
-  int32_t recv_count[2][kMaxRanks];    // rows from each source rank, per data half
+  int32_t recv_count[2][kMaxRanks];    // rows from each source rank, per half
   char* peers[kMaxRanks];              // every rank's workspace, mapped here
-  struct Mailbox {
-    char* x;
-    int32_t* slot;
-    float* weight;
-    int32_t* count;
-  } mail[2][kMaxRanks];                // receiver r's dispatch outputs (null: use the workspace)
-  uint64_t mail_seq[2][kMaxRanks];     // call whose addresses mail[.][r] holds
-  uint64_t prof_direct;                // dispatch calls whose outputs were written directly
   uint64_t prof_start;                 // CTA 0's start of the running call (globaltimer ns)
   uint64_t prof_ns[2], prof_calls[2];  // kernel time and calls: [dispatch, combine]
 };
@@ -62,18 +60,14 @@ struct Member {
   int nranks = 0;
   char* base = nullptr;  // workspace on this device
   int sms = 0;
-  uint64_t data_bytes = 0;  // one data half
+  uint64_t half_bytes = 0;  // one half: data then flags
 };
 
 std::mutex g_mu;
-// WIDEEP_NVLINK_DIRECT=1 lets peers write dispatch outputs directly where they
-// are classic device memory. Off by default: jaxlib's default allocator never
-// qualified on the GPUs measured so far, so this path is not validated yet.
-const bool g_allow_direct = [] {
-  const char* v = std::getenv("WIDEEP_NVLINK_DIRECT");
-  return v != nullptr && std::string(v) == "1";
-}();
 std::unordered_map<int64_t, std::unordered_map<int, Member>> g_workspaces;
+
+__host__ __device__ inline uint64_t DataBytes(uint64_t half_bytes) { return half_bytes / 8 * 7; }
+__host__ __device__ inline uint64_t FlagBytes(uint64_t half_bytes) { return half_bytes / 8; }
 
 // ---------------------------------------------------------------------------
 // Device code.
@@ -111,8 +105,9 @@ __device__ __forceinline__ void WarpCopy(char* dst, const char* src, int64_t byt
 
 __device__ void WaitFlag(const uint64_t* flag, uint64_t seq, uint64_t timeout_ns, const char* op,
                          int rank, int peer) {
+  uint64_t seen = LoadAcquireSys(flag);
+  if (seen >= seq) return;
   const uint64_t start = GlobalTimerNs();
-  uint64_t seen;
   while ((seen = LoadAcquireSys(flag)) < seq) {
     if (GlobalTimerNs() - start > timeout_ns) {
       printf("wideep nvlink %s: rank %d timed out after %llu ms waiting for rank %d (call %llu, "
@@ -125,22 +120,14 @@ __device__ void WaitFlag(const uint64_t* flag, uint64_t seq, uint64_t timeout_ns
   }
 }
 
-// Called by every thread of a CTA after its stores to `dest`: the last CTA
-// for that destination raises the destination's flag for this rank.
 __device__ __forceinline__ void FenceSys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
 
-__device__ __forceinline__ void SignalSent(Ctrl* ctrl, int dest, int rank, int ctas_per_rank,
-                                           uint64_t seq) {
+// After a warp's stores of one piece into a peer's workspace: make them
+// visible system-wide, then raise the piece's flag there.
+__device__ __forceinline__ void PublishPiece(uint64_t* flag, uint64_t seq, int lane) {
   FenceSys();
-  __syncthreads();
-  if (threadIdx.x == 0 && dest != rank) {
-    if (atomicAdd(&ctrl->sent[dest], 1u) == static_cast<uint32_t>(ctas_per_rank - 1)) {
-      ctrl->sent[dest] = 0;
-      FenceSys();
-      Ctrl* peer = reinterpret_cast<Ctrl*>(ctrl->peers[dest]);
-      StoreReleaseSys(&peer->flags[rank], seq);
-    }
-  }
+  __syncwarp();
+  if (lane == 0) StoreReleaseSys(flag, seq);
 }
 
 __device__ __forceinline__ void StartCall(Ctrl* ctrl) {
@@ -167,8 +154,18 @@ __device__ __forceinline__ uint64_t CurrentCall(const Ctrl* ctrl) {
   return *reinterpret_cast<const volatile uint64_t*>(&ctrl->seq) + 1;
 }
 
+// One half of some rank's workspace.
+struct Half {
+  char* data;
+  uint64_t* flags;
+};
+__device__ __forceinline__ Half HalfOf(char* base, int half, uint64_t half_bytes) {
+  char* h = base + kCtrlBytes + half * half_bytes;
+  return {h, reinterpret_cast<uint64_t*>(h + DataBytes(half_bytes))};
+}
+
 // A row of `payload` bytes is cut into `splits` pieces of `piece` bytes (the
-// last one shorter), so few rows still keep every warp of the grid busy.
+// last one shorter); each piece has its own flag.
 struct Pieces {
   int64_t payload, piece;
   int splits;
@@ -179,12 +176,28 @@ struct Pieces {
   }
 };
 
+// The first work item at or after `base` that warp `w` of `stride` warps owns
+// (items are dealt round-robin over a list that runs on across segments).
+__device__ __forceinline__ int64_t FirstItem(int64_t w, int64_t base, int64_t stride) {
+  return base + (((w - base) % stride) + stride) % stride;
+}
+
+// Raises this call's number (after the row counts, for dispatch) at every peer.
+__device__ __forceinline__ void PostCall(Ctrl* ctrl, int rank, int nranks, int half, uint64_t seq,
+                                         const int32_t* counts) {
+  const int d = threadIdx.x;
+  if (blockIdx.x != 0 || d >= nranks || d == rank) return;
+  Ctrl* peer = reinterpret_cast<Ctrl*>(ctrl->peers[d]);
+  if (counts != nullptr) peer->recv_count[half][rank] = counts[d];
+  StoreReleaseSys(&peer->calls[rank], seq);
+}
+
 struct DispatchParams {
   Ctrl* ctrl;
-  int rank, nranks, capacity, top_k, ctas_per_rank;
+  int rank, nranks, capacity, top_k, send_ctas;
   Pieces row;
   int64_t meta_offset, row_bytes;
-  uint64_t data_bytes, timeout_ns;
+  uint64_t half_bytes, timeout_ns;
   const char* x;
   const int32_t* send_token;
   const int32_t* send_count;
@@ -194,124 +207,118 @@ struct DispatchParams {
   int32_t* recv_slot;
   float* recv_weight;
   int32_t* recv_count;
-  bool direct;  // peers may write recv_* themselves
 };
 
-// Every CTA first sends to destination blockIdx / cpr, then copies the rows of
-// source blockIdx / cpr out of the workspace: all SMs push, then all copy out.
-// The grid fits on the GPU at once (the waits need every CTA resident).
+// Senders: CTAs [0, send_ctas) push pieces to ranks rank+1, rank+2, ... in
+// turn (so each rank receives from one sender at a time). Receivers: the other
+// CTAs copy this rank's own rows from x, then each source's pieces as their
+// flags rise (sources rank-1, rank-2, ...: the order they arrive in).
 __global__ void __launch_bounds__(kThreads) DispatchKernel(DispatchParams p) {
-  __shared__ Ctrl::Mailbox box;
+  __shared__ int32_t counts[kMaxRanks];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const uint64_t seq = CurrentCall(p.ctrl);
   const int half = static_cast<int>(seq & 1);
-  const int64_t C = p.capacity, K = p.top_k;
-  const int peer = blockIdx.x / p.ctas_per_rank;
-  const int part = blockIdx.x % p.ctas_per_rank;
-  const int64_t first = part * kWarps + warp;
-  const int64_t stride = static_cast<int64_t>(p.ctas_per_rank) * kWarps;
-  const int splits = p.row.splits;
+  const int64_t C = p.capacity, K = p.top_k, R = p.nranks;
+  const int P = p.row.splits;
   StartCall(p.ctrl);
+  PostCall(p.ctrl, p.rank, p.nranks, half, seq, p.send_count);
 
-  // Post this rank's output addresses (or null) in every sender's mailbox.
-  if (blockIdx.x == 0 && threadIdx.x < p.nranks && threadIdx.x != p.rank) {
-    Ctrl* sender = reinterpret_cast<Ctrl*>(p.ctrl->peers[threadIdx.x]);
-    Ctrl::Mailbox mine{nullptr, nullptr, nullptr, nullptr};
-    if (p.direct) mine = {p.recv_x, p.recv_slot, p.recv_weight, p.recv_count};
-    sender->mail[half][p.rank] = mine;
-    StoreReleaseSys(&sender->mail_seq[half][p.rank], seq);
-  }
-
-  {  // Send to `peer`.
-    const bool self = peer == p.rank;
-    const int64_t n = p.send_count[peer];
-    if (threadIdx.x == 0) {
-      if (self) {
-        box = {p.recv_x, p.recv_slot, p.recv_weight, p.recv_count};
+  if (blockIdx.x < p.send_ctas) {
+    const int64_t w = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+    const int64_t stride = static_cast<int64_t>(p.send_ctas) * kWarps;
+    int64_t base = 0;
+    for (int j = 1; j < R; ++j) {
+      const int dest = (p.rank + j) % R;
+      const int64_t n = p.send_count[dest];
+      const Half there = HalfOf(p.ctrl->peers[dest], half, p.half_bytes);
+      for (int64_t item = FirstItem(w, base, stride); item < base + n * P; item += stride) {
+        const int64_t i = (item - base) / P;
+        const int k = static_cast<int>((item - base) % P);
+        const int64_t t = p.send_token[dest * C + i];
+        const int64_t row = p.rank * C + i;  // this rank's block at the destination
+        char* dst = there.data + row * p.row_bytes;
+        WarpCopy<false>(dst + p.row.Offset(k), p.x + t * p.row.payload + p.row.Offset(k), p.row.Length(k), lane);
+        if (k == 0) {
+          int32_t* meta = reinterpret_cast<int32_t*>(dst + p.meta_offset);
+          const int64_t pair = (dest * C + i) * K;
+          for (int64_t e = lane; e < K; e += 32) {
+            meta[e] = p.send_slot[pair + e];
+            meta[K + e] = __float_as_int(p.send_weight[pair + e]);
+          }
+        }
+        PublishPiece(there.flags + row * P + k, seq, lane);
+      }
+      base += n * P;
+    }
+  } else {
+    const int rcv = blockIdx.x - p.send_ctas;
+    const int rcv_ctas = gridDim.x - p.send_ctas;
+    if (threadIdx.x < R) {
+      const int s = threadIdx.x;
+      if (s == p.rank) {
+        counts[s] = p.send_count[s];
       } else {
-        WaitFlag(&p.ctrl->mail_seq[half][peer], seq, p.timeout_ns, "dispatch (mailbox)", p.rank, peer);
-        volatile Ctrl::Mailbox* posted = &p.ctrl->mail[half][peer];
-        box.x = posted->x, box.slot = posted->slot, box.weight = posted->weight, box.count = posted->count;
+        WaitFlag(&p.ctrl->calls[s], seq, p.timeout_ns, "dispatch", p.rank, s);
+        counts[s] = *reinterpret_cast<volatile int32_t*>(&p.ctrl->recv_count[half][s]);
       }
     }
     __syncthreads();
-    const bool direct = box.x != nullptr;  // rows go straight into the destination's outputs
-    char* region = nullptr;
-    if (!direct) region = p.ctrl->peers[peer] + kCtrlBytes + half * p.data_bytes + p.rank * C * p.row_bytes;
-    const int64_t block = static_cast<int64_t>(p.rank) * C;  // our rows in the destination's outputs
-    for (int64_t item = first; item < n * splits; item += stride) {
-      const int64_t i = item / splits;
-      const int k = static_cast<int>(item % splits);
-      const int64_t t = p.send_token[peer * C + i];
-      const char* src = p.x + t * p.row.payload + p.row.Offset(k);
-      const int64_t pair = (peer * C + i) * K;
-      char* dst = direct ? box.x + (block + i) * p.row.payload : region + i * p.row_bytes;
-      WarpCopy<false>(dst + p.row.Offset(k), src, p.row.Length(k), lane);
-      if (k != 0) continue;
-      if (direct) {
-        for (int64_t e = lane; e < K; e += 32) {
-          box.slot[(block + i) * K + e] = p.send_slot[pair + e];
-          box.weight[(block + i) * K + e] = p.send_weight[pair + e];
-        }
-      } else {
-        int32_t* meta = reinterpret_cast<int32_t*>(region + i * p.row_bytes + p.meta_offset);
-        for (int64_t e = lane; e < K; e += 32) {
-          meta[e] = p.send_slot[pair + e];
-          meta[K + e] = __float_as_int(p.send_weight[pair + e]);
-        }
+    // Row counts and the padding pairs' slot -1 / weight 0.
+    if (rcv == 0 && threadIdx.x < R) p.recv_count[threadIdx.x] = counts[threadIdx.x];
+    for (int s = 0; s < R; ++s) {
+      for (int64_t e = counts[s] * K + rcv * kThreads + threadIdx.x; e < C * K;
+           e += static_cast<int64_t>(rcv_ctas) * kThreads) {
+        p.recv_slot[s * C * K + e] = -1;
+        p.recv_weight[s * C * K + e] = 0.0f;
       }
     }
-    if (direct) {  // the destination's padding pairs and our row count
-      for (int64_t e = n * K + part * kThreads + threadIdx.x; e < C * K; e += p.ctas_per_rank * kThreads) {
-        box.slot[block * K + e] = -1;
-        box.weight[block * K + e] = 0.0f;
-      }
-      if (part == 0 && threadIdx.x == 0) box.count[p.rank] = static_cast<int32_t>(n);
-    } else if (part == 0 && threadIdx.x == 0) {
-      reinterpret_cast<Ctrl*>(p.ctrl->peers[peer])->recv_count[half][p.rank] = static_cast<int32_t>(n);
-    }
-    SignalSent(p.ctrl, peer, p.rank, p.ctas_per_rank, seq);
-  }
-
-  if (peer != p.rank) {  // Receive from `peer`.
-    if (threadIdx.x == 0) WaitFlag(&p.ctrl->flags[peer], seq, p.timeout_ns, "dispatch", p.rank, peer);
-    __syncthreads();
-    if (!p.direct) {
-      const int64_t n = *reinterpret_cast<volatile int32_t*>(&p.ctrl->recv_count[half][peer]);
-      const char* region = reinterpret_cast<char*>(p.ctrl) + kCtrlBytes + half * p.data_bytes +
-                           peer * C * p.row_bytes;
-      for (int64_t item = first; item < n * splits; item += stride) {
-        const int64_t i = item / splits;
-        const int k = static_cast<int>(item % splits);
-        const char* row = region + i * p.row_bytes;
-        WarpCopy<true>(p.recv_x + (peer * C + i) * p.row.payload + p.row.Offset(k), row + p.row.Offset(k),
-                       p.row.Length(k), lane);
-        if (k != 0) continue;
-        const int32_t* meta = reinterpret_cast<const int32_t*>(row + p.meta_offset);
-        const int64_t pair = (peer * C + i) * K;
-        for (int64_t e = lane; e < K; e += 32) {
-          p.recv_slot[pair + e] = __ldcg(meta + e);
-          p.recv_weight[pair + e] = __int_as_float(__ldcg(meta + K + e));
+    const int64_t w = static_cast<int64_t>(rcv) * kWarps + warp;
+    const int64_t stride = static_cast<int64_t>(rcv_ctas) * kWarps;
+    const Half here = HalfOf(reinterpret_cast<char*>(p.ctrl), half, p.half_bytes);
+    int64_t base = 0;
+    for (int j = 0; j < R; ++j) {
+      const int src = (p.rank - j + R) % R;
+      const int64_t n = counts[src];
+      for (int64_t item = FirstItem(w, base, stride); item < base + n * P; item += stride) {
+        const int64_t i = (item - base) / P;
+        const int k = static_cast<int>((item - base) % P);
+        const int64_t row = src * C + i;
+        char* out = p.recv_x + row * p.row.payload + p.row.Offset(k);
+        if (src == p.rank) {
+          const int64_t t = p.send_token[row];
+          WarpCopy<false>(out, p.x + t * p.row.payload + p.row.Offset(k), p.row.Length(k), lane);
+          if (k == 0) {
+            for (int64_t e = lane; e < K; e += 32) {
+              p.recv_slot[row * K + e] = p.send_slot[row * K + e];
+              p.recv_weight[row * K + e] = p.send_weight[row * K + e];
+            }
+          }
+          continue;
+        }
+        if (lane == 0) WaitFlag(here.flags + row * P + k, seq, p.timeout_ns, "dispatch", p.rank, src);
+        __syncwarp();
+        const char* in = here.data + row * p.row_bytes;
+        WarpCopy<true>(out, in + p.row.Offset(k), p.row.Length(k), lane);
+        if (k == 0) {
+          const int32_t* meta = reinterpret_cast<const int32_t*>(in + p.meta_offset);
+          for (int64_t e = lane; e < K; e += 32) {
+            p.recv_slot[row * K + e] = __ldcg(meta + e);
+            p.recv_weight[row * K + e] = __int_as_float(__ldcg(meta + K + e));
+          }
         }
       }
-      for (int64_t e = n * K + part * kThreads + threadIdx.x; e < C * K; e += p.ctas_per_rank * kThreads) {
-        p.recv_slot[peer * C * K + e] = -1;
-        p.recv_weight[peer * C * K + e] = 0.0f;
-      }
-      if (part == 0 && threadIdx.x == 0) p.recv_count[peer] = static_cast<int32_t>(n);
+      base += n * P;
     }
   }
-  if (p.direct && blockIdx.x == 0 && threadIdx.x == 0) p.ctrl->prof_direct += 1;
   FinishCall(p.ctrl, seq, 0);
 }
 
 struct CombineParams {
   Ctrl* ctrl;
-  int rank, nranks, capacity, num_tokens, hidden, ctas_per_rank;
-  Pieces row;          // the pushed partial rows
-  int reduce_splits;   // pieces per token row in the reduction
+  int rank, nranks, capacity, num_tokens, hidden, send_ctas;
+  Pieces row;  // the pushed partial rows; the reduction works piece by piece too
   int64_t row_bytes;
-  uint64_t data_bytes, timeout_ns;
+  uint64_t half_bytes, timeout_ns;
   const char* partial;
   const int32_t* send_rows;
   const int32_t* token_row;
@@ -331,9 +338,9 @@ __device__ __forceinline__ float ToFloat(__half v) {
   return __half2float(v);
 }
 
-// Every CTA pushes partial rows back to source rank blockIdx / cpr, waits for
-// every peer, then reduces its share of (token, piece) items in rank order
-// (the portable path's order, so the sums match it bit for bit).
+// Senders push partial rows back to their source ranks as dispatch pushes
+// tokens. Receivers reduce (token, piece) items in token order; each waits
+// only for the pieces it adds, so reducing overlaps the transfer.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
   __shared__ int rows[kWarps][kMaxRanks];
@@ -341,84 +348,94 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
   const uint64_t seq = CurrentCall(p.ctrl);
   const int half = static_cast<int>(seq & 1);
   const int64_t C = p.capacity, H = p.hidden, R = p.nranks;
-  const int dest = blockIdx.x / p.ctas_per_rank, part = blockIdx.x % p.ctas_per_rank;
+  const int P = p.row.splits;
   StartCall(p.ctrl);
+  PostCall(p.ctrl, p.rank, p.nranks, half, seq, nullptr);
 
-  if (dest != p.rank) {
-    const int64_t n = p.send_rows[dest];
-    const int splits = p.row.splits;
-    char* region = p.ctrl->peers[dest] + kCtrlBytes + half * p.data_bytes + p.rank * C * p.row_bytes;
-    for (int64_t item = part * kWarps + warp; item < n * splits;
-         item += static_cast<int64_t>(p.ctas_per_rank) * kWarps) {
-      const int64_t i = item / splits;
-      const int k = static_cast<int>(item % splits);
-      WarpCopy<false>(region + i * p.row_bytes + p.row.Offset(k),
-                      p.partial + (dest * C + i) * p.row.payload + p.row.Offset(k), p.row.Length(k), lane);
+  if (blockIdx.x < p.send_ctas) {
+    const int64_t w = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+    const int64_t stride = static_cast<int64_t>(p.send_ctas) * kWarps;
+    int64_t base = 0;
+    for (int j = 1; j < R; ++j) {
+      const int dest = (p.rank + j) % R;
+      const int64_t n = p.send_rows[dest];
+      const Half there = HalfOf(p.ctrl->peers[dest], half, p.half_bytes);
+      for (int64_t item = FirstItem(w, base, stride); item < base + n * P; item += stride) {
+        const int64_t i = (item - base) / P;
+        const int k = static_cast<int>((item - base) % P);
+        const int64_t row = p.rank * C + i;
+        WarpCopy<false>(there.data + row * p.row_bytes + p.row.Offset(k),
+                        p.partial + (dest * C + i) * p.row.payload + p.row.Offset(k), p.row.Length(k), lane);
+        PublishPiece(there.flags + row * P + k, seq, lane);
+      }
+      base += n * P;
     }
-  }
-  SignalSent(p.ctrl, dest, p.rank, p.ctas_per_rank, seq);
-
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < p.nranks; ++s) {
-      if (s != p.rank) WaitFlag(&p.ctrl->flags[s], seq, p.timeout_ns, "combine", p.rank, s);
-    }
-  }
-  __syncthreads();
-  const char* local = p.partial;
-  const char* remote = reinterpret_cast<const char*>(p.ctrl) + kCtrlBytes + half * p.data_bytes;
-  constexpr int kVec = 16 / sizeof(T);
-  const bool vec = (p.row.payload % 16) == 0;
-  const int64_t units = vec ? H / kVec : H;  // 16-byte chunks, or elements
-  const int splits = p.reduce_splits;
-  const int64_t per_piece = (units + splits - 1) / splits;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * kWarps;
-  for (int64_t item = blockIdx.x * kWarps + warp; item < p.num_tokens * splits; item += step) {
-    const int64_t t = item / splits;
-    const int64_t u0 = (item % splits) * per_piece;
-    const int64_t u1 = u0 + per_piece < units ? u0 + per_piece : units;
-    __syncwarp();
-    for (int r = lane; r < R; r += 32) rows[warp][r] = p.token_row[t * R + r];
-    __syncwarp();
-    float* out = p.y + t * H;
-    if (vec) {
-      for (int64_t c = u0 + lane; c < u1; c += 32) {
-        float acc[kVec];
-#pragma unroll
-        for (int v = 0; v < kVec; ++v) acc[v] = 0.0f;
-        for (int r = 0; r < R; ++r) {
-          const int row = rows[warp][r];
-          if (row < 0) continue;
-          int4 raw;
-          if (r == p.rank) {
-            raw = __ldg(reinterpret_cast<const int4*>(local + (r * C + row) * p.row.payload) + c);
-          } else {
-            raw = __ldcg(reinterpret_cast<const int4*>(remote + (r * C + row) * p.row_bytes) + c);
-          }
-          const T* vals = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-          for (int v = 0; v < kVec; ++v) acc[v] += ToFloat(vals[v]);
-        }
-        float4* dst = reinterpret_cast<float4*>(out + c * kVec);
-#pragma unroll
-        for (int v = 0; v < kVec / 4; ++v) {
-          dst[v] = make_float4(acc[4 * v], acc[4 * v + 1], acc[4 * v + 2], acc[4 * v + 3]);
+  } else {
+    const int rcv = blockIdx.x - p.send_ctas;
+    const Half here = HalfOf(reinterpret_cast<char*>(p.ctrl), half, p.half_bytes);
+    const char* local = p.partial;
+    constexpr int kVec = 16 / sizeof(T);
+    const bool vec = (p.row.payload % 16) == 0;
+    const int64_t step = static_cast<int64_t>(gridDim.x - p.send_ctas) * kWarps;
+    for (int64_t item = static_cast<int64_t>(rcv) * kWarps + warp; item < p.num_tokens * P; item += step) {
+      const int64_t t = item / P;
+      const int k = static_cast<int>(item % P);
+      __syncwarp();
+      for (int r = lane; r < R; r += 32) {
+        const int row = p.token_row[t * R + r];
+        rows[warp][r] = row;
+        if (row >= 0 && r != p.rank) {
+          WaitFlag(here.flags + (r * C + row) * P + k, seq, p.timeout_ns, "combine", p.rank, r);
         }
       }
-    } else {
-      for (int64_t e = u0 + lane; e < u1; e += 32) {
-        float acc = 0.0f;
-        for (int r = 0; r < R; ++r) {
-          const int row = rows[warp][r];
-          if (row < 0) continue;
-          if (r == p.rank) {
-            acc += ToFloat(reinterpret_cast<const T*>(local + (r * C + row) * p.row.payload)[e]);
-          } else {
-            const T* src = reinterpret_cast<const T*>(remote + (r * C + row) * p.row_bytes);
-            acc += ToFloat(*reinterpret_cast<const volatile T*>(src + e));
+      __syncwarp();
+      float* out = p.y + t * H;
+      const int64_t b0 = p.row.Offset(k), b1 = b0 + p.row.Length(k);  // byte range of this piece
+      if (vec) {
+        for (int64_t c = b0 / 16 + lane; c < b1 / 16; c += 32) {
+          float acc[kVec];
+#pragma unroll
+          for (int v = 0; v < kVec; ++v) acc[v] = 0.0f;
+          for (int r = 0; r < R; ++r) {
+            const int row = rows[warp][r];
+            if (row < 0) continue;
+            int4 raw;
+            if (r == p.rank) {
+              raw = __ldg(reinterpret_cast<const int4*>(local + (r * C + row) * p.row.payload) + c);
+            } else {
+              raw = __ldcg(reinterpret_cast<const int4*>(here.data + (r * C + row) * p.row_bytes) + c);
+            }
+            const T* vals = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+            for (int v = 0; v < kVec; ++v) acc[v] += ToFloat(vals[v]);
+          }
+          float4* dst = reinterpret_cast<float4*>(out + c * kVec);
+#pragma unroll
+          for (int v = 0; v < kVec / 4; ++v) {
+            dst[v] = make_float4(acc[4 * v], acc[4 * v + 1], acc[4 * v + 2], acc[4 * v + 3]);
           }
         }
-        out[e] = acc;
+      } else {
+        for (int64_t e = b0 / static_cast<int64_t>(sizeof(T)) + lane; e < b1 / static_cast<int64_t>(sizeof(T));
+             e += 32) {
+          float acc = 0.0f;
+          for (int r = 0; r < R; ++r) {
+            const int row = rows[warp][r];
+            if (row < 0) continue;
+            if (r == p.rank) {
+              acc += ToFloat(reinterpret_cast<const T*>(local + (r * C + row) * p.row.payload)[e]);
+            } else {
+              const T* src = reinterpret_cast<const T*>(here.data + (r * C + row) * p.row_bytes);
+              acc += ToFloat(*reinterpret_cast<const volatile T*>(src + e));
+            }
+          }
+          out[e] = acc;
+        }
       }
+    }
+    // Every peer must have started this call before it ends (see the top).
+    if (rcv == 0 && threadIdx.x < R && threadIdx.x != p.rank) {
+      WaitFlag(&p.ctrl->calls[threadIdx.x], seq, p.timeout_ns, "combine", p.rank, threadIdx.x);
     }
   }
   FinishCall(p.ctrl, seq, 1);
@@ -426,30 +443,6 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
 
 // ---------------------------------------------------------------------------
 // Host side.
-
-// True when `ptr` is classic device memory (cuMemAlloc): peer access, once
-// enabled, maps it into every peer. Pool (cudaMallocAsync) and VMM memory
-// need per-allocation access rights instead, so they take the workspace path.
-bool PeerMapped(const void* ptr) {
-  using GetAttribute = CUresult (*)(void*, CUpointer_attribute, CUdeviceptr);
-  static GetAttribute get = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found;
-    if (cudaGetDriverEntryPointByVersion("cuPointerGetAttribute", &fn, 12000, cudaEnableDefault, &found) !=
-            cudaSuccess ||
-        found != cudaDriverEntryPointSuccess) {
-      return static_cast<GetAttribute>(nullptr);
-    }
-    return reinterpret_cast<GetAttribute>(fn);
-  }();
-  if (get == nullptr || ptr == nullptr) return false;
-  int legacy = 0;
-  if (get(&legacy, CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE, reinterpret_cast<CUdeviceptr>(ptr)) !=
-      CUDA_SUCCESS) {
-    return false;
-  }
-  return legacy != 0;
-}
 
 ffi::Error FindMember(int64_t workspace, int ordinal, Member* out) {
   std::lock_guard<std::mutex> lock(g_mu);
@@ -468,36 +461,58 @@ ffi::Error FindMember(int64_t workspace, int ordinal, Member* out) {
   return ffi::Error::Success();
 }
 
-// CTAs per peer: the whole GPU (capped by `max_ctas`), one CTA per SM so the
-// grid is resident at once (ranks wait on each other inside the kernel).
-int CtasPerRank(const Member& m, int64_t max_ctas) {
+// The grid: one CTA per SM (capped by `max_ctas`), so it is resident at once;
+// `send_ctas` of them (default: half) send, the rest receive.
+struct Grid {
+  int ctas, send_ctas;
+};
+Grid MakeGrid(const Member& m, int64_t max_ctas, int64_t send_ctas) {
   int64_t ctas = m.sms;
   if (max_ctas > 0 && max_ctas < ctas) ctas = max_ctas;
-  const int64_t cpr = ctas / m.nranks;
-  return static_cast<int>(cpr < 1 ? 1 : cpr);
+  if (ctas < 2) ctas = 2;
+  if (m.nranks == 1) return {static_cast<int>(ctas), 0};  // nothing to send
+  int64_t send = send_ctas > 0 ? send_ctas : ctas / 2;
+  if (send > ctas - 1) send = ctas - 1;
+  return {static_cast<int>(ctas), static_cast<int>(send)};
 }
 
-// Pieces per row so that `rows` rows give every warp of `ctas_per_rank` CTAs
-// work, at least 512 bytes a piece; one piece when the row is not 16-byte aligned.
-Pieces SplitRows(int64_t payload, int64_t rows, int ctas_per_rank) {
+// Pieces per row: enough that `rows` rows give every sender warp work, each
+// piece at least kMinPiece bytes, at most kMaxPieces (and as many flags as the
+// flag region holds); one piece when the row is not 16-byte aligned.
+Pieces SplitRows(int64_t payload, int64_t rows, int send_ctas, int64_t flag_room) {
   Pieces p{payload, payload, 1};
   if (payload % 16 != 0 || rows <= 0) return p;
-  const int64_t warps = static_cast<int64_t>(ctas_per_rank) * kWarps;
+  const int64_t warps = static_cast<int64_t>(send_ctas > 0 ? send_ctas : 1) * kWarps;
   int64_t splits = (warps + rows - 1) / rows;
-  const int64_t most = payload / 512 > 1 ? payload / 512 : 1;
+  int64_t most = payload / kMinPiece > 1 ? payload / kMinPiece : 1;
+  if (most > kMaxPieces) most = kMaxPieces;
+  if (most > flag_room) most = flag_room > 1 ? flag_room : 1;
   if (splits > most) splits = most;
   p.piece = AlignUp((payload + splits - 1) / splits, 16);
   p.splits = static_cast<int>((payload + p.piece - 1) / p.piece);
   return p;
 }
 
-// The rows of every source rank must fit one data half of the workspace.
-ffi::Error CheckRoom(const char* op, const Member& m, int64_t workspace, int64_t capacity, int64_t row_bytes) {
-  const uint64_t need = static_cast<uint64_t>(m.nranks) * capacity * row_bytes;
-  if (need <= m.data_bytes) return ffi::Error::Success();
-  return ffi::Error::InvalidArgument(std::string("wideep nvlink ") + op + ": needs " + std::to_string(need) +
-                                     " bytes per workspace half, workspace " + std::to_string(workspace) +
-                                     " has " + std::to_string(m.data_bytes));
+// Every source rank's rows (and their pieces' flags) must fit one half.
+ffi::Error CheckRoom(const char* op, const Member& m, int64_t workspace, int64_t capacity, int64_t row_bytes,
+                     int splits) {
+  const uint64_t rows = static_cast<uint64_t>(m.nranks) * capacity;
+  const uint64_t data = rows * row_bytes, flags = rows * splits * sizeof(uint64_t);
+  if (data <= DataBytes(m.half_bytes) && flags <= FlagBytes(m.half_bytes)) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(std::string("wideep nvlink ") + op + ": needs " + std::to_string(data) +
+                                     " data and " + std::to_string(flags) + " flag bytes per workspace half, "
+                                     "workspace " + std::to_string(workspace) + " has " +
+                                     std::to_string(DataBytes(m.half_bytes)) + " and " +
+                                     std::to_string(FlagBytes(m.half_bytes)));
+}
+
+// Rows one rank sends in all (the capacity bounds each destination's share).
+int64_t SendRows(const Member& m, int64_t capacity) {
+  return (m.nranks > 1 ? m.nranks - 1 : 1) * capacity;
+}
+
+int64_t FlagRoom(const Member& m, int64_t capacity) {
+  return static_cast<int64_t>(FlagBytes(m.half_bytes) / sizeof(uint64_t)) / (m.nranks * capacity);
 }
 
 uint64_t TimeoutNs(int64_t timeout_ms) {
@@ -510,7 +525,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer x,
                         ffi::Result<ffi::AnyBuffer> recv_x, ffi::Result<ffi::Buffer<ffi::S32>> recv_slot,
                         ffi::Result<ffi::Buffer<ffi::F32>> recv_weight,
                         ffi::Result<ffi::Buffer<ffi::S32>> recv_count, int64_t workspace,
-                        int64_t timeout_ms, int64_t max_ctas) {
+                        int64_t timeout_ms, int64_t max_ctas, int64_t send_ctas) {
   Member m;
   if (ffi::Error e = FindMember(workspace, ordinal, &m); !e.success()) return e;
   const auto xd = x.dimensions();
@@ -525,17 +540,20 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer x,
   const int64_t tokens = xd[0], capacity = td[1], top_k = sd[2];
   if (capacity == 0 || tokens == 0) return ffi::Error::Success();
   const int64_t payload = static_cast<int64_t>(x.size_bytes()) / tokens;
+  const Grid grid = MakeGrid(m, max_ctas, send_ctas);
   DispatchParams p;
   p.ctrl = reinterpret_cast<Ctrl*>(m.base);
   p.rank = m.rank, p.nranks = m.nranks, p.capacity = static_cast<int>(capacity);
   p.top_k = static_cast<int>(top_k);
+  p.send_ctas = grid.send_ctas;
   p.meta_offset = AlignUp(payload, 16);
   p.row_bytes = p.meta_offset + AlignUp(2 * top_k * 4, 16);
-  if (ffi::Error e = CheckRoom("dispatch", m, workspace, capacity, p.row_bytes); !e.success()) return e;
-  p.data_bytes = m.data_bytes;
+  p.row = SplitRows(payload, SendRows(m, capacity), grid.send_ctas, FlagRoom(m, capacity));
+  if (ffi::Error e = CheckRoom("dispatch", m, workspace, capacity, p.row_bytes, p.row.splits); !e.success()) {
+    return e;
+  }
+  p.half_bytes = m.half_bytes;
   p.timeout_ns = TimeoutNs(timeout_ms);
-  p.ctas_per_rank = CtasPerRank(m, max_ctas);
-  p.row = SplitRows(payload, capacity, p.ctas_per_rank);
   p.x = static_cast<const char*>(x.untyped_data());
   p.send_token = send_token.typed_data();
   p.send_count = send_count.typed_data();
@@ -545,9 +563,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer x,
   p.recv_slot = recv_slot->typed_data();
   p.recv_weight = recv_weight->typed_data();
   p.recv_count = recv_count->typed_data();
-  p.direct = g_allow_direct && PeerMapped(p.recv_x) && PeerMapped(p.recv_slot) &&
-             PeerMapped(p.recv_weight) && PeerMapped(p.recv_count);
-  DispatchKernel<<<m.nranks * p.ctas_per_rank, kThreads, 0, stream>>>(p);
+  DispatchKernel<<<grid.ctas, kThreads, 0, stream>>>(p);
   WIDEEP_CUDA_OR_RETURN(cudaGetLastError());
   return ffi::Error::Success();
 }
@@ -555,7 +571,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer x,
 ffi::Error CombineImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partial,
                        ffi::Buffer<ffi::S32> send_rows, ffi::Buffer<ffi::S32> token_row,
                        ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t workspace, int64_t timeout_ms,
-                       int64_t max_ctas) {
+                       int64_t max_ctas, int64_t send_ctas) {
   Member m;
   if (ffi::Error e = FindMember(workspace, ordinal, &m); !e.success()) return e;
   const auto pd = partial.dimensions();
@@ -571,37 +587,33 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer part
     WIDEEP_CUDA_OR_RETURN(cudaMemsetAsync(y->untyped_data(), 0, y->size_bytes(), stream));
     return ffi::Error::Success();
   }
+  const Grid grid = MakeGrid(m, max_ctas, send_ctas);
   CombineParams p;
   p.ctrl = reinterpret_cast<Ctrl*>(m.base);
   p.rank = m.rank, p.nranks = m.nranks, p.capacity = static_cast<int>(capacity);
   p.num_tokens = static_cast<int>(tokens), p.hidden = static_cast<int>(hidden);
+  p.send_ctas = grid.send_ctas;
   const int64_t payload = static_cast<int64_t>(partial.size_bytes()) / (m.nranks * capacity);
   p.row_bytes = AlignUp(payload, 16);
-  if (ffi::Error e = CheckRoom("combine", m, workspace, capacity, p.row_bytes); !e.success()) return e;
-  p.data_bytes = m.data_bytes;
+  p.row = SplitRows(payload, SendRows(m, capacity), grid.send_ctas, FlagRoom(m, capacity));
+  if (ffi::Error e = CheckRoom("combine", m, workspace, capacity, p.row_bytes, p.row.splits); !e.success()) {
+    return e;
+  }
+  p.half_bytes = m.half_bytes;
   p.timeout_ns = TimeoutNs(timeout_ms);
-  p.ctas_per_rank = CtasPerRank(m, max_ctas);
-  p.row = SplitRows(payload, capacity, p.ctas_per_rank);
-  // Reduction pieces: enough (token, piece) items for every warp of the grid.
-  const int64_t warps = static_cast<int64_t>(m.nranks) * p.ctas_per_rank * kWarps;
-  const int64_t units = payload % 16 == 0 ? payload / 16 : hidden;
-  int64_t rsplits = (warps + tokens - 1) / tokens;
-  if (rsplits > units / 32) rsplits = units / 32 > 1 ? units / 32 : 1;
-  p.reduce_splits = static_cast<int>(rsplits);
   p.partial = static_cast<const char*>(partial.untyped_data());
   p.send_rows = send_rows.typed_data();
   p.token_row = token_row.typed_data();
   p.y = y->typed_data();
-  const int grid = m.nranks * p.ctas_per_rank;
   switch (partial.element_type()) {
     case ffi::DataType::BF16:
-      CombineKernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(p);
+      CombineKernel<__nv_bfloat16><<<grid.ctas, kThreads, 0, stream>>>(p);
       break;
     case ffi::DataType::F16:
-      CombineKernel<__half><<<grid, kThreads, 0, stream>>>(p);
+      CombineKernel<__half><<<grid.ctas, kThreads, 0, stream>>>(p);
       break;
     case ffi::DataType::F32:
-      CombineKernel<float><<<grid, kThreads, 0, stream>>>(p);
+      CombineKernel<float><<<grid.ctas, kThreads, 0, stream>>>(p);
       break;
     default:
       return ffi::Error::InvalidArgument("wideep nvlink combine: partial dtype must be bf16, f16 or f32");
@@ -630,7 +642,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WideepNvlinkDispatch, wideep::DispatchImpl,
                                   .Ret<ffi::Buffer<ffi::S32>>()     // recv_count [R]
                                   .Attr<int64_t>("workspace")
                                   .Attr<int64_t>("timeout_ms")
-                                  .Attr<int64_t>("max_ctas"),
+                                  .Attr<int64_t>("max_ctas")
+                                  .Attr<int64_t>("send_ctas"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WideepNvlinkCombine, wideep::CombineImpl,
@@ -643,7 +656,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WideepNvlinkCombine, wideep::CombineImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()     // y [T, H]
                                   .Attr<int64_t>("workspace")
                                   .Attr<int64_t>("timeout_ms")
-                                  .Attr<int64_t>("max_ctas"),
+                                  .Attr<int64_t>("max_ctas")
+                                  .Attr<int64_t>("send_ctas"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 // ---------------------------------------------------------------------------
@@ -667,13 +681,17 @@ int wideep_nvlink_peer_access(int n, const int* ordinals) {
 }
 
 // Creates workspace `id`: `ngroups` EP groups of `nranks` GPUs each (ordinals
-// row-major, group by group), `data_bytes` per data half. Idempotent per id.
-int wideep_nvlink_create(int64_t id, int ngroups, int nranks, const int* ordinals, uint64_t data_bytes) {
+// row-major, group by group), `half_bytes` per half (7/8 data, 1/8 flags; a
+// multiple of 64). Idempotent per id.
+int wideep_nvlink_create(int64_t id, int ngroups, int nranks, const int* ordinals, uint64_t half_bytes) {
   using namespace wideep;
   std::lock_guard<std::mutex> lock(g_mu);
   if (g_workspaces.count(id)) return 0;
   if (nranks < 1 || nranks > kMaxRanks) {
     return Fail("nranks=" + std::to_string(nranks) + " is out of range; allowed: 1.." + std::to_string(kMaxRanks));
+  }
+  if (half_bytes == 0 || half_bytes % 64 != 0) {
+    return Fail("half_bytes=" + std::to_string(half_bytes) + "; allowed: a positive multiple of 64");
   }
   DeviceGuard guard;
   for (int g = 0; g < ngroups; ++g) {
@@ -704,7 +722,7 @@ int wideep_nvlink_create(int64_t id, int ngroups, int nranks, const int* ordinal
       cudaFree(kv.second.base);
     }
   };
-  const uint64_t total = kCtrlBytes + 2 * data_bytes;
+  const uint64_t total = kCtrlBytes + 2 * half_bytes;
   for (int g = 0; g < ngroups; ++g) {
     for (int r = 0; r < nranks; ++r) {
       const int ordinal = ordinals[static_cast<int64_t>(g) * nranks + r];
@@ -713,10 +731,12 @@ int wideep_nvlink_create(int64_t id, int ngroups, int nranks, const int* ordinal
         return Fail("GPU " + std::to_string(ordinal) + " appears twice in the EP groups");
       }
       Member m;
-      m.rank = r, m.nranks = nranks, m.data_bytes = data_bytes;
+      m.rank = r, m.nranks = nranks, m.half_bytes = half_bytes;
       cudaError_t err = cudaSetDevice(ordinal);
       if (err == cudaSuccess) err = cudaMalloc(&m.base, total);
-      if (err == cudaSuccess) err = cudaMemset(m.base, 0, kCtrlBytes);
+      // Flags must start below every call number; data needs no clearing, but
+      // one memset of the whole is as cheap as three.
+      if (err == cudaSuccess) err = cudaMemset(m.base, 0, total);
       if (err == cudaSuccess) err = cudaDeviceGetAttribute(&m.sms, cudaDevAttrMultiProcessorCount, ordinal);
       if (err != cudaSuccess) {
         if (m.base) cudaFree(m.base);
@@ -748,8 +768,7 @@ int wideep_nvlink_create(int64_t id, int ngroups, int nranks, const int* ordinal
 }
 
 // Reads (and with reset != 0, zeroes) GPU `ordinal`'s kernel timing in
-// workspace `id`: out = {dispatch ns, dispatch calls, combine ns, combine calls,
-// dispatch calls written directly}.
+// workspace `id`: out = {dispatch ns, dispatch calls, combine ns, combine calls}.
 // Synchronous; for benchmarks.
 int wideep_nvlink_profile(int64_t id, int ordinal, uint64_t* out, int reset) {
   using namespace wideep;
@@ -767,14 +786,12 @@ int wideep_nvlink_profile(int64_t id, int ordinal, uint64_t* out, int reset) {
   WIDEEP_CUDA_OR_FAIL(cudaDeviceSynchronize());
   uint64_t vals[4];
   char* base = m.base;
-  WIDEEP_CUDA_OR_FAIL(cudaMemcpy(out + 4, base + offsetof(Ctrl, prof_direct), sizeof(uint64_t), cudaMemcpyDeviceToHost));
   WIDEEP_CUDA_OR_FAIL(cudaMemcpy(vals, base + offsetof(Ctrl, prof_ns), 2 * sizeof(uint64_t), cudaMemcpyDeviceToHost));
   WIDEEP_CUDA_OR_FAIL(cudaMemcpy(vals + 2, base + offsetof(Ctrl, prof_calls), 2 * sizeof(uint64_t), cudaMemcpyDeviceToHost));
   out[0] = vals[0], out[1] = vals[2], out[2] = vals[1], out[3] = vals[3];
   if (reset) {
     WIDEEP_CUDA_OR_FAIL(cudaMemset(base + offsetof(Ctrl, prof_ns), 0, 2 * sizeof(uint64_t)));
     WIDEEP_CUDA_OR_FAIL(cudaMemset(base + offsetof(Ctrl, prof_calls), 0, 2 * sizeof(uint64_t)));
-    WIDEEP_CUDA_OR_FAIL(cudaMemset(base + offsetof(Ctrl, prof_direct), 0, sizeof(uint64_t)));
     WIDEEP_CUDA_OR_FAIL(cudaDeviceSynchronize());
   }
   return 0;

@@ -108,14 +108,14 @@ def peer_access(groups: list[list[jax.Device]]) -> bool:
     return True
 
 
-def nvlink_workspace(groups: list[list[jax.Device]], data_bytes: int) -> int:
-    """Id of a peer-mapped workspace with ``data_bytes`` per half on every group member.
+def nvlink_workspace(groups: list[list[jax.Device]], half_bytes: int) -> int:
+    """Id of a peer-mapped workspace with ``half_bytes`` per half on every group member.
 
     Sizes are rounded up to a power of two (at least 1 MiB) so few distinct
     workspaces exist; they live as long as the process (compiled programs and
     captured CUDA graphs keep their addresses).
     """
-    size = max(1 << 20, 1 << max(0, int(data_bytes) - 1).bit_length())
+    size = max(1 << 20, 1 << max(0, int(half_bytes) - 1).bit_length())
     ordinals = [[d.local_hardware_id for d in g] for g in groups]
     me = jax.process_index()
     if any(d.process_index != me for g in groups for d in g):
@@ -135,14 +135,13 @@ def nvlink_workspace(groups: list[list[jax.Device]], data_bytes: int) -> int:
 
 def nvlink_profile(workspace: int, device: jax.Device, *, reset: bool = False) -> dict[str, float]:
     """Mean kernel time (µs, CTA 0's start to the last CTA's end) and call counts of
-    the nvlink dispatch and combine on ``device`` since the last reset (synchronizes);
-    ``direct_calls``: dispatches whose rows peers wrote into the outputs themselves."""
-    out = (ctypes.c_uint64 * 5)()
+    the nvlink dispatch and combine on ``device`` since the last reset (synchronizes)."""
+    out = (ctypes.c_uint64 * 4)()
     _check(library().wideep_nvlink_profile(workspace, device.local_hardware_id, out, int(reset)),
            "reading the nvlink profile")
-    ns_d, calls_d, ns_c, calls_c, direct = (int(v) for v in out)
+    ns_d, calls_d, ns_c, calls_c = (int(v) for v in out)
     return {"dispatch_us": ns_d / max(calls_d, 1) / 1e3, "dispatch_calls": calls_d,
-            "combine_us": ns_c / max(calls_c, 1) / 1e3, "combine_calls": calls_c, "direct_calls": direct}
+            "combine_us": ns_c / max(calls_c, 1) / 1e3, "combine_calls": calls_c}
 
 
 def nccl_communicators(groups: list[list[jax.Device]]) -> int:
