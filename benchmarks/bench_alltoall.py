@@ -11,7 +11,8 @@ processes, one per GPU) where torch is installed.
 
 Hidden 7168 bf16, top-8 of 256 experts, uniform routing; each token goes once
 to every rank holding one of its experts. Each op runs `--loop` times inside one
-jitted `fori_loop`, so the time is the device's, not the host's dispatch. GB/s
+jitted, unrolled `fori_loop` (no per-iteration loop condition read back by the
+host), so the time is the device's, not the host's dispatch. GB/s
 per GPU = bytes of real token rows leaving the GPU (to other ranks) / time, the
 same count for every backend. Appends a table to benchmarks/RESULTS.md.
 """
@@ -135,7 +136,7 @@ def jax_times(backend_name: str, mesh, ids, weights, tokens: int, hidden: int, e
             recv = comm.dispatch(x, plan, axis_name="ep")
             return x, acc + recv.x[0, 0, 0].astype(jnp.float32) + recv.count[0]
 
-        return jax.lax.fori_loop(0, loops, step, (x, jnp.float32(0)))[1][None]
+        return jax.lax.fori_loop(0, loops, step, (x, jnp.float32(0)), unroll=True)[1][None]
 
     def combine_loop(x, slots, w):
         plan = plan_of(slots, w)
@@ -148,7 +149,7 @@ def jax_times(backend_name: str, mesh, ids, weights, tokens: int, hidden: int, e
             y = comm.combine(p, plan, recv.count, axis_name="ep")
             return p, acc + y[0, 0]
 
-        return jax.lax.fori_loop(0, loops, step, (partial, jnp.float32(0)))[1][None]
+        return jax.lax.fori_loop(0, loops, step, (partial, jnp.float32(0)), unroll=True)[1][None]
 
     sharding = NamedSharding(mesh, tok)
     x = jax.device_put(jax.random.normal(jax.random.key(0), (ranks * tokens, hidden), dtype), sharding)
@@ -243,7 +244,7 @@ def main() -> int:
         f"## bench_alltoall: {card}, EP{ranks}, {datetime.date.today()}, commit {commit()}, jax {jax.__version__}",
         "",
         f"Hidden {hidden} bf16, top-{TOP_K} of {experts} experts (uniform), one slot per expert; µs per op "
-        f"(mean of {args.loop} in one jitted loop, median of {args.iters}); GB/s per GPU = off-rank token "
+        f"(mean of {args.loop} in one jitted unrolled loop, median of {args.iters}); GB/s per GPU = off-rank token "
         "rows (hidden x 2 bytes) of the busiest rank / time; ratio = xla time / this time (dispatch / combine). "
         "torch: NCCL all_to_all_single with the same splits, one process per GPU (CUDA events, eager "
         "loop). nvlink kernel: the custom call's own time (device timer, first CTA's start to the last "

@@ -120,12 +120,10 @@ __device__ void WaitFlag(const uint64_t* flag, uint64_t seq, uint64_t timeout_ns
   }
 }
 
-__device__ __forceinline__ void FenceSys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
-
-// After a warp's stores of one piece into a peer's workspace: make them
-// visible system-wide, then raise the piece's flag there.
+// After a warp's stores of one piece into a peer's workspace: the warp barrier
+// orders every lane's stores before lane 0's release store of the piece's
+// flag, which makes them visible system-wide first (one fence per piece).
 __device__ __forceinline__ void PublishPiece(uint64_t* flag, uint64_t seq, int lane) {
-  FenceSys();
   __syncwarp();
   if (lane == 0) StoreReleaseSys(flag, seq);
 }
@@ -338,8 +336,76 @@ __device__ __forceinline__ float ToFloat(__half v) {
   return __half2float(v);
 }
 
+// Bytes of a row one warp reduces per item: two 16-byte vectors per lane.
+// Combine's pieces are whole chunks, so a chunk lies inside one pushed piece.
+constexpr int64_t kReduceChunk = 32 * 16 * 2;
+
+// out[b0:b1) (as T elements) = sum over ranks r, in order, of row rows[r] of
+// rank r (this rank's own rows from `local`, the others' from the workspace).
+// Each lane loads its vectors of a few ranks before adding any, so several
+// loads are in flight; the sums still run in rank order.
+template <typename T>
+__device__ __forceinline__ void ReduceChunk(float* out, const char* remote, const char* local, const int* rows,
+                                            int rank, int64_t R, int64_t C, int64_t row_bytes, int64_t payload,
+                                            int64_t b0, int64_t b1, int lane) {
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kPerLane = kReduceChunk / 16 / 32;
+  constexpr int kRanksAhead = 4;
+  int64_t unit[kPerLane];
+  bool live[kPerLane];
+#pragma unroll
+  for (int u = 0; u < kPerLane; ++u) {
+    unit[u] = b0 / 16 + lane + 32 * u;
+    live[u] = unit[u] < b1 / 16;
+  }
+  float acc[kPerLane][kVec];
+#pragma unroll
+  for (int u = 0; u < kPerLane; ++u) {
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) acc[u][v] = 0.0f;
+  }
+  for (int r0 = 0; r0 < R; r0 += kRanksAhead) {
+    int4 raw[kRanksAhead][kPerLane];
+#pragma unroll
+    for (int j = 0; j < kRanksAhead; ++j) {
+      const int r = r0 + j;
+      const int row = r < R ? rows[r] : -1;
+#pragma unroll
+      for (int u = 0; u < kPerLane; ++u) {
+        raw[j][u] = make_int4(0, 0, 0, 0);
+        if (row < 0 || !live[u]) continue;
+        if (r == rank) {
+          raw[j][u] = __ldg(reinterpret_cast<const int4*>(local + (r * C + row) * payload) + unit[u]);
+        } else {
+          raw[j][u] = __ldcg(reinterpret_cast<const int4*>(remote + (r * C + row) * row_bytes) + unit[u]);
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kRanksAhead; ++j) {
+      const int r = r0 + j;
+      if (r >= R || rows[r] < 0) continue;  // absent rows add nothing (not even +0.0)
+#pragma unroll
+      for (int u = 0; u < kPerLane; ++u) {
+        const T* vals = reinterpret_cast<const T*>(&raw[j][u]);
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) acc[u][v] += ToFloat(vals[v]);
+      }
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < kPerLane; ++u) {
+    if (!live[u]) continue;
+    float4* dst = reinterpret_cast<float4*>(out + unit[u] * kVec);
+#pragma unroll
+    for (int v = 0; v < kVec / 4; ++v) {
+      dst[v] = make_float4(acc[u][4 * v], acc[u][4 * v + 1], acc[u][4 * v + 2], acc[u][4 * v + 3]);
+    }
+  }
+}
+
 // Senders push partial rows back to their source ranks as dispatch pushes
-// tokens. Receivers reduce (token, piece) items in token order; each waits
+// tokens. Receivers reduce (token, chunk) items in token order; each waits
 // only for the pieces it adds, so reducing overlaps the transfer.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
@@ -373,13 +439,18 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
   } else {
     const int rcv = blockIdx.x - p.send_ctas;
     const Half here = HalfOf(reinterpret_cast<char*>(p.ctrl), half, p.half_bytes);
-    const char* local = p.partial;
-    constexpr int kVec = 16 / sizeof(T);
-    const bool vec = (p.row.payload % 16) == 0;
     const int64_t step = static_cast<int64_t>(gridDim.x - p.send_ctas) * kWarps;
-    for (int64_t item = static_cast<int64_t>(rcv) * kWarps + warp; item < p.num_tokens * P; item += step) {
-      const int64_t t = item / P;
-      const int k = static_cast<int>(item % P);
+    // Items: (token, chunk) in token order, so all warps start on the rows that
+    // land first. A chunk is a whole warp's vector width (or the whole row when
+    // rows are not 16-byte aligned) and lies inside one pushed piece.
+    const bool vec = (p.row.payload % 16) == 0;
+    const int64_t chunk = vec ? kReduceChunk : p.row.payload;
+    const int64_t chunks = (p.row.payload + chunk - 1) / chunk;
+    for (int64_t item = static_cast<int64_t>(rcv) * kWarps + warp; item < p.num_tokens * chunks; item += step) {
+      const int64_t t = item / chunks;
+      const int64_t b0 = (item % chunks) * chunk;
+      const int64_t b1 = b0 + chunk < p.row.payload ? b0 + chunk : p.row.payload;
+      const int k = static_cast<int>(b0 / p.row.piece);  // the pushed piece holding these bytes
       __syncwarp();
       for (int r = lane; r < R; r += 32) {
         const int row = p.token_row[t * R + r];
@@ -390,31 +461,8 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
       }
       __syncwarp();
       float* out = p.y + t * H;
-      const int64_t b0 = p.row.Offset(k), b1 = b0 + p.row.Length(k);  // byte range of this piece
       if (vec) {
-        for (int64_t c = b0 / 16 + lane; c < b1 / 16; c += 32) {
-          float acc[kVec];
-#pragma unroll
-          for (int v = 0; v < kVec; ++v) acc[v] = 0.0f;
-          for (int r = 0; r < R; ++r) {
-            const int row = rows[warp][r];
-            if (row < 0) continue;
-            int4 raw;
-            if (r == p.rank) {
-              raw = __ldg(reinterpret_cast<const int4*>(local + (r * C + row) * p.row.payload) + c);
-            } else {
-              raw = __ldcg(reinterpret_cast<const int4*>(here.data + (r * C + row) * p.row_bytes) + c);
-            }
-            const T* vals = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-            for (int v = 0; v < kVec; ++v) acc[v] += ToFloat(vals[v]);
-          }
-          float4* dst = reinterpret_cast<float4*>(out + c * kVec);
-#pragma unroll
-          for (int v = 0; v < kVec / 4; ++v) {
-            dst[v] = make_float4(acc[4 * v], acc[4 * v + 1], acc[4 * v + 2], acc[4 * v + 3]);
-          }
-        }
+        ReduceChunk<T>(out, here.data, p.partial, rows[warp], p.rank, R, C, p.row_bytes, p.row.payload, b0, b1, lane);
       } else {
         for (int64_t e = b0 / static_cast<int64_t>(sizeof(T)) + lane; e < b1 / static_cast<int64_t>(sizeof(T));
              e += 32) {
@@ -423,7 +471,7 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
             const int row = rows[warp][r];
             if (row < 0) continue;
             if (r == p.rank) {
-              acc += ToFloat(reinterpret_cast<const T*>(local + (r * C + row) * p.row.payload)[e]);
+              acc += ToFloat(reinterpret_cast<const T*>(p.partial + (r * C + row) * p.row.payload)[e]);
             } else {
               const T* src = reinterpret_cast<const T*>(here.data + (r * C + row) * p.row_bytes);
               acc += ToFloat(*reinterpret_cast<const volatile T*>(src + e));
@@ -477,9 +525,10 @@ Grid MakeGrid(const Member& m, int64_t max_ctas, int64_t send_ctas) {
 }
 
 // Pieces per row: enough that `rows` rows give every sender warp work, each
-// piece at least kMinPiece bytes, at most kMaxPieces (and as many flags as the
-// flag region holds); one piece when the row is not 16-byte aligned.
-Pieces SplitRows(int64_t payload, int64_t rows, int send_ctas, int64_t flag_room) {
+// piece at least kMinPiece bytes and a multiple of `align`, at most kMaxPieces
+// (and as many flags as the flag region holds); one piece when the row is not
+// 16-byte aligned.
+Pieces SplitRows(int64_t payload, int64_t rows, int send_ctas, int64_t flag_room, int64_t align) {
   Pieces p{payload, payload, 1};
   if (payload % 16 != 0 || rows <= 0) return p;
   const int64_t warps = static_cast<int64_t>(send_ctas > 0 ? send_ctas : 1) * kWarps;
@@ -488,7 +537,7 @@ Pieces SplitRows(int64_t payload, int64_t rows, int send_ctas, int64_t flag_room
   if (most > kMaxPieces) most = kMaxPieces;
   if (most > flag_room) most = flag_room > 1 ? flag_room : 1;
   if (splits > most) splits = most;
-  p.piece = AlignUp((payload + splits - 1) / splits, 16);
+  p.piece = AlignUp((payload + splits - 1) / splits, align);
   p.splits = static_cast<int>((payload + p.piece - 1) / p.piece);
   return p;
 }
@@ -548,7 +597,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer x,
   p.send_ctas = grid.send_ctas;
   p.meta_offset = AlignUp(payload, 16);
   p.row_bytes = p.meta_offset + AlignUp(2 * top_k * 4, 16);
-  p.row = SplitRows(payload, SendRows(m, capacity), grid.send_ctas, FlagRoom(m, capacity));
+  p.row = SplitRows(payload, SendRows(m, capacity), grid.send_ctas, FlagRoom(m, capacity), 16);
   if (ffi::Error e = CheckRoom("dispatch", m, workspace, capacity, p.row_bytes, p.row.splits); !e.success()) {
     return e;
   }
@@ -595,7 +644,7 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer part
   p.send_ctas = grid.send_ctas;
   const int64_t payload = static_cast<int64_t>(partial.size_bytes()) / (m.nranks * capacity);
   p.row_bytes = AlignUp(payload, 16);
-  p.row = SplitRows(payload, SendRows(m, capacity), grid.send_ctas, FlagRoom(m, capacity));
+  p.row = SplitRows(payload, SendRows(m, capacity), grid.send_ctas, FlagRoom(m, capacity), kReduceChunk);
   if (ffi::Error e = CheckRoom("combine", m, workspace, capacity, p.row_bytes, p.row.splits); !e.success()) {
     return e;
   }
