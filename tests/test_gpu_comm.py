@@ -37,9 +37,15 @@ def _ranks() -> list[int]:
     return sorted({2, min(4, jax.device_count())})
 
 
-def _round_trip(backend_name: str, num_ranks: int, dtype, slots_per_rank: int = SPR):
+def _round_trip(backend_name: str, num_ranks: int, dtype, slots_per_rank: int = SPR, **grid):
+    """``grid``: NvlinkAllToAll's max_ctas / send_ctas (nvlink only)."""
     mesh = jax.make_mesh((num_ranks,), ("ep",), devices=jax.devices()[:num_ranks])
-    backend = get_alltoall_backend(backend_name, mesh=mesh, axis="ep")
+    if grid:
+        from wideep_jax.comm.nvlink import NvlinkAllToAll
+
+        backend = NvlinkAllToAll(mesh, "ep", **grid)
+    else:
+        backend = get_alltoall_backend(backend_name, mesh=mesh, axis="ep")
 
     def body(x, slots, weights, valid):
         plan = make_dispatch_plan(slots, weights, valid, num_ranks=num_ranks, slots_per_rank=slots_per_rank)
@@ -79,6 +85,30 @@ def test_dispatch_combine_equal_xla(rng, backend, dtype):
             for name, g, w in zip(("y", "x", "slot", "weight", "count"), got, want):
                 assert_array_equal(np.asarray(g, np.float64), np.asarray(w, np.float64),
                                    err_msg=f"{backend} R={num_ranks} {mode}: {name}")
+
+
+@pytest.mark.parametrize("grid", [dict(max_ctas=2, send_ctas=1), dict(max_ctas=5, send_ctas=3),
+                                  dict(send_ctas=120)])
+def test_nvlink_small_and_lopsided_grids_equal_xla(rng, grid):
+    """Few CTAs (each warp loops over many rows and pieces), or few receivers:
+    every row still arrives, every sum in rank order, on 7168-wide and odd rows."""
+    num_ranks = min(4, jax.device_count())
+    top_k = 8
+    spr = max(SPR, -(-top_k // num_ranks))
+    for tokens, hidden, dtype in ((96, 7168, jnp.bfloat16), (40, 136, jnp.float32)):
+        mesh, fn = _round_trip("nvlink", num_ranks, dtype, spr, **grid)
+        _, ref = _round_trip("xla", num_ranks, dtype, spr)
+        sharding = NamedSharding(mesh, P("ep"))
+        for mode in ("random", "one_rank"):
+            x = dyadic_tokens(rng, (num_ranks * tokens, hidden)).astype(dtype)
+            slots = np.concatenate([random_slots(rng, mode, tokens, top_k, num_ranks, spr)
+                                    for _ in range(num_ranks)])
+            valid = np.ones(num_ranks * tokens, bool)
+            weights = random_weights(rng, slots.shape)
+            args = [jax.device_put(jnp.asarray(a), sharding) for a in (x, slots, weights, valid)]
+            for name, g, w in zip(("y", "x", "slot", "weight", "count"), fn(*args), ref(*args)):
+                assert_array_equal(np.asarray(g, np.float64), np.asarray(w, np.float64),
+                                   err_msg=f"{grid} {mode} hidden={hidden}: {name}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

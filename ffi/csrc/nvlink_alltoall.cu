@@ -4,7 +4,7 @@
 //
 // Every device of an EP group owns a workspace: a control block and two
 // halves, each half a data region (7/8) and a flag region (1/8). The grid is
-// split in two roles that run at once:
+// split in two roles that run at once (a quarter sends by default):
 // - sender CTAs store rows (each token once per destination rank, a row cut
 //   into pieces) straight into the destination's data region over NVLink;
 //   after each piece its warp fences and raises that piece's flag there;
@@ -510,7 +510,9 @@ ffi::Error FindMember(int64_t workspace, int ordinal, Member* out) {
 }
 
 // The grid: one CTA per SM (capped by `max_ctas`), so it is resident at once;
-// `send_ctas` of them (default: half) send, the rest receive.
+// `send_ctas` of them (default: a quarter) send, the rest receive. A quarter
+// of an H200's SMs already keeps NVLink stores near their peak, and receivers
+// need the rest: combine's reduction reads R rows and writes an f32 row per token.
 struct Grid {
   int ctas, send_ctas;
 };
@@ -519,7 +521,7 @@ Grid MakeGrid(const Member& m, int64_t max_ctas, int64_t send_ctas) {
   if (max_ctas > 0 && max_ctas < ctas) ctas = max_ctas;
   if (ctas < 2) ctas = 2;
   if (m.nranks == 1) return {static_cast<int>(ctas), 0};  // nothing to send
-  int64_t send = send_ctas > 0 ? send_ctas : ctas / 2;
+  int64_t send = send_ctas > 0 ? send_ctas : (ctas / 4 > 0 ? ctas / 4 : 1);
   if (send > ctas - 1) send = ctas - 1;
   return {static_cast<int>(ctas), static_cast<int>(send)};
 }

@@ -1,7 +1,7 @@
 """One-sided NVLink backend: peer stores into symmetric workspaces (one process).
 
-Half of each kernel's CTAs push rows over NVLink into the destination ranks'
-workspaces, raising a flag per row piece; the other half stream them out as
+A quarter of each kernel's CTAs push rows over NVLink into the destination ranks'
+workspaces, raising a flag per row piece; the others stream them out as
 they land. Dispatch pushes each token once per destination rank and copies
 arrived rows into its outputs; combine pushes partial rows back the same way
 and reduces them per token in rank order, so its sums equal the portable
@@ -44,7 +44,7 @@ class NvlinkAllToAll(FfiAllToAll):
     def __init__(self, mesh, axis: str, *, max_ctas: int | None = None, send_ctas: int | None = None):
         """``max_ctas``: CTAs per call (default: one per SM; fewer leave SMs to
         overlapping work at some bandwidth). ``send_ctas``: how many of them push
-        rows while the rest stream them out (default: half)."""
+        rows while the rest stream them out (default: a quarter)."""
         super().__init__(mesh, axis)
         for key, value in (("max_ctas", max_ctas), ("send_ctas", send_ctas)):
             if value is not None and (not isinstance(value, int) or value < 1):
