@@ -59,6 +59,8 @@ def best_of(candidates: dict, iters: int) -> tuple[str, float]:
         except Exception as err:  # a tile that does not fit is not a result
             print(f"    skip {label}: {type(err).__name__}: {str(err).splitlines()[0][:120]}", flush=True)
             continue
+        if len(candidates) > 1:
+            print(f"    {label or 'default'}: {ms:.3f} ms", flush=True)
         if ms < best[1]:
             best = (label, ms)
     return best
@@ -76,6 +78,7 @@ def mosaic_sweep(m, g, k, n_out, epilogue) -> list:
                                     swizzled_epilogue=True, **walk)]
         else:
             more = [MosaicGpuConfig(chain_items=True, **walk), MosaicGpuConfig(tile_m=64, tile_n=256, wg_split="m", **walk),
+                    MosaicGpuConfig(tile_m=64, tile_n=256, wg_split="m", chain_items=True, **walk),
                     MosaicGpuConfig(swizzled_epilogue=True, max_concurrent_steps=3, **walk),
                     MosaicGpuConfig(tile_m=64, tile_n=256, wg_split="m", swizzled_epilogue=True,
                                     max_concurrent_steps=3, **walk)]
@@ -103,7 +106,7 @@ def short(config) -> str:
                     if getattr(config, name) != f.default) or "defaults"
 
 
-def ours(x, w, gs, epilogue, iters, on_gpu, row_scale=None) -> dict[str, tuple[str, float]]:
+def ours(x, w, gs, epilogue, iters, on_gpu, row_scale=None, quick=False) -> dict[str, tuple[str, float]]:
     m, k = x.shape
     g, n = w.shape[0], w.shape[2] // (2 if epilogue == "swiglu" else 1)
     call = (functools.partial(grouped_swiglu) if epilogue == "swiglu"
@@ -112,6 +115,8 @@ def ours(x, w, gs, epilogue, iters, on_gpu, row_scale=None) -> dict[str, tuple[s
     if on_gpu:
         sweeps = {"mosaic_gpu": mosaic_sweep(m, g, k, n, epilogue), "triton": triton_sweep(m, g, k, n, epilogue),
                   **sweeps}
+        if quick:
+            sweeps = {"mosaic_gpu": sweeps["mosaic_gpu"]}
     out = {}
     for impl, configs in sweeps.items():
         candidates = {}
@@ -123,12 +128,13 @@ def ours(x, w, gs, epilogue, iters, on_gpu, row_scale=None) -> dict[str, tuple[s
     return out
 
 
-def jax_peers(x, w, sizes, iters: int, on_gpu: bool) -> dict[str, tuple[str, float]]:
+def jax_peers(x, w, sizes, iters: int, on_gpu: bool, quick: bool = False) -> dict[str, tuple[str, float]]:
     gs = jnp.asarray(sizes)
     out = {}
     ragged = jax.jit(jax.lax.ragged_dot)
-    out["lax.ragged_dot"] = best_of({"": functools.partial(ragged, x, w, gs)}, iters)
-    if on_gpu:
+    if not quick:
+        out["lax.ragged_dot"] = best_of({"": functools.partial(ragged, x, w, gs)}, iters)
+    if on_gpu and not quick:
         try:
             from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
         except ImportError as err:
@@ -209,6 +215,9 @@ def main() -> int:
     parser.add_argument("--phase", choices=("prefill", "decode", "all"), default="all")
     parser.add_argument("--batch", type=int, default=5, help="back-to-back calls per timed sample")
     parser.add_argument("--only", default="", help="comma-separated substrings of 'GEMM rows groups' to run")
+    parser.add_argument("--quick", action="store_true",
+                        help="tuning run: only the mosaic_gpu sweep, torch and dense (no triton, XLA loop, "
+                             "lax.ragged_dot or ragged_dot_mgpu)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     global BATCH
@@ -242,9 +251,9 @@ def main() -> int:
         gs = jnp.asarray(sizes)
         print(f"{name} rows={rows} {kind}", flush=True)
         row_scale = jnp.ones((rows,), jnp.float32) if epilogue == "row_scale" else None
-        results = ours(x, w, gs, epilogue, args.iters, on_gpu, row_scale)
+        results = ours(x, w, gs, epilogue, args.iters, on_gpu, row_scale, args.quick)
         if epilogue == "none":
-            results.update(jax_peers(x, w, sizes, args.iters, on_gpu and rows == prefill_rows))
+            results.update(jax_peers(x, w, sizes, args.iters, on_gpu and rows == prefill_rows, args.quick))
         if on_gpu:
             peer = torch_peer(rows, k, n, sizes, args.iters, epilogue)
             if peer is not None:
@@ -265,7 +274,7 @@ def main() -> int:
             print("  " + lines[-1], flush=True)
 
     card = jax.devices()[0].device_kind
-    title = (f"## bench_grouped_matmul ({args.phase}): 1x {card}, {datetime.date.today()}, commit {commit()}, "
+    title = (f"## bench_grouped_matmul ({args.phase}{', quick' if args.quick else ''}): 1x {card}, {datetime.date.today()}, commit {commit()}, "
              f"jax {jax.__version__}, default implementation {default_implementation()!r}")
     notes = (f"{groups} groups, bf16 in, f32 accumulate, bf16 out; decode rates count the weight bytes of "
              f"non-empty groups; measured copy bandwidth {bandwidth:.0f} GB/s; median of {args.iters} samples "
