@@ -50,9 +50,66 @@ def test_library_compiles(tmp_path, monkeypatch):
     assert ffi_build.build_library() == path  # cached: same key, no rebuild
     lib = ctypes.CDLL(str(path))
     for symbol in [*ffi_lib.TARGETS.values(), "wideep_nvlink_create", "wideep_nvlink_peer_access",
+                   "wideep_nvlink_layout",
                    "wideep_nccl_init", "wideep_nccl_unique_id", "wideep_last_error"]:
         assert hasattr(lib, symbol), symbol
     assert lib.wideep_nccl_version() >= 22000
+
+
+def _built_library() -> ctypes.CDLL:
+    """The library from the default cache (built if needed); skips without nvcc/NCCL."""
+    missing = _toolchain_missing()
+    if missing:
+        if os.environ.get("WIDEEP_REQUIRE_FFI_BUILD"):
+            pytest.fail(missing)
+        pytest.skip(missing)
+    lib = ctypes.CDLL(str(ffi_build.build_library()))
+    lib.wideep_nvlink_layout.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint64,
+                                         ctypes.POINTER(ctypes.c_int64)]
+    lib.wideep_last_error.restype = ctypes.c_char_p
+    return lib
+
+
+def test_nvlink_workspace_sizing_fits_every_layout(rng):
+    """nvlink.py sizes workspace halves from shapes alone; the kernels' layout (grid,
+    row pieces, one flag per piece) must always fit them, or a GPU call fails at run
+    time. Checked over random shapes, SM counts and grids, plus the refusals."""
+    from wideep_jax.comm.nvlink import MAX_PIECES, _align16, _half_bytes
+
+    lib = _built_library()
+
+    def layout(combine, ranks, sms, capacity, payload, top_k, max_ctas, send_ctas, half):
+        out = (ctypes.c_int64 * 6)()
+        rc = lib.wideep_nvlink_layout(int(combine), ranks, sms, capacity, payload, top_k, max_ctas, send_ctas,
+                                      half, out)
+        return rc, list(out), lib.wideep_last_error().decode()
+
+    for _ in range(400):
+        ranks = int(rng.choice([1, 2, 3, 4, 8, 16, 64]))
+        sms = int(rng.choice([2, 78, 114, 132]))
+        capacity = int(rng.choice([1, 5, 128, 4096, 40000]))
+        payload = int(rng.choice([1, 7, 64, 136, 256, 2048, 7168])) * int(rng.choice([2, 4]))
+        top_k = int(rng.choice([1, 2, 8]))
+        max_ctas, send_ctas = int(rng.choice([0, 1, 3])), int(rng.choice([0, 1, 120]))
+        for combine in (False, True):
+            row = _align16(payload) + (0 if combine else _align16(2 * top_k * 4))
+            half = _half_bytes(ranks, capacity, payload, row)
+            case = f"combine={combine} R={ranks} sms={sms} C={capacity} payload={payload} K={top_k}"
+            rc, (ctas, senders, pieces, piece, data, flags), err = layout(
+                combine, ranks, sms, capacity, payload, top_k, max_ctas, send_ctas, half)
+            assert rc == 0, f"{case}: {err}"
+            assert data == ranks * capacity * row and flags == ranks * capacity * pieces * 8, case
+            assert 2 <= ctas <= max(2, sms) and (senders == 0 if ranks == 1 else 1 <= senders < ctas), case
+            assert 1 <= pieces <= MAX_PIECES and (pieces - 1) * piece < payload <= pieces * piece, case
+            if pieces > 1:  # whole 16-byte vectors; combine: whole reduction chunks
+                assert piece % (1024 if combine else 16) == 0 and payload % 16 == 0, case
+            short = data * 8 // 7 // 2 // 64 * 64  # room for half the rows
+            if short >= 64:
+                rc, _, err = layout(combine, ranks, sms, capacity, payload, top_k, max_ctas, send_ctas, short)
+                assert rc == -1 and f"needs {data} data" in err, f"{case}: {err}"
+    rc, _, err = layout(False, 0, 132, 8, 64, 2, 0, 0, 1 << 20)
+    assert rc == -1 and "nranks=0" in err and "allowed" in err
 
 
 def test_build_key_follows_sources(tmp_path, monkeypatch):

@@ -516,11 +516,11 @@ ffi::Error FindMember(int64_t workspace, int ordinal, Member* out) {
 struct Grid {
   int ctas, send_ctas;
 };
-Grid MakeGrid(const Member& m, int64_t max_ctas, int64_t send_ctas) {
-  int64_t ctas = m.sms;
+Grid MakeGrid(int nranks, int sms, int64_t max_ctas, int64_t send_ctas) {
+  int64_t ctas = sms;
   if (max_ctas > 0 && max_ctas < ctas) ctas = max_ctas;
   if (ctas < 2) ctas = 2;
-  if (m.nranks == 1) return {static_cast<int>(ctas), 0};  // nothing to send
+  if (nranks == 1) return {static_cast<int>(ctas), 0};  // nothing to send
   int64_t send = send_ctas > 0 ? send_ctas : (ctas / 4 > 0 ? ctas / 4 : 1);
   if (send > ctas - 1) send = ctas - 1;
   return {static_cast<int>(ctas), static_cast<int>(send)};
@@ -544,26 +544,37 @@ Pieces SplitRows(int64_t payload, int64_t rows, int send_ctas, int64_t flag_room
   return p;
 }
 
-// Every source rank's rows (and their pieces' flags) must fit one half.
-ffi::Error CheckRoom(const char* op, const Member& m, int64_t workspace, int64_t capacity, int64_t row_bytes,
-                     int splits) {
-  const uint64_t rows = static_cast<uint64_t>(m.nranks) * capacity;
-  const uint64_t data = rows * row_bytes, flags = rows * splits * sizeof(uint64_t);
-  if (data <= DataBytes(m.half_bytes) && flags <= FlagBytes(m.half_bytes)) return ffi::Error::Success();
-  return ffi::Error::InvalidArgument(std::string("wideep nvlink ") + op + ": needs " + std::to_string(data) +
-                                     " data and " + std::to_string(flags) + " flag bytes per workspace half, "
-                                     "workspace " + std::to_string(workspace) + " has " +
-                                     std::to_string(DataBytes(m.half_bytes)) + " and " +
-                                     std::to_string(FlagBytes(m.half_bytes)));
+// Where one call's rows go: its grid, its pieces, and the bytes a workspace
+// half must hold. Every member of an EP group derives the same layout (same
+// shapes, workspace size and SM count), which senders and receivers rely on.
+struct Layout {
+  Grid grid;
+  Pieces row;
+  int64_t meta_offset, row_bytes;
+  uint64_t data_need, flag_need;
+};
+
+Layout PlanLayout(bool combine, int nranks, int sms, uint64_t half_bytes, int64_t capacity, int64_t payload,
+                  int64_t top_k, int64_t max_ctas, int64_t send_ctas) {
+  Layout l;
+  l.grid = MakeGrid(nranks, sms, max_ctas, send_ctas);
+  l.meta_offset = AlignUp(payload, 16);
+  l.row_bytes = combine ? l.meta_offset : l.meta_offset + AlignUp(2 * top_k * 4, 16);
+  const int64_t rows = static_cast<int64_t>(nranks) * capacity;  // every source's block
+  const int64_t flag_room = static_cast<int64_t>(FlagBytes(half_bytes) / sizeof(uint64_t)) / rows;
+  const int64_t sent = (nranks > 1 ? nranks - 1 : 1) * capacity;  // the most rows one rank sends
+  l.row = SplitRows(payload, sent, l.grid.send_ctas, flag_room, combine ? kReduceChunk : 16);
+  l.data_need = static_cast<uint64_t>(rows) * l.row_bytes;
+  l.flag_need = static_cast<uint64_t>(rows) * l.row.splits * sizeof(uint64_t);
+  return l;
 }
 
-// Rows one rank sends in all (the capacity bounds each destination's share).
-int64_t SendRows(const Member& m, int64_t capacity) {
-  return (m.nranks > 1 ? m.nranks - 1 : 1) * capacity;
-}
-
-int64_t FlagRoom(const Member& m, int64_t capacity) {
-  return static_cast<int64_t>(FlagBytes(m.half_bytes) / sizeof(uint64_t)) / (m.nranks * capacity);
+// Empty if the layout fits a half of `half_bytes`, else why not.
+std::string RoomError(const char* op, const Layout& l, uint64_t half_bytes, int64_t workspace) {
+  if (l.data_need <= DataBytes(half_bytes) && l.flag_need <= FlagBytes(half_bytes)) return "";
+  return std::string("wideep nvlink ") + op + ": needs " + std::to_string(l.data_need) + " data and " +
+         std::to_string(l.flag_need) + " flag bytes per workspace half, workspace " + std::to_string(workspace) +
+         " has " + std::to_string(DataBytes(half_bytes)) + " and " + std::to_string(FlagBytes(half_bytes));
 }
 
 uint64_t TimeoutNs(int64_t timeout_ms) {
@@ -591,18 +602,19 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer x,
   const int64_t tokens = xd[0], capacity = td[1], top_k = sd[2];
   if (capacity == 0 || tokens == 0) return ffi::Error::Success();
   const int64_t payload = static_cast<int64_t>(x.size_bytes()) / tokens;
-  const Grid grid = MakeGrid(m, max_ctas, send_ctas);
+  const Layout l = PlanLayout(false, m.nranks, m.sms, m.half_bytes, capacity, payload, top_k, max_ctas, send_ctas);
+  if (std::string err = RoomError("dispatch", l, m.half_bytes, workspace); !err.empty()) {
+    return ffi::Error::InvalidArgument(err);
+  }
+  const Grid grid = l.grid;
   DispatchParams p;
   p.ctrl = reinterpret_cast<Ctrl*>(m.base);
   p.rank = m.rank, p.nranks = m.nranks, p.capacity = static_cast<int>(capacity);
   p.top_k = static_cast<int>(top_k);
   p.send_ctas = grid.send_ctas;
-  p.meta_offset = AlignUp(payload, 16);
-  p.row_bytes = p.meta_offset + AlignUp(2 * top_k * 4, 16);
-  p.row = SplitRows(payload, SendRows(m, capacity), grid.send_ctas, FlagRoom(m, capacity), 16);
-  if (ffi::Error e = CheckRoom("dispatch", m, workspace, capacity, p.row_bytes, p.row.splits); !e.success()) {
-    return e;
-  }
+  p.meta_offset = l.meta_offset;
+  p.row_bytes = l.row_bytes;
+  p.row = l.row;
   p.half_bytes = m.half_bytes;
   p.timeout_ns = TimeoutNs(timeout_ms);
   p.x = static_cast<const char*>(x.untyped_data());
@@ -638,18 +650,19 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer part
     WIDEEP_CUDA_OR_RETURN(cudaMemsetAsync(y->untyped_data(), 0, y->size_bytes(), stream));
     return ffi::Error::Success();
   }
-  const Grid grid = MakeGrid(m, max_ctas, send_ctas);
+  const int64_t payload = static_cast<int64_t>(partial.size_bytes()) / (m.nranks * capacity);
+  const Layout l = PlanLayout(true, m.nranks, m.sms, m.half_bytes, capacity, payload, 0, max_ctas, send_ctas);
+  if (std::string err = RoomError("combine", l, m.half_bytes, workspace); !err.empty()) {
+    return ffi::Error::InvalidArgument(err);
+  }
+  const Grid grid = l.grid;
   CombineParams p;
   p.ctrl = reinterpret_cast<Ctrl*>(m.base);
   p.rank = m.rank, p.nranks = m.nranks, p.capacity = static_cast<int>(capacity);
   p.num_tokens = static_cast<int>(tokens), p.hidden = static_cast<int>(hidden);
   p.send_ctas = grid.send_ctas;
-  const int64_t payload = static_cast<int64_t>(partial.size_bytes()) / (m.nranks * capacity);
-  p.row_bytes = AlignUp(payload, 16);
-  p.row = SplitRows(payload, SendRows(m, capacity), grid.send_ctas, FlagRoom(m, capacity), kReduceChunk);
-  if (ffi::Error e = CheckRoom("combine", m, workspace, capacity, p.row_bytes, p.row.splits); !e.success()) {
-    return e;
-  }
+  p.row_bytes = l.row_bytes;
+  p.row = l.row;
   p.half_bytes = m.half_bytes;
   p.timeout_ns = TimeoutNs(timeout_ms);
   p.partial = static_cast<const char*>(partial.untyped_data());
@@ -799,6 +812,15 @@ int wideep_nvlink_create(int64_t id, int ngroups, int nranks, const int* ordinal
     }
   }
   for (int g = 0; g < ngroups; ++g) {
+    // One SM count per group: every member must derive the same layout.
+    int sms = members[ordinals[static_cast<int64_t>(g) * nranks]].sms;
+    for (int r = 1; r < nranks; ++r) {
+      const int other = members[ordinals[static_cast<int64_t>(g) * nranks + r]].sms;
+      if (other < sms) sms = other;
+    }
+    for (int r = 0; r < nranks; ++r) members[ordinals[static_cast<int64_t>(g) * nranks + r]].sms = sms;
+  }
+  for (int g = 0; g < ngroups; ++g) {
     char* peers[kMaxRanks] = {};
     for (int r = 0; r < nranks; ++r) peers[r] = members[ordinals[static_cast<int64_t>(g) * nranks + r]].base;
     for (int r = 0; r < nranks; ++r) {
@@ -816,6 +838,27 @@ int wideep_nvlink_create(int64_t id, int ngroups, int nranks, const int* ordinal
   }
   g_workspaces[id] = std::move(members);
   return 0;
+}
+
+// The layout a call of these shapes gets (see PlanLayout): out = {ctas,
+// send_ctas, pieces per row, piece bytes, data bytes, flag bytes}. Returns -1,
+// with the reason in wideep_last_error(), when it does not fit `half_bytes`
+// or an argument is out of range. Pure host arithmetic (no GPU), for tests.
+int wideep_nvlink_layout(int combine, int nranks, int sms, int64_t capacity, int64_t payload, int64_t top_k,
+                         int64_t max_ctas, int64_t send_ctas, uint64_t half_bytes, int64_t* out) {
+  using namespace wideep;
+  if (nranks < 1 || nranks > kMaxRanks || sms < 1 || capacity < 1 || payload < 1 || top_k < 0) {
+    return Fail("wideep_nvlink_layout: nranks=" + std::to_string(nranks) + " sms=" + std::to_string(sms) +
+                " capacity=" + std::to_string(capacity) + " payload=" + std::to_string(payload) +
+                " top_k=" + std::to_string(top_k) + "; allowed: 1 <= nranks <= " + std::to_string(kMaxRanks) +
+                ", sms, capacity, payload >= 1, top_k >= 0");
+  }
+  const Layout l = PlanLayout(combine != 0, nranks, sms, half_bytes, capacity, payload, top_k, max_ctas, send_ctas);
+  const int64_t values[6] = {l.grid.ctas, l.grid.send_ctas, l.row.splits, l.row.piece,
+                             static_cast<int64_t>(l.data_need), static_cast<int64_t>(l.flag_need)};
+  for (int i = 0; i < 6; ++i) out[i] = values[i];
+  const std::string err = RoomError(combine ? "combine" : "dispatch", l, half_bytes, -1);
+  return err.empty() ? 0 : Fail(err);
 }
 
 // Reads (and with reset != 0, zeroes) GPU `ordinal`'s kernel timing in
