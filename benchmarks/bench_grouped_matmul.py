@@ -12,7 +12,11 @@ epilogue and down with the routing-weight row scale, against torch doing the
 same with ``_grouped_mm`` plus its elementwise ops. Prefill rows report TFLOP/s
 over the real rows; decode rows report GB/s over the weight bytes of the groups
 that have rows (a group with no rows need not be read), next to the card's
-measured copy bandwidth. Appends a table to benchmarks/RESULTS.md.
+measured copy bandwidth. ``--phase wgrad`` times the weight gradient (per-group
+``x^T @ dy``, prefill shapes): the ``triton`` transposed kernel (``tgmm``, a small
+tile sweep) and the ``xla`` loop that the ``mosaic_gpu`` implementation uses
+today, against torch's ``_grouped_mm`` with offsets along the contraction and a
+dense matmul with the same FLOPs. Appends a table to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -30,7 +34,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench_moe_layer import commit, publish  # noqa: E402
-from pallas_kernels import MosaicGpuConfig, TritonConfig, grouped_matmul, grouped_swiglu  # noqa: E402
+from pallas_kernels import (MosaicGpuConfig, TritonConfig, grouped_matmul, grouped_matmul_transposed,  # noqa: E402
+                            grouped_swiglu)
 from pallas_kernels.grouped_matmul import default_implementation  # noqa: E402
 from pallas_kernels.grouped_matmul import mosaic_gpu as mosaic_module  # noqa: E402
 from pallas_kernels.grouped_matmul import triton as triton_module  # noqa: E402
@@ -192,6 +197,60 @@ def torch_peer(m, k, n, sizes, iters: int, epilogue: str = "none"):
     return ("", median_ms(times))
 
 
+def wgrad_ours(x, dy, gs, iters: int, on_gpu: bool) -> dict[str, tuple[str, float]]:
+    """Weight gradient: the XLA loop (what mosaic_gpu uses) and the Triton tgmm sweep."""
+    m, k = x.shape
+    g, n = gs.shape[0], dy.shape[1]
+    loop = jax.jit(functools.partial(grouped_matmul_transposed, implementation="xla"))
+    out = {"xla loop (mosaic_gpu's dW)": best_of({"default": functools.partial(loop, x, dy, gs)}, iters)}
+    if on_gpu:
+        default = triton_module.default_tgmm_config(m, g, k=k, n=n)
+        configs = [default] + [c for c in (
+            TritonConfig(block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=4),
+            TritonConfig(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3),
+            TritonConfig(block_m=64, block_n=256, block_k=128, num_warps=8, num_stages=3)) if c != default]
+        candidates = {}
+        for config in configs:
+            f = jax.jit(functools.partial(triton_module.tgmm, num_groups=g, config=config))
+            candidates[short(config)] = functools.partial(f, x, dy, gs)
+        out["triton tgmm"] = best_of(candidates, iters)
+    dense = jax.jit(lambda a, b: a.T @ b)
+    out["dense (same FLOPs)"] = best_of({"": functools.partial(dense, x, dy)}, iters)
+    return out
+
+
+def wgrad_torch_peer(m, k, n, sizes, iters: int):
+    """torch._grouped_mm with offsets along the contraction: dw[g] = x_g^T @ dy_g."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available() or not hasattr(torch, "_grouped_mm"):
+        return None
+    x_t = torch.randn(k, m, device="cuda", dtype=torch.bfloat16)  # x^T, rows of K contiguous in M
+    dy = torch.randn(n, m, device="cuda", dtype=torch.bfloat16).t()  # [M, N], column-major
+    offs = torch.tensor(np.cumsum(sizes), device="cuda", dtype=torch.int32)
+
+    def fn():
+        return torch._grouped_mm(x_t, dy, offs=offs, out_dtype=torch.bfloat16)
+
+    try:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    except Exception as err:  # a layout this torch build does not take is not a result
+        print(f"    skip torch wgrad: {type(err).__name__}: {str(err).splitlines()[0][:120]}", flush=True)
+        return None
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        for _ in range(BATCH):
+            fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) / BATCH)
+    return ("", median_ms(times))
+
+
 def copy_bandwidth(iters: int) -> float:
     """Measured device copy rate, GB/s (read + write)."""
     n = (1 << 30) if jax.default_backend() == "gpu" else (1 << 24)
@@ -208,11 +267,36 @@ CASES = {  # name: (k index into shapes, epilogue)
 }
 
 
+def wgrad_case(name, shape, rows, groups, kind, rng, iters, on_gpu) -> list[str]:
+    """Table lines for one weight-gradient case: dw [G, K, N] from x [M, K] and dy [M, N]."""
+    k, n = shape
+    sizes = group_sizes(rng, rows, groups, kind)
+    x = jax.random.normal(jax.random.key(0), (rows, k), jnp.float32).astype(jnp.bfloat16)
+    dy = jax.random.normal(jax.random.key(1), (rows, n), jnp.float32).astype(jnp.bfloat16)
+    print(f"{name} rows={rows} {kind}", flush=True)
+    results = wgrad_ours(x, dy, jnp.asarray(sizes), iters, on_gpu)
+    peer = wgrad_torch_peer(rows, k, n, sizes, iters) if on_gpu else None
+    if peer is not None:
+        results["torch._grouped_mm"] = peer
+    flops = 2.0 * rows * k * n
+    torch_ms = results.get("torch._grouped_mm", (0, None))[1]
+    dense_ms = results["dense (same FLOPs)"][1]
+    lines = []
+    for impl, (label, ms) in results.items():
+        ratios = " | ".join("" if b is None or not np.isfinite(ms) else f"{b / ms:.2f}"
+                            for b in (torch_ms, None, dense_ms))
+        lines.append(f"| {name} | {rows} | {kind} | {impl} | {label} | {ms:.3f} | "
+                     f"{flops / (ms / 1e3) / 1e12:.0f} TFLOP/s | {ratios} |")
+        print("  " + lines[-1], flush=True)
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--small", action="store_true", help="CPU smoke dims")
-    parser.add_argument("--phase", choices=("prefill", "decode", "all"), default="all")
+    parser.add_argument("--phase", choices=("prefill", "decode", "wgrad", "all"), default="all",
+                        help="all = prefill and decode; wgrad = the weight gradient at prefill shapes")
     parser.add_argument("--batch", type=int, default=5, help="back-to-back calls per timed sample")
     parser.add_argument("--only", default="", help="comma-separated substrings of 'GEMM rows groups' to run")
     parser.add_argument("--quick", action="store_true",
@@ -239,10 +323,15 @@ def main() -> int:
         cases += [("gate/up", rows, "uniform") for rows in decode_rows]
         cases += [("down", rows, "uniform") for rows in decode_rows[::2]]
         cases += [("gate/up + SwiGLU", decode_rows[-2], "zipf"), ("down x weight", decode_rows[-2], "zipf")]
+    if args.phase == "wgrad":
+        cases = [(f"{name} dW", prefill_rows, kind) for name in ("gate/up", "down") for kind in ("uniform", "zipf")]
     if args.only:
         cases = [c for c in cases if any(part in f"{c[0]} {c[1]} {c[2]}" for part in args.only.split(","))]
     lines = []
     for name, rows, kind in cases:
+        if name.endswith(" dW"):
+            lines += wgrad_case(name, shapes[name[:-3]], rows, groups, kind, rng, args.iters, on_gpu)
+            continue
         shape, epilogue = CASES[name]
         k, n = shapes[shape]
         sizes = group_sizes(rng, rows, groups, kind)
