@@ -162,12 +162,35 @@ def jax_peers(x, w, sizes, iters: int, on_gpu: bool, quick: bool = False) -> dic
     return out
 
 
-def torch_peer(m, k, n, sizes, iters: int, epilogue: str = "none"):
+def cuda_torch():
+    """torch, where it has CUDA and ``_grouped_mm``; else None."""
     try:
         import torch
     except ImportError:
         return None
     if not torch.cuda.is_available() or not hasattr(torch, "_grouped_mm"):
+        return None
+    return torch
+
+
+def time_torch(torch, fn, iters: int) -> tuple[str, float]:
+    """``("", median ms)`` of ``fn`` after 3 warm-up calls, BATCH calls per sample."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        for _ in range(BATCH):
+            fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) / BATCH)
+    return ("", median_ms(times))
+
+
+def torch_peer(m, k, n, sizes, iters: int, epilogue: str = "none"):
+    torch = cuda_torch()
+    if torch is None:
         return None
     a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     # _grouped_mm wants the weight's last dim contiguous as [G, N, K] transposed.
@@ -184,17 +207,7 @@ def torch_peer(m, k, n, sizes, iters: int, epilogue: str = "none"):
             y = y * scale
         return y
 
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        for _ in range(BATCH):
-            fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) / BATCH)
-    return ("", median_ms(times))
+    return time_torch(torch, fn, iters)
 
 
 def wgrad_ours(x, dy, gs, iters: int, on_gpu: bool) -> dict[str, tuple[str, float]]:
@@ -221,11 +234,8 @@ def wgrad_ours(x, dy, gs, iters: int, on_gpu: bool) -> dict[str, tuple[str, floa
 
 def wgrad_torch_peer(m, k, n, sizes, iters: int):
     """torch._grouped_mm with offsets along the contraction: dw[g] = x_g^T @ dy_g."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available() or not hasattr(torch, "_grouped_mm"):
+    torch = cuda_torch()
+    if torch is None:
         return None
     x_t = torch.randn(k, m, device="cuda", dtype=torch.bfloat16)  # x^T, rows of K contiguous in M
     dy = torch.randn(n, m, device="cuda", dtype=torch.bfloat16).t()  # [M, N], column-major
@@ -235,20 +245,10 @@ def wgrad_torch_peer(m, k, n, sizes, iters: int):
         return torch._grouped_mm(x_t, dy, offs=offs, out_dtype=torch.bfloat16)
 
     try:
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
+        return time_torch(torch, fn, iters)
     except Exception as err:  # a layout this torch build does not take is not a result
         print(f"    skip torch wgrad: {type(err).__name__}: {str(err).splitlines()[0][:120]}", flush=True)
         return None
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        for _ in range(BATCH):
-            fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) / BATCH)
-    return ("", median_ms(times))
 
 
 def copy_bandwidth(iters: int) -> float:
