@@ -67,8 +67,39 @@ def _built_library() -> ctypes.CDLL:
     lib.wideep_nvlink_layout.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
                                          ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint64,
                                          ctypes.POINTER(ctypes.c_int64)]
+    lib.wideep_nvlink_item_order.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int64),
+                                             ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)]
+    lib.wideep_nvlink_item_order.restype = ctypes.c_int64
     lib.wideep_last_error.restype = ctypes.c_char_p
     return lib
+
+
+def test_nvlink_item_order_visits_every_piece_once_row_by_row(rng):
+    """The NVLink kernels' senders walk (list, row, piece) items interleaving peers
+    row by row; every piece must come exactly once (a missed one hangs its
+    receiver, a doubled one races), rows never going back, a row's pieces together.
+    Random counts, ties, zeros, one list holding every row."""
+    lib = _built_library()
+    cases = [[0], [5], [3, 0, 3], [0, 0, 0, 7], [1, 2, 3, 4, 5, 6, 7]]
+    cases += [list(rng.integers(0, 40, size=int(rng.integers(1, 9)))) for _ in range(60)]
+    cases += [list(rng.integers(0, 4, size=63)), [0] * 62 + [9]]
+    for counts in cases:
+        splits = int(rng.integers(1, 17))
+        arr = (ctypes.c_int64 * len(counts))(*counts)
+        total = sum(counts) * splits
+        out = (ctypes.c_int64 * max(3 * total, 1))()
+        n = lib.wideep_nvlink_item_order(len(counts), splits, arr, total, out)
+        assert n == total, (counts, splits, n, lib.wideep_last_error())
+        items = np.asarray(out[:3 * total], np.int64).reshape(total, 3)
+        want = sorted((j, i, k) for j, c in enumerate(counts) for i in range(c) for k in range(splits))
+        assert sorted(map(tuple, items.tolist())) == want, (counts, splits)
+        assert np.all(np.diff(items[:, 1]) >= 0), (counts, splits)  # rows in order
+        if total:  # a (list, row)'s pieces are consecutive, in order
+            assert np.all(items[:, 2].reshape(-1, splits) == np.arange(splits)), (counts, splits)
+    assert lib.wideep_nvlink_item_order(3, 2, (ctypes.c_int64 * 3)(1, 2, 3), 11, out) == -1
+    assert "12 items > max_items=11" in lib.wideep_last_error().decode()
+    assert lib.wideep_nvlink_item_order(0, 2, arr, 10, out) == -1
+    assert "lists=0" in lib.wideep_last_error().decode()
 
 
 def test_nvlink_workspace_sizing_fits_every_layout(rng):

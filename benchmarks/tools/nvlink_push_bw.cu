@@ -11,6 +11,8 @@
 //   bulk    cp.async.bulk global->shared, then shared->peer global (the copy engine
 //           of the SM, one thread issuing, 4 stages of 16 KiB per CTA)
 //   local   v4 into this GPU's own memory (HBM copy, for scale)
+//   v4a2a   v4, but every GPU pushes 1/n of its buffer to each of the n-1 others
+//           at once (CTAs dealt round-robin over peers): an all-to-all's pattern
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -40,6 +42,28 @@ __global__ void __launch_bounds__(512) CopyV4(int4* dst, const int4* src, int64_
     for (int u = 0; u < kU; ++u) v[u] = __ldcg(src + base + 32 * u);
 #pragma unroll
     for (int u = 0; u < kU; ++u) dst[base + 32 * u] = v[u];
+  }
+}
+
+// CTA b pushes to peer b % npeers: its share of slice `b % npeers` of src
+// (n16 16-byte units per slice) lands in that peer's slice `slot`.
+__global__ void __launch_bounds__(512) CopyV4Spread(int4* const* dsts, int npeers, int slot, const int4* src,
+                                                    int64_t n16) {
+  const int peer = blockIdx.x % npeers;
+  const int64_t groups = gridDim.x / npeers;
+  const int64_t warp = (blockIdx.x / npeers) * int64_t(blockDim.x / 32) + threadIdx.x / 32;
+  const int64_t warps = groups * (blockDim.x / 32);
+  const int lane = threadIdx.x % 32;
+  const int4* from = src + peer * n16;
+  int4* to = dsts[peer] + slot * n16;
+  constexpr int kU = 8;
+  for (int64_t c = warp; c * 32 * kU < n16; c += warps) {
+    const int64_t base = c * 32 * kU + lane;
+    int4 v[kU];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) v[u] = __ldcg(from + base + 32 * u);
+#pragma unroll
+    for (int u = 0; u < kU; ++u) to[base + 32 * u] = v[u];
   }
 }
 
@@ -115,10 +139,20 @@ int main(int argc, char** argv) {
     CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d));
     CHECK(cudaFuncSetAttribute(CopyBulk, cudaFuncAttributeMaxDynamicSharedMemorySize, kStages * kChunk));
   }
+  // For v4a2a: each GPU's list of peers' dst buffers; slices of bytes / n.
+  const int64_t slice16 = bytes / n / 16 / (32 * 8) * (32 * 8);
+  std::vector<int4**> peer_dsts(n);
+  for (int d = 0; d < n; ++d) {
+    std::vector<int4*> host;
+    for (int p = 1; p < n; ++p) host.push_back(reinterpret_cast<int4*>(dst[(d + p) % n]));
+    CHECK(cudaSetDevice(d));
+    CHECK(cudaMalloc(&peer_dsts[d], host.size() * sizeof(int4*)));
+    CHECK(cudaMemcpy(peer_dsts[d], host.data(), host.size() * sizeof(int4*), cudaMemcpyHostToDevice));
+  }
   std::printf("%d GPUs, %d SMs, %lld MiB per GPU, every GPU pushing to the next at once\n", n, sms,
               static_cast<long long>(mib));
   std::printf("| mode | CTAs | GB/s per GPU (slowest) |\n|---|---|---|\n");
-  const char* modes[] = {"local", "v4", "v4pull", "bulk"};
+  const char* modes[] = {"local", "v4", "v4pull", "bulk", "v4a2a"};
   const int ctas_list[] = {8, 16, 24, 32, 48, 66, 99, 132, 264};
   for (const char* mode : modes) {
     for (int ctas : ctas_list) {
@@ -133,7 +167,12 @@ int main(int argc, char** argv) {
           if (mode[0] == 'l') to = dst[d];
           if (mode[2] == 'p') to = dst[d], from = src[peer];
           CHECK(cudaEventRecord(start[d], stream[d]));
-          if (bulk) {
+          if (mode[2] == 'a') {
+            const int grid = ctas / (n - 1) * (n - 1) > 0 ? ctas / (n - 1) * (n - 1) : n - 1;
+            // Sender d writes slot d of every peer: no two senders share bytes.
+            CopyV4Spread<<<grid, 512, 0, stream[d]>>>(peer_dsts[d], n - 1, d, reinterpret_cast<const int4*>(from),
+                                                      slice16);
+          } else if (bulk) {
             CopyBulk<<<ctas, 32, kStages * kChunk, stream[d]>>>(to, from, bytes);
           } else {
             CopyV4<<<ctas, 512, 0, stream[d]>>>(reinterpret_cast<int4*>(to), reinterpret_cast<const int4*>(from),
@@ -152,7 +191,8 @@ int main(int argc, char** argv) {
         }
         if (rep > 0 && (worst == 0 || slowest < worst)) worst = slowest;  // best of 3 after a warm-up
       }
-      std::printf("| %s | %d | %.0f |\n", mode, ctas, bytes / (worst * 1e-3) / 1e9);
+      const double moved = mode[2] == 'a' ? double(slice16) * 16 * (n - 1) : double(bytes);
+      std::printf("| %s | %d | %.0f |\n", mode, ctas, moved / (worst * 1e-3) / 1e9);
     }
   }
   return 0;

@@ -174,10 +174,90 @@ struct Pieces {
   }
 };
 
-// The first work item at or after `base` that warp `w` of `stride` warps owns
-// (items are dealt round-robin over a list that runs on across segments).
-__device__ __forceinline__ int64_t FirstItem(int64_t w, int64_t base, int64_t stride) {
-  return base + (((w - base) % stride) + stride) % stride;
+// The work items (piece k of row i of list j) over several lists of rows (one
+// list per peer), ordered by row first: item q is row i of every list that
+// has one, then row i + 1, ... So a warp-strided walk advances every list at
+// once: each receiver gets its rows from all sources together, in its own
+// token order, which is the order combine's receivers reduce in. Lists sorted
+// by row count split the rows into bands; band b holds rows [rows[b-1],
+// rows[b]) of the lists at positions b and later.
+struct ItemOrder {
+  int lists, splits;
+  int order[kMaxRanks];            // list at each position, fewest rows first
+  int64_t rows[kMaxRanks];         // row counts in that order
+  int64_t first[kMaxRanks + 1];    // first item of each band; first[lists] = all items
+
+  struct Item {
+    int list, piece;
+    int64_t row;
+  };
+  __host__ __device__ __forceinline__ int64_t Total() const { return first[lists]; }
+  // `band` is the walker's cursor: items are visited in increasing order.
+  __host__ __device__ __forceinline__ Item At(int64_t q, int* band) const {
+    while (q >= first[*band + 1]) ++*band;
+    const int b = *band;
+    const int64_t r = q - first[b];
+    const int64_t per_row = static_cast<int64_t>(lists - b) * splits;
+    const int64_t rem = r % per_row;
+    return {order[b + static_cast<int>(rem / splits)], static_cast<int>(rem % splits),
+            (b > 0 ? rows[b - 1] : 0) + r / per_row};
+  }
+};
+
+// Puts list j at its position (by row count, ties by list index).
+template <typename CountOf>
+__host__ __device__ void PlaceList(ItemOrder* o, int lists, int j, CountOf count_of) {
+  const int64_t n = count_of(j);
+  int pos = 0;
+  for (int i = 0; i < lists; ++i) {
+    const int64_t m = count_of(i);
+    pos += (m < n) || (m == n && i < j);
+  }
+  o->order[pos] = j;
+  o->rows[pos] = n;
+}
+
+// After every list is placed: the bands' first items.
+__host__ __device__ inline void FinishItemOrder(ItemOrder* o, int lists, int splits) {
+  int64_t q = 0, prev = 0;
+  for (int b = 0; b < lists; ++b) {
+    o->first[b] = q;
+    q += (o->rows[b] - prev) * (lists - b) * splits;
+    prev = o->rows[b];
+  }
+  o->first[lists] = q;
+  o->lists = lists;
+  o->splits = splits;
+}
+
+// Every thread of the CTA calls this (it synchronizes the CTA).
+template <typename CountOf>
+__device__ void BuildItemOrder(ItemOrder* o, int lists, int splits, CountOf count_of) {
+  if (static_cast<int>(threadIdx.x) < lists) PlaceList(o, lists, threadIdx.x, count_of);
+  __syncthreads();
+  if (threadIdx.x == 0) FinishItemOrder(o, lists, splits);
+  __syncthreads();
+}
+
+// Senders (CTAs [0, send_ctas)): push every peer's rows (list j is rank
+// rank + 1 + j) into this rank's block of the peer's data region, piece by
+// piece; `write_piece(dst_row, dest, i, k)` stores piece k of row i there.
+template <typename WritePiece>
+__device__ __forceinline__ void SendRows(Ctrl* ctrl, ItemOrder* order, const int32_t* counts, int rank, int R,
+                                         int64_t C, int half, uint64_t seq, uint64_t half_bytes,
+                                         int64_t row_bytes, int splits, int send_ctas, WritePiece write_piece) {
+  BuildItemOrder(order, R - 1, splits, [&](int j) { return static_cast<int64_t>(counts[(rank + 1 + j) % R]); });
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t stride = static_cast<int64_t>(send_ctas) * kWarps;
+  int band = 0;
+  for (int64_t q = static_cast<int64_t>(blockIdx.x) * kWarps + warp; q < order->Total(); q += stride) {
+    const ItemOrder::Item it = order->At(q, &band);
+    const int dest = (rank + 1 + it.list) % R;
+    const Half there = HalfOf(ctrl->peers[dest], half, half_bytes);
+    const int64_t row = rank * C + it.row;  // this rank's block at the destination
+    write_piece(there.data + row * row_bytes, dest, it.row, it.piece);
+    PublishPiece(there.flags + row * splits + it.piece, seq, lane);
+  }
 }
 
 // Raises this call's number (after the row counts, for dispatch) at every peer.
@@ -207,12 +287,13 @@ struct DispatchParams {
   int32_t* recv_count;
 };
 
-// Senders: CTAs [0, send_ctas) push pieces to ranks rank+1, rank+2, ... in
-// turn (so each rank receives from one sender at a time). Receivers: the other
-// CTAs copy this rank's own rows from x, then each source's pieces as their
-// flags rise (sources rank-1, rank-2, ...: the order they arrive in).
+// Senders: CTAs [0, send_ctas) push every peer's rows, peers interleaved row
+// by row (ItemOrder). Receivers: the other CTAs walk the same kind of order
+// over this rank's own rows (copied from x) and every source's, copying each
+// piece out as its flag rises.
 __global__ void __launch_bounds__(kThreads) DispatchKernel(DispatchParams p) {
   __shared__ int32_t counts[kMaxRanks];
+  __shared__ ItemOrder order;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const uint64_t seq = CurrentCall(p.ctrl);
   const int half = static_cast<int>(seq & 1);
@@ -222,32 +303,20 @@ __global__ void __launch_bounds__(kThreads) DispatchKernel(DispatchParams p) {
   PostCall(p.ctrl, p.rank, p.nranks, half, seq, p.send_count);
 
   if (blockIdx.x < p.send_ctas) {
-    const int64_t w = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-    const int64_t stride = static_cast<int64_t>(p.send_ctas) * kWarps;
-    int64_t base = 0;
-    for (int j = 1; j < R; ++j) {
-      const int dest = (p.rank + j) % R;
-      const int64_t n = p.send_count[dest];
-      const Half there = HalfOf(p.ctrl->peers[dest], half, p.half_bytes);
-      for (int64_t item = FirstItem(w, base, stride); item < base + n * P; item += stride) {
-        const int64_t i = (item - base) / P;
-        const int k = static_cast<int>((item - base) % P);
-        const int64_t t = p.send_token[dest * C + i];
-        const int64_t row = p.rank * C + i;  // this rank's block at the destination
-        char* dst = there.data + row * p.row_bytes;
-        WarpCopy<false>(dst + p.row.Offset(k), p.x + t * p.row.payload + p.row.Offset(k), p.row.Length(k), lane);
-        if (k == 0) {
-          int32_t* meta = reinterpret_cast<int32_t*>(dst + p.meta_offset);
-          const int64_t pair = (dest * C + i) * K;
-          for (int64_t e = lane; e < K; e += 32) {
-            meta[e] = p.send_slot[pair + e];
-            meta[K + e] = __float_as_int(p.send_weight[pair + e]);
-          }
-        }
-        PublishPiece(there.flags + row * P + k, seq, lane);
-      }
-      base += n * P;
-    }
+    SendRows(p.ctrl, &order, p.send_count, p.rank, R, C, half, seq, p.half_bytes, p.row_bytes, P, p.send_ctas,
+             [&](char* dst, int dest, int64_t i, int k) {
+               const int64_t t = p.send_token[dest * C + i];
+               WarpCopy<false>(dst + p.row.Offset(k), p.x + t * p.row.payload + p.row.Offset(k), p.row.Length(k),
+                               lane);
+               if (k == 0) {
+                 int32_t* meta = reinterpret_cast<int32_t*>(dst + p.meta_offset);
+                 const int64_t pair = (dest * C + i) * K;
+                 for (int64_t e = lane; e < K; e += 32) {
+                   meta[e] = p.send_slot[pair + e];
+                   meta[K + e] = __float_as_int(p.send_weight[pair + e]);
+                 }
+               }
+             });
   } else {
     const int rcv = blockIdx.x - p.send_ctas;
     const int rcv_ctas = gridDim.x - p.send_ctas;
@@ -270,42 +339,40 @@ __global__ void __launch_bounds__(kThreads) DispatchKernel(DispatchParams p) {
         p.recv_weight[s * C * K + e] = 0.0f;
       }
     }
-    const int64_t w = static_cast<int64_t>(rcv) * kWarps + warp;
     const int64_t stride = static_cast<int64_t>(rcv_ctas) * kWarps;
     const Half here = HalfOf(reinterpret_cast<char*>(p.ctrl), half, p.half_bytes);
-    int64_t base = 0;
-    for (int j = 0; j < R; ++j) {
-      const int src = (p.rank - j + R) % R;
-      const int64_t n = counts[src];
-      for (int64_t item = FirstItem(w, base, stride); item < base + n * P; item += stride) {
-        const int64_t i = (item - base) / P;
-        const int k = static_cast<int>((item - base) % P);
-        const int64_t row = src * C + i;
-        char* out = p.recv_x + row * p.row.payload + p.row.Offset(k);
-        if (src == p.rank) {
-          const int64_t t = p.send_token[row];
-          WarpCopy<false>(out, p.x + t * p.row.payload + p.row.Offset(k), p.row.Length(k), lane);
-          if (k == 0) {
-            for (int64_t e = lane; e < K; e += 32) {
-              p.recv_slot[row * K + e] = p.send_slot[row * K + e];
-              p.recv_weight[row * K + e] = p.send_weight[row * K + e];
-            }
-          }
-          continue;
-        }
-        if (lane == 0) WaitFlag(here.flags + row * P + k, seq, p.timeout_ns, "dispatch", p.rank, src);
-        __syncwarp();
-        const char* in = here.data + row * p.row_bytes;
-        WarpCopy<true>(out, in + p.row.Offset(k), p.row.Length(k), lane);
+    // Lists: this rank's own rows, then sources rank-1, rank-2, ...
+    BuildItemOrder(&order, R, P, [&](int j) { return static_cast<int64_t>(counts[(p.rank - j + R) % R]); });
+    int band = 0;
+    for (int64_t q = static_cast<int64_t>(rcv) * kWarps + warp; q < order.Total(); q += stride) {
+      const ItemOrder::Item it = order.At(q, &band);
+      const int src = (p.rank - it.list + R) % R;
+      const int64_t i = it.row;
+      const int k = it.piece;
+      const int64_t row = src * C + i;
+      char* out = p.recv_x + row * p.row.payload + p.row.Offset(k);
+      if (src == p.rank) {
+        const int64_t t = p.send_token[row];
+        WarpCopy<false>(out, p.x + t * p.row.payload + p.row.Offset(k), p.row.Length(k), lane);
         if (k == 0) {
-          const int32_t* meta = reinterpret_cast<const int32_t*>(in + p.meta_offset);
           for (int64_t e = lane; e < K; e += 32) {
-            p.recv_slot[row * K + e] = __ldcg(meta + e);
-            p.recv_weight[row * K + e] = __int_as_float(__ldcg(meta + K + e));
+            p.recv_slot[row * K + e] = p.send_slot[row * K + e];
+            p.recv_weight[row * K + e] = p.send_weight[row * K + e];
           }
+        }
+        continue;
+      }
+      if (lane == 0) WaitFlag(here.flags + row * P + k, seq, p.timeout_ns, "dispatch", p.rank, src);
+      __syncwarp();
+      const char* in = here.data + row * p.row_bytes;
+      WarpCopy<true>(out, in + p.row.Offset(k), p.row.Length(k), lane);
+      if (k == 0) {
+        const int32_t* meta = reinterpret_cast<const int32_t*>(in + p.meta_offset);
+        for (int64_t e = lane; e < K; e += 32) {
+          p.recv_slot[row * K + e] = __ldcg(meta + e);
+          p.recv_weight[row * K + e] = __int_as_float(__ldcg(meta + K + e));
         }
       }
-      base += n * P;
     }
   }
   FinishCall(p.ctrl, seq, 0);
@@ -405,7 +472,8 @@ __device__ __forceinline__ void ReduceChunk(float* out, const char* remote, cons
 }
 
 // Senders push partial rows back to their source ranks as dispatch pushes
-// tokens. Receivers reduce (token, chunk) items in token order; each waits
+// tokens (peers interleaved, so a token's rows from every rank land close
+// together). Receivers reduce (token, chunk) items in token order; each waits
 // only for the pieces it adds, so reducing overlaps the transfer.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
@@ -419,23 +487,12 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
   PostCall(p.ctrl, p.rank, p.nranks, half, seq, nullptr);
 
   if (blockIdx.x < p.send_ctas) {
-    const int64_t w = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-    const int64_t stride = static_cast<int64_t>(p.send_ctas) * kWarps;
-    int64_t base = 0;
-    for (int j = 1; j < R; ++j) {
-      const int dest = (p.rank + j) % R;
-      const int64_t n = p.send_rows[dest];
-      const Half there = HalfOf(p.ctrl->peers[dest], half, p.half_bytes);
-      for (int64_t item = FirstItem(w, base, stride); item < base + n * P; item += stride) {
-        const int64_t i = (item - base) / P;
-        const int k = static_cast<int>((item - base) % P);
-        const int64_t row = p.rank * C + i;
-        WarpCopy<false>(there.data + row * p.row_bytes + p.row.Offset(k),
-                        p.partial + (dest * C + i) * p.row.payload + p.row.Offset(k), p.row.Length(k), lane);
-        PublishPiece(there.flags + row * P + k, seq, lane);
-      }
-      base += n * P;
-    }
+    __shared__ ItemOrder order;
+    SendRows(p.ctrl, &order, p.send_rows, p.rank, R, C, half, seq, p.half_bytes, p.row_bytes, P, p.send_ctas,
+             [&](char* dst, int dest, int64_t i, int k) {
+               WarpCopy<false>(dst + p.row.Offset(k), p.partial + (dest * C + i) * p.row.payload + p.row.Offset(k),
+                               p.row.Length(k), lane);
+             });
   } else {
     const int rcv = blockIdx.x - p.send_ctas;
     const Half here = HalfOf(reinterpret_cast<char*>(p.ctrl), half, p.half_bytes);
@@ -859,6 +916,37 @@ int wideep_nvlink_layout(int combine, int nranks, int sms, int64_t capacity, int
   for (int i = 0; i < 6; ++i) out[i] = values[i];
   const std::string err = RoomError(combine ? "combine" : "dispatch", l, half_bytes, -1);
   return err.empty() ? 0 : Fail(err);
+}
+
+// The order in which senders (and dispatch's receivers) walk their work
+// items (see ItemOrder) over `lists` lists of counts[j] rows cut into `splits`
+// pieces: out[3q .. 3q+2] = {list, row, piece} of item q. Returns the item
+// count, or -1 (reason in wideep_last_error()) if it exceeds `max_items`
+// or an argument is out of range. Pure host arithmetic, for tests.
+int64_t wideep_nvlink_item_order(int lists, int splits, const int64_t* counts, int64_t max_items, int64_t* out) {
+  using namespace wideep;
+  if (lists < 1 || lists > kMaxRanks || splits < 1 || splits > kMaxPieces) {
+    return Fail("wideep_nvlink_item_order: lists=" + std::to_string(lists) + " splits=" + std::to_string(splits) +
+                "; allowed: 1.." + std::to_string(kMaxRanks) + " lists, 1.." + std::to_string(kMaxPieces) +
+                " splits");
+  }
+  for (int j = 0; j < lists; ++j) {
+    if (counts[j] < 0) return Fail("wideep_nvlink_item_order: counts[" + std::to_string(j) + "] < 0");
+  }
+  ItemOrder o;
+  auto count_of = [&](int j) { return counts[j]; };
+  for (int j = 0; j < lists; ++j) PlaceList(&o, lists, j, count_of);
+  FinishItemOrder(&o, lists, splits);
+  if (o.Total() > max_items) {
+    return Fail("wideep_nvlink_item_order: " + std::to_string(o.Total()) + " items > max_items=" +
+                std::to_string(max_items));
+  }
+  int band = 0;
+  for (int64_t q = 0; q < o.Total(); ++q) {
+    const ItemOrder::Item it = o.At(q, &band);
+    out[3 * q] = it.list, out[3 * q + 1] = it.row, out[3 * q + 2] = it.piece;
+  }
+  return o.Total();
 }
 
 // Reads (and with reset != 0, zeroes) GPU `ordinal`'s kernel timing in
