@@ -237,6 +237,12 @@ def wgrad_torch_peer(m, k, n, sizes, iters: int):
     torch = cuda_torch()
     if torch is None:
         return None
+    if any(int(s) % 16 for s in sizes):
+        # Offsets along the contraction feed TMA descriptors: a misaligned one faults
+        # on the device, which poisons the CUDA context for the rest of the process.
+        print("    skip torch wgrad: its offsets along K must be multiples of 16; these group sizes are not",
+              flush=True)
+        return None
     x_t = torch.randn(k, m, device="cuda", dtype=torch.bfloat16)  # x^T, rows of K contiguous in M
     dy = torch.randn(n, m, device="cuda", dtype=torch.bfloat16).t()  # [M, N], column-major
     offs = torch.tensor(np.cumsum(sizes), device="cuda", dtype=torch.int32)
