@@ -14,8 +14,7 @@ over the real rows; decode rows report GB/s over the weight bytes of the groups
 that have rows (a group with no rows need not be read), next to the card's
 measured copy bandwidth. ``--phase wgrad`` times the weight gradient (per-group
 ``x^T @ dy``, prefill shapes): the ``triton`` transposed kernel (``tgmm``, a small
-tile sweep) and the ``xla`` loop that the ``mosaic_gpu`` implementation uses
-today, against torch's ``_grouped_mm`` with offsets along the contraction and a
+tile sweep; both Pallas implementations' dW) and the ``xla`` loop, against torch's ``_grouped_mm`` with offsets along the contraction and a
 dense matmul with the same FLOPs. Appends a table to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
@@ -211,11 +210,11 @@ def torch_peer(m, k, n, sizes, iters: int, epilogue: str = "none"):
 
 
 def wgrad_ours(x, dy, gs, iters: int, on_gpu: bool) -> dict[str, tuple[str, float]]:
-    """Weight gradient: the XLA loop (what mosaic_gpu uses) and the Triton tgmm sweep."""
+    """Weight gradient: the XLA loop and the Triton tgmm sweep (the Pallas backends' dW)."""
     m, k = x.shape
     g, n = gs.shape[0], dy.shape[1]
     loop = jax.jit(functools.partial(grouped_matmul_transposed, implementation="xla"))
-    out = {"xla loop (mosaic_gpu's dW)": best_of({"default": functools.partial(loop, x, dy, gs)}, iters)}
+    out = {"xla loop": best_of({"default": functools.partial(loop, x, dy, gs)}, iters)}
     if on_gpu:
         default = triton_module.default_tgmm_config(m, g, k=k, n=n)
         configs = [default] + [c for c in (

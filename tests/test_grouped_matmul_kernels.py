@@ -239,6 +239,13 @@ def test_mosaic_backward_lowers_for_cuda(monkeypatch, epilogue):
 
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((G, k, n), jnp.bfloat16),
             jax.ShapeDtypeStruct((m,), jnp.float32), jax.ShapeDtypeStruct((G,), jnp.int32))
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    text = grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    grad = jax.grad(loss, argnums=(0, 1, 2))
+    # dW is the Triton transposed kernel (not the XLA loop); Triton lowers only
+    # with a GPU present, so lower the rest with dW on the loop.
+    tgmm = api._tgmm
+    with monkeypatch.context() as patch:
+        patch.setattr(api, "_tgmm", lambda name, *rest: tgmm("xla", *rest))
+        text = jax.jit(grad).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 2  # the recomputed product and dx
+    jax.clear_caches()  # the backward pass was traced with the patch
+    assert "grouped_matmul_transposed_triton" in str(jax.make_jaxpr(grad)(*args))

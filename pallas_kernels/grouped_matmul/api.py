@@ -116,10 +116,11 @@ def _forward(name, config, epilogue, out_dtype, x, w, group_sizes, row_scale):
 
 
 def _tgmm(name, config, x, dy, group_sizes, num_groups, out_dtype):
-    if name == "triton":  # tiles of its own: the forward's do not fit x^T @ dy
+    if name in ("triton", "mosaic_gpu"):
+        # Tiles of its own: the forward's do not fit x^T @ dy. Mosaic GPU has no
+        # transposed kernel; Triton's runs 3-6x the XLA loop (RESULTS.md, wgrad).
         return triton.tgmm(x.astype(dy.dtype), dy, group_sizes, num_groups=num_groups, out_dtype=out_dtype,
                            interpret=jax.default_backend() != "gpu" and not _LOWER_FOR_GPU)
-    # Mosaic GPU has no transposed kernel yet: its weight gradients use the XLA loop.
     module = _LOOP_MODULES.get(name, xla)
     if module is xla and not isinstance(config, GroupedMatmulConfig):
         config = default_config(x.shape[0], group_sizes.shape[0])
@@ -264,8 +265,8 @@ def grouped_matmul_transposed(
       x: [M, K]; dy: [M, N]; group_sizes: int [G] as in `grouped_matmul`.
       num_groups: number of leading groups to return (default G, must be <= G);
         rows of later groups are skipped.
-      implementation, config: as in `grouped_matmul`; `triton` runs its own
-        transposed kernel (`triton.tgmm`, default tiles), `mosaic_gpu` the XLA loop.
+      implementation, config: as in `grouped_matmul`; `triton` and `mosaic_gpu`
+        run the Triton transposed kernel (`triton.tgmm`, its own default tiles).
       preferred_element_type: output dtype (default x.dtype). Accumulation is f32.
 
     Returns:
