@@ -180,7 +180,7 @@ def main() -> int:
     parser.add_argument("--backends", nargs="+", default=["xla", "nccl", "nvlink"],
                         help="xla, nccl, nvlink, or nvlink:N[:S] (at most N CTAs per call, S of them sending; 0 = default)")
     parser.add_argument("--no-torch", action="store_true")
-    parser.add_argument("--small", action="store_true", help="CPU smoke run: 4 emulated devices, hidden 256")
+    parser.add_argument("--small", action="store_true", help="CPU smoke run: --ep (default 4) emulated devices, hidden 256")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
@@ -189,7 +189,8 @@ def main() -> int:
     backends = ["xla"] if args.small else args.backends
     if args.small:
         os.environ["JAX_PLATFORMS"] = "cpu"
-        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.ep or 4}")
         args.loop = min(args.loop, 5)
 
     # torch first, before JAX takes the GPUs' memory.
@@ -211,7 +212,9 @@ def main() -> int:
 
     from bench_moe_layer import commit, publish
 
-    ranks = min(args.ep or 8, jax.device_count())
+    if args.ep is not None and not 1 <= args.ep <= jax.device_count():
+        parser.error(f"--ep {args.ep}: this machine has {jax.device_count()} devices; allowed 1..{jax.device_count()}")
+    ranks = args.ep or min(8, jax.device_count())
     if ranks_guess and ranks != ranks_guess:
         peers = {}
     mesh = jax.make_mesh((ranks,), ("ep",), devices=jax.devices()[:ranks])

@@ -26,7 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench_moe_layer import commit, publish  # noqa: E402
+from bench_moe_layer import check_ep, commit, publish  # noqa: E402
 from wideep_jax.comm import resolve_alltoall_backend  # noqa: E402
 from wideep_jax.config import load_moe_config  # noqa: E402
 from wideep_jax.models import CausalLM, DecoderConfig  # noqa: E402
@@ -86,7 +86,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.small:
         args.batch, args.prompt_len, args.decode_steps, args.iters = 2, 16, 3, 1
-    ep = min(args.ep, jax.device_count())
+    check_ep(args.ep)
+    ep = args.ep
     dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
     cfg = deepseek_v3(args.layers, args.small, dtype)
     mesh = jax.make_mesh((ep,), ("ep",), devices=jax.devices()[:ep], axis_types=(jax.sharding.AxisType.Auto,))

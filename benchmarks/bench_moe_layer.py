@@ -112,10 +112,17 @@ def publish(text: str, *, write: bool) -> None:
             f.write(text if text.endswith("\n") else text + "\n")
 
 
+def check_ep(ep: int) -> None:
+    """Exits with a message when ``ep`` ranks do not fit this machine's devices."""
+    if not 1 <= ep <= jax.device_count():
+        sys.exit(f"--ep {ep}: this machine has {jax.device_count()} {jax.default_backend()} devices; "
+                 f"allowed 1..{jax.device_count()} (CPU: set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+
+
 def setup(ep: int, small: bool, *, small_hidden: int = 256, small_intermediate: int = 128):
-    """``(ep, mesh, spec, card)``: EP over the first ``ep`` devices (fewer if there are
-    fewer) and DeepSeek-V3 layer dims, or float32 scaled-down dims for a CPU smoke run."""
-    ep = min(ep, jax.device_count())
+    """``(ep, mesh, spec, card)``: EP over the first ``ep`` devices and DeepSeek-V3
+    layer dims, or float32 scaled-down dims for a CPU smoke run."""
+    check_ep(ep)
     mesh = jax.make_mesh((ep,), ("ep",), devices=jax.devices()[:ep])
     spec = MoESpec.deepseek_v3()
     if small:

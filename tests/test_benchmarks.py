@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # script, extra arguments, implementations its table must name
 SCRIPTS = [
     ("bench_alltoall.py", [], ["| 128 | xla |", "| 4096 | xla |"]),
+    ("bench_alltoall.py", ["--ep", "8"], ["EP8", "| 4096 | xla |"]),  # issue 7's shape
     ("bench_grouped_matmul.py", [], ["| gate/up | 1024 | uniform | xla loop |", "| down x weight |"]),
     ("bench_grouped_matmul.py", ["--phase", "wgrad"], ["| gate/up dW |", "| down dW |", "dense (same FLOPs)"]),
     ("bench_model.py", [], ["alltoall=xla (xla), expert_kernel=xla", "alltoall=auto (xla), expert_kernel=auto"]),
