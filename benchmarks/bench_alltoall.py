@@ -168,6 +168,8 @@ def jax_times(backend_name: str, mesh, ids, weights, tokens: int, hidden: int, e
         if profiled:  # the kernels alone: slowest device's mean
             stats = [ffi_lib.nvlink_profile(ws, d) for ws in profiled for d in mesh.devices.flat]
             out[name + "_kernel"] = max(s[name + "_us"] for s in stats if s[name + "_calls"])
+            if name == "dispatch":
+                out["dispatch_ready"] = max(s["dispatch_ready_us"] for s in stats if s["dispatch_calls"])
     return out
 
 
@@ -236,8 +238,8 @@ def main() -> int:
             ratio = "" if base is None or name == "xla" else (
                 f"{base['dispatch'] / t['dispatch']:.2f} / {base['combine'] / t['combine']:.2f}")
             kernel = (f"{t['dispatch_kernel']:.1f} / {t['combine_kernel']:.1f} "
-                      f"({sent / t['dispatch_kernel'] / 1e3:.0f} / {back / t['combine_kernel'] / 1e3:.0f} GB/s)"
-                      if "dispatch_kernel" in t else "")
+                      f"({sent / t['dispatch_kernel'] / 1e3:.0f} / {back / t['combine_kernel'] / 1e3:.0f} GB/s; "
+                      f"peers started {t['dispatch_ready']:.1f})" if "dispatch_kernel" in t else "")
             lines.append(f"| {tokens} | {name} | {t['dispatch']:.1f} | {t['combine']:.1f} | "
                          f"{sent / t['dispatch'] / 1e3:.0f} | {back / t['combine'] / 1e3:.0f} | {ratio} | {kernel} |")
             print(lines[-1], flush=True)
@@ -251,7 +253,10 @@ def main() -> int:
         "rows (hidden x 2 bytes) of the busiest rank / time; ratio = xla time / this time (dispatch / combine). "
         "torch: NCCL all_to_all_single with the same splits, one process per GPU (CUDA events, eager "
         "loop). nvlink kernel: the custom call's own time (device timer, first CTA's start to the last "
-        "CTA's end, slowest rank), without the loop's other ops.",
+        "CTA's end, slowest rank), without the loop's other ops; peers started: of dispatch's kernel time, "
+        "how long until every peer had started the call (launch skew plus a round trip; slowest rank). "
+        + (f"XLA_FLAGS: `{os.environ['XLA_FLAGS'].strip()}`." if "xla_gpu" in os.environ.get("XLA_FLAGS", "")
+           else ""),
         "",
         "| tokens/rank | backend | dispatch µs | combine µs | dispatch GB/s | combine GB/s | speed-up vs xla "
         "| nvlink kernel µs (dispatch / combine) |",

@@ -52,6 +52,7 @@ struct Ctrl {
   char* peers[kMaxRanks];              // every rank's workspace, mapped here
   uint64_t prof_start;                 // CTA 0's start of the running call (globaltimer ns)
   uint64_t prof_ns[2], prof_calls[2];  // kernel time and calls: [dispatch, combine]
+  uint64_t prof_ready_ns;              // dispatch: a receiver CTA's start to seeing every peer's call
 };
 static_assert(sizeof(Ctrl) <= kCtrlBytes, "control block too large");
 
@@ -320,6 +321,7 @@ __global__ void __launch_bounds__(kThreads) DispatchKernel(DispatchParams p) {
   } else {
     const int rcv = blockIdx.x - p.send_ctas;
     const int rcv_ctas = gridDim.x - p.send_ctas;
+    const uint64_t started = rcv == 0 && threadIdx.x == 0 ? GlobalTimerNs() : 0;
     if (threadIdx.x < R) {
       const int s = threadIdx.x;
       if (s == p.rank) {
@@ -330,6 +332,9 @@ __global__ void __launch_bounds__(kThreads) DispatchKernel(DispatchParams p) {
       }
     }
     __syncthreads();
+    // How long peers took to start this call (launch skew plus one NVLink round
+    // trip): the part of the kernel's time no data movement can shorten.
+    if (rcv == 0 && threadIdx.x == 0) p.ctrl->prof_ready_ns += GlobalTimerNs() - started;
     // Row counts and the padding pairs' slot -1 / weight 0.
     if (rcv == 0 && threadIdx.x < R) p.recv_count[threadIdx.x] = counts[threadIdx.x];
     for (int s = 0; s < R; ++s) {
@@ -950,7 +955,8 @@ int64_t wideep_nvlink_item_order(int lists, int splits, const int64_t* counts, i
 }
 
 // Reads (and with reset != 0, zeroes) GPU `ordinal`'s kernel timing in
-// workspace `id`: out = {dispatch ns, dispatch calls, combine ns, combine calls}.
+// workspace `id`: out = {dispatch ns, dispatch calls, combine ns, combine calls,
+// dispatch ns waiting for peers to start}.
 // Synchronous; for benchmarks.
 int wideep_nvlink_profile(int64_t id, int ordinal, uint64_t* out, int reset) {
   using namespace wideep;
@@ -971,9 +977,12 @@ int wideep_nvlink_profile(int64_t id, int ordinal, uint64_t* out, int reset) {
   WIDEEP_CUDA_OR_FAIL(cudaMemcpy(vals, base + offsetof(Ctrl, prof_ns), 2 * sizeof(uint64_t), cudaMemcpyDeviceToHost));
   WIDEEP_CUDA_OR_FAIL(cudaMemcpy(vals + 2, base + offsetof(Ctrl, prof_calls), 2 * sizeof(uint64_t), cudaMemcpyDeviceToHost));
   out[0] = vals[0], out[1] = vals[2], out[2] = vals[1], out[3] = vals[3];
+  WIDEEP_CUDA_OR_FAIL(cudaMemcpy(out + 4, base + offsetof(Ctrl, prof_ready_ns), sizeof(uint64_t),
+                                 cudaMemcpyDeviceToHost));
   if (reset) {
     WIDEEP_CUDA_OR_FAIL(cudaMemset(base + offsetof(Ctrl, prof_ns), 0, 2 * sizeof(uint64_t)));
     WIDEEP_CUDA_OR_FAIL(cudaMemset(base + offsetof(Ctrl, prof_calls), 0, 2 * sizeof(uint64_t)));
+    WIDEEP_CUDA_OR_FAIL(cudaMemset(base + offsetof(Ctrl, prof_ready_ns), 0, sizeof(uint64_t)));
     WIDEEP_CUDA_OR_FAIL(cudaDeviceSynchronize());
   }
   return 0;

@@ -135,13 +135,16 @@ def nvlink_workspace(groups: list[list[jax.Device]], half_bytes: int) -> int:
 
 def nvlink_profile(workspace: int, device: jax.Device, *, reset: bool = False) -> dict[str, float]:
     """Mean kernel time (µs, CTA 0's start to the last CTA's end) and call counts of
-    the nvlink dispatch and combine on ``device`` since the last reset (synchronizes)."""
-    out = (ctypes.c_uint64 * 4)()
+    the nvlink dispatch and combine on ``device`` since the last reset (synchronizes);
+    ``dispatch_ready_us``: of dispatch's time, the mean wait until every peer had
+    started the call (launch skew plus a round trip)."""
+    out = (ctypes.c_uint64 * 5)()
     _check(library().wideep_nvlink_profile(workspace, device.local_hardware_id, out, int(reset)),
            "reading the nvlink profile")
-    ns_d, calls_d, ns_c, calls_c = (int(v) for v in out)
+    ns_d, calls_d, ns_c, calls_c, ready_d = (int(v) for v in out)
     return {"dispatch_us": ns_d / max(calls_d, 1) / 1e3, "dispatch_calls": calls_d,
-            "combine_us": ns_c / max(calls_c, 1) / 1e3, "combine_calls": calls_c}
+            "combine_us": ns_c / max(calls_c, 1) / 1e3, "combine_calls": calls_c,
+            "dispatch_ready_us": ready_d / max(calls_d, 1) / 1e3}
 
 
 def nccl_communicators(groups: list[list[jax.Device]]) -> int:
