@@ -29,12 +29,10 @@
     }                                                                                   \
   } while (0)
 
-__global__ void __launch_bounds__(512) CopyV4(int4* dst, const int4* src, int64_t n) {
-  const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32;
+// Warp `warp` of `warps` copies whole 4 KiB chunks (32 lanes x 8 x 16 B) of n 16-byte units.
+__device__ __forceinline__ void CopyChunks(int4* dst, const int4* src, int64_t n, int64_t warp, int64_t warps) {
   const int lane = threadIdx.x % 32;
-  const int64_t warps = gridDim.x * int64_t(blockDim.x) / 32;
   constexpr int kU = 8;
-  // Each warp takes whole 4 KiB chunks (32 lanes x 8 x 16 B).
   for (int64_t c = warp; c * 32 * kU < n; c += warps) {
     const int64_t base = c * 32 * kU + lane;
     int4 v[kU];
@@ -45,26 +43,18 @@ __global__ void __launch_bounds__(512) CopyV4(int4* dst, const int4* src, int64_
   }
 }
 
+__global__ void __launch_bounds__(512) CopyV4(int4* dst, const int4* src, int64_t n) {
+  CopyChunks(dst, src, n, (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32, gridDim.x * int64_t(blockDim.x) / 32);
+}
+
 // CTA b pushes to peer b % npeers: its share of slice `b % npeers` of src
 // (n16 16-byte units per slice) lands in that peer's slice `slot`.
 __global__ void __launch_bounds__(512) CopyV4Spread(int4* const* dsts, int npeers, int slot, const int4* src,
                                                     int64_t n16) {
   const int peer = blockIdx.x % npeers;
-  const int64_t groups = gridDim.x / npeers;
   const int64_t warp = (blockIdx.x / npeers) * int64_t(blockDim.x / 32) + threadIdx.x / 32;
-  const int64_t warps = groups * (blockDim.x / 32);
-  const int lane = threadIdx.x % 32;
-  const int4* from = src + peer * n16;
-  int4* to = dsts[peer] + slot * n16;
-  constexpr int kU = 8;
-  for (int64_t c = warp; c * 32 * kU < n16; c += warps) {
-    const int64_t base = c * 32 * kU + lane;
-    int4 v[kU];
-#pragma unroll
-    for (int u = 0; u < kU; ++u) v[u] = __ldcg(from + base + 32 * u);
-#pragma unroll
-    for (int u = 0; u < kU; ++u) to[base + 32 * u] = v[u];
-  }
+  const int64_t warps = (gridDim.x / npeers) * int64_t(blockDim.x / 32);
+  CopyChunks(dsts[peer] + slot * n16, src + peer * n16, n16, warp, warps);
 }
 
 __device__ __forceinline__ uint32_t Smem(const void* p) {
