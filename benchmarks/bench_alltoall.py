@@ -212,10 +212,10 @@ def main() -> int:
     import jax
     import jax.numpy as jnp
 
-    from bench_moe_layer import commit, publish
+    from bench_moe_layer import check_ep, commit, publish
 
-    if args.ep is not None and not 1 <= args.ep <= jax.device_count():
-        parser.error(f"--ep {args.ep}: this machine has {jax.device_count()} devices; allowed 1..{jax.device_count()}")
+    if args.ep is not None:
+        check_ep(args.ep)
     ranks = args.ep or min(8, jax.device_count())
     if ranks_guess and ranks != ranks_guess:
         peers = {}

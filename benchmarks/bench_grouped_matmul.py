@@ -14,8 +14,9 @@ over the real rows; decode rows report GB/s over the weight bytes of the groups
 that have rows (a group with no rows need not be read), next to the card's
 measured copy bandwidth. ``--phase wgrad`` times the weight gradient (per-group
 ``x^T @ dy``, prefill shapes): the ``triton`` transposed kernel (``tgmm``, a small
-tile sweep; both Pallas implementations' dW) and the ``xla`` loop, against torch's ``_grouped_mm`` with offsets along the contraction and a
-dense matmul with the same FLOPs. Appends a table to benchmarks/RESULTS.md.
+tile sweep; both Pallas implementations' dW) and the ``xla`` loop, against
+torch's ``_grouped_mm`` with offsets along the contraction and a dense matmul
+with the same FLOPs. Appends a table to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
