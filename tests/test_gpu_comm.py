@@ -273,11 +273,12 @@ def test_nvlink_timeout_is_an_error_not_a_hang():
     assert "timed out" in text, text[-3000:]
 
 
-def test_nvlink_inside_xla_command_buffers_equal_xla():
+def test_nvlink_inside_xla_command_buffers_equal_xla(tmp_path):
     """The nvlink handlers are marked command-buffer compatible (counts and the call
     number live on the device): with custom calls captured into CUDA graphs, replays
-    with new routing each time still equal the portable path bit for bit."""
-    script = textwrap.dedent("""
+    with new routing each time still equal the portable path bit for bit. XLA turns
+    thunks into command buffers after HLO, so the capture is read from its thunk dump."""
+    script = textwrap.dedent(r"""
         import numpy as np, jax, jax.numpy as jnp
         from jax.sharding import NamedSharding, PartitionSpec as P
         from wideep_jax.comm import get_alltoall_backend
@@ -309,17 +310,37 @@ def test_nvlink_inside_xla_command_buffers_equal_xla():
                 slots[:] = 0  # everything to one slot on rank 0
             w = rng.random((n * tokens, top_k)).astype(np.float32)
             args = [jax.device_put(a, sharding) for a in (x, slots, w)]
-            if step == 0:  # a computation XLA made a command buffer holds the custom calls
-                blocks = fns["nvlink"].lower(*args).compile().as_text().split("\n\n")
-                print("captured", any("command_buffer" in b.split("\n", 1)[0] and "wideep_nvlink_dispatch" in b
-                                      and "wideep_nvlink_combine" in b for b in blocks))
             got, want = (np.asarray(fns[k](*args)) for k in ("nvlink", "xla"))
             print("step", step, "equal", bool(np.array_equal(got, want)))
     """)
-    flags = "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
+    dump = tmp_path / "xla_dump"
+    flags = f"--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1 --xla_dump_to={dump}"
     env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip(), WIDEEP_ALLTOALL="")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-3000:]
-    assert "captured True" in proc.stdout, text[-3000:]  # the calls really sit in a command buffer
     assert proc.stdout.count("equal True") == 6, text[-3000:]
+    # The program's thunks after XLA's passes: the nvlink one has 6 more custom calls
+    # (3 dispatches, 3 combines) than the xla one, and they sit inside a command buffer.
+    sequences = sorted(dump.glob("*thunk_sequence_after_thunk_passes*.txt"))
+    counts = [_custom_calls(path.read_text()) for path in sequences]
+    assert len(counts) >= 2, f"thunk dumps: {[p.name for p in sequences]}"
+    (nvlink_total, nvlink_nested), (xla_total, _) = sorted(counts, reverse=True)[:2]
+    assert nvlink_total - xla_total == 6, counts
+    assert nvlink_nested >= 6, (counts, max(sequences, key=lambda p: _custom_calls(p.read_text())).read_text()[:3000])
+
+
+def _custom_calls(thunk_sequence: str) -> tuple[int, int]:
+    """(custom-call thunks, those nested in a command buffer) of an XLA thunk-sequence dump."""
+    total = nested = 0
+    buffer_indent = None  # indentation of the command buffer whose body we are in
+    for line in thunk_sequence.splitlines():
+        indent = len(line) - len(line.lstrip())
+        if buffer_indent is not None and indent <= buffer_indent:
+            buffer_indent = None
+        if "kCommandBuffer" in line and buffer_indent is None:
+            buffer_indent = indent
+        elif "kCustomCall" in line:
+            total += 1
+            nested += buffer_indent is not None
+    return total, nested
