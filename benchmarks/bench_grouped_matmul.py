@@ -41,14 +41,23 @@ from pallas_kernels.grouped_matmul import mosaic_gpu as mosaic_module  # noqa: E
 from pallas_kernels.grouped_matmul import triton as triton_module  # noqa: E402
 from wideep_jax.bench import median_ms, time_fn  # noqa: E402
 
-def group_sizes(rng, num_rows: int, num_groups: int, kind: str) -> np.ndarray:
-    """int32 [G] summing to ``num_rows``: ``uniform`` (equal +-1) or ``zipf`` (popularity ~ 1/rank^1.2)."""
+def group_sizes(num_rows: int, num_groups: int, kind: str) -> np.ndarray:
+    """int32 [G] summing to ``num_rows``: ``uniform`` (equal +-1), ``zipf`` (popularity ~ 1/rank^1.2)
+    or ``zipf-aligned`` (a diagnostic: Zipf sizes rounded to whole 128-row tiles, so no tile
+    straddles two groups; the difference to ``zipf`` is what partial tiles cost)."""
+    if kind not in ("uniform", "zipf", "zipf-aligned"):
+        raise ValueError(f"group-size kind {kind!r}: allowed uniform, zipf, zipf-aligned")
     if kind == "uniform":
         sizes = np.full(num_groups, num_rows // num_groups)
         sizes[: num_rows % num_groups] += 1
     else:
+        # One draw per shape, whatever ran before, so zipf and zipf-aligned compare the same skew.
+        draw = np.random.default_rng([num_rows, num_groups])
         p = 1.0 / np.arange(1, num_groups + 1) ** 1.2
-        sizes = rng.multinomial(num_rows, rng.permutation(p / p.sum()))
+        sizes = draw.multinomial(num_rows, draw.permutation(p / p.sum()))
+        if kind == "zipf-aligned":
+            sizes = np.round(sizes / 128).astype(np.int64) * 128
+            sizes[np.argmax(sizes)] += num_rows - sizes.sum()  # still sums to num_rows (a multiple of 128)
     return sizes.astype(np.int32)
 
 
@@ -276,7 +285,7 @@ CASES = {  # name: (k index into shapes, epilogue)
 def wgrad_case(name, shape, rows, groups, kind, rng, iters, on_gpu) -> list[str]:
     """Table lines for one weight-gradient case: dw [G, K, N] from x [M, K] and dy [M, N]."""
     k, n = shape
-    sizes = group_sizes(rng, rows, groups, kind)
+    sizes = group_sizes(rows, groups, kind)
     x = jax.random.normal(jax.random.key(0), (rows, k), jnp.float32).astype(jnp.bfloat16)
     dy = jax.random.normal(jax.random.key(1), (rows, n), jnp.float32).astype(jnp.bfloat16)
     print(f"{name} rows={rows} {kind}", flush=True)
@@ -308,6 +317,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="tuning run: only the mosaic_gpu sweep, torch and dense (no triton, XLA loop, "
                              "lax.ragged_dot or ragged_dot_mgpu)")
+    parser.add_argument("--kinds", default="uniform,zipf",
+                        help="prefill group-size kinds (uniform, zipf, zipf-aligned)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     global BATCH
@@ -324,7 +335,7 @@ def main() -> int:
     bandwidth = copy_bandwidth(args.iters)
     cases = []
     if args.phase in ("prefill", "all"):
-        cases += [(name, prefill_rows, kind) for name in CASES for kind in ("uniform", "zipf")]
+        cases += [(name, prefill_rows, kind) for name in CASES for kind in args.kinds.split(",")]
     if args.phase in ("decode", "all"):
         cases += [("gate/up", rows, "uniform") for rows in decode_rows]
         cases += [("down", rows, "uniform") for rows in decode_rows[::2]]
@@ -340,7 +351,7 @@ def main() -> int:
             continue
         shape, epilogue = CASES[name]
         k, n = shapes[shape]
-        sizes = group_sizes(rng, rows, groups, kind)
+        sizes = group_sizes(rows, groups, kind)
         x = jax.random.normal(jax.random.key(0), (rows, k), jnp.float32).astype(dtype)
         w = (jax.random.normal(jax.random.key(1), (groups, k, n), jnp.float32) / np.sqrt(k)).astype(dtype)
         gs = jnp.asarray(sizes)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,6 +22,8 @@ SCRIPTS = [
     ("bench_alltoall.py", [], ["| 128 | xla |", "| 4096 | xla |"]),
     ("bench_alltoall.py", ["--ep", "8"], ["EP8", "| 4096 | xla |"]),  # issue 7's shape
     ("bench_grouped_matmul.py", [], ["| gate/up | 1024 | uniform | xla loop |", "| down x weight |"]),
+    ("bench_grouped_matmul.py", ["--phase", "prefill", "--kinds", "zipf-aligned", "--only", "gate/up 1024"],
+     ["| gate/up | 1024 | zipf-aligned | xla loop |"]),
     ("bench_grouped_matmul.py", ["--phase", "wgrad"], ["| gate/up dW |", "| down dW |", "dense (same FLOPs)"]),
     ("bench_model.py", [], ["alltoall=xla (xla), expert_kernel=xla", "alltoall=auto (xla), expert_kernel=auto"]),
     ("bench_moe_layer.py", [], ["| 128 |"]),
@@ -43,3 +46,19 @@ def test_benchmark_smoke_run(script, extra, expected):
     for text in expected:
         assert text in proc.stdout, f"{text!r} missing from {script}'s output:\n{proc.stdout[-3000:]}"
     assert (ROOT / "benchmarks" / "RESULTS.md").read_bytes() == before, "--no-write must not append"
+
+
+def test_grouped_matmul_bench_group_sizes():
+    """The Zipf kinds are one draw per shape; zipf-aligned rounds it to whole 128-row tiles."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_grouped_matmul import group_sizes
+
+    for rows, groups in ((32768, 64), (1024, 8), (4096, 3)):
+        zipf, aligned = group_sizes(rows, groups, "zipf"), group_sizes(rows, groups, "zipf-aligned")
+        assert zipf.sum() == aligned.sum() == rows and zipf.min() >= 0 and aligned.min() >= 0
+        assert np.all(aligned % 128 == 0)
+        assert np.abs(aligned - zipf)[np.argsort(aligned)[:-1]].max() <= 64  # only the largest absorbs the rest
+        np.testing.assert_array_equal(zipf, group_sizes(rows, groups, "zipf"))
+        assert len(set(group_sizes(rows, groups, "uniform").tolist()) - {rows // groups, rows // groups + 1}) == 0
+    with pytest.raises(ValueError, match="zipf-aligned"):
+        group_sizes(1024, 8, "skewed")
