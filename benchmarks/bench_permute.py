@@ -7,7 +7,9 @@ Times the three memory-bound steps of `wideep_jax.experts` around the grouped
 GEMMs, each jitted alone: `sort_pairs` (the plan), `permute_rows` (token rows
 into slot-sorted order, one copy per (token, k) pair; XLA's gather) and
 `combine_rows` (each token's sum over its pairs' expert outputs), and on GPU the
-Pallas kernels of `pallas_kernels.permute` for the last two. Bandwidth counts the bytes each
+Pallas kernels of `pallas_kernels.permute` for the last two. Each step runs
+`--loop` times in one jitted program (`wideep_jax.bench.device_loop`), so decode
+sizes are timed by the device, not by the host's dispatch. Bandwidth counts the bytes each
 must read and write (rows read + rows written), against a measured device copy
 (read + write of a 2 GiB buffer). Appends to benchmarks/RESULTS.md.
 """
@@ -26,7 +28,7 @@ import numpy as np  # noqa: E402
 
 from bench_grouped_matmul import copy_bandwidth  # noqa: E402
 from bench_moe_layer import commit, publish  # noqa: E402
-from wideep_jax.bench import median_ms, time_fn  # noqa: E402
+from wideep_jax.bench import device_loop, median_ms, time_fn  # noqa: E402
 from pallas_kernels import permute as pallas_permute  # noqa: E402
 from wideep_jax.experts import combine_rows, permute_rows, sort_pairs  # noqa: E402
 
@@ -43,7 +45,7 @@ def routing(rng, tokens: int, top_k: int, slots: int, skew: float):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=20, help="back-to-back calls per timed sample")
+    parser.add_argument("--loop", type=int, default=20, help="calls per timed sample, in one jitted program")
     parser.add_argument("--small", action="store_true", help="CPU smoke dims")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -69,10 +71,13 @@ def main() -> int:
         want = np.asarray(x, np.float32) * top_k
         assert np.allclose(got, want, rtol=2e-2, atol=1e-2), "combine is wrong"
         pair_bytes = tokens * top_k * hidden * item
+        # name: (function, its arguments, the argument each call perturbs, bytes moved)
         steps = {
-            "sort_pairs (plan)": (lambda: plan(slot, weight, valid), None),
-            "permute_rows": (lambda: permute(x, pairs), 2 * pair_bytes),
-            "combine_rows": (lambda: combine(out, pairs), pair_bytes + tokens * hidden * item),
+            "sort_pairs (plan)": (lambda s, w, v: sort_pairs(s, w, v, slots), (slot, weight, valid), 0, None),
+            "permute_rows": (lambda x, p: permute_rows(x, p, implementation="xla"), (x, pairs), 0,
+                             2 * pair_bytes),
+            "combine_rows": (lambda o, p: combine_rows(o, p, dtype), (out, pairs), 0,
+                             pair_bytes + tokens * hidden * item),
         }
         if jax.default_backend() == "gpu":  # the Pallas (Triton) kernels, same bytes
             gather = jax.jit(pallas_permute.gather_rows)
@@ -80,11 +85,13 @@ def main() -> int:
             np.testing.assert_array_equal(np.asarray(gather(x, pairs.row_token)), np.asarray(rows))
             np.testing.assert_allclose(np.asarray(reduce(out, pairs.position, pairs.pair_valid), np.float32),
                                        got, rtol=1e-2, atol=1e-2)
-            steps["pallas gather_rows"] = (lambda: gather(x, pairs.row_token), 2 * pair_bytes)
-            steps["pallas combine_rows"] = (lambda: reduce(out, pairs.position, pairs.pair_valid),
-                                            pair_bytes + tokens * hidden * item)
-        for name, (fn, nbytes) in steps.items():
-            ms = median_ms(time_fn(fn, iters=args.iters, batch=args.batch))
+            steps["pallas gather_rows"] = (pallas_permute.gather_rows, (x, pairs.row_token), 0, 2 * pair_bytes)
+            steps["pallas combine_rows"] = (
+                lambda y, p, v: pallas_permute.combine_rows(y, p, v, out_dtype=dtype),
+                (out, pairs.position, pairs.pair_valid), 0, pair_bytes + tokens * hidden * item)
+        for name, (fn, fn_args, perturb, nbytes) in steps.items():
+            looped = device_loop(fn, args.loop, perturb)
+            ms = median_ms(time_fn(lambda: looped(*fn_args), iters=args.iters)) / args.loop
             rate = "" if nbytes is None else f"{nbytes / (ms / 1e3) / 1e9:.0f}"
             share = "" if nbytes is None else f"{nbytes / (ms / 1e3) / 1e9 / bandwidth:.2f}"
             lines.append(f"| {tokens} | {name} | {ms * 1e3:.1f} | {rate} | {share} |")
@@ -95,7 +102,8 @@ def main() -> int:
              f"jax {jax.__version__}")
     notes = (f"hidden {hidden}, top-{top_k} of {slots} local slots (Zipf 1.2), bf16; XLA gathers and the Pallas kernels of pallas_kernels/permute.py; "
              f"bytes = rows read + rows written; measured copy bandwidth {bandwidth:.0f} GB/s; "
-             f"median of {args.iters} samples of {args.batch} back-to-back calls.")
+             f"median of {args.iters} samples of {args.loop} calls in one jitted program (each call also "
+             f"updates and reads one element, to chain the calls).")
     table = "\n".join(["| tokens | step | µs | GB/s | of copy |", "|---|---|---|---|---|"] + lines)
     publish(f"\n{title}\n\n{notes}\n\n{table}\n", write=not args.no_write)
     return 0

@@ -62,3 +62,25 @@ def test_grouped_matmul_bench_group_sizes():
         assert len(set(group_sizes(rows, groups, "uniform").tolist()) - {rows // groups, rows // groups + 1}) == 0
     with pytest.raises(ValueError, match="zipf-aligned"):
         group_sizes(1024, 8, "skewed")
+
+
+def test_device_loop_runs_every_call():
+    """device_loop's calls survive XLA's optimizations (none hoisted or merged, no
+    output cut down to the element read) and return the sum of each call's first elements."""
+    import jax
+    import jax.numpy as jnp
+
+    from wideep_jax.bench import device_loop
+
+    x = jnp.asarray(np.random.default_rng().permutation(64).astype(np.int32))
+    fn = lambda a: (jnp.sort(a), a[::-1] * 2)
+    looped = device_loop(fn, 5)
+    hlo = looped.lower(x).compile().as_text()
+    assert hlo.count(" sort(") == 5, hlo[:2000]
+    assert float(looped(x)) == 5 * (0 + float(x[-1]) * 2)
+
+    rows = jnp.asarray(np.random.default_rng().standard_normal((64, 16)), jnp.float32)
+    gather = device_loop(lambda r, i: r[i], 3)
+    hlo = gather.lower(rows, x).compile().as_text()
+    assert hlo.count("f32[64,16]{1,0} gather(") + hlo.count("f32[64,16]{1,0} fusion(") >= 3, hlo[:3000]
+    assert np.isclose(float(gather(rows, x)), 3 * float(rows[x[0], 0]))

@@ -69,6 +69,34 @@ def time_fn(fn: Callable[[], object], *, iters: int, warmup: int = 2, batch: int
     return times
 
 
+def device_loop(fn: Callable[..., object], calls: int, perturb: int = 0) -> Callable[..., jax.Array]:
+    """One jitted program running ``fn(*args)`` ``calls`` times back to back.
+
+    Timing it and dividing by ``calls`` gives the device's time per call even where
+    one call is shorter than the host's dispatch (µs-scale kernels). Each call
+    depends on the previous one: ``args[perturb]`` (a numeric array) gets the previous
+    result's first elements (one per output array) times 0 added to its first
+    element, so XLA can neither hoist nor merge the calls, and an optimization
+    barrier makes it compute every output element; that costs a few one-element
+    ops per call.
+    """
+
+    def program(*args):
+        def step(_, carry):
+            args, acc = carry
+            a = args[perturb]
+            a = a.at[(0,) * a.ndim].add((acc * 0).astype(a.dtype))
+            args = args[:perturb] + (a,) + args[perturb + 1:]
+            # The barrier keeps XLA from computing only the elements read below.
+            outs = jax.lax.optimization_barrier(jax.tree.leaves(fn(*args)))
+            firsts = [leaf.reshape(-1)[0].astype(jnp.float32) for leaf in outs]
+            return args, acc + sum(firsts)
+
+        return jax.lax.fori_loop(0, calls, step, (tuple(args), jnp.float32(0)), unroll=True)[1]
+
+    return jax.jit(program)
+
+
 def median_ms(seconds: list[float]) -> float:
     """Median of a list of seconds, in milliseconds."""
     return 1e3 * statistics.median(seconds)
