@@ -194,3 +194,29 @@ def test_permute_rows_pallas_path_and_gradient(rng):
     np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_want), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="'nope'"):
         experts.permute_rows(x, pairs, implementation="nope")
+
+
+def test_stable_order_counting_sort_equals_argsort(rng):
+    """The counting sort (small plans) and the argsort (large ones) give NumPy's stable
+    order exactly, adversarial keys included (all equal, all distinct, only the padding key)."""
+    for trial in range(30):
+        num_keys = int(rng.integers(1, 70))
+        num = int(rng.integers(1, 600))
+        key = rng.integers(0, num_keys, num)
+        if trial == 0:
+            key[:] = 0
+        elif trial == 1:
+            key[:] = num_keys - 1
+        elif trial == 2:
+            key = rng.permutation(np.arange(num) % num_keys)
+        want = np.argsort(key, kind="stable")
+        for counting in (True, False):
+            order, position = experts.stable_order(jnp.asarray(key, jnp.int32), num_keys, counting=counting)
+            np.testing.assert_array_equal(np.asarray(order), want)
+            np.testing.assert_array_equal(np.asarray(position)[want], np.arange(num))
+    slot = jnp.asarray(rng.integers(-1, 16, (300, 8)), jnp.int32)
+    weight = jnp.asarray(rng.random((300, 8)), jnp.float32)
+    small = experts.sort_pairs(slot, weight, jnp.asarray(rng.random(300) < 0.9), 16)
+    assert 300 * 8 * 17 <= experts.COUNTING_SORT_MAX_CELLS  # this plan takes the counting sort
+    key = np.where(np.asarray(small.pair_valid), np.asarray(slot), 16).reshape(-1)
+    np.testing.assert_array_equal(np.asarray(small.row_token), np.argsort(key, kind="stable") // 8)

@@ -37,6 +37,32 @@ class PairOrder(NamedTuple):
     group_sizes: jax.Array  # int32 [S] sorted rows per slot (padding rows last)
 
 
+# Up to this many (pair, key) cells a counting sort (one-hot prefix sums) orders the
+# pairs; beyond it a stable argsort, whose XLA sort kernel dominates decode-sized
+# plans (sort_pairs at 1024 pairs: 25 µs on one H200, benchmarks/RESULTS.md).
+COUNTING_SORT_MAX_CELLS = 1 << 20
+
+
+def stable_order(key: jax.Array, num_keys: int, *, counting: bool | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(order, position)`` of int32 ``key`` [P] in ``[0, num_keys)``, sorted stably.
+
+    ``order[i]`` is the element at sorted place ``i``; ``position`` is its inverse.
+    ``counting`` forces the counting sort (True) or argsort (False); None picks by size.
+    """
+    num = key.shape[0]
+    if counting is None:
+        counting = num * num_keys <= COUNTING_SORT_MAX_CELLS
+    index = jnp.arange(num, dtype=jnp.int32)
+    if not counting:
+        order = jnp.argsort(key, stable=True).astype(jnp.int32)
+        return order, jnp.zeros((num,), jnp.int32).at[order].set(index, unique_indices=True)
+    onehot = (key[:, None] == jnp.arange(num_keys, dtype=key.dtype)[None, :]).astype(jnp.int32)
+    before = jnp.cumsum(onehot, axis=0) - onehot  # same-key elements ahead of each one
+    sizes = onehot.sum(axis=0)
+    position = (jnp.cumsum(sizes) - sizes)[key] + jnp.take_along_axis(before, key[:, None], axis=1)[:, 0]
+    return jnp.zeros((num,), jnp.int32).at[position].set(index, unique_indices=True), position
+
+
 def sort_pairs(slot: jax.Array, weight: jax.Array, valid: jax.Array, num_slots: int) -> PairOrder:
     """Orders the live (token, k) pairs by slot; dead pairs go last, as padding."""
     num_rows, top_k = slot.shape
@@ -45,15 +71,12 @@ def sort_pairs(slot: jax.Array, weight: jax.Array, valid: jax.Array, num_slots: 
     num_pairs = num_rows * top_k
     pair_valid = valid[:, None] & (slot >= 0)
     key = jnp.where(pair_valid, slot, num_slots).reshape(-1)
-    order = jnp.argsort(key, stable=True)
+    order, position = stable_order(key, num_slots + 1)
     group_sizes = jnp.zeros((num_slots + 1,), jnp.int32).at[key].add(1)[:num_slots]
-    # Sorted position of every pair (the inverse of `order`), for a gather-based reduce.
-    position = jnp.zeros((num_pairs,), jnp.int32).at[order].set(
-        jnp.arange(num_pairs, dtype=jnp.int32), unique_indices=True).reshape(num_rows, top_k)
     return PairOrder(
         row_token=(order // top_k).astype(jnp.int32),
         row_weight=weight.reshape(-1)[order].astype(jnp.float32),
-        position=position,
+        position=position.reshape(num_rows, top_k),
         pair_valid=pair_valid,
         group_sizes=group_sizes,
     )
