@@ -38,8 +38,8 @@ class PairOrder(NamedTuple):
 
 
 # Up to this many (pair, key) cells a counting sort (one-hot prefix sums) orders the
-# pairs; beyond it a stable argsort, whose XLA sort kernel dominates decode-sized
-# plans (sort_pairs at 1024 pairs: 25 µs on one H200, benchmarks/RESULTS.md).
+# pairs; beyond it a stable argsort, whose XLA sort is slow at decode-sized plans
+# (sort_pairs at 8192 pairs on one H200: 68 µs with it, 33-46 without; RESULTS.md).
 COUNTING_SORT_MAX_CELLS = 1 << 20
 
 
