@@ -67,7 +67,6 @@ def test_grouped_matmul_bench_group_sizes():
 def test_device_loop_runs_every_call():
     """device_loop's calls survive XLA's optimizations (none hoisted or merged, no
     output cut down to the element read) and return the sum of each call's first elements."""
-    import jax
     import jax.numpy as jnp
 
     from wideep_jax.bench import device_loop

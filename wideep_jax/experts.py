@@ -68,7 +68,6 @@ def sort_pairs(slot: jax.Array, weight: jax.Array, valid: jax.Array, num_slots: 
     num_rows, top_k = slot.shape
     # One row per (token, k) pair: every pair may be live (a caller's routing may
     # even repeat an expert), so nothing can be cut off whatever the routing.
-    num_pairs = num_rows * top_k
     pair_valid = valid[:, None] & (slot >= 0)
     key = jnp.where(pair_valid, slot, num_slots).reshape(-1)
     order, position = stable_order(key, num_slots + 1)
