@@ -15,8 +15,9 @@ that have rows (a group with no rows need not be read), next to the card's
 measured copy bandwidth. ``--phase wgrad`` times the weight gradient (per-group
 ``x^T @ dy``, prefill shapes): the ``triton`` transposed kernel (``tgmm``, a small
 tile sweep; both Pallas implementations' dW) and the ``xla`` loop, against
-torch's ``_grouped_mm`` with offsets along the contraction and a dense matmul
-with the same FLOPs. Appends a table to benchmarks/RESULTS.md.
+torch's ``_grouped_mm`` with offsets along the contraction, JAX's
+``transposed_ragged_dot_mgpu`` Pallas kernel (checked on one block, then the best
+of a small tile sweep) and a dense matmul with the same FLOPs. Appends a table to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -236,9 +237,49 @@ def wgrad_ours(x, dy, gs, iters: int, on_gpu: bool) -> dict[str, tuple[str, floa
             f = jax.jit(functools.partial(triton_module.tgmm, num_groups=g, config=config))
             candidates[short(config)] = functools.partial(f, x, dy, gs)
         out["triton tgmm"] = best_of(candidates, iters)
+        peer = transposed_ragged_dot_mgpu_peer(x, dy, gs, iters)
+        if peer is not None:
+            out["transposed_ragged_dot_mgpu"] = peer
     dense = jax.jit(lambda a, b: a.T @ b)
     out["dense (same FLOPs)"] = best_of({"": functools.partial(dense, x, dy)}, iters)
     return out
+
+
+def transposed_ragged_dot_mgpu_peer(x, dy, gs, iters: int) -> tuple[str, float] | None:
+    """JAX's own Mosaic GPU weight-gradient kernel (x is its lhs as is), best of a few tiles."""
+    try:
+        from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
+    except ImportError as err:
+        print(f"    no transposed_ragged_dot_mgpu: {err}", flush=True)
+        return None
+    k, n = x.shape[1], dy.shape[1]
+    sweep = {}
+    for bm, bn, bk, steps, grid_n in ((128, 128, 64, 4, 1), (128, 256, 64, 3, 1), (64, 256, 64, 4, 2),
+                                      (128, 128, 128, 3, 4)):
+        if k % bm or n % bn:
+            continue
+        f = jax.jit(functools.partial(transposed_ragged_dot_mgpu.transposed_ragged_dot, block_m=bm, block_n=bn,
+                                      block_k=bk, max_concurrent_steps=steps, grid_block_n=grid_n))
+        sweep[f"bm={bm} bn={bn} bk={bk} steps={steps} grid_n={grid_n}"] = functools.partial(
+            lambda f: f(x, dy, group_sizes=gs), f)
+    if not sweep:
+        return None
+    # A peer that computes something else is not a result: check the largest group's
+    # first 64x64 block against a float32 reference once.
+    sizes = np.asarray(gs)
+    g = int(np.argmax(sizes))
+    rows = slice(int(sizes[:g].sum()), int(sizes[:g + 1].sum()))
+    want = np.asarray(x[rows, :64].astype(jnp.float32).T @ dy[rows, :64].astype(jnp.float32))
+    try:
+        got = np.asarray(next(iter(sweep.values()))()[g, :64, :64], np.float32)
+    except Exception as err:  # noqa: BLE001 - a peer that fails to build is reported, not fatal
+        print(f"    transposed_ragged_dot_mgpu failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
+        return None
+    if not np.allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max()):
+        print(f"    transposed_ragged_dot_mgpu disagrees with the reference (max err "
+              f"{np.abs(got - want).max():.3g}); not timed", flush=True)
+        return None
+    return best_of(sweep, iters)
 
 
 def wgrad_torch_peer(m, k, n, sizes, iters: int):
@@ -295,11 +336,12 @@ def wgrad_case(name, shape, rows, groups, kind, rng, iters, on_gpu) -> list[str]
         results["torch._grouped_mm"] = peer
     flops = 2.0 * rows * k * n
     torch_ms = results.get("torch._grouped_mm", (0, None))[1]
+    mgpu_ms = results.get("transposed_ragged_dot_mgpu", (0, None))[1]  # the "vs ragged_dot_mgpu" column
     dense_ms = results["dense (same FLOPs)"][1]
     lines = []
     for impl, (label, ms) in results.items():
         ratios = " | ".join("" if b is None or not np.isfinite(ms) else f"{b / ms:.2f}"
-                            for b in (torch_ms, None, dense_ms))
+                            for b in (torch_ms, mgpu_ms, dense_ms))
         lines.append(f"| {name} | {rows} | {kind} | {impl} | {label} | {ms:.3f} | "
                      f"{flops / (ms / 1e3) / 1e12:.0f} TFLOP/s | {ratios} |")
         print("  " + lines[-1], flush=True)
@@ -385,7 +427,8 @@ def main() -> int:
     notes = (f"{groups} groups, bf16 in, f32 accumulate, bf16 out; decode rates count the weight bytes of "
              f"non-empty groups; measured copy bandwidth {bandwidth:.0f} GB/s; median of {args.iters} samples "
              f"of {args.batch} back-to-back calls; "
-             "a ratio column = that peer's time / this time (> 1: this row is faster).")
+             "a ratio column = that peer's time / this time (> 1: this row is faster); in dW rows the "
+             "ragged_dot_mgpu column is JAX's transposed_ragged_dot_mgpu.")
     table = "\n".join(["| GEMM | rows | groups | implementation | best tiles | ms | rate "
                        "| vs torch | vs ragged_dot_mgpu | vs dense |",
                        "|---|---|---|---|---|---|---|---|---|---|"] + lines)
