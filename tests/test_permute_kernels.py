@@ -211,12 +211,15 @@ def test_stable_order_counting_sort_equals_argsort(rng):
             key = rng.permutation(np.arange(num) % num_keys)
         want = np.argsort(key, kind="stable")
         for counting in (True, False):
-            order, position = experts.stable_order(jnp.asarray(key, jnp.int32), num_keys, counting=counting)
+            order, position, sizes = experts.stable_order(jnp.asarray(key, jnp.int32), num_keys,
+                                                          counting=counting)
             np.testing.assert_array_equal(np.asarray(order), want)
             np.testing.assert_array_equal(np.asarray(position)[want], np.arange(num))
+            np.testing.assert_array_equal(np.asarray(sizes), np.bincount(key, minlength=num_keys))
     slot = jnp.asarray(rng.integers(-1, 16, (300, 8)), jnp.int32)
     weight = jnp.asarray(rng.random((300, 8)), jnp.float32)
     small = experts.sort_pairs(slot, weight, jnp.asarray(rng.random(300) < 0.9), 16)
     assert 300 * 8 * 17 <= experts.COUNTING_SORT_MAX_CELLS  # this plan takes the counting sort
     key = np.where(np.asarray(small.pair_valid), np.asarray(slot), 16).reshape(-1)
     np.testing.assert_array_equal(np.asarray(small.row_token), np.argsort(key, kind="stable") // 8)
+    np.testing.assert_array_equal(np.asarray(small.group_sizes), np.bincount(key, minlength=17)[:16])

@@ -43,11 +43,13 @@ class PairOrder(NamedTuple):
 COUNTING_SORT_MAX_CELLS = 1 << 20
 
 
-def stable_order(key: jax.Array, num_keys: int, *, counting: bool | None = None) -> tuple[jax.Array, jax.Array]:
-    """``(order, position)`` of int32 ``key`` [P] in ``[0, num_keys)``, sorted stably.
+def stable_order(key: jax.Array, num_keys: int, *,
+                 counting: bool | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(order, position, sizes)`` of int32 ``key`` [P] in ``[0, num_keys)``, sorted stably.
 
-    ``order[i]`` is the element at sorted place ``i``; ``position`` is its inverse.
-    ``counting`` forces the counting sort (True) or argsort (False); None picks by size.
+    ``order[i]`` is the element at sorted place ``i``; ``position`` is its inverse;
+    ``sizes`` [num_keys] counts each key. ``counting`` forces the counting sort (True)
+    or argsort (False); None picks by size.
     """
     num = key.shape[0]
     if counting is None:
@@ -55,12 +57,13 @@ def stable_order(key: jax.Array, num_keys: int, *, counting: bool | None = None)
     index = jnp.arange(num, dtype=jnp.int32)
     if not counting:
         order = jnp.argsort(key, stable=True).astype(jnp.int32)
-        return order, jnp.zeros((num,), jnp.int32).at[order].set(index, unique_indices=True)
+        sizes = jnp.zeros((num_keys,), jnp.int32).at[key].add(1)
+        return order, jnp.zeros((num,), jnp.int32).at[order].set(index, unique_indices=True), sizes
     onehot = (key[:, None] == jnp.arange(num_keys, dtype=key.dtype)[None, :]).astype(jnp.int32)
     before = jnp.cumsum(onehot, axis=0) - onehot  # same-key elements ahead of each one
     sizes = onehot.sum(axis=0)
     position = (jnp.cumsum(sizes) - sizes)[key] + jnp.take_along_axis(before, key[:, None], axis=1)[:, 0]
-    return jnp.zeros((num,), jnp.int32).at[position].set(index, unique_indices=True), position
+    return jnp.zeros((num,), jnp.int32).at[position].set(index, unique_indices=True), position, sizes
 
 
 def sort_pairs(slot: jax.Array, weight: jax.Array, valid: jax.Array, num_slots: int) -> PairOrder:
@@ -70,14 +73,13 @@ def sort_pairs(slot: jax.Array, weight: jax.Array, valid: jax.Array, num_slots: 
     # even repeat an expert), so nothing can be cut off whatever the routing.
     pair_valid = valid[:, None] & (slot >= 0)
     key = jnp.where(pair_valid, slot, num_slots).reshape(-1)
-    order, position = stable_order(key, num_slots + 1)
-    group_sizes = jnp.zeros((num_slots + 1,), jnp.int32).at[key].add(1)[:num_slots]
+    order, position, sizes = stable_order(key, num_slots + 1)
     return PairOrder(
         row_token=(order // top_k).astype(jnp.int32),
         row_weight=weight.reshape(-1)[order].astype(jnp.float32),
         position=position.reshape(num_rows, top_k),
         pair_valid=pair_valid,
-        group_sizes=group_sizes,
+        group_sizes=sizes[:num_slots],
     )
 
 
