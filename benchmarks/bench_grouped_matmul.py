@@ -14,7 +14,8 @@ over the real rows; decode rows report GB/s over the weight bytes of the groups
 that have rows (a group with no rows need not be read), next to the card's
 measured copy bandwidth. ``--phase wgrad`` times the weight gradient (per-group
 ``x^T @ dy``, prefill shapes): the ``triton`` transposed kernel (``tgmm``, a small
-tile sweep; both Pallas implementations' dW) and the ``xla`` loop, against
+tile sweep; both Pallas implementations' dW), the Mosaic GPU transposed kernel
+(``mosaic_gpu_tgmm``, opt-in, a small sweep) and the ``xla`` loop, against
 torch's ``_grouped_mm`` with offsets along the contraction, JAX's
 ``transposed_ragged_dot_mgpu`` Pallas kernel (checked on one block, then the best
 of a small tile sweep) and a dense matmul with the same FLOPs. Appends a table to benchmarks/RESULTS.md.
@@ -35,8 +36,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench_moe_layer import commit, publish  # noqa: E402
-from pallas_kernels import (MosaicGpuConfig, TritonConfig, grouped_matmul, grouped_matmul_transposed,  # noqa: E402
-                            grouped_swiglu)
+from pallas_kernels import (MosaicGpuConfig, MosaicTgmmConfig, TritonConfig, grouped_matmul,  # noqa: E402
+                            grouped_matmul_transposed, grouped_swiglu)
 from pallas_kernels.grouped_matmul import default_implementation  # noqa: E402
 from pallas_kernels.grouped_matmul import mosaic_gpu as mosaic_module  # noqa: E402
 from pallas_kernels.grouped_matmul import triton as triton_module  # noqa: E402
@@ -221,7 +222,8 @@ def torch_peer(m, k, n, sizes, iters: int, epilogue: str = "none"):
 
 
 def wgrad_ours(x, dy, gs, iters: int, on_gpu: bool) -> dict[str, tuple[str, float]]:
-    """Weight gradient: the XLA loop and the Triton tgmm sweep (the Pallas backends' dW)."""
+    """Weight gradient: the XLA loop, the Triton tgmm sweep (the Pallas backends' dW) and the
+    Mosaic GPU tgmm sweep."""
     m, k = x.shape
     g, n = gs.shape[0], dy.shape[1]
     loop = jax.jit(functools.partial(grouped_matmul_transposed, implementation="xla"))
@@ -237,6 +239,14 @@ def wgrad_ours(x, dy, gs, iters: int, on_gpu: bool) -> dict[str, tuple[str, floa
             f = jax.jit(functools.partial(triton_module.tgmm, num_groups=g, config=config))
             candidates[short(config)] = functools.partial(f, x, dy, gs)
         out["triton tgmm"] = best_of(candidates, iters)
+        # Opt-in until it beats the Triton kernel here (api: a MosaicTgmmConfig selects it).
+        candidates = {}
+        for config in (MosaicTgmmConfig(), MosaicTgmmConfig(tile_k=64, max_concurrent_steps=4),
+                       MosaicTgmmConfig(tile_n=64, max_concurrent_steps=4),
+                       MosaicTgmmConfig(grid_tile_width=8)):
+            f = jax.jit(functools.partial(grouped_matmul_transposed, implementation="mosaic_gpu", config=config))
+            candidates[short(config)] = functools.partial(f, x, dy, gs)
+        out["mosaic_gpu tgmm"] = best_of(candidates, iters)
         peer = transposed_ragged_dot_mgpu_peer(x, dy, gs, iters)
         if peer is not None:
             out["transposed_ragged_dot_mgpu"] = peer

@@ -2,6 +2,7 @@
 from pallas_kernels.grouped_matmul import (
     GroupedMatmulConfig,
     MosaicGpuConfig,
+    MosaicTgmmConfig,
     TritonConfig,
     grouped_matmul,
     grouped_matmul_reference,
@@ -13,6 +14,7 @@ from pallas_kernels.grouped_matmul import (
 __all__ = [
     "GroupedMatmulConfig",
     "MosaicGpuConfig",
+    "MosaicTgmmConfig",
     "TritonConfig",
     "grouped_matmul",
     "grouped_matmul_reference",

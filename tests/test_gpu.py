@@ -91,6 +91,40 @@ def test_grouped_kernel_gradients(rng, impl):
         kernels.test_gradients_match_reference(rng, impl, epilogue)
 
 
+@pytest.mark.parametrize("kind,m", [("random", 1000), ("zeros", 4100), ("one_giant", 1000),
+                                    ("all_last", 4100), ("tiny", 1000)])
+def test_mosaic_tgmm_poisoned(rng, kind, m):
+    """The Mosaic GPU transposed kernel (dW) against float64, with NaN padding rows (they
+    must not reach any group) and an output poisoned before the call (every tile written)."""
+    if "mosaic_gpu" not in _gpu_kernels():
+        pytest.skip("mosaic_gpu needs a Hopper GPU")
+    from pallas_kernels import MosaicTgmmConfig, grouped_matmul_transposed
+    k, n, g = 512, 768, 8
+    sizes = _sizes(kind, m, g, rng)
+    live = int(sizes.sum())
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    dy = rng.standard_normal((m, n)).astype(np.float32)
+    x[live:], dy[live:] = np.nan, np.nan
+    x, dy, gs = jnp.asarray(x, jnp.bfloat16), jnp.asarray(dy, jnp.bfloat16), jnp.asarray(sizes)
+    for config in (MosaicTgmmConfig(), MosaicTgmmConfig(tile_k=64, max_concurrent_steps=4)):
+        f = jax.jit(lambda x, dy, gs: grouped_matmul_transposed(
+            x, dy, gs, implementation="mosaic_gpu", config=config, preferred_element_type=jnp.float32))
+        f = f.lower(x, dy, gs).compile()
+        poison = [jnp.full((g, k, n), jnp.nan, jnp.float32) for _ in range(4)]
+        jax.block_until_ready(poison)
+        for buf in poison:
+            buf.delete()
+        got = np.asarray(f(x, dy, gs), np.float64)
+        xb, dyb = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+        starts = np.r_[0, np.cumsum(sizes)[:-1]]
+        assert np.isfinite(got).all(), f"{config}: a tile was not written or NaN padding leaked in"
+        for i, (s, size) in enumerate(zip(starts, sizes)):
+            if size == 0:
+                assert np.all(got[i] == 0), (config, i)
+            else:
+                assert_close(got[i], xb[s:s + size].T @ dyb[s:s + size], rtol=1e-2)
+
+
 @pytest.mark.parametrize("kernel", ["mosaic_gpu", "triton"])
 def test_wideep_layer_each_expert_kernel(rng, kernel):
     """The whole layer with each GPU kernel equals the layer with the XLA loop (bf16)."""

@@ -249,3 +249,76 @@ def test_mosaic_backward_lowers_for_cuda(monkeypatch, epilogue):
     assert text.count("mosaic_gpu") >= 2  # the recomputed product and dx
     jax.clear_caches()  # the backward pass was traced with the patch
     assert "grouped_matmul_transposed_triton" in str(jax.make_jaxpr(grad)(*args))
+
+
+# ------------------------------------------------- Mosaic GPU transposed kernel (dW)
+TGMM_CASES = {  # name: group sizes over 6 groups (rows past their sum are NaN padding)
+    "zeros": [30, 0, 100, 7, 60, 0],
+    "giant": [1, 0, 190, 0, 2, 0],
+    "last": [0, 0, 0, 0, 0, 195],
+    "empty": [0, 0, 0, 0, 0, 0],
+    "unaligned": [3, 5, 9, 11, 13, 17],
+}
+
+
+@pytest.mark.parametrize("case", list(TGMM_CASES))
+def test_mosaic_tgmm_matches_float64(rng, case):
+    """dw[g] = x_g^T dy_g on three simulated CTAs: boundary rows of neighbours and NaN
+    padding are masked out, empty groups are exactly zero, M need not be a multiple of 8."""
+    from pallas_kernels.grouped_matmul import mosaic_gpu_tgmm
+
+    m, k, n = 203, 128, 256
+    sizes = np.asarray(TGMM_CASES[case], np.int32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    dy = rng.standard_normal((m, n)).astype(np.float32)
+    x[sizes.sum():], dy[sizes.sum():] = np.nan, np.nan
+    xb, dyb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(dy, jnp.bfloat16)
+    config = mosaic_gpu_tgmm.MosaicTgmmConfig(max_ctas=3, grid_tile_width=2)
+    got = np.asarray(mosaic_gpu_tgmm.tgmm(xb, dyb, jnp.asarray(sizes), config=config, out_dtype=jnp.float32,
+                                          interpret=True), np.float64)
+    want = np.zeros((G, k, n))
+    start = 0
+    for g, size in enumerate(sizes):
+        rows = slice(start, start + size)
+        want[g] = np.asarray(xb[rows], np.float64).T @ np.asarray(dyb[rows], np.float64)
+        start += size
+    assert not np.isnan(got).any()
+    for g in range(G):
+        if sizes[g] == 0:
+            assert np.all(got[g] == 0), g
+        else:  # f32 accumulation of exact bf16 products
+            np.testing.assert_allclose(got[g], want[g], rtol=1e-5, atol=1e-4 * np.abs(want[g]).max())
+    first_two = mosaic_gpu_tgmm.tgmm(xb, dyb, jnp.asarray(sizes), num_groups=2, config=config,
+                                     out_dtype=jnp.float32, interpret=True)
+    np.testing.assert_array_equal(np.asarray(first_two), got[:2])
+
+
+def test_mosaic_tgmm_api_opt_in_and_errors(rng):
+    from pallas_kernels import MosaicTgmmConfig, grouped_matmul_transposed
+
+    sizes = jnp.asarray([40, 0, 24, 64], jnp.int32)
+    x = jnp.asarray(rng.standard_normal((128, 128)), jnp.bfloat16)
+    dy = jnp.asarray(rng.standard_normal((128, 256)), jnp.bfloat16)
+    config = MosaicTgmmConfig(max_ctas=2)
+    got = grouped_matmul_transposed(x, dy, sizes, implementation="mosaic_gpu", config=config,
+                                    preferred_element_type=jnp.float32)
+    want = grouped_matmul_transposed(x, dy, sizes, implementation="xla", preferred_element_type=jnp.float32)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-3)
+    with pytest.raises(ValueError, match="does not fit implementation 'triton'"):
+        grouped_matmul_transposed(x, dy, sizes, implementation="triton", config=config)
+    with pytest.raises(ValueError, match=r"N=128 must be .*2\*tile_n=256"):
+        grouped_matmul_transposed(x, dy[:, :128], sizes, implementation="mosaic_gpu", config=config)
+    with pytest.raises(ValueError, match="tile_k must be a positive multiple of 64"):
+        MosaicTgmmConfig(tile_k=96)
+
+
+@pytest.mark.parametrize("m,k,n", [(4100, 512, 768), (32768, 7168, 4096), (32768, 2048, 7168)])
+def test_mosaic_tgmm_lowers_for_cuda(m, k, n):
+    """The full Mosaic GPU lowering at prefill shapes (shared-memory budget, TMA tiling)."""
+    from pallas_kernels.grouped_matmul import mosaic_gpu_tgmm
+
+    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
+            jax.ShapeDtypeStruct((64,), jnp.int32))
+    text = jax.jit(lambda x, dy, gs: mosaic_gpu_tgmm.tgmm(x, dy, gs)).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text

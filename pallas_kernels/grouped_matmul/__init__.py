@@ -8,6 +8,7 @@ from pallas_kernels.grouped_matmul.api import (
 )
 from pallas_kernels.grouped_matmul.config import GroupedMatmulConfig
 from pallas_kernels.grouped_matmul.mosaic_gpu import MosaicGpuConfig
+from pallas_kernels.grouped_matmul.mosaic_gpu_tgmm import MosaicTgmmConfig
 from pallas_kernels.grouped_matmul.reference import (
     grouped_matmul_reference,
     grouped_matmul_transposed_reference,
@@ -18,6 +19,7 @@ __all__ = [
     "IMPLEMENTATIONS",
     "GroupedMatmulConfig",
     "MosaicGpuConfig",
+    "MosaicTgmmConfig",
     "TritonConfig",
     "default_implementation",
     "grouped_matmul",

@@ -18,7 +18,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.grouped_matmul import mosaic_gpu, ragged_dot, triton, xla
+from pallas_kernels.grouped_matmul import mosaic_gpu, mosaic_gpu_tgmm, ragged_dot, triton, xla
 from pallas_kernels.grouped_matmul.config import GroupedMatmulConfig, default_config
 
 Epilogue = Literal["none", "swiglu", "row_scale"]
@@ -116,11 +116,15 @@ def _forward(name, config, epilogue, out_dtype, x, w, group_sizes, row_scale):
 
 
 def _tgmm(name, config, x, dy, group_sizes, num_groups, out_dtype):
+    interpret = jax.default_backend() != "gpu" and not _LOWER_FOR_GPU
+    if isinstance(config, mosaic_gpu_tgmm.MosaicTgmmConfig):  # opt-in until timed on a GPU
+        return mosaic_gpu_tgmm.tgmm(x.astype(dy.dtype), dy, group_sizes, num_groups=num_groups, config=config,
+                                    out_dtype=out_dtype, interpret=interpret)
     if name in ("triton", "mosaic_gpu"):
         # Tiles of its own: the forward's do not fit x^T @ dy. Mosaic GPU has no
         # transposed kernel; Triton's runs 3-6x the XLA loop (RESULTS.md, wgrad).
         return triton.tgmm(x.astype(dy.dtype), dy, group_sizes, num_groups=num_groups, out_dtype=out_dtype,
-                           interpret=jax.default_backend() != "gpu" and not _LOWER_FOR_GPU)
+                           interpret=interpret)
     module = _LOOP_MODULES.get(name, xla)
     if module is xla and not isinstance(config, GroupedMatmulConfig):
         config = default_config(x.shape[0], group_sizes.shape[0])
@@ -266,7 +270,9 @@ def grouped_matmul_transposed(
       num_groups: number of leading groups to return (default G, must be <= G);
         rows of later groups are skipped.
       implementation, config: as in `grouped_matmul`; `triton` and `mosaic_gpu`
-        run the Triton transposed kernel (`triton.tgmm`, its own default tiles).
+        run the Triton transposed kernel (`triton.tgmm`, its own default tiles);
+        `mosaic_gpu` with a `MosaicTgmmConfig` runs the Mosaic GPU transposed
+        kernel (`mosaic_gpu_tgmm.tgmm`, not yet timed on a GPU).
       preferred_element_type: output dtype (default x.dtype). Accumulation is f32.
 
     Returns:
@@ -282,6 +288,7 @@ def grouped_matmul_transposed(
     num_groups = total_groups if num_groups is None else num_groups
     if not 0 <= num_groups <= total_groups:
         raise ValueError(f"num_groups must be in [0, {total_groups}], got {num_groups}")
-    config = _resolve_config(name, config, x.shape[0], total_groups, x.shape[1], dy.shape[1])
+    if not (name == "mosaic_gpu" and isinstance(config, mosaic_gpu_tgmm.MosaicTgmmConfig)):
+        config = _resolve_config(name, config, x.shape[0], total_groups, x.shape[1], dy.shape[1])
     out_dtype = jnp.dtype(preferred_element_type or x.dtype)
     return _tgmm(name, config, x, dy, group_sizes, num_groups, out_dtype)

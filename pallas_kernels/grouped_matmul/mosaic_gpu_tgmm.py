@@ -1,0 +1,201 @@
+"""Weight gradient of the grouped matmul for Hopper in Pallas Mosaic GPU.
+
+``dw[g] = x[rows_g]^T @ dy[rows_g]``: the contraction runs over each group's
+rows, so its length is data (the pipeline's step count is read per item). One
+CTA per SM loops over (group, K tile, N tile) work items, group by group so a
+group's rows stay in L2 while its tiles are computed. Each item runs a TMA
+pipeline over the group's rows (one producer warpgroup, two consumer
+warpgroups side by side along N issuing wgmma with x transposed in shared
+memory), then stores its tile. The group's first and last row blocks may hold
+rows of its neighbours or padding (NaN allowed): those rows are zeroed in
+shared memory (a select, not a multiply) before the MMAs. Empty groups give
+zeros.
+
+Not the default dW yet: it has not been timed on a GPU against the Triton
+transposed kernel (`triton.tgmm`), which is. CPU: Mosaic GPU's interpret mode.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+_ROW_ALIGN = 8  # tiled TMA loads need row offsets that are multiples of 8
+_INTERPRET_CTAS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicTgmmConfig:
+    """Tiling of the Mosaic GPU transposed grouped matmul (static, hashable).
+
+    Attributes:
+      tile_k, tile_n: one consumer warpgroup's output tile (rows of dw[g] along
+        K, columns along N); the two consumers sit side by side along N, so a
+        CTA computes ``tile_k x 2*tile_n``.
+      block_rows: rows of x and dy per pipeline step (the contraction step).
+      max_concurrent_steps: pipeline stages in shared memory.
+      grid_tile_width: planar-snake band width over a group's (K, N) tiles.
+      max_ctas: persistent CTAs to launch (None: one per SM).
+    """
+
+    tile_k: int = 128
+    tile_n: int = 128
+    block_rows: int = 64
+    max_concurrent_steps: int = 3
+    grid_tile_width: int = 4
+    max_ctas: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("tile_k", "tile_n", "block_rows"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0 or value % 64:
+                raise ValueError(f"MosaicTgmmConfig.{name} must be a positive multiple of 64, got {value!r}")
+        if self.max_concurrent_steps < 2 or self.grid_tile_width < 1:
+            raise ValueError("MosaicTgmmConfig needs max_concurrent_steps >= 2 and grid_tile_width >= 1, got "
+                             f"{self.max_concurrent_steps}, {self.grid_tile_width}")
+
+
+def _num_sms() -> int:
+    device = jax.devices()[0]
+    return getattr(device, "core_count", None) or 132 if device.platform == "gpu" else 132
+
+
+def _kernel(group_start, group_end, x_gmem, dy_gmem, out_gmem, *, config: MosaicTgmmConfig, num_groups: int):
+    dtype = x_gmem.dtype
+    m, k = x_gmem.shape
+    n = dy_gmem.shape[1]
+    tile_k, tile_n, rows = config.tile_k, config.tile_n, config.block_rows
+    cta_n = 2 * tile_n
+    k_tiles, n_tiles = k // tile_k, n // cta_n
+    swizzle = plgpu.find_swizzle(64 * jnp.dtype(dtype).itemsize * 8)
+    transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+                  plgpu.SwizzleTransform(swizzle))
+    out_swizzle = plgpu.find_swizzle(tile_n * jnp.dtype(out_gmem.dtype).itemsize * 8)
+    out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(out_gmem.dtype).itemsize)),
+                      plgpu.SwizzleTransform(out_swizzle))
+
+    def pipeline(body, compute_context, steps):
+        x_spec = plgpu.BlockSpec((rows, tile_k), lambda r: (r, 0), transforms=transforms)
+        dy_spec = plgpu.BlockSpec((rows, cta_n), lambda r: (r, 0), transforms=transforms)
+        return plgpu.emit_pipeline_warp_specialized(
+            body, grid=(steps,), memory_registers=40, in_specs=[x_spec, dy_spec], wg_axis="wg",
+            num_compute_wgs=2, max_concurrent_steps=config.max_concurrent_steps,
+            compute_context=compute_context,
+        )
+
+    ignore = lambda *_, **__: None  # the allocations depend only on the specs
+    allocations = pipeline(ignore, ignore, config.max_concurrent_steps).get_allocations(
+        x_gmem.at[:, pl.ds(0, tile_k)], dy_gmem.at[:, pl.ds(0, cta_n)])
+
+    @functools.partial(pl.run_scoped, allocs=allocations,
+                       out_smem=plgpu.SMEM((2, tile_k, tile_n), out_gmem.dtype, transforms=out_transforms),
+                       collective_axes="wg")
+    def _scope(allocs, out_smem):
+        wg = lax.axis_index("wg")
+
+        @plgpu.nd_loop((num_groups * k_tiles * n_tiles,), collective_axes="sm")
+        def _item(info):
+            g = lax.div(info.index[0], jnp.int32(k_tiles * n_tiles))
+            kt, nt = plgpu.planar_snake(lax.rem(info.index[0], jnp.int32(k_tiles * n_tiles)),
+                                        (k_tiles, n_tiles), 1, config.grid_tile_width)
+            begin, end = group_start[g], group_end[g]
+            first = pl.multiple_of(begin // _ROW_ALIGN * _ROW_ALIGN, _ROW_ALIGN)
+            # An empty group still runs one step, all of it masked: its tile comes out zero.
+            steps = jnp.maximum((end - first + rows - 1) // rows, 1)
+            last = steps - 1
+
+            def mask_rows(ref, step):
+                """Zeroes the rows of a step's block that are not the group's."""
+                row = first + step * rows + plgpu.layout_cast(
+                    lax.broadcasted_iota(jnp.int32, ref.shape, 0), plgpu.Layout.WGMMA)
+                ref[...] = jnp.where((row >= begin) & (row < end), ref[...], jnp.zeros((), ref.dtype))
+
+            def mma(idx, x_smem, dy_smem, acc):
+                step = idx[0]
+                dy_mine = dy_smem.at[:, pl.ds(pl.multiple_of(wg * tile_n, tile_n), tile_n)]
+
+                @pl.when((step == 0) | (step == last))
+                def _():
+                    # Both consumers write x's masked rows: the same values, so no race.
+                    mask_rows(x_smem, step)
+                    mask_rows(dy_mine, step)
+                    plgpu.commit_smem()
+
+                plgpu.wgmma(acc, x_smem.transpose((1, 0)), dy_mine)
+                plgpu.wgmma_wait(0)
+                return acc
+
+            def compute_context(run_pipeline):
+                def with_acc(acc_ref):
+                    run_pipeline(acc_ref)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this buffer's previous store
+                    out_smem[wg] = acc_ref[...].astype(out_smem.dtype)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(
+                        out_smem.at[wg],
+                        out_gmem.at[g, pl.ds(kt * tile_k, tile_k), pl.ds(nt * cta_n + wg * tile_n, tile_n)])
+
+                pl.run_scoped(with_acc, plgpu.ACC((tile_k, tile_n), jnp.float32))
+
+            x_rows = x_gmem.at[pl.ds(first, m), pl.ds(kt * tile_k, tile_k)]
+            dy_rows = dy_gmem.at[pl.ds(first, m), pl.ds(nt * cta_n, cta_n)]
+            pipeline(mma, compute_context, steps)(x_rows, dy_rows, allocations=allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def tgmm(
+    x: jax.Array,
+    dy: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    num_groups: int | None = None,
+    config: MosaicTgmmConfig | None = None,
+    out_dtype=None,
+    interpret: bool = False,
+) -> jax.Array:
+    """dw[g] = x[rows_g]^T @ dy[rows_g] for the first ``num_groups`` groups: [num_groups, K, N].
+
+    Rows at or past ``sum(group_sizes)`` are never used (NaN there is harmless);
+    empty groups give zeros. ``interpret`` runs Mosaic GPU's CPU interpreter.
+    """
+    if x.ndim != 2 or dy.ndim != 2 or x.shape[0] != dy.shape[0]:
+        raise ValueError(f"expected x [M, K] and dy [M, N], got {x.shape} and {dy.shape}")
+    (m, k), n = x.shape, dy.shape[1]
+    config = config or MosaicTgmmConfig()
+    num_groups = group_sizes.shape[0] if num_groups is None else num_groups
+    if k % config.tile_k or n % (2 * config.tile_n):
+        raise ValueError(f"K={k} and N={n} must be multiples of tile_k={config.tile_k} and 2*tile_n="
+                         f"{2 * config.tile_n} for the mosaic_gpu transposed grouped matmul")
+    if x.dtype != dy.dtype or x.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"mosaic_gpu transposed grouped matmul needs x and dy both bf16 or f16, got "
+                         f"{x.dtype}, {dy.dtype}")
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    if m == 0 or num_groups == 0:
+        return jnp.zeros((num_groups, k, n), out_dtype)
+    # Group bounds, clipped to the rows that exist (an over-full group_sizes reads nothing past M).
+    ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), m)[:num_groups]
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    # Tiled TMA needs a row count that is a multiple of 8; only then a copy (the
+    # added rows belong to no group, so they are masked like padding).
+    rows = -(-m // _ROW_ALIGN) * _ROW_ALIGN
+    if rows != m:
+        x, dy = (jnp.pad(a, ((0, rows - m), (0, 0))) for a in (x, dy))
+    num_ctas = _INTERPRET_CTAS if interpret else _num_sms()
+    num_ctas = min(num_ctas, config.max_ctas or num_ctas)
+    kernel = plgpu.kernel(
+        functools.partial(_kernel, config=config, num_groups=num_groups),
+        out_type=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+        grid=(num_ctas,),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else False,
+    )
+    return kernel(starts, ends, x, dy)
