@@ -173,6 +173,30 @@ def jax_times(backend_name: str, mesh, ids, weights, tokens: int, hidden: int, e
     return out
 
 
+def loop_only_us(mesh, tokens: int, hidden: int, loops: int, iters: int, dtype) -> float:
+    """µs per step of the timing loop around a 1-row op: what chaining the ops costs by itself."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from wideep_jax.bench import median_ms, time_fn
+
+    def body(x):
+        def step(i, carry):
+            x, acc = carry
+            x = x.at[0, 0].add((acc * 0).astype(x.dtype))
+            y = jax.lax.optimization_barrier(x[:1] + 1)
+            return x, acc + y[0, 0].astype(jnp.float32)
+
+        return jax.lax.fori_loop(0, loops, step, (x, jnp.float32(0)), unroll=True)[1][None]
+
+    tok = P("ep")
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=tok, out_specs=tok, check_vma=False))
+    x = jax.device_put(jnp.zeros((mesh.shape["ep"] * tokens, hidden), dtype), NamedSharding(mesh, tok))
+    jax.block_until_ready(f(x))
+    return median_ms(time_fn(lambda: f(x), iters=iters)) / loops * 1e3
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ep", type=int, default=None, help="EP ranks (default: every GPU, at most 8)")
@@ -243,6 +267,9 @@ def main() -> int:
             lines.append(f"| {tokens} | {name} | {t['dispatch']:.1f} | {t['combine']:.1f} | "
                          f"{sent / t['dispatch'] / 1e3:.0f} | {back / t['combine'] / 1e3:.0f} | {ratio} | {kernel} |")
             print(lines[-1], flush=True)
+        loop_us = loop_only_us(mesh, tokens, hidden, args.loop, args.iters, jnp.bfloat16)
+        lines.append(f"| {tokens} | loop only (1-row op) | {loop_us:.1f} | {loop_us:.1f} |  |  |  |  |")
+        print(lines[-1], flush=True)
 
     text = "\n".join([
         "",
@@ -255,6 +282,7 @@ def main() -> int:
         "loop). nvlink kernel: the custom call's own time (device timer, first CTA's start to the last "
         "CTA's end, slowest rank), without the loop's other ops; peers started: of dispatch's kernel time, "
         "how long until every peer had started the call (launch skew plus a round trip; slowest rank). "
+        "loop only: the same timing loop around a 1-row op instead of the all-to-all (its cost per op). "
         + (f"XLA_FLAGS: `{os.environ['XLA_FLAGS'].strip()}`." if "xla_gpu" in os.environ.get("XLA_FLAGS", "")
            else ""),
         "",

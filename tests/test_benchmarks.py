@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # script, extra arguments, implementations its table must name
 SCRIPTS = [
-    ("bench_alltoall.py", [], ["| 128 | xla |", "| 4096 | xla |"]),
+    ("bench_alltoall.py", [], ["| 128 | xla |", "| 4096 | xla |", "| 128 | loop only (1-row op) |"]),
     ("bench_alltoall.py", ["--ep", "8"], ["EP8", "| 4096 | xla |"]),  # issue 7's shape
     ("bench_grouped_matmul.py", [], ["| gate/up | 1024 | uniform | xla loop |", "| down x weight |"]),
     ("bench_grouped_matmul.py", ["--phase", "prefill", "--kinds", "zipf-aligned", "--only", "gate/up 1024"],
