@@ -179,19 +179,11 @@ def loop_only_us(mesh, tokens: int, hidden: int, loops: int, iters: int, dtype) 
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from wideep_jax.bench import median_ms, time_fn
+    from wideep_jax.bench import device_loop, median_ms, time_fn
 
-    def body(x):
-        def step(i, carry):
-            x, acc = carry
-            x = x.at[0, 0].add((acc * 0).astype(x.dtype))
-            y = jax.lax.optimization_barrier(x[:1] + 1)
-            return x, acc + y[0, 0].astype(jnp.float32)
-
-        return jax.lax.fori_loop(0, loops, step, (x, jnp.float32(0)), unroll=True)[1][None]
-
+    body = device_loop(lambda x: x[:1] + 1, loops)
     tok = P("ep")
-    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=tok, out_specs=tok, check_vma=False))
+    f = jax.jit(jax.shard_map(lambda x: body(x)[None], mesh=mesh, in_specs=tok, out_specs=tok, check_vma=False))
     x = jax.device_put(jnp.zeros((mesh.shape["ep"] * tokens, hidden), dtype), NamedSharding(mesh, tok))
     jax.block_until_ready(f(x))
     return median_ms(time_fn(lambda: f(x), iters=iters)) / loops * 1e3
