@@ -153,6 +153,24 @@ def _num_sms() -> int:
     return getattr(device, "core_count", None) or 132 if device.platform == "gpu" else 132
 
 
+def persistent_kernel(body, out_type, *, max_ctas: int | None, interpret: bool,
+                      interpret_ctas: int = _INTERPRET_CTAS):
+    """A Mosaic GPU kernel of one CTA per SM (at most ``max_ctas``), each with three
+    warpgroups (two consumers and a producer) named ``"wg"`` over a grid named ``"sm"``.
+    ``interpret`` runs Mosaic GPU's CPU interpreter on ``interpret_ctas`` simulated CTAs."""
+    num_ctas = interpret_ctas if interpret else _num_sms()
+    return plgpu.kernel(
+        body,
+        out_type=out_type,
+        grid=(min(num_ctas, max_ctas or num_ctas),),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else False,
+    )
+
+
 def _silu_times(gate: jax.Array, up: jax.Array) -> jax.Array:
     return gate / (1.0 + jnp.exp2(gate * -_LOG2E)) * up
 
@@ -362,20 +380,9 @@ def grouped_matmul(
         scale = jnp.pad(row_scale.astype(jnp.float32), (0, rows - m + cta_m))
     else:
         scale = jnp.zeros((8,), jnp.float32)
-    if interpret:
-        num_ctas = min(_INTERPRET_CTAS, config.max_ctas or _INTERPRET_CTAS)
-    else:
-        num_ctas = min(_num_sms(), config.max_ctas or _num_sms())
-    kernel = plgpu.kernel(
-        functools.partial(_kernel, config=config, epilogue=epilogue, n_out=n_out),
-        out_type=jax.ShapeDtypeStruct((rows, n_out), out_dtype),
-        grid=(num_ctas,),
-        grid_names=("sm",),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=plgpu.InterpretGPUParams() if interpret else False,
-    )
+    kernel = persistent_kernel(functools.partial(_kernel, config=config, epilogue=epilogue, n_out=n_out),
+                               jax.ShapeDtypeStruct((rows, n_out), out_dtype), max_ctas=config.max_ctas,
+                               interpret=interpret)
     out = kernel(schedule.group, schedule.start, schedule.live_begin, schedule.live_end,
                  schedule.num_tiles, x_in, w, scale)
     return out if rows == m else out[:m]

@@ -25,7 +25,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-_ROW_ALIGN = 8  # tiled TMA loads need row offsets that are multiples of 8
+from pallas_kernels.grouped_matmul.mosaic_gpu import _ROW_ALIGN, persistent_kernel
+
 _INTERPRET_CTAS = 3
 
 
@@ -58,11 +59,6 @@ class MosaicTgmmConfig:
         if self.max_concurrent_steps < 2 or self.grid_tile_width < 1:
             raise ValueError("MosaicTgmmConfig needs max_concurrent_steps >= 2 and grid_tile_width >= 1, got "
                              f"{self.max_concurrent_steps}, {self.grid_tile_width}")
-
-
-def _num_sms() -> int:
-    device = jax.devices()[0]
-    return getattr(device, "core_count", None) or 132 if device.platform == "gpu" else 132
 
 
 def _kernel(group_start, group_end, x_gmem, dy_gmem, out_gmem, *, config: MosaicTgmmConfig, num_groups: int):
@@ -186,16 +182,7 @@ def tgmm(
     rows = -(-m // _ROW_ALIGN) * _ROW_ALIGN
     if rows != m:
         x, dy = (jnp.pad(a, ((0, rows - m), (0, 0))) for a in (x, dy))
-    num_ctas = _INTERPRET_CTAS if interpret else _num_sms()
-    num_ctas = min(num_ctas, config.max_ctas or num_ctas)
-    kernel = plgpu.kernel(
-        functools.partial(_kernel, config=config, num_groups=num_groups),
-        out_type=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
-        grid=(num_ctas,),
-        grid_names=("sm",),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=plgpu.InterpretGPUParams() if interpret else False,
-    )
+    kernel = persistent_kernel(functools.partial(_kernel, config=config, num_groups=num_groups),
+                               jax.ShapeDtypeStruct((num_groups, k, n), out_dtype), max_ctas=config.max_ctas,
+                               interpret=interpret, interpret_ctas=_INTERPRET_CTAS)
     return kernel(starts, ends, x, dy)
