@@ -7,6 +7,7 @@ Dims are small but keep the kernels' constraints (K % 64, N % 128).
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -224,7 +225,8 @@ def test_mosaic_lowers_for_cuda(m, epilogue, swizzled):
 
 @pytest.mark.parametrize("epilogue", ["swiglu", "row_scale"])
 def test_mosaic_backward_lowers_for_cuda(monkeypatch, epilogue):
-    """The gradient's kernels (recomputed product, dx on w^T) fit shared memory at prefill size."""
+    """The gradient's kernels (recomputed product, dx on w^T, dW) all lower through Mosaic
+    GPU and fit shared memory at prefill size."""
     from pallas_kernels.grouped_matmul import api
 
     monkeypatch.setattr(api, "_LOWER_FOR_GPU", True)
@@ -240,15 +242,12 @@ def test_mosaic_backward_lowers_for_cuda(monkeypatch, epilogue):
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((G, k, n), jnp.bfloat16),
             jax.ShapeDtypeStruct((m,), jnp.float32), jax.ShapeDtypeStruct((G,), jnp.int32))
     grad = jax.grad(loss, argnums=(0, 1, 2))
-    # dW is the Triton transposed kernel (not the XLA loop); Triton lowers only
-    # with a GPU present, so lower the rest with dW on the loop.
-    tgmm = api._tgmm
-    with monkeypatch.context() as patch:
-        patch.setattr(api, "_tgmm", lambda name, *rest: tgmm("xla", *rest))
-        text = jax.jit(grad).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("mosaic_gpu") >= 2  # the recomputed product and dx
-    jax.clear_caches()  # the backward pass was traced with the patch
-    assert "grouped_matmul_transposed_triton" in str(jax.make_jaxpr(grad)(*args))
+    text = jax.jit(grad).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    # The recomputed product, dx and dW (the Mosaic transposed kernel; the forward's
+    # value is unused by the gradient). A float32 dw: test_mosaic_tgmm_lowers_for_cuda.
+    calls = re.findall(r"custom_call @(\w+)", text)
+    assert calls.count("mosaic_gpu_v2") == 3, calls
+    assert "triton" not in text.lower()
 
 
 # ------------------------------------------------- Mosaic GPU transposed kernel (dW)
@@ -293,8 +292,9 @@ def test_mosaic_tgmm_matches_float64(rng, case):
     np.testing.assert_array_equal(np.asarray(first_two), got[:2])
 
 
-def test_mosaic_tgmm_api_opt_in_and_errors(rng):
+def test_mosaic_tgmm_api_default_and_errors(rng):
     from pallas_kernels import MosaicTgmmConfig, grouped_matmul_transposed
+    from pallas_kernels.grouped_matmul import mosaic_gpu_tgmm
 
     sizes = jnp.asarray([40, 0, 24, 64], jnp.int32)
     x = jnp.asarray(rng.standard_normal((128, 128)), jnp.bfloat16)
@@ -304,6 +304,13 @@ def test_mosaic_tgmm_api_opt_in_and_errors(rng):
                                     preferred_element_type=jnp.float32)
     want = grouped_matmul_transposed(x, dy, sizes, implementation="xla", preferred_element_type=jnp.float32)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-3)
+    # No config: mosaic_gpu's own dW kernel with its default tiles (64 x 2*64 here, N=128).
+    assert mosaic_gpu_tgmm.default_config(128, 128) == MosaicTgmmConfig(tile_k=64, tile_n=64,
+                                                                        max_concurrent_steps=4)
+    assert mosaic_gpu_tgmm.default_config(128, 192) is None  # the Triton kernel runs then
+    got = grouped_matmul_transposed(x, dy[:, :128], sizes, implementation="mosaic_gpu",
+                                    preferred_element_type=jnp.float32)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want)[:, :, :128], rtol=1e-5, atol=1e-3)
     with pytest.raises(ValueError, match="does not fit implementation 'triton'"):
         grouped_matmul_transposed(x, dy, sizes, implementation="triton", config=config)
     with pytest.raises(ValueError, match=r"N=128 must be .*2\*tile_n=256"):
@@ -312,13 +319,22 @@ def test_mosaic_tgmm_api_opt_in_and_errors(rng):
         MosaicTgmmConfig(tile_k=96)
 
 
+TGMM_LOWERING_CONFIGS = {  # the default and the configs the GPU test and the wgrad sweep run
+    "default": {}, "tile_k=64": {"tile_k": 64, "max_concurrent_steps": 4},
+    "tile_n=64": {"tile_n": 64, "max_concurrent_steps": 4}, "grid_tile_width=8": {"grid_tile_width": 8}}
+
+
 @pytest.mark.parametrize("m,k,n", [(4100, 512, 768), (32768, 7168, 4096), (32768, 2048, 7168)])
-def test_mosaic_tgmm_lowers_for_cuda(m, k, n):
-    """The full Mosaic GPU lowering at prefill shapes (shared-memory budget, TMA tiling)."""
+@pytest.mark.parametrize("out_dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("config", list(TGMM_LOWERING_CONFIGS))
+def test_mosaic_tgmm_lowers_for_cuda(m, k, n, out_dtype, config):
+    """The full Mosaic GPU lowering at prefill shapes (shared-memory budget, TMA tiling),
+    for bf16 and float32 dw: a float32 tile is staged out in row slabs so it fits."""
     from pallas_kernels.grouped_matmul import mosaic_gpu_tgmm
 
+    config = mosaic_gpu_tgmm.MosaicTgmmConfig(**TGMM_LOWERING_CONFIGS[config])
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
             jax.ShapeDtypeStruct((64,), jnp.int32))
-    text = jax.jit(lambda x, dy, gs: mosaic_gpu_tgmm.tgmm(x, dy, gs)).trace(*args).lower(
-        lowering_platforms=("cuda",)).as_text()
+    text = jax.jit(lambda x, dy, gs: mosaic_gpu_tgmm.tgmm(x, dy, gs, config=config, out_dtype=out_dtype)).trace(
+        *args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text

@@ -117,12 +117,15 @@ def _forward(name, config, epilogue, out_dtype, x, w, group_sizes, row_scale):
 
 def _tgmm(name, config, x, dy, group_sizes, num_groups, out_dtype):
     interpret = jax.default_backend() != "gpu" and not _LOWER_FOR_GPU
-    if isinstance(config, mosaic_gpu_tgmm.MosaicTgmmConfig):  # opt-in until timed on a GPU
+    if name == "mosaic_gpu" and not isinstance(config, mosaic_gpu_tgmm.MosaicTgmmConfig):
+        # Tiles of its own: the forward's do not fit x^T @ dy.
+        config = mosaic_gpu_tgmm.default_config(x.shape[1], dy.shape[1])
+    if isinstance(config, mosaic_gpu_tgmm.MosaicTgmmConfig):
         return mosaic_gpu_tgmm.tgmm(x.astype(dy.dtype), dy, group_sizes, num_groups=num_groups, config=config,
                                     out_dtype=out_dtype, interpret=interpret)
     if name in ("triton", "mosaic_gpu"):
-        # Tiles of its own: the forward's do not fit x^T @ dy. Mosaic GPU has no
-        # transposed kernel; Triton's runs 3-6x the XLA loop (RESULTS.md, wgrad).
+        # Triton's transposed kernel, its own tiles; also mosaic_gpu's dW when N is
+        # not a multiple of 128 (the Mosaic kernel's narrowest CTA tile).
         return triton.tgmm(x.astype(dy.dtype), dy, group_sizes, num_groups=num_groups, out_dtype=out_dtype,
                            interpret=interpret)
     module = _LOOP_MODULES.get(name, xla)
@@ -269,10 +272,11 @@ def grouped_matmul_transposed(
       x: [M, K]; dy: [M, N]; group_sizes: int [G] as in `grouped_matmul`.
       num_groups: number of leading groups to return (default G, must be <= G);
         rows of later groups are skipped.
-      implementation, config: as in `grouped_matmul`; `triton` and `mosaic_gpu`
-        run the Triton transposed kernel (`triton.tgmm`, its own default tiles);
-        `mosaic_gpu` with a `MosaicTgmmConfig` runs the Mosaic GPU transposed
-        kernel (`mosaic_gpu_tgmm.tgmm`, not yet timed on a GPU).
+      implementation, config: as in `grouped_matmul`; `mosaic_gpu` runs the
+        Mosaic GPU transposed kernel (`mosaic_gpu_tgmm.tgmm`; config a
+        `MosaicTgmmConfig`, None for `mosaic_gpu_tgmm.default_config`, which
+        needs K a multiple of 64 and N of 128, else the Triton one runs);
+        `triton` runs the Triton transposed kernel (`triton.tgmm`, own tiles).
       preferred_element_type: output dtype (default x.dtype). Accumulation is f32.
 
     Returns:

@@ -11,8 +11,10 @@ rows of its neighbours or padding (NaN allowed): those rows are zeroed in
 shared memory (a select, not a multiply) before the MMAs. Empty groups give
 zeros.
 
-Not the default dW yet: it has not been timed on a GPU against the Triton
-transposed kernel (`triton.tgmm`), which is. CPU: Mosaic GPU's interpret mode.
+The mosaic_gpu implementation's dW (`default_config` picks the tiles): on one
+H200 at the prefill shapes it runs 1.12-1.30x the Triton transposed kernel and
+1.00-1.13x JAX's ``transposed_ragged_dot_mgpu`` (RESULTS.md, wgrad). CPU: Mosaic
+GPU's interpret mode.
 """
 from __future__ import annotations
 
@@ -28,6 +30,17 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.grouped_matmul.mosaic_gpu import _ROW_ALIGN, persistent_kernel
 
 _INTERPRET_CTAS = 3
+_OUT_STAGE_BYTES = 32 * 1024  # one consumer's output staging buffer in shared memory
+
+
+def _store_rows(config: "MosaicTgmmConfig", out_dtype) -> int:
+    """Rows of the output tile staged per store: all of tile_k when they fit
+    _OUT_STAGE_BYTES, else the largest multiple of 64 that does (at least 64)."""
+    fit = _OUT_STAGE_BYTES // (config.tile_n * jnp.dtype(out_dtype).itemsize) // 64 * 64
+    rows = min(config.tile_k, max(fit, 64))
+    while config.tile_k % rows:
+        rows -= 64
+    return rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +74,15 @@ class MosaicTgmmConfig:
                              f"{self.max_concurrent_steps}, {self.grid_tile_width}")
 
 
+def default_config(k: int, n: int) -> MosaicTgmmConfig | None:
+    """Tiles for dw of shape [K, N]: 128 x 2*128 where they divide it, else 64 x 2*64
+    (deeper pipeline); None when K is not a multiple of 64 or N of 128."""
+    for config in (MosaicTgmmConfig(), MosaicTgmmConfig(tile_k=64, tile_n=64, max_concurrent_steps=4)):
+        if k % config.tile_k == 0 and n % (2 * config.tile_n) == 0:
+            return config
+    return None
+
+
 def _kernel(group_start, group_end, x_gmem, dy_gmem, out_gmem, *, config: MosaicTgmmConfig, num_groups: int):
     dtype = x_gmem.dtype
     m, k = x_gmem.shape
@@ -71,6 +93,9 @@ def _kernel(group_start, group_end, x_gmem, dy_gmem, out_gmem, *, config: Mosaic
     swizzle = plgpu.find_swizzle(64 * jnp.dtype(dtype).itemsize * 8)
     transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
                   plgpu.SwizzleTransform(swizzle))
+    # The output tile goes out through shared memory in row slabs of at most
+    # _OUT_STAGE_BYTES per consumer, so a float32 dw fits beside the pipeline.
+    store_rows = _store_rows(config, out_gmem.dtype)
     out_swizzle = plgpu.find_swizzle(tile_n * jnp.dtype(out_gmem.dtype).itemsize * 8)
     out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(out_gmem.dtype).itemsize)),
                       plgpu.SwizzleTransform(out_swizzle))
@@ -89,7 +114,7 @@ def _kernel(group_start, group_end, x_gmem, dy_gmem, out_gmem, *, config: Mosaic
         x_gmem.at[:, pl.ds(0, tile_k)], dy_gmem.at[:, pl.ds(0, cta_n)])
 
     @functools.partial(pl.run_scoped, allocs=allocations,
-                       out_smem=plgpu.SMEM((2, tile_k, tile_n), out_gmem.dtype, transforms=out_transforms),
+                       out_smem=plgpu.SMEM((2, store_rows, tile_n), out_gmem.dtype, transforms=out_transforms),
                        collective_axes="wg")
     def _scope(allocs, out_smem):
         wg = lax.axis_index("wg")
@@ -129,12 +154,14 @@ def _kernel(group_start, group_end, x_gmem, dy_gmem, out_gmem, *, config: Mosaic
             def compute_context(run_pipeline):
                 def with_acc(acc_ref):
                     run_pipeline(acc_ref)
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this buffer's previous store
-                    out_smem[wg] = acc_ref[...].astype(out_smem.dtype)
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(
-                        out_smem.at[wg],
-                        out_gmem.at[g, pl.ds(kt * tile_k, tile_k), pl.ds(nt * cta_n + wg * tile_n, tile_n)])
+                    for slab in range(tile_k // store_rows):
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this buffer's previous store
+                        out_smem[wg] = acc_ref[pl.ds(slab * store_rows, store_rows), :].astype(out_smem.dtype)
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(
+                            out_smem.at[wg],
+                            out_gmem.at[g, pl.ds(kt * tile_k + slab * store_rows, store_rows),
+                                        pl.ds(nt * cta_n + wg * tile_n, tile_n)])
 
                 pl.run_scoped(with_acc, plgpu.ACC((tile_k, tile_n), jnp.float32))
 
