@@ -27,6 +27,8 @@ EP = min(4, jax.device_count())  # 4 on the CPU emulation; what there is on a GP
 def covering_placement(rng, num_slots, num_experts, ep):
     """Every expert once, extras random, no rank holding one expert twice."""
     per_rank = num_slots // ep
+    if per_rank > num_experts:  # the loop below would never end
+        raise ValueError(f"{per_rank} slots per rank cannot hold distinct experts of {num_experts}")
     while True:
         p = np.concatenate([rng.permutation(num_experts), rng.integers(0, num_experts, num_slots - num_experts)])
         p = rng.permutation(p)
