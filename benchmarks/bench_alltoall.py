@@ -12,7 +12,9 @@ processes, one per GPU) where torch is installed.
 Hidden 7168 bf16, top-8 of 256 experts, uniform routing; each token goes once
 to every rank holding one of its experts. Each op runs `--loop` times inside one
 jitted, unrolled `fori_loop` (no per-iteration loop condition read back by the
-host), so the time is the device's, not the host's dispatch. GB/s
+host), so the time is the device's, not the host's dispatch; the time per op
+is the slope between loops of `--loop` and twice as many ops, so what every
+run pays once (launch, sync, the GPUs' start skew) is not spread over the ops. GB/s
 per GPU = bytes of real token rows leaving the GPU (to other ranks) / time, the
 same count for every backend. Appends a table to benchmarks/RESULTS.md.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import sys
 from pathlib import Path
@@ -109,7 +112,7 @@ def jax_times(backend_name: str, mesh, ids, weights, tokens: int, hidden: int, e
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from wideep_jax.bench import median_ms, time_fn
+    from wideep_jax.bench import seconds_per_call
     from wideep_jax.comm import ffi_lib, get_alltoall_backend
     from wideep_jax.dispatch import make_dispatch_plan
 
@@ -127,7 +130,7 @@ def jax_times(backend_name: str, mesh, ids, weights, tokens: int, hidden: int, e
     def plan_of(slots, w):
         return make_dispatch_plan(slots, w, jnp.ones(slots.shape[:1], bool), num_ranks=ranks, slots_per_rank=spr)
 
-    def dispatch_loop(x, slots, w):
+    def dispatch_loop(loops, x, slots, w):
         plan = plan_of(slots, w)
 
         def step(i, carry):
@@ -138,7 +141,7 @@ def jax_times(backend_name: str, mesh, ids, weights, tokens: int, hidden: int, e
 
         return jax.lax.fori_loop(0, loops, step, (x, jnp.float32(0)), unroll=True)[1][None]
 
-    def combine_loop(x, slots, w):
+    def combine_loop(loops, x, slots, w):
         plan = plan_of(slots, w)
         recv = comm.dispatch(x, plan, axis_name="ep")
         partial = recv.x
@@ -157,19 +160,34 @@ def jax_times(backend_name: str, mesh, ids, weights, tokens: int, hidden: int, e
     w = jax.device_put(jnp.asarray(weights), sharding)
     out = {}
     for name, body in (("dispatch", dispatch_loop), ("combine", combine_loop)):
-        f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok), out_specs=tok, check_vma=False))
-        jax.block_until_ready(f(x, slots, w))
+        def build(n, body=body):
+            f = jax.jit(jax.shard_map(functools.partial(body, n), mesh=mesh, in_specs=(tok, tok, tok),
+                                      out_specs=tok, check_vma=False))
+            jax.block_until_ready(f(x, slots, w))
+            return lambda: f(x, slots, w)
+
+        built = {n: build(n) for n in (loops, 2 * loops)}  # compiled before the profile's reset
         profiled = getattr(comm, "workspaces", ())
         for ws in profiled:
             for d in mesh.devices.flat:
                 ffi_lib.nvlink_profile(ws, d, reset=True)
-        total = median_ms(time_fn(lambda: f(x, slots, w), iters=iters))
-        out[name] = total / loops * 1e3  # µs per op (the combine loop's one dispatch is < 1/loops)
+        # µs per op: the slope between loops and 2 x loops ops (the combine loop's one
+        # dispatch and every run's launch, sync and start skew cancel).
+        out[name] = seconds_per_call(built.__getitem__, loops, iters=iters) * 1e6
         if profiled:  # the kernels alone: slowest device's mean
             stats = [ffi_lib.nvlink_profile(ws, d) for ws in profiled for d in mesh.devices.flat]
             out[name + "_kernel"] = max(s[name + "_us"] for s in stats if s[name + "_calls"])
             if name == "dispatch":
                 out["dispatch_ready"] = max(s["dispatch_ready_us"] for s in stats if s["dispatch_calls"])
+            # The GPU's idle time between one call's end and the next one's start
+            # (median: most gaps fall inside a run), slowest rank.
+            gaps = []
+            for ws in profiled:
+                for d in mesh.devices.flat:
+                    trace = ffi_lib.nvlink_trace(ws, d, name).astype(np.int64)
+                    if len(trace) > 1:
+                        gaps.append(float(np.median(trace[1:, 0] - trace[:-1, 1])) / 1e3)
+            out[name + "_gap"] = max(gaps, default=float("nan"))
     return out
 
 
@@ -179,14 +197,18 @@ def loop_only_us(mesh, tokens: int, hidden: int, loops: int, iters: int, dtype) 
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from wideep_jax.bench import device_loop, median_ms, time_fn
+    from wideep_jax.bench import device_loop, seconds_per_call
 
-    body = device_loop(lambda x: x[:1] + 1, loops)
     tok = P("ep")
-    f = jax.jit(jax.shard_map(lambda x: body(x)[None], mesh=mesh, in_specs=tok, out_specs=tok, check_vma=False))
     x = jax.device_put(jnp.zeros((mesh.shape["ep"] * tokens, hidden), dtype), NamedSharding(mesh, tok))
-    jax.block_until_ready(f(x))
-    return median_ms(time_fn(lambda: f(x), iters=iters)) / loops * 1e3
+
+    def build(n):
+        body = device_loop(lambda x: x[:1] + 1, n)
+        f = jax.jit(jax.shard_map(lambda x: body(x)[None], mesh=mesh, in_specs=tok, out_specs=tok,
+                                  check_vma=False))
+        return lambda: f(x)
+
+    return seconds_per_call(build, loops, iters=iters) * 1e6
 
 
 def main() -> int:
@@ -255,7 +277,8 @@ def main() -> int:
                 f"{base['dispatch'] / t['dispatch']:.2f} / {base['combine'] / t['combine']:.2f}")
             kernel = (f"{t['dispatch_kernel']:.1f} / {t['combine_kernel']:.1f} "
                       f"({sent / t['dispatch_kernel'] / 1e3:.0f} / {back / t['combine_kernel'] / 1e3:.0f} GB/s; "
-                      f"peers started {t['dispatch_ready']:.1f})" if "dispatch_kernel" in t else "")
+                      f"peers started {t['dispatch_ready']:.1f}; between calls {t['dispatch_gap']:.1f} / "
+                      f"{t['combine_gap']:.1f})" if "dispatch_kernel" in t else "")
             lines.append(f"| {tokens} | {name} | {t['dispatch']:.1f} | {t['combine']:.1f} | "
                          f"{sent / t['dispatch'] / 1e3:.0f} | {back / t['combine'] / 1e3:.0f} | {ratio} | {kernel} |")
             print(lines[-1], flush=True)
@@ -268,12 +291,15 @@ def main() -> int:
         f"## bench_alltoall: {card}, EP{ranks}, {datetime.date.today()}, commit {commit()}, jax {jax.__version__}",
         "",
         f"Hidden {hidden} bf16, top-{TOP_K} of {experts} experts (uniform), one slot per expert; µs per op "
-        f"(mean of {args.loop} in one jitted unrolled loop, median of {args.iters}); GB/s per GPU = off-rank token "
+        f"= (time of one jitted unrolled loop of {2 * args.loop} ops - one of {args.loop}) / {args.loop}, medians "
+        f"of {args.iters}, so each run's launch, sync and start skew between GPUs cancel (rows before "
+        "2026-11-28's slope rows divided one loop's time by its ops instead); GB/s per GPU = off-rank token "
         "rows (hidden x 2 bytes) of the busiest rank / time; ratio = xla time / this time (dispatch / combine). "
         "torch: NCCL all_to_all_single with the same splits, one process per GPU (CUDA events, eager "
         "loop). nvlink kernel: the custom call's own time (device timer, first CTA's start to the last "
         "CTA's end, slowest rank), without the loop's other ops; peers started: of dispatch's kernel time, "
-        "how long until every peer had started the call (launch skew plus a round trip; slowest rank). "
+        "how long until every peer had started the call (launch skew plus a round trip; slowest rank); "
+        "between calls: the GPU's median idle time from one call's end to the next one's start (slowest rank). "
         "loop only: the same timing loop around a 1-row op instead of the all-to-all (its cost per op). "
         + (f"XLA_FLAGS: `{os.environ['XLA_FLAGS'].strip()}`." if "xla_gpu" in os.environ.get("XLA_FLAGS", "")
            else ""),

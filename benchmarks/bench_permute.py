@@ -8,8 +8,9 @@ GEMMs, each jitted alone: `sort_pairs` (the plan), `permute_rows` (token rows
 into slot-sorted order, one copy per (token, k) pair; XLA's gather) and
 `combine_rows` (each token's sum over its pairs' expert outputs), and on GPU the
 Pallas kernels of `pallas_kernels.permute` for the last two. Each step runs
-`--loop` times in one jitted program (`wideep_jax.bench.device_loop`), so decode
-sizes are timed by the device, not by the host's dispatch. Bandwidth counts the bytes each
+`--loop` and twice as many times in one jitted program (`wideep_jax.bench.device_loop`)
+and the time per call is the slope (`seconds_per_call`), so decode sizes are timed
+by the device, not by the host's dispatch or each run's fixed costs. Bandwidth counts the bytes each
 must read and write (rows read + rows written), against a measured device copy
 (read + write of a 2 GiB buffer). Appends to benchmarks/RESULTS.md.
 """
@@ -28,7 +29,7 @@ import numpy as np  # noqa: E402
 
 from bench_grouped_matmul import copy_bandwidth  # noqa: E402
 from bench_moe_layer import commit, publish  # noqa: E402
-from wideep_jax.bench import device_loop, median_ms, time_fn  # noqa: E402
+from wideep_jax.bench import device_loop, seconds_per_call  # noqa: E402
 from pallas_kernels import permute as pallas_permute  # noqa: E402
 from wideep_jax.experts import combine_rows, permute_rows, sort_pairs  # noqa: E402
 
@@ -92,8 +93,11 @@ def main() -> int:
                 lambda y, p, v: pallas_permute.combine_rows(y, p, v, out_dtype=dtype),
                 (out, pairs.position, pairs.pair_valid), 0, pair_bytes + tokens * hidden * item)
         for name, (fn, fn_args, perturb, nbytes) in steps.items():
-            looped = device_loop(fn, args.loop, perturb)
-            ms = median_ms(time_fn(lambda: looped(*fn_args), iters=args.iters)) / args.loop
+            def build(n, fn=fn, fn_args=fn_args, perturb=perturb):
+                looped = device_loop(fn, n, perturb)
+                return lambda: looped(*fn_args)
+
+            ms = seconds_per_call(build, args.loop, iters=args.iters) * 1e3
             rate = "" if nbytes is None else f"{nbytes / (ms / 1e3) / 1e9:.0f}"
             share = "" if nbytes is None else f"{nbytes / (ms / 1e3) / 1e9 / bandwidth:.2f}"
             lines.append(f"| {tokens} | {name} | {ms * 1e3:.1f} | {rate} | {share} |")
@@ -104,7 +108,8 @@ def main() -> int:
              f"jax {jax.__version__}")
     notes = (f"hidden {hidden}, top-{top_k} of {slots} local slots (Zipf 1.2), bf16; XLA gathers and the Pallas kernels of pallas_kernels/permute.py; "
              f"bytes = rows read + rows written; measured copy bandwidth {bandwidth:.0f} GB/s; "
-             f"median of {args.iters} samples of {args.loop} calls in one jitted program (each call also "
+             f"(time of {2 * args.loop} calls in one jitted program - time of {args.loop}) / {args.loop}, medians "
+             f"of {args.iters}, so each run's launch and sync cancel (each call also "
              f"updates and reads one element, to chain the calls; 'loop only' is that cost alone).")
     table = "\n".join(["| tokens | step | µs | GB/s | of copy |", "|---|---|---|---|---|"] + lines)
     publish(f"\n{title}\n\n{notes}\n\n{table}\n", write=not args.no_write)

@@ -83,3 +83,28 @@ def test_device_loop_runs_every_call():
     hlo = gather.lower(rows, x).compile().as_text()
     assert hlo.count("f32[64,16]{1,0} gather(") + hlo.count("f32[64,16]{1,0} fusion(") >= 3, hlo[:3000]
     assert np.isclose(float(gather(rows, x)), 3 * float(rows[x[0], 0]))
+
+
+def test_seconds_per_call_cancels_fixed_costs():
+    """The slope between programs of n and 2n calls: a large fixed cost per run (like a
+    run's launch, sync and GPU start skew) does not leak into the time per call."""
+    import time
+
+    import jax.numpy as jnp
+
+    from wideep_jax.bench import seconds_per_call
+
+    built = []
+    per_call, fixed = 0.004, 0.05
+
+    def build(n):
+        built.append(n)
+
+        def run():
+            time.sleep(fixed + n * per_call)
+            return jnp.zeros(())
+        return run
+
+    got = seconds_per_call(build, 5, iters=3)
+    assert built == [5, 10]
+    assert abs(got - per_call) < 0.0015, got  # dividing one run by its calls would give 0.014

@@ -72,7 +72,7 @@ def time_fn(fn: Callable[[], object], *, iters: int, warmup: int = 2, batch: int
 def device_loop(fn: Callable[..., object], calls: int, perturb: int = 0) -> Callable[..., jax.Array]:
     """One jitted program running ``fn(*args)`` ``calls`` times back to back.
 
-    Timing it and dividing by ``calls`` gives the device's time per call even where
+    Timed through `seconds_per_call` it gives the device's time per call even where
     one call is shorter than the host's dispatch (µs-scale kernels). Each call
     depends on the previous one: ``args[perturb]`` (a numeric array) gets the previous
     result's first elements (one per output array) times 0 added to its first
@@ -95,6 +95,29 @@ def device_loop(fn: Callable[..., object], calls: int, perturb: int = 0) -> Call
         return jax.lax.fori_loop(0, calls, step, (tuple(args), jnp.float32(0)), unroll=True)[1]
 
     return jax.jit(program)
+
+
+def seconds_per_call(build: Callable[[int], Callable[[], object]], calls: int, *, iters: int) -> float:
+    """Device seconds per call of a program of back-to-back calls, as a slope.
+
+    ``build(n)`` returns a no-argument function that runs one program of ``n``
+    calls. Programs of ``calls`` and ``2 * calls`` calls are timed (medians of
+    ``iters``, samples of the two interleaved) and the difference is divided by
+    ``calls``, so the costs every run pays once (the host's launch and sync, and
+    across GPUs their start skew, hundreds of µs) cancel instead of being spread
+    over the calls.
+    """
+    short, long = build(calls), build(2 * calls)
+    for fn in (short, long):
+        for _ in range(2):
+            jax.block_until_ready(fn())
+    t_short, t_long = [], []
+    for _ in range(iters):
+        for fn, times in ((short, t_short), (long, t_long)):
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times.append(time.perf_counter() - start)
+    return max(statistics.median(t_long) - statistics.median(t_short), 0.0) / calls
 
 
 def median_ms(seconds: list[float]) -> float:

@@ -43,6 +43,7 @@ constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxPieces = 16;     // flags per row; keep equal to nvlink.py's MAX_PIECES
 constexpr int64_t kMinPiece = 512;  // bytes; keep equal to nvlink.py's MIN_PIECE
+constexpr int kTraceCalls = 128;    // keep equal to ffi_lib.py's NVLINK_TRACE_CALLS
 
 struct Ctrl {
   uint64_t seq;                        // calls completed on this device
@@ -53,6 +54,7 @@ struct Ctrl {
   uint64_t prof_start;                 // CTA 0's start of the running call (globaltimer ns)
   uint64_t prof_ns[2], prof_calls[2];  // kernel time and calls: [dispatch, combine]
   uint64_t prof_ready_ns;              // dispatch: a receiver CTA's start to seeing every peer's call
+  uint64_t trace[2][kTraceCalls][2];   // the last calls' (start, end), per op, at prof_calls % kTraceCalls
 };
 static_assert(sizeof(Ctrl) <= kCtrlBytes, "control block too large");
 
@@ -141,7 +143,10 @@ __device__ __forceinline__ void FinishCall(Ctrl* ctrl, uint64_t seq, int op) {
     __threadfence();
     if (atomicAdd(&ctrl->finished, 1u) == gridDim.x - 1) {
       __threadfence();
-      ctrl->prof_ns[op] += GlobalTimerNs() - *reinterpret_cast<volatile uint64_t*>(&ctrl->prof_start);
+      const uint64_t start = *reinterpret_cast<volatile uint64_t*>(&ctrl->prof_start), end = GlobalTimerNs();
+      uint64_t* trace = ctrl->trace[op][ctrl->prof_calls[op] % kTraceCalls];
+      trace[0] = start, trace[1] = end;
+      ctrl->prof_ns[op] += end - start;
       ctrl->prof_calls[op] += 1;
       ctrl->finished = 0;
       *reinterpret_cast<volatile uint64_t*>(&ctrl->seq) = seq;
@@ -985,6 +990,32 @@ int wideep_nvlink_profile(int64_t id, int ordinal, uint64_t* out, int reset) {
     WIDEEP_CUDA_OR_FAIL(cudaMemset(base + offsetof(Ctrl, prof_ready_ns), 0, sizeof(uint64_t)));
     WIDEEP_CUDA_OR_FAIL(cudaDeviceSynchronize());
   }
+  return 0;
+}
+
+// Copies GPU `ordinal`'s trace ring of op 0 (dispatch) or 1 (combine) in
+// workspace `id`: out[kTraceCalls][2] (start, end) in globaltimer ns, slot =
+// call number % kTraceCalls; *calls = calls since the last profile reset.
+// Synchronous; for benchmarks.
+int wideep_nvlink_trace(int64_t id, int ordinal, int op, uint64_t* out, uint64_t* calls) {
+  using namespace wideep;
+  Member m;
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    auto set = g_workspaces.find(id);
+    if (set == g_workspaces.end() || !set->second.count(ordinal) || op < 0 || op > 1) {
+      return Fail("no nvlink workspace " + std::to_string(id) + " on GPU " + std::to_string(ordinal) +
+                  " (or op " + std::to_string(op) + " is not 0 or 1)");
+    }
+    m = set->second[ordinal];
+  }
+  DeviceGuard guard;
+  WIDEEP_CUDA_OR_FAIL(cudaSetDevice(ordinal));
+  WIDEEP_CUDA_OR_FAIL(cudaDeviceSynchronize());
+  WIDEEP_CUDA_OR_FAIL(cudaMemcpy(out, m.base + offsetof(Ctrl, trace) + op * sizeof(Ctrl::trace[0]),
+                                 sizeof(Ctrl::trace[0]), cudaMemcpyDeviceToHost));
+  WIDEEP_CUDA_OR_FAIL(cudaMemcpy(calls, m.base + offsetof(Ctrl, prof_calls) + op * sizeof(uint64_t),
+                                 sizeof(uint64_t), cudaMemcpyDeviceToHost));
   return 0;
 }
 

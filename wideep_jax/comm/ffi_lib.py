@@ -47,6 +47,8 @@ def library() -> ctypes.CDLL:
             lib.wideep_nvlink_peer_access.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
             lib.wideep_nvlink_create.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int,
                                                  ctypes.POINTER(ctypes.c_int), ctypes.c_uint64]
+            lib.wideep_nvlink_trace.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+                                                ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint64)]
             lib.wideep_nvlink_profile.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.POINTER(ctypes.c_uint64),
                                                   ctypes.c_int]
             lib.wideep_nccl_unique_id.argtypes = [ctypes.c_char_p]
@@ -145,6 +147,27 @@ def nvlink_profile(workspace: int, device: jax.Device, *, reset: bool = False) -
     return {"dispatch_us": ns_d / max(calls_d, 1) / 1e3, "dispatch_calls": calls_d,
             "combine_us": ns_c / max(calls_c, 1) / 1e3, "combine_calls": calls_c,
             "dispatch_ready_us": ready_d / max(calls_d, 1) / 1e3}
+
+
+NVLINK_TRACE_CALLS = 128  # the kernels' trace ring (kTraceCalls in nvlink_alltoall.cu)
+
+
+def nvlink_trace(workspace: int, device: jax.Device, op: str) -> np.ndarray:
+    """(start, end) globaltimer ns of ``op``'s ("dispatch" or "combine") last calls on
+    ``device`` since the last profile reset, oldest first, at most NVLINK_TRACE_CALLS
+    (synchronizes). Gaps between one call's end and the next one's start are time
+    the GPU spent outside the kernel."""
+    if op not in ("dispatch", "combine"):
+        raise ValueError(f"op={op!r}; allowed: 'dispatch', 'combine'")
+    ring = (ctypes.c_uint64 * (2 * NVLINK_TRACE_CALLS))()
+    calls = ctypes.c_uint64()
+    _check(library().wideep_nvlink_trace(workspace, device.local_hardware_id, ("dispatch", "combine").index(op),
+                                         ring, ctypes.byref(calls)), "reading the nvlink trace")
+    ring = np.asarray(ring, np.uint64).reshape(NVLINK_TRACE_CALLS, 2)
+    n = int(calls.value)
+    if n <= NVLINK_TRACE_CALLS:
+        return ring[:n].copy()
+    return np.roll(ring, -(n % NVLINK_TRACE_CALLS), axis=0)
 
 
 def nccl_communicators(groups: list[list[jax.Device]]) -> int:
