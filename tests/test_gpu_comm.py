@@ -344,3 +344,50 @@ def _custom_calls(thunk_sequence: str) -> tuple[int, int]:
             total += 1
             nested += buffer_indent is not None
     return total, nested
+
+
+def test_nvlink_trace_matches_profile(rng):
+    """The kernels' per-call trace: one (start, end) per call since the reset, in call
+    order, durations summing exactly to the profile's kernel time; the ring keeps the
+    last NVLINK_TRACE_CALLS calls when more ran."""
+    from wideep_jax.comm import ffi_lib
+    from wideep_jax.comm.nvlink import NvlinkAllToAll
+
+    num_ranks, tokens, top_k, hidden = 2, 32, 4, 256
+    mesh = jax.make_mesh((num_ranks,), ("ep",), devices=jax.devices()[:num_ranks])
+    comm = NvlinkAllToAll(mesh, "ep")
+
+    def body(x, slots, weights):
+        plan = make_dispatch_plan(slots, weights, jnp.ones(x.shape[:1], bool), num_ranks=num_ranks,
+                                  slots_per_rank=SPR)
+        recv = comm.dispatch(x, plan, axis_name="ep")
+        return comm.combine(jnp.where(recv.valid_rows()[:, :, None], recv.x, 0), plan, recv.count, axis_name="ep")
+
+    spec = P("ep")
+    fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False))
+    sharding = NamedSharding(mesh, spec)
+    x = dyadic_tokens(rng, (num_ranks * tokens, hidden))
+    slots = np.concatenate([random_slots(rng, "random", tokens, top_k, num_ranks, SPR) for _ in range(num_ranks)])
+    args = [jax.device_put(jnp.asarray(a), sharding) for a in (x, slots, random_weights(rng, slots.shape))]
+    jax.block_until_ready(fn(*args))
+    for calls in (5, ffi_lib.NVLINK_TRACE_CALLS + 7):
+        for ws in comm.workspaces:
+            for d in mesh.devices.flat:
+                ffi_lib.nvlink_profile(ws, d, reset=True)
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        for ws in comm.workspaces:
+            for d in mesh.devices.flat:
+                prof = ffi_lib.nvlink_profile(ws, d)
+                for op in ("dispatch", "combine"):
+                    if not prof[op + "_calls"]:
+                        continue
+                    assert prof[op + "_calls"] == calls
+                    trace = ffi_lib.nvlink_trace(ws, d, op).astype(np.int64)
+                    assert len(trace) == min(calls, ffi_lib.NVLINK_TRACE_CALLS)
+                    assert (trace[:, 1] >= trace[:, 0]).all()
+                    assert (np.diff(trace[:, 0]) > 0).all(), "calls out of order"
+                    if calls <= ffi_lib.NVLINK_TRACE_CALLS:  # the profile's sum, to the nanosecond
+                        total = (trace[:, 1] - trace[:, 0]).sum() / 1e3 / calls
+                        assert abs(total - prof[op + "_us"]) < 1e-6, (total, prof[op + "_us"])
