@@ -85,9 +85,17 @@ def commit() -> str:
     if os.environ.get("WIDEEP_COMMIT"):
         return os.environ["WIDEEP_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent)
-        return out.stdout.strip() or "unknown"
+        here = Path(__file__).parent
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here)
+        head = out.stdout.strip()
+        if not head:
+            return "unknown"
+        # A tree that differs from HEAD (edits, or a copy carrying a stale .git) is not HEAD;
+        # RESULTS.md itself is what the benchmarks write.
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                  ":(exclude)benchmarks/RESULTS.md"], capture_output=True, text=True,
+                                 cwd=here.parent).stdout.strip()
+        return head + ("+modified" if changed else "")
     except OSError:
         return "unknown"
 
