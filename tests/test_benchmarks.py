@@ -108,3 +108,22 @@ def test_seconds_per_call_cancels_fixed_costs():
     got = seconds_per_call(build, 5, iters=3)
     assert built == [5, 10]
     assert abs(got - per_call) < 0.0015, got  # dividing one run by its calls would give 0.014
+
+
+def test_seconds_per_call_says_nan_when_noise_hides_the_slope():
+    import itertools
+    import time
+
+    import jax.numpy as jnp
+
+    from wideep_jax.bench import seconds_per_call
+
+    sleeps = itertools.cycle([0.02, 0.001])  # the short program always slower: no positive slope
+
+    def build(n):
+        def run():
+            time.sleep(next(sleeps))
+            return jnp.zeros(())
+        return run
+
+    assert np.isnan(seconds_per_call(build, 4, iters=3))
