@@ -349,7 +349,7 @@ def _custom_calls(thunk_sequence: str) -> tuple[int, int]:
 def test_nvlink_trace_matches_profile(rng):
     """The kernels' per-call trace: one (start, end) per call since the reset, in call
     order, durations summing exactly to the profile's kernel time; the ring keeps the
-    last NVLINK_TRACE_CALLS calls when more ran."""
+    last nvlink_trace_calls() calls when more ran."""
     from wideep_jax.comm import ffi_lib
     from wideep_jax.comm.nvlink import NvlinkAllToAll
 
@@ -370,7 +370,7 @@ def test_nvlink_trace_matches_profile(rng):
     slots = np.concatenate([random_slots(rng, "random", tokens, top_k, num_ranks, SPR) for _ in range(num_ranks)])
     args = [jax.device_put(jnp.asarray(a), sharding) for a in (x, slots, random_weights(rng, slots.shape))]
     jax.block_until_ready(fn(*args))
-    for calls in (5, ffi_lib.NVLINK_TRACE_CALLS + 7):
+    for calls in (5, ffi_lib.nvlink_trace_calls() + 7):
         for ws in comm.workspaces:
             for d in mesh.devices.flat:
                 ffi_lib.nvlink_profile(ws, d, reset=True)
@@ -385,9 +385,9 @@ def test_nvlink_trace_matches_profile(rng):
                         continue
                     assert prof[op + "_calls"] == calls
                     trace = ffi_lib.nvlink_trace(ws, d, op).astype(np.int64)
-                    assert len(trace) == min(calls, ffi_lib.NVLINK_TRACE_CALLS)
+                    assert len(trace) == min(calls, ffi_lib.nvlink_trace_calls())
                     assert (trace[:, 1] >= trace[:, 0]).all()
                     assert (np.diff(trace[:, 0]) > 0).all(), "calls out of order"
-                    if calls <= ffi_lib.NVLINK_TRACE_CALLS:  # the profile's sum, to the nanosecond
+                    if calls <= ffi_lib.nvlink_trace_calls():  # the profile's sum, to the nanosecond
                         total = (trace[:, 1] - trace[:, 0]).sum() / 1e3 / calls
                         assert abs(total - prof[op + "_us"]) < 1e-6, (total, prof[op + "_us"])

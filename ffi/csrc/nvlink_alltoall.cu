@@ -43,7 +43,7 @@ constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxPieces = 16;     // flags per row; keep equal to nvlink.py's MAX_PIECES
 constexpr int64_t kMinPiece = 512;  // bytes; keep equal to nvlink.py's MIN_PIECE
-constexpr int kTraceCalls = 128;    // keep equal to ffi_lib.py's NVLINK_TRACE_CALLS
+constexpr int kTraceCalls = 128;    // calls each op's trace ring keeps (wideep_nvlink_trace_calls)
 
 struct Ctrl {
   uint64_t seq;                        // calls completed on this device
@@ -794,6 +794,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WideepNvlinkCombine, wideep::CombineImpl,
 // ---------------------------------------------------------------------------
 // C API for ctypes (set-up only; never on the hot path).
 
+namespace wideep {
+// The profile readers' lookup (a plain return code and message, for ctypes).
+int MemberForBenchmark(int64_t id, int ordinal, Member* m) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  auto set = g_workspaces.find(id);
+  if (set == g_workspaces.end() || !set->second.count(ordinal)) {
+    return Fail("no nvlink workspace " + std::to_string(id) + " on GPU " + std::to_string(ordinal));
+  }
+  *m = set->second[ordinal];
+  return 0;
+}
+}  // namespace wideep
+
 extern "C" {
 
 const char* wideep_last_error() { return wideep::g_last_error.c_str(); }
@@ -966,14 +979,7 @@ int64_t wideep_nvlink_item_order(int lists, int splits, const int64_t* counts, i
 int wideep_nvlink_profile(int64_t id, int ordinal, uint64_t* out, int reset) {
   using namespace wideep;
   Member m;
-  {
-    std::lock_guard<std::mutex> lock(g_mu);
-    auto set = g_workspaces.find(id);
-    if (set == g_workspaces.end() || !set->second.count(ordinal)) {
-      return Fail("no nvlink workspace " + std::to_string(id) + " on GPU " + std::to_string(ordinal));
-    }
-    m = set->second[ordinal];
-  }
+  if (int rc = MemberForBenchmark(id, ordinal, &m)) return rc;
   DeviceGuard guard;
   WIDEEP_CUDA_OR_FAIL(cudaSetDevice(ordinal));
   WIDEEP_CUDA_OR_FAIL(cudaDeviceSynchronize());
@@ -993,22 +999,18 @@ int wideep_nvlink_profile(int64_t id, int ordinal, uint64_t* out, int reset) {
   return 0;
 }
 
+// Length of the trace ring (wideep_nvlink_trace's out holds 2x that).
 // Copies GPU `ordinal`'s trace ring of op 0 (dispatch) or 1 (combine) in
 // workspace `id`: out[kTraceCalls][2] (start, end) in globaltimer ns, slot =
 // call number % kTraceCalls; *calls = calls since the last profile reset.
 // Synchronous; for benchmarks.
+int wideep_nvlink_trace_calls() { return wideep::kTraceCalls; }
+
 int wideep_nvlink_trace(int64_t id, int ordinal, int op, uint64_t* out, uint64_t* calls) {
   using namespace wideep;
+  if (op < 0 || op > 1) return Fail("nvlink trace: op " + std::to_string(op) + " is not 0 or 1");
   Member m;
-  {
-    std::lock_guard<std::mutex> lock(g_mu);
-    auto set = g_workspaces.find(id);
-    if (set == g_workspaces.end() || !set->second.count(ordinal) || op < 0 || op > 1) {
-      return Fail("no nvlink workspace " + std::to_string(id) + " on GPU " + std::to_string(ordinal) +
-                  " (or op " + std::to_string(op) + " is not 0 or 1)");
-    }
-    m = set->second[ordinal];
-  }
+  if (int rc = MemberForBenchmark(id, ordinal, &m)) return rc;
   DeviceGuard guard;
   WIDEEP_CUDA_OR_FAIL(cudaSetDevice(ordinal));
   WIDEEP_CUDA_OR_FAIL(cudaDeviceSynchronize());

@@ -149,25 +149,28 @@ def nvlink_profile(workspace: int, device: jax.Device, *, reset: bool = False) -
             "dispatch_ready_us": ready_d / max(calls_d, 1) / 1e3}
 
 
-NVLINK_TRACE_CALLS = 128  # the kernels' trace ring (kTraceCalls in nvlink_alltoall.cu)
-
-
 def nvlink_trace(workspace: int, device: jax.Device, op: str) -> np.ndarray:
     """(start, end) globaltimer ns of ``op``'s ("dispatch" or "combine") last calls on
-    ``device`` since the last profile reset, oldest first, at most NVLINK_TRACE_CALLS
-    (synchronizes). Gaps between one call's end and the next one's start are time
-    the GPU spent outside the kernel."""
+    ``device`` since the last profile reset, oldest first, at most
+    `nvlink_trace_calls()` of them (synchronizes). Gaps between one call's end and
+    the next one's start are time the GPU spent outside the kernel."""
     if op not in ("dispatch", "combine"):
         raise ValueError(f"op={op!r}; allowed: 'dispatch', 'combine'")
-    ring = (ctypes.c_uint64 * (2 * NVLINK_TRACE_CALLS))()
+    size = nvlink_trace_calls()
+    ring = (ctypes.c_uint64 * (2 * size))()
     calls = ctypes.c_uint64()
     _check(library().wideep_nvlink_trace(workspace, device.local_hardware_id, ("dispatch", "combine").index(op),
                                          ring, ctypes.byref(calls)), "reading the nvlink trace")
-    ring = np.asarray(ring, np.uint64).reshape(NVLINK_TRACE_CALLS, 2)
+    ring = np.asarray(ring, np.uint64).reshape(size, 2)
     n = int(calls.value)
-    if n <= NVLINK_TRACE_CALLS:
+    if n <= size:
         return ring[:n].copy()
-    return np.roll(ring, -(n % NVLINK_TRACE_CALLS), axis=0)
+    return np.roll(ring, -(n % size), axis=0)
+
+
+def nvlink_trace_calls() -> int:
+    """How many of each op's last calls the nvlink kernels' trace ring keeps."""
+    return int(library().wideep_nvlink_trace_calls())
 
 
 def nccl_communicators(groups: list[list[jax.Device]]) -> int:
