@@ -795,14 +795,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WideepNvlinkCombine, wideep::CombineImpl,
 // C API for ctypes (set-up only; never on the hot path).
 
 namespace wideep {
-// The profile readers' lookup (a plain return code and message, for ctypes).
+// The profile readers' lookup: FindMember's, as a plain return code and message for ctypes.
 int MemberForBenchmark(int64_t id, int ordinal, Member* m) {
-  std::lock_guard<std::mutex> lock(g_mu);
-  auto set = g_workspaces.find(id);
-  if (set == g_workspaces.end() || !set->second.count(ordinal)) {
-    return Fail("no nvlink workspace " + std::to_string(id) + " on GPU " + std::to_string(ordinal));
-  }
-  *m = set->second[ordinal];
+  if (ffi::Error e = FindMember(id, ordinal, m); !e.success()) return Fail(e.message());
   return 0;
 }
 }  // namespace wideep
