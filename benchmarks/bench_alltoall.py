@@ -181,13 +181,17 @@ def jax_times(backend_name: str, mesh, ids, weights, tokens: int, hidden: int, e
                 out["dispatch_ready"] = max(s["dispatch_ready_us"] for s in stats if s["dispatch_calls"])
             # The GPU's idle time between one call's end and the next one's start
             # (median: most gaps fall inside a run), slowest rank.
-            gaps = []
+            # Inside the kernel: median µs from its start to each trace stamp, slowest rank.
+            gaps, stamps = [], []
             for ws in profiled:
                 for d in mesh.devices.flat:
                     trace = ffi_lib.nvlink_trace(ws, d, name).astype(np.int64)
                     if len(trace) > 1:
-                        gaps.append(float(np.median(trace[1:, 0] - trace[:-1, 1])) / 1e3)
+                        gaps.append(float(np.median(trace[1:, 0] - trace[:-1, -1])) / 1e3)
+                        stamps.append(np.median(trace[:, 1:] - trace[:, :1], axis=0) / 1e3)
             out[name + "_gap"] = max(gaps, default=float("nan"))
+            if stamps:
+                out[name + "_stamps"] = np.max(stamps, axis=0)
     return out
 
 
@@ -209,6 +213,15 @@ def loop_only_us(mesh, tokens: int, hidden: int, loops: int, iters: int, dtype) 
         return lambda: f(x)
 
     return seconds_per_call(build, loops, iters=iters) * 1e6
+
+
+def stamp_text(t: dict) -> str:
+    """'; stamps ...': the nvlink kernels' median trace stamps (µs after the call's start)."""
+    if "dispatch_stamps" not in t:
+        return ""
+    names = ("last CTA start", "peers seen", "senders done", "end")
+    return "; stamps " + " / ".join(
+        ", ".join(f"{n} {v:.1f}" for n, v in zip(names, t[op + "_stamps"])) for op in ("dispatch", "combine"))
 
 
 def main() -> int:
@@ -278,7 +291,7 @@ def main() -> int:
             kernel = (f"{t['dispatch_kernel']:.1f} / {t['combine_kernel']:.1f} "
                       f"({sent / t['dispatch_kernel'] / 1e3:.0f} / {back / t['combine_kernel'] / 1e3:.0f} GB/s; "
                       f"peers started {t['dispatch_ready']:.1f}; between calls {t['dispatch_gap']:.1f} / "
-                      f"{t['combine_gap']:.1f})" if "dispatch_kernel" in t else "")
+                      f"{t['combine_gap']:.1f}{stamp_text(t)})" if "dispatch_kernel" in t else "")
             lines.append(f"| {tokens} | {name} | {t['dispatch']:.1f} | {t['combine']:.1f} | "
                          f"{sent / t['dispatch'] / 1e3:.0f} | {back / t['combine'] / 1e3:.0f} | {ratio} | {kernel} |")
             print(lines[-1], flush=True)
@@ -299,7 +312,10 @@ def main() -> int:
         "loop). nvlink kernel: the custom call's own time (device timer, first CTA's start to the last "
         "CTA's end, slowest rank), without the loop's other ops; peers started: of dispatch's kernel time, "
         "how long until every peer had started the call (launch skew plus a round trip; slowest rank); "
-        "between calls: the GPU's median idle time from one call's end to the next one's start (slowest rank). "
+        "between calls: the GPU's median idle time from one call's end to the next one's start (slowest rank); "
+        "stamps (where printed): median µs after the call's start at which the last CTA started, a receiver "
+        "had seen every peer's call, the last sender CTA ended, and the call ended (slowest rank; dispatch / "
+        "combine). "
         "loop only: the same timing loop around a 1-row op instead of the all-to-all (its cost per op). "
         + (f"XLA_FLAGS: `{os.environ['XLA_FLAGS'].strip()}`." if "xla_gpu" in os.environ.get("XLA_FLAGS", "")
            else ""),

@@ -51,7 +51,8 @@ def test_library_compiles(tmp_path, monkeypatch):
     lib = ctypes.CDLL(str(path))
     for symbol in [*ffi_lib.TARGETS.values(), "wideep_nvlink_create", "wideep_nvlink_peer_access",
                    "wideep_nvlink_layout", "wideep_nvlink_item_order", "wideep_nvlink_profile",
-                   "wideep_nvlink_trace", "wideep_nccl_init", "wideep_nccl_unique_id", "wideep_last_error"]:
+                   "wideep_nvlink_trace", "wideep_nvlink_trace_stamps", "wideep_nccl_init", "wideep_nccl_unique_id",
+                   "wideep_last_error"]:
         assert hasattr(lib, symbol), symbol
     assert lib.wideep_nccl_version() >= 22000
     assert lib.wideep_nvlink_trace_calls() >= 2  # the trace ring bench_alltoall reads gaps from

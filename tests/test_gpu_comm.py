@@ -347,9 +347,9 @@ def _custom_calls(thunk_sequence: str) -> tuple[int, int]:
 
 
 def test_nvlink_trace_matches_profile(rng):
-    """The kernels' per-call trace: one (start, end) per call since the reset, in call
-    order, durations summing exactly to the profile's kernel time; the ring keeps the
-    last nvlink_trace_calls() calls when more ran."""
+    """The kernels' per-call trace: one row of stamps per call since the reset, in call
+    order, every stamp inside its call, durations (start to end) summing exactly to the
+    profile's kernel time; the ring keeps the last nvlink_trace_calls() calls when more ran."""
     from wideep_jax.comm import ffi_lib
     from wideep_jax.comm.nvlink import NvlinkAllToAll
 
@@ -385,9 +385,12 @@ def test_nvlink_trace_matches_profile(rng):
                         continue
                     assert prof[op + "_calls"] == calls
                     trace = ffi_lib.nvlink_trace(ws, d, op).astype(np.int64)
-                    assert len(trace) == min(calls, ffi_lib.nvlink_trace_calls())
-                    assert (trace[:, 1] >= trace[:, 0]).all()
-                    assert (np.diff(trace[:, 0]) > 0).all(), "calls out of order"
+                    assert trace.shape == (min(calls, ffi_lib.nvlink_trace_calls()),
+                                           len(ffi_lib.NVLINK_TRACE_STAMPS))
+                    start, end = trace[:, 0], trace[:, -1]
+                    for inner in trace[:, 1:-1].T:  # last CTA's start, peers seen, senders done
+                        assert ((inner >= start) & (inner <= end)).all(), (op, trace)
+                    assert (start[1:] >= end[:-1]).all(), "calls overlap or out of order"
                     if calls <= ffi_lib.nvlink_trace_calls():  # the profile's sum, to the nanosecond
-                        total = (trace[:, 1] - trace[:, 0]).sum() / 1e3 / calls
+                        total = (end - start).sum() / 1e3 / calls
                         assert abs(total - prof[op + "_us"]) < 1e-6, (total, prof[op + "_us"])

@@ -44,6 +44,10 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kMaxPieces = 16;     // flags per row; keep equal to nvlink.py's MAX_PIECES
 constexpr int64_t kMinPiece = 512;  // bytes; keep equal to nvlink.py's MIN_PIECE
 constexpr int kTraceCalls = 128;    // calls each op's trace ring keeps (wideep_nvlink_trace_calls)
+// Stamps per traced call (globaltimer ns; ffi_lib.NVLINK_TRACE_STAMPS names them):
+// CTA 0's start, the last CTA's start, every peer's call seen, the last sender
+// CTA's end, the call's end (the last CTA's).
+constexpr int kTraceStamps = 5;
 
 struct Ctrl {
   uint64_t seq;                        // calls completed on this device
@@ -54,7 +58,11 @@ struct Ctrl {
   uint64_t prof_start;                 // CTA 0's start of the running call (globaltimer ns)
   uint64_t prof_ns[2], prof_calls[2];  // kernel time and calls: [dispatch, combine]
   uint64_t prof_ready_ns;              // dispatch: a receiver CTA's start to seeing every peer's call
-  uint64_t trace[2][kTraceCalls][2];   // the last calls' (start, end), per op, at prof_calls % kTraceCalls
+  // Running maxima of globaltimer stamps (they only grow, so the maximum is the
+  // running call's): CTAs' starts and sender CTAs' ends.
+  unsigned long long last_start, senders_done;
+  uint64_t peers_seen;                 // when a receiver CTA saw every peer's call number
+  uint64_t trace[2][kTraceCalls][kTraceStamps];  // the last calls' stamps, per op, at prof_calls % kTraceCalls
 };
 static_assert(sizeof(Ctrl) <= kCtrlBytes, "control block too large");
 
@@ -132,20 +140,37 @@ __device__ __forceinline__ void PublishPiece(uint64_t* flag, uint64_t seq, int l
 }
 
 __device__ __forceinline__ void StartCall(Ctrl* ctrl) {
-  if (blockIdx.x == 0 && threadIdx.x == 0) ctrl->prof_start = GlobalTimerNs();
+  if (threadIdx.x != 0) return;
+  const uint64_t now = GlobalTimerNs();
+  if (blockIdx.x == 0) ctrl->prof_start = now;
+  atomicMax(&ctrl->last_start, static_cast<unsigned long long>(now));
+}
+
+// Receivers: the moment every peer's call number was seen (the trace's third stamp).
+__device__ __forceinline__ void PeersSeen(Ctrl* ctrl) {
+  *reinterpret_cast<volatile uint64_t*>(&ctrl->peers_seen) = GlobalTimerNs();
 }
 
 // The last CTA of the call publishes it as completed (and its duration, from
-// CTA 0's start to here: what a caller waits, peers' skew included).
-__device__ __forceinline__ void FinishCall(Ctrl* ctrl, uint64_t seq, int op) {
+// CTA 0's start to here: what a caller waits, peers' skew included) and its
+// trace stamps. Stamps this call did not set (no senders at EP1) read as its start.
+__device__ __forceinline__ void FinishCall(Ctrl* ctrl, uint64_t seq, int op, int send_ctas) {
   __syncthreads();
   if (threadIdx.x == 0) {
+    if (static_cast<int>(blockIdx.x) < send_ctas) {
+      atomicMax(&ctrl->senders_done, static_cast<unsigned long long>(GlobalTimerNs()));
+    }
     __threadfence();
     if (atomicAdd(&ctrl->finished, 1u) == gridDim.x - 1) {
       __threadfence();
       const uint64_t start = *reinterpret_cast<volatile uint64_t*>(&ctrl->prof_start), end = GlobalTimerNs();
+      const auto after_start = [start](uint64_t t) { return t > start ? t : start; };
       uint64_t* trace = ctrl->trace[op][ctrl->prof_calls[op] % kTraceCalls];
-      trace[0] = start, trace[1] = end;
+      trace[0] = start;
+      trace[1] = after_start(*reinterpret_cast<volatile unsigned long long*>(&ctrl->last_start));
+      trace[2] = after_start(*reinterpret_cast<volatile uint64_t*>(&ctrl->peers_seen));
+      trace[3] = after_start(*reinterpret_cast<volatile unsigned long long*>(&ctrl->senders_done));
+      trace[4] = end;
       ctrl->prof_ns[op] += end - start;
       ctrl->prof_calls[op] += 1;
       ctrl->finished = 0;
@@ -339,7 +364,10 @@ __global__ void __launch_bounds__(kThreads) DispatchKernel(DispatchParams p) {
     __syncthreads();
     // How long peers took to start this call (launch skew plus one NVLink round
     // trip): the part of the kernel's time no data movement can shorten.
-    if (rcv == 0 && threadIdx.x == 0) p.ctrl->prof_ready_ns += GlobalTimerNs() - started;
+    if (rcv == 0 && threadIdx.x == 0) {
+      p.ctrl->prof_ready_ns += GlobalTimerNs() - started;
+      PeersSeen(p.ctrl);
+    }
     // Row counts and the padding pairs' slot -1 / weight 0.
     if (rcv == 0 && threadIdx.x < R) p.recv_count[threadIdx.x] = counts[threadIdx.x];
     for (int s = 0; s < R; ++s) {
@@ -385,7 +413,7 @@ __global__ void __launch_bounds__(kThreads) DispatchKernel(DispatchParams p) {
       }
     }
   }
-  FinishCall(p.ctrl, seq, 0);
+  FinishCall(p.ctrl, seq, 0, p.send_ctas);
 }
 
 struct CombineParams {
@@ -552,8 +580,10 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
     if (rcv == 0 && threadIdx.x < R && threadIdx.x != p.rank) {
       WaitFlag(&p.ctrl->calls[threadIdx.x], seq, p.timeout_ns, "combine", p.rank, threadIdx.x);
     }
+    __syncthreads();
+    if (rcv == 0 && threadIdx.x == 0) PeersSeen(p.ctrl);
   }
-  FinishCall(p.ctrl, seq, 1);
+  FinishCall(p.ctrl, seq, 1, p.send_ctas);
 }
 
 // ---------------------------------------------------------------------------
@@ -994,12 +1024,15 @@ int wideep_nvlink_profile(int64_t id, int ordinal, uint64_t* out, int reset) {
   return 0;
 }
 
-// Length of the trace ring (wideep_nvlink_trace's out holds 2x that).
-// Copies GPU `ordinal`'s trace ring of op 0 (dispatch) or 1 (combine) in
-// workspace `id`: out[kTraceCalls][2] (start, end) in globaltimer ns, slot =
-// call number % kTraceCalls; *calls = calls since the last profile reset.
-// Synchronous; for benchmarks.
+// Length of the trace ring and stamps per call (wideep_nvlink_trace's out
+// holds their product).
 int wideep_nvlink_trace_calls() { return wideep::kTraceCalls; }
+int wideep_nvlink_trace_stamps() { return wideep::kTraceStamps; }
+
+// Copies GPU `ordinal`'s trace ring of op 0 (dispatch) or 1 (combine) in
+// workspace `id`: out[kTraceCalls][kTraceStamps] in globaltimer ns (see
+// kTraceStamps), slot = call number % kTraceCalls; *calls = calls since the
+// last profile reset. Synchronous; for benchmarks.
 
 int wideep_nvlink_trace(int64_t id, int ordinal, int op, uint64_t* out, uint64_t* calls) {
   using namespace wideep;

@@ -149,19 +149,29 @@ def nvlink_profile(workspace: int, device: jax.Device, *, reset: bool = False) -
             "dispatch_ready_us": ready_d / max(calls_d, 1) / 1e3}
 
 
+# The stamps of each traced nvlink call, in the library's order (globaltimer ns).
+NVLINK_TRACE_STAMPS = ("start", "last_cta_start", "peers_seen", "senders_done", "end")
+
+
 def nvlink_trace(workspace: int, device: jax.Device, op: str) -> np.ndarray:
-    """(start, end) globaltimer ns of ``op``'s ("dispatch" or "combine") last calls on
-    ``device`` since the last profile reset, oldest first, at most
-    `nvlink_trace_calls()` of them (synchronizes). Gaps between one call's end and
-    the next one's start are time the GPU spent outside the kernel."""
+    """[calls, len(NVLINK_TRACE_STAMPS)] globaltimer ns of ``op``'s ("dispatch" or
+    "combine") last calls on ``device`` since the last profile reset, oldest first,
+    at most `nvlink_trace_calls()` of them (synchronizes). Per call: CTA 0's start,
+    the last CTA's start, when a receiver had seen every peer's call number, the
+    last sender CTA's end (the start when nothing is sent) and the call's end. Gaps
+    between one call's end and the next one's start are time the GPU spent outside
+    the kernel."""
     if op not in ("dispatch", "combine"):
         raise ValueError(f"op={op!r}; allowed: 'dispatch', 'combine'")
-    size = nvlink_trace_calls()
-    ring = (ctypes.c_uint64 * (2 * size))()
+    size, stamps = nvlink_trace_calls(), int(library().wideep_nvlink_trace_stamps())
+    if stamps != len(NVLINK_TRACE_STAMPS):
+        raise RuntimeError(f"the nvlink library keeps {stamps} trace stamps per call, this module names "
+                           f"{len(NVLINK_TRACE_STAMPS)}: rebuild it (wideep build-ffi)")
+    ring = (ctypes.c_uint64 * (stamps * size))()
     calls = ctypes.c_uint64()
     _check(library().wideep_nvlink_trace(workspace, device.local_hardware_id, ("dispatch", "combine").index(op),
                                          ring, ctypes.byref(calls)), "reading the nvlink trace")
-    ring = np.asarray(ring, np.uint64).reshape(size, 2)
+    ring = np.asarray(ring, np.uint64).reshape(size, stamps)
     n = int(calls.value)
     if n <= size:
         return ring[:n].copy()
