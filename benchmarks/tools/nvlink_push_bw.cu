@@ -3,6 +3,7 @@
 //
 //   nvcc -O3 -gencode=arch=compute_90,code=sm_90 -o /tmp/push_bw benchmarks/tools/nvlink_push_bw.cu
 //   /tmp/push_bw [MiB per GPU, default 128]
+//   /tmp/push_bw ramp        # all-to-all pushes of 0.5-64 MB, timed inside the kernel
 //
 // Every GPU pushes to the next one (a ring; with 2 GPUs they exchange), all at
 // once, so each link carries traffic both ways as in an all-to-all. Modes:
@@ -13,11 +14,19 @@
 //   local   v4 into this GPU's own memory (HBM copy, for scale)
 //   v4a2a   v4, but every GPU pushes 1/n of its buffer to each of the n-1 others
 //           at once (CTAs dealt round-robin over peers): an all-to-all's pattern
+// ramp: v4a2a at small sizes, where the ramp matters (a decode step's dispatch
+// is ~5 MB per GPU). Events around small kernels would time launches and the
+// GPUs' start skew, so every GPU's kernel first waits for all peers to arrive
+// (a flag each in every GPU's memory), then pushes; each warp ends with a
+// system fence (its stores visible, as before the all-to-all's flags). Time =
+// from the barrier's release to the last warp's fence, in globaltimer ns.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #define CHECK(x)                                                                        \
@@ -55,6 +64,36 @@ __global__ void __launch_bounds__(512) CopyV4Spread(int4* const* dsts, int npeer
   const int64_t warp = (blockIdx.x / npeers) * int64_t(blockDim.x / 32) + threadIdx.x / 32;
   const int64_t warps = (gridDim.x / npeers) * int64_t(blockDim.x / 32);
   CopyChunks(dsts[peer] + slot * n16, src + peer * n16, n16, warp, warps);
+}
+
+__device__ __forceinline__ uint64_t GlobalNs() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+
+// clock[0]: barrier release (CTA 0), clock[1]: running max of warps' fenced ends.
+__global__ void __launch_bounds__(512) CopyV4SpreadTimed(int4* const* dsts, int npeers, int slot, const int4* src,
+                                                         int64_t n16, unsigned* const* arrive, unsigned* here,
+                                                         int nranks, unsigned round, unsigned long long* clock) {
+  if (threadIdx.x == 0) {
+    if (blockIdx.x == 0) {
+      for (int r = 0; r < nranks; ++r) atomicMax(arrive[r] + slot, round);  // slot = this GPU's rank
+    }
+    for (int r = 0; r < nranks; ++r) {
+      while (*reinterpret_cast<volatile unsigned*>(here + r) < round) {
+      }
+    }
+    if (blockIdx.x == 0) clock[0] = GlobalNs();
+  }
+  __syncthreads();
+  const int peer = blockIdx.x % npeers;
+  const int64_t warp = (blockIdx.x / npeers) * int64_t(blockDim.x / 32) + threadIdx.x / 32;
+  const int64_t warps = (gridDim.x / npeers) * int64_t(blockDim.x / 32);
+  CopyChunks(dsts[peer] + slot * n16, src + peer * n16, n16, warp, warps);
+  __threadfence_system();
+  __syncwarp();
+  if (threadIdx.x % 32 == 0) atomicMax(clock + 1, static_cast<unsigned long long>(GlobalNs()));
 }
 
 __device__ __forceinline__ uint32_t Smem(const void* p) {
@@ -98,8 +137,65 @@ __global__ void __launch_bounds__(32) CopyBulk(char* dst, const char* src, int64
   asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 
+// The ramp table (see the top): bytes leaving each GPU by CTAs, slowest GPU, median of reps.
+int Ramp(int n, const std::vector<char*>& src, const std::vector<int4**>& peer_dsts, int64_t cap_bytes) {
+  std::vector<unsigned*> arrive(n);
+  std::vector<unsigned**> arrive_all(n);
+  std::vector<unsigned long long*> clock(n);
+  for (int d = 0; d < n; ++d) {
+    CHECK(cudaSetDevice(d));
+    CHECK(cudaMalloc(&arrive[d], n * sizeof(unsigned)));
+    CHECK(cudaMemset(arrive[d], 0, n * sizeof(unsigned)));
+    CHECK(cudaMalloc(&clock[d], 2 * sizeof(unsigned long long)));
+  }
+  for (int d = 0; d < n; ++d) {
+    CHECK(cudaSetDevice(d));
+    CHECK(cudaMalloc(&arrive_all[d], n * sizeof(unsigned*)));
+    CHECK(cudaMemcpy(arrive_all[d], arrive.data(), n * sizeof(unsigned*), cudaMemcpyHostToDevice));
+  }
+  std::printf("| MB leaving each GPU | CTAs | µs (barrier to last fence, slowest GPU, median) | GB/s |\n|---|---|---|---|\n");
+  const double sizes_mb[] = {0.5, 1, 2, 4, 5.25, 8, 16, 64};
+  const int ctas_list[] = {33, 66, 132};
+  unsigned round = 0;
+  for (double mb : sizes_mb) {
+    // 16-byte units per peer, whole 4 KiB chunks.
+    const int64_t per_peer16 = static_cast<int64_t>(mb * 1e6 / (n - 1) / 16 / 256) * 256;
+    if (per_peer16 * 16 * n > cap_bytes) continue;
+    for (int ctas : ctas_list) {
+      const int grid = ctas / (n - 1) * (n - 1);
+      std::vector<double> us;
+      for (int rep = 0; rep < 12; ++rep) {
+        ++round;
+        for (int d = 0; d < n; ++d) {
+          CHECK(cudaSetDevice(d));
+          CHECK(cudaMemset(clock[d], 0, 2 * sizeof(unsigned long long)));
+          CopyV4SpreadTimed<<<grid, 512>>>(peer_dsts[d], n - 1, d, reinterpret_cast<const int4*>(src[d]),
+                                           per_peer16, arrive_all[d], arrive[d], n, round, clock[d]);
+          CHECK(cudaGetLastError());
+        }
+        double slowest = 0;
+        for (int d = 0; d < n; ++d) {
+          CHECK(cudaSetDevice(d));
+          CHECK(cudaDeviceSynchronize());
+          unsigned long long c[2];
+          CHECK(cudaMemcpy(c, clock[d], sizeof(c), cudaMemcpyDeviceToHost));
+          const double t = (c[1] - c[0]) / 1e3;
+          if (t > slowest) slowest = t;
+        }
+        if (rep >= 2) us.push_back(slowest);  // two warm-ups
+      }
+      std::sort(us.begin(), us.end());
+      const double med = us[us.size() / 2];
+      const double bytes = double(per_peer16) * 16 * (n - 1);
+      std::printf("| %.2f | %d | %.1f | %.0f |\n", bytes / 1e6, grid, med, bytes / (med * 1e-6) / 1e9);
+    }
+  }
+  return 0;
+}
+
 int main(int argc, char** argv) {
-  const int64_t mib = argc > 1 ? std::atoll(argv[1]) : 128;
+  const bool ramp = argc > 1 && std::string(argv[1]) == "ramp";
+  const int64_t mib = argc > 1 && !ramp ? std::atoll(argv[1]) : 128;
   const int64_t bytes = mib << 20;
   int n = 0;
   CHECK(cudaGetDeviceCount(&n));
@@ -139,6 +235,7 @@ int main(int argc, char** argv) {
     CHECK(cudaMalloc(&peer_dsts[d], host.size() * sizeof(int4*)));
     CHECK(cudaMemcpy(peer_dsts[d], host.data(), host.size() * sizeof(int4*), cudaMemcpyHostToDevice));
   }
+  if (ramp) return Ramp(n, src, peer_dsts, bytes);
   std::printf("%d GPUs, %d SMs, %lld MiB per GPU, every GPU pushing to the next at once\n", n, sms,
               static_cast<long long>(mib));
   std::printf("| mode | CTAs | GB/s per GPU (slowest) |\n|---|---|---|\n");
