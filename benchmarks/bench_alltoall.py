@@ -182,14 +182,18 @@ def jax_times(backend_name: str, mesh, ids, weights, tokens: int, hidden: int, e
             # The GPU's idle time between one call's end and the next one's start
             # (median: most gaps fall inside a run), slowest rank.
             # Inside the kernel: median µs from its start to each trace stamp, slowest rank.
-            gaps, stamps = [], []
+            # And the median start-to-start interval: µs per op inside a run, loop ops
+            # included, without the slope's run-to-run spread.
+            gaps, stamps, periods = [], [], []
             for ws in profiled:
                 for d in mesh.devices.flat:
                     trace = ffi_lib.nvlink_trace(ws, d, name).astype(np.int64)
                     if len(trace) > 1:
                         gaps.append(float(np.median(trace[1:, 0] - trace[:-1, -1])) / 1e3)
+                        periods.append(float(np.median(np.diff(trace[:, 0]))) / 1e3)
                         stamps.append(np.median(trace[:, 1:] - trace[:, :1], axis=0) / 1e3)
             out[name + "_gap"] = max(gaps, default=float("nan"))
+            out[name + "_period"] = max(periods, default=float("nan"))
             if stamps:
                 out[name + "_stamps"] = np.max(stamps, axis=0)
     return out
@@ -291,7 +295,8 @@ def main() -> int:
             kernel = (f"{t['dispatch_kernel']:.1f} / {t['combine_kernel']:.1f} "
                       f"({sent / t['dispatch_kernel'] / 1e3:.0f} / {back / t['combine_kernel'] / 1e3:.0f} GB/s; "
                       f"peers started {t['dispatch_ready']:.1f}; between calls {t['dispatch_gap']:.1f} / "
-                      f"{t['combine_gap']:.1f}{stamp_text(t)})" if "dispatch_kernel" in t else "")
+                      f"{t['combine_gap']:.1f}; start to start {t['dispatch_period']:.1f} / "
+                      f"{t['combine_period']:.1f}{stamp_text(t)})" if "dispatch_kernel" in t else "")
             lines.append(f"| {tokens} | {name} | {t['dispatch']:.1f} | {t['combine']:.1f} | "
                          f"{sent / t['dispatch'] / 1e3:.0f} | {back / t['combine'] / 1e3:.0f} | {ratio} | {kernel} |")
             print(lines[-1], flush=True)
@@ -313,6 +318,8 @@ def main() -> int:
         "CTA's end, slowest rank), without the loop's other ops; peers started: of dispatch's kernel time, "
         "how long until every peer had started the call (launch skew plus a round trip; slowest rank); "
         "between calls: the GPU's median idle time from one call's end to the next one's start (slowest rank); "
+        "start to start: the median time from one call's start to the next one's inside a run (kernel, gap and "
+        "the loop's other ops: µs per op without the slope's run-to-run spread; slowest rank); "
         "stamps (where printed): median µs after the call's start at which the last CTA started, a receiver "
         "had seen every peer's call, the last sender CTA ended, and the call ended (slowest rank; dispatch / "
         "combine). "

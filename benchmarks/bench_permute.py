@@ -2,6 +2,7 @@
 
     python benchmarks/bench_permute.py          # GPU: DeepSeek-V3 rows per EP rank
     python benchmarks/bench_permute.py --small  # CPU smoke run of the same code
+    python benchmarks/bench_permute.py --tokens 16384 --iters 10
 
 Times the three memory-bound steps of `wideep_jax.experts` around the grouped
 GEMMs, each jitted alone: `sort_pairs` (the plan), `permute_rows` (token rows
@@ -47,12 +48,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--loop", type=int, default=20, help="calls per timed sample, in one jitted program")
+    parser.add_argument("--tokens", type=int, nargs="+", default=None,
+                        help="token counts (default 128 1024 4096 16384; --small: 64 512)")
     parser.add_argument("--small", action="store_true", help="CPU smoke dims")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     hidden, top_k, slots = (256, 4, 16) if args.small else (7168, 8, 64)
-    token_counts = (64, 512) if args.small else (128, 1024, 4096, 16384)
+    token_counts = args.tokens or ((64, 512) if args.small else (128, 1024, 4096, 16384))
     dtype = jnp.bfloat16
     item = jnp.dtype(dtype).itemsize
     bandwidth = copy_bandwidth(args.iters)

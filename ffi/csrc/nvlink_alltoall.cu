@@ -7,7 +7,8 @@
 // split in two roles that run at once (a quarter sends by default):
 // - sender CTAs store rows (each token once per destination rank, a row cut
 //   into pieces) straight into the destination's data region over NVLink;
-//   after each piece its warp fences and raises that piece's flag there;
+//   after every few pieces (kDispatchSendBatch, kCombineSendBatch) its warp
+//   fences once and raises those pieces' flags there;
 // - receiver CTAs wait for pieces with acquire loads as they land and stream
 //   them out (dispatch: copy into the outputs; combine: reduce each token's
 //   rows in rank order, the portable path's order, so sums match it bit for
@@ -43,6 +44,13 @@ constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxPieces = 16;     // flags per row; keep equal to nvlink.py's MAX_PIECES
 constexpr int64_t kMinPiece = 512;  // bytes; keep equal to nvlink.py's MIN_PIECE
+// Pieces a sender warp stores before one system fence publishes them all. Each
+// fence waits for the warp's stores to reach the peer, so fewer fences shorten
+// a decode dispatch (EP4, 128 tokens: the last sender's end 22.3 -> 20.6 µs with
+// 4); combine's receivers wait on each piece to reduce it, and its 4096-token
+// call was no faster with 4 (benchmarks/RESULTS.md, 2026-11-28).
+constexpr int kDispatchSendBatch = 4;
+constexpr int kCombineSendBatch = 1;
 constexpr int kTraceCalls = 128;    // calls each op's trace ring keeps (wideep_nvlink_trace_calls)
 // Stamps per traced call (globaltimer ns; ffi_lib.NVLINK_TRACE_STAMPS names them):
 // CTA 0's start, the last CTA's start, every peer's call seen, the last sender
@@ -129,14 +137,6 @@ __device__ void WaitFlag(const uint64_t* flag, uint64_t seq, uint64_t timeout_ns
       __trap();
     }
   }
-}
-
-// After a warp's stores of one piece into a peer's workspace: the warp barrier
-// orders every lane's stores before lane 0's release store of the piece's
-// flag, which makes them visible system-wide first (one fence per piece).
-__device__ __forceinline__ void PublishPiece(uint64_t* flag, uint64_t seq, int lane) {
-  __syncwarp();
-  if (lane == 0) StoreReleaseSys(flag, seq);
 }
 
 __device__ __forceinline__ void StartCall(Ctrl* ctrl) {
@@ -273,22 +273,40 @@ __device__ void BuildItemOrder(ItemOrder* o, int lists, int splits, CountOf coun
 // Senders (CTAs [0, send_ctas)): push every peer's rows (list j is rank
 // rank + 1 + j) into this rank's block of the peer's data region, piece by
 // piece; `write_piece(dst_row, dest, i, k)` stores piece k of row i there.
-template <typename WritePiece>
+// Lane 0 raises the flags of the warp's last `n` pieces with one system fence
+// (a release pattern: the fence, then relaxed flag stores); the warp barrier
+// orders every lane's stores of those pieces before it.
+__device__ __forceinline__ void PublishPieces(uint64_t* const* flags, int n, uint64_t seq, int lane) {
+  __syncwarp();
+  if (lane != 0 || n == 0) return;
+  FenceAcqRelSys();
+  for (int i = 0; i < n; ++i) StoreRelaxedSys(flags[i], seq);
+}
+
+template <int kBatch, typename WritePiece>
 __device__ __forceinline__ void SendRows(Ctrl* ctrl, ItemOrder* order, const int32_t* counts, int rank, int R,
                                          int64_t C, int half, uint64_t seq, uint64_t half_bytes,
                                          int64_t row_bytes, int splits, int send_ctas, WritePiece write_piece) {
+  static_assert(kBatch >= 1, "a sender warp publishes at least every piece it stores");
   BuildItemOrder(order, R - 1, splits, [&](int j) { return static_cast<int64_t>(counts[(rank + 1 + j) % R]); });
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t stride = static_cast<int64_t>(send_ctas) * kWarps;
   int band = 0;
+  uint64_t* pending[kBatch];  // flags of pieces stored but not yet published
+  int npending = 0;
   for (int64_t q = static_cast<int64_t>(blockIdx.x) * kWarps + warp; q < order->Total(); q += stride) {
     const ItemOrder::Item it = order->At(q, &band);
     const int dest = (rank + 1 + it.list) % R;
     const Half there = HalfOf(ctrl->peers[dest], half, half_bytes);
     const int64_t row = rank * C + it.row;  // this rank's block at the destination
     write_piece(there.data + row * row_bytes, dest, it.row, it.piece);
-    PublishPiece(there.flags + row * splits + it.piece, seq, lane);
+    pending[npending++] = there.flags + row * splits + it.piece;
+    if (npending == kBatch) {
+      PublishPieces(pending, npending, seq, lane);
+      npending = 0;
+    }
   }
+  PublishPieces(pending, npending, seq, lane);
 }
 
 // Raises this call's number (after the row counts, for dispatch) at every peer.
@@ -334,7 +352,8 @@ __global__ void __launch_bounds__(kThreads) DispatchKernel(DispatchParams p) {
   PostCall(p.ctrl, p.rank, p.nranks, half, seq, p.send_count);
 
   if (blockIdx.x < p.send_ctas) {
-    SendRows(p.ctrl, &order, p.send_count, p.rank, R, C, half, seq, p.half_bytes, p.row_bytes, P, p.send_ctas,
+    SendRows<kDispatchSendBatch>(p.ctrl, &order, p.send_count, p.rank, R, C, half, seq, p.half_bytes, p.row_bytes, P,
+             p.send_ctas,
              [&](char* dst, int dest, int64_t i, int k) {
                const int64_t t = p.send_token[dest * C + i];
                WarpCopy<false>(dst + p.row.Offset(k), p.x + t * p.row.payload + p.row.Offset(k), p.row.Length(k),
@@ -526,7 +545,8 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
 
   if (blockIdx.x < p.send_ctas) {
     __shared__ ItemOrder order;
-    SendRows(p.ctrl, &order, p.send_rows, p.rank, R, C, half, seq, p.half_bytes, p.row_bytes, P, p.send_ctas,
+    SendRows<kCombineSendBatch>(p.ctrl, &order, p.send_rows, p.rank, R, C, half, seq, p.half_bytes, p.row_bytes, P,
+             p.send_ctas,
              [&](char* dst, int dest, int64_t i, int k) {
                WarpCopy<false>(dst + p.row.Offset(k), p.partial + (dest * C + i) * p.row.payload + p.row.Offset(k),
                                p.row.Length(k), lane);
