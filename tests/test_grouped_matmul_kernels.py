@@ -294,6 +294,8 @@ def test_mosaic_tgmm_matches_float64(rng, case):
 
 def test_mosaic_tgmm_api_default_and_errors(rng):
     from pallas_kernels import MosaicTgmmConfig, grouped_matmul_transposed
+    from pallas_kernels.grouped_matmul.mosaic_gpu import MosaicGpuConfig
+    from pallas_kernels.grouped_matmul.triton import TritonConfig
     from pallas_kernels.grouped_matmul import mosaic_gpu_tgmm
 
     sizes = jnp.asarray([40, 0, 24, 64], jnp.int32)
@@ -311,8 +313,20 @@ def test_mosaic_tgmm_api_default_and_errors(rng):
     got = grouped_matmul_transposed(x, dy[:, :128], sizes, implementation="mosaic_gpu",
                                     preferred_element_type=jnp.float32)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want)[:, :, :128], rtol=1e-5, atol=1e-3)
-    with pytest.raises(ValueError, match="does not fit implementation 'triton'"):
+    # A config of another kernel is an error naming the allowed class, never ignored.
+    with pytest.raises(ValueError, match="implementation 'triton': it takes a TritonConfig"):
         grouped_matmul_transposed(x, dy, sizes, implementation="triton", config=config)
+    with pytest.raises(ValueError, match="implementation 'mosaic_gpu': it takes a MosaicTgmmConfig"):
+        grouped_matmul_transposed(x, dy, sizes, implementation="mosaic_gpu", config=MosaicGpuConfig())
+    with pytest.raises(ValueError, match="implementation 'mosaic_gpu': it takes a MosaicTgmmConfig"):
+        grouped_matmul_transposed(x, dy, sizes, implementation="mosaic_gpu", config=TritonConfig())
+    # The triton transposed kernel takes its TritonConfig: its tiles must divide K and N.
+    with pytest.raises(ValueError, match="must be multiples of block_k=256"):
+        grouped_matmul_transposed(x, dy, sizes, implementation="triton", config=TritonConfig(block_k=256))
+    got = grouped_matmul_transposed(x, dy, sizes, implementation="triton",
+                                    config=TritonConfig(block_m=32, block_n=64, block_k=32),
+                                    preferred_element_type=jnp.float32)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-3)
     with pytest.raises(ValueError, match=r"N=128 must be .*2\*tile_n=256"):
         grouped_matmul_transposed(x, dy[:, :128], sizes, implementation="mosaic_gpu", config=config)
     with pytest.raises(ValueError, match="tile_k must be a positive multiple of 64"):

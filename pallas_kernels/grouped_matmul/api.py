@@ -116,23 +116,31 @@ def _forward(name, config, epilogue, out_dtype, x, w, group_sizes, row_scale):
 
 
 def _tgmm(name, config, x, dy, group_sizes, num_groups, out_dtype):
+    """dw through ``name``'s transposed kernel. ``config``: for mosaic_gpu a
+    MosaicTgmmConfig or None, for triton a TritonConfig of the transposed kernel or
+    None (defaults: their own tiles, which differ from the forward's); else the
+    loop modules' config."""
     interpret = jax.default_backend() != "gpu" and not _LOWER_FOR_GPU
-    if name == "mosaic_gpu" and not isinstance(config, mosaic_gpu_tgmm.MosaicTgmmConfig):
-        # Tiles of its own: the forward's do not fit x^T @ dy.
+    if name == "mosaic_gpu" and config is None:
         config = mosaic_gpu_tgmm.default_config(x.shape[1], dy.shape[1])
     if isinstance(config, mosaic_gpu_tgmm.MosaicTgmmConfig):
         return mosaic_gpu_tgmm.tgmm(x.astype(dy.dtype), dy, group_sizes, num_groups=num_groups, config=config,
                                     out_dtype=out_dtype, interpret=interpret)
     if name in ("triton", "mosaic_gpu"):
-        # Triton's transposed kernel, its own tiles; also mosaic_gpu's dW when N is
-        # not a multiple of 128 (the Mosaic kernel's narrowest CTA tile).
+        # Triton's transposed kernel; also mosaic_gpu's dW when N is not a multiple
+        # of 128 (the Mosaic kernel's narrowest CTA tile).
         return triton.tgmm(x.astype(dy.dtype), dy, group_sizes, num_groups=num_groups, out_dtype=out_dtype,
-                           interpret=interpret)
+                           config=config if name == "triton" else None, interpret=interpret)
     module = _LOOP_MODULES.get(name, xla)
     if module is xla and not isinstance(config, GroupedMatmulConfig):
         config = default_config(x.shape[0], group_sizes.shape[0])
     return module.tgmm(x, dy, group_sizes, num_groups=num_groups, config=config,
                        preferred_element_type=out_dtype)
+
+
+# The config classes grouped_matmul_transposed takes for the Pallas kernels
+# (their transposed kernels' own tilings; the forward's do not fit x^T @ dy).
+_TGMM_CONFIG_TYPES = {"mosaic_gpu": mosaic_gpu_tgmm.MosaicTgmmConfig, "triton": triton.TritonConfig}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
@@ -173,7 +181,8 @@ def _gmm_bwd(name, config, epilogue, out_dtype, residuals, dy):
         name, None, dy.shape[0], w.shape[0], k=dy.shape[1], n_out=x.shape[1])
     dx = _forward(name, t_config, "none", x.dtype, dy, w_t, group_sizes, None)
     dx = jnp.where(live, dx, 0).astype(x.dtype)
-    dw = _tgmm(name, config, x, dy, group_sizes, w.shape[0], w.dtype)
+    # dW: the Pallas kernels' transposed kernels use their own default tiles.
+    dw = _tgmm(name, None if name in _TGMM_CONFIG_TYPES else config, x, dy, group_sizes, w.shape[0], w.dtype)
     return dx, dw, None, d_scale  # group_sizes is integer data: no cotangent
 
 
@@ -219,7 +228,8 @@ def grouped_matmul(
         row_scale[r] inside the kernel (the routing weight of the down projection).
       implementation: one of IMPLEMENTATIONS; None picks `default_implementation`
         for the operands' dtype.
-      config: the implementation's tiling dataclass; None uses its default.
+      config: the implementation's tiling dataclass; None uses its default. It
+        tiles the forward product; the gradients' kernels use their own defaults.
       preferred_element_type: output dtype (default x.dtype). Accumulation is f32.
 
     Returns:
@@ -272,11 +282,14 @@ def grouped_matmul_transposed(
       x: [M, K]; dy: [M, N]; group_sizes: int [G] as in `grouped_matmul`.
       num_groups: number of leading groups to return (default G, must be <= G);
         rows of later groups are skipped.
-      implementation, config: as in `grouped_matmul`; `mosaic_gpu` runs the
-        Mosaic GPU transposed kernel (`mosaic_gpu_tgmm.tgmm`; config a
-        `MosaicTgmmConfig`, None for `mosaic_gpu_tgmm.default_config`, which
-        needs K a multiple of 64 and N of 128, else the Triton one runs);
-        `triton` runs the Triton transposed kernel (`triton.tgmm`, own tiles).
+      implementation, config: as in `grouped_matmul`, except that the Pallas
+        implementations take their transposed kernels' tilings (a forward config
+        is an error): `mosaic_gpu` runs the Mosaic GPU transposed kernel
+        (`mosaic_gpu_tgmm.tgmm`; config a `MosaicTgmmConfig`, None for
+        `mosaic_gpu_tgmm.default_config`, which needs K a multiple of 64 and N of
+        128, else the Triton one runs); `triton` runs the Triton transposed kernel
+        (`triton.tgmm`; config a `TritonConfig` for it, None for
+        `triton.default_tgmm_config`).
       preferred_element_type: output dtype (default x.dtype). Accumulation is f32.
 
     Returns:
@@ -292,7 +305,12 @@ def grouped_matmul_transposed(
     num_groups = total_groups if num_groups is None else num_groups
     if not 0 <= num_groups <= total_groups:
         raise ValueError(f"num_groups must be in [0, {total_groups}], got {num_groups}")
-    if not (name == "mosaic_gpu" and isinstance(config, mosaic_gpu_tgmm.MosaicTgmmConfig)):
+    if name in _TGMM_CONFIG_TYPES:
+        expected = _TGMM_CONFIG_TYPES[name]
+        if config is not None and not isinstance(config, expected):
+            raise ValueError(f"config {config!r} does not fit grouped_matmul_transposed with implementation "
+                             f"{name!r}: it takes a {expected.__name__} (its transposed kernel's tiles) or None")
+    else:
         config = _resolve_config(name, config, x.shape[0], total_groups, x.shape[1], dy.shape[1])
     out_dtype = jnp.dtype(preferred_element_type or x.dtype)
     return _tgmm(name, config, x, dy, group_sizes, num_groups, out_dtype)
