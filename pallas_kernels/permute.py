@@ -27,7 +27,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu_triton
+
+from pallas_kernels import triton_backend
+from pallas_kernels.triton_backend import plgpu_triton
 
 __all__ = ["gather_rows", "combine_rows"]
 
@@ -91,6 +93,7 @@ def gather_rows(x: jax.Array, index: jax.Array, *, block_rows: int = 16, block_c
     Indices should lie in [0, N); others are clamped into it (negatives read row
     0, unlike NumPy's wrap-around). Bitwise copies, any dtype.
     """
+    triton_backend.require("pallas_kernels.permute.gather_rows")
     _check_tiling(block_rows, block_cols, num_warps, num_stages)
     if x.ndim != 2:
         raise ValueError(f"x must be 2-D [N, H], got shape {x.shape}")
@@ -139,6 +142,7 @@ def combine_rows(y: jax.Array, position: jax.Array, valid: jax.Array, *, out_dty
     `wideep_jax.experts.combine_rows` does. Valid positions should lie in
     [0, R) (others are clamped); invalid ones are never read.
     """
+    triton_backend.require("pallas_kernels.permute.combine_rows")
     _check_tiling(block_rows, block_cols, num_warps, num_stages)
     if y.ndim != 2:
         raise ValueError(f"y must be 2-D [R, H], got shape {y.shape}")

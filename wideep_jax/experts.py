@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import grouped_matmul, grouped_swiglu
+from pallas_kernels import triton_backend
 from pallas_kernels import permute as permute_kernels
 
 
@@ -106,10 +107,12 @@ def permute_rows(x: jax.Array, pairs: PairOrder, *, implementation: str | None =
 
     ``implementation``: ``pallas`` (`pallas_kernels.permute.gather_rows`, GPU: 1.3-1.7x
     XLA's gather on H100 at 1k-16k tokens, benchmarks/RESULTS.md) or ``xla``;
-    None picks ``pallas`` on GPU and ``xla`` elsewhere.
+    None picks ``pallas`` on GPU (where jax still has Pallas' Triton backend) and
+    ``xla`` elsewhere.
     """
     if implementation is None:
-        implementation = "pallas" if jax.default_backend() == "gpu" else "xla"
+        implementation = ("pallas" if jax.default_backend() == "gpu" and triton_backend.available()
+                          else "xla")
     if implementation == "pallas":
         return _pallas_gather(x, pairs.row_token)
     if implementation != "xla":

@@ -18,6 +18,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import triton_backend
 from pallas_kernels.grouped_matmul import mosaic_gpu, mosaic_gpu_tgmm, ragged_dot, triton, xla
 from pallas_kernels.grouped_matmul.config import GroupedMatmulConfig, default_config
 
@@ -42,7 +43,8 @@ def default_implementation(dtype=jnp.bfloat16, k: int = 7168, n_out: int = 4096)
     16-bit operands on GPU: ``mosaic_gpu`` on Hopper (sm90) when K and N are
     multiples of 64 (its swizzled tiles), else ``triton`` when they are multiples
     of 16; ``triton`` on other CUDA GPUs. Everything else (CPU, float32 operands,
-    which the tensor-core kernels do not take, or odd widths) uses ``xla``.
+    which the tensor-core kernels do not take, or odd widths) uses ``xla``, as do
+    the ``triton`` cases on a jax without Pallas' (deprecated) Triton backend.
     """
     device = jax.devices()[0]
     if device.platform != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
@@ -50,7 +52,7 @@ def default_implementation(dtype=jnp.bfloat16, k: int = 7168, n_out: int = 4096)
     capability = str(getattr(device, "compute_capability", ""))
     if capability.split(".")[0] == "9" and k % 64 == 0 and n_out % 64 == 0:
         return "mosaic_gpu"
-    return "triton" if k % 16 == 0 and n_out % 16 == 0 else "xla"
+    return "triton" if k % 16 == 0 and n_out % 16 == 0 and triton_backend.available() else "xla"
 
 
 def _resolve(implementation: str | None, dtype=jnp.bfloat16, k: int = 7168, n_out: int = 4096) -> str:
@@ -126,6 +128,11 @@ def _tgmm(name, config, x, dy, group_sizes, num_groups, out_dtype):
     if isinstance(config, mosaic_gpu_tgmm.MosaicTgmmConfig):
         return mosaic_gpu_tgmm.tgmm(x.astype(dy.dtype), dy, group_sizes, num_groups=num_groups, config=config,
                                     out_dtype=out_dtype, interpret=interpret)
+    if name == "mosaic_gpu" and not triton_backend.available():
+        raise NotImplementedError(
+            f"mosaic_gpu's weight gradient of K={x.shape[1]}, N={dy.shape[1]} needs K a multiple of 64 and N of "
+            f"128 (the Mosaic transposed kernel's tiles), or Pallas' Triton backend, which jax {jax.__version__} "
+            "does not have; use implementation 'xla' for these shapes")
     if name in ("triton", "mosaic_gpu"):
         # Triton's transposed kernel; also mosaic_gpu's dW when N is not a multiple
         # of 128 (the Mosaic kernel's narrowest CTA tile).

@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu_triton
 
+from pallas_kernels import triton_backend
+from pallas_kernels.triton_backend import plgpu_triton
 from pallas_kernels.grouped_matmul.schedule import TileSchedule, tile_schedule
 
 Epilogue = Literal["none", "swiglu", "row_scale"]
@@ -155,6 +156,7 @@ def grouped_matmul(
     ``schedule``: ``tile_schedule(group_sizes, M, block_m, align)``, any align.
     ``interpret`` runs Pallas' CPU interpreter.
     """
+    triton_backend.require("the triton grouped matmul")
     if epilogue not in ("none", "swiglu", "row_scale"):
         raise ValueError(f"epilogue must be 'none', 'swiglu' or 'row_scale', got {epilogue!r}")
     if x.ndim != 2 or w.ndim != 3 or w.shape[1] != x.shape[1]:
@@ -240,6 +242,7 @@ def tgmm(
     The weight gradient of :func:`grouped_matmul`; rows at or past
     ``sum(group_sizes)`` are never read, empty groups give zeros.
     """
+    triton_backend.require("the triton transposed grouped matmul")
     if x.ndim != 2 or dy.ndim != 2 or x.shape[0] != dy.shape[0]:
         raise ValueError(f"expected x [M, K] and dy [M, N], got {x.shape} and {dy.shape}")
     (m, k), n = x.shape, dy.shape[1]
