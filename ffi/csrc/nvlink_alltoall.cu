@@ -270,9 +270,6 @@ __device__ void BuildItemOrder(ItemOrder* o, int lists, int splits, CountOf coun
   __syncthreads();
 }
 
-// Senders (CTAs [0, send_ctas)): push every peer's rows (list j is rank
-// rank + 1 + j) into this rank's block of the peer's data region, piece by
-// piece; `write_piece(dst_row, dest, i, k)` stores piece k of row i there.
 // Lane 0 raises the flags of the warp's last `n` pieces with one system fence
 // (a release pattern: the fence, then relaxed flag stores); the warp barrier
 // orders every lane's stores of those pieces before it.
@@ -283,6 +280,10 @@ __device__ __forceinline__ void PublishPieces(uint64_t* const* flags, int n, uin
   for (int i = 0; i < n; ++i) StoreRelaxedSys(flags[i], seq);
 }
 
+// Senders (CTAs [0, send_ctas)): push every peer's rows (list j is rank
+// rank + 1 + j) into this rank's block of the peer's data region, piece by
+// piece; `write_piece(dst_row, dest, i, k)` stores piece k of row i there. A warp
+// publishes its pieces kBatch at a time (and the rest at its end).
 template <int kBatch, typename WritePiece>
 __device__ __forceinline__ void SendRows(Ctrl* ctrl, ItemOrder* order, const int32_t* counts, int rank, int R,
                                          int64_t C, int half, uint64_t seq, uint64_t half_bytes,
