@@ -179,11 +179,10 @@ def jax_times(backend_name: str, mesh, ids, weights, tokens: int, hidden: int, e
             out[name + "_kernel"] = max(s[name + "_us"] for s in stats if s[name + "_calls"])
             if name == "dispatch":
                 out["dispatch_ready"] = max(s["dispatch_ready_us"] for s in stats if s["dispatch_calls"])
-            # The GPU's idle time between one call's end and the next one's start
-            # (median: most gaps fall inside a run), slowest rank.
-            # Inside the kernel: median µs from its start to each trace stamp, slowest rank.
-            # And the median start-to-start interval: µs per op inside a run, loop ops
-            # included, without the slope's run-to-run spread.
+            # From each rank's trace, slowest rank of the medians: the GPU's idle time from
+            # one call's end to the next one's start (most gaps fall inside a run), the
+            # start-to-start interval (µs per op inside a run, loop ops included, without
+            # the slope's run-to-run spread) and µs from a call's start to each stamp.
             gaps, stamps, periods = [], [], []
             for ws in profiled:
                 for d in mesh.devices.flat:
@@ -223,7 +222,9 @@ def stamp_text(t: dict) -> str:
     """'; stamps ...': the nvlink kernels' median trace stamps (µs after the call's start)."""
     if "dispatch_stamps" not in t:
         return ""
-    names = ("last CTA start", "peers seen", "senders done", "end")
+    from wideep_jax.comm.ffi_lib import NVLINK_TRACE_STAMPS
+
+    names = [stamp.replace("_", " ") for stamp in NVLINK_TRACE_STAMPS[1:]]
     return "; stamps " + " / ".join(
         ", ".join(f"{n} {v:.1f}" for n, v in zip(names, t[op + "_stamps"])) for op in ("dispatch", "combine"))
 
