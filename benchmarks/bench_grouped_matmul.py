@@ -23,6 +23,7 @@ of a small tile sweep) and a dense matmul with the same FLOPs. Appends a table t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import sys
@@ -64,6 +65,7 @@ def group_sizes(num_rows: int, num_groups: int, kind: str) -> np.ndarray:
 
 
 BATCH = 1  # back-to-back calls per timed sample (set by --batch)
+EXTRA_WIDTHS: tuple[int, ...] = ()  # more planar-snake band widths for the prefill defaults (--widths)
 
 
 def best_of(candidates: dict, iters: int) -> tuple[str, float]:
@@ -102,6 +104,8 @@ def mosaic_sweep(m, g, k, n_out, epilogue) -> list:
         more = [MosaicGpuConfig(tile_m=64, tile_n=64, max_concurrent_steps=8),
                 MosaicGpuConfig(tile_m=64, tile_n=256, max_concurrent_steps=2),
                 MosaicGpuConfig(tile_m=64, tile_n=128, max_concurrent_steps=4, chain_items=True)]
+    if m // g >= 128:  # the default tiles walked in other bands (row tiles sharing a weight tile)
+        more += [dataclasses.replace(default, grid_tile_width=width) for width in EXTRA_WIDTHS]
     return [default] + [c for c in more if c != default]
 
 
@@ -371,10 +375,13 @@ def main() -> int:
                              "lax.ragged_dot or ragged_dot_mgpu)")
     parser.add_argument("--kinds", default="uniform,zipf",
                         help="prefill group-size kinds (uniform, zipf, zipf-aligned)")
+    parser.add_argument("--widths", default="",
+                        help="comma-separated extra grid_tile_width values tried with the prefill default tiles")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    global BATCH
+    global BATCH, EXTRA_WIDTHS
     BATCH = args.batch
+    EXTRA_WIDTHS = tuple(int(w) for w in args.widths.split(",") if w)
     on_gpu = jax.default_backend() == "gpu"
     rng = np.random.default_rng(0)
     if args.small:

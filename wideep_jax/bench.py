@@ -195,3 +195,71 @@ def bench_moe_layer(spec: MoESpec, config: MoEConfig, mesh, *, tokens_per_rank: 
     compile_seconds = time.perf_counter() - start
     seconds = time_fn(lambda: forward(state, x, routing), iters=iters)
     return MoEBenchResult(seconds, compile_seconds, num_tokens, stats, ep)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpTime:
+    """One op's time in a profiled call: total µs over its launches, and their count."""
+
+    name: str
+    us: float
+    count: int
+
+
+def profile_ops(fn: Callable[[], object], *, device: int = 0) -> tuple[list[OpTime], float, float]:
+    """Runs ``fn`` once under `jax.profiler.trace`; returns (ops by total time, busy µs, wall µs).
+
+    On a GPU the ops are device ``device``'s kernels, named by the HLO op that
+    launched them where the trace says so (else the kernel's name), and busy µs
+    is the union of their intervals over all streams: wall minus busy is time the
+    device idled (host-bound launches, syncs). On CPU the ops are the XLA ops
+    the host threads ran. Call ``fn`` once before, so compiling is not traced.
+    """
+    import glob
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            wall_us = (time.perf_counter() - start) * 1e6
+        files = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
+        if not files:
+            raise RuntimeError(f"jax.profiler.trace wrote no .xplane.pb under {trace_dir}")
+        data = jax.profiler.ProfileData.from_file(files[0])
+    gpu = f"/device:GPU:{device}"
+    wanted = gpu if jax.default_backend() == "gpu" else "/host:CPU"
+    planes = [p for p in data.planes if p.name == wanted]
+    if not planes:
+        raise RuntimeError(f"the trace has no plane {wanted!r}; it has {[p.name for p in data.planes]}")
+    totals: dict[str, list[float]] = {}
+    spans = []
+    for plane in planes:
+        for line in plane.lines:
+            if plane.name == gpu and not line.name.startswith("Stream"):
+                continue  # derived lines (XLA Modules / Ops, Steps) repeat the streams' kernels
+            for event in line.events:
+                stats = dict(event.stats)
+                if plane.name != gpu and "hlo_op" not in stats:
+                    continue  # host-side bookkeeping, not an op
+                name = str(stats.get("hlo_op") or event.name)
+                entry = totals.setdefault(name, [0.0, 0])
+                entry[0] += event.duration_ns / 1e3
+                entry[1] += 1
+                spans.append((event.start_ns, event.start_ns + event.duration_ns))
+    busy_us, end = 0.0, float("-inf")
+    for lo, hi in sorted(spans):  # union of the intervals
+        if hi > end:
+            busy_us += (hi - max(lo, end)) / 1e3
+            end = hi
+    ops = sorted((OpTime(n, us, c) for n, (us, c) in totals.items()), key=lambda op: -op.us)
+    return ops, busy_us, wall_us
+
+
+def ops_table(ops: list[OpTime], busy_us: float, wall_us: float, *, top: int = 20) -> str:
+    """A markdown table of the ``top`` ops of `profile_ops`, with their share of busy time."""
+    lines = [f"device busy {busy_us:.0f} µs of {wall_us:.0f} µs wall; top ops:",
+             "| op | µs | launches | share of busy |", "|---|---|---|---|"]
+    for op in ops[:top]:
+        lines.append(f"| {op.name[:90]} | {op.us:.1f} | {op.count} | {op.us / max(busy_us, 1e-9):.1%} |")
+    return "\n".join(lines)

@@ -14,6 +14,8 @@
 //   local   v4 into this GPU's own memory (HBM copy, for scale)
 //   v4a2a   v4, but every GPU pushes 1/n of its buffer to each of the n-1 others
 //           at once (CTAs dealt round-robin over peers): an all-to-all's pattern
+//   cea2a   v4a2a's pattern by the copy engines: one cudaMemcpyPeerAsync per peer,
+//           each on its own stream (no SMs; the CTAs column does not apply)
 // ramp: v4a2a at small sizes, where the ramp matters (a decode step's dispatch
 // is ~5 MB per GPU). Events around small kernels would time launches and the
 // GPUs' start skew, so every GPU's kernel first waits for all peers to arrive
@@ -205,6 +207,8 @@ int main(int argc, char** argv) {
   }
   std::vector<char*> src(n), dst(n);
   std::vector<cudaStream_t> stream(n);
+  std::vector<std::vector<cudaStream_t>> peer_stream(n, std::vector<cudaStream_t>(n));
+  std::vector<std::vector<cudaEvent_t>> peer_done(n, std::vector<cudaEvent_t>(n));
   std::vector<cudaEvent_t> start(n), stop(n);
   int sms = 0;
   for (int d = 0; d < n; ++d) {
@@ -220,6 +224,10 @@ int main(int argc, char** argv) {
     CHECK(cudaMalloc(&dst[d], bytes));
     CHECK(cudaMemset(src[d], d + 1, bytes));
     CHECK(cudaStreamCreateWithFlags(&stream[d], cudaStreamNonBlocking));
+    for (int p = 0; p < n; ++p) {
+      CHECK(cudaStreamCreateWithFlags(&peer_stream[d][p], cudaStreamNonBlocking));
+      CHECK(cudaEventCreateWithFlags(&peer_done[d][p], cudaEventDisableTiming));
+    }
     CHECK(cudaEventCreate(&start[d]));
     CHECK(cudaEventCreate(&stop[d]));
     CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d));
@@ -239,11 +247,13 @@ int main(int argc, char** argv) {
   std::printf("%d GPUs, %d SMs, %lld MiB per GPU, every GPU pushing to the next at once\n", n, sms,
               static_cast<long long>(mib));
   std::printf("| mode | CTAs | GB/s per GPU (slowest) |\n|---|---|---|\n");
-  const char* modes[] = {"local", "v4", "v4pull", "bulk", "v4a2a"};
+  const char* modes[] = {"local", "v4", "v4pull", "bulk", "v4a2a", "cea2a"};
   const int ctas_list[] = {8, 16, 24, 32, 48, 66, 99, 132, 264};
   for (const char* mode : modes) {
     for (int ctas : ctas_list) {
       const bool bulk = mode[0] == 'b';
+      const bool ce = mode[0] == 'c';
+      if (ce && ctas != ctas_list[0]) continue;  // no SMs: one row
       float worst = 0;
       for (int rep = 0; rep < 4; ++rep) {
         for (int d = 0; d < n; ++d) {
@@ -254,7 +264,18 @@ int main(int argc, char** argv) {
           if (mode[0] == 'l') to = dst[d];
           if (mode[2] == 'p') to = dst[d], from = src[peer];
           CHECK(cudaEventRecord(start[d], stream[d]));
-          if (mode[2] == 'a') {
+          if (ce) {
+            // Each peer's slice on its own stream, forked from and joined back to stream[d].
+            for (int p = 1; p < n; ++p) {
+              const int to_rank = (d + p) % n;
+              CHECK(cudaEventRecord(peer_done[d][0], stream[d]));
+              CHECK(cudaStreamWaitEvent(peer_stream[d][p], peer_done[d][0]));
+              CHECK(cudaMemcpyPeerAsync(dst[to_rank] + d * slice16 * 16, to_rank, src[d] + (p - 1) * slice16 * 16, d,
+                                        slice16 * 16, peer_stream[d][p]));
+              CHECK(cudaEventRecord(peer_done[d][p], peer_stream[d][p]));
+            }
+            for (int p = 1; p < n; ++p) CHECK(cudaStreamWaitEvent(stream[d], peer_done[d][p]));
+          } else if (mode[2] == 'a') {
             const int grid = ctas / (n - 1) * (n - 1) > 0 ? ctas / (n - 1) * (n - 1) : n - 1;
             // Sender d writes slot d of every peer: no two senders share bytes.
             CopyV4Spread<<<grid, 512, 0, stream[d]>>>(peer_dsts[d], n - 1, d, reinterpret_cast<const int4*>(from),
@@ -279,6 +300,10 @@ int main(int argc, char** argv) {
         if (rep > 0 && (worst == 0 || slowest < worst)) worst = slowest;  // best of 3 after a warm-up
       }
       const double moved = mode[2] == 'a' ? double(slice16) * 16 * (n - 1) : double(bytes);
+      if (ce) {
+        std::printf("| %s | (copy engines) | %.0f |\n", mode, moved / (worst * 1e-3) / 1e9);
+        continue;
+      }
       std::printf("| %s | %d | %.0f |\n", mode, ctas, moved / (worst * 1e-3) / 1e9);
     }
   }
