@@ -210,7 +210,8 @@ def profile_ops(fn: Callable[[], object], *, device: int = 0) -> tuple[list[OpTi
     """Runs ``fn`` once under `jax.profiler.trace`; returns (ops by total time, busy µs, wall µs).
 
     On a GPU the ops are device ``device``'s kernels, named by the HLO op that
-    launched them where the trace says so (else the kernel's name), and busy µs
+    launched them where the trace says so (else, and inside command buffers, by
+    the kernel's name: XLA names its kernels after their fusions), and busy µs
     is the union of their intervals over all streams: wall minus busy is time the
     device idled (host-bound launches, syncs). On CPU the ops are the XLA ops
     the host threads ran. Call ``fn`` once before, so compiling is not traced.
@@ -242,7 +243,9 @@ def profile_ops(fn: Callable[[], object], *, device: int = 0) -> tuple[list[OpTi
                 stats = dict(event.stats)
                 if plane.name != gpu and "hlo_op" not in stats:
                     continue  # host-side bookkeeping, not an op
-                name = str(stats.get("hlo_op") or event.name)
+                op = str(stats.get("hlo_op", ""))
+                # Kernels of an XLA command buffer (a CUDA graph) all carry its name: use theirs.
+                name = op if op and not op.startswith("command_buffer") else event.name
                 entry = totals.setdefault(name, [0.0, 0])
                 entry[0] += event.duration_ns / 1e3
                 entry[1] += 1
