@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench_moe_layer import check_ep, commit, publish  # noqa: E402
+from wideep_jax import forward_jit  # noqa: E402
 from wideep_jax.bench import ops_table, profile_ops  # noqa: E402
 from wideep_jax.comm import resolve_alltoall_backend  # noqa: E402
 from wideep_jax.config import load_moe_config  # noqa: E402
@@ -57,28 +58,33 @@ def run(model: CausalLM, batch: int, prompt_len: int, steps: int, iters: int,
     """(prefill ms, decode ms per step, host ms per decode step to enqueue it), medians;
     compiled before timing. ``profile`` prints the top device ops of one prefill and
     one decode step (GPU 0) after timing."""
-    step = nnx.jit(lambda m, ids, cache: m(ids, cache=cache)[:2])
+    def greedy_step(m, ids, cache):  # one program per step: the model and the next token
+        logits, cache = m(ids, cache=cache)[:2]
+        return jnp.argmax(logits[:, -1], -1)[:, None], cache
+
+    step = forward_jit(greedy_step, donate_argnums=2)  # the cache is updated in place
     ids = jax.random.randint(jax.random.key(0), (batch, prompt_len), 0, model.cfg.vocab_size)
     prefill, decode, enqueue = [], [], []
     for i in range(iters + 1):
         cache = model.init_cache(batch, prompt_len + steps)
         start = time.perf_counter()
-        logits, cache = step(model, ids, cache)
-        token = jnp.argmax(logits[:, -1], -1)[:, None]
+        token, cache = step(model, ids, cache)
         jax.block_until_ready(token)
         prefill.append(time.perf_counter() - start)
         start = time.perf_counter()
         for _ in range(steps):
-            logits, cache = step(model, token, cache)
-            token = jnp.argmax(logits[:, -1], -1)[:, None]
+            token, cache = step(model, token, cache)
         enqueue.append((time.perf_counter() - start) / steps)  # the host's share, before any wait
         jax.block_until_ready(token)
         decode.append((time.perf_counter() - start) / steps)
     if profile:
-        cache = model.init_cache(batch, prompt_len + steps)
         for name, tokens in (("prefill", ids), ("decode step", token)):
-            ops, busy, wall = profile_ops(lambda: step(model, tokens, cache))
+            fresh = jax.block_until_ready(model.init_cache(batch, prompt_len + steps))  # donated by the call
+            ops, busy, wall = profile_ops(lambda: step(model, tokens, fresh))
             print(f"  profile of one {name}: {ops_table(ops, busy, wall)}", flush=True)
+            fresh = jax.block_until_ready(model.init_cache(batch, prompt_len + steps))
+            ops, busy, wall = profile_ops(lambda: step(model, tokens, fresh), host=True)
+            print(f"  host events of one {name}: {ops_table(ops, busy, wall, top=30, what='host')}", flush=True)
     # The first round compiles (prefill and decode shapes): not timed.
     ms = lambda xs: 1e3 * float(np.median(xs[1:]))
     return ms(prefill), ms(decode), ms(enqueue)

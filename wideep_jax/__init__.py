@@ -5,9 +5,11 @@ Public API:
   - :class:`MoESpec`, :class:`RouterSpec`: model-side dims and routing.
   - :class:`MoELayer`: the Flax NNX layer; ``y, stats = layer(x)``.
   - :func:`moe_forward`, :class:`MoEWeights`, :class:`MoEStats`: the functional core.
+  - :func:`forward_jit`: jit a forward of an NNX module without copying its weights per call.
   - :mod:`wideep_jax.eplb`: the load balancer (placement, offline files, online ``OnlineBalancer``).
 """
 from wideep_jax.config import ConfigError, LoadBalancerConfig, MoEConfig, load_moe_config
+from wideep_jax.jit import forward_jit
 from wideep_jax.layer import MoELayer
 from wideep_jax.moe import MoEStats, MoEWeights, moe_forward
 from wideep_jax.routing import Routing, RouterSpec, route
@@ -15,7 +17,7 @@ from wideep_jax.spec import MoESpec
 
 __all__ = [
     "ConfigError", "LoadBalancerConfig", "MoEConfig", "load_moe_config",
-    "MoELayer", "MoEStats", "MoEWeights", "moe_forward",
+    "MoELayer", "MoEStats", "MoEWeights", "moe_forward", "forward_jit",
     "Routing", "RouterSpec", "route", "MoESpec",
 ]
 __version__ = "0.1.0"

@@ -206,7 +206,8 @@ class OpTime:
     count: int
 
 
-def profile_ops(fn: Callable[[], object], *, device: int = 0) -> tuple[list[OpTime], float, float]:
+def profile_ops(fn: Callable[[], object], *, device: int = 0, host: bool = False
+                ) -> tuple[list[OpTime], float, float]:
     """Runs ``fn`` once under `jax.profiler.trace`; returns (ops by total time, busy µs, wall µs).
 
     On a GPU the ops are device ``device``'s kernels, named by the HLO op that
@@ -214,7 +215,10 @@ def profile_ops(fn: Callable[[], object], *, device: int = 0) -> tuple[list[OpTi
     the kernel's name: XLA names its kernels after their fusions), and busy µs
     is the union of their intervals over all streams: wall minus busy is time the
     device idled (host-bound launches, syncs). On CPU the ops are the XLA ops
-    the host threads ran. Call ``fn`` once before, so compiling is not traced.
+    the host threads ran. ``host=True`` lists every host event instead (Python
+    calls, the runtime's launches; nested events each count their whole span),
+    to see where a host-bound step spends its time. Call ``fn`` once before, so
+    compiling is not traced.
     """
     import glob
     import tempfile
@@ -229,7 +233,7 @@ def profile_ops(fn: Callable[[], object], *, device: int = 0) -> tuple[list[OpTi
             raise RuntimeError(f"jax.profiler.trace wrote no .xplane.pb under {trace_dir}")
         data = jax.profiler.ProfileData.from_file(files[0])
     gpu = f"/device:GPU:{device}"
-    wanted = gpu if jax.default_backend() == "gpu" else "/host:CPU"
+    wanted = gpu if jax.default_backend() == "gpu" and not host else "/host:CPU"
     planes = [p for p in data.planes if p.name == wanted]
     if not planes:
         raise RuntimeError(f"the trace has no plane {wanted!r}; it has {[p.name for p in data.planes]}")
@@ -241,8 +245,10 @@ def profile_ops(fn: Callable[[], object], *, device: int = 0) -> tuple[list[OpTi
                 continue  # derived lines (XLA Modules / Ops, Steps) repeat the streams' kernels
             for event in line.events:
                 stats = dict(event.stats)
-                if plane.name != gpu and "hlo_op" not in stats:
+                if plane.name != gpu and "hlo_op" not in stats and not host:
                     continue  # host-side bookkeeping, not an op
+                if host and ("profiler.py" in event.name or "contextlib.py" in event.name):
+                    continue  # the trace's own start and stop
                 op = str(stats.get("hlo_op", ""))
                 # Kernels of an XLA command buffer (a CUDA graph) all carry its name: use theirs.
                 name = op if op and not op.startswith("command_buffer") else event.name
@@ -259,9 +265,9 @@ def profile_ops(fn: Callable[[], object], *, device: int = 0) -> tuple[list[OpTi
     return ops, busy_us, wall_us
 
 
-def ops_table(ops: list[OpTime], busy_us: float, wall_us: float, *, top: int = 20) -> str:
+def ops_table(ops: list[OpTime], busy_us: float, wall_us: float, *, top: int = 20, what: str = "device") -> str:
     """A markdown table of the ``top`` ops of `profile_ops`, with their share of busy time."""
-    lines = [f"device busy {busy_us:.0f} µs of {wall_us:.0f} µs wall; top ops:",
+    lines = [f"{what} busy {busy_us:.0f} µs of {wall_us:.0f} µs wall; top ops:",
              "| op | µs | launches | share of busy |", "|---|---|---|---|"]
     for op in ops[:top]:
         lines.append(f"| {op.name[:90]} | {op.us:.1f} | {op.count} | {op.us / max(busy_us, 1e-9):.1%} |")

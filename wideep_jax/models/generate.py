@@ -13,8 +13,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from wideep_jax.jit import forward_jit
 from wideep_jax.models.decoder import CausalLM
 
 
@@ -59,7 +59,8 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
       max_new_tokens: tokens to generate per prompt (>= 1).
       temperature, top_p: sampling (0 = greedy).
       seed: sampling key.
-      on_token: called after each decode step with the step index (progress bars).
+      on_token: called with the step index after each decode step is enqueued (progress bars;
+        the device may still be running it).
       after_step: called with each step's per-layer ``MoEStats`` (e.g. an online balancer).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -77,32 +78,37 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
     positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
     lengths = valid.sum(axis=1).astype(np.int32)
     cache = model.init_cache(batch, width + max_new_tokens)
-    step = nnx.jit(_step, static_argnames=("temperature", "top_p"))
+    # The cache (argument 4) is donated: each step updates it in place.
+    step = forward_jit(_step, static_argnames=("temperature", "top_p"), donate_argnums=4)
     key = jax.random.key(seed)
-    out = np.zeros((batch, max_new_tokens), np.int32)
     # Warm-up: compile the prefill and the decode step on a throwaway copy of the cache.
     token, warm, _, _ = step(model, jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(valid), cache,
                              key, temperature, top_p)
     jax.block_until_ready(step(model, token[:, None], jnp.asarray(lengths)[:, None], jnp.ones((batch, 1), bool),
                                warm, key, temperature, top_p)[0])
+    cache = model.init_cache(batch, width + max_new_tokens)  # the warm-up's was donated
 
     start = time.perf_counter()
     token, cache, counts, stats = step(model, jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(valid),
                                        cache, jax.random.fold_in(key, 0), temperature, top_p)
-    out[:, 0] = np.asarray(token)
-    total = np.asarray(counts).astype(np.int64)
+    jax.block_until_ready(token)
     prefill = time.perf_counter() - start
     if after_step is not None:
         after_step(stats)
+    # The steps stay on the device until the end: a host read per step would make
+    # the host wait for each step before it could enqueue the next one.
+    tokens, total = [token], counts
     start = time.perf_counter()
     for t in range(1, max_new_tokens):
         pos = jnp.asarray(lengths + t - 1)[:, None]
         token, cache, counts, stats = step(model, token[:, None], pos, jnp.ones((batch, 1), bool), cache,
                                            jax.random.fold_in(key, t), temperature, top_p)
-        out[:, t] = np.asarray(token)
-        total = total + np.asarray(counts)
+        tokens.append(token)
+        total = total + counts
         if after_step is not None:
             after_step(stats)
         if on_token is not None:
             on_token(t)
-    return Generation(out, prefill, time.perf_counter() - start, total)
+    out = np.asarray(jnp.stack(tokens, axis=1)).astype(np.int32)
+    decode = time.perf_counter() - start
+    return Generation(out, prefill, decode, np.asarray(total).astype(np.int64))

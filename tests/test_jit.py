@@ -1,0 +1,58 @@
+"""`wideep_jax.forward_jit`: nnx.jit's results without handing the module's weights back."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moe_helpers import make_layer, make_spec, random_tokens
+from wideep_jax import forward_jit
+
+
+def test_moe_layer_forward_equals_nnx_jit_and_returns_only_the_outputs():
+    spec = make_spec(kind="noaux_tc", experts=16, top_k=4)
+    layer = make_layer(spec, ep=4, seed=int(np.random.default_rng().integers(1 << 30)))
+    x = random_tokens(np.random.default_rng(), 32, spec.hidden_size)
+    want_y, want_stats = nnx.jit(lambda m, x: m(x))(layer, x)
+    forward = forward_jit(lambda m, x: m(x))
+    y, stats = forward(layer, x)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(want_y))  # the same program: bit-equal
+    np.testing.assert_array_equal(np.asarray(stats.expert_counts), np.asarray(want_stats.expert_counts))
+    # The compiled program's outputs are the function's only: no weight comes back (nnx.jit's
+    # hand every Variable back, which XLA copies on every call).
+    graphdef, state = nnx.split(layer)
+    out_info = forward.jitted.lower(graphdef, state, x).out_info
+    assert len(jax.tree.leaves(out_info)) == len(jax.tree.leaves((y, stats)))
+
+
+def test_weights_replaced_between_calls_are_used_without_recompiling():
+    model = nnx.Linear(8, 4, rngs=nnx.Rngs(int(np.random.default_rng().integers(1 << 30))))
+    x = jnp.asarray(np.random.default_rng().standard_normal((3, 8)), jnp.float32)
+    forward = forward_jit(lambda m, x: m(x))
+    first = np.asarray(forward(model, x))
+    np.testing.assert_allclose(first, np.asarray(x @ model.kernel[...] + model.bias[...]), rtol=1e-6)
+    model.kernel.set_value(model.kernel[...] * 2.0)  # what an online balancer does between steps
+    second = np.asarray(forward(model, x))
+    np.testing.assert_allclose(second - np.asarray(model.bias[...]), 2.0 * (first - np.asarray(model.bias[...])),
+                               rtol=1e-5, atol=1e-6)
+    assert forward.jitted._cache_size() == 1
+
+
+def test_static_argnames_positional_or_keyword_and_donation():
+    model = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+
+    def step(m, x, cache, scale):
+        assert isinstance(scale, float)  # static: a Python value, not a tracer
+        return m(x) * scale, cache + 1.0
+
+    forward = forward_jit(step, static_argnames="scale", donate_argnums=2)
+    x, cache = jnp.ones((2, 4)), jnp.zeros((2, 4))
+    y, cache2 = forward(model, x, cache, 2.0)
+    np.testing.assert_allclose(np.asarray(y), 2.0 * np.asarray(model(x)), rtol=1e-6)
+    assert cache.is_deleted()  # donated: updated in place
+    y3, _ = forward(model, x, cache2, scale=3.0)
+    np.testing.assert_allclose(np.asarray(y3), 3.0 * np.asarray(model(x)), rtol=1e-6)
+    with pytest.raises(ValueError, match="donate_argnums=0.*positions >= 1"):
+        forward_jit(step, donate_argnums=0)
