@@ -62,28 +62,28 @@ def run(model: CausalLM, batch: int, prompt_len: int, steps: int, iters: int,
         logits, cache = m(ids, cache=cache)[:2]
         return jnp.argmax(logits[:, -1], -1)[:, None], cache
 
-    step = forward_jit(greedy_step, donate_argnums=2)  # the cache is updated in place
+    step = forward_jit(greedy_step, donate_argnums=2).bind(model)  # the cache is updated in place
     ids = jax.random.randint(jax.random.key(0), (batch, prompt_len), 0, model.cfg.vocab_size)
     prefill, decode, enqueue = [], [], []
     for i in range(iters + 1):
         cache = model.init_cache(batch, prompt_len + steps)
         start = time.perf_counter()
-        token, cache = step(model, ids, cache)
+        token, cache = step(ids, cache)
         jax.block_until_ready(token)
         prefill.append(time.perf_counter() - start)
         start = time.perf_counter()
         for _ in range(steps):
-            token, cache = step(model, token, cache)
+            token, cache = step(token, cache)
         enqueue.append((time.perf_counter() - start) / steps)  # the host's share, before any wait
         jax.block_until_ready(token)
         decode.append((time.perf_counter() - start) / steps)
     if profile:
         for name, tokens in (("prefill", ids), ("decode step", token)):
             fresh = jax.block_until_ready(model.init_cache(batch, prompt_len + steps))  # donated by the call
-            ops, busy, wall = profile_ops(lambda: step(model, tokens, fresh))
+            ops, busy, wall = profile_ops(lambda: step(tokens, fresh))
             print(f"  profile of one {name}: {ops_table(ops, busy, wall)}", flush=True)
             fresh = jax.block_until_ready(model.init_cache(batch, prompt_len + steps))
-            ops, busy, wall = profile_ops(lambda: step(model, tokens, fresh), host=True)
+            ops, busy, wall = profile_ops(lambda: step(tokens, fresh), host=True)
             print(f"  host events of one {name}: {ops_table(ops, busy, wall, top=30, what='host')}", flush=True)
     # The first round compiles (prefill and decode shapes): not timed.
     ms = lambda xs: 1e3 * float(np.median(xs[1:]))

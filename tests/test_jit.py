@@ -56,3 +56,16 @@ def test_static_argnames_positional_or_keyword_and_donation():
     np.testing.assert_allclose(np.asarray(y3), 3.0 * np.asarray(model(x)), rtol=1e-6)
     with pytest.raises(ValueError, match="donate_argnums=0.*positions >= 1"):
         forward_jit(step, donate_argnums=0)
+
+
+def test_bound_forward_sees_new_weights_after_refresh():
+    model = nnx.Linear(6, 3, rngs=nnx.Rngs(int(np.random.default_rng().integers(1 << 30))))
+    x = jnp.asarray(np.random.default_rng().standard_normal((2, 6)), jnp.float32)
+    forward = forward_jit(lambda m, x: m(x))
+    bound = forward.bind(model)
+    before = np.asarray(bound(x))
+    np.testing.assert_array_equal(before, np.asarray(forward(model, x)))
+    model.bias.set_value(model.bias[...] + 1.0)
+    bound.refresh()  # (flax 0.12's split state holds the Variables themselves, so it sees set_value anyway)
+    np.testing.assert_allclose(np.asarray(bound(x)), before + 1.0, rtol=1e-6)
+    assert forward.jitted._cache_size() == 1

@@ -39,7 +39,7 @@ class NcclAllToAll(FfiAllToAll):
             jax.ShapeDtypeStruct(send_meta.shape, jnp.int32),
             jax.ShapeDtypeStruct((num_ranks,), jnp.int32),
         )
-        recv_x, recv_meta, recv_count = jax.ffi.ffi_call("wideep_nccl_dispatch", out_types, has_side_effect=True)(
+        recv_x, recv_meta, recv_count = jax.ffi.ffi_call("wideep_nccl_dispatch", out_types, has_side_effect=False)(
             send_x, send_meta, plan.send_count, comm=np.int64(self._comm()),
         )
         # Rows past the counts were not written; give their pairs no slot.
@@ -51,6 +51,6 @@ class NcclAllToAll(FfiAllToAll):
     def _combine(self, partial_sums, plan, recv_count):
         back = jax.ffi.ffi_call(
             "wideep_nccl_combine", jax.ShapeDtypeStruct(partial_sums.shape, partial_sums.dtype),
-            has_side_effect=True,
+            has_side_effect=False,
         )(partial_sums, recv_count, plan.send_count, comm=np.int64(self._comm()))
         return gather_partials(back, plan.token_row)

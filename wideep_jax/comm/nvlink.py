@@ -71,7 +71,7 @@ class NvlinkAllToAll(FfiAllToAll):
             jax.ShapeDtypeStruct((num_ranks, capacity, top_k), jnp.float32),
             jax.ShapeDtypeStruct((num_ranks,), jnp.int32),
         )
-        return jax.ffi.ffi_call("wideep_nvlink_dispatch", out_types, has_side_effect=True)(
+        return jax.ffi.ffi_call("wideep_nvlink_dispatch", out_types, has_side_effect=False)(
             x, plan.send_token, plan.send_count, plan.send_slot, plan.send_weight.astype(jnp.float32),
             workspace=np.int64(workspace), timeout_ms=np.int64(ffi_lib.timeout_ms()),
             max_ctas=np.int64(self.max_ctas), send_ctas=np.int64(self.send_ctas),
@@ -88,7 +88,7 @@ class NvlinkAllToAll(FfiAllToAll):
         self.workspaces.add(workspace)
         num_tokens = plan.token_row.shape[0]
         out_type = jax.ShapeDtypeStruct((num_tokens, hidden), jnp.float32)
-        return jax.ffi.ffi_call("wideep_nvlink_combine", out_type, has_side_effect=True)(
+        return jax.ffi.ffi_call("wideep_nvlink_combine", out_type, has_side_effect=False)(
             partial_sums, recv_count, plan.token_row,
             workspace=np.int64(workspace), timeout_ms=np.int64(ffi_lib.timeout_ms()),
             max_ctas=np.int64(self.max_ctas), send_ctas=np.int64(self.send_ctas),

@@ -88,25 +88,28 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
                                warm, key, temperature, top_p)[0])
     cache = model.init_cache(batch, width + max_new_tokens)  # the warm-up's was donated
 
+    bound = step.bind(model)  # the weights as of now; refreshed when after_step may change them
     start = time.perf_counter()
-    token, cache, counts, stats = step(model, jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(valid),
-                                       cache, jax.random.fold_in(key, 0), temperature, top_p)
+    token, cache, counts, stats = bound(jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(valid),
+                                        cache, jax.random.fold_in(key, 0), temperature, top_p)
     jax.block_until_ready(token)
     prefill = time.perf_counter() - start
     if after_step is not None:
         after_step(stats)
+        bound.refresh()
     # The steps stay on the device until the end: a host read per step would make
     # the host wait for each step before it could enqueue the next one.
     tokens, total = [token], counts
     start = time.perf_counter()
     for t in range(1, max_new_tokens):
         pos = jnp.asarray(lengths + t - 1)[:, None]
-        token, cache, counts, stats = step(model, token[:, None], pos, jnp.ones((batch, 1), bool), cache,
-                                           jax.random.fold_in(key, t), temperature, top_p)
+        token, cache, counts, stats = bound(token[:, None], pos, jnp.ones((batch, 1), bool), cache,
+                                            jax.random.fold_in(key, t), temperature, top_p)
         tokens.append(token)
         total = total + counts
         if after_step is not None:
             after_step(stats)
+            bound.refresh()
         if on_token is not None:
             on_token(t)
     out = np.asarray(jnp.stack(tokens, axis=1)).astype(np.int32)
