@@ -361,3 +361,27 @@ def test_nccl_unique_id_travels_through_the_kv_store(tmp_path):
         assert p.returncode == 0, out[-3000:]
     uids = [next(line.split()[1] for line in out.splitlines() if line.startswith("UID ")) for out in outs]
     assert uids[0] == uids[1] and len(uids[0]) == 256 and set(uids[0]) != {"0"}
+
+
+def test_ordered_ffi_call_is_side_effecting_in_hlo_and_effect_free_in_jax():
+    """XLA must keep the all-to-all calls in order (never two at once: their spinning
+    kernels would wait on each other's peers), while the jaxpr has no effect, so jitted
+    programs keep JAX's fast C++ dispatch; inside shard_map the outputs vary like the inputs."""
+    from wideep_jax.comm.ffi_primitive import ordered_ffi_call
+
+    def f(x, counts):
+        out = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((3,), jnp.int32))
+        y, n = ordered_ffi_call("wideep_test_target", out, x, counts, workspace=np.int64(7))
+        return y * 2, n
+
+    x, counts = jnp.ones((8, 16), jnp.bfloat16), jnp.arange(3, dtype=jnp.int32)
+    assert jax.make_jaxpr(f)(x, counts).effects == set()
+    text = jax.jit(f).trace(x, counts).lower(lowering_platforms=("cuda",)).as_text()
+    calls = [line for line in text.splitlines() if "stablehlo.custom_call @wideep_test_target" in line]
+    assert len(calls) == 1 and "has_side_effect = true" in calls[0] and "workspace = 7" in calls[0], calls
+    mesh = _mesh()
+    sharded = jax.shard_map(f, mesh=mesh, in_specs=(P("ep"), P()), out_specs=(P("ep"), P()), check_vma=False)
+    tokens = jax.ShapeDtypeStruct((R * 8, 16), jnp.bfloat16, sharding=NamedSharding(mesh, P("ep")))
+    y_aval, n_aval = jax.eval_shape(sharded, tokens, jax.ShapeDtypeStruct((3,), jnp.int32,
+                                                                          sharding=NamedSharding(mesh, P())))
+    assert y_aval.shape == (R * 8, 16) and n_aval.shape == (3,)

@@ -7,13 +7,8 @@ reaches an expert rank exactly like a token row does. So each backend only
 implements the two forward custom calls; ``custom_vjp`` here reuses them for
 the backward pass.
 
-The custom calls are declared without side effects (``has_side_effect=False``):
-a side effect makes every jitted program that holds one leave JAX's C++
-dispatch path for its Python one, about 2.5 ms of host time per call of a
-DeepSeek-V3 decode step at EP4 (benchmarks/RESULTS.md, 2026-11-28), which then
-bounds the step. Their outputs are always used, and every rank runs the same
-SPMD program, so XLA removes, merges or orders them the same way on every rank
-and the ranks' call sequences still match.
+The custom calls go through `ffi_primitive.ordered_ffi_call`: XLA keeps them
+in order (a side-effecting custom call), JAX sees no effect (fast dispatch).
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from wideep_jax.comm import ffi_lib
 from wideep_jax.comm.ffi_backend import FfiAllToAll
+from wideep_jax.comm.ffi_primitive import ordered_ffi_call
 from wideep_jax.comm.xla import gather_partials
 
 
@@ -39,9 +40,8 @@ class NcclAllToAll(FfiAllToAll):
             jax.ShapeDtypeStruct(send_meta.shape, jnp.int32),
             jax.ShapeDtypeStruct((num_ranks,), jnp.int32),
         )
-        recv_x, recv_meta, recv_count = jax.ffi.ffi_call("wideep_nccl_dispatch", out_types, has_side_effect=False)(
-            send_x, send_meta, plan.send_count, comm=np.int64(self._comm()),
-        )
+        recv_x, recv_meta, recv_count = ordered_ffi_call(
+            "wideep_nccl_dispatch", out_types, send_x, send_meta, plan.send_count, comm=np.int64(self._comm()))
         # Rows past the counts were not written; give their pairs no slot.
         live = (jnp.arange(capacity)[None, :] < recv_count[:, None])[..., None]
         slot = jnp.where(live, recv_meta[..., :top_k], -1)
@@ -49,8 +49,7 @@ class NcclAllToAll(FfiAllToAll):
         return recv_x, slot, weight, recv_count
 
     def _combine(self, partial_sums, plan, recv_count):
-        back = jax.ffi.ffi_call(
-            "wideep_nccl_combine", jax.ShapeDtypeStruct(partial_sums.shape, partial_sums.dtype),
-            has_side_effect=False,
-        )(partial_sums, recv_count, plan.send_count, comm=np.int64(self._comm()))
+        (back,) = ordered_ffi_call(
+            "wideep_nccl_combine", (jax.ShapeDtypeStruct(partial_sums.shape, partial_sums.dtype),),
+            partial_sums, recv_count, plan.send_count, comm=np.int64(self._comm()))
         return gather_partials(back, plan.token_row)

@@ -18,6 +18,7 @@ import numpy as np
 
 from wideep_jax.comm import ffi_lib
 from wideep_jax.comm.ffi_backend import FfiAllToAll
+from wideep_jax.comm.ffi_primitive import ordered_ffi_call
 
 
 MAX_PIECES = 16  # flags per row: kMaxPieces in ffi/csrc/nvlink_alltoall.cu
@@ -71,7 +72,8 @@ class NvlinkAllToAll(FfiAllToAll):
             jax.ShapeDtypeStruct((num_ranks, capacity, top_k), jnp.float32),
             jax.ShapeDtypeStruct((num_ranks,), jnp.int32),
         )
-        return jax.ffi.ffi_call("wideep_nvlink_dispatch", out_types, has_side_effect=False)(
+        return ordered_ffi_call(
+            "wideep_nvlink_dispatch", out_types,
             x, plan.send_token, plan.send_count, plan.send_slot, plan.send_weight.astype(jnp.float32),
             workspace=np.int64(workspace), timeout_ms=np.int64(ffi_lib.timeout_ms()),
             max_ctas=np.int64(self.max_ctas), send_ctas=np.int64(self.send_ctas),
@@ -88,8 +90,10 @@ class NvlinkAllToAll(FfiAllToAll):
         self.workspaces.add(workspace)
         num_tokens = plan.token_row.shape[0]
         out_type = jax.ShapeDtypeStruct((num_tokens, hidden), jnp.float32)
-        return jax.ffi.ffi_call("wideep_nvlink_combine", out_type, has_side_effect=False)(
+        (out,) = ordered_ffi_call(
+            "wideep_nvlink_combine", (out_type,),
             partial_sums, recv_count, plan.token_row,
             workspace=np.int64(workspace), timeout_ms=np.int64(ffi_lib.timeout_ms()),
             max_ctas=np.int64(self.max_ctas), send_ctas=np.int64(self.send_ctas),
         )
+        return out

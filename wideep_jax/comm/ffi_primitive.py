@@ -1,0 +1,51 @@
+"""``ordered_ffi_call``: an XLA FFI custom call that XLA keeps in order, while JAX sees no effect.
+
+The all-to-all kernels spin on flags their peers raise, so XLA must neither
+drop one nor run two of them at once (in parallel branches of a CUDA graph or
+on two streams: each waits for peers whose CTAs the other holds, a hang). The
+custom call's ``has_side_effect`` attribute tells XLA that. ``jax.ffi.ffi_call``
+with ``has_side_effect=True`` also puts an effect in the jaxpr, and any jitted
+program with an effect leaves JAX's C++ dispatch path for its Python one:
+about 2.8 ms more host time per DeepSeek-V3 decode step at EP4, where the
+host bounds the step (benchmarks/RESULTS.md, 2026-11-28). So each target is a primitive of its
+own: effect-free abstract evaluation, a side-effecting custom call in HLO.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import mlir
+
+
+def _abstract_eval(*avals_in, out_types, **_attributes):
+    vma = frozenset().union(*(getattr(a, "vma", frozenset()) for a in avals_in))
+    out = []
+    for t in out_types:
+        try:
+            out.append(jax.core.ShapedArray(t.shape, t.dtype, vma=vma))
+        except TypeError:  # a jax whose avals have no vma
+            out.append(jax.core.ShapedArray(t.shape, t.dtype))
+    return tuple(out)
+
+
+@functools.cache
+def _primitive(target: str) -> Primitive:
+    prim = Primitive(target)
+    prim.multiple_results = True
+    prim.def_abstract_eval(_abstract_eval)
+    lowering = jax.ffi.ffi_lowering(target, has_side_effect=True)
+    mlir.register_lowering(prim, lambda ctx, *args, out_types, **attrs: lowering(ctx, *args, **attrs),
+                           platform="cuda")
+    return prim
+
+
+def ordered_ffi_call(target: str, out_types: Sequence[jax.ShapeDtypeStruct], *operands,
+                     **attributes: np.generic) -> tuple[jax.Array, ...]:
+    """Calls FFI target ``target`` (registered for CUDA) on ``operands``; returns one array
+    per ``out_types``. ``attributes`` (NumPy scalars) become the handler's attributes."""
+    out_types = tuple(jax.ShapeDtypeStruct(t.shape, t.dtype) for t in out_types)
+    return tuple(_primitive(target).bind(*operands, out_types=out_types, **attributes))
