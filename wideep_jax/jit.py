@@ -1,10 +1,11 @@
 """``forward_jit``: jit a function that reads an NNX module, without ``nnx.jit``'s state round trip.
 
 ``nnx.jit`` hands every Variable of the module back as an output of the
-compiled program, so XLA copies each weight on every call: all expert weights,
-12 ms of a 23 ms DeepSeek-V3 decode step at EP4 (benchmarks/RESULTS.md,
-2026-11-28). A forward pass changes no Variable, so ``forward_jit`` passes the
-module's arrays in and returns only the function's result.
+compiled program, so XLA copies each weight on every call: 73 % of a
+DeepSeek-V3 decode step's device time at EP4, which went from 23.5 to 6.6 ms
+without them (benchmarks/RESULTS.md, 2026-11-28). A forward pass changes no
+Variable, so ``forward_jit`` passes the module's arrays in and returns only the
+function's result.
 """
 from __future__ import annotations
 
