@@ -70,8 +70,9 @@ def forward_jit(fn: Callable[..., Any], *, static_argnames: str | Sequence[str] 
     Called as ``f(module, *args, **kwargs)``, like ``nnx.jit(fn)``. The module's
     Variables are read at every call, so weights replaced between calls (an online
     balancer) are used, and a different module of the same structure reuses the
-    compiled program; ``f.bind(module)`` skips that read (a graph traversal, about
-    a millisecond for a DeepSeek-V3-shaped model) in decode loops. Changes ``fn``
+    compiled program; ``f.bind(module)`` skips that read (a graph traversal: 2 ms
+    of host time per decode step of a 5-layer DeepSeek-V3-shaped model at EP4,
+    benchmarks/RESULTS.md) in decode loops. Changes ``fn``
     makes to the module's Variables are not kept: use ``nnx.jit`` for a training
     step. ``donate_argnums`` count ``fn``'s positional arguments with the module as
     0 (which cannot be donated); donate a KV cache that ``fn`` returns updated, so

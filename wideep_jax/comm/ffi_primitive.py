@@ -7,8 +7,9 @@ custom call's ``has_side_effect`` attribute tells XLA that. ``jax.ffi.ffi_call``
 with ``has_side_effect=True`` also puts an effect in the jaxpr, and any jitted
 program with an effect leaves JAX's C++ dispatch path for its Python one:
 2.5 ms more host time per DeepSeek-V3 decode step at EP4, where the host
-bounds the step (benchmarks/RESULTS.md, 2026-11-28). So each target is a primitive of its
-own: effect-free abstract evaluation, a side-effecting custom call in HLO.
+bounds the step (benchmarks/RESULTS.md, 2026-11-28). So each target is a
+primitive of its own: effect-free abstract evaluation, a side-effecting custom
+call in HLO.
 """
 from __future__ import annotations
 
