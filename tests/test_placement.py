@@ -143,6 +143,21 @@ def test_replica_table_identity_and_unplaced(rng):
 # ----------------------------------------------------------------------------- choose_slots
 
 
+def test_choose_slots_and_tile_schedule_have_no_loops():
+    """Both run in every MoE forward. XLA's GPU runtime drives a while loop from the host,
+    an iteration at a time (jnp.searchsorted's default method is one), which made the
+    host the bound of a decode step; so neither may lower to one."""
+    from pallas_kernels.grouped_matmul.schedule import tile_schedule
+
+    ids = jnp.zeros((64, 8), jnp.int32)
+    text = _choose.lower(ids, jnp.ones((64,), bool), jnp.arange(32, dtype=jnp.int32) % E, 3,
+                         num_experts=E).as_text()
+    assert "stablehlo.while" not in text and "stablehlo.gather" in text
+    text = jax.jit(tile_schedule, static_argnums=(1, 2, 3)).lower(jnp.ones((64,), jnp.int32), 4096, 128,
+                                                                  8).as_text()
+    assert "stablehlo.while" not in text and "stablehlo.compare" in text
+
+
 @pytest.mark.parametrize("num_slots", [E, 16, 32])
 @pytest.mark.parametrize("mode", ["random", "one_expert", "hot_expert"])
 def test_choose_slots_matches_reference(rng, num_slots, mode):

@@ -75,8 +75,12 @@ def choose_slots(
     flat = jnp.where(valid[:, None], expert_ids, num_experts).reshape(-1).astype(jnp.int32)
     order = jnp.argsort(flat, stable=True)
     sorted_ids = flat[order]
-    group_start = jnp.searchsorted(sorted_ids, sorted_ids, side="left")
-    position_sorted = jnp.arange(flat.shape[0], dtype=jnp.int32) - group_start.astype(jnp.int32)
+    # Each sorted pair's group starts at the last index where the id changed (a running
+    # max, not jnp.searchsorted, whose loop XLA runs from the host on GPU).
+    index = jnp.arange(flat.shape[0], dtype=jnp.int32)
+    is_first = jnp.concatenate([jnp.ones((1,), bool), sorted_ids[1:] != sorted_ids[:-1]])
+    group_start = jax.lax.cummax(jnp.where(is_first, index, 0))
+    position_sorted = index - group_start
     position = jnp.zeros_like(flat).at[order].set(position_sorted, unique_indices=True)
     ids = jnp.minimum(flat, num_experts - 1)
     count = jnp.maximum(table.count[ids], 1)

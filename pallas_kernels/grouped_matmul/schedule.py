@@ -52,7 +52,9 @@ def tile_schedule(
     tile_ends = jnp.cumsum(tiles_per_group)
     total = max_tiles(num_rows, num_groups, block_m, align)
     t = jnp.arange(total, dtype=jnp.int32)
-    group = jnp.minimum(jnp.searchsorted(tile_ends, t, side="right"), num_groups - 1)
+    # compare_all: G x T compares in one fusion; the default method is a loop, which
+    # XLA's GPU runtime drives from the host, one iteration at a time.
+    group = jnp.minimum(jnp.searchsorted(tile_ends, t, side="right", method="compare_all"), num_groups - 1)
     group = group.astype(jnp.int32)
     local = t - (tile_ends[group] - tiles_per_group[group])
     start = first_row[group] + local * block_m

@@ -50,7 +50,7 @@ def make_work_items(
     max_items = _cdiv(num_rows, block_m) + num_all_groups - 1
     item = jnp.arange(max_items, dtype=jnp.int32)
     # Item i belongs to the first group whose cumulative count exceeds i.
-    group_ids = jnp.searchsorted(cum_counts, item, side="right").astype(jnp.int32)
+    group_ids = jnp.searchsorted(cum_counts, item, side="right", method="compare_all").astype(jnp.int32)
     group_ids = jnp.minimum(group_ids, num_all_groups - 1)  # dead items: keep in range
     tile_ids = first_tile[group_ids] + item - (cum_counts[group_ids] - counts[group_ids])
     return WorkItems(group_ids, tile_ids.astype(jnp.int32), cum_counts[-1], starts, ends)
