@@ -145,6 +145,10 @@ def test_generate_greedy_matches_step_by_step_argmax():
     model = from_pretrained(folder, dtype=jnp.float32)
     prompts = [list(ids[0, :7]), list(ids[1, :3])]
     result = generate(model, prompts, max_new_tokens=4)
+    with count_compiles() as compiles:  # same shapes again: nothing compiles, warm-up included
+        again = generate(model, prompts, max_new_tokens=4)
+    assert compiles[0] == 0
+    np.testing.assert_array_equal(again.tokens, result.tokens)
     forward = nnx.jit(lambda m, x: m(x))
     for row, prompt in enumerate(prompts):
         seq = list(prompt)
@@ -182,3 +186,24 @@ def test_attention_data_parallel_with_cache(arch):
         got.append(np.asarray(logits))
     assert rel_err(np.concatenate(got, axis=1), want) <= 1e-4
     assert rel_err(nnx.jit(lambda m, x: m(x))(model, ids), want) <= 1e-4
+
+
+def test_generate_over_ep_matches_local_and_never_recompiles():
+    """generate on an EP-2 model (attention split by sequence, MoE over 2 devices) gives
+    the single-device model's greedy tokens; a second call compiles nothing, so no step
+    of the first call's decode loop met an input sharding its warm-up had not compiled."""
+    from wideep_jax.models.generate import generate
+
+    folder, ids, _ = fixture("deepseek_v3")
+    cfg = from_hf_config(json.loads((folder / "config.json").read_text()))
+    moe = load_moe_config({"backend": "WIDEEP"}, num_experts=cfg.num_experts, ep_size=2)
+    prompts = [list(ids[0, :5]), list(ids[1, :3])]
+    local = generate(from_pretrained(folder, dtype=jnp.float32), prompts, max_new_tokens=5)
+    model = from_pretrained(folder, moe_config=moe, mesh=make_mesh(2), dtype=jnp.float32)
+    first = generate(model, prompts, max_new_tokens=5)
+    with count_compiles() as compiles:
+        second = generate(model, prompts, max_new_tokens=5)
+    assert compiles[0] == 0
+    np.testing.assert_array_equal(first.tokens, local.tokens)
+    np.testing.assert_array_equal(second.tokens, local.tokens)
+    np.testing.assert_array_equal(first.expert_counts, local.expert_counts)

@@ -119,9 +119,12 @@ class CausalLM(nnx.Module):
         if token_valid is None:
             token_valid = jnp.ones((b, t), bool)
         spec = self._batch_spec(b)
-        x = self.embed[...][input_ids]
-        if self.mesh is not None:
-            x, positions, token_valid = (constrain(a, self.mesh, spec) for a in (x, positions, token_valid))
+        if self.mesh is None:
+            x = self.embed[...][input_ids]
+        else:
+            input_ids, positions, token_valid = (constrain(a, self.mesh, spec)
+                                                 for a in (input_ids, positions, token_valid))
+            x = _lookup(self.embed[...], input_ids, self.mesh, spec)
         new_caches, stats = [], []
         for i, layer in enumerate(self.layers):
             x, layer_cache, layer_stats = layer(x, positions, token_valid,
@@ -138,3 +141,12 @@ class CausalLM(nnx.Module):
         meta = CacheMeta(upd(meta.positions, positions.astype(jnp.int32)), upd(meta.valid, token_valid),
                          meta.length + t)
         return logits, (new_caches, meta), stats
+
+
+def _lookup(table: jax.Array, ids: jax.Array, mesh: Mesh, batch_spec: P) -> jax.Array:
+    """``table[ids]`` split over the batch like ``ids``. On an Explicit mesh the gather's
+    output sharding must be given: ids that came back from a previous step (a decode
+    loop's tokens) are batch-sharded, and JAX will not guess."""
+    if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        return table.at[ids].get(out_sharding=NamedSharding(mesh, P(*batch_spec, None, None)))
+    return constrain(table[ids], mesh, batch_spec)

@@ -39,12 +39,31 @@ def sample(logits: jax.Array, key: jax.Array, *, temperature: float, top_p: floa
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-def _step(model: CausalLM, ids, positions, valid, cache, key, temperature, top_p):
+def _counts(stats) -> jax.Array:
+    return jnp.stack([s.expert_counts for s in stats]) if stats else jnp.zeros((0, 0), jnp.int32)
+
+
+def _prefill(model: CausalLM, ids, positions, valid, cache, key, temperature, top_p):
     logits, cache, stats = model(ids, positions=positions, token_valid=valid, cache=cache)
-    counts = jnp.stack([s.expert_counts for s in stats]) if stats else jnp.zeros((0, 0), jnp.int32)
     # The last valid token of each row predicts the next one (left padding: the last column).
-    token = sample(logits[:, -1], key, temperature=temperature, top_p=top_p)
-    return token, cache, counts, stats
+    token = sample(logits[:, -1], jax.random.fold_in(key, 0), temperature=temperature, top_p=top_p)
+    return token, cache, _counts(stats), stats
+
+
+def _decode(model: CausalLM, token, positions, step, cache, total, key, temperature, top_p):
+    """One token per sequence. Everything a step changes (positions, the step index, the
+    cache, the expert counts) comes back as device arrays for the next step, so the
+    host only enqueues: no transfers, no eager ops between steps."""
+    logits, cache, stats = model(token[:, None], positions=positions, token_valid=jnp.ones(positions.shape, bool),
+                                 cache=cache)
+    token = sample(logits[:, -1], jax.random.fold_in(key, step), temperature=temperature, top_p=top_p)
+    return token, positions + 1, step + 1, cache, total + _counts(stats), stats
+
+
+# Module-level, so later calls with the same shapes reuse the compiled steps. The
+# cache (argument 4) is donated: each step updates it in place.
+_PREFILL_STEP = forward_jit(_prefill, static_argnames=("temperature", "top_p"), donate_argnums=4)
+_DECODE_STEP = forward_jit(_decode, static_argnames=("temperature", "top_p"), donate_argnums=4)
 
 
 def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -77,39 +96,37 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
         valid[row, width - len(prompt):] = True
     positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
     lengths = valid.sum(axis=1).astype(np.int32)
-    cache = model.init_cache(batch, width + max_new_tokens)
-    # The cache (argument 4) is donated: each step updates it in place.
-    step = forward_jit(_step, static_argnames=("temperature", "top_p"), donate_argnums=4)
+    sampling = dict(temperature=temperature, top_p=top_p)
+    prefill_step, decode_step = _PREFILL_STEP, _DECODE_STEP
     key = jax.random.key(seed)
-    # Warm-up: compile the prefill and the decode step on a throwaway copy of the cache.
-    token, warm, _, _ = step(model, jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(valid), cache,
-                             key, temperature, top_p)
-    jax.block_until_ready(step(model, token[:, None], jnp.asarray(lengths)[:, None], jnp.ones((batch, 1), bool),
-                               warm, key, temperature, top_p)[0])
-    cache = model.init_cache(batch, width + max_new_tokens)  # the warm-up's was donated
+    args = (jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(valid))
+    first_pos = jnp.asarray(lengths)[:, None]
+    # Warm-up on a throwaway cache: the prefill, and two decode steps, since the second
+    # gets the first's outputs, whose shardings may differ from the host's arrays.
+    token, warm, counts, _ = prefill_step(model, *args, model.init_cache(batch, width + max_new_tokens), key,
+                                          **sampling)
+    first = decode_step(model, token, first_pos, jnp.int32(1), warm, counts, key, **sampling)
+    jax.block_until_ready(decode_step(model, *first[:5], key, **sampling)[0])
 
-    bound = step.bind(model)  # the weights as of now; refreshed when after_step may change them
+    prefill_bound, decode_bound = prefill_step.bind(model), decode_step.bind(model)
+    cache = model.init_cache(batch, width + max_new_tokens)
     start = time.perf_counter()
-    token, cache, counts, stats = bound(jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(valid),
-                                        cache, jax.random.fold_in(key, 0), temperature, top_p)
+    token, cache, total, stats = prefill_bound(*args, cache, key, **sampling)
     jax.block_until_ready(token)
     prefill = time.perf_counter() - start
     if after_step is not None:
         after_step(stats)
-        bound.refresh()
+        decode_bound.refresh()  # the balancer may have replaced weights
     # The steps stay on the device until the end: a host read per step would make
     # the host wait for each step before it could enqueue the next one.
-    tokens, total = [token], counts
+    tokens, pos, step = [token], first_pos, jnp.int32(1)
     start = time.perf_counter()
     for t in range(1, max_new_tokens):
-        pos = jnp.asarray(lengths + t - 1)[:, None]
-        token, cache, counts, stats = bound(token[:, None], pos, jnp.ones((batch, 1), bool), cache,
-                                            jax.random.fold_in(key, t), temperature, top_p)
+        token, pos, step, cache, total, stats = decode_bound(token, pos, step, cache, total, key, **sampling)
         tokens.append(token)
-        total = total + counts
         if after_step is not None:
             after_step(stats)
-            bound.refresh()
+            decode_bound.refresh()
         if on_token is not None:
             on_token(t)
     out = np.asarray(jnp.stack(tokens, axis=1)).astype(np.int32)
