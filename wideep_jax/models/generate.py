@@ -43,27 +43,30 @@ def _counts(stats) -> jax.Array:
     return jnp.stack([s.expert_counts for s in stats]) if stats else jnp.zeros((0, 0), jnp.int32)
 
 
-def _prefill(model: CausalLM, ids, positions, valid, cache, key, temperature, top_p):
+def _prefill(model: CausalLM, ids, positions, valid, cache, key, temperature, top_p, keep_stats):
     logits, cache, stats = model(ids, positions=positions, token_valid=valid, cache=cache)
     # The last valid token of each row predicts the next one (left padding: the last column).
     token = sample(logits[:, -1], jax.random.fold_in(key, 0), temperature=temperature, top_p=top_p)
-    return token, cache, _counts(stats), stats
+    return token, cache, _counts(stats), stats if keep_stats else None
 
 
-def _decode(model: CausalLM, token, positions, step, cache, total, key, temperature, top_p):
+def _decode(model: CausalLM, token, positions, step, cache, total, key, temperature, top_p, keep_stats):
     """One token per sequence. Everything a step changes (positions, the step index, the
     cache, the expert counts) comes back as device arrays for the next step, so the
-    host only enqueues: no transfers, no eager ops between steps."""
+    host only enqueues: no transfers, no eager ops between steps. The layers' full
+    statistics come back only for ``keep_stats`` (a balancer): the rest is left out, and
+    XLA drops the collectives that gathered it."""
     logits, cache, stats = model(token[:, None], positions=positions, token_valid=jnp.ones(positions.shape, bool),
                                  cache=cache)
     token = sample(logits[:, -1], jax.random.fold_in(key, step), temperature=temperature, top_p=top_p)
-    return token, positions + 1, step + 1, cache, total + _counts(stats), stats
+    return token, positions + 1, step + 1, cache, total + _counts(stats), stats if keep_stats else None
 
 
 # Module-level, so later calls with the same shapes reuse the compiled steps. The
 # cache (argument 4) is donated: each step updates it in place.
-_PREFILL_STEP = forward_jit(_prefill, static_argnames=("temperature", "top_p"), donate_argnums=4)
-_DECODE_STEP = forward_jit(_decode, static_argnames=("temperature", "top_p"), donate_argnums=4)
+_STATIC = ("temperature", "top_p", "keep_stats")
+_PREFILL_STEP = forward_jit(_prefill, static_argnames=_STATIC, donate_argnums=4)
+_DECODE_STEP = forward_jit(_decode, static_argnames=_STATIC, donate_argnums=4)
 
 
 def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -96,7 +99,7 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
         valid[row, width - len(prompt):] = True
     positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
     lengths = valid.sum(axis=1).astype(np.int32)
-    sampling = dict(temperature=temperature, top_p=top_p)
+    sampling = dict(temperature=temperature, top_p=top_p, keep_stats=after_step is not None)
     prefill_step, decode_step = _PREFILL_STEP, _DECODE_STEP
     key = jax.random.key(seed)
     args = (jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(valid))
