@@ -72,26 +72,26 @@ def layer_section(spec, mesh, ep, tokens, skew, num_slots, iters, warmup_updates
     rows = {}
 
     def measure(layer, name):
-        forward, state = jitted_forward(layer)
-        times = time_fn(lambda: forward(state, x, sample(keys[0])), iters=iters)
+        forward = jitted_forward(layer)
+        times = time_fn(lambda: forward(x, sample(keys[0])), iters=iters)
         loads, traffic = [], []
         local_first = layer.config.replica_selection == "local_first"
         for k in keys[:iters]:
             routing = sample(k)
-            _, stats = forward(state, x, routing)
+            _, stats = forward(x, routing)
             loads.append(imbalance(rank_rows(stats, ep)))
             traffic.append(offrank_copies(routing.ids, layer.slot_to_expert[...], spec.num_experts, ep, local_first))
         rows[name] = dict(ms=median_ms(times), imbalance=float(np.mean(loads)), slots=layer.num_slots,
                           traffic=float(np.mean(traffic)))
         print(f"  {name}: {rows[name]}", flush=True)
-        return forward, state
+        return forward
 
     base = MoELayer(spec, load_moe_config({"backend": "WIDEEP"}), mesh=mesh, rngs=nnx.Rngs(0))
-    forward, state = measure(base, "none")
+    forward = measure(base, "none")
     # Offline: a calibration batch (other samples of the same popularity) -> placement file content.
-    _, calib = forward(state, x, sample(jax.random.key(7)))
+    _, calib = forward(x, sample(jax.random.key(7)))
     placement = np.asarray(compute_placement(calib.expert_counts.astype(jnp.float32), num_slots, ep))
-    del base, forward, state
+    del base, forward
     offline_cfg = {"backend": "WIDEEP", "load_balancer": {
         "num_slots": num_slots, "initial_global_assignments": {0: placement.tolist()}}}
     offline = MoELayer(spec, load_moe_config(offline_cfg, num_experts=spec.num_experts, ep_size=ep),
@@ -113,7 +113,7 @@ def layer_section(spec, mesh, ep, tokens, skew, num_slots, iters, warmup_updates
     for i in range(warmup_updates):
         _, stats = step_forward(online.weights(), x, sample(keys[i]))
         moved.append(int(balancer.step([stats]).moved_slots.sum()))
-    forward, state = measure(online, "online")
+    measure(online, "online")
     rows["online"]["moved_per_update"] = float(np.mean(moved[1:])) if len(moved) > 1 else float("nan")
 
     # Overhead: forward alone vs forward + balancer step, per iteration.

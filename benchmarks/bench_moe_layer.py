@@ -153,11 +153,11 @@ def main() -> int:
     ep, mesh, spec, card = setup(args.ep, args.small)
     wide = MoELayer(spec, MoEConfig(backend="WIDEEP"), mesh=mesh, rngs=nnx.Rngs(0))
     stages = stage_functions(wide)
-    forward, state = jitted_forward(wide)
+    forward = jitted_forward(wide)
     local = None
     if not args.no_local:
         local = MoELayer(spec, MoEConfig(backend="CUTLASS"), mesh=mesh, rngs=nnx.Rngs(0))
-        local_forward, local_state = jitted_forward(local)
+        local_forward = jitted_forward(local)
     rate = dense_rate(args.iters)
     flops_per_row = 2 * spec.hidden_size * 3 * spec.intermediate_size
     tok_sharding = NamedSharding(mesh, P("ep"))
@@ -170,8 +170,8 @@ def main() -> int:
                                tok_sharding)
             routing = jax.device_put(
                 synthetic_routing(jax.random.key(2), n, spec.num_experts, spec.top_k, skew), tok_sharding)
-            total = median_ms(time_fn(lambda: forward(state, x, routing), iters=args.iters))
-            _, stats = forward(state, x, routing)
+            total = median_ms(time_fn(lambda: forward(x, routing), iters=args.iters))
+            _, stats = forward(x, routing)
             w = wide.weights()
             plan, recv = stages[0](x, routing.ids, routing.weights, w.slot_to_expert)
             partial = stages[1](recv, w.w_gate_up, w.w_down)
@@ -181,7 +181,7 @@ def main() -> int:
             t_combine = median_ms(time_fn(lambda: stages[2](partial, plan, recv.count), iters=args.iters))
             rows_per_rank = rank_rows(stats, ep)
             floor = rows_per_rank.max() * flops_per_row / rate * 1e3
-            t_local = (median_ms(time_fn(lambda: local_forward(local_state, x, routing), iters=args.iters))
+            t_local = (median_ms(time_fn(lambda: local_forward(x, routing), iters=args.iters))
                        if local is not None else float("nan"))
             rows.append(dict(tokens=tokens, skew=skew, total=total, dispatch=t_dispatch, experts=t_experts,
                              combine=t_combine, local=t_local, floor=floor,

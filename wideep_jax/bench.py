@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from wideep_jax.config import MoEConfig
+from wideep_jax.jit import BoundForward, forward_jit
 from wideep_jax.layer import MoELayer
 from wideep_jax.moe import MoEStats
 from wideep_jax.routing import Routing
@@ -165,12 +166,12 @@ class MoEBenchResult:
         return rank_rows(self.stats, self.ep_size)
 
 
-def jitted_forward(layer: MoELayer):
-    """``(forward, state)``: the layer's forward as a jitted pure function
-    ``forward(state, x, routing)``, and the state to call it with."""
-    graphdef, state = nnx.split(layer)
-    forward = jax.jit(lambda state, x, routing: nnx.merge(graphdef, state)(x, routing=routing))
-    return forward, state
+_LAYER_FORWARD = forward_jit(lambda layer, x, routing: layer(x, routing=routing))
+
+
+def jitted_forward(layer: MoELayer) -> BoundForward:
+    """The layer's forward, jitted and bound to its weights: ``forward(x, routing)``."""
+    return _LAYER_FORWARD.bind(layer)
 
 
 def bench_moe_layer(spec: MoESpec, config: MoEConfig, mesh, *, tokens_per_rank: int,
@@ -189,11 +190,11 @@ def bench_moe_layer(spec: MoESpec, config: MoEConfig, mesh, *, tokens_per_rank: 
     if token_sharding is not None:
         x = jax.device_put(x, token_sharding)
         routing = None if routing is None else jax.device_put(routing, token_sharding)
-    forward, state = jitted_forward(layer)
+    forward = jitted_forward(layer)
     start = time.perf_counter()
-    _, stats = jax.block_until_ready(forward(state, x, routing))
+    _, stats = jax.block_until_ready(forward(x, routing))
     compile_seconds = time.perf_counter() - start
-    seconds = time_fn(lambda: forward(state, x, routing), iters=iters)
+    seconds = time_fn(lambda: forward(x, routing), iters=iters)
     return MoEBenchResult(seconds, compile_seconds, num_tokens, stats, ep)
 
 
