@@ -100,18 +100,17 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
     positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
     lengths = valid.sum(axis=1).astype(np.int32)
     sampling = dict(temperature=temperature, top_p=top_p, keep_stats=after_step is not None)
-    prefill_step, decode_step = _PREFILL_STEP, _DECODE_STEP
     key = jax.random.key(seed)
     args = (jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(valid))
     first_pos = jnp.asarray(lengths)[:, None]
     # Warm-up on a throwaway cache: the prefill, and two decode steps, since the second
     # gets the first's outputs, whose shardings may differ from the host's arrays.
-    token, warm, counts, _ = prefill_step(model, *args, model.init_cache(batch, width + max_new_tokens), key,
-                                          **sampling)
-    first = decode_step(model, token, first_pos, jnp.int32(1), warm, counts, key, **sampling)
-    jax.block_until_ready(decode_step(model, *first[:5], key, **sampling)[0])
+    token, warm, counts, _ = _PREFILL_STEP(model, *args, model.init_cache(batch, width + max_new_tokens), key,
+                                           **sampling)
+    first = _DECODE_STEP(model, token, first_pos, jnp.int32(1), warm, counts, key, **sampling)
+    jax.block_until_ready(_DECODE_STEP(model, *first[:5], key, **sampling)[0])
 
-    prefill_bound, decode_bound = prefill_step.bind(model), decode_step.bind(model)
+    prefill_bound, decode_bound = _PREFILL_STEP.bind(model), _DECODE_STEP.bind(model)
     cache = model.init_cache(batch, width + max_new_tokens)
     start = time.perf_counter()
     token, cache, total, stats = prefill_bound(*args, cache, key, **sampling)
