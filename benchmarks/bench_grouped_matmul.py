@@ -66,6 +66,7 @@ def group_sizes(num_rows: int, num_groups: int, kind: str) -> np.ndarray:
 
 BATCH = 1  # back-to-back calls per timed sample (set by --batch)
 EXTRA_WIDTHS: tuple[int, ...] = ()  # more planar-snake band widths for the prefill defaults (--widths)
+CLUSTERS = False  # also try cluster_n=2 in the prefill sweep (--cluster)
 
 
 def best_of(candidates: dict, iters: int) -> tuple[str, float]:
@@ -106,7 +107,11 @@ def mosaic_sweep(m, g, k, n_out, epilogue) -> list:
                 MosaicGpuConfig(tile_m=64, tile_n=128, max_concurrent_steps=4, chain_items=True)]
     if m // g >= 128:  # the default tiles walked in other bands (row tiles sharing a weight tile)
         more += [dataclasses.replace(default, grid_tile_width=width) for width in EXTRA_WIDTHS]
-    return [default] + [c for c in more if c != default]
+    configs = [default] + [c for c in more if c != default]
+    if CLUSTERS and m // g >= 128:  # each candidate again with CTA pairs sharing the row tile
+        configs += [dataclasses.replace(c, cluster_n=2) for c in configs
+                    if (n_out // c.cta_tile_n) % 2 == 0]
+    return configs
 
 
 def triton_sweep(m, g, k, n_out, epilogue) -> list:
@@ -377,9 +382,12 @@ def main() -> int:
                         help="prefill group-size kinds (uniform, zipf, zipf-aligned)")
     parser.add_argument("--widths", default="",
                         help="comma-separated extra grid_tile_width values tried with the prefill default tiles")
+    parser.add_argument("--cluster", action="store_true",
+                        help="also try every prefill mosaic_gpu candidate with cluster_n=2 (row tile multicast)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    global BATCH, EXTRA_WIDTHS
+    global BATCH, EXTRA_WIDTHS, CLUSTERS
+    CLUSTERS = args.cluster
     BATCH = args.batch
     EXTRA_WIDTHS = tuple(int(w) for w in args.widths.split(",") if w)
     on_gpu = jax.default_backend() == "gpu"

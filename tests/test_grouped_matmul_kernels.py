@@ -178,6 +178,40 @@ def test_mosaic_chained_items_on_few_ctas(rng, swizzled):
     assert np.linalg.norm(out[:live] - ref[:live]) <= 1e-2 * np.linalg.norm(ref[:live])
 
 
+@pytest.mark.parametrize("epilogue", ["none", "swiglu", "row_scale"])
+@pytest.mark.parametrize("chain", [False, True])
+def test_mosaic_clusters_share_row_tiles(rng, epilogue, chain):
+    """cluster_n=2: CTA pairs multicast the row tile and take neighbouring column
+    tiles; every live row and column must still be computed once, right."""
+    m = 300
+    sizes = np.array([100, 0, 7, 150, 0, 13], np.int32)
+    n = 2 * N if epilogue == "swiglu" else N
+    x = jnp.asarray(rng.standard_normal((m, K)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((G, K, n)) / np.sqrt(K), jnp.bfloat16)
+    scale = jnp.asarray(rng.random(m), jnp.float32)
+    config = MosaicGpuConfig(tile_m=64, tile_n=64, max_concurrent_steps=2, chain_items=chain, max_ctas=4,
+                             cluster_n=2, grid_minor="m", grid_tile_width=2)
+    if epilogue == "swiglu":
+        out = grouped_swiglu(x, w, jnp.asarray(sizes), implementation="mosaic_gpu", config=config)
+    else:
+        out = grouped_matmul(x, w, jnp.asarray(sizes), implementation="mosaic_gpu", config=config,
+                             row_scale=scale if epilogue == "row_scale" else None)
+    ref = np_forward(np.asarray(x, np.float32), np.asarray(w, np.float32), sizes, epilogue, scale)
+    live = int(sizes.sum())
+    out = np.asarray(out, np.float64)[:live]
+    assert np.linalg.norm(out - ref[:live]) <= 1e-2 * np.linalg.norm(ref[:live])
+
+
+def test_mosaic_cluster_config_errors(rng):
+    with pytest.raises(ValueError, match="cluster_n must be 1 or 2"):
+        MosaicGpuConfig(cluster_n=4)
+    x = jnp.zeros((64, K), jnp.bfloat16)
+    w = jnp.zeros((G, K, 384), jnp.bfloat16)  # 3 column tiles of 128: no pairs
+    with pytest.raises(ValueError, match="cluster_n=2"):
+        grouped_matmul(x, w, jnp.zeros((G,), jnp.int32), implementation="mosaic_gpu",
+                       config=MosaicGpuConfig(tile_m=64, tile_n=64, cluster_n=2))
+
+
 @pytest.mark.parametrize("block_m,align", [(64, 8), (128, 8), (16, 1)])
 def test_tile_schedule_covers_each_live_row_once(rng, block_m, align):
     for _ in range(20):
@@ -200,18 +234,22 @@ def test_tile_schedule_covers_each_live_row_once(rng, block_m, align):
 
 @pytest.mark.parametrize("m", [4100, 150, 20, 64])
 @pytest.mark.parametrize("epilogue", ["none", "swiglu", "row_scale"])
-@pytest.mark.parametrize("swizzled", [False, True])
-def test_mosaic_lowers_for_cuda(m, epilogue, swizzled):
+@pytest.mark.parametrize("variant", ["default", "swizzled", "cluster"])
+def test_mosaic_lowers_for_cuda(m, epilogue, variant):
     """The full Mosaic GPU lowering runs on CPU; it checks what interpret mode does not
     (TMA tiling of odd row counts, shared-memory budget, layouts)."""
     from pallas_kernels.grouped_matmul import mosaic_gpu
 
     k, n = (512, 768) if m > 1000 else (K, N)
+    if variant == "cluster":  # CTA column tiles come in pairs
+        n *= 2
     config = mosaic_gpu.default_config(m, G, k=k, n_out=n // 2 if epilogue == "swiglu" else n,
                                        epilogue=epilogue)
-    if swizzled:
+    if variant == "swizzled":
         config = dataclasses.replace(config, swizzled_epilogue=True, max_concurrent_steps=2,
                                      chain_items=False)
+    elif variant == "cluster":
+        config = dataclasses.replace(config, cluster_n=2)
 
     def f(x, w, gs, scale):
         return mosaic_gpu.grouped_matmul(x, w, gs, config=config, epilogue=epilogue,
