@@ -59,7 +59,7 @@ def run(model: CausalLM, batch: int, prompt_len: int, steps: int, iters: int,
     compiled before timing. ``profile`` prints the top device ops of one prefill and
     one decode step (GPU 0) after timing."""
     def greedy_step(m, ids, cache):  # one program per step: the model and the next token
-        logits, cache = m(ids, cache=cache)[:2]
+        logits, cache = m(ids, cache=cache, logits_to_keep=1)[:2]
         return jnp.argmax(logits[:, -1], -1)[:, None], cache
 
     step = forward_jit(greedy_step, donate_argnums=2).bind(model)  # the cache is updated in place

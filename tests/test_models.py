@@ -136,6 +136,22 @@ def test_kv_cache_prefill_then_decode_matches_full_forward(arch):
     assert rel_err(np.concatenate(got, axis=1), want) <= 1e-4
 
 
+@pytest.mark.parametrize("keep", [1, 3])
+def test_logits_to_keep_is_the_last_positions_of_the_full_forward(keep):
+    """A prefill that keeps the last ``keep`` positions' logits (no vocabulary projection
+    for the others) returns exactly the full forward's last positions; bad values are errors."""
+    folder, ids, want = fixture("deepseek_v3")
+    model = from_pretrained(folder, dtype=jnp.float32)
+    ids = jnp.asarray(ids)
+    full = nnx.jit(lambda model, ids: model(ids))(model, ids)
+    kept = nnx.jit(lambda model, ids: model(ids, logits_to_keep=keep))(model, ids)
+    assert kept.shape == (ids.shape[0], keep, full.shape[-1])
+    np.testing.assert_allclose(np.asarray(kept), np.asarray(full)[:, -keep:], rtol=1e-6, atol=1e-6)
+    for bad in (-1, ids.shape[1] + 1, 1.0):
+        with pytest.raises(ValueError, match="logits_to_keep"):
+            model(ids, logits_to_keep=bad)
+
+
 def test_generate_greedy_matches_step_by_step_argmax():
     """Left-padded prompts of different lengths: greedy tokens equal argmax of the full
     forward on each prompt alone, re-run with every generated token appended."""

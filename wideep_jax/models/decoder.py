@@ -102,7 +102,7 @@ class CausalLM(nnx.Module):
             return P()
         return P(self.dp_axis)
 
-    def __call__(self, input_ids, *, positions=None, token_valid=None, cache=None):
+    def __call__(self, input_ids, *, positions=None, token_valid=None, cache=None, logits_to_keep: int = 0):
         """Logits [B, T, V] (float32); with ``cache``: ``(logits, cache, stats)``.
 
         Args:
@@ -110,8 +110,14 @@ class CausalLM(nnx.Module):
           positions: int [B, T] (default: the cache length + 0..T-1).
           token_valid: bool [B, T]; False marks padding (e.g. left-padded prompts).
           cache: ``(layer caches, CacheMeta)`` from `init_cache` or a previous call.
+          logits_to_keep: 0 for every position's logits; k for the last k positions'
+            only ([B, k, V]): a prefill that samples one token needs 1, and skips the
+            vocabulary projection of the other T - 1 positions.
         """
         b, t = input_ids.shape
+        if not isinstance(logits_to_keep, int) or not 0 <= logits_to_keep <= t:
+            raise ValueError(f"logits_to_keep={logits_to_keep!r}: allowed: an int in [0, T={t}] "
+                             "(0 keeps every position)")
         layer_caches, meta = (None, None) if cache is None else cache
         start = 0 if meta is None else meta.length
         if positions is None:
@@ -132,7 +138,7 @@ class CausalLM(nnx.Module):
             new_caches.append(layer_cache)
             if layer_stats is not None:
                 stats.append(layer_stats)
-        x = self.norm(x)
+        x = self.norm(x[:, t - logits_to_keep:] if logits_to_keep else x)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         logits = jnp.dot(x, head, preferred_element_type=jnp.float32)
         if cache is None:

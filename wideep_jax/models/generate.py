@@ -44,8 +44,8 @@ def _counts(stats) -> jax.Array:
 
 
 def _prefill(model: CausalLM, ids, positions, valid, cache, key, temperature, top_p, keep_stats):
-    logits, cache, stats = model(ids, positions=positions, token_valid=valid, cache=cache)
     # The last valid token of each row predicts the next one (left padding: the last column).
+    logits, cache, stats = model(ids, positions=positions, token_valid=valid, cache=cache, logits_to_keep=1)
     token = sample(logits[:, -1], jax.random.fold_in(key, 0), temperature=temperature, top_p=top_p)
     return token, cache, _counts(stats), stats if keep_stats else None
 
