@@ -33,7 +33,8 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from wideep_jax import MoEConfig, MoELayer, MoESpec  # noqa: E402
-from wideep_jax.bench import imbalance, jitted_forward, median_ms, rank_rows, synthetic_routing, time_fn  # noqa: E402
+from wideep_jax.bench import (imbalance, jitted_forward, median_ms, ops_table, profile_ops, rank_rows,  # noqa: E402
+                              synthetic_routing, time_fn)
 from wideep_jax.comm import get_alltoall_backend  # noqa: E402
 from wideep_jax.dispatch import make_dispatch_plan  # noqa: E402
 from wideep_jax.experts import routed_experts  # noqa: E402
@@ -148,6 +149,8 @@ def main() -> int:
     parser.add_argument("--small", action="store_true", help="scaled-down dims (CPU smoke run)")
     parser.add_argument("--no-local", action="store_true", help="skip the all-experts-local peer")
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--profile", action="store_true",
+                        help="print each case's top device ops of one WIDEEP forward (GPU 0)")
     args = parser.parse_args()
 
     ep, mesh, spec, card = setup(args.ep, args.small)
@@ -187,6 +190,9 @@ def main() -> int:
                              combine=t_combine, local=t_local, floor=floor,
                              imbalance=imbalance(rows_per_rank)))
             print(f"tokens/rank {tokens} skew {skew}: total {total:.3f} ms", flush=True)
+            if args.profile:
+                ops, busy, wall = profile_ops(lambda: forward(x, routing))
+                print(f"  profile of one forward: {ops_table(ops, busy, wall, top=25)}", flush=True)
 
     header = ("| tokens/rank | routing | WIDEEP fwd ms | dispatch ms | experts ms | combine ms | "
               "local (all experts) ms | WIDEEP/local | GEMM floor ms | floor/WIDEEP | rank imbalance |")
