@@ -202,6 +202,35 @@ def test_mosaic_clusters_share_row_tiles(rng, epilogue, chain):
     assert np.linalg.norm(out - ref[:live]) <= 1e-2 * np.linalg.norm(ref[:live])
 
 
+def test_tile_schedule_spreads_light_groups_in_whole_chunks():
+    """Heavy groups' tiles keep their order in chunks; each light chunk sits whole
+    between two heavy chunks, evenly spread."""
+    sizes = jnp.asarray([600, 100, 90, 700, 50, 30, 20, 800, 10], jnp.int32)
+    plain = tile_schedule(sizes, 3000, 128, 8)
+    spread = tile_schedule(sizes, 3000, 128, 8, light_tiles=1, chunk=2)
+    n = int(plain.num_tiles[0])
+    assert int(spread.num_tiles[0]) == n
+    np.testing.assert_array_equal(np.asarray(spread.group)[:n],
+                                  [0, 0, 1, 2, 0, 0, 0, 3, 3, 3, 4, 5, 3, 3, 3, 7, 7, 7, 6, 8, 7, 7, 7, 7])
+    # The same tiles, rows and live ranges, only reordered.
+    rows = lambda s: sorted(zip(*(np.asarray(a)[:n].tolist() for a in s[:4])))
+    assert rows(spread) == rows(plain)
+
+
+def test_mosaic_spread_light_tiles_matches_float64(rng):
+    m = 300
+    sizes = np.array([100, 0, 7, 150, 0, 13], np.int32)
+    x = jnp.asarray(rng.standard_normal((m, K)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((G, K, N)) / np.sqrt(K), jnp.bfloat16)
+    config = MosaicGpuConfig(tile_m=64, tile_n=64, max_concurrent_steps=2, chain_items=True, max_ctas=2,
+                             grid_minor="m", grid_tile_width=2, spread_light_tiles=1)
+    out = np.asarray(grouped_matmul(x, w, jnp.asarray(sizes), implementation="mosaic_gpu", config=config),
+                     np.float64)
+    ref = np_forward(np.asarray(x, np.float32), np.asarray(w, np.float32), sizes, "none")
+    live = int(sizes.sum())
+    assert np.linalg.norm(out[:live] - ref[:live]) <= 1e-2 * np.linalg.norm(ref[:live])
+
+
 def test_mosaic_cluster_config_errors(rng):
     with pytest.raises(ValueError, match="cluster_n must be 1 or 2"):
         MosaicGpuConfig(cluster_n=4)
@@ -213,12 +242,14 @@ def test_mosaic_cluster_config_errors(rng):
 
 
 @pytest.mark.parametrize("block_m,align", [(64, 8), (128, 8), (16, 1)])
-def test_tile_schedule_covers_each_live_row_once(rng, block_m, align):
+@pytest.mark.parametrize("light_tiles", [0, 1, 2])
+def test_tile_schedule_covers_each_live_row_once(rng, block_m, align, light_tiles):
     for _ in range(20):
         m = int(rng.integers(1, 400))
         g = int(rng.integers(1, 12))
         sizes = rng.multinomial(int(rng.integers(0, m + 1)), rng.dirichlet(np.ones(g) * 0.3))
-        sched = tile_schedule(jnp.asarray(sizes, jnp.int32), m, block_m, align)
+        sched = tile_schedule(jnp.asarray(sizes, jnp.int32), m, block_m, align, light_tiles=light_tiles,
+                              chunk=int(rng.integers(1, 5)))
         group, start, begin, end, n = (np.asarray(a) for a in sched)
         n = int(n[0])
         assert len(group) == max_tiles(m, g, block_m, align) >= n

@@ -61,6 +61,9 @@ class MosaicGpuConfig:
         tile and neighbouring column tiles: each loads half of the rows' tile
         and TMA-multicasts it to both, so L2 serves 1/2 of the x bytes.
         Needs an even number of CTA column tiles.
+      spread_light_tiles: groups of at most this many row tiles (bound by
+        weight reads) get their tiles spread among the other groups' tiles,
+        ``grid_tile_width`` at a time (`schedule.tile_schedule`); 0: group order.
     """
 
     tile_m: int = 128
@@ -77,6 +80,7 @@ class MosaicGpuConfig:
     max_ctas: int | None = None
     swizzled_epilogue: bool = False
     cluster_n: int = 1
+    spread_light_tiles: int = 0
 
     def __post_init__(self) -> None:
         for name in ("tile_m", "tile_n", "tile_k", "epi_tile_m", "epi_tile_n"):
@@ -383,7 +387,8 @@ def grouped_matmul(
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     cta_m = config.cta_tile_m
     if schedule is None:
-        schedule = tile_schedule(group_sizes, m, cta_m, _ROW_ALIGN)
+        schedule = tile_schedule(group_sizes, m, cta_m, _ROW_ALIGN, light_tiles=config.spread_light_tiles,
+                                 chunk=config.grid_tile_width)
     # Tiled TMA needs a row count that is a multiple of 8, and a tile's box must fit
     # in x's shape (it may still reach past the last live row). Only then: a copy.
     rows = max(-(-m // _ROW_ALIGN) * _ROW_ALIGN, cta_m)
