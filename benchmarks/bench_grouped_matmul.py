@@ -71,14 +71,24 @@ SPREADS: tuple[int, ...] = ()  # spread_light_tiles values tried in the prefill 
 
 
 def best_of(candidates: dict, iters: int) -> tuple[str, float]:
-    """``(label, ms)`` of the fastest zero-argument callable; failing ones are skipped."""
-    best = ("none", float("inf"))
+    """``(label, ms)`` of the fastest zero-argument callable; failing ones are skipped.
+
+    Candidates are timed round-robin, one sample each per round, so a drift of the
+    card's clocks over the sweep (a few per cent here) moves them all alike."""
+    live = {}
     for label, fn in candidates.items():
         try:
-            ms = median_ms(time_fn(fn, iters=iters, batch=BATCH))
+            time_fn(fn, iters=1, warmup=2)  # compiles
+            live[label] = fn
         except Exception as err:  # a tile that does not fit is not a result
             print(f"    skip {label}: {type(err).__name__}: {str(err).splitlines()[0][:120]}", flush=True)
-            continue
+    samples = {label: [] for label in live}
+    for _ in range(iters):
+        for label, fn in live.items():
+            samples[label] += time_fn(fn, iters=1, warmup=0, batch=BATCH)
+    best = ("none", float("inf"))
+    for label, times in samples.items():
+        ms = median_ms(times)
         if len(candidates) > 1:
             print(f"    {label or 'default'}: {ms:.3f} ms", flush=True)
         if ms < best[1]:
