@@ -66,8 +66,6 @@ def group_sizes(num_rows: int, num_groups: int, kind: str) -> np.ndarray:
 
 BATCH = 1  # back-to-back calls per timed sample (set by --batch)
 EXTRA_WIDTHS: tuple[int, ...] = ()  # more planar-snake band widths for the prefill defaults (--widths)
-CLUSTERS = False  # also try cluster_n=2 in the prefill sweep (--cluster)
-SPREADS: tuple[int, ...] = ()  # spread_light_tiles values tried in the prefill sweep (--spread)
 
 
 def best_of(candidates: dict, iters: int) -> tuple[str, float]:
@@ -118,13 +116,7 @@ def mosaic_sweep(m, g, k, n_out, epilogue) -> list:
                 MosaicGpuConfig(tile_m=64, tile_n=128, max_concurrent_steps=4, chain_items=True)]
     if m // g >= 128:  # the default tiles walked in other bands (row tiles sharing a weight tile)
         more += [dataclasses.replace(default, grid_tile_width=width) for width in EXTRA_WIDTHS]
-    configs = [default] + [c for c in more if c != default]
-    plain = list(configs)
-    if CLUSTERS and m // g >= 128:  # each candidate again with CTA pairs sharing the row tile
-        configs += [dataclasses.replace(c, cluster_n=2) for c in plain if (n_out // c.cta_tile_n) % 2 == 0]
-    if m // g >= 128:  # and with small groups' tiles spread among the others
-        configs += [dataclasses.replace(c, spread_light_tiles=v) for v in SPREADS for c in plain]
-    return configs
+    return [default] + [c for c in more if c != default]
 
 
 def triton_sweep(m, g, k, n_out, epilogue) -> list:
@@ -395,15 +387,9 @@ def main() -> int:
                         help="prefill group-size kinds (uniform, zipf, zipf-aligned)")
     parser.add_argument("--widths", default="",
                         help="comma-separated extra grid_tile_width values tried with the prefill default tiles")
-    parser.add_argument("--cluster", action="store_true",
-                        help="also try every prefill mosaic_gpu candidate with cluster_n=2 (row tile multicast)")
-    parser.add_argument("--spread", default="",
-                        help="comma-separated spread_light_tiles values tried with every prefill mosaic_gpu candidate")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    global BATCH, EXTRA_WIDTHS, CLUSTERS, SPREADS
-    CLUSTERS = args.cluster
-    SPREADS = tuple(int(v) for v in args.spread.split(",") if v)
+    global BATCH, EXTRA_WIDTHS
     BATCH = args.batch
     EXTRA_WIDTHS = tuple(int(w) for w in args.widths.split(",") if w)
     on_gpu = jax.default_backend() == "gpu"

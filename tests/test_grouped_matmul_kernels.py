@@ -178,78 +178,13 @@ def test_mosaic_chained_items_on_few_ctas(rng, swizzled):
     assert np.linalg.norm(out[:live] - ref[:live]) <= 1e-2 * np.linalg.norm(ref[:live])
 
 
-@pytest.mark.parametrize("epilogue", ["none", "swiglu", "row_scale"])
-@pytest.mark.parametrize("chain", [False, True])
-def test_mosaic_clusters_share_row_tiles(rng, epilogue, chain):
-    """cluster_n=2: CTA pairs multicast the row tile and take neighbouring column
-    tiles; every live row and column must still be computed once, right."""
-    m = 300
-    sizes = np.array([100, 0, 7, 150, 0, 13], np.int32)
-    n = 2 * N if epilogue == "swiglu" else N
-    x = jnp.asarray(rng.standard_normal((m, K)), jnp.bfloat16)
-    w = jnp.asarray(rng.standard_normal((G, K, n)) / np.sqrt(K), jnp.bfloat16)
-    scale = jnp.asarray(rng.random(m), jnp.float32)
-    config = MosaicGpuConfig(tile_m=64, tile_n=64, max_concurrent_steps=2, chain_items=chain, max_ctas=4,
-                             cluster_n=2, grid_minor="m", grid_tile_width=2)
-    if epilogue == "swiglu":
-        out = grouped_swiglu(x, w, jnp.asarray(sizes), implementation="mosaic_gpu", config=config)
-    else:
-        out = grouped_matmul(x, w, jnp.asarray(sizes), implementation="mosaic_gpu", config=config,
-                             row_scale=scale if epilogue == "row_scale" else None)
-    ref = np_forward(np.asarray(x, np.float32), np.asarray(w, np.float32), sizes, epilogue, scale)
-    live = int(sizes.sum())
-    out = np.asarray(out, np.float64)[:live]
-    assert np.linalg.norm(out - ref[:live]) <= 1e-2 * np.linalg.norm(ref[:live])
-
-
-def test_tile_schedule_spreads_light_groups_in_whole_chunks():
-    """Heavy groups' tiles keep their order in chunks; each light chunk sits whole
-    between two heavy chunks, evenly spread."""
-    sizes = jnp.asarray([600, 100, 90, 700, 50, 30, 20, 800, 10], jnp.int32)
-    plain = tile_schedule(sizes, 3000, 128, 8)
-    spread = tile_schedule(sizes, 3000, 128, 8, light_tiles=1, chunk=2)
-    n = int(plain.num_tiles[0])
-    assert int(spread.num_tiles[0]) == n
-    np.testing.assert_array_equal(np.asarray(spread.group)[:n],
-                                  [0, 0, 1, 2, 0, 0, 0, 3, 3, 3, 4, 5, 3, 3, 3, 7, 7, 7, 6, 8, 7, 7, 7, 7])
-    # The same tiles, rows and live ranges, only reordered.
-    rows = lambda s: sorted(zip(*(np.asarray(a)[:n].tolist() for a in s[:4])))
-    assert rows(spread) == rows(plain)
-
-
-def test_mosaic_spread_light_tiles_matches_float64(rng):
-    m = 300
-    sizes = np.array([100, 0, 7, 150, 0, 13], np.int32)
-    x = jnp.asarray(rng.standard_normal((m, K)), jnp.bfloat16)
-    w = jnp.asarray(rng.standard_normal((G, K, N)) / np.sqrt(K), jnp.bfloat16)
-    config = MosaicGpuConfig(tile_m=64, tile_n=64, max_concurrent_steps=2, chain_items=True, max_ctas=2,
-                             grid_minor="m", grid_tile_width=2, spread_light_tiles=1)
-    out = np.asarray(grouped_matmul(x, w, jnp.asarray(sizes), implementation="mosaic_gpu", config=config),
-                     np.float64)
-    ref = np_forward(np.asarray(x, np.float32), np.asarray(w, np.float32), sizes, "none")
-    live = int(sizes.sum())
-    assert np.linalg.norm(out[:live] - ref[:live]) <= 1e-2 * np.linalg.norm(ref[:live])
-
-
-def test_mosaic_cluster_config_errors(rng):
-    with pytest.raises(ValueError, match="cluster_n must be 1 or 2"):
-        MosaicGpuConfig(cluster_n=4)
-    x = jnp.zeros((64, K), jnp.bfloat16)
-    w = jnp.zeros((G, K, 384), jnp.bfloat16)  # 3 column tiles of 128: no pairs
-    with pytest.raises(ValueError, match="cluster_n=2"):
-        grouped_matmul(x, w, jnp.zeros((G,), jnp.int32), implementation="mosaic_gpu",
-                       config=MosaicGpuConfig(tile_m=64, tile_n=64, cluster_n=2))
-
-
 @pytest.mark.parametrize("block_m,align", [(64, 8), (128, 8), (16, 1)])
-@pytest.mark.parametrize("light_tiles", [0, 1, 2])
-def test_tile_schedule_covers_each_live_row_once(rng, block_m, align, light_tiles):
+def test_tile_schedule_covers_each_live_row_once(rng, block_m, align):
     for _ in range(20):
         m = int(rng.integers(1, 400))
         g = int(rng.integers(1, 12))
         sizes = rng.multinomial(int(rng.integers(0, m + 1)), rng.dirichlet(np.ones(g) * 0.3))
-        sched = tile_schedule(jnp.asarray(sizes, jnp.int32), m, block_m, align, light_tiles=light_tiles,
-                              chunk=int(rng.integers(1, 5)))
+        sched = tile_schedule(jnp.asarray(sizes, jnp.int32), m, block_m, align)
         group, start, begin, end, n = (np.asarray(a) for a in sched)
         n = int(n[0])
         assert len(group) == max_tiles(m, g, block_m, align) >= n
@@ -265,22 +200,18 @@ def test_tile_schedule_covers_each_live_row_once(rng, block_m, align, light_tile
 
 @pytest.mark.parametrize("m", [4100, 150, 20, 64])
 @pytest.mark.parametrize("epilogue", ["none", "swiglu", "row_scale"])
-@pytest.mark.parametrize("variant", ["default", "swizzled", "cluster"])
-def test_mosaic_lowers_for_cuda(m, epilogue, variant):
+@pytest.mark.parametrize("swizzled", [False, True])
+def test_mosaic_lowers_for_cuda(m, epilogue, swizzled):
     """The full Mosaic GPU lowering runs on CPU; it checks what interpret mode does not
     (TMA tiling of odd row counts, shared-memory budget, layouts)."""
     from pallas_kernels.grouped_matmul import mosaic_gpu
 
     k, n = (512, 768) if m > 1000 else (K, N)
-    if variant == "cluster":  # CTA column tiles come in pairs
-        n *= 2
     config = mosaic_gpu.default_config(m, G, k=k, n_out=n // 2 if epilogue == "swiglu" else n,
                                        epilogue=epilogue)
-    if variant == "swizzled":
+    if swizzled:
         config = dataclasses.replace(config, swizzled_epilogue=True, max_concurrent_steps=2,
                                      chain_items=False)
-    elif variant == "cluster":
-        config = dataclasses.replace(config, cluster_n=2)
 
     def f(x, w, gs, scale):
         return mosaic_gpu.grouped_matmul(x, w, gs, config=config, epilogue=epilogue,

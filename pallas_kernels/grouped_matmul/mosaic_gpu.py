@@ -57,13 +57,6 @@ class MosaicGpuConfig:
       swizzled_epilogue: store whole epilogue tiles through swizzled shared
         memory (no bank conflicts) and only partial ones through the plain
         buffer that row-granular TMA stores need; costs one more buffer.
-      cluster_n: 1, or 2 to pair CTAs in clusters that work on the same row
-        tile and neighbouring column tiles: each loads half of the rows' tile
-        and TMA-multicasts it to both, so L2 serves 1/2 of the x bytes.
-        Needs an even number of CTA column tiles.
-      spread_light_tiles: groups of at most this many row tiles (bound by
-        weight reads) get their tiles spread among the other groups' tiles,
-        ``grid_tile_width`` at a time (`schedule.tile_schedule`); 0: group order.
     """
 
     tile_m: int = 128
@@ -79,8 +72,6 @@ class MosaicGpuConfig:
     chain_items: bool = False
     max_ctas: int | None = None
     swizzled_epilogue: bool = False
-    cluster_n: int = 1
-    spread_light_tiles: int = 0
 
     def __post_init__(self) -> None:
         for name in ("tile_m", "tile_n", "tile_k", "epi_tile_m", "epi_tile_n"):
@@ -104,8 +95,6 @@ class MosaicGpuConfig:
                 f"delay_release 0 or 1, got {self.max_concurrent_steps}, {self.grid_tile_width}, "
                 f"{self.delay_release}"
             )
-        if self.cluster_n not in (1, 2):
-            raise ValueError(f"MosaicGpuConfig.cluster_n must be 1 or 2, got {self.cluster_n!r}")
         if self.chain_items and self.delay_release:
             raise ValueError("MosaicGpuConfig.chain_items needs delay_release=0")
 
@@ -165,19 +154,16 @@ def _num_sms() -> int:
 
 
 def persistent_kernel(body, out_type, *, max_ctas: int | None, interpret: bool,
-                      interpret_ctas: int = _INTERPRET_CTAS, cluster: int = 1):
+                      interpret_ctas: int = _INTERPRET_CTAS):
     """A Mosaic GPU kernel of one CTA per SM (at most ``max_ctas``), each with three
-    warpgroups (two consumers and a producer) named ``"wg"`` over a grid named ``"sm"``;
-    with ``cluster`` 2, CTAs come in pairs (axis ``"cluster"``) and ``"sm"`` numbers pairs.
+    warpgroups (two consumers and a producer) named ``"wg"`` over a grid named ``"sm"``.
     ``interpret`` runs Mosaic GPU's CPU interpreter on ``interpret_ctas`` simulated CTAs."""
     num_ctas = interpret_ctas if interpret else _num_sms()
-    clusters = dict(cluster=(cluster,), cluster_names=("cluster",)) if cluster > 1 else {}
     return plgpu.kernel(
         body,
         out_type=out_type,
-        grid=(max(1, min(num_ctas, max_ctas or num_ctas) // cluster),),
+        grid=(min(num_ctas, max_ctas or num_ctas),),
         grid_names=("sm",),
-        **clusters,
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
@@ -198,7 +184,7 @@ def _kernel(
     k = x_gmem.shape[1]
     tile_m, tile_n, tile_k = config.tile_m, config.tile_n, config.tile_k
     cta_m, cta_n = config.cta_tile_m, config.cta_tile_n
-    n_iters = n_out // cta_n // config.cluster_n
+    n_iters = n_out // cta_n
     k_iters = k // tile_k
     num_acc = 2 if epilogue == "swiglu" else 1
     swizzle = plgpu.find_swizzle(tile_k * jnp.dtype(dtype).itemsize * 8)
@@ -210,10 +196,8 @@ def _kernel(
                       plgpu.SwizzleTransform(out_swizzle))
 
     def pipeline(body, compute_context, state=None):
-        # A cluster's CTAs share the row tile: each loads half and multicasts it.
         x_spec = plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk), transforms=transforms,
-                                 memory_space=plgpu.SMEM, delay_release=config.delay_release,
-                                 collective_axes=("cluster",) if config.cluster_n > 1 else ())
+                                 memory_space=plgpu.SMEM, delay_release=config.delay_release)
         w_spec = plgpu.BlockSpec((tile_k, cta_n), lambda kk: (kk, 0), transforms=transforms,
                                  memory_space=plgpu.SMEM, delay_release=config.delay_release)
         return plgpu.emit_pipeline_warp_specialized(
@@ -242,8 +226,6 @@ def _kernel(
         def _item(info):
             t, j = plgpu.planar_snake(info.index[0], (real_tiles, n_iters), minor,
                                       config.grid_tile_width)
-            if config.cluster_n > 1:  # both CTAs of a cluster get the same item: neighbouring columns
-                j = j * config.cluster_n + lax.axis_index("cluster")
             group, start = tile_group[t], pl.multiple_of(tile_start[t], _ROW_ALIGN)
             live_begin, live_end = tile_live_begin[t], tile_live_end[t]
             if config.wg_split == "m":
@@ -349,10 +331,10 @@ def _check(x, w, config: MosaicGpuConfig, n_out: int) -> None:
     k = x.shape[1]
     if k % config.tile_k:
         raise ValueError(f"K={k} must be a multiple of tile_k={config.tile_k} for the mosaic_gpu grouped matmul")
-    if n_out % (config.cta_tile_n * config.cluster_n):
+    if n_out % config.cta_tile_n:
         raise ValueError(
-            f"N={n_out} must be a multiple of the CTA tile's {config.cta_tile_n} columns times "
-            f"cluster_n={config.cluster_n} for the mosaic_gpu grouped matmul (config {config})"
+            f"N={n_out} must be a multiple of the CTA tile's {config.cta_tile_n} columns "
+            f"for the mosaic_gpu grouped matmul (config {config})"
         )
     if config.chain_items and (k // config.tile_k) % config.max_concurrent_steps:
         raise ValueError(
@@ -387,8 +369,7 @@ def grouped_matmul(
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     cta_m = config.cta_tile_m
     if schedule is None:
-        schedule = tile_schedule(group_sizes, m, cta_m, _ROW_ALIGN, light_tiles=config.spread_light_tiles,
-                                 chunk=config.grid_tile_width)
+        schedule = tile_schedule(group_sizes, m, cta_m, _ROW_ALIGN)
     # Tiled TMA needs a row count that is a multiple of 8, and a tile's box must fit
     # in x's shape (it may still reach past the last live row). Only then: a copy.
     rows = max(-(-m // _ROW_ALIGN) * _ROW_ALIGN, cta_m)
@@ -401,7 +382,7 @@ def grouped_matmul(
         scale = jnp.zeros((8,), jnp.float32)
     kernel = persistent_kernel(functools.partial(_kernel, config=config, epilogue=epilogue, n_out=n_out),
                                jax.ShapeDtypeStruct((rows, n_out), out_dtype), max_ctas=config.max_ctas,
-                               interpret=interpret, cluster=config.cluster_n)
+                               interpret=interpret)
     out = kernel(schedule.group, schedule.start, schedule.live_begin, schedule.live_end,
                  schedule.num_tiles, x_in, w, scale)
     return out if rows == m else out[:m]

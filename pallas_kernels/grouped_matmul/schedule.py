@@ -8,12 +8,6 @@ few rows of the previous group: it computes them but stores only its live rows
 ``num_tiles`` are real, so empty groups cost nothing and rows at or past
 ``sum(group_sizes)`` are never touched. Computed in XLA (a few tiny ops) and
 read by the kernel as scalars.
-
-``light_tiles`` reorders the real tiles: a group of at most that many row tiles
-reads a whole weight column tile for a few rows (bound by HBM), so its tiles
-are spread, ``chunk`` at a time, evenly among the other groups' tiles (kept in
-chunks of ``chunk`` consecutive tiles, the kernel's band), instead of meeting
-other light groups' tiles all at once.
 """
 from __future__ import annotations
 
@@ -40,15 +34,12 @@ def max_tiles(num_rows: int, num_groups: int, block_m: int, align: int = 1) -> i
 
 
 def tile_schedule(
-    group_sizes: jax.Array, num_rows: int, block_m: int, align: int = 1, *, light_tiles: int = 0,
-    chunk: int = 4,
+    group_sizes: jax.Array, num_rows: int, block_m: int, align: int = 1
 ) -> TileSchedule:
     """Tiles of ``block_m`` rows for rows grouped by ``group_sizes``.
 
     Group sizes are clipped so that no tile reaches past ``num_rows`` (an
     over-full ``group_sizes`` can never make a kernel write out of bounds).
-    ``light_tiles`` > 0 spreads the tiles of groups with at most that many tiles
-    (see the module docstring).
     """
     num_groups = group_sizes.shape[0]
     sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
@@ -71,24 +62,5 @@ def tile_schedule(
     live_begin = jnp.where(real, jnp.clip(starts[group] - start, 0, block_m), 0)
     live_end = jnp.where(real, jnp.clip(ends[group] - start, 0, block_m), 0)
     as_i32 = lambda a: a.astype(jnp.int32)
-    arrays = tuple(as_i32(a) for a in (group, start, live_begin, live_end))
-    if light_tiles > 0:
-        arrays = tuple(a[_spread_order(real, tiles_per_group[group] <= light_tiles, chunk)] for a in arrays)
-    return TileSchedule(*arrays, as_i32(tile_ends[-1:]))
-
-
-def _spread_order(real: jax.Array, light: jax.Array, chunk: int) -> jax.Array:
-    """A permutation of the tiles: heavy tiles in their order, in chunks; the light
-    tiles' chunks placed evenly between them; tiles that are not real last."""
-    heavy, light = real & ~light, real & light
-    heavy_rank = jnp.cumsum(heavy) - 1
-    light_rank = jnp.cumsum(light) - 1
-    heavy_chunks = (jnp.sum(heavy) + chunk - 1) // chunk
-    light_chunks = jnp.maximum((jnp.sum(light) + chunk - 1) // chunk, 1)
-    light_slot = (light_rank // chunk) * heavy_chunks // light_chunks
-    # Slot s holds heavy chunk s, then the light tiles placed there (equal keys: the
-    # stable sort keeps them in tile order, so their chunks stay whole).
-    key = jnp.where(heavy, (heavy_rank // chunk) * (chunk + 1) + heavy_rank % chunk,
-                    light_slot * (chunk + 1) + chunk)
-    key = jnp.where(real, key, jnp.iinfo(jnp.int32).max)
-    return jnp.argsort(key, stable=True)
+    return TileSchedule(as_i32(group), as_i32(start), as_i32(live_begin), as_i32(live_end),
+                        as_i32(tile_ends[-1:]))
