@@ -7,7 +7,9 @@ Ours: the ``mosaic_gpu`` and ``triton`` Pallas kernels (each the best of a small
 tile sweep; default tiles first) and the ``xla`` loop. Peers, each where it is
 available: ``torch._grouped_mm`` (torch with CUDA), JAX's ``ragged_dot_mgpu``
 Pallas kernel (Hopper; best of a small tile sweep), ``jax.lax.ragged_dot``, and a
-dense XLA matmul with the same FLOPs. Fused rows time gate/up with the SwiGLU
+dense XLA matmul with the same FLOPs. A case's rows (each sweep's winner and
+the peers) are timed in turns, one sample each per round: the card's clocks
+drift with its recent load, by up to 15 % within one process. Fused rows time gate/up with the SwiGLU
 epilogue and down with the routing-weight row scale, against torch doing the
 same with ``_grouped_mm`` plus its elementwise ops. Prefill rows report TFLOP/s
 over the real rows; decode rows report GB/s over the weight bytes of the groups
@@ -28,6 +30,7 @@ import datetime
 import functools
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,33 +71,48 @@ BATCH = 1  # back-to-back calls per timed sample (set by --batch)
 EXTRA_WIDTHS: tuple[int, ...] = ()  # more planar-snake band widths for the prefill defaults (--widths)
 
 
-def best_of(candidates: dict, iters: int) -> tuple[str, float]:
-    """``(label, ms)`` of the fastest zero-argument callable; failing ones are skipped.
+Sampler = Callable[[], float]  # one timed sample: seconds per call over BATCH back-to-back calls
 
-    Several candidates are ranked round-robin, one sample each per round, so a
-    drift of the card's clocks over the sweep moves them all alike; the winner
-    is then timed like every peer (warm-up, ``iters`` samples in a row), and that
-    time is the one reported, so ratios compare like with like."""
+
+def jax_sampler(fn) -> Sampler:
+    return lambda: time_fn(fn, iters=1, warmup=0, batch=BATCH)[0]
+
+
+def race(samplers: dict[str, Sampler], iters: int) -> dict[str, float]:
+    """Median ms of each sampler, timed round-robin (one sample each per round): the
+    card's clocks drift with its recent load (here by up to 15 % within a process),
+    and taking turns makes every entry see the same drift."""
+    samples = {name: [] for name in samplers}
+    for _ in range(iters):
+        for name, sample in samplers.items():
+            samples[name].append(sample())
+    return {name: median_ms(times) for name, times in samples.items()}
+
+
+def pick(candidates: dict, iters: int) -> tuple[str, Sampler] | None:
+    """The fastest of some zero-argument jax callables, as ``(label, sampler)``, after
+    compiling each; failing ones are skipped (None if all fail)."""
     live = {}
     for label, fn in candidates.items():
         try:
             time_fn(fn, iters=1, warmup=2)  # compiles
-            live[label] = fn
+            live[label] = jax_sampler(fn)
         except Exception as err:  # a tile that does not fit is not a result
             print(f"    skip {label}: {type(err).__name__}: {str(err).splitlines()[0][:120]}", flush=True)
-    if not live:
-        return ("none", float("inf"))
-    if len(live) > 1:
-        samples = {label: [] for label in live}
-        for _ in range(iters):
-            for label, fn in live.items():
-                samples[label] += time_fn(fn, iters=1, warmup=0, batch=BATCH)
-        for label, times in samples.items():
-            print(f"    {label or 'default'}: {median_ms(times):.3f} ms (round-robin)", flush=True)
-        label = min(samples, key=lambda name: median_ms(samples[name]))
-    else:
-        (label,) = live
-    return label, median_ms(time_fn(live[label], iters=iters, batch=BATCH))
+    if len(live) <= 1:
+        return next(iter(live.items()), None)
+    times = race(live, iters)
+    for label, ms in times.items():
+        print(f"    {label or 'default'}: {ms:.3f} ms", flush=True)
+    best = min(times, key=times.get)
+    return best, live[best]
+
+
+def timed(entries: dict[str, tuple[str, Sampler] | None], iters: int) -> dict[str, tuple[str, float]]:
+    """``{name: (label, ms)}`` for the entries that exist, all raced together."""
+    entries = {name: entry for name, entry in entries.items() if entry is not None}
+    times = race({name: sample for name, (_, sample) in entries.items()}, iters)
+    return {name: (entries[name][0], times[name]) for name in entries}
 
 
 def mosaic_sweep(m, g, k, n_out, epilogue) -> list:
@@ -139,7 +157,7 @@ def short(config) -> str:
                     if getattr(config, name) != f.default) or "defaults"
 
 
-def ours(x, w, gs, epilogue, iters, on_gpu, row_scale=None, quick=False) -> dict[str, tuple[str, float]]:
+def ours(x, w, gs, epilogue, iters, on_gpu, row_scale=None, quick=False) -> dict[str, tuple[str, Sampler] | None]:
     m, k = x.shape
     g, n = w.shape[0], w.shape[2] // (2 if epilogue == "swiglu" else 1)
     call = (functools.partial(grouped_swiglu) if epilogue == "swiglu"
@@ -157,16 +175,16 @@ def ours(x, w, gs, epilogue, iters, on_gpu, row_scale=None, quick=False) -> dict
             name = "xla" if impl == "xla loop" else impl
             f = jax.jit(functools.partial(call, implementation=name, config=config))
             candidates["default" if config is None else short(config)] = functools.partial(f, x, w, gs)
-        out[impl] = best_of(candidates, iters)
+        out[impl] = pick(candidates, iters)
     return out
 
 
-def jax_peers(x, w, sizes, iters: int, on_gpu: bool, quick: bool = False) -> dict[str, tuple[str, float]]:
+def jax_peers(x, w, sizes, iters: int, on_gpu: bool, quick: bool = False) -> dict[str, tuple[str, Sampler] | None]:
     gs = jnp.asarray(sizes)
     out = {}
     ragged = jax.jit(jax.lax.ragged_dot)
     if not quick:
-        out["lax.ragged_dot"] = best_of({"": functools.partial(ragged, x, w, gs)}, iters)
+        out["lax.ragged_dot"] = pick({"": functools.partial(ragged, x, w, gs)}, iters)
     if on_gpu and not quick:
         try:
             from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
@@ -182,11 +200,11 @@ def jax_peers(x, w, sizes, iters: int, on_gpu: bool, quick: bool = False) -> dic
                                               max_concurrent_steps=steps, grid_block_n=grid_n))
                 sweep[f"bm={bm} bn={bn} steps={steps} grid_n={grid_n}"] = functools.partial(
                     lambda f: f(x, w, group_sizes=gs), f)
-            out["ragged_dot_mgpu"] = best_of(sweep, iters)
+            out["ragged_dot_mgpu"] = pick(sweep, iters)
     rows = int(sizes.sum())
     dense = jax.jit(lambda a, b: a @ b)
     xd = x[:rows]
-    out["dense (same FLOPs)"] = best_of({"": functools.partial(dense, xd, w[0])}, iters)
+    out["dense (same FLOPs)"] = pick({"": functools.partial(dense, xd, w[0])}, iters)
     return out
 
 
@@ -201,19 +219,20 @@ def cuda_torch():
     return torch
 
 
-def time_torch(torch, fn, iters: int) -> tuple[str, float]:
-    """``("", median ms)`` of ``fn`` after 3 warm-up calls, BATCH calls per sample."""
+def torch_sampler(torch, fn) -> tuple[str, Sampler]:
+    """``("", sampler)`` of ``fn`` after 3 warm-up calls, BATCH calls per sample."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
+
+    def sample() -> float:
         start = time.perf_counter()
         for _ in range(BATCH):
             fn()
         torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) / BATCH)
-    return ("", median_ms(times))
+        return (time.perf_counter() - start) / BATCH
+
+    return "", sample
 
 
 def torch_peer(m, k, n, sizes, iters: int, epilogue: str = "none"):
@@ -235,16 +254,16 @@ def torch_peer(m, k, n, sizes, iters: int, epilogue: str = "none"):
             y = y * scale
         return y
 
-    return time_torch(torch, fn, iters)
+    return torch_sampler(torch, fn)
 
 
-def wgrad_ours(x, dy, gs, iters: int, on_gpu: bool) -> dict[str, tuple[str, float]]:
+def wgrad_ours(x, dy, gs, iters: int, on_gpu: bool) -> dict[str, tuple[str, Sampler] | None]:
     """Weight gradient: the XLA loop, the Triton tgmm sweep (the Pallas backends' dW) and the
     Mosaic GPU tgmm sweep."""
     m, k = x.shape
     g, n = gs.shape[0], dy.shape[1]
     loop = jax.jit(functools.partial(grouped_matmul_transposed, implementation="xla"))
-    out = {"xla loop": best_of({"default": functools.partial(loop, x, dy, gs)}, iters)}
+    out = {"xla loop": pick({"default": functools.partial(loop, x, dy, gs)}, iters)}
     if on_gpu:
         default = triton_module.default_tgmm_config(m, g, k=k, n=n)
         configs = [default] + [c for c in (
@@ -255,7 +274,7 @@ def wgrad_ours(x, dy, gs, iters: int, on_gpu: bool) -> dict[str, tuple[str, floa
         for config in configs:
             f = jax.jit(functools.partial(triton_module.tgmm, num_groups=g, config=config))
             candidates[short(config)] = functools.partial(f, x, dy, gs)
-        out["triton tgmm"] = best_of(candidates, iters)
+        out["triton tgmm"] = pick(candidates, iters)
         # The mosaic_gpu dW (its default config first).
         candidates = {}
         for config in (MosaicTgmmConfig(), MosaicTgmmConfig(tile_k=64, max_concurrent_steps=4),
@@ -263,16 +282,14 @@ def wgrad_ours(x, dy, gs, iters: int, on_gpu: bool) -> dict[str, tuple[str, floa
                        MosaicTgmmConfig(grid_tile_width=8)):
             f = jax.jit(functools.partial(grouped_matmul_transposed, implementation="mosaic_gpu", config=config))
             candidates[short(config)] = functools.partial(f, x, dy, gs)
-        out["mosaic_gpu tgmm"] = best_of(candidates, iters)
-        peer = transposed_ragged_dot_mgpu_peer(x, dy, gs, iters)
-        if peer is not None:
-            out["transposed_ragged_dot_mgpu"] = peer
+        out["mosaic_gpu tgmm"] = pick(candidates, iters)
+        out["transposed_ragged_dot_mgpu"] = transposed_ragged_dot_mgpu_peer(x, dy, gs, iters)
     dense = jax.jit(lambda a, b: a.T @ b)
-    out["dense (same FLOPs)"] = best_of({"": functools.partial(dense, x, dy)}, iters)
+    out["dense (same FLOPs)"] = pick({"": functools.partial(dense, x, dy)}, iters)
     return out
 
 
-def transposed_ragged_dot_mgpu_peer(x, dy, gs, iters: int) -> tuple[str, float] | None:
+def transposed_ragged_dot_mgpu_peer(x, dy, gs, iters: int) -> tuple[str, Sampler] | None:
     """JAX's own Mosaic GPU weight-gradient kernel (x is its lhs as is), best of a few tiles."""
     try:
         from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
@@ -306,7 +323,7 @@ def transposed_ragged_dot_mgpu_peer(x, dy, gs, iters: int) -> tuple[str, float] 
         print(f"    transposed_ragged_dot_mgpu disagrees with the reference (max err "
               f"{np.abs(got - want).max():.3g}); not timed", flush=True)
         return None
-    return best_of(sweep, iters)
+    return pick(sweep, iters)
 
 
 def wgrad_torch_peer(m, k, n, sizes, iters: int):
@@ -328,7 +345,7 @@ def wgrad_torch_peer(m, k, n, sizes, iters: int):
         return torch._grouped_mm(x_t, dy, offs=offs, out_dtype=torch.bfloat16)
 
     try:
-        return time_torch(torch, fn, iters)
+        return torch_sampler(torch, fn)
     except Exception as err:  # a layout this torch build does not take is not a result
         print(f"    skip torch wgrad: {type(err).__name__}: {str(err).splitlines()[0][:120]}", flush=True)
         return None
@@ -357,10 +374,9 @@ def wgrad_case(name, shape, rows, groups, kind, rng, iters, on_gpu) -> list[str]
     x = jax.random.normal(jax.random.key(0), (rows, k), jnp.float32).astype(jnp.bfloat16)
     dy = jax.random.normal(jax.random.key(1), (rows, n), jnp.float32).astype(jnp.bfloat16)
     print(f"{name} rows={rows} {kind}", flush=True)
-    results = wgrad_ours(x, dy, jnp.asarray(sizes), iters, on_gpu)
-    peer = wgrad_torch_peer(rows, k, n, sizes, iters) if on_gpu else None
-    if peer is not None:
-        results["torch._grouped_mm"] = peer
+    entries = wgrad_ours(x, dy, jnp.asarray(sizes), iters, on_gpu)
+    entries["torch._grouped_mm"] = wgrad_torch_peer(rows, k, n, sizes, iters) if on_gpu else None
+    results = timed(entries, iters)
     flops = 2.0 * rows * k * n
     torch_ms = results.get("torch._grouped_mm", (0, None))[1]
     mgpu_ms = results.get("transposed_ragged_dot_mgpu", (0, None))[1]  # the "vs ragged_dot_mgpu" column
@@ -429,13 +445,13 @@ def main() -> int:
         gs = jnp.asarray(sizes)
         print(f"{name} rows={rows} {kind}", flush=True)
         row_scale = jnp.ones((rows,), jnp.float32) if epilogue == "row_scale" else None
-        results = ours(x, w, gs, epilogue, args.iters, on_gpu, row_scale, args.quick)
+        entries = ours(x, w, gs, epilogue, args.iters, on_gpu, row_scale, args.quick)
         if epilogue == "none":
-            results.update(jax_peers(x, w, sizes, args.iters, on_gpu and rows == prefill_rows, args.quick))
+            entries.update(jax_peers(x, w, sizes, args.iters, on_gpu and rows == prefill_rows, args.quick))
         if on_gpu:
-            peer = torch_peer(rows, k, n, sizes, args.iters, epilogue)
-            if peer is not None:
-                results["torch._grouped_mm" + ("" if epilogue == "none" else " + eager epilogue")] = peer
+            entries["torch._grouped_mm" + ("" if epilogue == "none" else " + eager epilogue")] = torch_peer(
+                rows, k, n, sizes, args.iters, epilogue)
+        results = timed(entries, args.iters)  # ours and the peers take turns
         flops = 2.0 * rows * k * n
         weight_bytes = int((sizes > 0).sum()) * k * n * jnp.dtype(dtype).itemsize
         decode = rows < prefill_rows
@@ -456,7 +472,8 @@ def main() -> int:
              f"jax {jax.__version__}, default implementation {default_implementation()!r}")
     notes = (f"{groups} groups, bf16 in, f32 accumulate, bf16 out; decode rates count the weight bytes of "
              f"non-empty groups; measured copy bandwidth {bandwidth:.0f} GB/s; median of {args.iters} samples "
-             f"of {args.batch} back-to-back calls; "
+             f"of {args.batch} back-to-back calls, every row of a case timed in turns with the others "
+             "(round-robin: the card's clocks drift with its load); "
              "a ratio column = that peer's time / this time (> 1: this row is faster); in dW rows the "
              "ragged_dot_mgpu column is JAX's transposed_ragged_dot_mgpu.")
     table = "\n".join(["| GEMM | rows | groups | implementation | best tiles | ms | rate "
