@@ -69,6 +69,24 @@ def group_sizes(num_rows: int, num_groups: int, kind: str) -> np.ndarray:
 
 BATCH = 1  # back-to-back calls per timed sample (set by --batch)
 EXTRA_WIDTHS: tuple[int, ...] = ()  # more planar-snake band widths for the prefill defaults (--widths)
+VARIANTS: tuple[dict, ...] = ()  # field replacements tried on every mosaic_gpu candidate (--variants)
+
+
+def parse_variants(text: str) -> tuple[dict, ...]:
+    """``"delay_release=1;tile_k=128,max_concurrent_steps=3"`` -> one dict per variant."""
+    fields = {f.name: f.type for f in dataclasses.fields(MosaicGpuConfig)}
+    variants = []
+    for part in filter(None, text.split(";")):
+        variant = {}
+        for item in part.split(","):
+            name, _, value = item.partition("=")
+            if name not in fields or not value:
+                raise SystemExit(f"--variants {text!r}: {item!r} is not FIELD=VALUE with FIELD one of "
+                                 f"{sorted(fields)}")
+            variant[name] = (value == "True") if value in ("True", "False") else (
+                int(value) if value.lstrip("-").isdigit() else value)
+        variants.append(variant)
+    return tuple(variants)
 
 
 Sampler = Callable[[], float]  # one timed sample: seconds per call over BATCH back-to-back calls
@@ -137,7 +155,16 @@ def mosaic_sweep(m, g, k, n_out, epilogue) -> list:
                 MosaicGpuConfig(tile_m=64, tile_n=128, max_concurrent_steps=4, chain_items=True)]
     if m // g >= 128:  # the default tiles walked in other bands (row tiles sharing a weight tile)
         more += [dataclasses.replace(default, grid_tile_width=width) for width in EXTRA_WIDTHS]
-    return [default] + [c for c in more if c != default]
+    configs = [default] + [c for c in more if c != default]
+    for fields in VARIANTS:  # every candidate again with some fields replaced (--variants)
+        for config in list(configs):
+            try:
+                variant = dataclasses.replace(config, **fields)
+            except ValueError:  # a combination the kernel does not take (e.g. chained + delayed)
+                continue
+            if variant not in configs:
+                configs.append(variant)
+    return configs
 
 
 def triton_sweep(m, g, k, n_out, epilogue) -> list:
@@ -406,9 +433,13 @@ def main() -> int:
                         help="prefill group-size kinds (uniform, zipf, zipf-aligned)")
     parser.add_argument("--widths", default="",
                         help="comma-separated extra grid_tile_width values tried with the prefill default tiles")
+    parser.add_argument("--variants", default="",
+                        help="';'-separated FIELD=VALUE[,FIELD=VALUE] replacements of MosaicGpuConfig fields, each "
+                             "tried on every mosaic_gpu candidate, e.g. 'delay_release=1;max_concurrent_steps=3'")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    global BATCH, EXTRA_WIDTHS
+    global BATCH, EXTRA_WIDTHS, VARIANTS
+    VARIANTS = parse_variants(args.variants)
     BATCH = args.batch
     EXTRA_WIDTHS = tuple(int(w) for w in args.widths.split(",") if w)
     on_gpu = jax.default_backend() == "gpu"
