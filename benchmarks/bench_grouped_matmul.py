@@ -45,7 +45,7 @@ from pallas_kernels import (MosaicGpuConfig, MosaicTgmmConfig, TritonConfig, gro
 from pallas_kernels.grouped_matmul import default_implementation  # noqa: E402
 from pallas_kernels.grouped_matmul import mosaic_gpu as mosaic_module  # noqa: E402
 from pallas_kernels.grouped_matmul import triton as triton_module  # noqa: E402
-from wideep_jax.bench import median_ms, time_fn  # noqa: E402
+from wideep_jax.bench import copy_rate, median_ms, time_fn  # noqa: E402
 
 def group_sizes(num_rows: int, num_groups: int, kind: str) -> np.ndarray:
     """int32 [G] summing to ``num_rows``: ``uniform`` (equal +-1), ``zipf`` (popularity ~ 1/rank^1.2)
@@ -380,10 +380,7 @@ def wgrad_torch_peer(m, k, n, sizes, iters: int):
 
 def copy_bandwidth(iters: int) -> float:
     """Measured device copy rate, GB/s (read + write)."""
-    n = (1 << 30) if jax.default_backend() == "gpu" else (1 << 24)
-    a = jnp.ones((n,), jnp.bfloat16)
-    f = jax.jit(lambda a: a + 1)
-    return 2 * a.nbytes / (median_ms(time_fn(lambda: f(a), iters=iters, batch=BATCH)) / 1e3) / 1e9
+    return copy_rate(iters, batch=BATCH) / 1e9
 
 
 CASES = {  # name: (k index into shapes, epilogue)

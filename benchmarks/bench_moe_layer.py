@@ -13,7 +13,10 @@ Rows, per (tokens/rank, routing skew):
   - local peer: every GPU holds all experts and computes its own tokens (no
     communication; the TensorRT-LLM CUTLASS-style path).
   - GEMM floor: the routed-expert FLOPs of the busiest rank at the card's
-    measured dense bf16 matmul rate.
+    measured dense bf16 matmul rate; weight floor: the weight bytes of the
+    slots that rank computes (non-empty slots only) at the card's measured copy
+    rate (few rows per expert make the layer bound by reading weights, not by
+    FLOPs); floor/WIDEEP uses the larger of the two.
 Appends a table to benchmarks/RESULTS.md (card, date, commit).
 """
 from __future__ import annotations
@@ -29,12 +32,13 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from wideep_jax import MoEConfig, MoELayer, MoESpec  # noqa: E402
-from wideep_jax.bench import (imbalance, jitted_forward, median_ms, ops_table, profile_ops, rank_rows,  # noqa: E402
-                              synthetic_routing, time_fn)
+from wideep_jax.bench import (copy_rate, imbalance, jitted_forward, median_ms, ops_table,  # noqa: E402
+                              profile_ops, rank_rows, synthetic_routing, time_fn)
 from wideep_jax.comm import get_alltoall_backend  # noqa: E402
 from wideep_jax.dispatch import make_dispatch_plan  # noqa: E402
 from wideep_jax.experts import routed_experts  # noqa: E402
@@ -161,8 +165,9 @@ def main() -> int:
     if not args.no_local:
         local = MoELayer(spec, MoEConfig(backend="CUTLASS"), mesh=mesh, rngs=nnx.Rngs(0))
         local_forward = jitted_forward(local)
-    rate = dense_rate(args.iters)
+    rate, bandwidth = dense_rate(args.iters), copy_rate(args.iters)
     flops_per_row = 2 * spec.hidden_size * 3 * spec.intermediate_size
+    bytes_per_slot = 3 * spec.hidden_size * spec.intermediate_size * jnp.dtype(spec.param_dtype).itemsize
     tok_sharding = NamedSharding(mesh, P("ep"))
 
     rows = []
@@ -184,10 +189,12 @@ def main() -> int:
             t_combine = median_ms(time_fn(lambda: stages[2](partial, plan, recv.count), iters=args.iters))
             rows_per_rank = rank_rows(stats, ep)
             floor = rows_per_rank.max() * flops_per_row / rate * 1e3
+            used_slots = (np.asarray(stats.slot_counts).reshape(ep, -1) > 0).sum(axis=1).max()
+            weight_floor = used_slots * bytes_per_slot / bandwidth * 1e3
             t_local = (median_ms(time_fn(lambda: local_forward(x, routing), iters=args.iters))
                        if local is not None else float("nan"))
             rows.append(dict(tokens=tokens, skew=skew, total=total, dispatch=t_dispatch, experts=t_experts,
-                             combine=t_combine, local=t_local, floor=floor,
+                             combine=t_combine, local=t_local, floor=floor, weight_floor=weight_floor,
                              imbalance=imbalance(rows_per_rank)))
             print(f"tokens/rank {tokens} skew {skew}: total {total:.3f} ms", flush=True)
             if args.profile:
@@ -195,21 +202,24 @@ def main() -> int:
                 print(f"  profile of one forward: {ops_table(ops, busy, wall, top=25)}", flush=True)
 
     header = ("| tokens/rank | routing | WIDEEP fwd ms | dispatch ms | experts ms | combine ms | "
-              "local (all experts) ms | WIDEEP/local | GEMM floor ms | floor/WIDEEP | rank imbalance |")
-    lines = [header, "|" + "---|" * 11]
+              "local (all experts) ms | WIDEEP/local | GEMM floor ms | weight floor ms | floor/WIDEEP | "
+              "rank imbalance |")
+    lines = [header, "|" + "---|" * 12]
     for r in rows:
         skew = "uniform" if r["skew"] == 0 else f"zipf {r['skew']}"
         lines.append(
             f"| {r['tokens']} | {skew} | {r['total']:.3f} | {r['dispatch']:.3f} | {r['experts']:.3f} | "
             f"{r['combine']:.3f} | {r['local']:.3f} | {r['total'] / r['local']:.2f} | {r['floor']:.3f} | "
-            f"{r['floor'] / r['total']:.3f} | {r['imbalance']:.3f} |")
+            f"{r['weight_floor']:.3f} | {max(r['floor'], r['weight_floor']) / r['total']:.3f} | "
+            f"{r['imbalance']:.3f} |")
     table = "\n".join(lines)
     dims = (f"hidden {spec.hidden_size}, {spec.num_experts} experts x {spec.intermediate_size}, top-{spec.top_k}, "
             f"{spec.router.n_group} groups/{spec.router.topk_group} kept, 1 shared, {jnp.dtype(spec.dtype).name}")
     title = (f"## bench_moe_layer: {card}, EP{ep}, {datetime.date.today()}, commit {commit()}, "
              f"jax {jax.__version__}")
     notes = (f"{dims}. {backends_text(wide.config, mesh, spec)}. "
-             f"Dense bf16 matmul measured at {rate / 1e12:.0f} TFLOP/s; median of {args.iters}.")
+             f"Dense bf16 matmul measured at {rate / 1e12:.0f} TFLOP/s, copy at {bandwidth / 1e9:.0f} GB/s "
+             f"(read + write); median of {args.iters}.")
     publish(f"\n{title}\n\n{notes}\n\n{table}\n", write=not args.no_write)
     return 0
 

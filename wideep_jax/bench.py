@@ -126,6 +126,15 @@ def seconds_per_call(build: Callable[[int], Callable[[], object]], calls: int, *
     return float("nan")  # not resolved: the runs' noise exceeds the calls' time
 
 
+def copy_rate(iters: int, *, batch: int = 1) -> float:
+    """The device's measured copy rate in bytes/s (read + write) of a 2 GiB bf16 array
+    (16 MiB on CPU): the bound for kernels that stream weights from memory."""
+    n = (1 << 30) if jax.default_backend() == "gpu" else (1 << 23)
+    a = jnp.ones((n,), jnp.bfloat16)
+    f = jax.jit(lambda a: a + 1)
+    return 2 * a.nbytes / (median_ms(time_fn(lambda: f(a), iters=iters, batch=batch)) / 1e3)
+
+
 def median_ms(seconds: list[float]) -> float:
     """Median of a list of seconds, in milliseconds."""
     return 1e3 * statistics.median(seconds)
