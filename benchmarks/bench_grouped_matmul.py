@@ -9,9 +9,9 @@ available: ``torch._grouped_mm`` (torch with CUDA), JAX's ``ragged_dot_mgpu``
 Pallas kernel (Hopper; best of a small tile sweep), ``jax.lax.ragged_dot``, and a
 dense XLA matmul with the same FLOPs. A case's rows (each sweep's winner and
 the peers) are timed in turns, one sample each per round: the card's clocks
-drift with its recent load, by up to 15 % within one process. Fused rows time gate/up with the SwiGLU
-epilogue and down with the routing-weight row scale, against torch doing the
-same with ``_grouped_mm`` plus its elementwise ops. Prefill rows report TFLOP/s
+drift with its recent load, by up to 15 % within one process. Fused rows time
+gate/up with the SwiGLU epilogue and down with the routing-weight row scale,
+against torch doing the same with ``_grouped_mm`` plus its elementwise ops. Prefill rows report TFLOP/s
 over the real rows; decode rows report GB/s over the weight bytes of the groups
 that have rows (a group with no rows need not be read), next to the card's
 measured copy bandwidth. ``--phase wgrad`` times the weight gradient (per-group
@@ -74,7 +74,7 @@ VARIANTS: tuple[dict, ...] = ()  # field replacements tried on every mosaic_gpu 
 
 def parse_variants(text: str) -> tuple[dict, ...]:
     """``"delay_release=1;tile_k=128,max_concurrent_steps=3"`` -> one dict per variant."""
-    fields = {f.name: f.type for f in dataclasses.fields(MosaicGpuConfig)}
+    fields = {f.name for f in dataclasses.fields(MosaicGpuConfig)}
     variants = []
     for part in filter(None, text.split(";")):
         variant = {}
@@ -262,7 +262,7 @@ def torch_sampler(torch, fn) -> tuple[str, Sampler]:
     return "", sample
 
 
-def torch_peer(m, k, n, sizes, iters: int, epilogue: str = "none"):
+def torch_peer(m, k, n, sizes, epilogue: str = "none"):
     torch = cuda_torch()
     if torch is None:
         return None
@@ -353,7 +353,7 @@ def transposed_ragged_dot_mgpu_peer(x, dy, gs, iters: int) -> tuple[str, Sampler
     return pick(sweep, iters)
 
 
-def wgrad_torch_peer(m, k, n, sizes, iters: int):
+def wgrad_torch_peer(m, k, n, sizes):
     """torch._grouped_mm with offsets along the contraction: dw[g] = x_g^T @ dy_g."""
     torch = cuda_torch()
     if torch is None:
@@ -399,7 +399,7 @@ def wgrad_case(name, shape, rows, groups, kind, rng, iters, on_gpu) -> list[str]
     dy = jax.random.normal(jax.random.key(1), (rows, n), jnp.float32).astype(jnp.bfloat16)
     print(f"{name} rows={rows} {kind}", flush=True)
     entries = wgrad_ours(x, dy, jnp.asarray(sizes), iters, on_gpu)
-    entries["torch._grouped_mm"] = wgrad_torch_peer(rows, k, n, sizes, iters) if on_gpu else None
+    entries["torch._grouped_mm"] = wgrad_torch_peer(rows, k, n, sizes) if on_gpu else None
     results = timed(entries, iters)
     flops = 2.0 * rows * k * n
     torch_ms = results.get("torch._grouped_mm", (0, None))[1]
@@ -478,7 +478,7 @@ def main() -> int:
             entries.update(jax_peers(x, w, sizes, args.iters, on_gpu and rows == prefill_rows, args.quick))
         if on_gpu:
             entries["torch._grouped_mm" + ("" if epilogue == "none" else " + eager epilogue")] = torch_peer(
-                rows, k, n, sizes, args.iters, epilogue)
+                rows, k, n, sizes, epilogue)
         results = timed(entries, args.iters)  # ours and the peers take turns
         flops = 2.0 * rows * k * n
         weight_bytes = int((sizes > 0).sum()) * k * n * jnp.dtype(dtype).itemsize
