@@ -53,41 +53,45 @@ def deepseek_v3(layers: int, small: bool, dtype) -> DecoderConfig:
         router=RouterSpec(kind="noaux_tc", n_group=8, topk_group=4, routed_scaling_factor=2.5), **dims)
 
 
-def run(model: CausalLM, batch: int, prompt_len: int, steps: int, iters: int,
-        profile: bool = False) -> tuple[float, float, float]:
-    """(prefill ms, decode ms per step, host ms per decode step to enqueue it), medians;
-    compiled before timing. ``profile`` prints the top device ops of one prefill and
-    one decode step (GPU 0) after timing."""
-    def greedy_step(m, ids, cache):  # one program per step: the model and the next token
-        logits, cache = m(ids, cache=cache, logits_to_keep=1)[:2]
-        return jnp.argmax(logits[:, -1], -1)[:, None], cache
+def greedy_step(m, ids, cache):
+    """One program per step: the model (last position's logits only) and the next token."""
+    logits, cache = m(ids, cache=cache, logits_to_keep=1)[:2]
+    return jnp.argmax(logits[:, -1], -1)[:, None], cache
 
-    step = forward_jit(greedy_step, donate_argnums=2).bind(model)  # the cache is updated in place
-    ids = jax.random.randint(jax.random.key(0), (batch, prompt_len), 0, model.cfg.vocab_size)
-    prefill, decode, enqueue = [], [], []
-    for i in range(iters + 1):
-        cache = model.init_cache(batch, prompt_len + steps)
-        start = time.perf_counter()
-        token, cache = step(ids, cache)
-        jax.block_until_ready(token)
-        prefill.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        for _ in range(steps):
-            token, cache = step(token, cache)
-        enqueue.append((time.perf_counter() - start) / steps)  # the host's share, before any wait
-        jax.block_until_ready(token)
-        decode.append((time.perf_counter() - start) / steps)
-    if profile:
-        for name, tokens in (("prefill", ids), ("decode step", token)):
-            fresh = jax.block_until_ready(model.init_cache(batch, prompt_len + steps))  # donated by the call
-            ops, busy, wall = profile_ops(lambda: step(tokens, fresh))
-            print(f"  profile of one {name}: {ops_table(ops, busy, wall)}", flush=True)
-            fresh = jax.block_until_ready(model.init_cache(batch, prompt_len + steps))
-            ops, busy, wall = profile_ops(lambda: step(tokens, fresh), host=True)
-            print(f"  host events of one {name}: {ops_table(ops, busy, wall, top=30, what='host')}", flush=True)
-    # The first round compiles (prefill and decode shapes): not timed.
-    ms = lambda xs: 1e3 * float(np.median(xs[1:]))
-    return ms(prefill), ms(decode), ms(enqueue)
+
+# Module-level, so runs whose configs alternate reuse their compiled steps. The cache
+# (argument 2) is donated: it is updated in place.
+STEP = forward_jit(greedy_step, donate_argnums=2)
+
+
+def run_once(model: CausalLM, ids, steps: int) -> tuple[float, float, float]:
+    """Seconds of one prefill, per decode step, and per decode step to enqueue it (the host's share)."""
+    batch, prompt_len = ids.shape
+    step = STEP.bind(model)
+    cache = model.init_cache(batch, prompt_len + steps)
+    start = time.perf_counter()
+    token, cache = step(ids, cache)
+    jax.block_until_ready(token)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(steps):
+        token, cache = step(token, cache)
+    enqueue = (time.perf_counter() - start) / steps
+    jax.block_until_ready(token)
+    return prefill, (time.perf_counter() - start) / steps, enqueue
+
+
+def print_profile(model: CausalLM, ids, steps: int) -> None:
+    """The top device ops and host events of one prefill and one decode step (GPU 0)."""
+    step = STEP.bind(model)
+    token = jnp.zeros((ids.shape[0], 1), ids.dtype)
+    for name, tokens in (("prefill", ids), ("decode step", token)):
+        fresh = jax.block_until_ready(model.init_cache(ids.shape[0], ids.shape[1] + steps))  # donated
+        ops, busy, wall = profile_ops(lambda: step(tokens, fresh))
+        print(f"  profile of one {name}: {ops_table(ops, busy, wall)}", flush=True)
+        fresh = jax.block_until_ready(model.init_cache(ids.shape[0], ids.shape[1] + steps))
+        ops, busy, wall = profile_ops(lambda: step(tokens, fresh), host=True)
+        print(f"  host events of one {name}: {ops_table(ops, busy, wall, top=30, what='host')}", flush=True)
 
 
 def main() -> int:
@@ -119,13 +123,29 @@ def main() -> int:
     runs = [tuple(r.split("/")) for r in args.runs.split(",")]
     if any(len(r) != 2 for r in runs):
         raise SystemExit(f"--runs {args.runs!r}: each run is alltoall/expert_kernel, e.g. xla/auto")
-    for alltoall, kernel in runs:
+    def use(alltoall: str, kernel: str) -> None:  # same weights, other backends
         config = dataclasses.replace(base, expert_kernel=kernel, alltoall_backend=alltoall)
-        for layer in model.layers:  # same weights, other backends
+        for layer in model.layers:
             if hasattr(layer.mlp, "slot_to_expert"):
                 layer.mlp.config = config
-        prefill_ms, decode_ms, enqueue_ms = run(model, args.batch, args.prompt_len, args.decode_steps,
-                                                args.iters, args.profile)
+
+    ids = jax.random.randint(jax.random.key(0), (args.batch, args.prompt_len), 0, model.cfg.vocab_size)
+    for run in runs:  # compiles each run's prefill and decode step (not timed)
+        use(*run)
+        run_once(model, ids, args.decode_steps)
+    # The runs take turns, one round each per iteration: the card's clocks drift with its
+    # recent load, and taking turns makes every run see the same drift.
+    samples = {run: [] for run in runs}
+    for _ in range(args.iters):
+        for run in runs:
+            use(*run)
+            samples[run].append(run_once(model, ids, args.decode_steps))
+    for alltoall, kernel in runs:
+        prefill_ms, decode_ms, enqueue_ms = (1e3 * float(np.median(x)) for x in zip(*samples[alltoall, kernel]))
+        if args.profile:
+            use(alltoall, kernel)
+            print(f"  {alltoall}/{kernel}:", flush=True)
+            print_profile(model, ids, args.decode_steps)
         results[alltoall, kernel] = (prefill_ms, decode_ms)
         prefill_tps = args.batch * args.prompt_len / (prefill_ms / 1e3)
         decode_tps = args.batch / (decode_ms / 1e3)
@@ -143,7 +163,8 @@ def main() -> int:
              f"layers, random weights, {jnp.dtype(dtype).name}; prefill: {args.batch} prompts x "
              f"{args.prompt_len} tokens; decode: {args.batch} sequences, {args.decode_steps} steps; attention "
              "data parallel over EP (sequences split); median of "
-             f"{args.iters}; host ms/step = the host's time to enqueue a decode step (jit dispatch), which "
+             f"{args.iters} rounds in which the runs take turns; host ms/step = the host's time to enqueue "
+             "a decode step (jit dispatch), which "
              "bounds decode from below when it exceeds the device's time; ratio = the first row's time / "
              "this time (prefill / decode).")
     table = "\n".join(["| run | prefill ms | prefill tokens/s | decode ms/step | host ms/step | decode tokens/s "
