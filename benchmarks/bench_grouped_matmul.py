@@ -137,22 +137,28 @@ def mosaic_sweep(m, g, k, n_out, epilogue) -> list:
     """Default tiles first, then a few measured contenders (prefill or decode)."""
     default = mosaic_module.default_config(m, g, k=k, n_out=n_out, epilogue=epilogue)
     walk = dict(grid_minor="m", grid_tile_width=4)
+    pingpong = dict(consumers="pingpong", **walk)
     if m // g >= 128:
         if epilogue == "swiglu":
             more = [MosaicGpuConfig(tile_m=64, tile_n=128, wg_split="m", max_concurrent_steps=4,
                                     chain_items=True, **walk),
                     MosaicGpuConfig(tile_m=64, tile_n=128, wg_split="m", max_concurrent_steps=3,
-                                    swizzled_epilogue=True, **walk)]
+                                    swizzled_epilogue=True, **walk),
+                    MosaicGpuConfig(tile_m=64, tile_n=128, max_concurrent_steps=4, **pingpong)]
         else:
             more = [MosaicGpuConfig(chain_items=True, **walk), MosaicGpuConfig(tile_m=64, tile_n=256, wg_split="m", **walk),
                     MosaicGpuConfig(tile_m=64, tile_n=256, wg_split="m", chain_items=True, **walk),
                     MosaicGpuConfig(swizzled_epilogue=True, max_concurrent_steps=3, **walk),
                     MosaicGpuConfig(tile_m=64, tile_n=256, wg_split="m", swizzled_epilogue=True,
-                                    max_concurrent_steps=3, **walk)]
+                                    max_concurrent_steps=3, **walk),
+                    MosaicGpuConfig(tile_m=128, tile_n=128, max_concurrent_steps=6, **pingpong),
+                    MosaicGpuConfig(tile_m=64, tile_n=256, max_concurrent_steps=4, **pingpong)]
     else:
         more = [MosaicGpuConfig(tile_m=64, tile_n=64, max_concurrent_steps=8),
                 MosaicGpuConfig(tile_m=64, tile_n=256, max_concurrent_steps=2),
-                MosaicGpuConfig(tile_m=64, tile_n=128, max_concurrent_steps=4, chain_items=True)]
+                MosaicGpuConfig(tile_m=64, tile_n=128, max_concurrent_steps=4, chain_items=True),
+                MosaicGpuConfig(tile_m=64, tile_n=128 if epilogue == "swiglu" else 256, max_concurrent_steps=4,
+                                consumers="pingpong")]
     if m // g >= 128:  # the default tiles walked in other bands (row tiles sharing a weight tile)
         more += [dataclasses.replace(default, grid_tile_width=width) for width in EXTRA_WIDTHS]
     configs = [default] + [c for c in more if c != default]

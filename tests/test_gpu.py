@@ -37,16 +37,21 @@ def _sizes(kind: str, m: int, g: int, rng) -> np.ndarray:
     }[kind].astype(np.int32)
 
 
-@pytest.mark.parametrize("impl", ["mosaic_gpu", "triton"])
+@pytest.mark.parametrize("impl", ["mosaic_gpu", "mosaic_gpu_pingpong", "triton"])
 @pytest.mark.parametrize("epilogue", ["none", "swiglu", "row_scale"])
 # m=1000: decode-sized tiles, m=4100: prefill-sized; neither a multiple of a tile.
 @pytest.mark.parametrize("kind,m", [("random", 1000), ("zeros", 4100), ("one_giant", 1000),
                                     ("all_last", 4100), ("tiny", 1000)])
 def test_grouped_matmul_kernels_poisoned(rng, impl, epilogue, kind, m):
     """Live rows match float64 (bf16 operands: rel err <= 1e-2); padding rows are never written."""
+    from pallas_kernels import MosaicGpuConfig, grouped_swiglu
+    config = None
+    if impl == "mosaic_gpu_pingpong":  # the ping-pong consumers, at the tiles the benchmark sweeps
+        impl, config = "mosaic_gpu", MosaicGpuConfig(
+            tile_m=64 if epilogue == "swiglu" else 128, tile_n=128, consumers="pingpong",
+            max_concurrent_steps=4, grid_minor="m", grid_tile_width=4, swizzled_epilogue=kind == "zeros")
     if impl not in _gpu_kernels():
         pytest.skip(f"{impl} needs another GPU generation")
-    from pallas_kernels import grouped_swiglu
     k, n, g = 512, 768, 8
     sizes = _sizes(kind, m, g, rng)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
@@ -55,10 +60,10 @@ def test_grouped_matmul_kernels_poisoned(rng, impl, epilogue, kind, m):
     n_out = n // 2 if epilogue == "swiglu" else n
     gs = jnp.asarray(sizes)
     if epilogue == "swiglu":
-        f = jax.jit(lambda x, w, gs, scale: grouped_swiglu(x, w, gs, implementation=impl))
+        f = jax.jit(lambda x, w, gs, scale: grouped_swiglu(x, w, gs, implementation=impl, config=config))
     else:
         f = jax.jit(lambda x, w, gs, scale: grouped_matmul(
-            x, w, gs, implementation=impl, row_scale=scale if epilogue == "row_scale" else None))
+            x, w, gs, implementation=impl, config=config, row_scale=scale if epilogue == "row_scale" else None))
     f = f.lower(x, w, gs, scale).compile()
     # Poison: fill and free many output-sized NaN buffers, so the allocator most likely
     # hands the kernel NaN memory; a live row the kernel never wrote then stays NaN.

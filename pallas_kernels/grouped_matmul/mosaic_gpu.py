@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Literal
 
 import jax
@@ -25,11 +24,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.grouped_matmul import mosaic_gpu_pingpong
+from pallas_kernels.grouped_matmul.mosaic_gpu_epilogue import silu_times, store_rows
 from pallas_kernels.grouped_matmul.schedule import TileSchedule, tile_schedule
 
 Epilogue = Literal["none", "swiglu", "row_scale"]
-_LOG2E = math.log2(math.e)
 _INTERPRET_CTAS = 4  # simulated CTAs on CPU: enough to exercise the persistent loop
+_SMEM_BYTES = 227 * 1024  # dynamic shared memory one Hopper CTA may take
 _ROW_ALIGN = 8  # tiled TMA loads of x need row offsets that are multiples of 8
 
 
@@ -72,6 +73,7 @@ class MosaicGpuConfig:
     chain_items: bool = False
     max_ctas: int | None = None
     swizzled_epilogue: bool = False
+    consumers: Literal["cooperative", "pingpong"] = "cooperative"
 
     def __post_init__(self) -> None:
         for name in ("tile_m", "tile_n", "tile_k", "epi_tile_m", "epi_tile_n"):
@@ -97,14 +99,28 @@ class MosaicGpuConfig:
             )
         if self.chain_items and self.delay_release:
             raise ValueError("MosaicGpuConfig.chain_items needs delay_release=0")
+        if self.consumers not in ("cooperative", "pingpong"):
+            raise ValueError(f"MosaicGpuConfig.consumers must be 'cooperative' or 'pingpong', got {self.consumers!r}")
+        if self.consumers == "pingpong":
+            if self.wg_split != "n" or self.delay_release or self.chain_items:
+                raise ValueError(
+                    "MosaicGpuConfig(consumers='pingpong') takes no wg_split, delay_release or chain_items "
+                    f"(each consumer computes whole items and the producer always streams on), got "
+                    f"wg_split={self.wg_split!r}, delay_release={self.delay_release}, chain_items={self.chain_items}"
+                )
+            if self.tile_m * self.tile_n > 128 * 128:
+                raise ValueError(
+                    f"MosaicGpuConfig(consumers='pingpong'): one warpgroup holds the whole {self.tile_m}x"
+                    f"{self.tile_n} accumulator; at most 128x128 elements (128 registers a thread) fit"
+                )
 
     @property
     def cta_tile_m(self) -> int:
-        return self.tile_m * (2 if self.wg_split == "m" else 1)
+        return self.tile_m * (2 if self.wg_split == "m" and self.consumers == "cooperative" else 1)
 
     @property
     def cta_tile_n(self) -> int:
-        return self.tile_n * (2 if self.wg_split == "n" else 1)
+        return self.tile_n * (2 if self.wg_split == "n" and self.consumers == "cooperative" else 1)
 
 
 def default_config(
@@ -169,10 +185,6 @@ def persistent_kernel(body, out_type, *, max_ctas: int | None, interpret: bool,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=plgpu.InterpretGPUParams() if interpret else False,
     )
-
-
-def _silu_times(gate: jax.Array, up: jax.Array) -> jax.Array:
-    return gate / (1.0 + jnp.exp2(gate * -_LOG2E)) * up
 
 
 def _kernel(
@@ -246,14 +258,14 @@ def _kernel(
                     run_pipeline(tuple(acc_refs))
                     accs = [a[...] for a in acc_refs]
                     if epilogue == "swiglu":
-                        value = _silu_times(accs[0], accs[1])
+                        value = silu_times(accs[0], accs[1])
                     elif epilogue == "row_scale":
                         scale = plgpu.load(scale_gmem.at[pl.ds(start + wg_row0, tile_m)],
                                            layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
                         value = accs[0] * lax.broadcast_in_dim(scale, accs[0].shape, [0])
                     else:
                         value = accs[0]
-                    _store_rows(value.astype(out_dtype), None if out_smem is None else out_smem.at[wg],
+                    store_rows(value.astype(out_dtype), None if out_smem is None else out_smem.at[wg],
                                 part_smem.at[wg], out_gmem,
                                 row0=start + wg_row0, col0=wg_col0, begin=wg_begin, end=wg_end,
                                 epi_m=epi_m, epi_n=epi_n)
@@ -281,53 +293,7 @@ def _kernel(
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _store_rows(value, full_smem, part_smem, out_gmem, *, row0, col0, begin, end, epi_m, epi_n):
-    """Stores rows [begin, end) of ``value`` [tile_m, tile_n] to out rows row0 + i, cols col0 + j.
-
-    ``part_smem`` [slots, epi_m, epi_n] is unswizzled: a TMA box may start at any
-    row of it. ``full_smem`` [2, epi_m, epi_n] (swizzled) or None takes whole tiles.
-    """
-    tile_m, tile_n = value.shape
-    part_slots = part_smem.shape[0]
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous item's stores
-    for mi in range(tile_m // epi_m):
-        first = jnp.clip(begin - mi * epi_m, 0, epi_m)
-        live_here = jnp.clip(end - mi * epi_m, 0, epi_m) - first
-        whole = (first == 0) & (live_here == epi_m)
-        tiles = [(ni, value[mi * epi_m:(mi + 1) * epi_m, ni * epi_n:(ni + 1) * epi_n],
-                  out_gmem.at[pl.ds(row0 + mi * epi_m, epi_m), pl.ds(col0 + ni * epi_n, epi_n)])
-                 for ni in range(tile_n // epi_n)]
-
-        if full_smem is not None:
-            @pl.when(whole)
-            def _():
-                for ni, tile, dst in tiles:
-                    slot = (mi * len(tiles) + ni) % 2
-                    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                    full_smem[slot] = tile
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(full_smem.at[slot], dst)
-
-        @pl.when((live_here > 0) & (~whole if full_smem is not None else True))
-        def _():
-            for ni, tile, dst in tiles:
-                slot = (mi * len(tiles) + ni) % part_slots
-                plgpu.wait_smem_to_gmem(part_slots - 1, wait_read_only=True)
-                part_smem[slot] = tile
-                plgpu.commit_smem()
-                # TMA boxes are static: store live rows as a ladder of power-of-two boxes.
-                done = first
-                size = epi_m
-                while size >= 1:
-                    @pl.when((live_here & size) != 0)
-                    def _(size=size, done=done):
-                        plgpu.copy_smem_to_gmem(part_smem.at[slot, pl.ds(done, size)],
-                                                dst.at[pl.ds(done, size)])
-                    done = done + (live_here & size)
-                    size //= 2
-
-
-def _check(x, w, config: MosaicGpuConfig, n_out: int) -> None:
+def _check(x, w, config: MosaicGpuConfig, n_out: int, epilogue: Epilogue) -> None:
     k = x.shape[1]
     if k % config.tile_k:
         raise ValueError(f"K={k} must be a multiple of tile_k={config.tile_k} for the mosaic_gpu grouped matmul")
@@ -341,6 +307,13 @@ def _check(x, w, config: MosaicGpuConfig, n_out: int) -> None:
             f"chain_items needs K / tile_k = {k // config.tile_k} divisible by "
             f"max_concurrent_steps={config.max_concurrent_steps}"
         )
+    if config.consumers == "pingpong":
+        need = mosaic_gpu_pingpong.shared_memory_bytes(config, epilogue=epilogue)
+        if need > _SMEM_BYTES:
+            raise ValueError(
+                f"MosaicGpuConfig(consumers='pingpong') {config} needs {need} bytes of shared memory, "
+                f"more than the {_SMEM_BYTES} a Hopper CTA has: fewer max_concurrent_steps or smaller tiles"
+            )
     if x.dtype != w.dtype or x.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"mosaic_gpu grouped matmul needs x and w both bf16 or f16, got {x.dtype}, {w.dtype}")
 
@@ -365,7 +338,7 @@ def grouped_matmul(
     m = x.shape[0]
     n_out = w.shape[2] // (2 if epilogue == "swiglu" else 1)
     config = config or default_config(m, w.shape[0], k=x.shape[1], n_out=n_out, epilogue=epilogue)
-    _check(x, w, config, n_out)
+    _check(x, w, config, n_out, epilogue)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     cta_m = config.cta_tile_m
     if schedule is None:
@@ -380,7 +353,12 @@ def grouped_matmul(
         scale = jnp.pad(row_scale.astype(jnp.float32), (0, rows - m + cta_m))
     else:
         scale = jnp.zeros((8,), jnp.float32)
-    kernel = persistent_kernel(functools.partial(_kernel, config=config, epilogue=epilogue, n_out=n_out),
+    if config.consumers == "pingpong":
+        body = functools.partial(mosaic_gpu_pingpong.kernel, config=config, epilogue=epilogue, n_out=n_out,
+                                 row_align=_ROW_ALIGN)
+    else:
+        body = functools.partial(_kernel, config=config, epilogue=epilogue, n_out=n_out)
+    kernel = persistent_kernel(body,
                                jax.ShapeDtypeStruct((rows, n_out), out_dtype), max_ctas=config.max_ctas,
                                interpret=interpret)
     out = kernel(schedule.group, schedule.start, schedule.live_begin, schedule.live_end,

@@ -1,0 +1,61 @@
+"""Epilogue helpers shared by the Mosaic GPU grouped-matmul kernels (cooperative and ping-pong)."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+_LOG2E = math.log2(math.e)
+
+
+def silu_times(gate: jax.Array, up: jax.Array) -> jax.Array:
+    return gate / (1.0 + jnp.exp2(gate * -_LOG2E)) * up
+
+
+def store_rows(value, full_smem, part_smem, out_gmem, *, row0, col0, begin, end, epi_m, epi_n):
+    """Stores rows [begin, end) of ``value`` [tile_m, tile_n] to out rows row0 + i, cols col0 + j.
+
+    ``part_smem`` [slots, epi_m, epi_n] is unswizzled: a TMA box may start at any
+    row of it. ``full_smem`` [2, epi_m, epi_n] (swizzled) or None takes whole tiles.
+    """
+    tile_m, tile_n = value.shape
+    part_slots = part_smem.shape[0]
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous item's stores
+    for mi in range(tile_m // epi_m):
+        first = jnp.clip(begin - mi * epi_m, 0, epi_m)
+        live_here = jnp.clip(end - mi * epi_m, 0, epi_m) - first
+        whole = (first == 0) & (live_here == epi_m)
+        tiles = [(ni, value[mi * epi_m:(mi + 1) * epi_m, ni * epi_n:(ni + 1) * epi_n],
+                  out_gmem.at[pl.ds(row0 + mi * epi_m, epi_m), pl.ds(col0 + ni * epi_n, epi_n)])
+                 for ni in range(tile_n // epi_n)]
+
+        if full_smem is not None:
+            @pl.when(whole)
+            def _():
+                for ni, tile, dst in tiles:
+                    slot = (mi * len(tiles) + ni) % 2
+                    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                    full_smem[slot] = tile
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(full_smem.at[slot], dst)
+
+        @pl.when((live_here > 0) & (~whole if full_smem is not None else True))
+        def _():
+            for ni, tile, dst in tiles:
+                slot = (mi * len(tiles) + ni) % part_slots
+                plgpu.wait_smem_to_gmem(part_slots - 1, wait_read_only=True)
+                part_smem[slot] = tile
+                plgpu.commit_smem()
+                # TMA boxes are static: store live rows as a ladder of power-of-two boxes.
+                done = first
+                size = epi_m
+                while size >= 1:
+                    @pl.when((live_here & size) != 0)
+                    def _(size=size, done=done):
+                        plgpu.copy_smem_to_gmem(part_smem.at[slot, pl.ds(done, size)],
+                                                dst.at[pl.ds(done, size)])
+                    done = done + (live_here & size)
+                    size //= 2

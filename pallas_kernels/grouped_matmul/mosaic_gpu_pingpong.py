@@ -1,0 +1,146 @@
+"""Ping-pong variant of the Mosaic GPU grouped matmul: one work item per consumer warpgroup.
+
+The cooperative kernel (``mosaic_gpu.py``) has both consumer warpgroups share
+each item, so the tensor cores idle while they run its epilogue. Here the two
+consumers take a CTA's items in turns (even, odd) and each computes a whole
+``tile_m x tile_n`` item: while one converts and stores its accumulator, the
+other's MMAs run. One producer warpgroup streams every item's K steps through
+one ring of shared-memory stages, so the next item's loads never wait for an
+epilogue either. Nsight Compute on one H200 showed the cooperative kernel's
+tensor pipe idle about 3 % of each gate/up item and 9 % of each down item.
+
+Synchronisation is by hand (no ``emit_pipeline``): ``full[c, s]`` completes
+when stage s holds a K step of consumer c's item (one barrier set per consumer,
+so each consumer waits on every completion it is given and the barriers' phases
+stay in step), ``consumed[s]`` when the owning consumer's wgmma has read it.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.grouped_matmul.mosaic_gpu_epilogue import silu_times, store_rows
+
+_CONSUMER_REGISTERS = 232  # what setmaxnreg leaves two consumers beside a 40-register producer
+_PRODUCER_REGISTERS = 40
+
+
+def kernel(
+    tile_group, tile_start, tile_live_begin, tile_live_end, num_tiles, x_gmem, w_gmem, scale_gmem, out_gmem,
+    *, config, epilogue: str, n_out: int, row_align: int,
+):
+    """Kernel body over a grid named ``"sm"`` of CTAs with three warpgroups ``"wg"``
+    (``mosaic_gpu.persistent_kernel``); arguments as the cooperative kernel's."""
+    dtype, out_dtype = x_gmem.dtype, out_gmem.dtype
+    tile_m, tile_n, tile_k = config.tile_m, config.tile_n, config.tile_k
+    stages = config.max_concurrent_steps
+    n_iters, k_iters = n_out // tile_n, x_gmem.shape[1] // tile_k
+    num_acc = 2 if epilogue == "swiglu" else 1
+    swizzle = plgpu.find_swizzle(tile_k * jnp.dtype(dtype).itemsize * 8)
+    transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
+    epi_m, epi_n = config.epi_tile_m, config.epi_tile_n
+    out_swizzle = plgpu.find_swizzle(epi_n * jnp.dtype(out_dtype).itemsize * 8)
+    out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(out_dtype).itemsize)),
+                      plgpu.SwizzleTransform(out_swizzle))
+    minor = 0 if config.grid_minor == "m" else 1
+
+    def item_at(info):
+        t, j = plgpu.planar_snake(info.index[0], (num_tiles[0], n_iters), minor, config.grid_tile_width)
+        return t, j, tile_group[t], pl.multiple_of(tile_start[t], row_align)
+
+    def body(x_smem, w_smem, full, consumed, out_smem, part_smem):
+        wg = lax.axis_index("wg")
+        items = (num_tiles[0] * n_iters,)
+
+        @pl.when(wg == 2)
+        def _producer():
+            plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
+
+            @plgpu.nd_loop(items, collective_axes="sm")
+            def _item(info):
+                _, j, group, start = item_at(info)
+                owner = info.local_index % 2
+
+                @pl.loop(0, k_iters)
+                def _step(kk):
+                    step = info.local_index * k_iters + kk
+                    slot = lax.rem(step, stages)
+
+                    @pl.when(step >= stages)
+                    def _():
+                        plgpu.barrier_wait(consumed.at[slot])
+
+                    barrier = full.at[owner * stages + slot]
+                    cols = pl.ds(pl.multiple_of(kk * tile_k, tile_k), tile_k)
+                    plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(start, tile_m), cols], x_smem.at[slot], barrier)
+                    for a in range(num_acc):
+                        w_cols = pl.ds(pl.multiple_of(j * tile_n + a * n_out, tile_n), tile_n)
+                        plgpu.copy_gmem_to_smem(w_gmem.at[group, cols, w_cols], w_smem.at[a, slot], barrier)
+
+        @pl.when(wg < 2)
+        def _consumer():
+            plgpu.set_max_registers(_CONSUMER_REGISTERS, action="increase")
+
+            @plgpu.nd_loop(items, collective_axes="sm")
+            def _item(info):
+                @pl.when(info.local_index % 2 == wg)
+                def _mine():
+                    t, j, _, start = item_at(info)
+                    first_step = info.local_index * k_iters
+
+                    def with_accs(*accs):
+                        @pl.loop(0, k_iters)
+                        def _step(kk):
+                            step = first_step + kk
+                            slot = lax.rem(step, stages)
+                            plgpu.barrier_wait(full.at[wg * stages + slot])
+                            for a, acc in enumerate(accs):
+                                plgpu.wgmma(acc, x_smem.at[slot], w_smem.at[a, slot])
+                            # One wgmma group stays in flight; the one before it is done,
+                            # so its stage goes back to the producer.
+                            plgpu.wgmma_wait(1)
+
+                            @pl.when(kk > 0)
+                            def _():
+                                plgpu.barrier_arrive(consumed.at[lax.rem(step - 1, stages)])
+
+                        plgpu.wgmma_wait(0)
+                        plgpu.barrier_arrive(consumed.at[lax.rem(first_step + k_iters - 1, stages)])
+                        values = [acc[...] for acc in accs]
+                        if epilogue == "swiglu":
+                            value = silu_times(*values)
+                        elif epilogue == "row_scale":
+                            scale = plgpu.load(scale_gmem.at[pl.ds(start, tile_m)],
+                                               layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+                            value = values[0] * lax.broadcast_in_dim(scale, values[0].shape, [0])
+                        else:
+                            value = values[0]
+                        store_rows(value.astype(out_dtype), None if out_smem is None else out_smem.at[wg],
+                                   part_smem.at[wg], out_gmem, row0=start, col0=j * tile_n,
+                                   begin=tile_live_begin[t], end=tile_live_end[t], epi_m=epi_m, epi_n=epi_n)
+
+                    pl.run_scoped(with_accs, *[plgpu.ACC((tile_m, tile_n), jnp.float32) for _ in range(num_acc)])
+
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    pl.run_scoped(
+        body,
+        x_smem=plgpu.SMEM((stages, tile_m, tile_k), dtype, transforms=transforms),
+        w_smem=plgpu.SMEM((num_acc, stages, tile_k, tile_n), dtype, transforms=transforms),
+        full=plgpu.Barrier(num_arrivals=1 + num_acc, num_barriers=2 * stages),
+        consumed=plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+        out_smem=plgpu.SMEM((2, 2, epi_m, epi_n), out_dtype, transforms=out_transforms)
+        if config.swizzled_epilogue else None,
+        part_smem=plgpu.SMEM((2, 1 if config.swizzled_epilogue else 2, epi_m, epi_n), out_dtype),
+        collective_axes="wg",
+    )
+
+
+def shared_memory_bytes(config, *, epilogue: str, itemsize: int = 2) -> int:
+    """Shared memory the kernel allocates for ``config``: the stages and the epilogue buffers."""
+    num_acc = 2 if epilogue == "swiglu" else 1
+    stage = (config.tile_m * config.tile_k + num_acc * config.tile_k * config.tile_n) * itemsize
+    epilogue_tiles = 6 if config.swizzled_epilogue else 4  # per consumer: 2 swizzled + 1 plain, or 2 plain
+    return config.max_concurrent_steps * stage + epilogue_tiles * config.epi_tile_m * config.epi_tile_n * itemsize
