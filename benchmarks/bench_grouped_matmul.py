@@ -144,7 +144,8 @@ def mosaic_sweep(m, g, k, n_out, epilogue) -> list:
                                     chain_items=True, **walk),
                     MosaicGpuConfig(tile_m=64, tile_n=128, wg_split="m", max_concurrent_steps=3,
                                     swizzled_epilogue=True, **walk),
-                    MosaicGpuConfig(tile_m=64, tile_n=128, max_concurrent_steps=4, **pingpong)]
+                    MosaicGpuConfig(tile_m=128, tile_n=64, max_concurrent_steps=6, consumers="pingpong",
+                                    grid_minor="n", grid_tile_width=4)]
         else:
             more = [MosaicGpuConfig(chain_items=True, **walk), MosaicGpuConfig(tile_m=64, tile_n=256, wg_split="m", **walk),
                     MosaicGpuConfig(tile_m=64, tile_n=256, wg_split="m", chain_items=True, **walk),
@@ -152,7 +153,8 @@ def mosaic_sweep(m, g, k, n_out, epilogue) -> list:
                     MosaicGpuConfig(tile_m=64, tile_n=256, wg_split="m", swizzled_epilogue=True,
                                     max_concurrent_steps=3, **walk),
                     MosaicGpuConfig(tile_m=128, tile_n=128, max_concurrent_steps=6, **pingpong),
-                    MosaicGpuConfig(tile_m=64, tile_n=256, max_concurrent_steps=4, **pingpong)]
+                    MosaicGpuConfig(tile_m=128, tile_n=128, max_concurrent_steps=6, consumers="pingpong",
+                                    grid_minor="n", grid_tile_width=4)]
     else:
         more = [MosaicGpuConfig(tile_m=64, tile_n=64, max_concurrent_steps=8),
                 MosaicGpuConfig(tile_m=64, tile_n=256, max_concurrent_steps=2),

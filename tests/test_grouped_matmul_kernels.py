@@ -178,6 +178,50 @@ def test_mosaic_chained_items_on_few_ctas(rng, swizzled):
     assert np.linalg.norm(out[:live] - ref[:live]) <= 1e-2 * np.linalg.norm(ref[:live])
 
 
+@pytest.mark.parametrize("epilogue", ["none", "swiglu", "row_scale"])
+@pytest.mark.parametrize("kind", ["zeros", "giant"])
+def test_mosaic_pingpong_on_few_ctas(rng, epilogue, kind):
+    """Ping-pong consumers on two simulated CTAs: 3 stages for 2 K steps an item, so the
+    shared ring wraps mid-item and each consumer's barriers skip the other's items."""
+    m = 300
+    sizes = sizes_for(kind, m, rng)
+    x = jnp.asarray(rng.standard_normal((m, K)), jnp.bfloat16)
+    width = 2 * N if epilogue == "swiglu" else N
+    w = jnp.asarray(rng.standard_normal((G, K, width)) / np.sqrt(K), jnp.bfloat16)
+    scale = jnp.asarray(rng.random(m), jnp.float32)
+    config = MosaicGpuConfig(tile_m=64, tile_n=64, max_concurrent_steps=3, consumers="pingpong", max_ctas=2,
+                             grid_minor="n" if kind == "giant" else "m", grid_tile_width=2,
+                             swizzled_epilogue=kind == "giant")
+    if epilogue == "swiglu":
+        got = grouped_swiglu(x, w, jnp.asarray(sizes), implementation="mosaic_gpu", config=config)
+    else:
+        got = grouped_matmul(x, w, jnp.asarray(sizes), implementation="mosaic_gpu", config=config,
+                             row_scale=scale if epilogue == "row_scale" else None)
+    live = int(sizes.sum())
+    ref = np_forward(x, w, sizes, epilogue, scale)[:live]
+    got = np.asarray(got, np.float64)[:live]
+    assert np.linalg.norm(got - ref) <= 1e-2 * np.linalg.norm(ref)
+
+
+def test_mosaic_pingpong_config_errors():
+    with pytest.raises(ValueError, match="pingpong.*chain_items"):
+        MosaicGpuConfig(consumers="pingpong", chain_items=True)
+    with pytest.raises(ValueError, match="pingpong.*wg_split"):
+        MosaicGpuConfig(consumers="pingpong", wg_split="m")
+    with pytest.raises(ValueError, match="128x256 accumulator"):
+        MosaicGpuConfig(consumers="pingpong", tile_m=128, tile_n=256)
+    with pytest.raises(ValueError, match="consumers must be 'cooperative' or 'pingpong', got 'both'"):
+        MosaicGpuConfig(consumers="both")
+    x = jnp.zeros((256, 512), jnp.bfloat16)
+    w = jnp.zeros((2, 512, 256), jnp.bfloat16)
+    too_deep = MosaicGpuConfig(consumers="pingpong", tile_n=128, max_concurrent_steps=8)
+    with pytest.raises(ValueError, match="needs 294912 bytes of shared memory"):
+        grouped_matmul(x, w, jnp.array([100, 156], jnp.int32), implementation="mosaic_gpu", config=too_deep)
+    # The ping-pong item is the CTA tile: N need only be a multiple of tile_n.
+    assert MosaicGpuConfig(consumers="pingpong", tile_n=128).cta_tile_n == 128
+    assert MosaicGpuConfig(tile_n=128).cta_tile_n == 256
+
+
 @pytest.mark.parametrize("block_m,align", [(64, 8), (128, 8), (16, 1)])
 def test_tile_schedule_covers_each_live_row_once(rng, block_m, align):
     for _ in range(20):
