@@ -214,13 +214,14 @@ def ours(x, w, gs, epilogue, iters, on_gpu, row_scale=None, quick=False) -> dict
     return out
 
 
-def jax_peers(x, w, sizes, iters: int, on_gpu: bool, quick: bool = False) -> dict[str, tuple[str, Sampler] | None]:
+def jax_peers(x, w, sizes, iters: int, on_gpu: bool, quick: bool = False,
+              mgpu: bool = False) -> dict[str, tuple[str, Sampler] | None]:
     gs = jnp.asarray(sizes)
     out = {}
     ragged = jax.jit(jax.lax.ragged_dot)
     if not quick:
         out["lax.ragged_dot"] = pick({"": functools.partial(ragged, x, w, gs)}, iters)
-    if on_gpu and not quick:
+    if on_gpu and (mgpu or not quick):
         try:
             from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
         except ImportError as err:
@@ -434,6 +435,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="tuning run: only the mosaic_gpu sweep, torch and dense (no triton, XLA loop, "
                              "lax.ragged_dot or ragged_dot_mgpu)")
+    parser.add_argument("--mgpu", action="store_true",
+                        help="with --quick: also time JAX's ragged_dot_mgpu (its tile sweep), the issue's peer")
     parser.add_argument("--kinds", default="uniform,zipf",
                         help="prefill group-size kinds (uniform, zipf, zipf-aligned)")
     parser.add_argument("--widths", default="",
@@ -483,7 +486,8 @@ def main() -> int:
         row_scale = jnp.ones((rows,), jnp.float32) if epilogue == "row_scale" else None
         entries = ours(x, w, gs, epilogue, args.iters, on_gpu, row_scale, args.quick)
         if epilogue == "none":
-            entries.update(jax_peers(x, w, sizes, args.iters, on_gpu and rows == prefill_rows, args.quick))
+            entries.update(jax_peers(x, w, sizes, args.iters, on_gpu and rows == prefill_rows, args.quick,
+                                     args.mgpu))
         if on_gpu:
             entries["torch._grouped_mm" + ("" if epilogue == "none" else " + eager epilogue")] = torch_peer(
                 rows, k, n, sizes, epilogue)
@@ -504,7 +508,7 @@ def main() -> int:
             print("  " + lines[-1], flush=True)
 
     card = jax.devices()[0].device_kind
-    title = (f"## bench_grouped_matmul ({args.phase}{', quick' if args.quick else ''}): 1x {card}, {datetime.date.today()}, commit {commit()}, "
+    title = (f"## bench_grouped_matmul ({args.phase}{', quick' if args.quick else ''}{' + ragged_dot_mgpu' if args.quick and args.mgpu else ''}): 1x {card}, {datetime.date.today()}, commit {commit()}, "
              f"jax {jax.__version__}, default implementation {default_implementation()!r}")
     notes = (f"{groups} groups, bf16 in, f32 accumulate, bf16 out; decode rates count the weight bytes of "
              f"non-empty groups; measured copy bandwidth {bandwidth:.0f} GB/s; median of {args.iters} samples "
