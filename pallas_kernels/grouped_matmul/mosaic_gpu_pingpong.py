@@ -79,6 +79,15 @@ def kernel(
                         w_cols = pl.ds(pl.multiple_of(j * tile_n + a * n_out, tile_n), tile_n)
                         plgpu.copy_gmem_to_smem(w_gmem.at[group, cols, w_cols], w_smem.at[a, slot], barrier)
 
+            # Observe the last stages' releases too: every barrier phase is then seen
+            # by each thread that waits on it (Mosaic GPU's interpreter checks this).
+            cta, num_ctas = lax.axis_index("sm"), lax.axis_size("sm")
+            steps = jnp.maximum(items[0] - cta + num_ctas - 1, 0) // num_ctas * k_iters
+
+            @pl.loop(jnp.maximum(steps - stages, 0), steps)
+            def _drain(step):
+                plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
+
         @pl.when(wg < 2)
         def _consumer():
             plgpu.set_max_registers(_CONSUMER_REGISTERS, action="increase")
