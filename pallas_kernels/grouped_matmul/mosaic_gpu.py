@@ -131,12 +131,12 @@ def default_config(
     Prefill (>= 128 rows per group): ping-pong consumers, each computing a whole
     128x128 item (128x64 with SwiGLU's two accumulators) with 6 stages, so one
     consumer's epilogue overlaps the other's MMAs. Timed in turns against the
-    best cooperative tiles (3685461 and the commit after it): down 5 % faster
-    uniform and 1-3 % at Zipf sizes; gate/up 3 % faster uniform; at Zipf sizes
-    it walks column tiles fastest (``grid_minor="n"``, 1 % ahead of the
-    cooperative kernel; row-tile-major bands were 5 % behind it and read 8.7 GB
-    from HBM against its 6.9, by Nsight Compute); SwiGLU 3 % faster uniform,
-    even at Zipf. Decode: cooperative 64-row tiles; long K (gate/up)
+    best cooperative tiles (3685461, d389e7e): down 5-6 % faster uniform and
+    1-4 % at Zipf sizes; gate/up 2-3 % faster uniform, and at Zipf sizes,
+    walking column tiles fastest (``grid_minor="n"``), from 1 % ahead to 3 %
+    behind depending on the machine (row-tile-major bands were 5 % behind and
+    read 8.7 GB from HBM against 6.9, by Nsight Compute); SwiGLU 3-5 % faster
+    uniform, even at Zipf. Decode: cooperative 64-row tiles; long K (gate/up)
     streams best with 64x512 CTA tiles and 2 stages (0.95-0.97 of copy
     bandwidth), short K (down) with 64x256 tiles, 4 stages and chained items
     (0.89-0.91), SwiGLU with 64x128; ping-pong measured the same there.
