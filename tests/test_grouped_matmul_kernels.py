@@ -180,20 +180,16 @@ def test_mosaic_chained_items_on_few_ctas(rng, swizzled):
 
 @pytest.mark.parametrize("epilogue", ["none", "swiglu", "row_scale"])
 @pytest.mark.parametrize("kind", ["zeros", "giant"])
-@pytest.mark.parametrize("half_tiles", [False, True])
-def test_mosaic_pingpong_on_few_ctas(rng, epilogue, kind, half_tiles):
+def test_mosaic_pingpong_on_few_ctas(rng, epilogue, kind):
     """Ping-pong consumers on two simulated CTAs: 3 stages for 2 K steps an item, so the
-    shared ring wraps mid-item and each consumer's barriers skip the other's items;
-    with half_tiles, short groups' tiles (1-2 rows, or a random split's ends) run as
-    half-height items between full ones."""
+    shared ring wraps mid-item and each consumer's barriers skip the other's items."""
     m = 300
     sizes = sizes_for(kind, m, rng)
     x = jnp.asarray(rng.standard_normal((m, K)), jnp.bfloat16)
     width = 2 * N if epilogue == "swiglu" else N
     w = jnp.asarray(rng.standard_normal((G, K, width)) / np.sqrt(K), jnp.bfloat16)
     scale = jnp.asarray(rng.random(m), jnp.float32)
-    config = MosaicGpuConfig(tile_m=128 if half_tiles else 64, tile_n=64, max_concurrent_steps=3,
-                             consumers="pingpong", half_tiles=half_tiles, max_ctas=2,
+    config = MosaicGpuConfig(tile_m=64, tile_n=64, max_concurrent_steps=3, consumers="pingpong", max_ctas=2,
                              grid_minor="n" if kind == "giant" else "m", grid_tile_width=2,
                              swizzled_epilogue=kind == "giant")
     if epilogue == "swiglu":
@@ -214,10 +210,6 @@ def test_mosaic_pingpong_config_errors():
         MosaicGpuConfig(consumers="pingpong", wg_split="m")
     with pytest.raises(ValueError, match="128x256 accumulator"):
         MosaicGpuConfig(consumers="pingpong", tile_m=128, tile_n=256)
-    with pytest.raises(ValueError, match="half_tiles needs consumers='pingpong' and tile_m a multiple of 128"):
-        MosaicGpuConfig(half_tiles=True)
-    with pytest.raises(ValueError, match="half_tiles needs .*tile_m=64"):
-        MosaicGpuConfig(consumers="pingpong", tile_m=64, half_tiles=True)
     with pytest.raises(ValueError, match="consumers must be 'cooperative' or 'pingpong', got 'both'"):
         MosaicGpuConfig(consumers="both")
     x = jnp.zeros((256, 512), jnp.bfloat16)

@@ -58,14 +58,6 @@ class MosaicGpuConfig:
       swizzled_epilogue: store whole epilogue tiles through swizzled shared
         memory (no bank conflicts) and only partial ones through the plain
         buffer that row-granular TMA stores need; costs one more buffer.
-      consumers: "cooperative" (both consumer warpgroups share each item, split
-        by ``wg_split``) or "pingpong" (``mosaic_gpu_pingpong``: the consumers
-        take turns, each computing a whole ``tile_m x tile_n`` item, so one's
-        epilogue overlaps the other's MMAs; ``wg_split``, ``delay_release`` and
-        ``chain_items`` do not apply, as the producer always streams on).
-      half_tiles: ping-pong only: an item whose live rows fit in half a row tile
-        (a group's short last or first tile) computes only those ``tile_m / 2``
-        rows; needs ``tile_m`` a multiple of 128.
     """
 
     tile_m: int = 128
@@ -82,7 +74,6 @@ class MosaicGpuConfig:
     max_ctas: int | None = None
     swizzled_epilogue: bool = False
     consumers: Literal["cooperative", "pingpong"] = "cooperative"
-    half_tiles: bool = False
 
     def __post_init__(self) -> None:
         for name in ("tile_m", "tile_n", "tile_k", "epi_tile_m", "epi_tile_n"):
@@ -110,13 +101,6 @@ class MosaicGpuConfig:
             raise ValueError("MosaicGpuConfig.chain_items needs delay_release=0")
         if self.consumers not in ("cooperative", "pingpong"):
             raise ValueError(f"MosaicGpuConfig.consumers must be 'cooperative' or 'pingpong', got {self.consumers!r}")
-        if self.half_tiles and (self.consumers != "pingpong" or self.tile_m % 128
-                                or (self.tile_m // 2) % self.epi_tile_m):
-            raise ValueError(
-                "MosaicGpuConfig.half_tiles needs consumers='pingpong' and tile_m a multiple of 128 whose half "
-                f"epi_tile_m divides, got consumers={self.consumers!r}, tile_m={self.tile_m}, "
-                f"epi_tile_m={self.epi_tile_m}"
-            )
         if self.consumers == "pingpong":
             if self.wg_split != "n" or self.delay_release or self.chain_items:
                 raise ValueError(

@@ -16,8 +16,6 @@ stay in step), ``consumed[s]`` when the owning consumer's wgmma has read it.
 """
 from __future__ import annotations
 
-import functools
-
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -48,17 +46,9 @@ def kernel(
                       plgpu.SwizzleTransform(out_swizzle))
     minor = 0 if config.grid_minor == "m" else 1
 
-    half_m = tile_m // 2
-
     def item_at(info):
         t, j = plgpu.planar_snake(info.index[0], (num_tiles[0], n_iters), minor, config.grid_tile_width)
         return t, j, tile_group[t], pl.multiple_of(tile_start[t], row_align)
-
-    def half_item(t):
-        """(whether tile t's live rows fit in its aligned half-height window, that window's first row offset)."""
-        offset = pl.multiple_of(tile_live_begin[t] // row_align * row_align, row_align)
-        fits = tile_live_end[t] - offset <= half_m
-        return (fits if config.half_tiles else jnp.bool_(False)), offset
 
     def body(x_smem, w_smem, full, consumed, out_smem, part_smem):
         wg = lax.axis_index("wg")
@@ -70,9 +60,8 @@ def kernel(
 
             @plgpu.nd_loop(items, collective_axes="sm")
             def _item(info):
-                t, j, group, start = item_at(info)
+                _, j, group, start = item_at(info)
                 owner = info.local_index % 2
-                half, offset = half_item(t)
 
                 @pl.loop(0, k_iters)
                 def _step(kk):
@@ -85,15 +74,7 @@ def kernel(
 
                     barrier = full.at[owner * stages + slot]
                     cols = pl.ds(pl.multiple_of(kk * tile_k, tile_k), tile_k)
-                    if config.half_tiles:
-                        @pl.when(half)
-                        def _():
-                            plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(start + offset, half_m), cols],
-                                                    x_smem.at[slot, pl.ds(0, half_m)], barrier)
-
-                    @pl.when(~half)
-                    def _():
-                        plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(start, tile_m), cols], x_smem.at[slot], barrier)
+                    plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(start, tile_m), cols], x_smem.at[slot], barrier)
                     for a in range(num_acc):
                         w_cols = pl.ds(pl.multiple_of(j * tile_n + a * n_out, tile_n), tile_n)
                         plgpu.copy_gmem_to_smem(w_gmem.at[group, cols, w_cols], w_smem.at[a, slot], barrier)
@@ -111,58 +92,45 @@ def kernel(
         def _consumer():
             plgpu.set_max_registers(_CONSUMER_REGISTERS, action="increase")
 
-            def _run_item(*, rows, row0, begin, end, j, first_step):
-                """One item on this consumer: rows x tile_n, its x rows at the head of each stage."""
-                x_rows = pl.ds(0, rows)
-
-                def with_accs(*accs):
-                    @pl.loop(0, k_iters)
-                    def _step(kk):
-                        step = first_step + kk
-                        slot = lax.rem(step, stages)
-                        plgpu.barrier_wait(full.at[wg * stages + slot])
-                        for a, acc in enumerate(accs):
-                            plgpu.wgmma(acc, x_smem.at[slot, x_rows], w_smem.at[a, slot])
-                        # One wgmma group stays in flight; the one before it is done,
-                        # so its stage goes back to the producer.
-                        plgpu.wgmma_wait(1)
-
-                        @pl.when(kk > 0)
-                        def _():
-                            plgpu.barrier_arrive(consumed.at[lax.rem(step - 1, stages)])
-
-                    plgpu.wgmma_wait(0)
-                    plgpu.barrier_arrive(consumed.at[lax.rem(first_step + k_iters - 1, stages)])
-                    values = [acc[...] for acc in accs]
-                    if epilogue == "swiglu":
-                        value = silu_times(*values)
-                    elif epilogue == "row_scale":
-                        scale = plgpu.load(scale_gmem.at[pl.ds(row0, rows)],
-                                           layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
-                        value = values[0] * lax.broadcast_in_dim(scale, values[0].shape, [0])
-                    else:
-                        value = values[0]
-                    store_rows(value.astype(out_dtype), None if out_smem is None else out_smem.at[wg],
-                               part_smem.at[wg], out_gmem, row0=row0, col0=j * tile_n,
-                               begin=begin, end=end, epi_m=epi_m, epi_n=epi_n)
-
-                pl.run_scoped(with_accs, *[plgpu.ACC((rows, tile_n), jnp.float32) for _ in range(num_acc)])
-
             @plgpu.nd_loop(items, collective_axes="sm")
             def _item(info):
                 @pl.when(info.local_index % 2 == wg)
                 def _mine():
                     t, j, _, start = item_at(info)
                     first_step = info.local_index * k_iters
-                    begin, end = tile_live_begin[t], tile_live_end[t]
-                    run = functools.partial(_run_item, j=j, first_step=first_step)
-                    if config.half_tiles:
-                        half, offset = half_item(t)
-                        pl.when(half)(lambda: run(rows=half_m, row0=start + offset, begin=begin - offset,
-                                                  end=end - offset))
-                        pl.when(~half)(lambda: run(rows=tile_m, row0=start, begin=begin, end=end))
-                    else:
-                        run(rows=tile_m, row0=start, begin=begin, end=end)
+
+                    def with_accs(*accs):
+                        @pl.loop(0, k_iters)
+                        def _step(kk):
+                            step = first_step + kk
+                            slot = lax.rem(step, stages)
+                            plgpu.barrier_wait(full.at[wg * stages + slot])
+                            for a, acc in enumerate(accs):
+                                plgpu.wgmma(acc, x_smem.at[slot], w_smem.at[a, slot])
+                            # One wgmma group stays in flight; the one before it is done,
+                            # so its stage goes back to the producer.
+                            plgpu.wgmma_wait(1)
+
+                            @pl.when(kk > 0)
+                            def _():
+                                plgpu.barrier_arrive(consumed.at[lax.rem(step - 1, stages)])
+
+                        plgpu.wgmma_wait(0)
+                        plgpu.barrier_arrive(consumed.at[lax.rem(first_step + k_iters - 1, stages)])
+                        values = [acc[...] for acc in accs]
+                        if epilogue == "swiglu":
+                            value = silu_times(*values)
+                        elif epilogue == "row_scale":
+                            scale = plgpu.load(scale_gmem.at[pl.ds(start, tile_m)],
+                                               layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+                            value = values[0] * lax.broadcast_in_dim(scale, values[0].shape, [0])
+                        else:
+                            value = values[0]
+                        store_rows(value.astype(out_dtype), None if out_smem is None else out_smem.at[wg],
+                                   part_smem.at[wg], out_gmem, row0=start, col0=j * tile_n,
+                                   begin=tile_live_begin[t], end=tile_live_end[t], epi_m=epi_m, epi_n=epi_n)
+
+                    pl.run_scoped(with_accs, *[plgpu.ACC((tile_m, tile_n), jnp.float32) for _ in range(num_acc)])
 
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
