@@ -1,12 +1,14 @@
 """One call each of our grouped matmul and its peers, for Nsight Compute to read counters.
 
     ncu --clock-control none --profile-from-start off --section SpeedOfLight \
-        python benchmarks/tools/ncu_grouped_matmul.py [--gemm gate/up|down] [--kinds uniform,zipf]
+        python benchmarks/tools/ncu_grouped_matmul.py [--gemm gate/up|down] [--kinds uniform,zipf] \
+        [--configs 'FIELD=VALUE,...;...']
 
 Everything is compiled and warmed up first; only the calls between
 ``cudaProfilerStart`` and ``cudaProfilerStop`` are profiled: per kind, our
-``mosaic_gpu`` kernel (default tiles or ``--config``) and ``torch._grouped_mm``, then a dense matmul with
-the same FLOPs (XLA's and torch's). Timing belongs to bench_grouped_matmul.py;
+``mosaic_gpu`` kernel (default tiles, or each of ``--configs``) and
+``torch._grouped_mm``, then a dense matmul with the same FLOPs (XLA's and
+torch's). Needs a CUDA GPU and torch. Timing belongs to bench_grouped_matmul.py;
 this script only gives the profiler one clean launch of each.
 """
 from __future__ import annotations
@@ -34,16 +36,19 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=32768)
     parser.add_argument("--groups", type=int, default=64)
     parser.add_argument("--kinds", default="uniform,zipf")
-    parser.add_argument("--config", default="",
-                        help="MosaicGpuConfig fields for ours, e.g. 'consumers=pingpong,tile_m=64,tile_n=256' "
+    parser.add_argument("--configs", default="",
+                        help="';'-separated MosaicGpuConfig field lists for ours, each profiled, e.g. "
+                             "'consumers=pingpong,max_concurrent_steps=6;wg_split=m,tile_m=64,tile_n=256' "
                              "(default: the default tiles)")
     args = parser.parse_args()
-    config = MosaicGpuConfig(**parse_variants(args.config)[0]) if args.config else None
+    configs = [MosaicGpuConfig(**fields) for fields in parse_variants(args.configs)] or [None]
+    labels = [part for part in args.configs.split(";") if part] or ["default tiles"]
     k, n = SHAPES[args.gemm]
     m, g = args.rows, args.groups
     x = jax.random.normal(jax.random.key(0), (m, k), jnp.bfloat16)
     w = jax.random.normal(jax.random.key(1), (g, k, n), jnp.bfloat16) * 0.02
-    ours = jax.jit(lambda x, w, gs: grouped_matmul(x, w, gs, implementation="mosaic_gpu", config=config))
+    ours = jax.jit(lambda x, w, gs, config: grouped_matmul(x, w, gs, implementation="mosaic_gpu", config=config),
+                   static_argnums=3)
     dense = jax.jit(lambda a, b: a @ b)
     ta = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     tb = torch.randn(g, n, k, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
@@ -52,7 +57,9 @@ def main() -> int:
         sizes = group_sizes(m, g, kind)
         gs = jnp.asarray(sizes)
         offs = torch.tensor(np.cumsum(sizes), device="cuda", dtype=torch.int32)
-        calls.append((f"ours {kind}", lambda gs=gs: ours(x, w, gs).block_until_ready()))
+        for label, config in zip(labels, configs):
+            calls.append((f"ours {kind} ({label})",
+                          lambda gs=gs, config=config: ours(x, w, gs, config).block_until_ready()))
         calls.append((f"torch._grouped_mm {kind}",
                       lambda offs=offs: torch._grouped_mm(ta, tb, offs=offs, out_dtype=torch.bfloat16)))
     calls.append(("xla dense", lambda: dense(x, w[0]).block_until_ready()))
