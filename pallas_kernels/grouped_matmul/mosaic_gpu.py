@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.grouped_matmul import mosaic_gpu_pingpong
-from pallas_kernels.grouped_matmul.mosaic_gpu_epilogue import silu_times, store_rows
+from pallas_kernels.grouped_matmul.mosaic_gpu_epilogue import epilogue_value, store_rows
 from pallas_kernels.grouped_matmul.schedule import TileSchedule, tile_schedule
 
 Epilogue = Literal["none", "swiglu", "row_scale"]
@@ -259,15 +259,7 @@ def _kernel(
 
                 def with_accs(*acc_refs):
                     run_pipeline(tuple(acc_refs))
-                    accs = [a[...] for a in acc_refs]
-                    if epilogue == "swiglu":
-                        value = silu_times(accs[0], accs[1])
-                    elif epilogue == "row_scale":
-                        scale = plgpu.load(scale_gmem.at[pl.ds(start + wg_row0, tile_m)],
-                                           layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
-                        value = accs[0] * lax.broadcast_in_dim(scale, accs[0].shape, [0])
-                    else:
-                        value = accs[0]
+                    value = epilogue_value(epilogue, [a[...] for a in acc_refs], scale_gmem, start + wg_row0)
                     store_rows(value.astype(out_dtype), None if out_smem is None else out_smem.at[wg],
                                 part_smem.at[wg], out_gmem,
                                 row0=start + wg_row0, col0=wg_col0, begin=wg_begin, end=wg_end,

@@ -5,6 +5,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -13,6 +14,19 @@ _LOG2E = math.log2(math.e)
 
 def silu_times(gate: jax.Array, up: jax.Array) -> jax.Array:
     return gate / (1.0 + jnp.exp2(gate * -_LOG2E)) * up
+
+
+def epilogue_value(epilogue: str, accs: list, scale_gmem, row0) -> jax.Array:
+    """The f32 tile an item stores: ``silu(gate) * up`` of its two accumulators
+    ("swiglu"), its accumulator times rows ``row0 + i`` of ``scale_gmem``
+    ("row_scale"), or its accumulator ("none")."""
+    if epilogue == "swiglu":
+        return silu_times(accs[0], accs[1])
+    if epilogue == "row_scale":
+        scale = plgpu.load(scale_gmem.at[pl.ds(row0, accs[0].shape[0])],
+                           layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+        return accs[0] * lax.broadcast_in_dim(scale, accs[0].shape, [0])
+    return accs[0]
 
 
 def store_rows(value, full_smem, part_smem, out_gmem, *, row0, col0, begin, end, epi_m, epi_n):

@@ -21,7 +21,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.grouped_matmul.mosaic_gpu_epilogue import silu_times, store_rows
+from pallas_kernels.grouped_matmul.mosaic_gpu_epilogue import epilogue_value, store_rows
 
 _CONSUMER_REGISTERS = 232  # what setmaxnreg leaves two consumers beside a 40-register producer
 _PRODUCER_REGISTERS = 40
@@ -117,15 +117,7 @@ def kernel(
 
                         plgpu.wgmma_wait(0)
                         plgpu.barrier_arrive(consumed.at[lax.rem(first_step + k_iters - 1, stages)])
-                        values = [acc[...] for acc in accs]
-                        if epilogue == "swiglu":
-                            value = silu_times(*values)
-                        elif epilogue == "row_scale":
-                            scale = plgpu.load(scale_gmem.at[pl.ds(start, tile_m)],
-                                               layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
-                            value = values[0] * lax.broadcast_in_dim(scale, values[0].shape, [0])
-                        else:
-                            value = values[0]
+                        value = epilogue_value(epilogue, [acc[...] for acc in accs], scale_gmem, start)
                         store_rows(value.astype(out_dtype), None if out_smem is None else out_smem.at[wg],
                                    part_smem.at[wg], out_gmem, row0=start, col0=j * tile_n,
                                    begin=tile_live_begin[t], end=tile_live_end[t], epi_m=epi_m, epi_n=epi_n)
