@@ -138,14 +138,14 @@ def mosaic_sweep(m, g, k, n_out, epilogue) -> list:
     default = mosaic_module.default_config(m, g, k=k, n_out=n_out, epilogue=epilogue)
     walk = dict(grid_minor="m", grid_tile_width=4)
     pingpong = dict(consumers="pingpong", **walk)
+    pingpong_cols = dict(consumers="pingpong", grid_minor="n", grid_tile_width=4)  # column tiles fastest
     if m // g >= 128:
         if epilogue == "swiglu":
             more = [MosaicGpuConfig(tile_m=64, tile_n=128, wg_split="m", max_concurrent_steps=4,
                                     chain_items=True, **walk),
                     MosaicGpuConfig(tile_m=64, tile_n=128, wg_split="m", max_concurrent_steps=3,
                                     swizzled_epilogue=True, **walk),
-                    MosaicGpuConfig(tile_m=128, tile_n=64, max_concurrent_steps=6, consumers="pingpong",
-                                    grid_minor="n", grid_tile_width=4)]
+                    MosaicGpuConfig(tile_m=128, tile_n=64, max_concurrent_steps=6, **pingpong_cols)]
         else:
             more = [MosaicGpuConfig(chain_items=True, **walk), MosaicGpuConfig(tile_m=64, tile_n=256, wg_split="m", **walk),
                     MosaicGpuConfig(tile_m=64, tile_n=256, wg_split="m", chain_items=True, **walk),
@@ -153,8 +153,7 @@ def mosaic_sweep(m, g, k, n_out, epilogue) -> list:
                     MosaicGpuConfig(tile_m=64, tile_n=256, wg_split="m", swizzled_epilogue=True,
                                     max_concurrent_steps=3, **walk),
                     MosaicGpuConfig(tile_m=128, tile_n=128, max_concurrent_steps=6, **pingpong),
-                    MosaicGpuConfig(tile_m=128, tile_n=128, max_concurrent_steps=6, consumers="pingpong",
-                                    grid_minor="n", grid_tile_width=4)]
+                    MosaicGpuConfig(tile_m=128, tile_n=128, max_concurrent_steps=6, **pingpong_cols)]
     else:
         more = [MosaicGpuConfig(tile_m=64, tile_n=64, max_concurrent_steps=8),
                 MosaicGpuConfig(tile_m=64, tile_n=256, max_concurrent_steps=2),

@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.grouped_matmul import mosaic_gpu_pingpong
-from pallas_kernels.grouped_matmul.mosaic_gpu_epilogue import epilogue_value, store_rows
+from pallas_kernels.grouped_matmul.mosaic_gpu_epilogue import epilogue_value, store_rows, swizzled
 from pallas_kernels.grouped_matmul.schedule import TileSchedule, tile_schedule
 
 Epilogue = Literal["none", "swiglu", "row_scale"]
@@ -202,13 +202,9 @@ def _kernel(
     n_iters = n_out // cta_n
     k_iters = k // tile_k
     num_acc = 2 if epilogue == "swiglu" else 1
-    swizzle = plgpu.find_swizzle(tile_k * jnp.dtype(dtype).itemsize * 8)
-    swizzle_elems = swizzle // jnp.dtype(dtype).itemsize
-    transforms = (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(swizzle))
+    transforms = swizzled(tile_k, dtype)
     epi_m, epi_n = config.epi_tile_m, config.epi_tile_n
-    out_swizzle = plgpu.find_swizzle(epi_n * jnp.dtype(out_dtype).itemsize * 8)
-    out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(out_dtype).itemsize)),
-                      plgpu.SwizzleTransform(out_swizzle))
+    out_transforms = swizzled(epi_n, out_dtype)
 
     def pipeline(body, compute_context, state=None):
         x_spec = plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk), transforms=transforms,

@@ -1,4 +1,5 @@
-"""Epilogue helpers shared by the Mosaic GPU grouped-matmul kernels (cooperative and ping-pong)."""
+"""Helpers shared by the Mosaic GPU grouped-matmul kernels (cooperative, ping-pong and dW):
+shared-memory tile layouts and the epilogue."""
 from __future__ import annotations
 
 import math
@@ -10,6 +11,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 _LOG2E = math.log2(math.e)
+
+
+def swizzled(cols: int, dtype) -> tuple:
+    """Shared-memory transforms of a tile whose rows hold ``cols`` elements of ``dtype``:
+    8-row tiles as wide as the largest swizzle that fits a row, swizzled (no bank
+    conflicts for wgmma and TMA)."""
+    swizzle = plgpu.find_swizzle(cols * jnp.dtype(dtype).itemsize * 8)
+    return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
 def silu_times(gate: jax.Array, up: jax.Array) -> jax.Array:

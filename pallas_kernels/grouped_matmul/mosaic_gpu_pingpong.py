@@ -21,7 +21,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.grouped_matmul.mosaic_gpu_epilogue import epilogue_value, store_rows
+from pallas_kernels.grouped_matmul.mosaic_gpu_epilogue import epilogue_value, store_rows, swizzled
 
 _CONSUMER_REGISTERS = 232  # what setmaxnreg leaves two consumers beside a 40-register producer
 _PRODUCER_REGISTERS = 40
@@ -38,12 +38,9 @@ def kernel(
     stages = config.max_concurrent_steps
     n_iters, k_iters = n_out // tile_n, x_gmem.shape[1] // tile_k
     num_acc = 2 if epilogue == "swiglu" else 1
-    swizzle = plgpu.find_swizzle(tile_k * jnp.dtype(dtype).itemsize * 8)
-    transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
+    transforms = swizzled(tile_k, dtype)
     epi_m, epi_n = config.epi_tile_m, config.epi_tile_n
-    out_swizzle = plgpu.find_swizzle(epi_n * jnp.dtype(out_dtype).itemsize * 8)
-    out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(out_dtype).itemsize)),
-                      plgpu.SwizzleTransform(out_swizzle))
+    out_transforms = swizzled(epi_n, out_dtype)
     minor = 0 if config.grid_minor == "m" else 1
 
     def item_at(info):

@@ -28,6 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.grouped_matmul.mosaic_gpu import _ROW_ALIGN, persistent_kernel
+from pallas_kernels.grouped_matmul.mosaic_gpu_epilogue import swizzled
 
 _INTERPRET_CTAS = 3
 _OUT_STAGE_BYTES = 32 * 1024  # one consumer's output staging buffer in shared memory
@@ -90,15 +91,11 @@ def _kernel(group_start, group_end, x_gmem, dy_gmem, out_gmem, *, config: Mosaic
     tile_k, tile_n, rows = config.tile_k, config.tile_n, config.block_rows
     cta_n = 2 * tile_n
     k_tiles, n_tiles = k // tile_k, n // cta_n
-    swizzle = plgpu.find_swizzle(64 * jnp.dtype(dtype).itemsize * 8)
-    transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
-                  plgpu.SwizzleTransform(swizzle))
+    transforms = swizzled(64, dtype)
     # The output tile goes out through shared memory in row slabs of at most
     # _OUT_STAGE_BYTES per consumer, so a float32 dw fits beside the pipeline.
     store_rows = _store_rows(config, out_gmem.dtype)
-    out_swizzle = plgpu.find_swizzle(tile_n * jnp.dtype(out_gmem.dtype).itemsize * 8)
-    out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(out_gmem.dtype).itemsize)),
-                      plgpu.SwizzleTransform(out_swizzle))
+    out_transforms = swizzled(tile_n, out_gmem.dtype)
 
     def pipeline(body, compute_context, steps):
         x_spec = plgpu.BlockSpec((rows, tile_k), lambda r: (r, 0), transforms=transforms)
