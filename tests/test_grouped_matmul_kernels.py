@@ -212,37 +212,6 @@ def test_mosaic_pingpong_on_few_ctas(rng, epilogue, kind):
     assert np.linalg.norm(got - ref) <= 1e-2 * np.linalg.norm(ref)
 
 
-@pytest.mark.parametrize("epilogue", ["none", "swiglu", "row_scale"])
-def test_mosaic_pingpong_skip_dead_half(rng, epilogue):
-    """``skip_dead_half``: groups whose last 128-row tile has at most 64 live rows (the
-    bottom half's MMAs are skipped) beside ones with more, an empty group and padding."""
-    short = rng.integers(1, 57, G)  # live rows of a last tile that fit in its top half
-    long = rng.integers(72, 121, G)
-    sizes = np.where(np.arange(G) % 2 == 0, short, long) + 128 * rng.integers(0, 2, G)
-    sizes[rng.integers(G)] = 0
-    m = int(sizes.sum()) + 40
-    schedule = tile_schedule(jnp.asarray(sizes, jnp.int32), m, 128, 8)
-    tails = np.asarray(schedule.live_end)[:int(schedule.num_tiles[0])]
-    assert (tails <= 64).any() and (tails > 64).any()  # both kinds of item occur
-    x = jnp.asarray(rng.standard_normal((m, K)), jnp.bfloat16)
-    width = 2 * N if epilogue == "swiglu" else N
-    w = jnp.asarray(rng.standard_normal((G, K, width)) / np.sqrt(K), jnp.bfloat16)
-    scale = jnp.asarray(rng.random(m), jnp.float32)
-    config = MosaicGpuConfig(tile_m=128, tile_n=64, max_concurrent_steps=3, consumers="pingpong",
-                             skip_dead_half=True, max_ctas=2, grid_minor="m", grid_tile_width=2,
-                             swizzled_epilogue=epilogue == "none")
-    if epilogue == "swiglu":
-        got = grouped_swiglu(x, w, jnp.asarray(sizes), implementation="mosaic_gpu", config=config)
-    else:
-        got = grouped_matmul(x, w, jnp.asarray(sizes), implementation="mosaic_gpu", config=config,
-                             row_scale=scale if epilogue == "row_scale" else None)
-    live = int(sizes.sum())
-    ref = np_forward(x, w, sizes, epilogue, scale)[:live]
-    got = np.asarray(got, np.float64)[:live]
-    assert np.isfinite(got).all()
-    assert np.linalg.norm(got - ref) <= 1e-2 * np.linalg.norm(ref)
-
-
 def test_mosaic_pingpong_config_errors():
     with pytest.raises(ValueError, match="pingpong.*chain_items"):
         MosaicGpuConfig(consumers="pingpong", chain_items=True)
@@ -250,10 +219,6 @@ def test_mosaic_pingpong_config_errors():
         MosaicGpuConfig(consumers="pingpong", wg_split="m")
     with pytest.raises(ValueError, match="128x256 accumulator"):
         MosaicGpuConfig(consumers="pingpong", tile_m=128, tile_n=256)
-    with pytest.raises(ValueError, match="skip_dead_half needs consumers='pingpong' and tile_m=128.*tile_m=64"):
-        MosaicGpuConfig(consumers="pingpong", tile_m=64, skip_dead_half=True)
-    with pytest.raises(ValueError, match="skip_dead_half needs.*consumers='cooperative'"):
-        MosaicGpuConfig(skip_dead_half=True)
     with pytest.raises(ValueError, match="consumers must be 'cooperative' or 'pingpong', got 'both'"):
         MosaicGpuConfig(consumers="both")
     x = jnp.zeros((256, 512), jnp.bfloat16)

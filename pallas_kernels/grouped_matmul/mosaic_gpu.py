@@ -74,7 +74,6 @@ class MosaicGpuConfig:
     max_ctas: int | None = None
     swizzled_epilogue: bool = False
     consumers: Literal["cooperative", "pingpong"] = "cooperative"
-    skip_dead_half: bool = False
 
     def __post_init__(self) -> None:
         for name in ("tile_m", "tile_n", "tile_k", "epi_tile_m", "epi_tile_n"):
@@ -114,11 +113,6 @@ class MosaicGpuConfig:
                     f"MosaicGpuConfig(consumers='pingpong'): one warpgroup holds the whole {self.tile_m}x"
                     f"{self.tile_n} accumulator; at most 128x128 elements (128 registers a thread) fit"
                 )
-        if self.skip_dead_half and (self.consumers != "pingpong" or self.tile_m != 128):
-            raise ValueError(
-                "MosaicGpuConfig.skip_dead_half needs consumers='pingpong' and tile_m=128 (two 64-row "
-                f"halves), got consumers={self.consumers!r}, tile_m={self.tile_m}"
-            )
 
     @property
     def cta_tile_m(self) -> int:

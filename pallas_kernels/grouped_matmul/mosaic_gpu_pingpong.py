@@ -42,8 +42,6 @@ def kernel(
     epi_m, epi_n = config.epi_tile_m, config.epi_tile_n
     out_transforms = swizzled(epi_n, out_dtype)
     minor = 0 if config.grid_minor == "m" else 1
-    num_halves = 2 if config.skip_dead_half else 1
-    half_m = tile_m // num_halves
 
     def item_at(info):
         t, j = plgpu.planar_snake(info.index[0], (num_tiles[0], n_iters), minor, config.grid_tile_width)
@@ -98,28 +96,16 @@ def kernel(
                     t, j, _, start = item_at(info)
                     first_step = info.local_index * k_iters
 
-                    begin, end = tile_live_begin[t], tile_live_end[t]
-                    # halves[h] holds the accumulators of rows [h * half_m, (h + 1) * half_m).
-                    halves = [list(range(h * num_acc, (h + 1) * num_acc)) for h in range(num_halves)]
-
                     def with_accs(*accs):
                         @pl.loop(0, k_iters)
                         def _step(kk):
                             step = first_step + kk
                             slot = lax.rem(step, stages)
                             plgpu.barrier_wait(full.at[wg * stages + slot])
-                            for h, half in enumerate(halves):
-                                def mma(h=h, half=half):
-                                    x_rows = x_smem.at[slot, pl.ds(h * half_m, half_m)] if num_halves > 1 \
-                                        else x_smem.at[slot]
-                                    for a, i in enumerate(half):
-                                        plgpu.wgmma(accs[i], x_rows, w_smem.at[a, slot])
-                                if h == 0:
-                                    mma()
-                                else:  # a group's last tile often has no live rows down here
-                                    pl.when(end > h * half_m)(mma)
-                            # One wgmma group stays in flight; the ones before it are done,
-                            # so the previous step's stage goes back to the producer.
+                            for a, acc in enumerate(accs):
+                                plgpu.wgmma(acc, x_smem.at[slot], w_smem.at[a, slot])
+                            # One wgmma group stays in flight; the one before it is done,
+                            # so its stage goes back to the producer.
                             plgpu.wgmma_wait(1)
 
                             @pl.when(kk > 0)
@@ -128,16 +114,12 @@ def kernel(
 
                         plgpu.wgmma_wait(0)
                         plgpu.barrier_arrive(consumed.at[lax.rem(first_step + k_iters - 1, stages)])
-                        for h, half in enumerate(halves):
-                            row0 = start + h * half_m
-                            value = epilogue_value(epilogue, [accs[i][...] for i in half], scale_gmem, row0)
-                            store_rows(value.astype(out_dtype), None if out_smem is None else out_smem.at[wg],
-                                       part_smem.at[wg], out_gmem, row0=row0, col0=j * tile_n,
-                                       begin=jnp.clip(begin - h * half_m, 0, half_m),
-                                       end=jnp.clip(end - h * half_m, 0, half_m), epi_m=epi_m, epi_n=epi_n)
+                        value = epilogue_value(epilogue, [acc[...] for acc in accs], scale_gmem, start)
+                        store_rows(value.astype(out_dtype), None if out_smem is None else out_smem.at[wg],
+                                   part_smem.at[wg], out_gmem, row0=start, col0=j * tile_n,
+                                   begin=tile_live_begin[t], end=tile_live_end[t], epi_m=epi_m, epi_n=epi_n)
 
-                    pl.run_scoped(with_accs, *[plgpu.ACC((half_m, tile_n), jnp.float32)
-                                               for _ in range(num_halves * num_acc)])
+                    pl.run_scoped(with_accs, *[plgpu.ACC((tile_m, tile_n), jnp.float32) for _ in range(num_acc)])
 
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
