@@ -68,6 +68,7 @@ def group_sizes(num_rows: int, num_groups: int, kind: str) -> np.ndarray:
 
 
 BATCH = 1  # back-to-back calls per timed sample (set by --batch)
+SUSTAIN_S = 0.0  # seconds each sample first runs its entry back to back (set by --sustain)
 EXTRA_WIDTHS: tuple[int, ...] = ()  # more planar-snake band widths for the prefill defaults (--widths)
 VARIANTS: tuple[dict, ...] = ()  # field replacements tried on every mosaic_gpu candidate (--variants)
 
@@ -92,8 +93,29 @@ def parse_variants(text: str) -> tuple[dict, ...]:
 Sampler = Callable[[], float]  # one timed sample: seconds per call over BATCH back-to-back calls
 
 
+def sampler(run: Callable[[int], None]) -> Sampler:
+    """A sample of ``run(n)`` (n back-to-back calls, then a sync): BATCH calls timed,
+    after ``SUSTAIN_S`` seconds of the same calls untimed. The H200 holds its 700 W cap
+    by lowering clocks, so a kernel that draws more power runs slower when it runs
+    for long; with ``--sustain`` each entry is timed at its own steady clock, not at
+    the clock the previous entry left behind."""
+    def sample() -> float:
+        end = time.perf_counter() + SUSTAIN_S
+        while time.perf_counter() < end:
+            run(10)
+        start = time.perf_counter()
+        run(BATCH)
+        return (time.perf_counter() - start) / BATCH
+    return sample
+
+
 def jax_sampler(fn) -> Sampler:
-    return lambda: time_fn(fn, iters=1, warmup=0, batch=BATCH)[0]
+    def run(calls: int) -> None:
+        out = None
+        for _ in range(calls):  # hold only the last result: outputs can be hundreds of MB
+            out = fn()
+        jax.block_until_ready(out)
+    return sampler(run)
 
 
 def race(samplers: dict[str, Sampler], iters: int) -> dict[str, float]:
@@ -255,19 +277,17 @@ def cuda_torch():
 
 
 def torch_sampler(torch, fn) -> tuple[str, Sampler]:
-    """``("", sampler)`` of ``fn`` after 3 warm-up calls, BATCH calls per sample."""
+    """``("", sampler)`` of ``fn`` after 3 warm-up calls."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
 
-    def sample() -> float:
-        start = time.perf_counter()
-        for _ in range(BATCH):
+    def run(calls: int) -> None:
+        for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-        return (time.perf_counter() - start) / BATCH
 
-    return "", sample
+    return "", sampler(run)
 
 
 def torch_peer(m, k, n, sizes, epilogue: str = "none"):
@@ -443,9 +463,15 @@ def main() -> int:
     parser.add_argument("--variants", default="",
                         help="';'-separated FIELD=VALUE[,FIELD=VALUE] replacements of MosaicGpuConfig fields, each "
                              "tried on every mosaic_gpu candidate, e.g. 'delay_release=1;max_concurrent_steps=3'")
+    parser.add_argument("--sustain", type=float, default=0.0,
+                        help="seconds each timed sample first runs its entry back to back, so that every "
+                             "entry is timed at its own steady clock under the card's power cap")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    global BATCH, EXTRA_WIDTHS, VARIANTS
+    global BATCH, EXTRA_WIDTHS, VARIANTS, SUSTAIN_S
+    if args.sustain < 0:
+        raise SystemExit(f"--sustain {args.sustain}: must be >= 0 seconds")
+    SUSTAIN_S = args.sustain
     VARIANTS = parse_variants(args.variants)
     BATCH = args.batch
     EXTRA_WIDTHS = tuple(int(w) for w in args.widths.split(",") if w)
@@ -507,13 +533,15 @@ def main() -> int:
             print("  " + lines[-1], flush=True)
 
     card = jax.devices()[0].device_kind
-    title = (f"## bench_grouped_matmul ({args.phase}{', quick' if args.quick else ''}{' + ragged_dot_mgpu' if args.quick and args.mgpu else ''}): 1x {card}, {datetime.date.today()}, commit {commit()}, "
+    title = (f"## bench_grouped_matmul ({args.phase}{', quick' if args.quick else ''}{' + ragged_dot_mgpu' if args.quick and args.mgpu else ''}{', sustained' if SUSTAIN_S else ''}): 1x {card}, {datetime.date.today()}, commit {commit()}, "
              f"jax {jax.__version__}, default implementation {default_implementation()!r}")
     notes = (f"{groups} groups, bf16 in, f32 accumulate, bf16 out; decode rates count the weight bytes of "
              f"non-empty groups; measured copy bandwidth {bandwidth:.0f} GB/s; median of {args.iters} samples "
              f"of {args.batch} back-to-back calls, every row of a case timed in turns with the others "
              "(round-robin: the card's clocks drift with its load); "
-             "a ratio column = that peer's time / this time (> 1: this row is faster); in dW rows the "
+             + (f"each sample after {SUSTAIN_S:g} s of the same calls untimed (sustained: every row at its own "
+                "steady clock under the card's power cap); " if SUSTAIN_S else "")
+             + "a ratio column = that peer's time / this time (> 1: this row is faster); in dW rows the "
              "ragged_dot_mgpu column is JAX's transposed_ragged_dot_mgpu.")
     table = "\n".join(["| GEMM | rows | groups | implementation | best tiles | ms | rate "
                        "| vs torch | vs ragged_dot_mgpu | vs dense |",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ SCRIPTS = [
     ("bench_alltoall.py", ["--ep", "8"], ["EP8", "| 4096 | xla |"]),  # issue 7's shape
     ("bench_grouped_matmul.py", [], ["| gate/up | 1024 | uniform | xla loop |", "| down x weight |"]),
     ("bench_grouped_matmul.py", ["--phase", "prefill", "--kinds", "zipf-aligned", "--only", "gate/up 1024",
-                                 "--variants", "delay_release=1;tile_k=128,max_concurrent_steps=3"],
+                                 "--variants", "delay_release=1;tile_k=128,max_concurrent_steps=3", "--sustain", "0.05"],
      ["| gate/up | 1024 | zipf-aligned | xla loop |"]),
     ("bench_grouped_matmul.py", ["--phase", "wgrad"], ["| gate/up dW |", "| down dW |", "dense (same FLOPs)"]),
     ("bench_model.py", [], ["alltoall=xla (xla), expert_kernel=xla", "alltoall=auto (xla), expert_kernel=auto"]),
@@ -50,6 +51,28 @@ def test_benchmark_smoke_run(script, extra, expected):
     for text in expected:
         assert text in proc.stdout, f"{text!r} missing from {script}'s output:\n{proc.stdout[-3000:]}"
     assert (ROOT / "benchmarks" / "RESULTS.md").read_bytes() == before, "--no-write must not append"
+
+
+def test_grouped_matmul_bench_sustained_sampler(monkeypatch):
+    """With --sustain, a sample runs its entry untimed for that long first and times only
+    the BATCH calls after it."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_grouped_matmul as bench
+    monkeypatch.setattr(bench, "BATCH", 3)
+    monkeypatch.setattr(bench, "SUSTAIN_S", 0.05)
+    calls = []
+
+    def run(n):
+        time.sleep(0.001 * n)
+        calls.append(n)
+
+    seconds = bench.sampler(run)()
+    assert calls[-1] == 3 and sum(calls[:-1]) >= 40  # >= 50 ms of warm-up at 1 ms a call
+    assert 0.001 <= seconds < 0.01  # per call; with the warm-up counted it would be >= 0.017
+    monkeypatch.setattr(bench, "SUSTAIN_S", 0.0)
+    calls.clear()
+    bench.sampler(run)()
+    assert calls == [3]
 
 
 def test_grouped_matmul_bench_group_sizes():
