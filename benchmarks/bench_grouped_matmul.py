@@ -167,6 +167,7 @@ def mosaic_sweep(m, g, k, n_out, epilogue) -> list:
                                     chain_items=True, **walk),
                     MosaicGpuConfig(tile_m=64, tile_n=128, wg_split="m", max_concurrent_steps=3,
                                     swizzled_epilogue=True, **walk),
+                    MosaicGpuConfig(tile_m=128, tile_n=64, max_concurrent_steps=6, **pingpong),
                     MosaicGpuConfig(tile_m=128, tile_n=64, max_concurrent_steps=6, **pingpong_cols)]
         else:
             more = [MosaicGpuConfig(chain_items=True, **walk), MosaicGpuConfig(tile_m=64, tile_n=256, wg_split="m", **walk),

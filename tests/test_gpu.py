@@ -37,7 +37,7 @@ def _sizes(kind: str, m: int, g: int, rng) -> np.ndarray:
     }[kind].astype(np.int32)
 
 
-@pytest.mark.parametrize("impl", ["mosaic_gpu", "mosaic_gpu_pingpong", "triton"])
+@pytest.mark.parametrize("impl", ["mosaic_gpu", "mosaic_gpu_long_k", "mosaic_gpu_pingpong", "triton"])
 @pytest.mark.parametrize("epilogue", ["none", "swiglu", "row_scale"])
 # m=1000: decode-sized tiles, m=4100: prefill-sized; neither a multiple of a tile.
 @pytest.mark.parametrize("kind,m", [("random", 1000), ("zeros", 4100), ("one_giant", 1000),
@@ -50,6 +50,10 @@ def test_grouped_matmul_kernels_poisoned(rng, impl, epilogue, kind, m):
         impl, config = "mosaic_gpu", MosaicGpuConfig(
             tile_m=64 if epilogue == "swiglu" else 128, tile_n=128, consumers="pingpong",
             max_concurrent_steps=4, grid_minor="m", grid_tile_width=4, swizzled_epilogue=kind == "zeros")
+    if impl == "mosaic_gpu_long_k":  # the defaults for long K (gate/up), which K=512 would not pick
+        from pallas_kernels.grouped_matmul import mosaic_gpu
+        n_out = 384 if epilogue == "swiglu" else 768
+        impl, config = "mosaic_gpu", mosaic_gpu.default_config(m, 8, k=7168, n_out=n_out, epilogue=epilogue)
     if impl not in _gpu_kernels():
         pytest.skip(f"{impl} needs another GPU generation")
     k, n, g = 512, 768, 8

@@ -212,6 +212,32 @@ def test_mosaic_pingpong_on_few_ctas(rng, epilogue, kind):
     assert np.linalg.norm(got - ref) <= 1e-2 * np.linalg.norm(ref)
 
 
+@pytest.mark.parametrize("epilogue,k_of_config", [("none", 7168), ("swiglu", 7168), ("none", 2048),
+                                                   ("row_scale", 2048)])
+def test_mosaic_prefill_defaults_match_float64(rng, epilogue, k_of_config):
+    """The prefill default tiles for DeepSeek-V3's gate/up (long K), SwiGLU and down (short K),
+    on two simulated CTAs at small dims, with empty groups and padding rows."""
+    from pallas_kernels.grouped_matmul import mosaic_gpu
+    n_out = N // 2 if epilogue == "swiglu" else N
+    config = mosaic_gpu.default_config(32768, 64, k=k_of_config, n_out=n_out, epilogue=epilogue)
+    config = dataclasses.replace(config, max_ctas=2)
+    k, m = 256, 420  # 4 K steps: whole rounds of the chained defaults' stages
+    sizes = rng.multinomial(m - 37, rng.dirichlet(np.ones(G))) * (np.arange(G) != 2)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((G, k, N)) / np.sqrt(k), jnp.bfloat16)
+    scale = jnp.asarray(rng.random(m), jnp.float32)
+    if epilogue == "swiglu":
+        got = grouped_swiglu(x, w, jnp.asarray(sizes), implementation="mosaic_gpu", config=config)
+    else:
+        got = grouped_matmul(x, w, jnp.asarray(sizes), implementation="mosaic_gpu", config=config,
+                             row_scale=scale if epilogue == "row_scale" else None)
+    live = int(sizes.sum())
+    ref = np_forward(x, w, sizes, epilogue, scale)[:live]
+    got = np.asarray(got, np.float64)[:live]
+    assert np.isfinite(got).all()
+    assert np.linalg.norm(got - ref) <= 1e-2 * np.linalg.norm(ref)
+
+
 def test_mosaic_pingpong_config_errors():
     with pytest.raises(ValueError, match="pingpong.*chain_items"):
         MosaicGpuConfig(consumers="pingpong", chain_items=True)

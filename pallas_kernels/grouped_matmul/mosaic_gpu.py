@@ -128,27 +128,34 @@ def default_config(
 ) -> MosaicGpuConfig:
     """Tiles measured best on one H200 (benchmarks/RESULTS.md), shrunk to fit small K, N.
 
-    Prefill (>= 128 rows per group): ping-pong consumers, each computing a whole
-    128x128 item (128x64 with SwiGLU's two accumulators) with 6 stages, so one
-    consumer's epilogue overlaps the other's MMAs. Timed in turns against the
-    best cooperative tiles (3685461, d389e7e): down 5-6 % faster uniform and
-    1-4 % at Zipf sizes; gate/up 2-3 % faster uniform, and at Zipf sizes,
-    walking column tiles fastest (``grid_minor="n"``), from 1 % ahead to 3 %
-    behind depending on the machine (row-tile-major bands were 5 % behind and
-    read 8.7 GB from HBM against 6.9, by Nsight Compute); SwiGLU 3-5 % faster
-    uniform, even at Zipf. Decode: cooperative 64-row tiles; long K (gate/up)
-    streams best with 64x512 CTA tiles and 2 stages (0.95-0.97 of copy
-    bandwidth), short K (down) with 64x256 tiles, 4 stages and chained items
-    (0.89-0.91), SwiGLU with 64x128; ping-pong measured the same there.
+    Chosen by sustained timing (``bench_grouped_matmul --sustain``, ad4decd): the
+    H200 holds its 700 W cap by lowering clocks, so a kernel that draws more power
+    per FLOP runs slower when the card stays busy, as it does while serving. Timed
+    in short bursts in turns, the ping-pong consumers looked 2-6 % faster; run
+    back to back they clocked 1268 MHz against the cooperative kernel's 1440 at
+    gate/up and lost 11 %.
+
+    Prefill (>= 128 rows per group): gate/up (long K) cooperative 128x256 CTA
+    tiles, 3 stages, whole epilogue tiles stored through swizzled shared memory
+    (1.04x torch sustained); SwiGLU two 64x128 warpgroup tiles split along M,
+    chained items (6-8 % faster than ping-pong sustained); down (short K) ping-pong
+    consumers, each computing whole 128x128 items with 6 stages, so one's epilogue
+    overlaps the other's MMAs (sustained, with the routing weight the fastest at
+    uniform sizes and within 1 % at Zipf sizes; plain down level with the best
+    cooperative tiles at uniform sizes, 4 % behind at Zipf). Decode: cooperative 64-row
+    tiles; long K (gate/up) streams best with 64x512 CTA tiles and 2 stages
+    (0.95-0.97 of copy bandwidth), short K (down) with 64x256 tiles, 4 stages and
+    chained items (0.89-0.91), SwiGLU with 64x128; ping-pong measured the same there.
     """
-    pingpong = dict(consumers="pingpong", tile_m=128, max_concurrent_steps=6)
+    walk = dict(grid_minor="m", grid_tile_width=4)
     prefill = num_rows // max(1, num_groups) >= 128
     if prefill and epilogue == "swiglu":
-        config, chain = MosaicGpuConfig(tile_n=64, grid_minor="m", grid_tile_width=8, **pingpong), False
+        config, chain = MosaicGpuConfig(tile_m=64, tile_n=128, wg_split="m", **walk), True
     elif prefill and k < 4096:
-        config, chain = MosaicGpuConfig(tile_n=128, grid_minor="m", grid_tile_width=4, **pingpong), False
+        config, chain = MosaicGpuConfig(tile_m=128, tile_n=128, consumers="pingpong", max_concurrent_steps=6,
+                                        **walk), False
     elif prefill:
-        config, chain = MosaicGpuConfig(tile_n=128, grid_minor="n", grid_tile_width=4, **pingpong), False
+        config, chain = MosaicGpuConfig(max_concurrent_steps=3, swizzled_epilogue=True, **walk), False
     elif epilogue == "swiglu":
         config, chain = MosaicGpuConfig(tile_m=64, tile_n=64, max_concurrent_steps=4), False
     elif k >= 4096:
