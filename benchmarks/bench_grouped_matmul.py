@@ -534,7 +534,9 @@ def main() -> int:
             print("  " + lines[-1], flush=True)
 
     card = jax.devices()[0].device_kind
-    title = (f"## bench_grouped_matmul ({args.phase}{', quick' if args.quick else ''}{' + ragged_dot_mgpu' if args.quick and args.mgpu else ''}{', sustained' if SUSTAIN_S else ''}): 1x {card}, {datetime.date.today()}, commit {commit()}, "
+    mode = (", quick" if args.quick else "") + (" + ragged_dot_mgpu" if args.quick and args.mgpu else "") \
+        + (", sustained" if SUSTAIN_S else "")
+    title = (f"## bench_grouped_matmul ({args.phase}{mode}): 1x {card}, {datetime.date.today()}, commit {commit()}, "
              f"jax {jax.__version__}, default implementation {default_implementation()!r}")
     notes = (f"{groups} groups, bf16 in, f32 accumulate, bf16 out; decode rates count the weight bytes of "
              f"non-empty groups; measured copy bandwidth {bandwidth:.0f} GB/s; median of {args.iters} samples "

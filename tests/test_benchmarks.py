@@ -24,7 +24,8 @@ SCRIPTS = [
     ("bench_alltoall.py", ["--ep", "8"], ["EP8", "| 4096 | xla |"]),  # issue 7's shape
     ("bench_grouped_matmul.py", [], ["| gate/up | 1024 | uniform | xla loop |", "| down x weight |"]),
     ("bench_grouped_matmul.py", ["--phase", "prefill", "--kinds", "zipf-aligned", "--only", "gate/up 1024",
-                                 "--variants", "delay_release=1;tile_k=128,max_concurrent_steps=3", "--sustain", "0.05"],
+                                 "--variants", "delay_release=1;tile_k=128,max_concurrent_steps=3",
+                                 "--sustain", "0.05"],
      ["| gate/up | 1024 | zipf-aligned | xla loop |"]),
     ("bench_grouped_matmul.py", ["--phase", "wgrad"], ["| gate/up dW |", "| down dW |", "dense (same FLOPs)"]),
     ("bench_model.py", [], ["alltoall=xla (xla), expert_kernel=xla", "alltoall=auto (xla), expert_kernel=auto"]),
