@@ -49,11 +49,20 @@ def sizes_for(kind: str, m: int, rng) -> np.ndarray:
     return np.array([0, 3, 0, 1, 0, 5], np.int32)  # "tiny": M below every row tile
 
 
-def run(impl, epilogue, x, w, sizes, row_scale):
+def run(impl, epilogue, x, w, sizes, row_scale, config=None):
     if epilogue == "swiglu":
-        return grouped_swiglu(x, w, jnp.asarray(sizes), implementation=impl)
-    return grouped_matmul(x, w, jnp.asarray(sizes), implementation=impl,
+        return grouped_swiglu(x, w, jnp.asarray(sizes), implementation=impl, config=config)
+    return grouped_matmul(x, w, jnp.asarray(sizes), implementation=impl, config=config,
                           row_scale=row_scale if epilogue == "row_scale" else None)
+
+
+def assert_mosaic_live_rows_close(config, epilogue, x, w, sizes, row_scale):
+    """The mosaic_gpu kernel with ``config``: finite live rows within 1e-2 (relative) of float64."""
+    live = int(sizes.sum())
+    got = np.asarray(run("mosaic_gpu", epilogue, x, w, sizes, row_scale, config), np.float64)[:live]
+    ref = np_forward(x, w, sizes, epilogue, row_scale)[:live]
+    assert np.isfinite(got).all()
+    assert np.linalg.norm(got - ref) <= 1e-2 * np.linalg.norm(ref)
 
 
 CASES = [("zeros", 203), ("giant", 200), ("last", 130), ("tiny", 20)]
@@ -201,15 +210,7 @@ def test_mosaic_pingpong_on_few_ctas(rng, epilogue, kind):
     config = MosaicGpuConfig(tile_m=64, tile_n=64, max_concurrent_steps=3, consumers="pingpong", max_ctas=2,
                              grid_minor="n" if kind == "giant" else "m", grid_tile_width=2,
                              swizzled_epilogue=kind == "giant")
-    if epilogue == "swiglu":
-        got = grouped_swiglu(x, w, jnp.asarray(sizes), implementation="mosaic_gpu", config=config)
-    else:
-        got = grouped_matmul(x, w, jnp.asarray(sizes), implementation="mosaic_gpu", config=config,
-                             row_scale=scale if epilogue == "row_scale" else None)
-    live = int(sizes.sum())
-    ref = np_forward(x, w, sizes, epilogue, scale)[:live]
-    got = np.asarray(got, np.float64)[:live]
-    assert np.linalg.norm(got - ref) <= 1e-2 * np.linalg.norm(ref)
+    assert_mosaic_live_rows_close(config, epilogue, x, w, sizes, scale)
 
 
 @pytest.mark.parametrize("epilogue,k_of_config", [("none", 7168), ("swiglu", 7168), ("none", 2048),
@@ -226,16 +227,7 @@ def test_mosaic_prefill_defaults_match_float64(rng, epilogue, k_of_config):
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((G, k, N)) / np.sqrt(k), jnp.bfloat16)
     scale = jnp.asarray(rng.random(m), jnp.float32)
-    if epilogue == "swiglu":
-        got = grouped_swiglu(x, w, jnp.asarray(sizes), implementation="mosaic_gpu", config=config)
-    else:
-        got = grouped_matmul(x, w, jnp.asarray(sizes), implementation="mosaic_gpu", config=config,
-                             row_scale=scale if epilogue == "row_scale" else None)
-    live = int(sizes.sum())
-    ref = np_forward(x, w, sizes, epilogue, scale)[:live]
-    got = np.asarray(got, np.float64)[:live]
-    assert np.isfinite(got).all()
-    assert np.linalg.norm(got - ref) <= 1e-2 * np.linalg.norm(ref)
+    assert_mosaic_live_rows_close(config, epilogue, x, w, sizes, scale)
 
 
 def test_mosaic_pingpong_config_errors():
