@@ -44,6 +44,7 @@ from pallas_kernels import (MosaicGpuConfig, MosaicTgmmConfig, TritonConfig, gro
                             grouped_matmul_transposed, grouped_swiglu)
 from pallas_kernels.grouped_matmul import default_implementation  # noqa: E402
 from pallas_kernels.grouped_matmul import mosaic_gpu as mosaic_module  # noqa: E402
+from pallas_kernels.grouped_matmul import mosaic_gpu_tgmm as mosaic_tgmm_module  # noqa: E402
 from pallas_kernels.grouped_matmul import triton as triton_module  # noqa: E402
 from wideep_jax.bench import copy_rate, median_ms, time_fn  # noqa: E402
 
@@ -333,9 +334,14 @@ def wgrad_ours(x, dy, gs, iters: int, on_gpu: bool) -> dict[str, tuple[str, Samp
         out["triton tgmm"] = pick(candidates, iters)
         # The mosaic_gpu dW (its default config first).
         candidates = {}
-        for config in (MosaicTgmmConfig(), MosaicTgmmConfig(tile_k=64, max_concurrent_steps=4),
-                       MosaicTgmmConfig(tile_n=64, max_concurrent_steps=4),
-                       MosaicTgmmConfig(grid_tile_width=8)):
+        default = mosaic_tgmm_module.default_config(k, n)
+        pingpong = dict(consumers="pingpong")
+        more = [MosaicTgmmConfig(), MosaicTgmmConfig(tile_k=64, max_concurrent_steps=4),
+                MosaicTgmmConfig(tile_n=64, max_concurrent_steps=4), MosaicTgmmConfig(grid_tile_width=8),
+                *(MosaicTgmmConfig(max_concurrent_steps=steps, **pingpong) for steps in (4, 5, 6)),
+                MosaicTgmmConfig(grid_tile_width=8, max_concurrent_steps=5, **pingpong),
+                MosaicTgmmConfig(block_rows=128, max_concurrent_steps=3, **pingpong)]
+        for config in [default] + [c for c in more if c != default]:
             f = jax.jit(functools.partial(grouped_matmul_transposed, implementation="mosaic_gpu", config=config))
             candidates[short(config)] = functools.partial(f, x, dy, gs)
         out["mosaic_gpu tgmm"] = pick(candidates, iters)

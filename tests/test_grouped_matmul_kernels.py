@@ -331,10 +331,19 @@ TGMM_CASES = {  # name: group sizes over 6 groups (rows past their sum are NaN p
 }
 
 
+TGMM_INTERPRET_CONFIGS = {  # three simulated CTAs; ping-pong also with 128-row steps and 64x64 items
+    "cooperative": {}, "pingpong": {"consumers": "pingpong"},
+    "pingpong_rows128": {"consumers": "pingpong", "tile_k": 64, "tile_n": 64, "block_rows": 128,
+                         "max_concurrent_steps": 2}}
+
+
+@pytest.mark.parametrize("consumers", list(TGMM_INTERPRET_CONFIGS))
 @pytest.mark.parametrize("case", list(TGMM_CASES))
-def test_mosaic_tgmm_matches_float64(rng, case):
+def test_mosaic_tgmm_matches_float64(rng, case, consumers):
     """dw[g] = x_g^T dy_g on three simulated CTAs: boundary rows of neighbours and NaN
-    padding are masked out, empty groups are exactly zero, M need not be a multiple of 8."""
+    padding are masked out, empty groups are exactly zero, M need not be a multiple of 8.
+    The ping-pong kernel's hand-made barriers are checked by the interpreter too (each
+    phase must be observed by every waiter)."""
     from pallas_kernels.grouped_matmul import mosaic_gpu_tgmm
 
     m, k, n = 203, 128, 256
@@ -343,7 +352,7 @@ def test_mosaic_tgmm_matches_float64(rng, case):
     dy = rng.standard_normal((m, n)).astype(np.float32)
     x[sizes.sum():], dy[sizes.sum():] = np.nan, np.nan
     xb, dyb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(dy, jnp.bfloat16)
-    config = mosaic_gpu_tgmm.MosaicTgmmConfig(max_ctas=3, grid_tile_width=2)
+    config = mosaic_gpu_tgmm.MosaicTgmmConfig(max_ctas=3, grid_tile_width=2, **TGMM_INTERPRET_CONFIGS[consumers])
     got = np.asarray(mosaic_gpu_tgmm.tgmm(xb, dyb, jnp.asarray(sizes), config=config, out_dtype=jnp.float32,
                                           interpret=True), np.float64)
     want = np.zeros((G, k, n))
@@ -377,8 +386,11 @@ def test_mosaic_tgmm_api_default_and_errors(rng):
                                     preferred_element_type=jnp.float32)
     want = grouped_matmul_transposed(x, dy, sizes, implementation="xla", preferred_element_type=jnp.float32)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-3)
-    # No config: mosaic_gpu's own dW kernel with its default tiles (64 x 2*64 here, N=128).
-    assert mosaic_gpu_tgmm.default_config(128, 128) == MosaicTgmmConfig(tile_k=64, tile_n=64,
+    # No config: mosaic_gpu's own dW kernel with its default tiles (ping-pong 128x128 items
+    # where they divide dw, else cooperative 64 x 2*64).
+    assert mosaic_gpu_tgmm.default_config(128, 128) == MosaicTgmmConfig(consumers="pingpong",
+                                                                        max_concurrent_steps=5)
+    assert mosaic_gpu_tgmm.default_config(192, 128) == MosaicTgmmConfig(tile_k=64, tile_n=64,
                                                                         max_concurrent_steps=4)
     assert mosaic_gpu_tgmm.default_config(128, 192) is None  # the Triton kernel runs then
     got = grouped_matmul_transposed(x, dy[:, :128], sizes, implementation="mosaic_gpu",
@@ -406,7 +418,8 @@ def test_mosaic_tgmm_api_default_and_errors(rng):
 
 TGMM_LOWERING_CONFIGS = {  # the default and the configs the GPU test and the wgrad sweep run
     "default": {}, "tile_k=64": {"tile_k": 64, "max_concurrent_steps": 4},
-    "tile_n=64": {"tile_n": 64, "max_concurrent_steps": 4}, "grid_tile_width=8": {"grid_tile_width": 8}}
+    "tile_n=64": {"tile_n": 64, "max_concurrent_steps": 4}, "grid_tile_width=8": {"grid_tile_width": 8},
+    "pingpong": {"consumers": "pingpong", "max_concurrent_steps": 5}}
 
 
 @pytest.mark.parametrize("m,k,n", [(4100, 512, 768), (32768, 7168, 4096), (32768, 2048, 7168)])

@@ -11,15 +11,18 @@ rows of its neighbours or padding (NaN allowed): those rows are zeroed in
 shared memory (a select, not a multiply) before the MMAs. Empty groups give
 zeros.
 
-The mosaic_gpu implementation's dW (`default_config` picks the tiles): on one
-H200 at the prefill shapes it runs 1.12-1.30x the Triton transposed kernel and
-1.00-1.13x JAX's ``transposed_ragged_dot_mgpu`` (RESULTS.md, wgrad). CPU: Mosaic
+This is the cooperative form; ``consumers="pingpong"`` runs
+``mosaic_gpu_tgmm_pingpong`` (loads stream across items, one consumer's epilogue
+overlaps the other's MMAs), the default where its tiles divide dw: sustained on
+one H200 at the prefill shapes it runs 1.06-1.13x torch's grouped mm and
+1.07-1.28x JAX's ``transposed_ragged_dot_mgpu`` (RESULTS.md, wgrad). CPU: Mosaic
 GPU's interpret mode.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -27,17 +30,20 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.grouped_matmul.mosaic_gpu import _ROW_ALIGN, persistent_kernel
+from pallas_kernels.grouped_matmul import mosaic_gpu_tgmm_pingpong
+from pallas_kernels.grouped_matmul.mosaic_gpu import _ROW_ALIGN, _SMEM_BYTES, persistent_kernel
 from pallas_kernels.grouped_matmul.mosaic_gpu_epilogue import swizzled
+from pallas_kernels.grouped_matmul.mosaic_gpu_tgmm_pingpong import mask_rows
 
 _INTERPRET_CTAS = 3
-_OUT_STAGE_BYTES = 32 * 1024  # one consumer's output staging buffer in shared memory
+# One consumer's output staging buffer in shared memory; ping-pong keeps more stages instead.
+_OUT_STAGE_BYTES = {"cooperative": 32 * 1024, "pingpong": 16 * 1024}
 
 
 def _store_rows(config: "MosaicTgmmConfig", out_dtype) -> int:
-    """Rows of the output tile staged per store: all of tile_k when they fit
-    _OUT_STAGE_BYTES, else the largest multiple of 64 that does (at least 64)."""
-    fit = _OUT_STAGE_BYTES // (config.tile_n * jnp.dtype(out_dtype).itemsize) // 64 * 64
+    """Rows of the output tile staged per store: all of tile_k when they fit the
+    consumer's staging buffer, else the largest multiple of 64 that does (at least 64)."""
+    fit = _OUT_STAGE_BYTES[config.consumers] // (config.tile_n * jnp.dtype(out_dtype).itemsize) // 64 * 64
     rows = min(config.tile_k, max(fit, 64))
     while config.tile_k % rows:
         rows -= 64
@@ -50,12 +56,16 @@ class MosaicTgmmConfig:
 
     Attributes:
       tile_k, tile_n: one consumer warpgroup's output tile (rows of dw[g] along
-        K, columns along N); the two consumers sit side by side along N, so a
-        CTA computes ``tile_k x 2*tile_n``.
+        K, columns along N). Cooperative: the two consumers sit side by side
+        along N, so a work item is ``tile_k x 2*tile_n``; ping-pong: each
+        consumer computes whole ``tile_k x tile_n`` items, in turns.
       block_rows: rows of x and dy per pipeline step (the contraction step).
       max_concurrent_steps: pipeline stages in shared memory.
       grid_tile_width: planar-snake band width over a group's (K, N) tiles.
       max_ctas: persistent CTAs to launch (None: one per SM).
+      consumers: "cooperative" (``emit_pipeline`` per item) or "pingpong"
+        (``mosaic_gpu_tgmm_pingpong``: loads stream across items, one
+        consumer's epilogue overlaps the other's MMAs).
     """
 
     tile_k: int = 128
@@ -64,6 +74,7 @@ class MosaicTgmmConfig:
     max_concurrent_steps: int = 3
     grid_tile_width: int = 4
     max_ctas: int | None = None
+    consumers: Literal["cooperative", "pingpong"] = "cooperative"
 
     def __post_init__(self) -> None:
         for name in ("tile_k", "tile_n", "block_rows"):
@@ -73,13 +84,26 @@ class MosaicTgmmConfig:
         if self.max_concurrent_steps < 2 or self.grid_tile_width < 1:
             raise ValueError("MosaicTgmmConfig needs max_concurrent_steps >= 2 and grid_tile_width >= 1, got "
                              f"{self.max_concurrent_steps}, {self.grid_tile_width}")
+        if self.consumers not in ("cooperative", "pingpong"):
+            raise ValueError(f"MosaicTgmmConfig.consumers must be 'cooperative' or 'pingpong', got {self.consumers!r}")
+        if self.consumers == "pingpong" and self.tile_k * self.tile_n > 128 * 128:
+            raise ValueError(f"MosaicTgmmConfig(consumers='pingpong'): one warpgroup holds the whole {self.tile_k}x"
+                             f"{self.tile_n} accumulator; at most 128x128 elements (128 registers a thread) fit")
+
+    @property
+    def item_n(self) -> int:
+        """Columns of dw one work item computes."""
+        return self.tile_n * (2 if self.consumers == "cooperative" else 1)
 
 
 def default_config(k: int, n: int) -> MosaicTgmmConfig | None:
-    """Tiles for dw of shape [K, N]: 128 x 2*128 where they divide it, else 64 x 2*64
-    (deeper pipeline); None when K is not a multiple of 64 or N of 128."""
-    for config in (MosaicTgmmConfig(), MosaicTgmmConfig(tile_k=64, tile_n=64, max_concurrent_steps=4)):
-        if k % config.tile_k == 0 and n % (2 * config.tile_n) == 0:
+    """Tiles for dw of shape [K, N]: ping-pong 128x128 items with 5 stages where they
+    divide it (sustained on one H200 it beat the cooperative 128 x 2*128 tiles by up to
+    19 %; 5 stages also fit a float32 dw), else cooperative 64 x 2*64; None when K is
+    not a multiple of 64 or N of 128."""
+    for config in (MosaicTgmmConfig(consumers="pingpong", max_concurrent_steps=5),
+                   MosaicTgmmConfig(tile_k=64, tile_n=64, max_concurrent_steps=4)):
+        if k % config.tile_k == 0 and n % config.item_n == 0:
             return config
     return None
 
@@ -125,23 +149,16 @@ def _kernel(group_start, group_end, x_gmem, dy_gmem, out_gmem, *, config: Mosaic
             first = pl.multiple_of(begin // _ROW_ALIGN * _ROW_ALIGN, _ROW_ALIGN)
             # An empty group still runs one step, all of it masked: its tile comes out zero.
             steps = jnp.maximum((end - first + rows - 1) // rows, 1)
-            last = steps - 1
-
-            def mask_rows(ref, step):
-                """Zeroes the rows of a step's block that are not the group's."""
-                row = first + step * rows + plgpu.layout_cast(
-                    lax.broadcasted_iota(jnp.int32, ref.shape, 0), plgpu.Layout.WGMMA)
-                ref[...] = jnp.where((row >= begin) & (row < end), ref[...], jnp.zeros((), ref.dtype))
 
             def mma(idx, x_smem, dy_smem, acc):
-                step = idx[0]
+                row0 = first + idx[0] * rows
                 dy_mine = dy_smem.at[:, pl.ds(pl.multiple_of(wg * tile_n, tile_n), tile_n)]
 
-                @pl.when((step == 0) | (step == last))
+                @pl.when((row0 < begin) | (row0 + rows > end))  # a block reaching past the group's rows
                 def _():
                     # Both consumers write x's masked rows: the same values, so no race.
-                    mask_rows(x_smem, step)
-                    mask_rows(dy_mine, step)
+                    mask_rows(x_smem, row0, begin, end)
+                    mask_rows(dy_mine, row0, begin, end)
                     plgpu.commit_smem()
 
                 plgpu.wgmma(acc, x_smem.transpose((1, 0)), dy_mine)
@@ -189,13 +206,20 @@ def tgmm(
     (m, k), n = x.shape, dy.shape[1]
     config = config or MosaicTgmmConfig()
     num_groups = group_sizes.shape[0] if num_groups is None else num_groups
-    if k % config.tile_k or n % (2 * config.tile_n):
-        raise ValueError(f"K={k} and N={n} must be multiples of tile_k={config.tile_k} and 2*tile_n="
-                         f"{2 * config.tile_n} for the mosaic_gpu transposed grouped matmul")
+    if k % config.tile_k or n % config.item_n:
+        item_n = "2*tile_n" if config.consumers == "cooperative" else "tile_n"
+        raise ValueError(f"K={k} and N={n} must be multiples of tile_k={config.tile_k} and {item_n}="
+                         f"{config.item_n} for the mosaic_gpu transposed grouped matmul")
     if x.dtype != dy.dtype or x.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"mosaic_gpu transposed grouped matmul needs x and dy both bf16 or f16, got "
                          f"{x.dtype}, {dy.dtype}")
     out_dtype = jnp.dtype(out_dtype or x.dtype)
+    store_rows = _store_rows(config, out_dtype)
+    if config.consumers == "pingpong":
+        need = mosaic_gpu_tgmm_pingpong.shared_memory_bytes(config, store_rows, out_dtype.itemsize)
+        if need > _SMEM_BYTES:
+            raise ValueError(f"{config} needs {need} bytes of shared memory, more than the {_SMEM_BYTES} a Hopper "
+                             "CTA has: fewer max_concurrent_steps, block_rows or smaller tiles")
     if m == 0 or num_groups == 0:
         return jnp.zeros((num_groups, k, n), out_dtype)
     # Group bounds, clipped to the rows that exist (an over-full group_sizes reads nothing past M).
@@ -206,7 +230,12 @@ def tgmm(
     rows = -(-m // _ROW_ALIGN) * _ROW_ALIGN
     if rows != m:
         x, dy = (jnp.pad(a, ((0, rows - m), (0, 0))) for a in (x, dy))
-    kernel = persistent_kernel(functools.partial(_kernel, config=config, num_groups=num_groups),
+    if config.consumers == "pingpong":
+        body = functools.partial(mosaic_gpu_tgmm_pingpong.kernel, config=config, num_groups=num_groups,
+                                 row_align=_ROW_ALIGN, store_rows=store_rows)
+    else:
+        body = functools.partial(_kernel, config=config, num_groups=num_groups)
+    kernel = persistent_kernel(body,
                                jax.ShapeDtypeStruct((num_groups, k, n), out_dtype), max_ctas=config.max_ctas,
                                interpret=interpret, interpret_ctas=_INTERPRET_CTAS)
     return kernel(starts, ends, x, dy)
