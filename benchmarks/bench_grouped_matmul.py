@@ -29,7 +29,6 @@ import dataclasses
 import datetime
 import functools
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,7 +45,8 @@ from pallas_kernels.grouped_matmul import default_implementation  # noqa: E402
 from pallas_kernels.grouped_matmul import mosaic_gpu as mosaic_module  # noqa: E402
 from pallas_kernels.grouped_matmul import mosaic_gpu_tgmm as mosaic_tgmm_module  # noqa: E402
 from pallas_kernels.grouped_matmul import triton as triton_module  # noqa: E402
-from wideep_jax.bench import copy_rate, median_ms, time_fn  # noqa: E402
+from wideep_jax import bench  # noqa: E402
+from wideep_jax.bench import Sampler, copy_rate, race, time_fn  # noqa: E402
 
 def group_sizes(num_rows: int, num_groups: int, kind: str) -> np.ndarray:
     """int32 [G] summing to ``num_rows``: ``uniform`` (equal +-1), ``zipf`` (popularity ~ 1/rank^1.2)
@@ -91,43 +91,13 @@ def parse_variants(text: str) -> tuple[dict, ...]:
     return tuple(variants)
 
 
-Sampler = Callable[[], float]  # one timed sample: seconds per call over BATCH back-to-back calls
-
-
 def sampler(run: Callable[[int], None]) -> Sampler:
-    """A sample of ``run(n)`` (n back-to-back calls, then a sync): BATCH calls timed,
-    after ``SUSTAIN_S`` seconds of the same calls untimed. The H200 holds its 700 W cap
-    by lowering clocks, so a kernel that draws more power runs slower when it runs
-    for long; with ``--sustain`` each entry is timed at its own steady clock, not at
-    the clock the previous entry left behind."""
-    def sample() -> float:
-        end = time.perf_counter() + SUSTAIN_S
-        while time.perf_counter() < end:
-            run(10)
-        start = time.perf_counter()
-        run(BATCH)
-        return (time.perf_counter() - start) / BATCH
-    return sample
+    """`wideep_jax.bench.sampler` with this run's ``--batch`` and ``--sustain``."""
+    return bench.sampler(run, batch=BATCH, sustain_s=SUSTAIN_S)
 
 
 def jax_sampler(fn) -> Sampler:
-    def run(calls: int) -> None:
-        out = None
-        for _ in range(calls):  # hold only the last result: outputs can be hundreds of MB
-            out = fn()
-        jax.block_until_ready(out)
-    return sampler(run)
-
-
-def race(samplers: dict[str, Sampler], iters: int) -> dict[str, float]:
-    """Median ms of each sampler, timed round-robin (one sample each per round): the
-    card's clocks drift with its recent load (here by up to 15 % within a process),
-    and taking turns makes every entry see the same drift."""
-    samples = {name: [] for name in samplers}
-    for _ in range(iters):
-        for name, sample in samplers.items():
-            samples[name].append(sample())
-    return {name: median_ms(times) for name, times in samples.items()}
+    return bench.jax_sampler(fn, batch=BATCH, sustain_s=SUSTAIN_S)
 
 
 def pick(candidates: dict, iters: int) -> tuple[str, Sampler] | None:

@@ -37,8 +37,8 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from wideep_jax import MoEConfig, MoELayer, MoESpec  # noqa: E402
-from wideep_jax.bench import (copy_rate, imbalance, jitted_forward, median_ms, ops_table,  # noqa: E402
-                              profile_ops, rank_rows, synthetic_routing, time_fn)
+from wideep_jax.bench import (copy_rate, imbalance, jax_sampler, jitted_forward, median_ms,  # noqa: E402
+                              ops_table, profile_ops, race, rank_rows, synthetic_routing, time_fn)
 from wideep_jax.comm import get_alltoall_backend  # noqa: E402
 from wideep_jax.dispatch import make_dispatch_plan  # noqa: E402
 from wideep_jax.experts import routed_experts  # noqa: E402
@@ -150,12 +150,18 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=[128, 4096])
     parser.add_argument("--skews", nargs="+", default=["0", "1.2"], help="Zipf exponents; 0 = uniform")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=5, help="back-to-back calls per timed sample")
+    parser.add_argument("--sustain", type=float, default=0.0,
+                        help="seconds each timed sample first runs its entry back to back (each entry at "
+                             "its own steady clock under the card's power cap)")
     parser.add_argument("--small", action="store_true", help="scaled-down dims (CPU smoke run)")
     parser.add_argument("--no-local", action="store_true", help="skip the all-experts-local peer")
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     parser.add_argument("--profile", action="store_true",
                         help="print each case's top device ops of one WIDEEP forward (GPU 0)")
     args = parser.parse_args()
+    if args.batch < 1 or args.sustain < 0:
+        raise SystemExit(f"--batch {args.batch} must be >= 1 and --sustain {args.sustain} >= 0 seconds")
 
     ep, mesh, spec, card = setup(args.ep, args.small)
     wide = MoELayer(spec, MoEConfig(backend="WIDEEP"), mesh=mesh, rngs=nnx.Rngs(0))
@@ -178,21 +184,28 @@ def main() -> int:
                                tok_sharding)
             routing = jax.device_put(
                 synthetic_routing(jax.random.key(2), n, spec.num_experts, spec.top_k, skew), tok_sharding)
-            total = median_ms(time_fn(lambda: forward(x, routing), iters=args.iters))
             _, stats = forward(x, routing)
             w = wide.weights()
             plan, recv = stages[0](x, routing.ids, routing.weights, w.slot_to_expert)
             partial = stages[1](recv, w.w_gate_up, w.w_down)
-            t_dispatch = median_ms(time_fn(lambda: stages[0](x, routing.ids, routing.weights, w.slot_to_expert),
-                                           iters=args.iters))
-            t_experts = median_ms(time_fn(lambda: stages[1](recv, w.w_gate_up, w.w_down), iters=args.iters))
-            t_combine = median_ms(time_fn(lambda: stages[2](partial, plan, recv.count), iters=args.iters))
+            entries = {"total": lambda: forward(x, routing),
+                       "dispatch": lambda: stages[0](x, routing.ids, routing.weights, w.slot_to_expert),
+                       "experts": lambda: stages[1](recv, w.w_gate_up, w.w_down),
+                       "combine": lambda: stages[2](partial, plan, recv.count)}
+            if local is not None:
+                entries["local"] = lambda: local_forward(x, routing)
+            for fn in entries.values():  # compile and warm up, outside the timed turns
+                time_fn(fn, iters=0)
+            # The forward, its stages and the local peer take turns, so they see the same clock drift.
+            times = race({name: jax_sampler(fn, batch=args.batch, sustain_s=args.sustain)
+                          for name, fn in entries.items()}, args.iters)
+            total, t_dispatch, t_experts, t_combine = (times[name] for name in
+                                                       ("total", "dispatch", "experts", "combine"))
             rows_per_rank = rank_rows(stats, ep)
             floor = rows_per_rank.max() * flops_per_row / rate * 1e3
             used_slots = (np.asarray(stats.slot_counts).reshape(ep, -1) > 0).sum(axis=1).max()
             weight_floor = used_slots * bytes_per_slot / bandwidth * 1e3
-            t_local = (median_ms(time_fn(lambda: local_forward(x, routing), iters=args.iters))
-                       if local is not None else float("nan"))
+            t_local = times.get("local", float("nan"))
             rows.append(dict(tokens=tokens, skew=skew, total=total, dispatch=t_dispatch, experts=t_experts,
                              combine=t_combine, local=t_local, floor=floor, weight_floor=weight_floor,
                              imbalance=imbalance(rows_per_rank)))
@@ -219,7 +232,9 @@ def main() -> int:
              f"jax {jax.__version__}")
     notes = (f"{dims}. {backends_text(wide.config, mesh, spec)}. "
              f"Dense bf16 matmul measured at {rate / 1e12:.0f} TFLOP/s, copy at {bandwidth / 1e9:.0f} GB/s "
-             f"(read + write); median of {args.iters}.")
+             f"(read + write); median of {args.iters} samples of {args.batch} back-to-back calls, the forward, "
+             f"its stages and the local peer timed in turns"
+             + (f", each sample after {args.sustain:g} s of the same calls untimed" if args.sustain else "") + ".")
     publish(f"\n{title}\n\n{notes}\n\n{table}\n", write=not args.no_write)
     return 0
 

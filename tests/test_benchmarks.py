@@ -32,7 +32,8 @@ SCRIPTS = [
     ("bench_model.py", ["--runs", "xla/auto", "--profile"],
      ["profile of one decode step: device busy", "host events of one prefill: host busy",
       "alltoall=xla (xla), expert_kernel=auto"]),
-    ("bench_moe_layer.py", [], ["| 128 |"]),
+    ("bench_moe_layer.py", ["--sustain", "0.02", "--batch", "2", "--iters", "3", "--tokens", "128", "512"],
+     ["| 128 |", "local peer timed in turns, each sample after 0.02 s of the same calls untimed"]),
     ("bench_eplb.py", [], ["| "]),
     ("bench_permute.py", [], ["| "]),
 ]

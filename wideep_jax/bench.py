@@ -140,6 +140,46 @@ def median_ms(seconds: list[float]) -> float:
     return 1e3 * statistics.median(seconds)
 
 
+Sampler = Callable[[], float]  # one timed sample: seconds per call over a batch of back-to-back calls
+
+
+def sampler(run: Callable[[int], None], *, batch: int, sustain_s: float = 0.0) -> Sampler:
+    """A sample of ``run(n)`` (n back-to-back calls, then a sync): ``batch`` calls timed,
+    after ``sustain_s`` seconds of the same calls untimed. The H200 holds its 700 W cap
+    by lowering clocks, so a kernel that draws more power runs slower when it runs
+    for long; sustained, each entry is timed at its own steady clock, not at the
+    clock the previous entry left behind."""
+    def sample() -> float:
+        end = time.perf_counter() + sustain_s
+        while time.perf_counter() < end:
+            run(10)
+        start = time.perf_counter()
+        run(batch)
+        return (time.perf_counter() - start) / batch
+    return sample
+
+
+def jax_sampler(fn: Callable[[], object], *, batch: int, sustain_s: float = 0.0) -> Sampler:
+    """`sampler` of a zero-argument jax callable (compile and warm it up first)."""
+    def run(calls: int) -> None:
+        out = None
+        for _ in range(calls):  # hold only the last result: outputs can be hundreds of MB
+            out = fn()
+        jax.block_until_ready(out)
+    return sampler(run, batch=batch, sustain_s=sustain_s)
+
+
+def race(samplers: dict[str, Sampler], iters: int) -> dict[str, float]:
+    """Median ms of each sampler, timed round-robin (one sample each per round): the
+    card's clocks drift with its recent load (by up to 15 % within a process on an
+    H200), and taking turns makes every entry see the same drift."""
+    samples = {name: [] for name in samplers}
+    for _ in range(iters):
+        for name, sample in samplers.items():
+            samples[name].append(sample())
+    return {name: median_ms(times) for name, times in samples.items()}
+
+
 def imbalance(loads) -> float:
     """(max - mean) / mean, TensorRT-LLM's balance metric (0 = perfect)."""
     loads = np.asarray(loads, np.float64)
