@@ -414,6 +414,20 @@ def test_mosaic_tgmm_api_default_and_errors(rng):
         grouped_matmul_transposed(x, dy[:, :128], sizes, implementation="mosaic_gpu", config=config)
     with pytest.raises(ValueError, match="tile_k must be a positive multiple of 64"):
         MosaicTgmmConfig(tile_k=96)
+    # Ping-pong: whole items per consumer (N a multiple of tile_n only), one accumulator
+    # per warpgroup, and its stages must fit shared memory (a float32 dw stages more bytes).
+    with pytest.raises(ValueError, match="consumers must be 'cooperative' or 'pingpong', got 'both'"):
+        MosaicTgmmConfig(consumers="both")
+    with pytest.raises(ValueError, match="at most 128x128 elements"):
+        MosaicTgmmConfig(consumers="pingpong", tile_k=256)
+    with pytest.raises(ValueError, match=r"N=192 must be .*tile_n=128"):
+        grouped_matmul_transposed(x, jnp.zeros((128, 192), jnp.bfloat16), sizes, implementation="mosaic_gpu",
+                                  config=MosaicTgmmConfig(consumers="pingpong"))
+    with pytest.raises(ValueError, match="needs 262144 bytes of shared memory"):
+        grouped_matmul_transposed(x, dy, sizes, implementation="mosaic_gpu", preferred_element_type=jnp.float32,
+                                  config=MosaicTgmmConfig(consumers="pingpong", max_concurrent_steps=6))
+    with pytest.raises(ValueError, match="need K a multiple of 64 and N of 128"):
+        mosaic_gpu_tgmm.tgmm(x, jnp.zeros((128, 192), jnp.bfloat16), sizes)
 
 
 TGMM_LOWERING_CONFIGS = {  # the default and the configs the GPU test and the wgrad sweep run

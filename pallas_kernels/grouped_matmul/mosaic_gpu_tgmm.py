@@ -198,13 +198,18 @@ def tgmm(
 ) -> jax.Array:
     """dw[g] = x[rows_g]^T @ dy[rows_g] for the first ``num_groups`` groups: [num_groups, K, N].
 
+    ``config`` None takes `default_config`.
+
     Rows at or past ``sum(group_sizes)`` are never used (NaN there is harmless);
     empty groups give zeros. ``interpret`` runs Mosaic GPU's CPU interpreter.
     """
     if x.ndim != 2 or dy.ndim != 2 or x.shape[0] != dy.shape[0]:
         raise ValueError(f"expected x [M, K] and dy [M, N], got {x.shape} and {dy.shape}")
     (m, k), n = x.shape, dy.shape[1]
-    config = config or MosaicTgmmConfig()
+    config = config or default_config(k, n)
+    if config is None:
+        raise ValueError(f"K={k} and N={n}: the mosaic_gpu transposed grouped matmul's tiles need K a multiple of 64 "
+                         "and N of 128 (the Triton one takes other widths)")
     num_groups = group_sizes.shape[0] if num_groups is None else num_groups
     if k % config.tile_k or n % config.item_n:
         item_n = "2*tile_n" if config.consumers == "cooperative" else "tile_n"
