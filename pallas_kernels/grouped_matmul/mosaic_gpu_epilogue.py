@@ -1,5 +1,5 @@
 """Helpers shared by the Mosaic GPU grouped-matmul kernels (cooperative, ping-pong and dW):
-shared-memory tile layouts and the epilogue."""
+shared-memory tile layouts, the epilogue, and the ping-pong kernels' ring of stages."""
 from __future__ import annotations
 
 import math
@@ -82,3 +82,35 @@ def store_rows(value, full_smem, part_smem, out_gmem, *, row0, col0, begin, end,
                                                 dst.at[pl.ds(done, size)])
                     done = done + (live_here & size)
                     size //= 2
+
+
+def consume_ring(full, consumed, *, full_base, stages: int, first_step, num_steps, mma) -> None:
+    """One consumer's pass over ``num_steps`` stages of a shared-memory ring, from ring
+    position ``first_step``: waits for each stage (``full.at[full_base + slot]``), calls
+    ``mma(kk, slot)`` to issue its wgmma, keeps one wgmma group in flight and hands
+    each stage back (``consumed.at[slot]``) once the MMAs that read it are done."""
+    @pl.loop(0, num_steps)
+    def _step(kk):
+        step = first_step + kk
+        slot = lax.rem(step, stages)
+        plgpu.barrier_wait(full.at[full_base + slot])
+        mma(kk, slot)
+        # One wgmma group stays in flight; the one before it is done, so its stage
+        # goes back to the producer.
+        plgpu.wgmma_wait(1)
+
+        @pl.when(kk > 0)
+        def _():
+            plgpu.barrier_arrive(consumed.at[lax.rem(step - 1, stages)])
+
+    plgpu.wgmma_wait(0)
+    plgpu.barrier_arrive(consumed.at[lax.rem(first_step + num_steps - 1, stages)])
+
+
+def drain_ring(consumed, *, stages: int, total_steps) -> None:
+    """The producer's waits for the last ``stages`` releases of ``total_steps`` ring
+    steps: every barrier phase is then seen by each thread that waits on it (Mosaic
+    GPU's interpreter checks this)."""
+    @pl.loop(jnp.maximum(total_steps - stages, 0), total_steps)
+    def _drain(step):
+        plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])

@@ -21,7 +21,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.grouped_matmul.mosaic_gpu_epilogue import epilogue_value, store_rows, swizzled
+from pallas_kernels.grouped_matmul.mosaic_gpu_epilogue import (consume_ring, drain_ring, epilogue_value,
+                                                               store_rows, swizzled)
 
 _CONSUMER_REGISTERS = 232  # what setmaxnreg leaves two consumers beside a 40-register producer
 _PRODUCER_REGISTERS = 40
@@ -76,14 +77,9 @@ def kernel(
                         w_cols = pl.ds(pl.multiple_of(j * tile_n + a * n_out, tile_n), tile_n)
                         plgpu.copy_gmem_to_smem(w_gmem.at[group, cols, w_cols], w_smem.at[a, slot], barrier)
 
-            # Observe the last stages' releases too: every barrier phase is then seen
-            # by each thread that waits on it (Mosaic GPU's interpreter checks this).
             cta, num_ctas = lax.axis_index("sm"), lax.axis_size("sm")
-            steps = jnp.maximum(items[0] - cta + num_ctas - 1, 0) // num_ctas * k_iters
-
-            @pl.loop(jnp.maximum(steps - stages, 0), steps)
-            def _drain(step):
-                plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
+            drain_ring(consumed, stages=stages,
+                       total_steps=jnp.maximum(items[0] - cta + num_ctas - 1, 0) // num_ctas * k_iters)
 
         @pl.when(wg < 2)
         def _consumer():
@@ -97,23 +93,12 @@ def kernel(
                     first_step = info.local_index * k_iters
 
                     def with_accs(*accs):
-                        @pl.loop(0, k_iters)
-                        def _step(kk):
-                            step = first_step + kk
-                            slot = lax.rem(step, stages)
-                            plgpu.barrier_wait(full.at[wg * stages + slot])
+                        def mma(_, slot):
                             for a, acc in enumerate(accs):
                                 plgpu.wgmma(acc, x_smem.at[slot], w_smem.at[a, slot])
-                            # One wgmma group stays in flight; the one before it is done,
-                            # so its stage goes back to the producer.
-                            plgpu.wgmma_wait(1)
 
-                            @pl.when(kk > 0)
-                            def _():
-                                plgpu.barrier_arrive(consumed.at[lax.rem(step - 1, stages)])
-
-                        plgpu.wgmma_wait(0)
-                        plgpu.barrier_arrive(consumed.at[lax.rem(first_step + k_iters - 1, stages)])
+                        consume_ring(full, consumed, full_base=wg * stages, stages=stages, first_step=first_step,
+                                     num_steps=k_iters, mma=mma)
                         value = epilogue_value(epilogue, [acc[...] for acc in accs], scale_gmem, start)
                         store_rows(value.astype(out_dtype), None if out_smem is None else out_smem.at[wg],
                                    part_smem.at[wg], out_gmem, row0=start, col0=j * tile_n,

@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.grouped_matmul.mosaic_gpu_epilogue import swizzled
+from pallas_kernels.grouped_matmul.mosaic_gpu_epilogue import consume_ring, drain_ring, swizzled
 
 _CONSUMER_REGISTERS = 232  # what setmaxnreg leaves two consumers beside a 40-register producer
 _PRODUCER_REGISTERS = 40
@@ -98,11 +98,7 @@ def kernel(group_start, group_end, x_gmem, dy_gmem, out_gmem, *, config, num_gro
 
                 return carry + steps
 
-            # Observe the last stages' releases too: every barrier phase is then seen
-            # by each thread that waits on it (Mosaic GPU's interpreter checks this).
-            @pl.loop(jnp.maximum(issued - stages, 0), issued)
-            def _drain(step):
-                plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
+            drain_ring(consumed, stages=stages, total_steps=issued)
 
         @pl.when(wg < 2)
         def _consumer():
@@ -115,11 +111,7 @@ def kernel(group_start, group_end, x_gmem, dy_gmem, out_gmem, *, config, num_gro
                 @pl.when(info.local_index % 2 == wg)
                 def _mine():
                     def with_acc(acc):
-                        @pl.loop(0, steps)
-                        def _step(s):
-                            step = carry + s
-                            slot = lax.rem(step, stages)
-                            plgpu.barrier_wait(full.at[wg * stages + slot])
+                        def mma(s, slot):
                             row0 = first + s * rows
 
                             @pl.when((row0 < begin) | (row0 + rows > end))
@@ -129,16 +121,9 @@ def kernel(group_start, group_end, x_gmem, dy_gmem, out_gmem, *, config, num_gro
                                 plgpu.commit_smem()
 
                             plgpu.wgmma(acc, x_smem.at[slot].transpose((1, 0)), dy_smem.at[slot])
-                            # One wgmma group stays in flight; the one before it is done,
-                            # so its stage goes back to the producer.
-                            plgpu.wgmma_wait(1)
 
-                            @pl.when(s > 0)
-                            def _():
-                                plgpu.barrier_arrive(consumed.at[lax.rem(step - 1, stages)])
-
-                        plgpu.wgmma_wait(0)
-                        plgpu.barrier_arrive(consumed.at[lax.rem(carry + steps - 1, stages)])
+                        consume_ring(full, consumed, full_base=wg * stages, stages=stages, first_step=carry,
+                                     num_steps=steps, mma=mma)
                         for slab in range(tile_k // store_rows):
                             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this buffer's previous store
                             out_smem[wg] = acc[pl.ds(slab * store_rows, store_rows), :].astype(out_dtype)
