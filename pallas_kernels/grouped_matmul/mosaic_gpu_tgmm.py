@@ -33,7 +33,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.grouped_matmul import mosaic_gpu_tgmm_pingpong
 from pallas_kernels.grouped_matmul.mosaic_gpu import _ROW_ALIGN, _SMEM_BYTES, persistent_kernel
 from pallas_kernels.grouped_matmul.mosaic_gpu_epilogue import swizzled
-from pallas_kernels.grouped_matmul.mosaic_gpu_tgmm_pingpong import mask_rows
+from pallas_kernels.grouped_matmul.mosaic_gpu_tgmm_pingpong import mask_rows, store_slabs
 
 _INTERPRET_CTAS = 3
 # One consumer's output staging buffer in shared memory; ping-pong keeps more stages instead.
@@ -168,14 +168,8 @@ def _kernel(group_start, group_end, x_gmem, dy_gmem, out_gmem, *, config: Mosaic
             def compute_context(run_pipeline):
                 def with_acc(acc_ref):
                     run_pipeline(acc_ref)
-                    for slab in range(tile_k // store_rows):
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this buffer's previous store
-                        out_smem[wg] = acc_ref[pl.ds(slab * store_rows, store_rows), :].astype(out_smem.dtype)
-                        plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(
-                            out_smem.at[wg],
-                            out_gmem.at[g, pl.ds(kt * tile_k + slab * store_rows, store_rows),
-                                        pl.ds(nt * cta_n + wg * tile_n, tile_n)])
+                    store_slabs(acc_ref, out_smem.at[wg], out_gmem, group=g, row0=kt * tile_k,
+                                col0=nt * cta_n + wg * tile_n)
 
                 pl.run_scoped(with_acc, plgpu.ACC((tile_k, tile_n), jnp.float32))
 

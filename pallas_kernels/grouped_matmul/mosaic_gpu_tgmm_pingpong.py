@@ -38,6 +38,19 @@ def mask_rows(ref, row0, begin, end) -> None:
     ref[...] = jnp.where((row >= begin) & (row < end), ref[...], jnp.zeros((), ref.dtype))
 
 
+def store_slabs(acc, staging, out_gmem, *, group, row0, col0) -> None:
+    """Stores an accumulator [tile_k, tile_n] to ``out_gmem[group, row0:, col0:]`` in row
+    slabs through one consumer's shared-memory buffer ``staging`` [slab rows, tile_n]
+    (a float32 dw tile does not fit beside the pipeline whole)."""
+    slab_rows, tile_n = staging.shape
+    for slab in range(acc.shape[0] // slab_rows):
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this buffer's previous store
+        staging[...] = acc[pl.ds(slab * slab_rows, slab_rows), :].astype(staging.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(staging, out_gmem.at[group, pl.ds(row0 + slab * slab_rows, slab_rows),
+                                                     pl.ds(col0, tile_n)])
+
+
 def shared_memory_bytes(config, store_rows: int, out_itemsize: int, itemsize: int = 2) -> int:
     """Shared memory of the ping-pong kernel: the stages and one output slab per consumer."""
     stage = config.block_rows * (config.tile_k + config.tile_n) * itemsize
@@ -124,14 +137,7 @@ def kernel(group_start, group_end, x_gmem, dy_gmem, out_gmem, *, config, num_gro
 
                         consume_ring(full, consumed, full_base=wg * stages, stages=stages, first_step=carry,
                                      num_steps=steps, mma=mma)
-                        for slab in range(tile_k // store_rows):
-                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this buffer's previous store
-                            out_smem[wg] = acc[pl.ds(slab * store_rows, store_rows), :].astype(out_dtype)
-                            plgpu.commit_smem()
-                            plgpu.copy_smem_to_gmem(
-                                out_smem.at[wg],
-                                out_gmem.at[g, pl.ds(kt * tile_k + slab * store_rows, store_rows),
-                                            pl.ds(nt * tile_n, tile_n)])
+                        store_slabs(acc, out_smem.at[wg], out_gmem, group=g, row0=kt * tile_k, col0=nt * tile_n)
 
                     pl.run_scoped(with_acc, plgpu.ACC((tile_k, tile_n), jnp.float32))
 
