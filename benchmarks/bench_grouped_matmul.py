@@ -72,6 +72,7 @@ BATCH = 1  # back-to-back calls per timed sample (set by --batch)
 SUSTAIN_S = 0.0  # seconds each sample first runs its entry back to back (set by --sustain)
 EXTRA_WIDTHS: tuple[int, ...] = ()  # more planar-snake band widths for the prefill defaults (--widths)
 VARIANTS: tuple[dict, ...] = ()  # field replacements tried on every mosaic_gpu candidate (--variants)
+DEFAULTS_ONLY = False  # the mosaic_gpu sweep is the default tiles (and their --variants) only
 
 
 def parse_variants(text: str) -> tuple[dict, ...]:
@@ -156,7 +157,7 @@ def mosaic_sweep(m, g, k, n_out, epilogue) -> list:
                                 consumers="pingpong")]
     if m // g >= 128:  # the default tiles walked in other bands (row tiles sharing a weight tile)
         more += [dataclasses.replace(default, grid_tile_width=width) for width in EXTRA_WIDTHS]
-    configs = [default] + [c for c in more if c != default]
+    configs = [default] + ([] if DEFAULTS_ONLY else [c for c in more if c != default])
     for fields in VARIANTS:  # every candidate again with some fields replaced (--variants)
         for config in list(configs):
             try:
@@ -440,16 +441,19 @@ def main() -> int:
     parser.add_argument("--variants", default="",
                         help="';'-separated FIELD=VALUE[,FIELD=VALUE] replacements of MosaicGpuConfig fields, each "
                              "tried on every mosaic_gpu candidate, e.g. 'delay_release=1;max_concurrent_steps=3'")
+    parser.add_argument("--defaults-only", action="store_true",
+                        help="mosaic_gpu: time only the default tiles (and their --variants), no sweep")
     parser.add_argument("--sustain", type=float, default=0.0,
                         help="seconds each timed sample first runs its entry back to back, so that every "
                              "entry is timed at its own steady clock under the card's power cap")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    global BATCH, EXTRA_WIDTHS, VARIANTS, SUSTAIN_S
+    global BATCH, EXTRA_WIDTHS, VARIANTS, SUSTAIN_S, DEFAULTS_ONLY
     if args.sustain < 0:
         raise SystemExit(f"--sustain {args.sustain}: must be >= 0 seconds")
     SUSTAIN_S = args.sustain
     VARIANTS = parse_variants(args.variants)
+    DEFAULTS_ONLY = args.defaults_only
     BATCH = args.batch
     EXTRA_WIDTHS = tuple(int(w) for w in args.widths.split(",") if w)
     on_gpu = jax.default_backend() == "gpu"
@@ -510,7 +514,7 @@ def main() -> int:
             print("  " + lines[-1], flush=True)
 
     card = jax.devices()[0].device_kind
-    mode = (", quick" if args.quick else "") + (" + ragged_dot_mgpu" if args.quick and args.mgpu else "") \
+    mode = (", quick" if args.quick else "") + (", default tiles only" if DEFAULTS_ONLY else "") + (" + ragged_dot_mgpu" if args.quick and args.mgpu else "") \
         + (", sustained" if SUSTAIN_S else "")
     title = (f"## bench_grouped_matmul ({args.phase}{mode}): 1x {card}, {datetime.date.today()}, commit {commit()}, "
              f"jax {jax.__version__}, default implementation {default_implementation()!r}")
