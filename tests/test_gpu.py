@@ -37,8 +37,7 @@ def _sizes(kind: str, m: int, g: int, rng) -> np.ndarray:
     }[kind].astype(np.int32)
 
 
-@pytest.mark.parametrize("impl", ["mosaic_gpu", "mosaic_gpu_long_k", "mosaic_gpu_pingpong", "mosaic_gpu_split_tails",
-                                  "triton"])
+@pytest.mark.parametrize("impl", ["mosaic_gpu", "mosaic_gpu_long_k", "mosaic_gpu_pingpong", "triton"])
 @pytest.mark.parametrize("epilogue", ["none", "swiglu", "row_scale"])
 # m=1000: decode-sized tiles, m=4100: prefill-sized; neither a multiple of a tile.
 @pytest.mark.parametrize("kind,m", [("random", 1000), ("zeros", 4100), ("one_giant", 1000),
@@ -51,10 +50,6 @@ def test_grouped_matmul_kernels_poisoned(rng, impl, epilogue, kind, m):
         impl, config = "mosaic_gpu", MosaicGpuConfig(
             tile_m=64 if epilogue == "swiglu" else 128, tile_n=128, consumers="pingpong",
             max_concurrent_steps=4, grid_minor="m", grid_tile_width=4, swizzled_epilogue=kind == "zeros")
-    if impl == "mosaic_gpu_split_tails":  # short last tiles in a second, 64-row launch
-        impl, config = "mosaic_gpu", MosaicGpuConfig(
-            tile_m=64 if epilogue == "swiglu" else 128, tile_n=128, wg_split="m" if epilogue == "swiglu" else "n",
-            grid_minor="m", grid_tile_width=4, split_short_tails=True)
     if impl == "mosaic_gpu_long_k":  # the defaults for long K (gate/up), which K=512 would not pick
         from pallas_kernels.grouped_matmul import mosaic_gpu
         n_out = 384 if epilogue == "swiglu" else 768

@@ -230,67 +230,6 @@ def test_mosaic_prefill_defaults_match_float64(rng, epilogue, k_of_config):
     assert_mosaic_live_rows_close(config, epilogue, x, w, sizes, scale)
 
 
-SPLIT_TAIL_LAYOUTS = {
-    "cooperative_n": MosaicGpuConfig(tile_m=128, tile_n=64, max_ctas=2, split_short_tails=True),
-    "cooperative_m_chained": MosaicGpuConfig(tile_m=64, tile_n=128, wg_split="m", max_concurrent_steps=2,
-                                             chain_items=True, max_ctas=2, split_short_tails=True),
-    "pingpong": MosaicGpuConfig(tile_m=128, tile_n=64, consumers="pingpong", max_concurrent_steps=3,
-                                max_ctas=2, split_short_tails=True, swizzled_epilogue=True),
-}
-
-
-@pytest.mark.parametrize("epilogue", ["none", "swiglu", "row_scale"])
-@pytest.mark.parametrize("layout", list(SPLIT_TAIL_LAYOUTS))
-def test_mosaic_split_short_tails(rng, layout, epilogue):
-    """Short last tiles go to a second, 64-row launch that writes into the first's output:
-    sizes chosen so that tiles of 128 rows end with 2, 42, 74, 66 and 11 live rows."""
-    config = SPLIT_TAIL_LAYOUTS[layout]
-    sizes = np.array([130, 0, 40, 200, 64, 9], np.int32)
-    m = 460  # 17 padding rows
-    sched = tile_schedule(jnp.asarray(sizes), m, config.cta_tile_m, 8)
-    ends = np.asarray(sched.live_end)[:int(sched.num_tiles[0])]
-    assert (ends <= 64).sum() == 3 and (ends > 64).sum() == 4  # both launches have work
-    x = jnp.asarray(rng.standard_normal((m, K)), jnp.bfloat16)
-    width = 2 * N if epilogue == "swiglu" else N
-    w = jnp.asarray(rng.standard_normal((G, K, width)) / np.sqrt(K), jnp.bfloat16)
-    scale = jnp.asarray(rng.random(m), jnp.float32)
-    assert_mosaic_live_rows_close(config, epilogue, x, w, sizes, scale)
-    if epilogue == "none":  # each row's products and sums are the same in either launch
-        live = int(sizes.sum())
-        split = run("mosaic_gpu", epilogue, x, w, sizes, scale, config)[:live]
-        whole = run("mosaic_gpu", epilogue, x, w, sizes, scale,
-                    dataclasses.replace(config, split_short_tails=False))[:live]
-        np.testing.assert_array_equal(np.asarray(split), np.asarray(whole))
-
-
-@pytest.mark.parametrize("block_m,short_m", [(128, 64), (64, 32)])
-def test_split_short_tiles_partitions_the_schedule(rng, block_m, short_m):
-    from pallas_kernels.grouped_matmul.schedule import split_short_tiles
-    for _ in range(10):
-        m = int(rng.integers(1, 900))
-        sizes = rng.multinomial(int(rng.integers(0, m + 1)), rng.dirichlet(np.ones(7) * 0.5))
-        whole = tile_schedule(jnp.asarray(sizes, jnp.int32), m, block_m, 8)
-        long, short = split_short_tiles(whole, short_m)
-        n = int(whole.num_tiles[0])
-        tiles = lambda s: {tuple(int(a[t]) for a in s[:4]) for t in range(int(s.num_tiles[0]))}
-        assert tiles(long) | tiles(short) == tiles(whole) and not tiles(long) & tiles(short)
-        assert int(long.num_tiles[0]) + int(short.num_tiles[0]) == n
-        assert all(end <= short_m for *_, end in tiles(short)) and all(end > short_m for *_, end in tiles(long))
-        starts = np.asarray(long.start)[:int(long.num_tiles[0])]
-        assert np.all(np.diff(starts) > 0)  # order kept: the long launch walks rows as before
-        assert np.all(np.asarray(short.live_end)[int(short.num_tiles[0]):] == 0)
-
-
-def test_mosaic_split_short_tails_config():
-    from pallas_kernels.grouped_matmul.mosaic_gpu import tail_config
-    assert tail_config(MosaicGpuConfig(), 7168, "none").cta_tile_n == 256
-    assert tail_config(MosaicGpuConfig(), 2048, "swiglu").cta_tile_n == 128
-    with pytest.raises(ValueError, match="split_short_tails=True.*at least 128 rows.*got 64"):
-        MosaicGpuConfig(tile_m=64, split_short_tails=True)
-    with pytest.raises(ValueError, match="split_short_tails must be True or False, got 'yes'"):
-        MosaicGpuConfig(split_short_tails="yes")
-
-
 def test_mosaic_pingpong_config_errors():
     with pytest.raises(ValueError, match="pingpong.*chain_items"):
         MosaicGpuConfig(consumers="pingpong", chain_items=True)
@@ -353,27 +292,6 @@ def test_mosaic_lowers_for_cuda(m, epilogue, swizzled):
             jax.ShapeDtypeStruct((G,), jnp.int32), jax.ShapeDtypeStruct((m,), jnp.float32))
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
-
-
-@pytest.mark.parametrize("epilogue", ["none", "swiglu", "row_scale"])
-def test_mosaic_split_short_tails_lowers_for_cuda(epilogue):
-    """The prefill defaults with the short-tail launch lower for CUDA: two kernels, the
-    second writing into the first's output (aliased, not copied)."""
-    from pallas_kernels.grouped_matmul import mosaic_gpu
-
-    m, k, n = 4100, 7168, 4096
-    n_out = n // 2 if epilogue == "swiglu" else n
-    config = dataclasses.replace(mosaic_gpu.default_config(32768, 64, k=k, n_out=n_out, epilogue=epilogue),
-                                 split_short_tails=True)
-
-    def f(x, w, gs, scale):
-        return mosaic_gpu.grouped_matmul(x, w, gs, config=config, epilogue=epilogue,
-                                         row_scale=scale if epilogue == "row_scale" else None)
-
-    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((G, k, n), jnp.bfloat16),
-            jax.ShapeDtypeStruct((G,), jnp.int32), jax.ShapeDtypeStruct((m,), jnp.float32))
-    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("mosaic_gpu_v2(") == 2 and text.count("output_operand_alias<") == 1
 
 
 @pytest.mark.parametrize("epilogue", ["swiglu", "row_scale"])

@@ -26,13 +26,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.grouped_matmul import mosaic_gpu_pingpong
 from pallas_kernels.grouped_matmul.mosaic_gpu_epilogue import epilogue_value, store_rows, swizzled
-from pallas_kernels.grouped_matmul.schedule import TileSchedule, split_short_tiles, tile_schedule
+from pallas_kernels.grouped_matmul.schedule import TileSchedule, tile_schedule
 
 Epilogue = Literal["none", "swiglu", "row_scale"]
 _INTERPRET_CTAS = 4  # simulated CTAs on CPU: enough to exercise the persistent loop
 _SMEM_BYTES = 227 * 1024  # dynamic shared memory one Hopper CTA may take
 _ROW_ALIGN = 8  # tiled TMA loads of x need row offsets that are multiples of 8
-_TAIL_M = 64  # rows of the short-tail launch's tiles (one wgmma row block)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +58,6 @@ class MosaicGpuConfig:
       swizzled_epilogue: store whole epilogue tiles through swizzled shared
         memory (no bank conflicts) and only partial ones through the plain
         buffer that row-granular TMA stores need; costs one more buffer.
-      consumers: "cooperative" (both consumer warpgroups share each item) or
-        "pingpong" (each computes whole items in turns; mosaic_gpu_pingpong.py).
-      split_short_tails: a row tile with at most 64 live rows (a group's short
-        last tile) runs in a second launch of 64-row tiles (``tail_config``) that
-        writes its rows into the first launch's output in place, instead of as
-        a whole CTA tile of the first; needs CTA tiles of at least 128 rows.
     """
 
     tile_m: int = 128
@@ -81,7 +74,6 @@ class MosaicGpuConfig:
     max_ctas: int | None = None
     swizzled_epilogue: bool = False
     consumers: Literal["cooperative", "pingpong"] = "cooperative"
-    split_short_tails: bool = False
 
     def __post_init__(self) -> None:
         for name in ("tile_m", "tile_n", "tile_k", "epi_tile_m", "epi_tile_n"):
@@ -121,15 +113,6 @@ class MosaicGpuConfig:
                     f"MosaicGpuConfig(consumers='pingpong'): one warpgroup holds the whole {self.tile_m}x"
                     f"{self.tile_n} accumulator; at most 128x128 elements (128 registers a thread) fit"
                 )
-
-        if self.split_short_tails not in (True, False):
-            raise ValueError(f"MosaicGpuConfig.split_short_tails must be True or False, got "
-                             f"{self.split_short_tails!r}")
-        if self.split_short_tails and self.cta_tile_m < 2 * _TAIL_M:
-            raise ValueError(
-                f"MosaicGpuConfig(split_short_tails=True) needs CTA tiles of at least {2 * _TAIL_M} rows "
-                f"(a 64-row tile's tails are already short), got {self.cta_tile_m} "
-                f"(tile_m={self.tile_m}, wg_split={self.wg_split!r}, consumers={self.consumers!r})")
 
     @property
     def cta_tile_m(self) -> int:
@@ -189,17 +172,6 @@ def default_config(
     chain = chain and (k // tile_k) % config.max_concurrent_steps == 0
     return dataclasses.replace(config, tile_n=tile_n, tile_k=tile_k, chain_items=chain,
                                epi_tile_n=min(config.epi_tile_n, tile_n))
-
-
-def tail_config(config: MosaicGpuConfig, n_out: int, epilogue: Epilogue) -> MosaicGpuConfig:
-    """Tiles of the short-tail launch (``split_short_tails``): 64 rows, the two
-    consumers side by side along N, 4 stages, K step and CTA count as ``config``."""
-    tile_n = 64 if epilogue == "swiglu" else 128  # 4 stages of x and w fit shared memory
-    while n_out % (2 * tile_n) and tile_n > 8:
-        tile_n //= 2
-    return MosaicGpuConfig(tile_m=_TAIL_M, tile_n=tile_n, tile_k=config.tile_k, max_concurrent_steps=4,
-                           grid_minor="m", grid_tile_width=4, epi_tile_n=min(64, tile_n),
-                           max_ctas=config.max_ctas)
 
 
 def _num_sms() -> int:
@@ -379,33 +351,14 @@ def grouped_matmul(
         scale = jnp.pad(row_scale.astype(jnp.float32), (0, rows - m + cta_m))
     else:
         scale = jnp.zeros((8,), jnp.float32)
-    out_type = jax.ShapeDtypeStruct((rows, n_out), out_dtype)
-    if not config.split_short_tails:
-        out = _launch(config, schedule, x_in, w, scale, out_type, epilogue=epilogue, n_out=n_out,
-                      interpret=interpret)
-        return out if rows == m else out[:m]
-    tails = tail_config(config, n_out, epilogue)
-    _check(x_in, w, tails, n_out, epilogue)
-    long_tiles, short_tiles = split_short_tiles(schedule, _TAIL_M)
-    out = _launch(config, long_tiles, x_in, w, scale, out_type, epilogue=epilogue, n_out=n_out,
-                  interpret=interpret)
-    # The second launch writes only the short tiles' live rows, in place.
-    out_ref = jax.new_ref(out)
-    _launch(tails, short_tiles, x_in, w, scale, out_ref, epilogue=epilogue, n_out=n_out, interpret=interpret)
-    out = out_ref[...]
-    return out if rows == m else out[:m]
-
-
-def _launch(config, schedule, x, w, scale, out, *, epilogue, n_out, interpret):
-    """One persistent kernel over ``schedule``; ``out`` is the output's type (returns
-    the output) or a ref it writes into (returns nothing)."""
     if config.consumers == "pingpong":
         body = functools.partial(mosaic_gpu_pingpong.kernel, config=config, epilogue=epilogue, n_out=n_out,
                                  row_align=_ROW_ALIGN)
     else:
         body = functools.partial(_kernel, config=config, epilogue=epilogue, n_out=n_out)
-    into_ref = not isinstance(out, jax.ShapeDtypeStruct)
-    kernel = persistent_kernel(body, () if into_ref else out, max_ctas=config.max_ctas, interpret=interpret)
-    operands = (schedule.group, schedule.start, schedule.live_begin, schedule.live_end, schedule.num_tiles,
-                x, w, scale)
-    return kernel(*operands, out) if into_ref else kernel(*operands)
+    kernel = persistent_kernel(body,
+                               jax.ShapeDtypeStruct((rows, n_out), out_dtype), max_ctas=config.max_ctas,
+                               interpret=interpret)
+    out = kernel(schedule.group, schedule.start, schedule.live_begin, schedule.live_end,
+                 schedule.num_tiles, x_in, w, scale)
+    return out if rows == m else out[:m]

@@ -64,24 +64,3 @@ def tile_schedule(
     as_i32 = lambda a: a.astype(jnp.int32)
     return TileSchedule(as_i32(group), as_i32(start), as_i32(live_begin), as_i32(live_end),
                         as_i32(tile_ends[-1:]))
-
-
-def split_short_tiles(schedule: TileSchedule, short_m: int) -> tuple[TileSchedule, TileSchedule]:
-    """``(long, short)``: the real tiles whose live rows end past row ``short_m`` of the
-    tile, and the others (a group's short last tile, or its only one), each compacted
-    in order. A short tile keeps its start, so ``short_m``-row tiles cover it."""
-    total = schedule.group.shape[0]
-    index = jnp.arange(total, dtype=jnp.int32)
-    real = index < schedule.num_tiles[0]
-    short = real & (schedule.live_end <= short_m)
-
-    def compact(keep: jax.Array) -> TileSchedule:
-        count = jnp.cumsum(keep.astype(jnp.int32))
-        # Output tile p takes the (p+1)-th kept tile: the first index whose running count exceeds p.
-        source = jnp.minimum(jnp.searchsorted(count, index, side="right", method="compare_all"), total - 1)
-        live = index < count[-1]
-        take = lambda a: jnp.where(live, a[source], 0).astype(jnp.int32)
-        return TileSchedule(take(schedule.group), take(schedule.start), take(schedule.live_begin),
-                            take(schedule.live_end), count[-1:].astype(jnp.int32))
-
-    return compact(real & ~short), compact(short)
