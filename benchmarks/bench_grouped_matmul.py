@@ -75,9 +75,10 @@ VARIANTS: tuple[dict, ...] = ()  # field replacements tried on every mosaic_gpu 
 DEFAULTS_ONLY = False  # the mosaic_gpu sweep is the default tiles (and their --variants) only
 
 
-def parse_variants(text: str) -> tuple[dict, ...]:
-    """``"delay_release=1;tile_k=128,max_concurrent_steps=3"`` -> one dict per variant."""
-    fields = {f.name for f in dataclasses.fields(MosaicGpuConfig)}
+def parse_variants(text: str, config_type=MosaicGpuConfig) -> tuple[dict, ...]:
+    """``"delay_release=1;tile_k=128,max_concurrent_steps=3"`` -> one dict per variant
+    (fields of ``config_type``: MosaicTgmmConfig for ``--phase wgrad``)."""
+    fields = {f.name for f in dataclasses.fields(config_type)}
     variants = []
     for part in filter(None, text.split(";")):
         variant = {}
@@ -157,8 +158,14 @@ def mosaic_sweep(m, g, k, n_out, epilogue) -> list:
                                 consumers="pingpong")]
     if m // g >= 128:  # the default tiles walked in other bands (row tiles sharing a weight tile)
         more += [dataclasses.replace(default, grid_tile_width=width) for width in EXTRA_WIDTHS]
-    configs = [default] + ([] if DEFAULTS_ONLY else [c for c in more if c != default])
-    for fields in VARIANTS:  # every candidate again with some fields replaced (--variants)
+    # Every candidate, and again with each --variants replacement.
+    return with_variants([default] + ([] if DEFAULTS_ONLY else [c for c in more if c != default]))
+
+
+def with_variants(configs: list) -> list:
+    """``configs`` and each of them with every ``--variants`` replacement (new ones only)."""
+    configs = list(configs)
+    for fields in VARIANTS:
         for config in list(configs):
             try:
                 variant = dataclasses.replace(config, **fields)
@@ -312,7 +319,7 @@ def wgrad_ours(x, dy, gs, iters: int, on_gpu: bool) -> dict[str, tuple[str, Samp
                 *(MosaicTgmmConfig(max_concurrent_steps=steps, **pingpong) for steps in (4, 5, 6)),
                 MosaicTgmmConfig(grid_tile_width=8, max_concurrent_steps=5, **pingpong),
                 MosaicTgmmConfig(block_rows=128, max_concurrent_steps=3, **pingpong)]
-        for config in [default] + [c for c in more if c != default]:
+        for config in with_variants([default] + ([] if DEFAULTS_ONLY else [c for c in more if c != default])):
             f = jax.jit(functools.partial(grouped_matmul_transposed, implementation="mosaic_gpu", config=config))
             candidates[short(config)] = functools.partial(f, x, dy, gs)
         out["mosaic_gpu tgmm"] = pick(candidates, iters)
@@ -439,10 +446,11 @@ def main() -> int:
     parser.add_argument("--widths", default="",
                         help="comma-separated extra grid_tile_width values tried with the prefill default tiles")
     parser.add_argument("--variants", default="",
-                        help="';'-separated FIELD=VALUE[,FIELD=VALUE] replacements of MosaicGpuConfig fields, each "
-                             "tried on every mosaic_gpu candidate, e.g. 'delay_release=1;max_concurrent_steps=3'")
+                        help="';'-separated FIELD=VALUE[,FIELD=VALUE] replacements of MosaicGpuConfig fields "
+                             "(MosaicTgmmConfig with --phase wgrad), each tried on every mosaic_gpu candidate, "
+                             "e.g. 'delay_release=1;max_concurrent_steps=3'")
     parser.add_argument("--defaults-only", action="store_true",
-                        help="mosaic_gpu: time only the default tiles (and their --variants), no sweep")
+                        help="mosaic_gpu (and its dW): time only the default tiles and their --variants, no sweep")
     parser.add_argument("--sustain", type=float, default=0.0,
                         help="seconds each timed sample first runs its entry back to back, so that every "
                              "entry is timed at its own steady clock under the card's power cap")
@@ -452,7 +460,7 @@ def main() -> int:
     if args.sustain < 0:
         raise SystemExit(f"--sustain {args.sustain}: must be >= 0 seconds")
     SUSTAIN_S = args.sustain
-    VARIANTS = parse_variants(args.variants)
+    VARIANTS = parse_variants(args.variants, MosaicTgmmConfig if args.phase == "wgrad" else MosaicGpuConfig)
     DEFAULTS_ONLY = args.defaults_only
     BATCH = args.batch
     EXTRA_WIDTHS = tuple(int(w) for w in args.widths.split(",") if w)
@@ -514,8 +522,8 @@ def main() -> int:
             print("  " + lines[-1], flush=True)
 
     card = jax.devices()[0].device_kind
-    mode = (", quick" if args.quick else "") + (", default tiles only" if DEFAULTS_ONLY else "") + (" + ragged_dot_mgpu" if args.quick and args.mgpu else "") \
-        + (", sustained" if SUSTAIN_S else "")
+    mode = (", quick" if args.quick else "") + (" + ragged_dot_mgpu" if args.quick and args.mgpu else "") \
+        + (", default tiles only" if DEFAULTS_ONLY else "") + (", sustained" if SUSTAIN_S else "")
     title = (f"## bench_grouped_matmul ({args.phase}{mode}): 1x {card}, {datetime.date.today()}, commit {commit()}, "
              f"jax {jax.__version__}, default implementation {default_implementation()!r}")
     notes = (f"{groups} groups, bf16 in, f32 accumulate, bf16 out; decode rates count the weight bytes of "

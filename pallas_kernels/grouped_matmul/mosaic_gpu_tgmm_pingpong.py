@@ -57,10 +57,22 @@ def shared_memory_bytes(config, store_rows: int, out_itemsize: int, itemsize: in
     return config.max_concurrent_steps * stage + 2 * store_rows * config.tile_n * out_itemsize
 
 
-def kernel(group_start, group_end, x_gmem, dy_gmem, out_gmem, *, config, num_groups: int, row_align: int,
-           store_rows: int):
+def group_pairs(starts, ends, block_rows: int, row_align: int):
+    """int32 [2 * ceil(G / 2)]: pair p is groups (pairs[2p], pairs[2p+1]), the p-th most
+    and the p-th fewest row steps (``pair_groups``); with G odd the middle group
+    is paired with itself."""
+    first = starts // row_align * row_align
+    steps = jnp.maximum((ends - first + block_rows - 1) // block_rows, 1)
+    order = jnp.argsort(-steps, stable=True).astype(jnp.int32)
+    half = (order.shape[0] + 1) // 2
+    return jnp.stack([order[:half], order[::-1][:half]], axis=1).reshape(-1)
+
+
+def kernel(group_start, group_end, *operands, config, num_groups: int, row_align: int, store_rows: int):
     """Kernel body over a grid named ``"sm"`` of CTAs with three warpgroups ``"wg"``
-    (``mosaic_gpu.persistent_kernel``); arguments as the cooperative dW kernel's."""
+    (``mosaic_gpu.persistent_kernel``); arguments as the cooperative dW kernel's, with
+    `group_pairs` after the group bounds when ``config.pair_groups``."""
+    pairs, x_gmem, dy_gmem, out_gmem = operands if config.pair_groups else (None, *operands)
     dtype, out_dtype = x_gmem.dtype, out_gmem.dtype
     k, n = x_gmem.shape[1], dy_gmem.shape[1]
     tile_k, tile_n, rows = config.tile_k, config.tile_n, config.block_rows
@@ -70,11 +82,31 @@ def kernel(group_start, group_end, x_gmem, dy_gmem, out_gmem, *, config, num_gro
     transforms = swizzled(64, dtype)
     items = (num_groups * per_group,)
 
+    def group_and_tile(index):
+        """An item's group and its tile's place in the group's (K, N) walk."""
+        if not config.pair_groups:
+            return lax.div(index, jnp.int32(per_group)), lax.rem(index, jnp.int32(per_group))
+        # A pair's 2 * per_group items: rounds of `chunk` items of its first group, then
+        # `chunk` of its second; with `chunk` a multiple of the CTA count, each CTA takes
+        # pair_groups items of one group, then as many of the other.
+        chunk = config.pair_groups * lax.axis_size("sm")
+        p = lax.div(index, jnp.int32(2 * per_group))
+        j = index - p * (2 * per_group)
+        round_ = lax.div(j, 2 * chunk)
+        r = j - round_ * (2 * chunk)
+        length = jnp.minimum(chunk, per_group - round_ * chunk)  # the last round may be short
+        in_first = r < length
+        tile = round_ * chunk + jnp.where(in_first, r, r - length)
+        g = jnp.where(in_first, pairs[2 * p], pairs[2 * p + 1])
+        if num_groups % 2:  # the last pair is the middle group alone: per_group items in order
+            alone = p == num_groups // 2
+            tile, g = jnp.where(alone, j, tile), jnp.where(alone, pairs[2 * p], g)
+        return g, tile
+
     def item_at(index):
         """Group, K and N tile, group bounds, first (aligned) row and row steps of an item."""
-        g = lax.div(index, jnp.int32(per_group))
-        kt, nt = plgpu.planar_snake(lax.rem(index, jnp.int32(per_group)), (k_tiles, n_tiles), 1,
-                                    config.grid_tile_width)
+        g, tile = group_and_tile(index)
+        kt, nt = plgpu.planar_snake(tile, (k_tiles, n_tiles), 1, config.grid_tile_width)
         begin, end = group_start[g], group_end[g]
         first = pl.multiple_of(begin // row_align * row_align, row_align)
         # An empty group still runs one step, all of it masked: its tile comes out zero.
