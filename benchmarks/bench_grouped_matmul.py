@@ -435,7 +435,8 @@ def main() -> int:
     parser.add_argument("--phase", choices=("prefill", "decode", "wgrad", "all"), default="all",
                         help="all = prefill and decode; wgrad = the weight gradient at prefill shapes")
     parser.add_argument("--batch", type=int, default=5, help="back-to-back calls per timed sample")
-    parser.add_argument("--only", default="", help="comma-separated substrings of 'GEMM rows groups' to run")
+    parser.add_argument("--only", default="", help="comma-separated substrings of 'GEMM rows groups' to run ("
+                        "'_' stands for a space, e.g. gate/up_dW_32768_zipf)")
     parser.add_argument("--quick", action="store_true",
                         help="tuning run: only the mosaic_gpu sweep, torch and dense (no triton, XLA loop, "
                              "lax.ragged_dot or ragged_dot_mgpu)")
@@ -484,7 +485,7 @@ def main() -> int:
     if args.phase == "wgrad":
         cases = [(f"{name} dW", prefill_rows, kind) for name in ("gate/up", "down") for kind in ("uniform", "zipf")]
     if args.only:
-        cases = [c for c in cases if any(part in f"{c[0]} {c[1]} {c[2]}" for part in args.only.split(","))]
+        cases = [c for c in cases if any(part.replace("_", " ") in f"{c[0]} {c[1]} {c[2]}" for part in args.only.split(","))]
     lines = []
     for name, rows, kind in cases:
         if name.endswith(" dW"):
