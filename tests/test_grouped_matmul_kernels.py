@@ -375,6 +375,19 @@ def test_mosaic_tgmm_matches_float64(rng, case, consumers):
     np.testing.assert_array_equal(np.asarray(first_three), got[:3])
 
 
+def test_tgmm_group_pairs():
+    """Pairs of most and fewest row steps; only pairs of unlike sizes interleave."""
+    from pallas_kernels.grouped_matmul.mosaic_gpu_tgmm_pingpong import group_pairs
+    sizes = np.array([640, 64, 128, 128, 0, 300])  # row steps of 64: 10, 1, 2, 2, 1 (empty), 5
+    ends = np.cumsum(sizes)
+    pairs = group_pairs(jnp.asarray(ends - sizes, jnp.int32), jnp.asarray(ends, jnp.int32), 64, 8)
+    np.testing.assert_array_equal(np.asarray(pairs), [0, 4, 1, 5, 1, 1, 2, 3, 0])
+    uniform = np.full(5, 512)
+    ends = np.cumsum(uniform)
+    pairs = group_pairs(jnp.asarray(ends - uniform, jnp.int32), jnp.asarray(ends, jnp.int32), 64, 8)
+    np.testing.assert_array_equal(np.asarray(pairs), [0, 4, 0, 1, 3, 0, 2, 2, 0])  # the middle one alone
+
+
 def test_mosaic_tgmm_api_default_and_errors(rng):
     from pallas_kernels import MosaicTgmmConfig, grouped_matmul_transposed
     from pallas_kernels.grouped_matmul.mosaic_gpu import MosaicGpuConfig

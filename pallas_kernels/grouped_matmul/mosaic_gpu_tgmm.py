@@ -67,12 +67,14 @@ class MosaicTgmmConfig:
         (``mosaic_gpu_tgmm_pingpong``: loads stream across items, one
         consumer's epilogue overlaps the other's MMAs).
       pair_groups: ping-pong only. 0: groups one after the other. R > 0: the
-        groups are paired, most rows with fewest, and each CTA alternates R
-        items of a pair's large group with R of its small one. Every group has
-        the same number of items, so this overlaps small groups' items (mostly
-        their tile's store) with large groups' MMAs, with two groups in L2.
-        Sustained on one H200 (RESULTS.md), R=8: 6 % faster at Zipf-skewed
-        gate/up, 4 % slower at uniform sizes; hence off by default.
+        groups are paired, most rows with fewest, and where the large group has
+        at least twice the small one's row steps (decided per call from the
+        group sizes) each CTA alternates R items of the large group with R of
+        the small one; other pairs run one group after the other. Every group
+        has the same number of items, so this overlaps small groups' items
+        (mostly their tile's store) with large groups' MMAs, with two groups in
+        L2. Sustained on one H200 (RESULTS.md), R=8 interleaving every pair: 6 %
+        faster at Zipf-skewed gate/up, 4 % slower at uniform sizes.
     """
 
     tile_k: int = 128
