@@ -334,10 +334,7 @@ TGMM_CASES = {  # name: group sizes over 6 groups (rows past their sum are NaN p
 TGMM_INTERPRET_CONFIGS = {  # three simulated CTAs; ping-pong also with 128-row steps and 64x64 items
     "cooperative": {}, "pingpong": {"consumers": "pingpong"},
     "pingpong_rows128": {"consumers": "pingpong", "tile_k": 64, "tile_n": 64, "block_rows": 128,
-                         "max_concurrent_steps": 2},
-    # Paired groups: 8 items a group, so rounds of 3 (or 6) items each, the last one short.
-    "pingpong_pairs": {"consumers": "pingpong", "tile_k": 64, "tile_n": 64, "pair_groups": 1},
-    "pingpong_pairs2": {"consumers": "pingpong", "tile_k": 64, "tile_n": 64, "pair_groups": 2}}
+                         "max_concurrent_steps": 2}}
 
 
 @pytest.mark.parametrize("consumers", list(TGMM_INTERPRET_CONFIGS))
@@ -371,21 +368,8 @@ def test_mosaic_tgmm_matches_float64(rng, case, consumers):
         else:  # f32 accumulation of exact bf16 products
             np.testing.assert_allclose(got[g], want[g], rtol=1e-5, atol=1e-4 * np.abs(want[g]).max())
     first_three = mosaic_gpu_tgmm.tgmm(xb, dyb, jnp.asarray(sizes), num_groups=3, config=config,
-                                       out_dtype=jnp.float32, interpret=True)  # odd: a group left unpaired
+                                       out_dtype=jnp.float32, interpret=True)  # an odd count of groups
     np.testing.assert_array_equal(np.asarray(first_three), got[:3])
-
-
-def test_tgmm_group_pairs():
-    """Pairs of most and fewest row steps; only pairs of unlike sizes interleave."""
-    from pallas_kernels.grouped_matmul.mosaic_gpu_tgmm_pingpong import group_pairs
-    sizes = np.array([640, 64, 128, 128, 0, 300])  # row steps of 64: 10, 1, 2, 2, 1 (empty), 5
-    ends = np.cumsum(sizes)
-    pairs = group_pairs(jnp.asarray(ends - sizes, jnp.int32), jnp.asarray(ends, jnp.int32), 64, 8)
-    np.testing.assert_array_equal(np.asarray(pairs), [0, 4, 1, 5, 1, 1, 2, 3, 0])
-    uniform = np.full(5, 512)
-    ends = np.cumsum(uniform)
-    pairs = group_pairs(jnp.asarray(ends - uniform, jnp.int32), jnp.asarray(ends, jnp.int32), 64, 8)
-    np.testing.assert_array_equal(np.asarray(pairs), [0, 4, 0, 1, 3, 0, 2, 2, 0])  # the middle one alone
 
 
 def test_mosaic_tgmm_api_default_and_errors(rng):
@@ -436,10 +420,6 @@ def test_mosaic_tgmm_api_default_and_errors(rng):
         MosaicTgmmConfig(consumers="both")
     with pytest.raises(ValueError, match="at most 128x128 elements"):
         MosaicTgmmConfig(consumers="pingpong", tile_k=256)
-    with pytest.raises(ValueError, match="pair_groups=1 needs consumers='pingpong', got 'cooperative'"):
-        MosaicTgmmConfig(pair_groups=1)
-    with pytest.raises(ValueError, match="pair_groups must be an int >= 0, got -1"):
-        MosaicTgmmConfig(consumers="pingpong", pair_groups=-1)
     with pytest.raises(ValueError, match=r"N=192 must be .*tile_n=128"):
         grouped_matmul_transposed(x, jnp.zeros((128, 192), jnp.bfloat16), sizes, implementation="mosaic_gpu",
                                   config=MosaicTgmmConfig(consumers="pingpong"))
@@ -453,8 +433,7 @@ def test_mosaic_tgmm_api_default_and_errors(rng):
 TGMM_LOWERING_CONFIGS = {  # the default and the configs the GPU test and the wgrad sweep run
     "default": {}, "tile_k=64": {"tile_k": 64, "max_concurrent_steps": 4},
     "tile_n=64": {"tile_n": 64, "max_concurrent_steps": 4}, "grid_tile_width=8": {"grid_tile_width": 8},
-    "pingpong": {"consumers": "pingpong", "max_concurrent_steps": 5},
-    "pingpong_pairs": {"consumers": "pingpong", "max_concurrent_steps": 5, "pair_groups": 1}}
+    "pingpong": {"consumers": "pingpong", "max_concurrent_steps": 5}}
 
 
 @pytest.mark.parametrize("m,k,n", [(4100, 512, 768), (32768, 7168, 4096), (32768, 2048, 7168)])

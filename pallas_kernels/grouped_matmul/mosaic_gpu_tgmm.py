@@ -66,15 +66,6 @@ class MosaicTgmmConfig:
       consumers: "cooperative" (``emit_pipeline`` per item) or "pingpong"
         (``mosaic_gpu_tgmm_pingpong``: loads stream across items, one
         consumer's epilogue overlaps the other's MMAs).
-      pair_groups: ping-pong only. 0: groups one after the other. R > 0: the
-        groups are paired, most rows with fewest, and where the large group has
-        at least twice the small one's row steps (decided per call from the
-        group sizes) each CTA alternates R items of the large group with R of
-        the small one; other pairs run one group after the other. Every group
-        has the same number of items, so this overlaps small groups' items
-        (mostly their tile's store) with large groups' MMAs, with two groups in
-        L2. Sustained on one H200 (RESULTS.md), R=8 interleaving every pair: 6 %
-        faster at Zipf-skewed gate/up, 4 % slower at uniform sizes.
     """
 
     tile_k: int = 128
@@ -84,7 +75,6 @@ class MosaicTgmmConfig:
     grid_tile_width: int = 4
     max_ctas: int | None = None
     consumers: Literal["cooperative", "pingpong"] = "cooperative"
-    pair_groups: int = 0
 
     def __post_init__(self) -> None:
         for name in ("tile_k", "tile_n", "block_rows"):
@@ -96,11 +86,6 @@ class MosaicTgmmConfig:
                              f"{self.max_concurrent_steps}, {self.grid_tile_width}")
         if self.consumers not in ("cooperative", "pingpong"):
             raise ValueError(f"MosaicTgmmConfig.consumers must be 'cooperative' or 'pingpong', got {self.consumers!r}")
-        if not isinstance(self.pair_groups, int) or self.pair_groups < 0:
-            raise ValueError(f"MosaicTgmmConfig.pair_groups must be an int >= 0, got {self.pair_groups!r}")
-        if self.pair_groups and self.consumers != "pingpong":
-            raise ValueError(f"MosaicTgmmConfig.pair_groups={self.pair_groups} needs consumers='pingpong', got "
-                             f"{self.consumers!r}")
         if self.consumers == "pingpong" and self.tile_k * self.tile_n > 128 * 128:
             raise ValueError(f"MosaicTgmmConfig(consumers='pingpong'): one warpgroup holds the whole {self.tile_k}x"
                              f"{self.tile_n} accumulator; at most 128x128 elements (128 registers a thread) fit")
@@ -244,15 +229,12 @@ def tgmm(
     rows = -(-m // _ROW_ALIGN) * _ROW_ALIGN
     if rows != m:
         x, dy = (jnp.pad(a, ((0, rows - m), (0, 0))) for a in (x, dy))
-    operands = [starts, ends]
     if config.consumers == "pingpong":
         body = functools.partial(mosaic_gpu_tgmm_pingpong.kernel, config=config, num_groups=num_groups,
                                  row_align=_ROW_ALIGN, store_rows=store_rows)
-        if config.pair_groups:
-            operands.append(mosaic_gpu_tgmm_pingpong.group_pairs(starts, ends, config.block_rows, _ROW_ALIGN))
     else:
         body = functools.partial(_kernel, config=config, num_groups=num_groups)
     kernel = persistent_kernel(body,
                                jax.ShapeDtypeStruct((num_groups, k, n), out_dtype), max_ctas=config.max_ctas,
                                interpret=interpret, interpret_ctas=_INTERPRET_CTAS)
-    return kernel(*operands, x, dy)
+    return kernel(starts, ends, x, dy)

@@ -57,30 +57,10 @@ def shared_memory_bytes(config, store_rows: int, out_itemsize: int, itemsize: in
     return config.max_concurrent_steps * stage + 2 * store_rows * config.tile_n * out_itemsize
 
 
-_MIX_RATIO = 2  # a pair's items are interleaved only when one group has this many times the other's steps
-
-
-def group_pairs(starts, ends, block_rows: int, row_align: int):
-    """int32 [3 * ceil(G / 2)]: pair p is groups ``pairs[3p]`` and ``pairs[3p+1]``, the p-th
-    most and the p-th fewest row steps (``pair_groups``), and ``pairs[3p+2]`` is 1 where
-    their items interleave (the first has at least ``_MIX_RATIO`` times the second's
-    steps), 0 where they run one group after the other (groups of like sizes gain
-    nothing from it; at uniform sizes it was 4 % slower). With G odd the middle group is
-    paired with itself."""
-    first = starts // row_align * row_align
-    steps = jnp.maximum((ends - first + block_rows - 1) // block_rows, 1)
-    order = jnp.argsort(-steps, stable=True).astype(jnp.int32)
-    half = (order.shape[0] + 1) // 2
-    large, small = order[:half], order[::-1][:half]
-    mix = (steps[large] >= _MIX_RATIO * steps[small]).astype(jnp.int32)
-    return jnp.stack([large, small, mix], axis=1).reshape(-1)
-
-
-def kernel(group_start, group_end, *operands, config, num_groups: int, row_align: int, store_rows: int):
+def kernel(group_start, group_end, x_gmem, dy_gmem, out_gmem, *, config, num_groups: int, row_align: int,
+           store_rows: int):
     """Kernel body over a grid named ``"sm"`` of CTAs with three warpgroups ``"wg"``
-    (``mosaic_gpu.persistent_kernel``); arguments as the cooperative dW kernel's, with
-    `group_pairs` after the group bounds when ``config.pair_groups``."""
-    pairs, x_gmem, dy_gmem, out_gmem = operands if config.pair_groups else (None, *operands)
+    (``mosaic_gpu.persistent_kernel``); arguments as the cooperative dW kernel's."""
     dtype, out_dtype = x_gmem.dtype, out_gmem.dtype
     k, n = x_gmem.shape[1], dy_gmem.shape[1]
     tile_k, tile_n, rows = config.tile_k, config.tile_n, config.block_rows
@@ -90,34 +70,11 @@ def kernel(group_start, group_end, *operands, config, num_groups: int, row_align
     transforms = swizzled(64, dtype)
     items = (num_groups * per_group,)
 
-    def group_and_tile(index):
-        """An item's group and its tile's place in the group's (K, N) walk."""
-        if not config.pair_groups:
-            return lax.div(index, jnp.int32(per_group)), lax.rem(index, jnp.int32(per_group))
-        # A pair's 2 * per_group items: rounds of `chunk` items of its first group, then
-        # `chunk` of its second; with `chunk` a multiple of the CTA count, each CTA takes
-        # pair_groups items of one group, then as many of the other.
-        # A pair that does not mix takes its first group's items, then its second's.
-        chunk = config.pair_groups * lax.axis_size("sm")
-        p = lax.div(index, jnp.int32(2 * per_group))
-        j = index - p * (2 * per_group)
-        round_ = lax.div(j, 2 * chunk)
-        r = j - round_ * (2 * chunk)
-        length = jnp.minimum(chunk, per_group - round_ * chunk)  # the last round may be short
-        mixed = pairs[3 * p + 2] != 0
-        in_first = jnp.where(mixed, r < length, j < per_group)
-        tile = jnp.where(mixed, round_ * chunk + jnp.where(in_first, r, r - length),
-                         jnp.where(in_first, j, j - per_group))
-        g = jnp.where(in_first, pairs[3 * p], pairs[3 * p + 1])
-        if num_groups % 2:  # the last pair is the middle group alone: per_group items in order
-            alone = p == num_groups // 2
-            tile, g = jnp.where(alone, j, tile), jnp.where(alone, pairs[3 * p], g)
-        return g, tile
-
     def item_at(index):
         """Group, K and N tile, group bounds, first (aligned) row and row steps of an item."""
-        g, tile = group_and_tile(index)
-        kt, nt = plgpu.planar_snake(tile, (k_tiles, n_tiles), 1, config.grid_tile_width)
+        g = lax.div(index, jnp.int32(per_group))
+        kt, nt = plgpu.planar_snake(lax.rem(index, jnp.int32(per_group)), (k_tiles, n_tiles), 1,
+                                    config.grid_tile_width)
         begin, end = group_start[g], group_end[g]
         first = pl.multiple_of(begin // row_align * row_align, row_align)
         # An empty group still runs one step, all of it masked: its tile comes out zero.
