@@ -158,13 +158,13 @@ def mosaic_sweep(m, g, k, n_out, epilogue) -> list:
                                 consumers="pingpong")]
     if m // g >= 128:  # the default tiles walked in other bands (row tiles sharing a weight tile)
         more += [dataclasses.replace(default, grid_tile_width=width) for width in EXTRA_WIDTHS]
-    # Every candidate, and again with each --variants replacement.
-    return with_variants([default] + ([] if DEFAULTS_ONLY else [c for c in more if c != default]))
+    return candidates(default, more)
 
 
-def with_variants(configs: list) -> list:
-    """``configs`` and each of them with every ``--variants`` replacement (new ones only)."""
-    configs = list(configs)
+def candidates(default, more: list) -> list:
+    """``default``, then ``more`` (none with ``--defaults-only``), then each of them again
+    with every ``--variants`` replacement (new ones only)."""
+    configs = [default] + ([] if DEFAULTS_ONLY else [c for c in more if c != default])
     for fields in VARIANTS:
         for config in list(configs):
             try:
@@ -319,7 +319,7 @@ def wgrad_ours(x, dy, gs, iters: int, on_gpu: bool) -> dict[str, tuple[str, Samp
                 *(MosaicTgmmConfig(max_concurrent_steps=steps, **pingpong) for steps in (4, 5, 6)),
                 MosaicTgmmConfig(grid_tile_width=8, max_concurrent_steps=5, **pingpong),
                 MosaicTgmmConfig(block_rows=128, max_concurrent_steps=3, **pingpong)]
-        for config in with_variants([default] + ([] if DEFAULTS_ONLY else [c for c in more if c != default])):
+        for config in candidates(default, more):
             f = jax.jit(functools.partial(grouped_matmul_transposed, implementation="mosaic_gpu", config=config))
             candidates[short(config)] = functools.partial(f, x, dy, gs)
         out["mosaic_gpu tgmm"] = pick(candidates, iters)
@@ -485,7 +485,8 @@ def main() -> int:
     if args.phase == "wgrad":
         cases = [(f"{name} dW", prefill_rows, kind) for name in ("gate/up", "down") for kind in ("uniform", "zipf")]
     if args.only:
-        cases = [c for c in cases if any(part.replace("_", " ") in f"{c[0]} {c[1]} {c[2]}" for part in args.only.split(","))]
+        wanted = [part.replace("_", " ") for part in args.only.split(",")]
+        cases = [c for c in cases if any(part in f"{c[0]} {c[1]} {c[2]}" for part in wanted)]
     lines = []
     for name, rows, kind in cases:
         if name.endswith(" dW"):

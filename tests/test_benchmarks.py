@@ -23,7 +23,7 @@ SCRIPTS = [
     ("bench_alltoall.py", [], ["| 128 | xla |", "| 4096 | xla |", "| 128 | loop only (1-row op) |"]),
     ("bench_alltoall.py", ["--ep", "8"], ["EP8", "| 4096 | xla |"]),  # issue 7's shape
     ("bench_grouped_matmul.py", [], ["| gate/up | 1024 | uniform | xla loop |", "| down x weight |"]),
-    ("bench_grouped_matmul.py", ["--phase", "prefill", "--kinds", "zipf-aligned", "--only", "gate/up 1024",
+    ("bench_grouped_matmul.py", ["--phase", "prefill", "--kinds", "zipf-aligned", "--only", "gate/up_1024",
                                  "--variants", "delay_release=1;tile_k=128,max_concurrent_steps=3",
                                  "--sustain", "0.05"],
      ["| gate/up | 1024 | zipf-aligned | xla loop |"]),
@@ -91,6 +91,27 @@ def test_grouped_matmul_bench_group_sizes():
         assert len(set(group_sizes(rows, groups, "uniform").tolist()) - {rows // groups, rows // groups + 1}) == 0
     with pytest.raises(ValueError, match="zipf-aligned"):
         group_sizes(1024, 8, "skewed")
+
+
+def test_grouped_matmul_bench_candidates(monkeypatch):
+    """--defaults-only keeps the default tiles; --variants adds each candidate with the
+    replacement (fields of MosaicTgmmConfig for the dW sweep), skipping invalid ones."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_grouped_matmul as bench
+    from pallas_kernels import MosaicGpuConfig
+    from pallas_kernels.grouped_matmul.mosaic_gpu_tgmm import MosaicTgmmConfig
+
+    monkeypatch.setattr(bench, "DEFAULTS_ONLY", True)
+    monkeypatch.setattr(bench, "VARIANTS", bench.parse_variants("tile_m=64;chain_items=True"))
+    default = MosaicGpuConfig(consumers="pingpong")
+    assert bench.candidates(default, [MosaicGpuConfig()]) == [default, MosaicGpuConfig(consumers="pingpong",
+                                                                                      tile_m=64)]
+    monkeypatch.setattr(bench, "DEFAULTS_ONLY", False)
+    # 2 candidates, 2 more with tile_m=64, and the 2 cooperative ones chained (ping-pong cannot chain)
+    assert len(bench.candidates(default, [MosaicGpuConfig()])) == 6
+    assert bench.parse_variants("block_rows=128", MosaicTgmmConfig) == ({"block_rows": 128},)
+    with pytest.raises(SystemExit, match="tile_m=64"):
+        bench.parse_variants("tile_m=64", MosaicTgmmConfig)
 
 
 def test_device_loop_runs_every_call():
