@@ -46,12 +46,16 @@ def test_bench_moe_errors_name_the_value(capsys, tmp_path):
     assert "NOPE" in capsys.readouterr().err
     assert main(SMALL + ["--skew", "zipf:-1"]) == 2
     assert "zipf:-1" in capsys.readouterr().err
+    for ep in ("0", "-1", "9"):  # 0 is not "every device"
+        assert main(SMALL + ["--ep", ep]) == 2
+        assert f"--ep={ep}: allowed: 1..8" in capsys.readouterr().err
 
 
 def test_parse_skew_and_imbalance():
     assert parse_skew("uniform") == 0.0 and parse_skew("zipf:1.2") == 1.2 and parse_skew("router") is None
-    with pytest.raises(ValueError, match="zipf:x"):
-        parse_skew("zipf:x")
+    for bad in ("zipf:x", "zipf:inf", "zipf:nan", "zipf:0"):
+        with pytest.raises(ValueError, match=f"--skew='{bad}'.*a finite S > 0"):
+            parse_skew(bad)
     assert imbalance([1, 1, 1, 1]) == 0.0
     assert imbalance([3, 1, 1, 3]) == pytest.approx(0.5)
 

@@ -188,6 +188,9 @@ IGA = f"{LB}.initial_global_assignments"
         ({"load_balancer": {"initial_global_assignments": {1.5: [0]}}}, IGA, "1.5"),
         ({"load_balancer": {"initial_global_assignments": {True: [0]}}}, IGA, "True"),
         ({"load_balancer": {"initial_global_assignments": {3: [0], "3": [0]}}}, IGA, "'3'"),
+        # online load balancing moves WIDEEP's slots; the local backend has none to move
+        ({"backend": "CUTLASS", "load_balancer": {"layer_updates_per_iter": 1}}, f"{LB}.layer_updates_per_iter",
+         "1 (int); allowed: 0 with backend CUTLASS (online load balancing needs backend WIDEEP)"),
     ],
 )
 def test_schema_errors(source, key, value):
@@ -204,6 +207,13 @@ def test_schema_errors(source, key, value):
         ({"initial_global_assignments": {1: [0, 1, 2]}}, 2, f"{IGA}[1]", "3 expert ids; allowed: exactly num_slots = 8"),
         ({"initial_global_assignments": {1: [0, 1, 2, 3, 4, 5, 6, 8]}}, 2, f"{IGA}[1][7]", "8 (int); allowed: an expert id in [0, 8)"),
         ({"initial_global_assignments": {4: [0, 1, 2, 3, 4, 0, 1, 0]}}, 2, f"{IGA}[4]", "layer 4 gives no slot to experts [5, 6, 7]"),
+        # online placement: at most one replica of an expert per rank, node groups of E / num_nodes experts
+        ({"num_slots": 20, "layer_updates_per_iter": 1}, 2, f"{LB}.num_slots",
+         "20 (int); allowed: <= num_experts * ranks per node group = 16"),
+        ({"num_nodes": 2, "num_slots": 24, "layer_updates_per_iter": 1}, 4, f"{LB}.num_slots",
+         "24 (int); allowed: <= num_experts * ranks per node group = 16"),
+        ({"num_nodes": 3, "num_slots": 12, "layer_updates_per_iter": 1}, 6, f"{LB}.num_nodes",
+         "3 (int); allowed: a divisor of num_experts = 8"),
     ],
 )
 def test_model_dependent_errors(lb, ep_size, key, value):

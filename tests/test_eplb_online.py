@@ -193,6 +193,10 @@ def test_eplb_update_errors(rng):
         EplbConfig(num_layers=1, num_experts=8, num_slots=10, ep_size=EP)
     with pytest.raises(ValueError, match="EplbConfig.decay: got 0"):
         EplbConfig(num_layers=1, num_experts=8, num_slots=12, ep_size=EP, decay=0)
+    with pytest.raises(ValueError, match=r"EplbConfig.tolerance: got -1.0; allowed: a number in \[0, 1\]"):
+        EplbConfig(num_layers=1, num_experts=8, num_slots=12, ep_size=EP, tolerance=-1.0)
+    with pytest.raises(ValueError, match="EplbConfig.warmup_iters: got -5; allowed: an int >= 0"):
+        EplbConfig(num_layers=1, num_experts=8, num_slots=12, ep_size=EP, warmup_iters=-5)
 
 
 def test_balancer_needs_online_config():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -50,6 +51,22 @@ def test_logits_match_transformers_wide_ep_with_replicas(arch):
     layer = next(layer.mlp for layer in model.layers if hasattr(layer.mlp, "slot_to_expert"))
     assert layer.w_gate_up[...].shape[0] == num_slots
     assert rel_err(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(ids)), want) <= 1e-4
+
+
+def test_placement_for_a_layer_that_is_not_moe_is_refused():
+    """DeepSeek-V3's first layer is dense: a placement for it (or for a layer past the
+    model) names the layers and what the model has, instead of being ignored."""
+    from wideep_jax.models import CausalLM
+    folder, _, _ = fixture("deepseek_v3")
+    cfg = from_hf_config(json.loads((folder / "config.json").read_text()))
+    assert 0 not in cfg.moe_layers
+    e = cfg.num_experts
+    for layer in (0, cfg.num_hidden_layers):
+        moe = load_moe_config({"backend": "WIDEEP", "load_balancer": {"initial_global_assignments": {
+            layer: list(range(e))}}}, num_experts=e, ep_size=4)
+        message = f"layers [{layer}] are not MoE layers of this model; allowed: {list(cfg.moe_layers)}"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            CausalLM(cfg, moe, mesh=make_mesh(4), rngs=nnx.Rngs(0))
 
 
 def test_fused_expert_layout_loads_the_same(tmp_path):

@@ -9,7 +9,7 @@ from flax import nnx
 
 from moe_helpers import (assert_close, make_layer, make_mesh, make_spec, random_routing,
                          random_tokens, run_layer, unsharded)
-from wideep_jax import MoEConfig, MoELayer, moe_forward
+from wideep_jax import MoEConfig, MoELayer, MoESpec, moe_forward
 from wideep_jax.reference import dense_moe_reference
 
 
@@ -227,6 +227,50 @@ def test_wideep_needs_a_mesh():
     layer = make_layer(spec, ep=2)
     with pytest.raises(ValueError, match="hidden_size=32"):
         layer(jnp.zeros((4, 7)))
+
+
+def test_bad_weights_and_routing_are_refused(rng):
+    """Arrays that do not fit the spec, a slot table with an unknown or unplaced expert,
+    and routing ids outside [0, E) are errors that name the array; none runs silently
+    with another expert's weights."""
+    spec = make_spec(experts=8, shared=1)
+    layer = make_layer(spec, ep=2, load_balancer={"num_slots": 10})
+    w, config, mesh = unsharded(layer.weights()), layer.config, layer.mesh
+    x = random_tokens(rng, 8, spec.hidden_size)
+    call = lambda weights, routing=None: moe_forward(x, weights, spec=spec, config=config, mesh=mesh,
+                                                      routing=routing)
+    call(w)  # the layer's own arrays pass
+    with pytest.raises(ValueError, match=r"weights.router has shape \(32, 9\); allowed: \(32, 8\)"):
+        call(w._replace(router=jnp.zeros((32, 9))))
+    with pytest.raises(ValueError, match=r"weights.w_gate_up has shape \(8, 32, 32\); allowed: \(10, 32, 32\)"):
+        call(w._replace(w_gate_up=w.w_gate_up[:8]))
+    with pytest.raises(ValueError, match=r"weights.shared_down has shape None"):
+        call(w._replace(shared_down=None))
+    with pytest.raises(ValueError, match="multiple of the 2 EP ranks"):
+        call(w._replace(w_gate_up=w.w_gate_up[:9], w_down=w.w_down[:9], slot_to_expert=w.slot_to_expert[:9]))
+    unplaced = w.slot_to_expert.at[3].set(4).at[3 + 8].set(4)  # expert 3 has no slot
+    with pytest.raises(ValueError, match=r"experts without a slot \[3\]"):
+        call(w._replace(slot_to_expert=unplaced))
+    with pytest.raises(ValueError, match=r"slot_to_expert: got values in \[0, 8\]"):
+        call(w._replace(slot_to_expert=w.slot_to_expert.at[9].set(8)))
+    routing = random_routing(rng, 8, spec.num_experts, spec.top_k)
+    for bad in (8, -1):
+        with pytest.raises(ValueError, match=r"routing.ids: got values in .*; allowed: \[0, 8\)"):
+            call(w, routing._replace(ids=routing.ids.at[2, 1].set(bad)))
+    no_shared = make_spec(experts=8)
+    with pytest.raises(ValueError, match="shared_gate_up / shared_down are given"):
+        moe_forward(x, w, spec=no_shared, config=config, mesh=mesh)
+
+
+def test_spec_refuses_bad_shared_widths_and_dtypes():
+    for kwargs, message in (({"num_shared_experts": 1.5}, "num_shared_experts=1.5"),
+                            ({"num_shared_experts": 1, "shared_intermediate_size": 0},
+                             "shared_intermediate_size=0: allowed: a positive int, or None"),
+                            ({"dtype": "int8"}, "dtype='int8': allowed: a floating dtype"),
+                            ({"param_dtype": "nope"}, "param_dtype='nope'")):
+        with pytest.raises(ValueError, match=message):
+            MoESpec(hidden_size=8, intermediate_size=4, num_experts=4, top_k=2, **kwargs)
+    assert MoESpec(hidden_size=8, intermediate_size=4, num_experts=4, top_k=2, num_shared_experts=2).shared_width == 8
 
 
 def test_user_example_from_the_issue(rng):

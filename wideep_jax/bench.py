@@ -35,9 +35,9 @@ def parse_skew(text: str) -> float | None:
             value = float(text[5:])
         except ValueError:
             value = -1.0
-        if value > 0:
+        if 0 < value < float("inf"):
             return value
-    raise ValueError(f"--skew={text!r}: allowed: 'uniform', 'router' or 'zipf:S' with S > 0")
+    raise ValueError(f"--skew={text!r}: allowed: 'uniform', 'router' or 'zipf:S' with a finite S > 0")
 
 
 def synthetic_routing(key: jax.Array, num_tokens: int, num_experts: int, top_k: int,

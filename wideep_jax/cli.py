@@ -72,9 +72,9 @@ def _bench_moe(args) -> int:
         raise ValueError(f"--stats-iters={args.stats_iters!r}: allowed: only with --stats-dir")
     platform = jax.default_backend()
     dtype = jnp.dtype(args.dtype or ("bfloat16" if platform == "gpu" else "float32"))
-    ep = args.ep or jax.device_count()
-    if ep > jax.device_count():
-        raise SystemExit(f"--ep={ep}: allowed: at most the {jax.device_count()} {platform} devices")
+    ep = jax.device_count() if args.ep is None else args.ep
+    if not 1 <= ep <= jax.device_count():
+        raise ValueError(f"--ep={ep}: allowed: 1..{jax.device_count()} ({platform} devices)")
     router = (RouterSpec(kind="noaux_tc", n_group=args.n_group, topk_group=args.topk_group,
                          routed_scaling_factor=2.5)
               if args.router == "noaux_tc" else RouterSpec(kind="softmax"))

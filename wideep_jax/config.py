@@ -189,6 +189,15 @@ class LoadBalancerConfig:
             raise _fail(f"{_LB}.num_slots", num_slots, f"a multiple of ep_size = {ep_size}")
         if ep_size % self.num_nodes:
             raise _fail(f"{_LB}.num_nodes", self.num_nodes, f"a divisor of ep_size = {ep_size}")
+        if self.is_online:  # what the online placement needs, said now rather than at its first step
+            if num_experts % self.num_nodes:
+                raise _fail(f"{_LB}.num_nodes", self.num_nodes,
+                            f"a divisor of num_experts = {num_experts} (each node group holds E / num_nodes experts)")
+            most = num_experts * (ep_size // self.num_nodes)
+            if num_slots > most:
+                raise _fail(f"{_LB}.num_slots", num_slots,
+                            f"<= num_experts * ranks per node group = {most} for online placement (at most one "
+                            "replica of an expert per rank, all in one node group)")
         self._check_lengths(num_slots)
         for layer, ids in (self.initial_global_assignments or {}).items():
             for s, e in enumerate(ids):
@@ -245,6 +254,9 @@ class MoEConfig:
             self, "expert_kernel",
             _choice(f"{_MOE}.expert_kernel", self.expert_kernel, EXPERT_KERNELS, upper=False),
         )
+        if self.load_balancer is not None and self.load_balancer.is_online and self.backend != "WIDEEP":
+            raise _fail(f"{_LB}.layer_updates_per_iter", self.load_balancer.layer_updates_per_iter,
+                        f"0 with backend {self.backend} (online load balancing needs backend WIDEEP)")
 
     def num_slots(self, num_experts: int) -> int:
         """``load_balancer.num_slots``, or ``num_experts`` without load balancer or slot count."""

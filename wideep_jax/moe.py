@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from wideep_jax.comm import get_alltoall_backend
@@ -64,6 +65,45 @@ def _check_inputs(x, token_mask, routing, spec: MoESpec):
             )
 
 
+def _check_weights(w: MoEWeights, spec: MoESpec, num_ranks: int, wide: bool) -> None:
+    """Shapes always; the slot table's values where they are concrete (not under jit)."""
+    h, i, e = spec.hidden_size, spec.intermediate_size, spec.num_experts
+    s = w.slot_to_expert.shape[0] if w.slot_to_expert.ndim == 1 else None
+    want = {"router": (w.router, (h, e)), "w_gate_up": (w.w_gate_up, (s, h, 2 * i)),
+            "w_down": (w.w_down, (s, i, h)), "slot_to_expert": (w.slot_to_expert, (s,))}
+    if w.correction_bias is not None:
+        want["correction_bias"] = (w.correction_bias, (e,))
+    if spec.shared_width:
+        want["shared_gate_up"] = (w.shared_gate_up, (h, 2 * spec.shared_width))
+        want["shared_down"] = (w.shared_down, (spec.shared_width, h))
+    elif w.shared_gate_up is not None or w.shared_down is not None:
+        raise ValueError("weights.shared_gate_up / shared_down are given but MoESpec.num_shared_experts is 0; "
+                         "allowed: None")
+    for name, (array, shape) in want.items():
+        if array is None or s is None or tuple(array.shape) != shape:
+            got = None if array is None else tuple(array.shape)
+            raise ValueError(f"weights.{name} has shape {got}; allowed: {shape} (hidden_size {h}, "
+                             f"intermediate_size {i}, num_experts {e}, slots = len(slot_to_expert) {s})")
+    if s < e or (wide and s % num_ranks):
+        raise ValueError(f"weights.slot_to_expert has {s} slots; allowed: >= num_experts={e}"
+                         + (f" and a multiple of the {num_ranks} EP ranks" if wide else ""))
+    if not isinstance(w.slot_to_expert, jax.core.Tracer):
+        table = np.asarray(w.slot_to_expert)
+        if table.min() < 0 or table.max() >= e or len(np.unique(table)) != e:
+            missing = sorted(set(range(e)) - set(table.tolist()))[:8]
+            raise ValueError(f"weights.slot_to_expert: got values in [{table.min()}, {table.max()}], experts "
+                             f"without a slot {missing}; allowed: ids in [0, {e}), each expert in >= 1 slot")
+
+
+def _check_routing_ids(routing: Routing | None, num_experts: int) -> None:
+    """Out-of-range ids would run another expert's weights: refused where concrete."""
+    if routing is None or isinstance(routing.ids, jax.core.Tracer):
+        return
+    ids = np.asarray(routing.ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= num_experts):
+        raise ValueError(f"routing.ids: got values in [{ids.min()}, {ids.max()}]; allowed: [0, {num_experts})")
+
+
 def constrain(a: jax.Array, mesh: Mesh, spec: P) -> jax.Array:
     """Puts ``a`` in the layout shard_map expects, on Explicit and Auto meshes alike."""
     sharding = NamedSharding(mesh, spec)
@@ -114,6 +154,8 @@ def moe_forward(
         if axis not in mesh.axis_names:
             raise ValueError(f"ep_axis={axis!r} is not an axis of the mesh; allowed: {mesh.axis_names}")
         num_ranks = mesh.shape[axis]
+    _check_weights(weights, spec, num_ranks, wide)
+    _check_routing_ids(routing, spec.num_experts)
 
     num_tokens = x.shape[0]
     pad = -num_tokens % num_ranks

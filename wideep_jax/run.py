@@ -97,7 +97,7 @@ def main_job(args) -> int:
 
     platform = jax.default_backend()
     dtype = jnp.dtype(args.dtype or ("bfloat16" if platform == "gpu" else "float32"))
-    ep = args.ep or jax.device_count()
+    ep = jax.device_count() if args.ep is None else args.ep
     if not 1 <= ep <= jax.device_count():
         raise ValueError(f"--ep={ep}: allowed: 1..{jax.device_count()} ({platform} devices)")
     folder = None if args.model in PRESETS else Path(args.model)

@@ -41,8 +41,21 @@ class MoESpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"MoESpec.{name}={value!r}: allowed: a positive int")
-        if self.num_shared_experts < 0:
-            raise ValueError(f"MoESpec.num_shared_experts={self.num_shared_experts!r}: allowed: >= 0")
+        shared = self.num_shared_experts
+        if not isinstance(shared, int) or isinstance(shared, bool) or shared < 0:
+            raise ValueError(f"MoESpec.num_shared_experts={shared!r}: allowed: an int >= 0")
+        width = self.shared_intermediate_size
+        if width is not None and (not isinstance(width, int) or isinstance(width, bool) or width <= 0):
+            raise ValueError(f"MoESpec.shared_intermediate_size={width!r}: allowed: a positive int, or None "
+                             "(intermediate_size * num_shared_experts)")
+        for name in ("dtype", "param_dtype"):
+            value = getattr(self, name)
+            try:
+                floating = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+            except TypeError:
+                floating = False
+            if not floating:
+                raise ValueError(f"MoESpec.{name}={value!r}: allowed: a floating dtype (e.g. bfloat16, float32)")
         self.router.validate(num_experts=self.num_experts, top_k=self.top_k)
 
     @property
@@ -50,7 +63,9 @@ class MoESpec:
         """Width of the shared-expert MLP (0 when there is none)."""
         if self.num_shared_experts == 0:
             return 0
-        return self.shared_intermediate_size or self.intermediate_size * self.num_shared_experts
+        if self.shared_intermediate_size is not None:
+            return self.shared_intermediate_size
+        return self.intermediate_size * self.num_shared_experts
 
     @classmethod
     def deepseek_v3(cls, **overrides) -> "MoESpec":

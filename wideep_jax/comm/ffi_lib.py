@@ -77,6 +77,9 @@ def stable_id(*parts) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 62) - 1)
 
 
+_MAX_TIMEOUT_S = 86400  # a day: the kernels take the limit as int64 milliseconds
+
+
 def timeout_ms() -> int:
     """The one-sided kernels' wait limit: ``$WIDEEP_COMM_TIMEOUT_S`` (default 30 s)."""
     raw = os.environ.get("WIDEEP_COMM_TIMEOUT_S", str(DEFAULT_TIMEOUT_S))
@@ -84,8 +87,8 @@ def timeout_ms() -> int:
         seconds = float(raw)
     except ValueError:
         seconds = -1.0
-    if not seconds > 0:
-        raise ValueError(f"WIDEEP_COMM_TIMEOUT_S={raw!r}; allowed: a positive number of seconds")
+    if not 0 < seconds <= _MAX_TIMEOUT_S:
+        raise ValueError(f"WIDEEP_COMM_TIMEOUT_S={raw!r}; allowed: a number of seconds in (0, {_MAX_TIMEOUT_S}]")
     return max(1, int(seconds * 1000))
 
 

@@ -45,6 +45,10 @@ class EplbConfig:
             raise ValueError(f"EplbConfig.decay: got {self.decay!r}; allowed: a number in (0, 1]")
         if self.reshard not in RESHARD_MODES:
             raise ValueError(f"EplbConfig.reshard: got {self.reshard!r}; allowed: one of {RESHARD_MODES}")
+        if isinstance(self.warmup_iters, bool) or not isinstance(self.warmup_iters, int) or self.warmup_iters < 0:
+            raise ValueError(f"EplbConfig.warmup_iters: got {self.warmup_iters!r}; allowed: an int >= 0")
+        if not 0.0 <= self.tolerance <= 1.0:
+            raise ValueError(f"EplbConfig.tolerance: got {self.tolerance!r}; allowed: a number in [0, 1]")
 
     @property
     def num_groups(self) -> int:
