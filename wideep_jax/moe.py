@@ -87,7 +87,7 @@ def _check_weights(w: MoEWeights, spec: MoESpec, num_ranks: int, wide: bool) -> 
     if s < e or (wide and s % num_ranks):
         raise ValueError(f"weights.slot_to_expert has {s} slots; allowed: >= num_experts={e}"
                          + (f" and a multiple of the {num_ranks} EP ranks" if wide else ""))
-    if not isinstance(w.slot_to_expert, jax.core.Tracer):
+    if _on_host(w.slot_to_expert):
         table = np.asarray(w.slot_to_expert)
         if table.min() < 0 or table.max() >= e or len(np.unique(table)) != e:
             missing = sorted(set(range(e)) - set(table.tolist()))[:8]
@@ -95,9 +95,15 @@ def _check_weights(w: MoEWeights, spec: MoESpec, num_ranks: int, wide: bool) -> 
                              f"without a slot {missing}; allowed: ids in [0, {e}), each expert in >= 1 slot")
 
 
+def _on_host(a) -> bool:
+    """Whether ``a``'s values can be read here: not a tracer (under jit) and not spread
+    over other processes' devices."""
+    return not isinstance(a, jax.core.Tracer) and getattr(a, "is_fully_addressable", True)
+
+
 def _check_routing_ids(routing: Routing | None, num_experts: int) -> None:
     """Out-of-range ids would run another expert's weights: refused where concrete."""
-    if routing is None or isinstance(routing.ids, jax.core.Tracer):
+    if routing is None or not _on_host(routing.ids):
         return
     ids = np.asarray(routing.ids)
     if ids.size and (ids.min() < 0 or ids.max() >= num_experts):
