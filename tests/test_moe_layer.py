@@ -246,6 +246,8 @@ def test_bad_weights_and_routing_are_refused(rng):
         call(w._replace(w_gate_up=w.w_gate_up[:8]))
     with pytest.raises(ValueError, match=r"weights.shared_down has shape None"):
         call(w._replace(shared_down=None))
+    with pytest.raises(ValueError, match=r"weights.slot_to_expert has shape \(2, 5\); allowed: \[num_slots\]"):
+        call(w._replace(slot_to_expert=w.slot_to_expert.reshape(2, 5)))
     with pytest.raises(ValueError, match="multiple of the 2 EP ranks"):
         call(w._replace(w_gate_up=w.w_gate_up[:9], w_down=w.w_down[:9], slot_to_expert=w.slot_to_expert[:9]))
     unplaced = w.slot_to_expert.at[3].set(4).at[3 + 8].set(4)  # expert 3 has no slot

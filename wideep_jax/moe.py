@@ -68,7 +68,9 @@ def _check_inputs(x, token_mask, routing, spec: MoESpec):
 def _check_weights(w: MoEWeights, spec: MoESpec, num_ranks: int, wide: bool) -> None:
     """Shapes always; the slot table's values where they are concrete (not under jit)."""
     h, i, e = spec.hidden_size, spec.intermediate_size, spec.num_experts
-    s = w.slot_to_expert.shape[0] if w.slot_to_expert.ndim == 1 else None
+    if w.slot_to_expert.ndim != 1:
+        raise ValueError(f"weights.slot_to_expert has shape {tuple(w.slot_to_expert.shape)}; allowed: [num_slots]")
+    s = w.slot_to_expert.shape[0]
     want = {"router": (w.router, (h, e)), "w_gate_up": (w.w_gate_up, (s, h, 2 * i)),
             "w_down": (w.w_down, (s, i, h)), "slot_to_expert": (w.slot_to_expert, (s,))}
     if w.correction_bias is not None:
@@ -80,7 +82,7 @@ def _check_weights(w: MoEWeights, spec: MoESpec, num_ranks: int, wide: bool) -> 
         raise ValueError("weights.shared_gate_up / shared_down are given but MoESpec.num_shared_experts is 0; "
                          "allowed: None")
     for name, (array, shape) in want.items():
-        if array is None or s is None or tuple(array.shape) != shape:
+        if array is None or tuple(array.shape) != shape:
             got = None if array is None else tuple(array.shape)
             raise ValueError(f"weights.{name} has shape {got}; allowed: {shape} (hidden_size {h}, "
                              f"intermediate_size {i}, num_experts {e}, slots = len(slot_to_expert) {s})")
