@@ -9,6 +9,11 @@ import jax.numpy as jnp
 from wideep_jax.routing import RouterSpec
 
 
+def _int_at_least(value: Any, minimum: int) -> bool:
+    """An int (not a bool) >= ``minimum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 @dataclasses.dataclass(frozen=True)
 class MoESpec:
     """Dimensions and routing of one MoE layer.
@@ -39,13 +44,12 @@ class MoESpec:
     def __post_init__(self):
         for name in ("hidden_size", "intermediate_size", "num_experts", "top_k"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not _int_at_least(value, 1):
                 raise ValueError(f"MoESpec.{name}={value!r}: allowed: a positive int")
-        shared = self.num_shared_experts
-        if not isinstance(shared, int) or isinstance(shared, bool) or shared < 0:
-            raise ValueError(f"MoESpec.num_shared_experts={shared!r}: allowed: an int >= 0")
+        if not _int_at_least(self.num_shared_experts, 0):
+            raise ValueError(f"MoESpec.num_shared_experts={self.num_shared_experts!r}: allowed: an int >= 0")
         width = self.shared_intermediate_size
-        if width is not None and (not isinstance(width, int) or isinstance(width, bool) or width <= 0):
+        if width is not None and not _int_at_least(width, 1):
             raise ValueError(f"MoESpec.shared_intermediate_size={width!r}: allowed: a positive int, or None "
                              "(intermediate_size * num_shared_experts)")
         for name in ("dtype", "param_dtype"):
