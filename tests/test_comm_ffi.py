@@ -162,6 +162,53 @@ def test_build_key_follows_sources(tmp_path, monkeypatch):
     assert ffi_build.library_path() != before
 
 
+def test_build_key_follows_the_nccl_library_dir(tmp_path, monkeypatch):
+    """The NCCL lib dir is baked in as rpath, so another venv's NCCL means another build."""
+    if _toolchain_missing():
+        pytest.skip("no nvcc / NCCL headers")
+    monkeypatch.setenv("WIDEEP_CUDA_ARCHS", "90")
+    include, lib_dir = ffi_build.nccl_paths()
+    before = ffi_build.library_path()
+    (tmp_path / "lib").symlink_to(lib_dir)  # same files, another venv's path
+    monkeypatch.setattr(ffi_build, "nccl_paths", lambda: (include, tmp_path / "lib"))
+    assert ffi_build.library_path() != before
+
+
+_STALE_RPATH_WORKER = """
+import os
+os.environ["JAX_PLATFORMS"] = "cpu"
+from wideep_jax.comm import ffi_lib
+lib = ffi_lib.library()
+print("LOADED", lib.wideep_nccl_version(), flush=True)
+"""
+
+
+def test_library_loads_when_its_rpath_is_stale(tmp_path):
+    """A cached library whose rpath names a NCCL that is gone (the venv it was built in was
+    deleted) still loads: ``library()`` loads the current NCCL by path first (CI failed so)."""
+    lib_file = ffi_build.build_library() if not _toolchain_missing() else None
+    if lib_file is None:
+        pytest.skip("no nvcc / NCCL headers")
+    _, nccl_lib = ffi_build.nccl_paths()
+    blob = lib_file.read_bytes()
+    old = str(nccl_lib).encode() + b"\0"
+    assert blob.count(old) == 1, "the NCCL lib dir should appear once, as the rpath"
+    stale = tmp_path / "cache" / lib_file.relative_to(ffi_build._cache_root())
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(blob.replace(old, b"/gone".ljust(len(old), b"\0")))  # same length: ELF intact
+    script = tmp_path / "worker.py"
+    script.write_text(_STALE_RPATH_WORKER)
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "LD_LIBRARY_PATH")}
+    env["WIDEEP_CACHE_DIR"] = str(tmp_path / "cache")
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "LOADED" in proc.stdout
+    # it was found in the cache, not rebuilt under another key or over the stale file
+    assert [p.name for p in (tmp_path / "cache" / "ffi").iterdir()] == [stale.parent.name]
+    assert stale.read_bytes().count(b"/gone") == 1
+
+
 def test_missing_toolchain_says_what_to_install(monkeypatch):
     monkeypatch.setenv("NVCC", "/nonexistent/nvcc")
     monkeypatch.setenv("PATH", "/nonexistent")

@@ -75,6 +75,12 @@ def nccl_paths() -> tuple[Path, Path]:
     )
 
 
+def nccl_library_file() -> Path:
+    """The NCCL shared library the FFI library links against."""
+    _, lib_dir = nccl_paths()
+    return lib_dir / _nccl_library(lib_dir)
+
+
 def _nccl_library(lib_dir: Path) -> str:
     names = sorted(p.name for p in lib_dir.glob("libnccl.so*"))
     if not names:
@@ -113,7 +119,7 @@ def _cache_root() -> Path:
     return Path(os.environ.get("WIDEEP_CACHE_DIR", Path.home() / ".cache" / "wideep_jax"))
 
 
-def _build_key(nvcc: str, archs: tuple[str, ...], nccl_version: str) -> str:
+def _build_key(nvcc: str, archs: tuple[str, ...], nccl_version: str, nccl_lib: Path) -> str:
     import jaxlib
 
     h = hashlib.sha256()
@@ -121,7 +127,8 @@ def _build_key(nvcc: str, archs: tuple[str, ...], nccl_version: str) -> str:
         h.update(path.name.encode())
         h.update(path.read_bytes())
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    for part in (jaxlib.__version__, nccl_version, version, ",".join(archs)):
+    # The NCCL lib dir is the library's rpath: a build from another venv would point at its NCCL.
+    for part in (jaxlib.__version__, nccl_version, str(nccl_lib), version, ",".join(archs)):
         h.update(part.encode())
     return h.hexdigest()[:20]
 
@@ -151,8 +158,8 @@ def nvcc_command(out: Path, archs: tuple[str, ...]) -> list[str]:
 def library_path(archs: tuple[str, ...] | None = None) -> Path:
     """Where the library for the current sources and toolchain lives (built or not)."""
     archs = archs or target_archs()
-    nccl_include, _ = nccl_paths()
-    key = _build_key(find_nvcc(), archs, _nccl_version(nccl_include))
+    nccl_include, nccl_lib = nccl_paths()
+    key = _build_key(find_nvcc(), archs, _nccl_version(nccl_include), nccl_lib)
     return _cache_root() / "ffi" / key / LIBRARY_NAME
 
 

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from wideep_jax.comm.ffi_build import build_library
+from wideep_jax.comm.ffi_build import build_library, nccl_library_file
 
 TARGETS = {
     "wideep_nvlink_dispatch": "WideepNvlinkDispatch",
@@ -42,7 +42,11 @@ def library() -> ctypes.CDLL:
     global _lib
     with _lock:
         if _lib is None:
-            lib = ctypes.CDLL(str(build_library()), mode=ctypes.RTLD_GLOBAL)
+            path = build_library()
+            # Load the NCCL it was linked against first, by path: the loader then resolves
+            # libnccl.so.2 to it whatever the rpath or LD_LIBRARY_PATH say.
+            ctypes.CDLL(str(nccl_library_file()), mode=ctypes.RTLD_GLOBAL)
+            lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
             lib.wideep_last_error.restype = ctypes.c_char_p
             lib.wideep_nvlink_peer_access.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
             lib.wideep_nvlink_create.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int,
