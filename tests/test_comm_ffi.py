@@ -8,9 +8,11 @@ stand-in forward calls built from the portable path.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -220,6 +222,69 @@ def test_missing_toolchain_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.nccl", None)
     with pytest.raises(ffi_build.FfiBuildError, match="pip install nvidia-nccl-cu13"):
         ffi_build.nccl_paths()
+
+
+def _fake_toolchain(tmp_path, monkeypatch, nvcc_body: str) -> None:
+    """A stand-in nvcc (a shell script) and NCCL tree, and an empty cache."""
+    nvcc = tmp_path / "nvcc"
+    nvcc.write_text(f'#!/bin/sh\nif [ "$1" = "--version" ]; then echo fake nvcc; exit 0; fi\n{nvcc_body}\n')
+    nvcc.chmod(0o755)
+    (tmp_path / "nccl" / "include").mkdir(parents=True)
+    (tmp_path / "nccl" / "include" / "nccl.h").write_text("#define NCCL_MAJOR 2\n")
+    (tmp_path / "nccl" / "lib").mkdir()
+    (tmp_path / "nccl" / "lib" / "libnccl.so.2").write_bytes(b"")
+    monkeypatch.setenv("NVCC", str(nvcc))
+    monkeypatch.setenv("NCCL_HOME", str(tmp_path / "nccl"))
+    monkeypatch.setenv("WIDEEP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("WIDEEP_CUDA_ARCHS", "90")
+
+
+def test_a_hung_nvcc_is_stopped_with_its_children(tmp_path, monkeypatch):
+    """nvcc past WIDEEP_FFI_BUILD_TIMEOUT_S: an error saying so, and its whole process group ends."""
+    pid_file = tmp_path / "child.pid"
+    _fake_toolchain(tmp_path, monkeypatch, f"sleep 120 &\necho $! > {pid_file}\nwait")
+    monkeypatch.setenv("WIDEEP_FFI_BUILD_TIMEOUT_S", "1.5")
+    start = time.monotonic()
+    with pytest.raises(ffi_build.FfiBuildError, match=r"took over 1.5 s.*WIDEEP_FFI_BUILD_TIMEOUT_S"):
+        ffi_build.build_library()
+    assert time.monotonic() - start < 30
+    child = int(pid_file.read_text())
+    time.sleep(0.2)
+    try:  # gone, or a zombie waiting for init: either way no longer running
+        state = open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[0]
+        assert state == "Z", f"nvcc's child {child} still runs (state {state})"
+    except FileNotFoundError:
+        pass
+    assert not ffi_build.library_path().exists()
+
+
+def test_a_held_build_lock_is_an_error_naming_its_holder(tmp_path, monkeypatch):
+    """Another process building (holding the lock) past the timeout: an error, not a wait forever."""
+    _fake_toolchain(tmp_path, monkeypatch, "exit 1")
+    monkeypatch.setenv("WIDEEP_FFI_BUILD_TIMEOUT_S", "0.5")
+    lock_path = ffi_build.library_path().parent / ".lock"
+    lock_path.parent.mkdir(parents=True)
+    with open(lock_path, "w") as held:  # another open file: flock conflicts even in this process
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242")
+        held.flush()
+        start = time.monotonic()
+        with pytest.raises(ffi_build.FfiBuildError, match=r"waited 1 s for .*\.lock, held by process 4242"):
+            ffi_build.build_library()
+        assert time.monotonic() - start < 10
+    assert lock_path.read_text() == "4242"  # the waiter did not wipe the holder's pid
+    # Once free, the lock is taken and nvcc runs (and fails, here, with its exit code).
+    with pytest.raises(ffi_build.FfiBuildError, match="failed \\(exit 1\\)"):
+        ffi_build.build_library()
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "inf", "nan", "ten", "1e9"])
+def test_bad_build_timeout_is_rejected(monkeypatch, value):
+    monkeypatch.setenv("WIDEEP_FFI_BUILD_TIMEOUT_S", value)
+    with pytest.raises(ffi_build.FfiBuildError, match=rf"WIDEEP_FFI_BUILD_TIMEOUT_S='{value}'.*\(0, 86400\]"):
+        ffi_build.build_timeout_s()
+    monkeypatch.setenv("WIDEEP_FFI_BUILD_TIMEOUT_S", "2.5")
+    assert ffi_build.build_timeout_s() == 2.5
 
 
 def test_bad_arch_list_is_rejected(monkeypatch):

@@ -3,9 +3,10 @@
 The library has no Python ABI: C++/CUDA against XLA's FFI headers
 (``jax.ffi.include_dir()``) and NCCL (the ``nvidia-nccl-cu13`` package).
 It is cached under ``$WIDEEP_CACHE_DIR`` (default ``~/.cache/wideep_jax``),
-keyed by the sources' hash, the jaxlib and NCCL versions, nvcc and the GPU
-architectures, so editing a source or upgrading jaxlib rebuilds it. Built on
-first use or by ``wideep build-ffi``.
+keyed by the sources' hash, the jaxlib and NCCL versions, NCCL's directory
+(the library's rpath), nvcc and the GPU architectures, so editing a source or
+upgrading jaxlib rebuilds it. Built on first use or by ``wideep build-ffi``,
+within ``$WIDEEP_FFI_BUILD_TIMEOUT_S``.
 """
 from __future__ import annotations
 
@@ -15,13 +16,18 @@ import os
 import re
 import shutil
 import subprocess
+import signal
 import tempfile
+import time
 from pathlib import Path
 
 LIBRARY_NAME = "libwideep_ffi.so"
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "ffi" / "csrc"
 DEFAULT_ARCHS = ("80", "90")  # what CI compiles for when no GPU is visible
 FALLBACK_CUDA_HOMES = ("/usr/local/cuda",)
+BUILD_TIMEOUT_ENV = "WIDEEP_FFI_BUILD_TIMEOUT_S"
+DEFAULT_BUILD_TIMEOUT_S = 1200.0  # CI's 2-core build of two archs takes about 20 s
+_MAX_BUILD_TIMEOUT_S = 86400.0
 
 
 class FfiBuildError(RuntimeError):
@@ -126,7 +132,10 @@ def _build_key(nvcc: str, archs: tuple[str, ...], nccl_version: str, nccl_lib: P
     for path in source_files():
         h.update(path.name.encode())
         h.update(path.read_bytes())
-    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    try:
+        version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except subprocess.TimeoutExpired:
+        raise FfiBuildError(f"`{nvcc} --version` did not answer in 60 s; check $NVCC / the CUDA install") from None
     # The NCCL lib dir is the library's rpath: a build from another venv would point at its NCCL.
     for part in (jaxlib.__version__, nccl_version, str(nccl_lib), version, ",".join(archs)):
         h.update(part.encode())
@@ -163,19 +172,75 @@ def library_path(archs: tuple[str, ...] | None = None) -> Path:
     return _cache_root() / "ffi" / key / LIBRARY_NAME
 
 
+def build_timeout_s() -> float:
+    """Seconds one nvcc build, or the wait for another process's build, may take:
+    ``$WIDEEP_FFI_BUILD_TIMEOUT_S``, default ``DEFAULT_BUILD_TIMEOUT_S``."""
+    raw = os.environ.get(BUILD_TIMEOUT_ENV)
+    if raw is None:
+        return DEFAULT_BUILD_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= _MAX_BUILD_TIMEOUT_S:  # also refuses nan and inf
+        raise FfiBuildError(f"{BUILD_TIMEOUT_ENV}={raw!r}; allowed: seconds in (0, {_MAX_BUILD_TIMEOUT_S:.0f}]")
+    return value
+
+
+def _lock_within(lock, path: Path, timeout: float) -> None:
+    """Takes the build lock, or fails naming the process that holds it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                lock.seek(0)
+                holder = lock.read().strip() or "unknown"
+                raise FfiBuildError(
+                    f"waited {timeout:g} s for {path}, held by process {holder} building the FFI library; "
+                    f"end that process or raise {BUILD_TIMEOUT_ENV}"
+                ) from None
+            time.sleep(0.1)
+
+
+def _run_nvcc(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """nvcc in its own process group, so a timeout also ends its cicc/ptxas children."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise FfiBuildError(
+            f"building {LIBRARY_NAME} took over {timeout:g} s and was stopped; raise {BUILD_TIMEOUT_ENV} "
+            f"or build fewer archs (WIDEEP_CUDA_ARCHS):\n{' '.join(cmd)}"
+        ) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def build_library(*, force: bool = False, archs: tuple[str, ...] | None = None, verbose: bool = False) -> Path:
     """Builds the library if the cache lacks it and returns its path.
 
     Concurrent builders (several processes) serialize on a lock file; the
-    result is moved into place atomically.
+    result is moved into place atomically. The build and the wait for another
+    process's build are each bounded by ``build_timeout_s()``.
     """
     archs = archs or target_archs()
     out = library_path(archs)
     if out.is_file() and not force:
         return out
+    timeout = build_timeout_s()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock_path = out.parent / ".lock"
+    with open(lock_path, "a+") as lock:  # "a+": a waiter must not wipe the holder's pid
+        # The holder's nvcc may run for the whole timeout, so a waiter gives it a little more.
+        _lock_within(lock, lock_path, timeout + min(60.0, timeout))
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
         if out.is_file() and not force:
             return out
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
@@ -183,7 +248,7 @@ def build_library(*, force: bool = False, archs: tuple[str, ...] | None = None, 
             cmd = nvcc_command(tmp_out, archs)
             if verbose:
                 print(" ".join(cmd), flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = _run_nvcc(cmd, timeout)
             if proc.returncode != 0:
                 raise FfiBuildError(
                     f"building {LIBRARY_NAME} failed (exit {proc.returncode}):\n{' '.join(cmd)}\n"
