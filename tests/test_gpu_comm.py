@@ -273,6 +273,45 @@ def test_nvlink_timeout_is_an_error_not_a_hang():
     assert "timed out" in text, text[-3000:]
 
 
+def test_nccl_timeout_is_an_error_not_a_hang():
+    """NCCL's host wait for the row counts is bounded too: after one call of both ranks
+    (connections made), rank 0 alone fails after WIDEEP_COMM_TIMEOUT_S, and the aborted
+    communicator refuses later calls instead of hanging."""
+    script = textwrap.dedent("""
+        import time
+        import jax, jax.numpy as jnp
+        from jax.sharding import PartitionSpec as P
+        from wideep_jax.comm import get_alltoall_backend
+        from wideep_jax.dispatch import make_dispatch_plan
+        mesh = jax.make_mesh((2,), ("ep",), devices=jax.devices()[:2])
+        comm = get_alltoall_backend("nccl", mesh=mesh, axis="ep")
+        def body(x):
+            plan = make_dispatch_plan(jnp.zeros((8, 2), jnp.int32) + 1, jnp.ones((8, 2)), jnp.ones(8, bool),
+                                      num_ranks=2, slots_per_rank=1)
+            return comm.dispatch(x, plan, axis_name="ep").x
+        both = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"), check_vma=False))
+        x = jax.device_put(jnp.ones((16, 64), jnp.bfloat16), jax.sharding.NamedSharding(mesh, P("ep")))
+        print("both", float(both(x).astype(jnp.float32).sum()), flush=True)
+        lonely = jax.jit(body)  # rank 0 alone: rank 1 never joins
+        x0 = jax.device_put(jnp.ones((8, 64), jnp.bfloat16), jax.devices()[0])
+        for attempt in range(2):
+            start = time.time()
+            try:
+                print("value", float(lonely(x0).astype(jnp.float32).sum()), flush=True)
+            except Exception as e:
+                print(f"ERROR{attempt} after {time.time() - start:.1f} s:", str(e).replace(chr(10), " ")[-600:], flush=True)
+    """)
+    env = dict(os.environ, WIDEEP_COMM_TIMEOUT_S="2", WIDEEP_ALLTOALL="")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, env=env)
+    text = proc.stdout + proc.stderr
+    assert "both " in text and "value" not in text, text[-3000:]
+    first = next(line for line in text.splitlines() if line.startswith("ERROR0"))
+    assert "timed out after 2000 ms" in first and "rank 0 of 2" in first, text[-3000:]
+    assert float(first.split()[2]) < 60, first
+    second = next(line for line in text.splitlines() if line.startswith("ERROR1"))
+    assert "was aborted" in second, text[-3000:]
+
+
 def test_nvlink_inside_xla_command_buffers_equal_xla(tmp_path):
     """The nvlink handlers are marked command-buffer compatible (counts and the call
     number live on the device): with custom calls captured into CUDA graphs, replays

@@ -5,10 +5,14 @@
 // needs them to size the sends, so each call copies them back and waits for
 // the stream once (what torch's all_to_all_single with splits and DeepEP's
 // normal mode do too). That wait keeps these handlers out of CUDA graphs.
+// It is bounded: a peer that never reaches the call (crashed, or running
+// another program) makes it abort the communicator and return an error.
 #include <nccl.h>
 
+#include <chrono>
 #include <initializer_list>
 #include <mutex>
+#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -22,7 +26,9 @@ struct NcclMember {
   int rank = 0;
   int nranks = 0;
   int32_t* host_counts = nullptr;  // pinned, 2 * nranks
-  std::mutex* mu = nullptr;        // guards host_counts
+  cudaEvent_t counts_ready = nullptr;
+  std::mutex* mu = nullptr;        // guards host_counts and aborted
+  bool* aborted = nullptr;         // set once a timeout aborted `comm`; every later call fails
 };
 
 std::mutex g_nccl_mu;
@@ -79,12 +85,61 @@ ffi::Error ExchangeRows(const NcclMember& m, cudaStream_t stream, std::initializ
   return ffi::Error::Success();
 }
 
-ffi::Error CopyCountsToHost(const NcclMember& m, cudaStream_t stream, const int32_t* a, const int32_t* b) {
+ffi::Error Aborted(const NcclMember& m, const char* op, const std::string& why) {
+  ncclCommAbort(m.comm);  // also ends the NCCL kernels still waiting on the stream
+  *m.aborted = true;
+  return ffi::Error::Internal(std::string("wideep nccl ") + op + ": rank " + std::to_string(m.rank) + " of " +
+                              std::to_string(m.nranks) + " " + why +
+                              "; the communicator was aborted, restart the process");
+}
+
+// Waits for the counts' copy like cudaStreamSynchronize (spinning), but at
+// most timeout_ms, and stops early on an error NCCL reports asynchronously.
+ffi::Error WaitForCounts(const NcclMember& m, cudaStream_t stream, int64_t timeout_ms, const char* op) {
+  WIDEEP_CUDA_OR_RETURN(cudaEventRecord(m.counts_ready, stream));
+  const auto start = std::chrono::steady_clock::now();
+  for (uint64_t spin = 1;; ++spin) {
+    const cudaError_t q = cudaEventQuery(m.counts_ready);
+    if (q == cudaSuccess) return ffi::Error::Success();
+    if (q != cudaErrorNotReady) {
+      return ffi::Error::Internal(std::string("wideep nccl ") + op + ": waiting for the row counts failed: " +
+                                  cudaGetErrorString(q));
+    }
+    if (spin % 1024 != 0) continue;
+    ncclResult_t async = ncclSuccess;
+    if (ncclCommGetAsyncError(m.comm, &async) == ncclSuccess && async != ncclSuccess && async != ncclInProgress) {
+      return Aborted(m, op, std::string("got an NCCL error while exchanging row counts: ") +
+                                ncclGetErrorString(async));
+    }
+    const auto waited = std::chrono::steady_clock::now() - start;
+    if (waited > std::chrono::milliseconds(timeout_ms)) {
+      return Aborted(m, op, "timed out after " + std::to_string(timeout_ms) +
+                                " ms (WIDEEP_COMM_TIMEOUT_S) waiting for its peers' row counts: a peer rank "
+                                "did not reach the same call (stopped, crashed, or running another program)");
+    }
+    if (waited > std::chrono::milliseconds(10)) std::this_thread::yield();  // a long wait: share the core
+  }
+}
+
+ffi::Error CopyCountsToHost(const NcclMember& m, cudaStream_t stream, const int32_t* a, const int32_t* b,
+                            int64_t timeout_ms, const char* op) {
   WIDEEP_CUDA_OR_RETURN(cudaMemcpyAsync(m.host_counts, a, m.nranks * sizeof(int32_t),
                                         cudaMemcpyDeviceToHost, stream));
   WIDEEP_CUDA_OR_RETURN(cudaMemcpyAsync(m.host_counts + m.nranks, b, m.nranks * sizeof(int32_t),
                                         cudaMemcpyDeviceToHost, stream));
-  WIDEEP_CUDA_OR_RETURN(cudaStreamSynchronize(stream));
+  return WaitForCounts(m, stream, timeout_ms, op);
+}
+
+ffi::Error CheckUsable(const NcclMember& m, int64_t timeout_ms, const char* op) {
+  if (*m.aborted) {
+    return ffi::Error::Internal(std::string("wideep nccl ") + op +
+                                ": this communicator was aborted after an earlier timeout or NCCL error; "
+                                "restart the process");
+  }
+  if (timeout_ms <= 0) {
+    return ffi::Error::InvalidArgument(std::string("wideep nccl ") + op + ": timeout_ms=" +
+                                       std::to_string(timeout_ms) + "; allowed: > 0");
+  }
   return ffi::Error::Success();
 }
 
@@ -102,9 +157,11 @@ ffi::Error CheckCounts(const NcclMember& m, int64_t capacity, const char* op) {
 ffi::Error DispatchImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer send_x,
                         ffi::Buffer<ffi::S32> send_meta, ffi::Buffer<ffi::S32> send_count,
                         ffi::Result<ffi::AnyBuffer> recv_x, ffi::Result<ffi::Buffer<ffi::S32>> recv_meta,
-                        ffi::Result<ffi::Buffer<ffi::S32>> recv_count, int64_t comm) {
+                        ffi::Result<ffi::Buffer<ffi::S32>> recv_count, int64_t comm, int64_t timeout_ms) {
   NcclMember m;
   if (ffi::Error e = FindComm(comm, ordinal, &m); !e.success()) return e;
+  std::lock_guard<std::mutex> lock(*m.mu);
+  if (ffi::Error e = CheckUsable(m, timeout_ms, "dispatch"); !e.success()) return e;
   const auto xd = send_x.dimensions();
   const auto md = send_meta.dimensions();
   if (xd.size() != 3 || md.size() != 3 || xd[0] != m.nranks || md[0] != m.nranks || md[1] != xd[1] ||
@@ -123,8 +180,9 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer sen
   }
   WIDEEP_NCCL_OR_RETURN(ncclGroupEnd());
   if (capacity == 0) return ffi::Error::Success();
-  std::lock_guard<std::mutex> lock(*m.mu);
-  if (ffi::Error e = CopyCountsToHost(m, stream, dev_send, dev_recv); !e.success()) return e;
+  if (ffi::Error e = CopyCountsToHost(m, stream, dev_send, dev_recv, timeout_ms, "dispatch"); !e.success()) {
+    return e;
+  }
   if (ffi::Error e = CheckCounts(m, capacity, "dispatch"); !e.success()) return e;
   const int32_t* host_send = m.host_counts;
   const int32_t* host_recv = m.host_counts + m.nranks;
@@ -141,9 +199,11 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer sen
 
 ffi::Error CombineImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partial,
                        ffi::Buffer<ffi::S32> send_rows, ffi::Buffer<ffi::S32> recv_rows,
-                       ffi::Result<ffi::AnyBuffer> back, int64_t comm) {
+                       ffi::Result<ffi::AnyBuffer> back, int64_t comm, int64_t timeout_ms) {
   NcclMember m;
   if (ffi::Error e = FindComm(comm, ordinal, &m); !e.success()) return e;
+  std::lock_guard<std::mutex> lock(*m.mu);
+  if (ffi::Error e = CheckUsable(m, timeout_ms, "combine"); !e.success()) return e;
   const auto pd = partial.dimensions();
   if (pd.size() != 3 || pd[0] != m.nranks || send_rows.element_count() != static_cast<size_t>(m.nranks) ||
       recv_rows.element_count() != static_cast<size_t>(m.nranks)) {
@@ -152,8 +212,8 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer part
   }
   const int64_t capacity = pd[1];
   if (capacity == 0) return ffi::Error::Success();
-  std::lock_guard<std::mutex> lock(*m.mu);
-  if (ffi::Error e = CopyCountsToHost(m, stream, send_rows.typed_data(), recv_rows.typed_data());
+  if (ffi::Error e = CopyCountsToHost(m, stream, send_rows.typed_data(), recv_rows.typed_data(), timeout_ms,
+                                      "combine");
       !e.success()) {
     return e;
   }
@@ -181,7 +241,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WideepNcclDispatch, wideep::DispatchImpl,
                                   .Ret<ffi::AnyBuffer>()         // recv_x [R, C, H]
                                   .Ret<ffi::Buffer<ffi::S32>>()  // recv_meta [R, C, M]
                                   .Ret<ffi::Buffer<ffi::S32>>()  // recv_count [R]
-                                  .Attr<int64_t>("comm"));
+                                  .Attr<int64_t>("comm")
+                                  .Attr<int64_t>("timeout_ms"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WideepNcclCombine, wideep::CombineImpl,
                               ffi::Ffi::Bind()
@@ -191,7 +252,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WideepNcclCombine, wideep::CombineImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // send_rows [R]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // recv_rows [R]
                                   .Ret<ffi::AnyBuffer>()         // back [R, C, H]
-                                  .Attr<int64_t>("comm"));
+                                  .Attr<int64_t>("comm")
+                                  .Attr<int64_t>("timeout_ms"));
 
 extern "C" {
 
@@ -237,7 +299,9 @@ int wideep_nccl_init(int64_t id, int nlocal, const int* ordinals, const int* ran
     m.comm = comms[i], m.rank = ranks[i], m.nranks = nranks;
     WIDEEP_CUDA_OR_FAIL(cudaSetDevice(ordinals[i]));
     WIDEEP_CUDA_OR_FAIL(cudaMallocHost(&m.host_counts, 2 * nranks * sizeof(int32_t)));
+    WIDEEP_CUDA_OR_FAIL(cudaEventCreateWithFlags(&m.counts_ready, cudaEventDisableTiming));
     m.mu = new std::mutex();
+    m.aborted = new bool(false);
     members[ordinals[i]] = m;
   }
   g_comms[id] = std::move(members);

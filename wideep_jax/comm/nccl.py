@@ -3,7 +3,8 @@
 Works within one process and across processes (communicators are created per
 device; the unique ids travel through ``jax.distributed``'s key-value store).
 Each call exchanges the row counts on the device, then waits once on the host
-for them to size the sends. Kernels: ``ffi/csrc/nccl_alltoall.cu``.
+for them to size the sends; a wait past ``WIDEEP_COMM_TIMEOUT_S`` aborts the
+communicator and fails the call instead of hanging. Kernels: ``ffi/csrc/nccl_alltoall.cu``.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ class NcclAllToAll(FfiAllToAll):
             jax.ShapeDtypeStruct((num_ranks,), jnp.int32),
         )
         recv_x, recv_meta, recv_count = ordered_ffi_call(
-            "wideep_nccl_dispatch", out_types, send_x, send_meta, plan.send_count, comm=np.int64(self._comm()))
+            "wideep_nccl_dispatch", out_types, send_x, send_meta, plan.send_count, comm=np.int64(self._comm()),
+            timeout_ms=np.int64(ffi_lib.timeout_ms()))
         # Rows past the counts were not written; give their pairs no slot.
         live = (jnp.arange(capacity)[None, :] < recv_count[:, None])[..., None]
         slot = jnp.where(live, recv_meta[..., :top_k], -1)
@@ -51,5 +53,6 @@ class NcclAllToAll(FfiAllToAll):
     def _combine(self, partial_sums, plan, recv_count):
         (back,) = ordered_ffi_call(
             "wideep_nccl_combine", (jax.ShapeDtypeStruct(partial_sums.shape, partial_sums.dtype),),
-            partial_sums, recv_count, plan.send_count, comm=np.int64(self._comm()))
+            partial_sums, recv_count, plan.send_count, comm=np.int64(self._comm()),
+            timeout_ms=np.int64(ffi_lib.timeout_ms()))
         return gather_partials(back, plan.token_row)
