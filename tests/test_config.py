@@ -3,6 +3,7 @@ import dataclasses
 import re
 import runpy
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,10 @@ import pytest
 
 from wideep_jax.config import (
     ALLTOALL_BACKENDS,
+    ONLINE_ONLY_KEYS,
+    WIDEEP_ONLY_KEYS,
     ConfigError,
+    ConfigWarning,
     LoadBalancerConfig,
     MoEConfig,
     load_moe_config,
@@ -267,6 +271,45 @@ def test_placement_file_errors_name_the_file(tmp_path):
     write(tmp_path / "lb2.yaml", "[1, 2]\n")
     with raises(LB, "[1, 2]"):
         load_moe_config(write(tmp_path / "c.yaml", "load_balancer: lb2.yaml\n"))
+
+
+_NON_DEFAULT = {"decay": 0.5, "warmup_iters": 3, "reshard": "collective", "num_nodes": 2, "tolerance": 0.2,
+                "alltoall_backend": "nccl", "replica_selection": "local_first"}
+
+
+@pytest.mark.parametrize("key", ONLINE_ONLY_KEYS)
+def test_online_only_keys_warn_with_static_placement(key):
+    """Set away from its default while placement is static, an online-only key of ours
+    does nothing: a ConfigWarning names it. Online, or at its default, no warning."""
+    source = {"backend": "WIDEEP", "load_balancer": {"num_slots": 8, key: _NON_DEFAULT[key]}}
+    with pytest.warns(ConfigWarning, match=rf"moe_config\.load_balancer\.{key}=.*layer_updates_per_iter = 0") as got:
+        load_moe_config(source)
+    assert len(got) == 1
+    source["load_balancer"]["layer_updates_per_iter"] = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        load_moe_config(source)
+        default = next(f.default for f in dataclasses.fields(LoadBalancerConfig) if f.name == key)
+        load_moe_config({"backend": "WIDEEP", "load_balancer": {"num_slots": 8, key: default}})
+
+
+@pytest.mark.parametrize("key", WIDEEP_ONLY_KEYS)
+def test_wideep_only_keys_warn_with_cutlass(key):
+    with pytest.warns(ConfigWarning, match=rf"moe_config\.{key}=.*backend CUTLASS"):
+        MoEConfig(backend="CUTLASS", **{key: _NON_DEFAULT[key]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        MoEConfig(backend="WIDEEP", **{key: _NON_DEFAULT[key]})
+        MoEConfig(backend="CUTLASS")
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_load_without_warnings(name):
+    path = CONFIGS / name
+    source = {"load_balancer": str(path)} if name == "moe_load_balancer.yaml" else path  # a placement file
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        load_moe_config(source)
 
 
 def test_every_config_key_is_documented_in_the_readme():

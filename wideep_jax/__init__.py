@@ -8,7 +8,7 @@ Public API:
   - :func:`forward_jit`: jit a forward of an NNX module without copying its weights per call.
   - :mod:`wideep_jax.eplb`: the load balancer (placement, offline files, online ``OnlineBalancer``).
 """
-from wideep_jax.config import ConfigError, LoadBalancerConfig, MoEConfig, load_moe_config
+from wideep_jax.config import ConfigError, ConfigWarning, LoadBalancerConfig, MoEConfig, load_moe_config
 from wideep_jax.jit import forward_jit
 from wideep_jax.layer import MoELayer
 from wideep_jax.moe import MoEStats, MoEWeights, moe_forward
@@ -16,7 +16,7 @@ from wideep_jax.routing import Routing, RouterSpec, route
 from wideep_jax.spec import MoESpec
 
 __all__ = [
-    "ConfigError", "LoadBalancerConfig", "MoEConfig", "load_moe_config",
+    "ConfigError", "ConfigWarning", "LoadBalancerConfig", "MoEConfig", "load_moe_config",
     "MoELayer", "MoEStats", "MoEWeights", "moe_forward", "forward_jit",
     "Routing", "RouterSpec", "route", "MoESpec",
 ]

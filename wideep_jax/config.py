@@ -11,6 +11,8 @@ plus keys of our own, marked "(ours)" below (``alltoall_backend``, ``ep_axis``,
 ``replica_selection``, ``expert_kernel`` and the online balancer's ``decay``, ``warmup_iters``, ``reshard``,
 ``num_nodes``, ``tolerance``). Every bad input raises
 :class:`ConfigError` naming the key (dotted path), the bad value and what is allowed.
+A key of ours set to a non-default value in a mode where it does nothing (say
+``decay`` with static placement) gives a :class:`ConfigWarning` naming it.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import numbers
 import os
 import re
 import types
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ __all__ = [
     "EXPERT_KERNELS",
     "RESHARD_MODES",
     "ConfigError",
+    "ConfigWarning",
     "LoadBalancerConfig",
     "MoEConfig",
     "load_moe_config",
@@ -49,6 +53,11 @@ EXPERT_KERNELS = ("auto", "mosaic_gpu", "triton", "xla")
 RESHARD_MODES = ("host", "collective")
 """Where online re-sharding reads moved expert weights from."""
 
+ONLINE_ONLY_KEYS = ("decay", "warmup_iters", "reshard", "num_nodes", "tolerance")
+"""``load_balancer`` keys of ours that only online balancing reads."""
+WIDEEP_ONLY_KEYS = ("alltoall_backend", "replica_selection")
+"""``moe_config`` keys of ours that only ``backend: WIDEEP`` reads."""
+
 _MOE = "moe_config"
 _LB = f"{_MOE}.load_balancer"
 _IGA = f"{_LB}.initial_global_assignments"
@@ -56,6 +65,19 @@ _IGA = f"{_LB}.initial_global_assignments"
 
 class ConfigError(ValueError):
     """A ``moe_config`` value is invalid; the message names key, bad value and what is allowed."""
+
+
+class ConfigWarning(UserWarning):
+    """A key of ours was set to a non-default value where the chosen mode ignores it."""
+
+
+def _warn_inert(obj: Any, prefix: str, names: tuple[str, ...], why: str) -> None:
+    """Warns once per call about each of ``names`` that ``obj`` sets away from its default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(obj)}
+    for name in names:
+        value = getattr(obj, name)
+        if value != defaults[name]:
+            warnings.warn(f"{prefix}.{name}={value!r} does nothing {why}", ConfigWarning, stacklevel=4)
 
 
 def _fail(key: str, value: Any, allowed: str) -> ConfigError:
@@ -159,6 +181,10 @@ class LoadBalancerConfig:
         object.__setattr__(self, "initial_global_assignments", _freeze_assignments(self.initial_global_assignments))
         if self.num_slots is not None:
             self._check_lengths(self.num_slots)
+        if not self.is_online:
+            _warn_inert(self, _LB, ONLINE_ONLY_KEYS,
+                        "with layer_updates_per_iter = 0 (static placement); it applies to online "
+                        "balancing (layer_updates_per_iter > 0)")
 
     @property
     def is_online(self) -> bool:
@@ -257,6 +283,10 @@ class MoEConfig:
         if self.load_balancer is not None and self.load_balancer.is_online and self.backend != "WIDEEP":
             raise _fail(f"{_LB}.layer_updates_per_iter", self.load_balancer.layer_updates_per_iter,
                         f"0 with backend {self.backend} (online load balancing needs backend WIDEEP)")
+        if self.backend != "WIDEEP":
+            _warn_inert(self, _MOE, WIDEEP_ONLY_KEYS,
+                        f"with backend {self.backend} (no all-to-all; every slot is local); it applies to "
+                        "backend WIDEEP")
 
     def num_slots(self, num_experts: int) -> int:
         """``load_balancer.num_slots``, or ``num_experts`` without load balancer or slot count."""
