@@ -205,7 +205,7 @@ def test_schema_errors(source, key, value):
 @pytest.mark.parametrize(
     "lb, ep_size, key, value",
     [
-        ({"num_slots": 6}, 2, f"{LB}.num_slots", "6 (int); allowed: an int >= num_experts = 8"),
+        ({"num_slots": 6}, 2, f"{LB}.num_slots", "6 (int); allowed: >= num_experts = 8"),
         ({"num_slots": 12}, 8, f"{LB}.num_slots", "12 (int); allowed: a multiple of ep_size = 8"),
         ({}, 3, f"{LB}.num_slots", "8 (int); allowed: a multiple of ep_size = 3"),
         ({"initial_global_assignments": {1: [0, 1, 2]}}, 2, f"{IGA}[1]", "3 expert ids; allowed: exactly num_slots = 8"),

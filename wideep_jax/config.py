@@ -80,6 +80,32 @@ def _warn_inert(obj: Any, prefix: str, names: tuple[str, ...], why: str) -> None
             warnings.warn(f"{prefix}.{name}={value!r} does nothing {why}", ConfigWarning, stacklevel=4)
 
 
+def placement_violation(num_experts: int, num_slots: int, ep_size: int, num_nodes: int, *,
+                        computed: bool) -> tuple[str, int, str] | None:
+    """The first placement limit these counts break, as (name, value, what is allowed), or None.
+
+    Every placement needs ``num_slots >= num_experts``, a multiple of ``ep_size``, and
+    ``num_nodes`` dividing ``ep_size``. A computed one (online, or ``eplb``'s algorithm)
+    also needs ``num_nodes`` dividing ``num_experts`` and at most one replica of an
+    expert per rank, all within one node group. Shared by the config and the algorithm.
+    """
+    if num_slots < num_experts:
+        return "num_slots", num_slots, f">= num_experts = {num_experts}"
+    if num_slots % ep_size:
+        return "num_slots", num_slots, f"a multiple of ep_size = {ep_size}"
+    if ep_size % num_nodes:
+        return "num_nodes", num_nodes, f"a divisor of ep_size = {ep_size}"
+    if computed:
+        if num_experts % num_nodes:
+            return "num_nodes", num_nodes, (f"a divisor of num_experts = {num_experts} "
+                                            "(each node group holds E / num_nodes experts)")
+        most = num_experts * (ep_size // num_nodes)
+        if num_slots > most:
+            return "num_slots", num_slots, (f"<= num_experts * ranks per node group = {most} (at most one "
+                                            "replica of an expert per rank, all in one node group)")
+    return None
+
+
 def _fail(key: str, value: Any, allowed: str) -> ConfigError:
     return ConfigError(f"{key}: got {value!r} ({type(value).__name__}); allowed: {allowed}")
 
@@ -209,21 +235,10 @@ class LoadBalancerConfig:
         num_experts = _int("num_experts", num_experts, minimum=1)
         ep_size = _int("ep_size", ep_size, minimum=1)
         num_slots = self.resolved_num_slots(num_experts)
-        if num_slots < num_experts:
-            raise _fail(f"{_LB}.num_slots", num_slots, f"an int >= num_experts = {num_experts}")
-        if num_slots % ep_size:
-            raise _fail(f"{_LB}.num_slots", num_slots, f"a multiple of ep_size = {ep_size}")
-        if ep_size % self.num_nodes:
-            raise _fail(f"{_LB}.num_nodes", self.num_nodes, f"a divisor of ep_size = {ep_size}")
-        if self.is_online:  # what the online placement needs, said now rather than at its first step
-            if num_experts % self.num_nodes:
-                raise _fail(f"{_LB}.num_nodes", self.num_nodes,
-                            f"a divisor of num_experts = {num_experts} (each node group holds E / num_nodes experts)")
-            most = num_experts * (ep_size // self.num_nodes)
-            if num_slots > most:
-                raise _fail(f"{_LB}.num_slots", num_slots,
-                            f"<= num_experts * ranks per node group = {most} for online placement (at most one "
-                            "replica of an expert per rank, all in one node group)")
+        # Online, the placement is computed: its limits are said now rather than at its first step.
+        bad = placement_violation(num_experts, num_slots, ep_size, self.num_nodes, computed=self.is_online)
+        if bad:
+            raise _fail(f"{_LB}.{bad[0]}", bad[1], bad[2])
         self._check_lengths(num_slots)
         for layer, ids in (self.initial_global_assignments or {}).items():
             for s, e in enumerate(ids):

@@ -53,6 +53,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from wideep_jax.config import placement_violation
+
 __all__ = ["compute_placement", "greedy_placement", "imbalance", "rank_loads"]
 
 _F32 = jnp.float32
@@ -69,20 +71,9 @@ def _check(load_shape: tuple[int, ...], num_slots: int, ep_size: int, num_nodes:
     for name, value in (("num_slots", num_slots), ("ep_size", ep_size), ("num_nodes", num_nodes)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}: got {value!r}; allowed: a positive int")
-    if num_slots < num_experts:
-        raise ValueError(f"num_slots: got {num_slots}; allowed: >= num_experts = {num_experts}")
-    if num_slots % ep_size:
-        raise ValueError(f"num_slots: got {num_slots}; allowed: a multiple of ep_size = {ep_size}")
-    if ep_size % num_nodes:
-        raise ValueError(f"num_nodes: got {num_nodes}; allowed: a divisor of ep_size = {ep_size}")
-    if num_experts % num_nodes:
-        raise ValueError(f"num_nodes: got {num_nodes}; allowed: a divisor of num_experts = "
-                         f"{num_experts} (each node holds E/num_nodes experts)")
-    ranks_per_node = ep_size // num_nodes
-    if num_slots > num_experts * ranks_per_node:
-        raise ValueError(f"num_slots: got {num_slots}; allowed: <= num_experts * ranks per node = "
-                         f"{num_experts * ranks_per_node} (at most one replica per rank, all in "
-                         "one node)")
+    bad = placement_violation(num_experts, num_slots, ep_size, num_nodes, computed=True)
+    if bad:
+        raise ValueError(f"{bad[0]}: got {bad[1]}; allowed: {bad[2]}")
     if current_shape is not None and current_shape != (*load_shape[:-1], num_slots):
         raise ValueError(f"current: got shape {current_shape}; allowed: "
                          f"{(*load_shape[:-1], num_slots)} (load's leading shape + [num_slots])")
