@@ -35,6 +35,8 @@ __all__ = [
     "REPLICA_SELECTIONS",
     "EXPERT_KERNELS",
     "RESHARD_MODES",
+    "ONLINE_ONLY_KEYS",
+    "WIDEEP_ONLY_KEYS",
     "ConfigError",
     "ConfigWarning",
     "LoadBalancerConfig",
@@ -72,7 +74,7 @@ class ConfigWarning(UserWarning):
 
 
 def _warn_inert(obj: Any, prefix: str, names: tuple[str, ...], why: str) -> None:
-    """Warns once per call about each of ``names`` that ``obj`` sets away from its default."""
+    """Warns about each of ``names`` that ``obj`` sets away from its default."""
     defaults = {f.name: f.default for f in dataclasses.fields(obj)}
     for name in names:
         value = getattr(obj, name)
