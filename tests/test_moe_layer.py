@@ -11,6 +11,7 @@ from moe_helpers import (assert_close, make_layer, make_mesh, make_spec, random_
                          random_tokens, run_layer, unsharded)
 from wideep_jax import MoEConfig, MoELayer, MoESpec, moe_forward
 from wideep_jax.reference import dense_moe_reference
+from wideep_jax.routing import Routing
 
 
 def _reference(layer, x, **kw):
@@ -262,6 +263,27 @@ def test_bad_weights_and_routing_are_refused(rng):
     no_shared = make_spec(experts=8)
     with pytest.raises(ValueError, match="shared_gate_up / shared_down are given"):
         moe_forward(x, w, spec=no_shared, config=config, mesh=mesh)
+
+
+@pytest.mark.parametrize("backend", ["WIDEEP", "CUTLASS"])
+def test_bad_routing_ids_under_jit_give_nan_not_another_expert(rng, backend):
+    """Under jit the ids cannot be checked: a token with an id outside [0, E) comes out
+    NaN (every element), the other tokens equal the run without it, masked tokens stay 0."""
+    spec = make_spec(experts=8)
+    layer = make_layer(spec, backend=backend, ep=2)
+    w, config, mesh = layer.weights(), layer.config, layer.mesh
+    x = random_tokens(rng, 9, spec.hidden_size)  # odd: padded to the 2 ranks inside
+    mask = jnp.ones(9, bool).at[7].set(False)
+    fwd = jax.jit(lambda x, ids, wts: moe_forward(x, w, spec=spec, config=config, mesh=mesh, token_mask=mask,
+                                                  routing=Routing(ids, wts))[0])
+    routing = random_routing(rng, 9, spec.num_experts, spec.top_k)
+    want = np.asarray(fwd(x, routing.ids, routing.weights))
+    ids = routing.ids.at[2, 1].set(8).at[5, 0].set(-3).at[7, 0].set(99)  # token 7 is masked
+    got = np.asarray(fwd(x, ids, routing.weights))
+    assert np.isnan(got[[2, 5]]).all()
+    keep = [t for t in range(9) if t not in (2, 5)]
+    np.testing.assert_array_equal(got[keep], want[keep])
+    assert not np.isnan(want).any() and (got[7] == 0).all()
 
 
 def test_spec_refuses_bad_shared_widths_and_dtypes():

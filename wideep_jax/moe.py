@@ -104,7 +104,8 @@ def _on_host(a) -> bool:
 
 
 def _check_routing_ids(routing: Routing | None, num_experts: int) -> None:
-    """Out-of-range ids would run another expert's weights: refused where concrete."""
+    """Out-of-range ids would run another expert's weights: refused where concrete
+    (under jit, moe_forward makes those tokens' outputs NaN)."""
     if routing is None or not _on_host(routing.ids):
         return
     ids = np.asarray(routing.ids)
@@ -146,7 +147,9 @@ def moe_forward(
       config: backend, chunking, all-to-all backend, EP axis.
       mesh: device mesh; required for ``WIDEEP``.
       token_mask: bool [T]; False tokens are not routed (output 0, not counted).
-      routing: precomputed top-k (ids, weights) instead of the router.
+      routing: precomputed top-k (ids, weights) instead of the router. Ids outside
+        [0, num_experts) raise where the ids are concrete; under jit they cannot, so
+        those tokens' outputs are NaN instead of another expert's result.
 
     Returns:
       ``(y [T, H] in x.dtype, MoEStats)``.
@@ -204,7 +207,11 @@ def moe_forward(
         if pad:
             # An uneven token count cannot stay sharded: hand it back replicated, like x came.
             y = constrain(y, mesh, P())
-    return y[:num_tokens], stats
+    y = y[:num_tokens]
+    if routing is not None and not _on_host(routing.ids):
+        bad = jnp.any((routing.ids < 0) | (routing.ids >= spec.num_experts), axis=-1) & mask
+        y = jnp.where(bad[:, None], jnp.asarray(jnp.nan, y.dtype), y)
+    return y, stats
 
 
 class _Body:
