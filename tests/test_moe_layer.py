@@ -70,7 +70,6 @@ def test_adversarial_routing(rng, case):
     num_tokens = 32
     routing = _adversarial_routings(rng, num_tokens, spec, ep)[case]
     if isinstance(routing, tuple):
-        from wideep_jax.routing import Routing
         routing = Routing(jnp.asarray(routing[0], jnp.int32),
                           jnp.asarray(rng.uniform(0.1, 1, (num_tokens, top_k)), jnp.float32))
     x = random_tokens(rng, num_tokens, spec.hidden_size)
@@ -347,8 +346,6 @@ def test_placement_changes_are_data(rng):
 
 def test_user_routing_with_repeated_experts(rng):
     """A caller's routing may name one expert twice: both pairs count, nothing is cut."""
-    from wideep_jax.routing import Routing
-
     spec = make_spec(top_k=8, experts=16)
     layer = make_layer(spec, ep=8)  # 2 local slots per rank < top_k
     ids = np.tile(np.array([0, 0, 1, 1, 0, 1, 0, 1]), (16, 1))
