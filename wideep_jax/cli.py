@@ -18,19 +18,37 @@ import os
 import sys
 
 
+def int_at_least(minimum: int):
+    """An argparse ``type`` for ints >= ``minimum``; its error names the value and the rule."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: allowed: an int >= {minimum}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: allowed: an int >= {minimum}")
+        return value
+    parse.__name__ = f"int >= {minimum}"
+    return parse
+
+
+POSITIVE = int_at_least(1)
+NON_NEGATIVE = int_at_least(0)
+
+
 def _add_bench_moe(sub) -> None:
     p = sub.add_parser("bench-moe", help="time the MoE layer forward",
                        description="Time the MoE layer forward (random weights, synthetic or router routing).")
-    p.add_argument("--hidden", type=int, default=512, help="hidden size (DeepSeek-V3: 7168)")
-    p.add_argument("--intermediate", type=int, default=256, help="per-expert width (DeepSeek-V3: 2048)")
-    p.add_argument("--experts", type=int, default=64, help="routed experts (DeepSeek-V3: 256)")
-    p.add_argument("--top-k", type=int, default=8, help="experts per token")
-    p.add_argument("--n-group", type=int, default=8, help="expert groups for noaux_tc routing")
-    p.add_argument("--topk-group", type=int, default=4, help="groups kept per token")
+    p.add_argument("--hidden", type=POSITIVE, default=512, help="hidden size (DeepSeek-V3: 7168)")
+    p.add_argument("--intermediate", type=POSITIVE, default=256, help="per-expert width (DeepSeek-V3: 2048)")
+    p.add_argument("--experts", type=POSITIVE, default=64, help="routed experts (DeepSeek-V3: 256)")
+    p.add_argument("--top-k", type=POSITIVE, default=8, help="experts per token")
+    p.add_argument("--n-group", type=POSITIVE, default=8, help="expert groups for noaux_tc routing")
+    p.add_argument("--topk-group", type=POSITIVE, default=4, help="groups kept per token")
     p.add_argument("--router", choices=["noaux_tc", "softmax"], default="noaux_tc")
-    p.add_argument("--shared-experts", type=int, default=1)
-    p.add_argument("--ep", type=int, default=None, help="EP size (default: all devices)")
-    p.add_argument("--tokens", type=int, default=512, help="tokens per rank")
+    p.add_argument("--shared-experts", type=NON_NEGATIVE, default=1)
+    p.add_argument("--ep", type=POSITIVE, default=None, help="EP size (default: all devices)")
+    p.add_argument("--tokens", type=POSITIVE, default=512, help="tokens per rank")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--skew", default="uniform",
@@ -39,10 +57,10 @@ def _add_bench_moe(sub) -> None:
                    help="overrides the config's backend (default WIDEEP)")
     p.add_argument("--alltoall", default=None, help="communication backend (overrides the config)")
     p.add_argument("--config", default=None, help="moe_config YAML (TensorRT-LLM schema)")
-    p.add_argument("--layer-idx", type=int, default=None, help="layer index for initial_global_assignments")
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--cpu-devices", type=int, default=8, help="emulated CPU devices when there is no GPU")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layer-idx", type=NON_NEGATIVE, default=None, help="layer index for initial_global_assignments")
+    p.add_argument("--iters", type=POSITIVE, default=5)
+    p.add_argument("--cpu-devices", type=POSITIVE, default=8, help="emulated CPU devices when there is no GPU")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     p.add_argument("--stats-dir", default=None,
                    help="write expert statistics (TensorRT-LLM's format) of the layer to this directory")
     p.add_argument("--stats-iters", default=None, metavar="A-B",
@@ -134,21 +152,21 @@ def _add_eplb(sub) -> None:
                         description="Balance the load summed over the iterations; write "
                                     "TensorRT-LLM's moe_load_balancer.yaml.")
     g.add_argument("--stats", required=True, help="statistics directory")
-    g.add_argument("--ep-size", type=int, default=None, help="EP size to balance for (default: the stats' ranks)")
-    g.add_argument("--num-slots", type=int, default=None, help="total expert slots (default: num_experts)")
-    g.add_argument("--num-nodes", type=int, default=1, help="keep each expert's replicas within one of N nodes")
-    g.add_argument("--iter-start", type=int, default=None, help="first iteration used (default: the first recorded)")
-    g.add_argument("--iter-stop", type=int, default=None, help="iteration after the last one used")
+    g.add_argument("--ep-size", type=POSITIVE, default=None, help="EP size to balance for (default: the stats' ranks)")
+    g.add_argument("--num-slots", type=POSITIVE, default=None, help="total expert slots (default: num_experts)")
+    g.add_argument("--num-nodes", type=POSITIVE, default=1, help="keep each expert's replicas within one of N nodes")
+    g.add_argument("--iter-start", type=NON_NEGATIVE, default=None, help="first iteration used (default: the first recorded)")
+    g.add_argument("--iter-stop", type=NON_NEGATIVE, default=None, help="iteration after the last one used")
     g.add_argument("-o", "--output", default="moe_load_balancer.yaml", help="placement file to write")
     g.set_defaults(func=_eplb_generate)
     r = eplb.add_parser("report", help="per-layer load statistics and a per-rank heatmap",
                         description="Per-layer load statistics under the default placement and, "
                                     "with --placement, projected under a placement file.")
     r.add_argument("--stats", required=True, help="statistics directory")
-    r.add_argument("--ep-size", type=int, default=None, help="EP size (default: the stats' ranks)")
+    r.add_argument("--ep-size", type=POSITIVE, default=None, help="EP size (default: the stats' ranks)")
     r.add_argument("--placement", default=None, help="placement file to project the load onto")
-    r.add_argument("--iter-start", type=int, default=None)
-    r.add_argument("--iter-stop", type=int, default=None)
+    r.add_argument("--iter-start", type=NON_NEGATIVE, default=None)
+    r.add_argument("--iter-stop", type=NON_NEGATIVE, default=None)
     r.add_argument("--heatmap", default=None, help="PNG of per-rank loads (default: STATS/eplb_report.png)")
     r.add_argument("--no-heatmap", action="store_true", help="print the table only")
     r.set_defaults(func=_eplb_report)

@@ -21,24 +21,26 @@ PRESETS = {
 
 
 def add_parser(sub) -> None:
+    from wideep_jax.cli import NON_NEGATIVE, POSITIVE
+
     p = sub.add_parser("run", help="generate with a model (the main job)",
                        description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny", help=f"checkpoint folder or preset ({', '.join(PRESETS)})")
     p.add_argument("--moe-config", default=None,
                    help="moe_config YAML (default: WIDEEP, EP-many extra slots, online EPLB)")
-    p.add_argument("--ep", type=int, default=None, help="EP size (default: all devices)")
+    p.add_argument("--ep", type=POSITIVE, default=None, help="EP size (default: all devices)")
     p.add_argument("--prompt", action="append", default=None,
                    help="a prompt: comma-separated token ids, or text when the checkpoint has a "
                         "tokenizer (repeatable); default: random prompts")
-    p.add_argument("--batch", type=int, default=8, help="random prompts when --prompt is not given")
-    p.add_argument("--prompt-len", type=int, default=32, help="length of the random prompts")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch", type=POSITIVE, default=8, help="random prompts when --prompt is not given")
+    p.add_argument("--prompt-len", type=POSITIVE, default=32, help="length of the random prompts")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="default: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--cpu-devices", type=int, default=8, help="emulated CPU devices when there is no GPU")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cpu-devices", type=POSITIVE, default=8, help="emulated CPU devices when there is no GPU")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     p.set_defaults(func=main_job)
 
 
