@@ -12,6 +12,7 @@ import pytest
 from wideep_jax.config import (
     ALLTOALL_BACKENDS,
     ONLINE_ONLY_KEYS,
+    TRTLLM_LOCAL_BACKENDS,
     WIDEEP_ONLY_KEYS,
     ConfigError,
     ConfigWarning,
@@ -176,7 +177,7 @@ IGA = f"{LB}.initial_global_assignments"
         ({"ep_axis": ""}, "moe_config.ep_axis", "''"),
         ({"backend": None}, "moe_config.backend", "None"),
         # bad names
-        ({"backend": "TRTLLM"}, "moe_config.backend", "'TRTLLM'"),
+        ({"backend": "MOONCAKE"}, "moe_config.backend", "'MOONCAKE'"),
         ({"alltoall_backend": "mpi"}, "moe_config.alltoall_backend", "'mpi'"),
         # ranges that need no model numbers
         ({"max_num_tokens": 0}, "moe_config.max_num_tokens", "0"),
@@ -310,6 +311,45 @@ def test_shipped_configs_load_without_warnings(name):
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConfigWarning)
         load_moe_config(source)
+
+
+@pytest.mark.parametrize("backend", TRTLLM_LOCAL_BACKENDS)
+def test_tensorrt_llm_kernel_backends_load_and_run_local(backend):
+    """TensorRT-LLM's other backend names load (its files stay unchanged) and run as the
+    local path; all but AUTO say so with a ConfigWarning naming the value."""
+    source = {"moe_config": {"backend": backend.lower(), "max_num_tokens": 4096,
+                             "load_balancer": {"num_slots": E}}, "enable_attention_dp": True}
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        cfg = load_moe_config(source, num_experts=E, ep_size=4)
+    assert cfg.backend == "CUTLASS" and cfg.max_num_tokens == 4096
+    messages = [str(w.message) for w in got if issubclass(w.category, ConfigWarning)]
+    if backend == "AUTO":
+        assert messages == []
+    else:
+        assert len(messages) == 1 and f"moe_config.backend='{backend.lower()}'" in messages[0]
+        assert "runs as CUTLASS" in messages[0]
+    with raises(f"{LB}.layer_updates_per_iter", "1"):  # online still needs WIDEEP, whatever the name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConfigWarning)
+            load_moe_config({"backend": backend, "load_balancer": {"layer_updates_per_iter": 1}})
+
+
+def test_tensorrt_llm_combine_flags():
+    """disable_finalize_fusion and use_low_precision_moe_combine (TensorRT-LLM keys) load;
+    the second does nothing here, so true warns; neither takes a non-bool."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        for value in (True, False):
+            assert load_moe_config({"disable_finalize_fusion": value}).disable_finalize_fusion is value
+        assert load_moe_config({"use_low_precision_moe_combine": False}).use_low_precision_moe_combine is False
+    with pytest.warns(ConfigWarning, match="use_low_precision_moe_combine=True does nothing"):
+        load_moe_config({"backend": "WIDEEP", "use_low_precision_moe_combine": True})
+    for key in ("disable_finalize_fusion", "use_low_precision_moe_combine"):
+        with raises(f"moe_config.{key}", "'yes'"):
+            load_moe_config({key: "yes"})
+        with raises(f"moe_config.{key}", "1 (int)"):
+            load_moe_config({key: 1})
 
 
 def test_every_config_key_is_documented_in_the_readme():

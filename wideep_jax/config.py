@@ -7,6 +7,8 @@ The accepted YAML is the ``moe_config`` section of TensorRT-LLM's Wide-EP README
         max_num_tokens: 9216
         load_balancer: moe_load_balancer.yaml   # or an inline mapping
 
+with every ``moe_config`` key and ``backend`` value of TensorRT-LLM's ``MoeConfig``
+(its kernel-library backends run as ``CUTLASS``, see :data:`TRTLLM_LOCAL_BACKENDS`),
 plus keys of our own, marked "(ours)" below (``alltoall_backend``, ``ep_axis``,
 ``replica_selection``, ``expert_kernel`` and the online balancer's ``decay``, ``warmup_iters``, ``reshard``,
 ``num_nodes``, ``tolerance``). Every bad input raises
@@ -32,6 +34,7 @@ import yaml
 __all__ = [
     "ALLTOALL_BACKENDS",
     "BACKENDS",
+    "TRTLLM_LOCAL_BACKENDS",
     "REPLICA_SELECTIONS",
     "EXPERT_KERNELS",
     "RESHARD_MODES",
@@ -46,6 +49,11 @@ __all__ = [
 
 BACKENDS = ("CUTLASS", "WIDEEP")
 """MoE backends: ``WIDEEP`` = all-to-all expert parallelism, ``CUTLASS`` = local (all slots on every device)."""
+TRTLLM_LOCAL_BACKENDS = ("AUTO", "CUTEDSL", "TRTLLM", "DEEPGEMM", "DENSEGEMM", "VANILLA", "TRITON", "MARLIN",
+                         "MEGAMOE_DEEPGEMM")
+"""TensorRT-LLM's other ``backend`` values (its kernel libraries for the non-wide-EP MoE):
+accepted so its files load, and run as ``CUTLASS``, our local path (``AUTO`` silently,
+the others with a :class:`ConfigWarning`)."""
 ALLTOALL_BACKENDS = ("auto", "xla", "nccl", "nvlink")
 """Communication backends for ``WIDEEP``."""
 REPLICA_SELECTIONS = ("round_robin", "local_first")
@@ -260,7 +268,8 @@ class MoEConfig:
     """``moe_config``: MoE backend, token chunking and load balancer."""
 
     backend: str = "CUTLASS"
-    """``WIDEEP`` (all-to-all expert parallelism) or ``CUTLASS`` (local); case-insensitive, stored upper-case."""
+    """``WIDEEP`` (all-to-all expert parallelism) or ``CUTLASS`` (local); case-insensitive, stored upper-case.
+    TensorRT-LLM's other values (:data:`TRTLLM_LOCAL_BACKENDS`) are stored as ``CUTLASS``."""
     max_num_tokens: int | None = None
     """Tokens per rank per MoE call; larger inputs are chunked. None = no chunking."""
     load_balancer: LoadBalancerConfig | None = None
@@ -274,9 +283,28 @@ class MoEConfig:
     uses a replica on the token's own rank when there is one (less traffic, less balance)."""
     expert_kernel: str = "auto"
     """(ours) Grouped-matmul implementation of the expert FFN, one of :data:`EXPERT_KERNELS`."""
+    disable_finalize_fusion: bool = False
+    """TensorRT-LLM: un-fuse CUTLASS's FC2+finalize for deterministic sums. Ours always are
+    (each token's rows are summed in a fixed order), so either value behaves the same."""
+    use_low_precision_moe_combine: bool = False
+    """TensorRT-LLM: low-precision combine for NVFP4 models. There is no NVFP4 path here;
+    ``true`` gives a :class:`ConfigWarning`; combine keeps its usual precision."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "backend", _choice(f"{_MOE}.backend", self.backend, BACKENDS, upper=True))
+        backend = _choice(f"{_MOE}.backend", self.backend, BACKENDS + TRTLLM_LOCAL_BACKENDS, upper=True)
+        if backend in TRTLLM_LOCAL_BACKENDS:
+            if backend != "AUTO":
+                warnings.warn(f"{_MOE}.backend={self.backend!r} names a TensorRT-LLM kernel library; it runs "
+                              "as CUTLASS here (local experts on our own kernels, see expert_kernel)",
+                              ConfigWarning, stacklevel=3)
+            backend = "CUTLASS"
+        object.__setattr__(self, "backend", backend)
+        for name in ("disable_finalize_fusion", "use_low_precision_moe_combine"):
+            if not isinstance(getattr(self, name), bool):
+                raise _fail(f"{_MOE}.{name}", getattr(self, name), "true or false")
+        if self.use_low_precision_moe_combine:
+            warnings.warn(f"{_MOE}.use_low_precision_moe_combine=True does nothing: it is for NVFP4 models, "
+                          "which have no path here", ConfigWarning, stacklevel=3)
         object.__setattr__(
             self, "max_num_tokens", _int(f"{_MOE}.max_num_tokens", self.max_num_tokens, minimum=1, optional=True)
         )
