@@ -12,6 +12,7 @@ import fcntl
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -367,6 +368,71 @@ def test_stable_ids_and_timeout(monkeypatch):
         monkeypatch.setenv("WIDEEP_COMM_TIMEOUT_S", bad)
         with pytest.raises(ValueError, match=r"WIDEEP_COMM_TIMEOUT_S=.*allowed: a number of seconds in \(0, 86400\]"):
             ffi_lib.timeout_ms()
+
+
+def test_init_timeout_env(monkeypatch):
+    monkeypatch.delenv("WIDEEP_NCCL_INIT_TIMEOUT_S", raising=False)
+    assert ffi_lib.init_timeout_s() == ffi_lib.DEFAULT_INIT_TIMEOUT_S
+    monkeypatch.setenv("WIDEEP_NCCL_INIT_TIMEOUT_S", "90")
+    assert ffi_lib.init_timeout_s() == 90.0
+    for bad in ("0", "never", "inf"):
+        monkeypatch.setenv("WIDEEP_NCCL_INIT_TIMEOUT_S", bad)
+        with pytest.raises(ValueError, match=rf"WIDEEP_NCCL_INIT_TIMEOUT_S='{bad}'.*\(0, 86400\]"):
+            ffi_lib.init_timeout_s()
+
+
+class _StandInNccl:
+    """The library's NCCL set-up calls, in Python: ``init`` decides what creating the
+    communicators does (block on an event, fail, succeed)."""
+
+    def __init__(self, init):
+        self.init, self._error = init, b""
+
+    def wideep_nccl_unique_id_bytes(self):
+        return 128
+
+    def wideep_nccl_unique_id(self, buf):
+        ctypes.memset(buf, 7, 128)
+        return 0
+
+    def wideep_nccl_init(self, cid, nlocal, ordinals, ranks, nranks, uids):
+        return self.init(self)
+
+    def wideep_last_error(self):
+        return self._error
+
+
+def test_nccl_setup_that_never_returns_is_an_error(monkeypatch):
+    """Creating NCCL communicators blocks until every rank of the group joins: a process
+    that never does gives an error after WIDEEP_NCCL_INIT_TIMEOUT_S, not a hang. A failure
+    reports the library's message (read in the thread that made the call)."""
+    monkeypatch.setattr(ffi_lib, "_nccl_sets", set())  # the stand-in's ids stay out of the real set
+    release = threading.Event()
+    blocked = _StandInNccl(lambda lib: 0 if release.wait(60) else -1)
+    monkeypatch.setattr(ffi_lib, "library", lambda: blocked)
+    monkeypatch.setenv("WIDEEP_NCCL_INIT_TIMEOUT_S", "0.5")
+    groups = [jax.devices()[:2], jax.devices()[2:4]]
+    start = time.monotonic()
+    try:
+        with pytest.raises(ffi_lib.FfiError, match=r"creating NCCL communicators of 2 ranks: no answer within 0.5 s "
+                                                   r"\(WIDEEP_NCCL_INIT_TIMEOUT_S\)"):
+            ffi_lib.nccl_communicators(groups)
+        assert time.monotonic() - start < 10
+    finally:
+        release.set()
+
+    def fail(lib):
+        lib._error = b"ncclCommInitRank failed: unhandled system error"
+        return -1
+
+    failing = _StandInNccl(fail)
+    monkeypatch.setattr(ffi_lib, "library", lambda: failing)
+    with pytest.raises(ffi_lib.FfiError, match="creating NCCL communicators: ncclCommInitRank failed: unhandled"):
+        ffi_lib.nccl_communicators(groups)
+    working = _StandInNccl(lambda lib: 0)
+    monkeypatch.setattr(ffi_lib, "library", lambda: working)
+    cid = ffi_lib.nccl_communicators(groups)
+    assert cid in ffi_lib._nccl_sets and ffi_lib.nccl_communicators(groups) == cid
 
 
 class _StandInBackend(FfiAllToAll):

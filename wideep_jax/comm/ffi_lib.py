@@ -84,16 +84,52 @@ def stable_id(*parts) -> int:
 _MAX_TIMEOUT_S = 86400  # a day: the kernels take the limit as int64 milliseconds
 
 
-def timeout_ms() -> int:
-    """The one-sided kernels' wait limit: ``$WIDEEP_COMM_TIMEOUT_S`` (default 30 s)."""
-    raw = os.environ.get("WIDEEP_COMM_TIMEOUT_S", str(DEFAULT_TIMEOUT_S))
+def _seconds_from_env(name: str, default: float) -> float:
+    raw = os.environ.get(name, str(default))
     try:
         seconds = float(raw)
     except ValueError:
         seconds = -1.0
-    if not 0 < seconds <= _MAX_TIMEOUT_S:
-        raise ValueError(f"WIDEEP_COMM_TIMEOUT_S={raw!r}; allowed: a number of seconds in (0, {_MAX_TIMEOUT_S}]")
-    return max(1, int(seconds * 1000))
+    if not 0 < seconds <= _MAX_TIMEOUT_S:  # also refuses nan and inf
+        raise ValueError(f"{name}={raw!r}; allowed: a number of seconds in (0, {_MAX_TIMEOUT_S}]")
+    return seconds
+
+
+def timeout_ms() -> int:
+    """The all-to-all calls' wait limit for peers: ``$WIDEEP_COMM_TIMEOUT_S`` (default 30 s)."""
+    return max(1, int(_seconds_from_env("WIDEEP_COMM_TIMEOUT_S", DEFAULT_TIMEOUT_S) * 1000))
+
+
+DEFAULT_INIT_TIMEOUT_S = 600.0  # processes reach their first MoE layer apart by their load times
+
+
+def init_timeout_s() -> float:
+    """How long setting up NCCL communicators waits for the group's other processes:
+    ``$WIDEEP_NCCL_INIT_TIMEOUT_S`` (default 600 s)."""
+    return _seconds_from_env("WIDEEP_NCCL_INIT_TIMEOUT_S", DEFAULT_INIT_TIMEOUT_S)
+
+
+def _bounded_call(fn, timeout_s: float, what: str):
+    """``fn()``, a C call that may block on other processes, run in a daemon thread and
+    waited for at most ``timeout_s``: an error instead of a hang. ``fn`` must read the
+    library's (thread-local) last error itself, so it runs ``_check`` inside."""
+    result: dict = {}
+
+    def run():
+        try:
+            result["value"] = fn()
+        except BaseException as e:  # handed to the caller's thread
+            result["error"] = e
+
+    thread = threading.Thread(target=run, name=f"wideep {what}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise FfiError(f"{what}: no answer within {timeout_s:g} s (WIDEEP_NCCL_INIT_TIMEOUT_S); a process of "
+                       "the EP group has not reached its first all-to-all (still loading, stopped, or crashed)")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def ep_groups(mesh: Mesh, axis: str) -> list[list[jax.Device]]:
@@ -211,8 +247,10 @@ def nccl_communicators(groups: list[list[jax.Device]]) -> int:
                 ordinals.append(d.local_hardware_id)
                 ranks.append(rank)
                 uids += uid
-    _check(lib.wideep_nccl_init(cid, len(ordinals), _ints(ordinals), _ints(ranks), len(groups[0]), uids),
-           "creating NCCL communicators")
+    nranks = len(groups[0])
+    _bounded_call(lambda: _check(lib.wideep_nccl_init(cid, len(ordinals), _ints(ordinals), _ints(ranks), nranks,
+                                                      uids), "creating NCCL communicators"),
+                  init_timeout_s(), f"creating NCCL communicators of {nranks} ranks")
     with _lock:
         _nccl_sets.add(cid)
     return cid
@@ -236,4 +274,9 @@ def _group_unique_id(lib, cid: int, index: int, group, uid_bytes: int) -> bytes:
         uid = fresh()
         client.key_value_set_bytes(key, uid)
         return uid
-    return client.blocking_key_value_get_bytes(key, 300_000)
+    timeout = init_timeout_s()
+    try:
+        return client.blocking_key_value_get_bytes(key, int(timeout * 1000))
+    except Exception as e:  # jax raises its own deadline error type
+        raise FfiError(f"waiting {timeout:g} s (WIDEEP_NCCL_INIT_TIMEOUT_S) for process "
+                       f"{group[0].process_index} to publish the NCCL unique id of EP group {index}: {e}") from None
