@@ -177,8 +177,13 @@ def moe_forward(
         "weights": weights,
     }
     if routing is not None:
-        args["routing"] = Routing(_pad_rows(routing.ids.astype(jnp.int32), pad),
-                                  _pad_rows(routing.weights.astype(jnp.float32), pad))
+        weights_f32 = routing.weights.astype(jnp.float32)
+        if not _on_host(routing.ids):
+            # Unchecked ids: a pair with a bad one carries a NaN weight, so its token comes out
+            # NaN rather than scaled from another expert (a [T, K] select, nothing per row).
+            bad = (routing.ids < 0) | (routing.ids >= spec.num_experts)
+            weights_f32 = jnp.where(bad, jnp.nan, weights_f32)
+        args["routing"] = Routing(_pad_rows(routing.ids.astype(jnp.int32), pad), _pad_rows(weights_f32, pad))
 
     body = _Body(spec, config, num_ranks, axis if mesh is not None else None, wide, mesh)
     if mesh is None:
@@ -207,11 +212,7 @@ def moe_forward(
         if pad:
             # An uneven token count cannot stay sharded: hand it back replicated, like x came.
             y = constrain(y, mesh, P())
-    y = y[:num_tokens]
-    if routing is not None and not _on_host(routing.ids):
-        bad = jnp.any((routing.ids < 0) | (routing.ids >= spec.num_experts), axis=-1) & mask
-        y = jnp.where(bad[:, None], jnp.asarray(jnp.nan, y.dtype), y)
-    return y, stats
+    return y[:num_tokens], stats
 
 
 class _Body:
