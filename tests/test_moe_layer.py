@@ -11,7 +11,7 @@ from moe_helpers import (assert_close, make_layer, make_mesh, make_spec, random_
                          random_tokens, run_layer, unsharded)
 from wideep_jax import MoEConfig, MoELayer, MoESpec, moe_forward
 from wideep_jax.reference import dense_moe_reference
-from wideep_jax.routing import Routing
+from wideep_jax.routing import Routing, route
 
 
 def _reference(layer, x, **kw):
@@ -283,6 +283,29 @@ def test_bad_routing_ids_under_jit_give_nan_not_another_expert(rng, backend):
     keep = [t for t in range(9) if t not in (2, 5)]
     np.testing.assert_array_equal(got[keep], want[keep])
     assert not np.isnan(want).any() and (got[7] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["WIDEEP", "CUTLASS"])
+def test_unplaced_expert_under_jit_gives_nan_not_another_expert(rng, backend):
+    """Under jit a slot table is not checked: tokens routed to an expert it gives no slot
+    come out NaN; tokens routed to untouched experts equal the run with the right table."""
+    spec = make_spec(experts=8)
+    layer = make_layer(spec, backend=backend, ep=2, load_balancer={"num_slots": 10})
+    w, config, mesh = layer.weights(), layer.config, layer.mesh
+    x = random_tokens(rng, 16, spec.hidden_size)
+    fwd = jax.jit(lambda x, w: moe_forward(x, w, spec=spec, config=config, mesh=mesh)[0])
+    want = np.asarray(fwd(x, w))
+    table = np.asarray(w.slot_to_expert)
+    assert table[3] == 3 and (table == 3).sum() == 1
+    unplaced = w._replace(slot_to_expert=jax.device_put(jnp.asarray(table).at[3].set(0), w.slot_to_expert.sharding))
+    got = np.asarray(fwd(x, unplaced))
+    ids = np.asarray(route(x @ w.router, spec.top_k, spec.router).ids)
+    to3 = (ids == 3).any(-1)
+    untouched = ~(np.isin(ids, [0, 3]).any(-1))  # slot 3 (expert 3's weights) now answers for 0
+    assert to3.any() and untouched.any()
+    assert np.isnan(got[to3]).all()
+    np.testing.assert_array_equal(got[untouched], want[untouched])
+    assert not np.isnan(want).any()
 
 
 def test_spec_refuses_bad_shared_widths_and_dtypes():

@@ -149,7 +149,8 @@ def moe_forward(
       token_mask: bool [T]; False tokens are not routed (output 0, not counted).
       routing: precomputed top-k (ids, weights) instead of the router. Ids outside
         [0, num_experts) raise where the ids are concrete; under jit they cannot, so
-        those tokens' outputs are NaN instead of another expert's result.
+        those tokens' outputs are NaN instead of another expert's result. Likewise a
+        token routed to an expert that ``weights.slot_to_expert`` gives no slot.
 
     Returns:
       ``(y [T, H] in x.dtype, MoEStats)``.
@@ -185,7 +186,8 @@ def moe_forward(
             weights_f32 = jnp.where(bad, jnp.nan, weights_f32)
         args["routing"] = Routing(_pad_rows(routing.ids.astype(jnp.int32), pad), _pad_rows(weights_f32, pad))
 
-    body = _Body(spec, config, num_ranks, axis if mesh is not None else None, wide, mesh)
+    body = _Body(spec, config, num_ranks, axis if mesh is not None else None, wide, mesh,
+                 guard_placement=not _on_host(weights.slot_to_expert))
     if mesh is None:
         y, stats = body(args)
     else:
@@ -219,8 +221,9 @@ class _Body:
     """The per-device program (inside shard_map when there is a mesh)."""
 
     def __init__(self, spec: MoESpec, config: MoEConfig, num_ranks: int, axis: str | None, wide: bool,
-                 mesh: Mesh | None):
+                 mesh: Mesh | None, *, guard_placement: bool = False):
         self.spec, self.config, self.num_ranks, self.axis, self.wide = spec, config, num_ranks, axis, wide
+        self.guard_placement = guard_placement
         self.backend = (get_alltoall_backend(config.alltoall_backend, mesh=mesh, axis=config.ep_axis)
                         if wide else None)
         self.kernel = None if config.expert_kernel == "auto" else config.expert_kernel
@@ -235,6 +238,11 @@ class _Body:
                              preferred_element_type=jnp.float32)
             routing = route(logits, spec.top_k, spec.router, correction_bias=w.correction_bias)
         table = replica_table(w.slot_to_expert, spec.num_experts)
+        if self.guard_placement:
+            # A slot table seen only under jit was not checked: a pair whose expert has no slot
+            # would run another expert's; a NaN weight makes its token NaN instead ([T, K] work).
+            placed = table.count[jnp.clip(routing.ids, 0, spec.num_experts - 1)] > 0
+            routing = Routing(routing.ids, jnp.where(placed, routing.weights, jnp.nan))
         # local_first: a pair uses a replica on its own rank when there is one.
         local_rank = rank if (self.wide and self.config.replica_selection == "local_first") else None
         w_gate_up = w.w_gate_up.astype(spec.dtype)
