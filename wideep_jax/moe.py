@@ -178,16 +178,12 @@ def moe_forward(
         "weights": weights,
     }
     if routing is not None:
-        weights_f32 = routing.weights.astype(jnp.float32)
-        if not _on_host(routing.ids):
-            # Unchecked ids: a pair with a bad one carries a NaN weight, so its token comes out
-            # NaN rather than scaled from another expert (a [T, K] select, nothing per row).
-            bad = (routing.ids < 0) | (routing.ids >= spec.num_experts)
-            weights_f32 = jnp.where(bad, jnp.nan, weights_f32)
-        args["routing"] = Routing(_pad_rows(routing.ids.astype(jnp.int32), pad), _pad_rows(weights_f32, pad))
+        args["routing"] = Routing(_pad_rows(routing.ids.astype(jnp.int32), pad),
+                                  _pad_rows(routing.weights.astype(jnp.float32), pad))
 
-    body = _Body(spec, config, num_ranks, axis if mesh is not None else None, wide, mesh,
-                 guard_placement=not _on_host(weights.slot_to_expert))
+    # What the value checks above could not see (traced arrays) is guarded on the device.
+    unchecked = not _on_host(weights.slot_to_expert) or (routing is not None and not _on_host(routing.ids))
+    body = _Body(spec, config, num_ranks, axis if mesh is not None else None, wide, mesh, guard=unchecked)
     if mesh is None:
         y, stats = body(args)
     else:
@@ -221,9 +217,9 @@ class _Body:
     """The per-device program (inside shard_map when there is a mesh)."""
 
     def __init__(self, spec: MoESpec, config: MoEConfig, num_ranks: int, axis: str | None, wide: bool,
-                 mesh: Mesh | None, *, guard_placement: bool = False):
+                 mesh: Mesh | None, *, guard: bool = False):
         self.spec, self.config, self.num_ranks, self.axis, self.wide = spec, config, num_ranks, axis, wide
-        self.guard_placement = guard_placement
+        self.guard = guard
         self.backend = (get_alltoall_backend(config.alltoall_backend, mesh=mesh, axis=config.ep_axis)
                         if wide else None)
         self.kernel = None if config.expert_kernel == "auto" else config.expert_kernel
@@ -238,11 +234,13 @@ class _Body:
                              preferred_element_type=jnp.float32)
             routing = route(logits, spec.top_k, spec.router, correction_bias=w.correction_bias)
         table = replica_table(w.slot_to_expert, spec.num_experts)
-        if self.guard_placement:
-            # A slot table seen only under jit was not checked: a pair whose expert has no slot
-            # would run another expert's; a NaN weight makes its token NaN instead ([T, K] work).
-            placed = table.count[jnp.clip(routing.ids, 0, spec.num_experts - 1)] > 0
-            routing = Routing(routing.ids, jnp.where(placed, routing.weights, jnp.nan))
+        if self.guard:
+            # A pair whose id is outside [0, E), or whose expert has no slot, would run another
+            # expert's weights: a NaN weight makes its token NaN instead ([T, K] work only).
+            ids = routing.ids
+            runnable = ((ids >= 0) & (ids < spec.num_experts)
+                        & (table.count[jnp.clip(ids, 0, spec.num_experts - 1)] > 0))
+            routing = Routing(ids, jnp.where(runnable, routing.weights, jnp.nan))
         # local_first: a pair uses a replica on its own rank when there is one.
         local_rank = rank if (self.wide and self.config.replica_selection == "local_first") else None
         w_gate_up = w.w_gate_up.astype(spec.dtype)
