@@ -27,7 +27,7 @@ DEFAULT_ARCHS = ("80", "90")  # what CI compiles for when no GPU is visible
 FALLBACK_CUDA_HOMES = ("/usr/local/cuda",)
 BUILD_TIMEOUT_ENV = "WIDEEP_FFI_BUILD_TIMEOUT_S"
 DEFAULT_BUILD_TIMEOUT_S = 1200.0  # CI's 2-core build of two archs takes about 20 s
-_MAX_BUILD_TIMEOUT_S = 86400.0
+MAX_TIMEOUT_S = 86400  # a day: the kernels take their limit as int64 milliseconds
 
 
 class FfiBuildError(RuntimeError):
@@ -172,19 +172,25 @@ def library_path(archs: tuple[str, ...] | None = None) -> Path:
     return _cache_root() / "ffi" / key / LIBRARY_NAME
 
 
+def seconds_from_env(name: str, default: float) -> float:
+    """``$name`` as seconds in (0, a day], else ``default``; a ValueError names the value."""
+    raw = os.environ.get(name, str(default))
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= MAX_TIMEOUT_S:  # also refuses nan and inf
+        raise ValueError(f"{name}={raw!r}; allowed: a number of seconds in (0, {MAX_TIMEOUT_S}]")
+    return seconds
+
+
 def build_timeout_s() -> float:
     """Seconds one nvcc build, or the wait for another process's build, may take:
     ``$WIDEEP_FFI_BUILD_TIMEOUT_S``, default ``DEFAULT_BUILD_TIMEOUT_S``."""
-    raw = os.environ.get(BUILD_TIMEOUT_ENV)
-    if raw is None:
-        return DEFAULT_BUILD_TIMEOUT_S
     try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= _MAX_BUILD_TIMEOUT_S:  # also refuses nan and inf
-        raise FfiBuildError(f"{BUILD_TIMEOUT_ENV}={raw!r}; allowed: seconds in (0, {_MAX_BUILD_TIMEOUT_S:.0f}]")
-    return value
+        return seconds_from_env(BUILD_TIMEOUT_ENV, DEFAULT_BUILD_TIMEOUT_S)
+    except ValueError as e:
+        raise FfiBuildError(str(e)) from None
 
 
 def _lock_within(lock, path: Path, timeout: float) -> None:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import os
 import threading
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from wideep_jax.comm.ffi_build import build_library, nccl_library_file
+from wideep_jax.comm.ffi_build import build_library, nccl_library_file, seconds_from_env
 
 TARGETS = {
     "wideep_nvlink_dispatch": "WideepNvlinkDispatch",
@@ -81,23 +80,9 @@ def stable_id(*parts) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 62) - 1)
 
 
-_MAX_TIMEOUT_S = 86400  # a day: the kernels take the limit as int64 milliseconds
-
-
-def _seconds_from_env(name: str, default: float) -> float:
-    raw = os.environ.get(name, str(default))
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = -1.0
-    if not 0 < seconds <= _MAX_TIMEOUT_S:  # also refuses nan and inf
-        raise ValueError(f"{name}={raw!r}; allowed: a number of seconds in (0, {_MAX_TIMEOUT_S}]")
-    return seconds
-
-
 def timeout_ms() -> int:
     """The all-to-all calls' wait limit for peers: ``$WIDEEP_COMM_TIMEOUT_S`` (default 30 s)."""
-    return max(1, int(_seconds_from_env("WIDEEP_COMM_TIMEOUT_S", DEFAULT_TIMEOUT_S) * 1000))
+    return max(1, int(seconds_from_env("WIDEEP_COMM_TIMEOUT_S", DEFAULT_TIMEOUT_S) * 1000))
 
 
 DEFAULT_INIT_TIMEOUT_S = 600.0  # processes reach their first MoE layer apart by their load times
@@ -106,7 +91,7 @@ DEFAULT_INIT_TIMEOUT_S = 600.0  # processes reach their first MoE layer apart by
 def init_timeout_s() -> float:
     """How long setting up NCCL communicators waits for the group's other processes:
     ``$WIDEEP_NCCL_INIT_TIMEOUT_S`` (default 600 s)."""
-    return _seconds_from_env("WIDEEP_NCCL_INIT_TIMEOUT_S", DEFAULT_INIT_TIMEOUT_S)
+    return seconds_from_env("WIDEEP_NCCL_INIT_TIMEOUT_S", DEFAULT_INIT_TIMEOUT_S)
 
 
 def _bounded_call(fn, timeout_s: float, what: str):
