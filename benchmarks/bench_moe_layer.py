@@ -67,7 +67,7 @@ def stage_functions(layer: MoELayer):
         rows = recv.x.shape[0] * recv.x.shape[1]
         out = routed_experts(recv.x.reshape(rows, -1), recv.slot.reshape(rows, -1),
                              recv.weight.reshape(rows, -1), recv.valid_rows().reshape(rows),
-                             w_gate_up, w_down)
+                             w_gate_up, w_down, weight_on_input=spec.apply_router_weight_on_input)
         return out.partial.reshape(recv.x.shape)
 
     def combine(partial, plan, recv_count):

@@ -17,12 +17,14 @@ def make_mesh(ep: int):
 
 
 def make_spec(*, kind="softmax", experts=16, top_k=2, hidden=32, inter=16, shared=0,
-              dtype=jnp.float32, **router) -> MoESpec:
+              dtype=jnp.float32, on_input=False, **router) -> MoESpec:
     if kind == "noaux_tc":
         router = dict(n_group=4, topk_group=2, routed_scaling_factor=2.5) | router
+    if kind == "llama4":
+        router = dict(norm_topk_prob=False) | router
     return MoESpec(hidden_size=hidden, intermediate_size=inter, num_experts=experts, top_k=top_k,
                    router=RouterSpec(kind=kind, **router), num_shared_experts=shared,
-                   dtype=dtype, param_dtype=dtype)
+                   dtype=dtype, param_dtype=dtype, apply_router_weight_on_input=on_input)
 
 
 def make_layer(spec: MoESpec, *, backend="WIDEEP", ep=4, seed=0, layer_idx=None, **cfg) -> MoELayer:

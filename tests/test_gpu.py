@@ -137,11 +137,13 @@ def test_mosaic_tgmm_poisoned(rng, kind, m):
 
 
 @pytest.mark.parametrize("kernel", ["mosaic_gpu", "triton"])
-def test_wideep_layer_each_expert_kernel(rng, kernel):
+@pytest.mark.parametrize("kind", ["noaux_tc", "llama4"])
+def test_wideep_layer_each_expert_kernel(rng, kernel, kind):
     """The whole layer with each GPU kernel equals the layer with the XLA loop (bf16)."""
     if kernel not in _gpu_kernels():
         pytest.skip(f"{kernel} needs another GPU generation")
-    spec = make_spec(kind="noaux_tc", top_k=8, shared=1, hidden=512, inter=256, experts=64, dtype=jnp.bfloat16)
+    spec = make_spec(kind=kind, top_k=8 if kind == "noaux_tc" else 1, shared=1, hidden=512, inter=256, experts=64,
+                     dtype=jnp.bfloat16, on_input=kind == "llama4")
     x = random_tokens(rng, 256 * _ep(), spec.hidden_size, jnp.bfloat16)
     outs = {}
     for name in ("xla", kernel):
@@ -152,9 +154,11 @@ def test_wideep_layer_each_expert_kernel(rng, kernel):
     assert_close(outs[kernel], ref, rtol=2e-2)
 
 
-@pytest.mark.parametrize("kind", ["softmax", "noaux_tc"])
+@pytest.mark.parametrize("kind", ["softmax", "noaux_tc", "llama4"])
 def test_wideep_layer_bf16(rng, kind):
-    spec = make_spec(kind=kind, top_k=4, shared=1, hidden=256, inter=128, experts=32, dtype=jnp.bfloat16)
+    # llama4: the routing weight scales the expert's input (the down GEMM has no row scale).
+    spec = make_spec(kind=kind, top_k=4, shared=1, hidden=256, inter=128, experts=32, dtype=jnp.bfloat16,
+                     on_input=kind == "llama4")
     layer = make_layer(spec, ep=_ep())
     x = random_tokens(rng, 64 * _ep(), spec.hidden_size, jnp.bfloat16)
     y, stats = run_layer(layer, x)

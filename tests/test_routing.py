@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wideep_jax.routing import Routing, RouterSpec, noaux_tc_topk, route, softmax_topk
+from wideep_jax.routing import Routing, RouterSpec, llama4_topk, noaux_tc_topk, route, softmax_topk
 
 RTOL = 1e-6  # float32 tolerance for weights
 GAP = 2e-6  # rows with a non-zero gap below this between deciding values are redrawn
@@ -86,6 +86,14 @@ def ref_noaux_row(
         w = w / (w.sum() + 1e-20)
     w = w * scale
     return ids, w, min(gap, _min_gap(c[order[: k + 1]], relative=False))
+
+
+def ref_llama4_row(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Hugging Face's Llama4Router: top-k of the logits, sigmoid of the chosen ones."""
+    x = x.astype(np.float32).astype(np.float64)
+    order = _desc(x)
+    ids = order[:k]
+    return ids, 1.0 / (1.0 + np.exp(-x[ids])), _min_gap(x[order[: k + 1]], relative=False)
 
 
 def _draw(rng: np.random.Generator, ref: RowRef, sample: Callable[[], np.ndarray], t: int = T) -> np.ndarray:
@@ -282,6 +290,35 @@ def test_noaux_top_k_equals_e(rng, n_group, topk_group):
     np.testing.assert_array_equal(np.sort(np.asarray(got.ids), -1), np.broadcast_to(np.arange(e), (T, e)))
 
 
+# ----------------------------------------------------------------------------- llama4
+
+
+@pytest.mark.parametrize("e,k", [(16, 1), (128, 1), (16, 4), (8, 8)])
+def test_llama4_matches_reference(rng, e, k):
+    ref = lambda r: ref_llama4_row(r, k)  # noqa: E731
+    for sample in (_normal(rng, e), _grid(rng, e)):
+        logits = _draw(rng, ref, sample)
+        _check(llama4_topk(jnp.asarray(logits), k), ref, logits)
+
+
+def test_llama4_selects_on_logits_where_the_sigmoid_saturates():
+    """sigmoid(30) == sigmoid(40) == 1 in float32: selecting on the sigmoid would tie and
+    take expert 0; the larger logit must win, and the weight stays 1."""
+    logits = jnp.asarray([[30.0, 40.0, -3.0, 0.0], [-50.0, -60.0, -70.0, -40.0]])
+    got = llama4_topk(logits, 1)
+    np.testing.assert_array_equal(np.asarray(got.ids), [[1], [3]])
+    np.testing.assert_allclose(np.asarray(got.weights), [[1.0], [1.0 / (1.0 + np.exp(40.0))]], rtol=1e-6)
+
+
+def test_llama4_rejects_renormalisation_and_group_knobs():
+    with pytest.raises(ValueError, match=re.escape("norm_topk_prob=True")):
+        RouterSpec(kind="llama4").validate(num_experts=16, top_k=1)
+    with pytest.raises(ValueError, match=re.escape("n_group=2")):
+        RouterSpec(kind="llama4", norm_topk_prob=False, n_group=2).validate(num_experts=16, top_k=1)
+    with pytest.raises(ValueError, match="correction_bias: only kind='noaux_tc'.*kind='llama4'"):
+        route(jnp.zeros((2, 8)), 1, RouterSpec(kind="llama4", norm_topk_prob=False), correction_bias=jnp.zeros(8))
+
+
 # ----------------------------------------------------------------------------- dtype, dispatch, jit
 
 SPECS = [
@@ -289,12 +326,15 @@ SPECS = [
     RouterSpec(norm_topk_prob=False),
     RouterSpec(kind="noaux_tc", n_group=8, topk_group=4, routed_scaling_factor=2.5),
     RouterSpec(kind="noaux_tc", norm_topk_prob=False),
+    RouterSpec(kind="llama4", norm_topk_prob=False),
 ]
 
 
 def _ref_for(spec: RouterSpec, k: int, bias: np.ndarray | None) -> RowRef:
     if spec.kind == "softmax":
         return lambda r: ref_softmax_row(r, k, spec.norm_topk_prob)
+    if spec.kind == "llama4":
+        return lambda r: ref_llama4_row(r, k)
     return lambda r: ref_noaux_row(
         r, k, bias, spec.n_group, spec.topk_group, spec.norm_topk_prob, spec.routed_scaling_factor
     )
@@ -323,6 +363,8 @@ def test_route_dispatch(rng, spec):
     got = route(logits, k, spec, correction_bias=None if bias is None else jnp.asarray(bias))
     if spec.kind == "softmax":
         want = softmax_topk(logits, k, norm_topk_prob=spec.norm_topk_prob)
+    elif spec.kind == "llama4":
+        want = llama4_topk(logits, k)
     else:
         want = noaux_tc_topk(
             logits,
@@ -387,6 +429,10 @@ VALIDATE_ERRORS = [
     (dict(n_group=2), 8, 2, ["n_group=2", "kind='noaux_tc'"]),
     (dict(topk_group=2, n_group=1), 8, 2, ["topk_group=2", "1 <= topk_group <= n_group (1)"]),
     (dict(routed_scaling_factor=2.5), 8, 2, ["routed_scaling_factor=2.5", "kind='noaux_tc'"]),
+    (dict(kind="llama4"), 8, 1, ["norm_topk_prob=True", "must be False"]),
+    (dict(kind="llama4", norm_topk_prob=False, topk_group=2, n_group=2), 8, 1, ["n_group=2", "kind='llama4'"]),
+    (dict(kind="llama4", norm_topk_prob=False, routed_scaling_factor=2.0), 8, 1,
+     ["routed_scaling_factor=2.0", "kind='llama4'"]),
 ]
 
 
@@ -414,6 +460,7 @@ def test_validate_errors(kwargs, num_experts, top_k, fragments):
         (RouterSpec(kind="noaux_tc", n_group=8, topk_group=4, routed_scaling_factor=2.5), 256, 8),
         (RouterSpec(kind="noaux_tc", n_group=8, topk_group=4), 64, 32),
         (RouterSpec(kind="noaux_tc", n_group=4, topk_group=4), 8, 8),
+        (RouterSpec(kind="llama4", norm_topk_prob=False), 128, 1),
     ],
 )
 def test_validate_accepts(spec, num_experts, top_k):

@@ -143,6 +143,7 @@ def routed_experts(
     w_down: jax.Array,
     *,
     gmm_implementation: str | None = None,
+    weight_on_input: bool = False,
 ) -> ExpertOutput:
     """Runs the routed SwiGLU experts for ``N`` token rows.
 
@@ -155,16 +156,22 @@ def routed_experts(
       w_gate_up: [S, H, 2I] gate and up projections side by side.
       w_down: [S, I, H].
       gmm_implementation: grouped-matmul implementation name (None = default).
+      weight_on_input: scale each pair's input row by its weight (Llama 4) instead
+        of its output row.
 
     Returns:
       Per-row partial sums (x.dtype) and rows per slot.
     """
     pairs = sort_pairs(slot, weight, valid, w_gate_up.shape[0])
     rows = permute_rows(x, pairs)
+    if weight_on_input:
+        # SwiGLU is not linear: the weight must scale what enters the expert, per pair.
+        rows = (rows.astype(jnp.float32) * pairs.row_weight[:, None]).astype(x.dtype)
     # Two kernel launches: gate/up with the SwiGLU epilogue, down scaled by the routing weight.
     act = grouped_swiglu(rows, w_gate_up.astype(x.dtype), pairs.group_sizes,
                          implementation=gmm_implementation)
-    out = grouped_matmul(act, w_down.astype(x.dtype), pairs.group_sizes, row_scale=pairs.row_weight,
+    out = grouped_matmul(act, w_down.astype(x.dtype), pairs.group_sizes,
+                         row_scale=None if weight_on_input else pairs.row_weight,
                          implementation=gmm_implementation)
     return ExpertOutput(combine_rows(out, pairs, x.dtype), pairs.group_sizes)
 

@@ -256,7 +256,8 @@ class _Body:
             if self.wide:
                 y, group_sizes, received = self._wide(xc, mc, slots, rw, w_gate_up, w_down)
             else:
-                out = routed_experts(xc, slots, rw, mc, w_gate_up, w_down, gmm_implementation=self.kernel)
+                out = routed_experts(xc, slots, rw, mc, w_gate_up, w_down, gmm_implementation=self.kernel,
+                                     weight_on_input=spec.apply_router_weight_on_input)
                 y, group_sizes, received = out.partial.astype(jnp.float32), out.group_sizes, mc.sum()
             return y, (counts, group_sizes, received.astype(jnp.int32))
 
@@ -276,6 +277,7 @@ class _Body:
         out = routed_experts(
             recv.x.reshape(rows, -1), recv.slot.reshape(rows, -1), recv.weight.reshape(rows, -1),
             recv.valid_rows().reshape(rows), w_gate_up, w_down, gmm_implementation=self.kernel,
+            weight_on_input=self.spec.apply_router_weight_on_input,
         )
         y = self.backend.combine(out.partial.reshape(num_ranks, plan.capacity, -1), plan, recv.count,
                                 axis_name=axis)

@@ -1,6 +1,6 @@
 """MoE routers: turn router logits into (expert ids, combine weights).
 
-Two families are supported:
+Three families are supported:
 
 * ``"softmax"``: Mixtral / Qwen3-MoE. Softmax over all experts, top-k, optional
   renormalisation of the k weights.
@@ -8,6 +8,10 @@ Two families are supported:
   Sigmoid scores, a per-expert correction bias that only steers *selection*,
   group-limited selection, unbiased weights, optional renormalisation and a
   routed scaling factor.
+* ``"llama4"``: Llama 4. Top-k of the raw logits, then a sigmoid of each chosen
+  logit (TensorRT-LLM's ``Llama4`` routing method: top-k, then sigmoid); no
+  renormalisation. Llama 4 also scales each expert's *input* by its weight, which
+  is the layer's ``MoESpec.apply_router_weight_on_input``, not the router's.
 
 All functions are pure, take logits ``[..., E]`` (``[T, E]`` in the model; any
 float dtype), do their math in float32, and have static output shapes, so they
@@ -34,10 +38,11 @@ __all__ = [
     "RouterSpec",
     "softmax_topk",
     "noaux_tc_topk",
+    "llama4_topk",
     "route",
 ]
 
-ROUTER_KINDS: tuple[str, ...] = ("softmax", "noaux_tc")
+ROUTER_KINDS: tuple[str, ...] = ("softmax", "noaux_tc", "llama4")
 
 # DeepSeek-V3 adds this to the denominator when renormalising the top-k weights.
 _NORM_EPS = 1e-20
@@ -54,8 +59,8 @@ class Routing(NamedTuple):
 class RouterSpec:
     """Static router configuration (hashable, so it can be a jit static arg)."""
 
-    kind: str = "softmax"  # "softmax" (Mixtral / Qwen3-MoE) or "noaux_tc" (DeepSeek-V3)
-    norm_topk_prob: bool = True  # renormalise the top-k weights to sum to 1
+    kind: str = "softmax"  # "softmax" (Mixtral / Qwen3-MoE), "noaux_tc" (DeepSeek-V3) or "llama4"
+    norm_topk_prob: bool = True  # renormalise the top-k weights to sum to 1 (must be False for llama4)
     n_group: int = 1  # noaux_tc only: expert groups
     topk_group: int = 1  # noaux_tc only: groups kept per token
     routed_scaling_factor: float = 1.0  # noaux_tc only: multiplies the final weights
@@ -85,16 +90,21 @@ class RouterSpec:
         scale_ok = isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(scale)
         if not (scale_ok and scale > 0):
             raise ValueError(f"RouterSpec.routed_scaling_factor={scale!r}: must be a finite number > 0")
-        if self.kind == "softmax":
-            # These knobs would be silently ignored by the softmax router; refuse
+        if self.kind in ("softmax", "llama4"):
+            # These knobs would be silently ignored by these routers; refuse
             # them so a mis-typed config cannot route differently than it reads.
             for name, default in (("n_group", 1), ("topk_group", 1), ("routed_scaling_factor", 1.0)):
                 value = getattr(self, name)
                 if value != default:
                     raise ValueError(
                         f"RouterSpec.{name}={value!r}: only applies to kind='noaux_tc'; "
-                        f"must be {default!r} for kind='softmax'"
+                        f"must be {default!r} for kind={self.kind!r}"
                     )
+            if self.kind == "llama4" and self.norm_topk_prob is not False:
+                raise ValueError(
+                    f"RouterSpec.norm_topk_prob={self.norm_topk_prob!r}: kind='llama4' does not "
+                    "renormalise its sigmoid weights; must be False"
+                )
             return
         group_size = num_experts // self.n_group
         if self.n_group > 1 and group_size < 2:
@@ -201,15 +211,29 @@ def noaux_tc_topk(
     return Routing(ids.astype(jnp.int32), weights)
 
 
+def llama4_topk(logits: jax.Array, top_k: int) -> Routing:
+    """Llama 4 router: the ``top_k`` largest logits, each weighted by its sigmoid.
+
+    Selection is on the raw logits (not on the sigmoid, which saturates in float32
+    and would turn distinct large logits into ties); the weights are not
+    renormalised.
+    """
+    RouterSpec(kind="llama4", norm_topk_prob=False).validate(num_experts=_num_experts(logits), top_k=top_k)
+    values, ids = jax.lax.top_k(logits.astype(jnp.float32), top_k)  # ties: lower index first
+    return Routing(ids.astype(jnp.int32), jax.nn.sigmoid(values))
+
+
 def route(
     logits: jax.Array, top_k: int, spec: RouterSpec, *, correction_bias: jax.Array | None = None
 ) -> Routing:
     """Route with ``spec`` (validated at trace time), dispatching on ``spec.kind``."""
     spec.validate(num_experts=_num_experts(logits), top_k=top_k)
+    if spec.kind != "noaux_tc" and correction_bias is not None:
+        raise ValueError(f"correction_bias: only kind='noaux_tc' uses it; pass None for kind={spec.kind!r}")
     if spec.kind == "softmax":
-        if correction_bias is not None:
-            raise ValueError("correction_bias: only kind='noaux_tc' uses it; pass None for kind='softmax'")
         return softmax_topk(logits, top_k, norm_topk_prob=spec.norm_topk_prob)
+    if spec.kind == "llama4":
+        return llama4_topk(logits, top_k)
     return noaux_tc_topk(
         logits,
         top_k,

@@ -29,6 +29,8 @@ class MoESpec:
         ``intermediate_size * num_shared_experts`` (DeepSeek-V3's layout).
       dtype: activation / compute dtype of the experts (router math is float32).
       param_dtype: storage dtype of the weights.
+      apply_router_weight_on_input: scale each routed expert's *input* row by its
+        routing weight instead of its output (Llama 4; TensorRT-LLM's name).
     """
 
     hidden_size: int
@@ -40,6 +42,7 @@ class MoESpec:
     shared_intermediate_size: int | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    apply_router_weight_on_input: bool = False
 
     def __post_init__(self):
         for name in ("hidden_size", "intermediate_size", "num_experts", "top_k"):
@@ -60,6 +63,9 @@ class MoESpec:
                 floating = False
             if not floating:
                 raise ValueError(f"MoESpec.{name}={value!r}: allowed: a floating dtype (e.g. bfloat16, float32)")
+        if not isinstance(self.apply_router_weight_on_input, bool):
+            raise ValueError(f"MoESpec.apply_router_weight_on_input={self.apply_router_weight_on_input!r}: "
+                             "allowed: True or False")
         self.router.validate(num_experts=self.num_experts, top_k=self.top_k)
 
     @property
@@ -85,6 +91,25 @@ class MoESpec:
             num_shared_experts=1,
             dtype=jnp.bfloat16,
             param_dtype=jnp.bfloat16,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def llama4(cls, **overrides) -> "MoESpec":
+        """Llama 4 Scout's MoE layer: 5120 wide, 16 experts of 8192, top-1 with
+        ``llama4`` routing (sigmoid of the chosen logit) applied to the expert's
+        input, 1 shared expert. Maverick: ``num_experts=128``."""
+        base = dict(
+            hidden_size=5120,
+            intermediate_size=8192,
+            num_experts=16,
+            top_k=1,
+            router=RouterSpec(kind="llama4", norm_topk_prob=False),
+            num_shared_experts=1,
+            dtype=jnp.bfloat16,
+            param_dtype=jnp.bfloat16,
+            apply_router_weight_on_input=True,
         )
         base.update(overrides)
         return cls(**base)
