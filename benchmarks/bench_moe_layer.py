@@ -132,21 +132,41 @@ def check_ep(ep: int) -> None:
                  f"allowed 1..{jax.device_count()} (CPU: set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
 
 
-def setup(ep: int, small: bool, *, small_hidden: int = 256, small_intermediate: int = 128):
-    """``(ep, mesh, spec, card)``: EP over the first ``ep`` devices and DeepSeek-V3
-    layer dims, or float32 scaled-down dims for a CPU smoke run."""
+MODELS = {
+    "deepseek_v3": MoESpec.deepseek_v3,
+    "llama4_scout": MoESpec.llama4,
+    "llama4_maverick": lambda **kw: MoESpec.llama4(**({"num_experts": 128} | kw)),
+}
+
+
+def setup(ep: int, small: bool, *, small_hidden: int = 256, small_intermediate: int = 128,
+          model: str = "deepseek_v3"):
+    """``(ep, mesh, spec, card)``: EP over the first ``ep`` devices and the MoE layer
+    dims of ``model`` (a key of MODELS), or float32 scaled-down dims for a CPU smoke run."""
     check_ep(ep)
     mesh = jax.make_mesh((ep,), ("ep",), devices=jax.devices()[:ep])
-    spec = MoESpec.deepseek_v3()
+    spec = MODELS[model]()
     if small:
-        spec = MoESpec.deepseek_v3(hidden_size=small_hidden, intermediate_size=small_intermediate,
-                                   num_experts=64, dtype=jnp.float32, param_dtype=jnp.float32)
+        spec = MODELS[model](hidden_size=small_hidden, intermediate_size=small_intermediate,
+                             num_experts=max(64, spec.num_experts), dtype=jnp.float32, param_dtype=jnp.float32)
     return ep, mesh, spec, f"{ep}x {jax.devices()[0].device_kind}"
+
+
+def describe(spec: MoESpec) -> str:
+    """The layer's dims and routing in words, for the RESULTS notes."""
+    router = spec.router
+    routing = {"noaux_tc": f"noaux_tc routing, {router.n_group} groups/{router.topk_group} kept",
+               "llama4": "llama4 routing (sigmoid of the top logit)",
+               "softmax": "softmax routing"}[router.kind]
+    where = ", weight on the expert input" if spec.apply_router_weight_on_input else ""
+    return (f"hidden {spec.hidden_size}, {spec.num_experts} experts x {spec.intermediate_size}, top-{spec.top_k}, "
+            f"{routing}{where}, {spec.num_shared_experts} shared, {jnp.dtype(spec.dtype).name}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ep", type=int, default=4)
+    parser.add_argument("--model", choices=sorted(MODELS), default="deepseek_v3", help="whose MoE layer dims")
     parser.add_argument("--tokens", type=int, nargs="+", default=[128, 4096])
     parser.add_argument("--skews", nargs="+", default=["0", "1.2"], help="Zipf exponents; 0 = uniform")
     parser.add_argument("--iters", type=int, default=10)
@@ -163,7 +183,7 @@ def main() -> int:
     if args.batch < 1 or args.sustain < 0:
         raise SystemExit(f"--batch {args.batch} must be >= 1 and --sustain {args.sustain} >= 0 seconds")
 
-    ep, mesh, spec, card = setup(args.ep, args.small)
+    ep, mesh, spec, card = setup(args.ep, args.small, model=args.model)
     wide = MoELayer(spec, MoEConfig(backend="WIDEEP"), mesh=mesh, rngs=nnx.Rngs(0))
     stages = stage_functions(wide)
     forward = jitted_forward(wide)
@@ -226,8 +246,7 @@ def main() -> int:
             f"{r['weight_floor']:.3f} | {max(r['floor'], r['weight_floor']) / r['total']:.3f} | "
             f"{r['imbalance']:.3f} |")
     table = "\n".join(lines)
-    dims = (f"hidden {spec.hidden_size}, {spec.num_experts} experts x {spec.intermediate_size}, top-{spec.top_k}, "
-            f"{spec.router.n_group} groups/{spec.router.topk_group} kept, 1 shared, {jnp.dtype(spec.dtype).name}")
+    dims = f"{args.model}'s MoE layer: {describe(spec)}"
     title = (f"## bench_moe_layer: {card}, EP{ep}, {datetime.date.today()}, commit {commit()}, "
              f"jax {jax.__version__}")
     notes = (f"{dims}. {backends_text(wide.config, mesh, spec)}. "

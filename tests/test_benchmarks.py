@@ -34,6 +34,8 @@ SCRIPTS = [
       "alltoall=xla (xla), expert_kernel=auto"]),
     ("bench_moe_layer.py", ["--sustain", "0.02", "--batch", "2", "--iters", "3", "--tokens", "128", "512"],
      ["| 128 |", "local peer timed in turns, each sample after 0.02 s of the same calls untimed"]),
+    ("bench_moe_layer.py", ["--model", "llama4_maverick", "--iters", "2", "--tokens", "64", "--skews", "0"],
+     ["| 64 | uniform |", "llama4_maverick's MoE layer:", "128 experts", "weight on the expert input"]),
     ("bench_eplb.py", [], ["| "]),
     ("bench_permute.py", [], ["| "]),
 ]
