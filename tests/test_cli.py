@@ -17,7 +17,8 @@ def _ints(line: str) -> list[int]:
 
 
 @pytest.mark.parametrize("extra,ep", [([], 8), (["--ep", "4", "--skew", "zipf:1.5"], 4),
-                                      (["--ep", "2", "--skew", "router", "--backend", "CUTLASS"], 2)])
+                                      (["--ep", "2", "--skew", "router", "--backend", "CUTLASS"], 2),
+                                      (["--ep", "4", "--skew", "router", "--router", "llama4"], 4)])
 def test_bench_moe_reports_load(capsys, extra, ep):
     assert main(SMALL + extra) == 0
     out = capsys.readouterr().out
@@ -91,11 +92,12 @@ def test_run_default_preset_small(capsys):
     assert len(re.findall(r"layer \d: rank imbalance", out)) == 3  # layers 1-3 are MoE
 
 
-def test_run_checkpoint_with_prompts_is_greedy_and_deterministic(capsys):
+@pytest.mark.parametrize("arch,ep", [("qwen3_moe", 4), ("llama4_text", 2)])
+def test_run_checkpoint_with_prompts_is_greedy_and_deterministic(capsys, arch, ep):
     """A Hugging Face checkpoint folder with token-id prompts: the same tokens twice."""
     from pathlib import Path
-    folder = str(Path(__file__).resolve().parent / "fixtures" / "qwen3_moe_tiny")
-    args = ["run", "--model", folder, "--ep", "4", "--prompt", "1,2,3,4", "--prompt", "5,6",
+    folder = str(Path(__file__).resolve().parent / "fixtures" / f"{arch}_tiny")
+    args = ["run", "--model", folder, "--ep", str(ep), "--prompt", "1,2,3,4", "--prompt", "5,6",
             "--max-new-tokens", "3"]
     assert main(args) == 0
     first = capsys.readouterr().out

@@ -208,7 +208,7 @@ def test_online_eplb_on_gpu(rng, mode):
     online.test_online_loop_100_updates(rng, mode)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3", "llama4_text"])
 def test_hf_models_on_gpu(arch):
     """The parity fixtures on GPUs: float32 (XLA expert loop) to 1e-4, and bfloat16 with the
     default (Pallas) expert kernels to 3e-2, both with wide EP."""

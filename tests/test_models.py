@@ -18,7 +18,7 @@ from wideep_jax.models import from_hf_config, from_pretrained
 from wideep_jax.models.loading import Checkpoint
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-ARCHS = ["qwen3_moe", "mixtral", "deepseek_v3"]
+ARCHS = ["qwen3_moe", "mixtral", "deepseek_v3", "llama4_text"]
 
 
 def fixture(name: str):
@@ -91,6 +91,48 @@ def test_fused_expert_layout_loads_the_same(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors")
     model = from_pretrained(tmp_path, dtype=jnp.float32)
     assert rel_err(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(ids)), want) <= 1e-4
+
+
+def test_llama4_multimodal_checkpoint_loads_its_text_model(tmp_path):
+    """Llama 4's Hub checkpoints are multimodal: config under ``text_config``, the decoder's
+    tensors under ``language_model.``, and an image tower that text generation skips."""
+    from safetensors.numpy import save_file
+
+    folder, ids, want = fixture("llama4_text")
+    ckpt = Checkpoint(folder)
+    tensors = {f"language_model.{name}": np.asarray(ckpt.get(name)) for name in list(ckpt._where)}
+    tensors["vision_model.patch_embedding.linear.weight"] = np.zeros((4, 3), np.float32)
+    tensors["multi_modal_projector.linear_1.weight"] = np.zeros((48, 4), np.float32)
+    text = json.loads((folder / "config.json").read_text())
+    config = {"model_type": "llama4", "text_config": text, "vision_config": {"hidden_size": 4}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file(tensors, tmp_path / "model.safetensors")
+    model = from_pretrained(tmp_path, dtype=jnp.float32)
+    assert rel_err(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(ids)), want) <= 1e-4
+    # Anything else left over is still an error.
+    tensors["language_model.model.layers.0.feed_forward.extra"] = np.zeros((2,), np.float32)
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="feed_forward.extra"):
+        from_pretrained(tmp_path, dtype=jnp.float32)
+
+
+def test_llama4_config_reading():
+    text = json.loads((FIXTURES / "llama4_text_tiny" / "config.json").read_text())
+    cfg = from_hf_config(text)
+    assert cfg.moe_layers == (1, 3) and cfg.nope_layers == (3,) and cfg.chunked_layers == (0, 1, 2)
+    assert cfg.moe_spec().apply_router_weight_on_input and cfg.moe_spec().router.kind == "llama4"
+    assert (cfg.intermediate_size, cfg.moe_intermediate_size, cfg.rope.kind) == (64, 20, "llama3")
+    # Scout's defaults: every layer MoE, every 4th layer NoPE, the rest chunked.
+    scout = {k: v for k, v in text.items() if k not in ("moe_layers", "no_rope_layers", "layer_types")}
+    cfg = from_hf_config(scout | {"interleave_moe_layer_step": 1, "num_hidden_layers": 8})
+    assert cfg.moe_layers == tuple(range(8)) and cfg.nope_layers == (3, 7)
+    assert cfg.chunked_layers == (0, 1, 2, 4, 5, 6)
+    for bad, fragment in (({"layer_types": ["sliding_attention"] * 4}, "layer_types="),
+                          ({"no_rope_layers": [1, 0]}, "no_rope_layers has 2 entries"),
+                          ({"attention_bias": True}, "attention_bias=true"),
+                          ({"attention_chunk_size": None}, "attention_chunk_size is missing")):
+        with pytest.raises(ValueError, match=re.escape(fragment)):
+            from_hf_config(text | bad)
 
 
 def _edited_copy(tmp_path, edit):
@@ -200,7 +242,7 @@ def test_generate_greedy_matches_step_by_step_argmax():
         generate(model, prompts, max_new_tokens=0)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "llama4_text"])
 def test_attention_data_parallel_with_cache(arch):
     """Batch 2 over EP 2: attention and the KV cache are split by sequence, and the
     cached decode still equals transformers' logits."""

@@ -45,7 +45,8 @@ def _add_bench_moe(sub) -> None:
     p.add_argument("--top-k", type=POSITIVE, default=8, help="experts per token")
     p.add_argument("--n-group", type=POSITIVE, default=8, help="expert groups for noaux_tc routing")
     p.add_argument("--topk-group", type=POSITIVE, default=4, help="groups kept per token")
-    p.add_argument("--router", choices=["noaux_tc", "softmax"], default="noaux_tc")
+    p.add_argument("--router", choices=["noaux_tc", "softmax", "llama4"], default="noaux_tc",
+                   help="llama4: sigmoid of the top-k logits, the weight applied to the expert's input")
     p.add_argument("--shared-experts", type=NON_NEGATIVE, default=1)
     p.add_argument("--ep", type=POSITIVE, default=None, help="EP size (default: all devices)")
     p.add_argument("--tokens", type=POSITIVE, default=512, help="tokens per rank")
@@ -93,12 +94,14 @@ def _bench_moe(args) -> int:
     ep = jax.device_count() if args.ep is None else args.ep
     if not 1 <= ep <= jax.device_count():
         raise ValueError(f"--ep={ep}: allowed: 1..{jax.device_count()} ({platform} devices)")
-    router = (RouterSpec(kind="noaux_tc", n_group=args.n_group, topk_group=args.topk_group,
-                         routed_scaling_factor=2.5)
-              if args.router == "noaux_tc" else RouterSpec(kind="softmax"))
+    router = {"noaux_tc": lambda: RouterSpec(kind="noaux_tc", n_group=args.n_group, topk_group=args.topk_group,
+                                             routed_scaling_factor=2.5),
+              "softmax": lambda: RouterSpec(kind="softmax"),
+              "llama4": lambda: RouterSpec(kind="llama4", norm_topk_prob=False)}[args.router]()
     spec = MoESpec(hidden_size=args.hidden, intermediate_size=args.intermediate,
                    num_experts=args.experts, top_k=args.top_k, router=router,
-                   num_shared_experts=args.shared_experts, dtype=dtype, param_dtype=dtype)
+                   num_shared_experts=args.shared_experts, dtype=dtype, param_dtype=dtype,
+                   apply_router_weight_on_input=args.router == "llama4")
     config = load_moe_config(args.config) if args.config else MoEConfig(backend="WIDEEP")
     overrides = {}
     if args.backend:

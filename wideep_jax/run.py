@@ -27,7 +27,8 @@ def add_parser(sub) -> None:
                        description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny", help=f"checkpoint folder or preset ({', '.join(PRESETS)})")
     p.add_argument("--moe-config", default=None,
-                   help="moe_config YAML (default: WIDEEP, EP-many extra slots, online EPLB)")
+                   help="moe_config YAML (default: WIDEEP, at least EP extra slots (a multiple of EP in all), "
+                        "online EPLB)")
     p.add_argument("--ep", type=POSITIVE, default=None, help="EP size (default: all devices)")
     p.add_argument("--prompt", action="append", default=None,
                    help="a prompt: comma-separated token ids, or text when the checkpoint has a "
@@ -49,7 +50,9 @@ def _moe_config(path, num_experts: int, ep: int):
 
     if path is not None:
         return load_moe_config(path, num_experts=num_experts, ep_size=ep)
-    return load_moe_config({"backend": "WIDEEP", "load_balancer": {"num_slots": num_experts + ep,
+    # At least EP extra slots for replicas, rounded up to a multiple of EP (every rank holds as many).
+    num_slots = -(-(num_experts + ep) // ep) * ep
+    return load_moe_config({"backend": "WIDEEP", "load_balancer": {"num_slots": num_slots,
                                                                    "layer_updates_per_iter": 1}},
                            num_experts=num_experts, ep_size=ep)
 

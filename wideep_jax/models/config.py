@@ -9,13 +9,15 @@ import jax.numpy as jnp
 from wideep_jax.routing import RouterSpec
 from wideep_jax.spec import MoESpec
 
-ARCHITECTURES = ("qwen3_moe", "mixtral", "deepseek_v3")
-"""``model_type`` values `from_hf_config` reads."""
+ARCHITECTURES = ("qwen3_moe", "mixtral", "deepseek_v3", "llama4_text", "llama4")
+"""``model_type`` values `from_hf_config` reads (``llama4``: the text model of Llama 4's
+multimodal checkpoints, read from their ``text_config``)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding: ``default`` or ``yarn`` (DeepSeek-V3's long-context scaling)."""
+    """Rotary embedding: ``default``, ``yarn`` (DeepSeek-V3's long-context scaling) or
+    ``llama3`` (Llama 3/4's frequency-band scaling)."""
 
     theta: float = 10000.0
     kind: str = "default"
@@ -25,6 +27,8 @@ class RopeConfig:
     beta_slow: float = 1.0
     mscale: float = 0.0
     mscale_all_dim: float = 0.0
+    low_freq_factor: float = 1.0  # llama3 only
+    high_freq_factor: float = 4.0  # llama3 only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +50,12 @@ class DecoderConfig:
     Attributes mirror the Hugging Face names; ``moe_layers`` lists the layers whose
     MLP is the MoE block (the others use a dense SwiGLU of ``intermediate_size``).
     ``mla`` set: DeepSeek's latent attention (else grouped-query attention);
-    ``router`` is the MoE routing (softmax top-k, or ``noaux_tc`` with
-    ``n_shared_experts`` shared experts).
+    ``router`` is the MoE routing (softmax top-k, ``noaux_tc`` with
+    ``n_shared_experts`` shared experts, or Llama 4's sigmoid top-k with its weight
+    on the expert input). Llama 4's attention: ``nope_layers`` skip RoPE (and use
+    ``attn_temperature_tuning``), the other layers L2-normalise q and k after RoPE
+    (``qk_l2_norm``) and attend within chunks of ``attention_chunk_size`` positions
+    where listed in ``chunked_layers``.
     """
 
     model_type: str
@@ -73,6 +81,15 @@ class DecoderConfig:
     mla: MLAConfig | None = None
     router: RouterSpec | None = None  # None: softmax top-k with norm_topk_prob
     n_shared_experts: int = 0
+    router_weight_on_input: bool = False  # Llama 4: the routing weight scales the expert's input
+    rope_interleaved: bool = False  # RoPE on adjacent pairs (Llama 4) instead of half-split ones
+    nope_layers: tuple[int, ...] = ()  # layers without RoPE (Llama 4's no_rope_layers == 0)
+    qk_l2_norm: bool = False  # weightless RMS norm of q and k after RoPE, on RoPE layers (Llama 4)
+    chunked_layers: tuple[int, ...] = ()  # layers attending within chunks of attention_chunk_size
+    attention_chunk_size: int | None = None
+    attn_temperature_tuning: bool = False  # Llama 4's query scaling on the NoPE layers
+    floor_scale: float = 8192.0
+    attn_scale: float = 0.1
 
     @property
     def rope_config(self) -> RopeConfig:
@@ -85,6 +102,7 @@ class DecoderConfig:
             num_experts=self.num_experts, top_k=self.num_experts_per_tok,
             router=self.router or RouterSpec(kind="softmax", norm_topk_prob=self.norm_topk_prob),
             num_shared_experts=self.n_shared_experts, dtype=self.dtype, param_dtype=self.dtype,
+            apply_router_weight_on_input=self.router_weight_on_input,
         )
 
 
@@ -110,8 +128,13 @@ def _rope(cfg: dict) -> RopeConfig:
     theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     if kind == "default":
         return RopeConfig(theta=theta)
+    if kind == "llama3":
+        return RopeConfig(theta=theta, kind="llama3", factor=float(params["factor"]),
+                          original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+                          low_freq_factor=float(params["low_freq_factor"]),
+                          high_freq_factor=float(params["high_freq_factor"]))
     if kind != "yarn":
-        raise ValueError(f"config.json: rope type {kind!r} is not supported; allowed: 'default', 'yarn'")
+        raise ValueError(f"config.json: rope type {kind!r} is not supported; allowed: 'default', 'yarn', 'llama3'")
     if params.get("attention_factor") is not None or params.get("truncate", True) is not True:
         raise ValueError("config.json: yarn with attention_factor or truncate=false is not supported")
     return RopeConfig(theta=theta, kind="yarn", factor=float(params["factor"]),
@@ -122,6 +145,8 @@ def _rope(cfg: dict) -> RopeConfig:
 
 def from_hf_config(cfg: dict, *, dtype=jnp.float32) -> DecoderConfig:
     """Reads a Hugging Face config dict; unknown architectures raise naming them."""
+    if cfg.get("model_type") == "llama4":  # multimodal: the decoder is the text model
+        cfg = _get(cfg, "text_config") | {"model_type": "llama4_text"}
     model_type = cfg.get("model_type")
     if model_type not in ARCHITECTURES:
         raise ValueError(f"config.json: model_type={model_type!r} is not supported; allowed: {ARCHITECTURES}")
@@ -154,6 +179,8 @@ def from_hf_config(cfg: dict, *, dtype=jnp.float32) -> DecoderConfig:
         )
     if model_type == "deepseek_v3":
         return _deepseek_v3(cfg, common, layers)
+    if model_type == "llama4_text":
+        return _llama4(cfg, common, layers)
     # mixtral: every layer is MoE, softmax top-k renormalised, optional sliding window.
     window = _get(cfg, "sliding_window", None)
     width = int(_get(cfg, "intermediate_size"))
@@ -185,4 +212,42 @@ def _deepseek_v3(cfg: dict, common: dict, layers: int) -> DecoderConfig:
         num_experts_per_tok=int(_get(cfg, "num_experts_per_tok")),
         moe_layers=tuple(range(first_dense, layers)), norm_topk_prob=router.norm_topk_prob,
         mla=mla, router=router, n_shared_experts=int(_get(cfg, "n_shared_experts", 0)),
+    )
+
+
+def _llama4(cfg: dict, common: dict, layers: int) -> DecoderConfig:
+    """Llama 4 (Scout, Maverick): interleaved MoE layers, iRoPE attention."""
+    step = int(_get(cfg, "interleave_moe_layer_step", 1))
+    moe_layers = cfg.get("moe_layers")
+    moe_layers = tuple(range(step - 1, layers, step)) if moe_layers is None else tuple(int(i) for i in moe_layers)
+    # no_rope_layers[i] == 1 means layer i *uses* RoPE (HF's naming); default: every 4th layer is NoPE.
+    uses_rope = cfg.get("no_rope_layers") or [int((i + 1) % 4 != 0) for i in range(layers)]
+    if len(uses_rope) != layers:
+        raise ValueError(f"config.json: no_rope_layers has {len(uses_rope)} entries; allowed: one per layer "
+                         f"(num_hidden_layers={layers})")
+    nope = tuple(i for i, rope in enumerate(uses_rope) if not rope)
+    chunk = cfg.get("attention_chunk_size")
+    layer_types = cfg.get("layer_types")
+    if layer_types is not None:
+        allowed = ("chunked_attention", "full_attention")
+        bad = sorted({t for t in layer_types if t not in allowed})
+        if bad or len(layer_types) != layers:
+            raise ValueError(f"config.json: layer_types={layer_types!r}; allowed: {layers} entries of {allowed}")
+        chunked = tuple(i for i, t in enumerate(layer_types) if t == "chunked_attention")
+    else:
+        chunked = tuple(i for i in range(layers) if i not in nope) if chunk is not None else ()
+    if chunked and chunk is None:
+        raise ValueError("config.json: layer_types has chunked_attention layers but attention_chunk_size is missing")
+    if _get(cfg, "attention_bias", False):
+        raise ValueError("config.json: attention_bias=true is not supported for llama4_text; allowed: false")
+    width = int(_get(cfg, "intermediate_size"))
+    return DecoderConfig(
+        **common, intermediate_size=int(_get(cfg, "intermediate_size_mlp")), moe_intermediate_size=width,
+        num_experts=_num_experts(cfg), num_experts_per_tok=int(_get(cfg, "num_experts_per_tok")),
+        moe_layers=moe_layers, norm_topk_prob=False, router=RouterSpec(kind="llama4", norm_topk_prob=False),
+        n_shared_experts=1, router_weight_on_input=True, rope_interleaved=True, nope_layers=nope,
+        qk_l2_norm=bool(_get(cfg, "use_qk_norm", True)), chunked_layers=chunked,
+        attention_chunk_size=None if chunk is None else int(chunk),
+        attn_temperature_tuning=bool(_get(cfg, "attn_temperature_tuning", True)),
+        floor_scale=float(_get(cfg, "floor_scale", 8192)), attn_scale=float(_get(cfg, "attn_scale", 0.1)),
     )

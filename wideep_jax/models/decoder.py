@@ -19,7 +19,7 @@ class DecoderLayer(nnx.Module):
     def __init__(self, cfg: DecoderConfig, index: int, moe_config: MoEConfig | None, mesh: Mesh | None,
                  *, rngs: nnx.Rngs):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
-        self.attn = LatentAttention(cfg, rngs=rngs) if cfg.mla is not None else Attention(cfg, rngs=rngs)
+        self.attn = LatentAttention(cfg, rngs=rngs) if cfg.mla is not None else Attention(cfg, index=index, rngs=rngs)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
         if index in cfg.moe_layers:
             self.mlp = MoELayer(cfg.moe_spec(), moe_config, mesh=mesh, layer_idx=index, rngs=rngs)

@@ -54,6 +54,17 @@ def rope_frequencies(rope: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
     pos_freqs = rope.theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
     if rope.kind == "default":
         return (1.0 / pos_freqs).astype(np.float32), 1.0
+    if rope.kind == "llama3":
+        # Wavelengths past original/low_freq_factor slow down by `factor`, those under
+        # original/high_freq_factor stay, and the band between is interpolated.
+        inv_freq = 1.0 / pos_freqs
+        old_len = rope.original_max_position_embeddings
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / rope.low_freq_factor, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= old_len / rope.high_freq_factor) & (wavelen <= old_len / rope.low_freq_factor)
+        return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
     # YaRN: interpolate low frequencies by `factor`, keep high ones, ramp in between.
     def correction_dim(rotations):
         return dim * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
@@ -96,12 +107,22 @@ def rotary(x: jax.Array, positions: jax.Array, rope: RopeConfig, *, interleaved:
     return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
 
 
-class Attention(nnx.Module):
-    """Causal grouped-query attention with optional q/k RMSNorm and sliding window."""
+def l2_norm(x: jax.Array, eps: float) -> jax.Array:
+    """``x / rms(x)`` in float32 without a weight (Llama 4's q/k norm)."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
-    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+
+class Attention(nnx.Module):
+    """Causal grouped-query attention with optional q/k RMSNorm and sliding window, and
+    Llama 4's per-layer variants (no RoPE with query temperature, or RoPE with q/k L2
+    norm and chunked attention)."""
+
+    def __init__(self, cfg: DecoderConfig, *, index: int = 0, rngs: nnx.Rngs):
         h, d = cfg.hidden_size, cfg.head_dim
         self.cfg = cfg
+        self.use_rope = index not in cfg.nope_layers
+        self.chunk = cfg.attention_chunk_size if index in cfg.chunked_layers else None
         keys = jax.random.split(rngs.params(), 4)
         self.q_proj = _param(keys[0], (h, cfg.num_attention_heads * d), h, cfg.dtype)
         self.k_proj = _param(keys[1], (h, cfg.num_key_value_heads * d), h, cfg.dtype)
@@ -123,9 +144,19 @@ class Attention(nnx.Module):
         v = (x @ self.v_proj[...]).reshape(b, t, nkv, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q, positions, cfg.rope_config), rotary(k, positions, cfg.rope_config)
+        if self.use_rope:
+            # Interleaved pairs come back half-split; q and k alike, so q.k is unchanged.
+            q = rotary(q, positions, cfg.rope_config, interleaved=cfg.rope_interleaved)
+            k = rotary(k, positions, cfg.rope_config, interleaved=cfg.rope_interleaved)
+            if cfg.qk_l2_norm:
+                q, k = l2_norm(q, cfg.rms_norm_eps), l2_norm(k, cfg.rms_norm_eps)
+        elif cfg.attn_temperature_tuning:
+            # Longer contexts sharpen the NoPE layers' attention (Llama 4).
+            scale = jnp.log1p(jnp.floor((positions.astype(jnp.float32) + 1.0) / cfg.floor_scale)) * cfg.attn_scale + 1.0
+            q = (q.astype(jnp.float32) * scale[:, :, None, None]).astype(q.dtype)
         (keys, values), key_pos, key_valid, cache = _append(cache, meta, (k, v), positions, token_valid)
-        out = _attend(q, keys, values, positions, key_pos, key_valid, d ** -0.5, cfg.sliding_window)
+        out = _attend(q, keys, values, positions, key_pos, key_valid, d ** -0.5, cfg.sliding_window,
+                      chunk=self.chunk)
         return out.reshape(b, t, nh * d) @ self.o_proj[...], cache
 
 
@@ -138,8 +169,11 @@ def _append(cache, meta, new, positions, token_valid):
     return tuple(cache), put(meta.positions, positions), put(meta.valid, token_valid), cache
 
 
-def _attend(q, k, v, positions, key_pos, key_valid, scale: float, window: int | None):
-    """Causal softmax attention. q [B,T,H,Dk], k [B,S,KVH,Dk], v [B,S,KVH,Dv] -> [B,T,H,Dv]."""
+def _attend(q, k, v, positions, key_pos, key_valid, scale: float, window: int | None, *, chunk: int | None = None):
+    """Causal softmax attention. q [B,T,H,Dk], k [B,S,KVH,Dk], v [B,S,KVH,Dv] -> [B,T,H,Dv].
+
+    ``window``: keys at most window - 1 positions back; ``chunk``: keys in the query's
+    chunk of ``chunk`` positions only."""
     b, t, nh, dk = q.shape
     nkv = k.shape[2]
     qg = q.reshape(b, t, nkv, nh // nkv, dk)
@@ -147,6 +181,8 @@ def _attend(q, k, v, positions, key_pos, key_valid, scale: float, window: int | 
     allowed = key_valid[:, None, :] & (key_pos[:, None, :] <= positions[:, :, None])
     if window is not None:
         allowed &= positions[:, :, None] - key_pos[:, None, :] < window
+    if chunk is not None:
+        allowed &= positions[:, :, None] // chunk == key_pos[:, None, :] // chunk
     scores = jnp.where(allowed[:, None, None], scores, -jnp.inf)
     # A query with no allowed key (a padding token) gets zeros, not NaN.
     probs = jnp.nan_to_num(jax.nn.softmax(scores, axis=-1)).astype(q.dtype)

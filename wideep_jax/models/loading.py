@@ -5,7 +5,9 @@ experts are gathered into its slot layout (following the layer's placement,
 replicas included) and placed straight onto their devices, so host memory
 stays near one layer's experts. Both expert layouts are read: the Hub's
 per-expert tensors (``experts.{e}.gate_proj`` / Mixtral's ``w1, w3, w2``) and
-transformers 5's fused ``experts.gate_up_proj`` / ``experts.down_proj``.
+transformers 5's fused ``experts.gate_up_proj`` / ``experts.down_proj`` (Llama 4's
+fused tensors are input-major). Llama 4's multimodal checkpoints load their text
+model (``language_model.``); the image tower's tensors are skipped.
 FP8 block-quantized weights (DeepSeek-V3/R1's ``F8_E4M3`` tensors with a float32
 ``weight_scale_inv`` per 128x128 block) are dequantized as they are read.
 """
@@ -32,6 +34,7 @@ _FP8 = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
            "I64": np.int64, "I32": np.int32, **_FP8}
 _IGNORED = ("rotary_emb.inv_freq",)
+_VISION = ("vision_model.", "multi_modal_projector.")  # Llama 4's image tower, unused by the decoder
 # config.json's ``quantization_config`` values that we read (DeepSeek-V3/R1's).
 _QUANT_METHODS, _FP8_FORMATS = ("fp8",), ("e4m3", "e5m2")
 
@@ -139,6 +142,11 @@ def _experts(ckpt: Checkpoint, prefix: str, model_type: str, num_experts: int, h
     Per-expert tensors are gathered straight into ``dtype`` (the parameter dtype), so a
     layer's experts take their final size on the host, not float32's."""
     fused = f"{prefix}.experts.gate_up_proj"
+    if fused in ckpt and model_type == "llama4_text":
+        # Llama 4 stores its fused experts input-major already: [E, H, 2I] and [E, I, H].
+        gate_up = np.asarray(ckpt.get(fused, (num_experts, hidden, 2 * width)))
+        down = np.asarray(ckpt.get(f"{prefix}.experts.down_proj", (num_experts, width, hidden)))
+        return gate_up, down
     if fused in ckpt:
         gate_up = np.asarray(ckpt.get(fused, (num_experts, 2 * width, hidden))).transpose(0, 2, 1)
         down = np.asarray(ckpt.get(f"{prefix}.experts.down_proj", (num_experts, hidden, width))).transpose(0, 2, 1)
@@ -188,12 +196,15 @@ def from_pretrained(path, *, moe_config: MoEConfig | None = None, mesh: Mesh | N
     model = nnx.eval_shape(lambda: CausalLM(cfg, moe_config, mesh=mesh, rngs=nnx.Rngs(0)))
     replicated = None if mesh is None else NamedSharding(mesh, P())
     h, v = cfg.hidden_size, cfg.vocab_size
-    _set(model.embed, ckpt.get("model.embed_tokens.weight", (v, h)), replicated, dtype)
-    _set(model.norm.weight, ckpt.get("model.norm.weight", (h,)), replicated, dtype)
+    # Llama 4's multimodal checkpoints hold the text model under "language_model.".
+    root = "language_model." if "language_model.model.embed_tokens.weight" in ckpt else ""
+    _set(model.embed, ckpt.get(f"{root}model.embed_tokens.weight", (v, h)), replicated, dtype)
+    _set(model.norm.weight, ckpt.get(f"{root}model.norm.weight", (h,)), replicated, dtype)
     if model.lm_head is not None:
-        _set(model.lm_head, ckpt.get("lm_head.weight", (v, h)).T, replicated, dtype)
+        _set(model.lm_head, ckpt.get(f"{root}lm_head.weight", (v, h)).T, replicated, dtype)
+    mlp = "feed_forward" if cfg.model_type == "llama4_text" else "mlp"
     for i, layer in enumerate(model.layers):
-        p = f"model.layers.{i}"
+        p = f"{root}model.layers.{i}"
         _set(layer.input_norm.weight, ckpt.get(f"{p}.input_layernorm.weight", (h,)), replicated, dtype)
         _set(layer.post_attn_norm.weight, ckpt.get(f"{p}.post_attention_layernorm.weight", (h,)), replicated, dtype)
         if cfg.mla is not None:
@@ -204,14 +215,15 @@ def from_pretrained(path, *, moe_config: MoEConfig | None = None, mesh: Mesh | N
             _load_moe(ckpt, layer.mlp, cfg, p, mesh, replicated, dtype)
         else:
             w = cfg.intermediate_size
-            gate = ckpt.get(f"{p}.mlp.gate_proj.weight", (w, h))
-            up = ckpt.get(f"{p}.mlp.up_proj.weight", (w, h))
+            gate = ckpt.get(f"{p}.{mlp}.gate_proj.weight", (w, h))
+            up = ckpt.get(f"{p}.{mlp}.up_proj.weight", (w, h))
             _set(layer.mlp.gate_up, np.concatenate([gate.T, up.T], axis=1), replicated, dtype)
-            _set(layer.mlp.down, ckpt.get(f"{p}.mlp.down_proj.weight", (h, w)).T, replicated, dtype)
+            _set(layer.mlp.down, ckpt.get(f"{p}.{mlp}.down_proj.weight", (h, w)).T, replicated, dtype)
     # DeepSeek's multi-token-prediction layers sit past num_hidden_layers; inference skips them.
     mtp = re.compile(r"model\.layers\.(\d+)\.").match
     unused = sorted(n for n in ckpt.unused if not n.endswith(_IGNORED)
-                    and not ((hit := mtp(n)) and int(hit.group(1)) >= cfg.num_hidden_layers))
+                    and not ((hit := mtp(n)) and int(hit.group(1)) >= cfg.num_hidden_layers)
+                    and not (root and n.startswith(_VISION)))  # text-only inference of Llama 4
     if unused:
         raise ValueError(f"checkpoint tensors not used by {cfg.model_type}: {unused[:5]}"
                          f"{' ...' if len(unused) > 5 else ''} ({len(unused)} in all)")
@@ -249,8 +261,13 @@ def _load_latent_attention(ckpt, attn, cfg, p, replicated, dtype) -> None:
 
 def _load_moe(ckpt, layer: MoELayer, cfg, prefix, mesh, replicated, dtype) -> None:
     h, e, w = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
-    moe = f"{prefix}.block_sparse_moe" if f"{prefix}.block_sparse_moe.gate.weight" in ckpt else f"{prefix}.mlp"
-    _set(layer.router, ckpt.get(f"{moe}.gate.weight", (e, h)).T, replicated, dtype)
+    llama4 = cfg.model_type == "llama4_text"
+    if llama4:
+        moe, router, shared = f"{prefix}.feed_forward", "router", "shared_expert"
+    else:
+        moe = f"{prefix}.block_sparse_moe" if f"{prefix}.block_sparse_moe.gate.weight" in ckpt else f"{prefix}.mlp"
+        router, shared = "gate", "shared_experts"
+    _set(layer.router, ckpt.get(f"{moe}.{router}.weight", (e, h)).T, replicated, dtype)
     gate_up, down = _experts(ckpt, moe, cfg.model_type, e, h, w, np.dtype(dtype))
     # The abstract layer holds no values: its placement comes from the config again.
     slot_to_expert = np.asarray(layer.config.slot_to_expert(layer.layer_idx, num_experts=e, ep_size=layer.ep_size))
@@ -263,7 +280,7 @@ def _load_moe(ckpt, layer: MoELayer, cfg, prefix, mesh, replicated, dtype) -> No
         _set(layer.correction_bias, ckpt.get(f"{moe}.gate.e_score_correction_bias", (e,)), replicated, np.float32)
     if layer.shared_gate_up is not None:
         width = layer.spec.shared_width
-        get = lambda name, shape: ckpt.get(f"{moe}.shared_experts.{name}.weight", shape)
+        get = lambda name, shape: ckpt.get(f"{moe}.{shared}.{name}.weight", shape)
         _set(layer.shared_gate_up, np.concatenate([get("gate_proj", (width, h)).T, get("up_proj", (width, h)).T],
                                                   axis=1), replicated, dtype)
         _set(layer.shared_down, get("down_proj", (h, width)).T, replicated, dtype)
