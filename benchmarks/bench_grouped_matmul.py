@@ -396,6 +396,11 @@ def copy_bandwidth(iters: int) -> float:
     return copy_rate(iters, batch=BATCH) / 1e9
 
 
+MODEL_DIMS = {  # name: (groups, prefill rows, decode rows, {GEMM: (K, N)})
+    "deepseek_v3": (64, 32768, (128, 256, 512, 1024), {"gate/up": (7168, 4096), "down": (2048, 7168)}),
+    "llama4_maverick": (128, 4096, (128, 256, 512, 1024), {"gate/up": (5120, 16384), "down": (8192, 5120)}),
+}
+
 CASES = {  # name: (k index into shapes, epilogue)
     "gate/up": ("gate/up", "none"),
     "down": ("down", "none"),
@@ -455,6 +460,9 @@ def main() -> int:
     parser.add_argument("--sustain", type=float, default=0.0,
                         help="seconds each timed sample first runs its entry back to back, so that every "
                              "entry is timed at its own steady clock under the card's power cap")
+    parser.add_argument("--model", choices=sorted(MODEL_DIMS), default="deepseek_v3",
+                        help="whose per-GPU expert GEMMs: deepseek_v3 = 64 of its 256 experts (EP4), "
+                             "llama4_maverick = all 128 experts on one GPU, a 4096-token top-1 prefill")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     global BATCH, EXTRA_WIDTHS, VARIANTS, SUSTAIN_S, DEFAULTS_ONLY
@@ -471,8 +479,7 @@ def main() -> int:
         groups, prefill_rows, decode_rows = 8, 1024, (32, 64)
         shapes = {"gate/up": (256, 512), "down": (256, 256)}
     else:
-        groups, prefill_rows, decode_rows = 64, 32768, (128, 256, 512, 1024)
-        shapes = {"gate/up": (7168, 4096), "down": (2048, 7168)}
+        groups, prefill_rows, decode_rows, shapes = MODEL_DIMS[args.model]
     dtype = jnp.bfloat16
     bandwidth = copy_bandwidth(args.iters)
     cases = []
@@ -526,6 +533,7 @@ def main() -> int:
     card = jax.devices()[0].device_kind
     mode = (", quick" if args.quick else "") + (" + ragged_dot_mgpu" if args.quick and args.mgpu else "") \
         + (", default tiles only" if DEFAULTS_ONLY else "") + (", sustained" if SUSTAIN_S else "")
+    mode += "" if args.model == "deepseek_v3" or args.small else f", {args.model} dims"
     title = (f"## bench_grouped_matmul ({args.phase}{mode}): 1x {card}, {datetime.date.today()}, commit {commit()}, "
              f"jax {jax.__version__}, default implementation {default_implementation()!r}")
     notes = (f"{groups} groups, bf16 in, f32 accumulate, bf16 out; decode rates count the weight bytes of "
