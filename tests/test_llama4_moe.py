@@ -109,8 +109,13 @@ def test_gradients_match_dense_reference(rng):
     x = random_tokens(rng, 16, spec.hidden_size)
     weights = unsharded(layer.weights())
     cot = jnp.asarray(rng.standard_normal((16, spec.hidden_size)), jnp.float32)
-    loss_layer = lambda w, x: jnp.sum(moe_forward(x, w, spec=spec, config=layer.config, mesh=layer.mesh)[0] * cot)  # noqa: E731
-    loss_ref = lambda w, x: jnp.sum(dense_moe_reference(x, w, spec) * cot)  # noqa: E731
+
+    def loss_layer(w, x):
+        return jnp.sum(moe_forward(x, w, spec=spec, config=layer.config, mesh=layer.mesh)[0] * cot)
+
+    def loss_ref(w, x):
+        return jnp.sum(dense_moe_reference(x, w, spec) * cot)
+
     g_layer = jax.jit(jax.grad(loss_layer, argnums=(0, 1), allow_int=True))(weights, x)
     g_ref = jax.jit(jax.grad(loss_ref, argnums=(0, 1), allow_int=True))(weights, x)
     assert_close(g_layer[1], g_ref[1])
