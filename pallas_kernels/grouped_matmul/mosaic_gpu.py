@@ -146,6 +146,10 @@ def default_config(
     tiles; long K (gate/up) streams best with 64x512 CTA tiles and 2 stages
     (0.95-0.97 of copy bandwidth), short K (down) with 64x256 tiles, 4 stages and
     chained items (0.89-0.91), SwiGLU with 64x128; ping-pong measured the same there.
+    Every default walks row tiles fastest in bands of 4: in decode it is level with
+    walking columns at DeepSeek-V3's shapes and up to 4 % faster where a group spans
+    many row tiles (Llama 4 Maverick's 4096-token Zipf prefill, all 128 experts
+    on one GPU), whose weight column tiles are then read once for the band.
     """
     walk = dict(grid_minor="m", grid_tile_width=4)
     prefill = num_rows // max(1, num_groups) >= 128
@@ -157,11 +161,11 @@ def default_config(
     elif prefill:
         config, chain = MosaicGpuConfig(max_concurrent_steps=3, swizzled_epilogue=True, **walk), False
     elif epilogue == "swiglu":
-        config, chain = MosaicGpuConfig(tile_m=64, tile_n=64, max_concurrent_steps=4), False
+        config, chain = MosaicGpuConfig(tile_m=64, tile_n=64, max_concurrent_steps=4, **walk), False
     elif k >= 4096:
-        config, chain = MosaicGpuConfig(tile_m=64, tile_n=256, max_concurrent_steps=2), False
+        config, chain = MosaicGpuConfig(tile_m=64, tile_n=256, max_concurrent_steps=2, **walk), False
     else:
-        config, chain = MosaicGpuConfig(tile_m=64, tile_n=128, max_concurrent_steps=4), True
+        config, chain = MosaicGpuConfig(tile_m=64, tile_n=128, max_concurrent_steps=4, **walk), True
     tile_n, tile_k = config.tile_n, config.tile_k
     while n_out % (tile_n * (config.cta_tile_n // config.tile_n)) and tile_n > 16:
         tile_n //= 2
