@@ -220,8 +220,10 @@ def _llama4(cfg: dict, common: dict, layers: int) -> DecoderConfig:
     step = int(_get(cfg, "interleave_moe_layer_step", 1))
     moe_layers = cfg.get("moe_layers")
     moe_layers = tuple(range(step - 1, layers, step)) if moe_layers is None else tuple(int(i) for i in moe_layers)
-    # no_rope_layers[i] == 1 means layer i *uses* RoPE (HF's naming); default: every 4th layer is NoPE.
-    uses_rope = cfg.get("no_rope_layers") or [int((i + 1) % 4 != 0) for i in range(layers)]
+    # no_rope_layers[i] == 1 means layer i *uses* RoPE (HF's naming); default: every
+    # no_rope_layer_interval-th layer is NoPE.
+    interval = int(_get(cfg, "no_rope_layer_interval", 4))
+    uses_rope = cfg.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(layers)]
     if len(uses_rope) != layers:
         raise ValueError(f"config.json: no_rope_layers has {len(uses_rope)} entries; allowed: one per layer "
                          f"(num_hidden_layers={layers})")

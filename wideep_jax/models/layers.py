@@ -40,9 +40,14 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...] * x32.astype(x.dtype)
+        return self.weight[...] * rms_normalize(x, self.eps)
+
+
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+    """``x / rms(x)`` over the last axis, in float32, cast back (RMSNorm without its
+    weight; Llama 4's q/k "L2 norm")."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
 def _mscale(scale: float, mscale: float = 1.0) -> float:
@@ -107,12 +112,6 @@ def rotary(x: jax.Array, positions: jax.Array, rope: RopeConfig, *, interleaved:
     return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
 
 
-def l2_norm(x: jax.Array, eps: float) -> jax.Array:
-    """``x / rms(x)`` in float32 without a weight (Llama 4's q/k norm)."""
-    x32 = x.astype(jnp.float32)
-    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
-
-
 class Attention(nnx.Module):
     """Causal grouped-query attention with optional q/k RMSNorm and sliding window, and
     Llama 4's per-layer variants (no RoPE with query temperature, or RoPE with q/k L2
@@ -149,7 +148,7 @@ class Attention(nnx.Module):
             q = rotary(q, positions, cfg.rope_config, interleaved=cfg.rope_interleaved)
             k = rotary(k, positions, cfg.rope_config, interleaved=cfg.rope_interleaved)
             if cfg.qk_l2_norm:
-                q, k = l2_norm(q, cfg.rms_norm_eps), l2_norm(k, cfg.rms_norm_eps)
+                q, k = rms_normalize(q, cfg.rms_norm_eps), rms_normalize(k, cfg.rms_norm_eps)
         elif cfg.attn_temperature_tuning:
             # Longer contexts sharpen the NoPE layers' attention (Llama 4).
             scale = jnp.log1p(jnp.floor((positions.astype(jnp.float32) + 1.0) / cfg.floor_scale)) * cfg.attn_scale + 1.0
