@@ -205,8 +205,9 @@ def test_nnx_grad_and_optax_step(rng):
     assert second < first
 
 
-def test_no_recompilation_when_routing_changes(rng):
-    spec = make_spec(kind="noaux_tc", top_k=4, shared=1)
+@pytest.mark.parametrize("kind,on_input", [("noaux_tc", False), ("llama4", True)])
+def test_no_recompilation_when_routing_changes(rng, kind, on_input):
+    spec = make_spec(kind=kind, top_k=4, shared=1, on_input=on_input)
     layer = make_layer(spec, ep=4)
     graphdef, state = nnx.split(layer)
 
