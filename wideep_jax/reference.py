@@ -28,20 +28,21 @@ def dense_moe_reference(x: jax.Array, weights: MoEWeights, spec: MoESpec, *,
         logits = x32 @ weights.router.astype(jnp.float32)
         routing = route(logits, spec.top_k, spec.router, correction_bias=weights.correction_bias)
     w_gate_up, w_down = (w.astype(jnp.float32) for w in expert_weights(weights, spec.num_experts))
+
+    def every_expert(tokens):  # [T, H] -> [E, T, H]: each expert's SwiGLU output for every token
+        hidden = jnp.einsum("th,ehf->etf", tokens, w_gate_up)
+        return jnp.einsum("etf,efh->eth", swiglu(hidden, jnp.float32), w_down)
+
     if spec.apply_router_weight_on_input:
         # Each (token, k) pair feeds its expert x * weight; pairs are summed unweighted.
         y = jnp.zeros_like(x32)
         for k in range(routing.ids.shape[1]):
-            scaled = x32 * routing.weights[:, k, None].astype(jnp.float32)
-            hidden = jnp.einsum("th,ehf->etf", scaled, w_gate_up)
-            out = jnp.einsum("etf,efh->eth", swiglu(hidden, jnp.float32), w_down)
+            out = every_expert(x32 * routing.weights[:, k, None].astype(jnp.float32))
             y = y + jnp.take_along_axis(out, routing.ids[None, :, k, None], axis=0)[0]
     else:
         combine = jnp.zeros((x.shape[0], spec.num_experts), jnp.float32)
         combine = combine.at[jnp.arange(x.shape[0])[:, None], routing.ids].add(routing.weights)
-        hidden = jnp.einsum("th,ehf->etf", x32, w_gate_up)
-        out = jnp.einsum("etf,efh->eth", swiglu(hidden, jnp.float32), w_down)
-        y = jnp.einsum("te,eth->th", combine, out)
+        y = jnp.einsum("te,eth->th", combine, every_expert(x32))
     if weights.shared_gate_up is not None:
         y = y + shared_experts(x32, weights.shared_gate_up.astype(jnp.float32),
                                weights.shared_down.astype(jnp.float32))
