@@ -67,11 +67,15 @@ def test_reshard_moves_exactly_the_changed_slots(rng, mode, case):
     replicated = mode == "host_replicated"
     master_host = None
     if mode != "collective":
-        master_host = [make_master_copy(w, jnp.asarray(o), num_experts, mesh, replicated=replicated)
-                       for w, o in zip(weights, old)]
+        # "random": one expert per gather round (device scratch of one expert); else all at once.
+        scratch = 1 if case == "random" else 1 << 30
+        master_host = [make_master_copy(w, jnp.asarray(o), num_experts, mesh, replicated=replicated,
+                                        scratch_bytes=scratch) for w, o in zip(weights, old)]
         for mh, m in zip(master_host, masters):  # the master copy is the experts, bit for bit
             for a, b in zip(mh, m):
                 np.testing.assert_array_equal(np.asarray(a)[:num_experts], np.asarray(b))
+                assert not np.asarray(a)[num_experts:].any()  # the sharded copy's padding is zeros
+                assert a.shape[0] == (num_experts if replicated else -(-num_experts // EP) * EP)
                 assert a.sharding.memory_kind == host_memory_kind(mesh)
     out = jax.jit(lambda w, o, n, m: _reshard(w, o, n, m, config=config, mesh=mesh, axis="ep",
                                               master_replicated=replicated))(

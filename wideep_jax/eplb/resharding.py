@@ -21,6 +21,8 @@ Both are loops whose trip counts are data, so placements never recompile.
 """
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import jax
@@ -38,54 +40,76 @@ def host_memory_kind(mesh: Mesh) -> str | None:
 
 
 def make_master_copy(slot_weights: Pytree, slot_to_expert: jax.Array | np.ndarray, num_experts: int,
-                     mesh: Mesh, *, axis: str = "ep", replicated: bool = False) -> Pytree:
+                     mesh: Mesh, *, axis: str = "ep", replicated: bool = False,
+                     scratch_bytes: int = 1 << 30) -> Pytree:
     """Builds the host master copy of one layer's experts from its slot weights.
 
-    Each expert is read from its first replica, through host RAM (no device-side
-    all-gather), into ``pinned_host`` memory where the backend has it. Default:
-    sharded over ``axis`` by expert (rank ``q`` holds experts ``[q*E_r, (q+1)*E_r)``,
-    leaves ``[ceil(E/R)*R, ...]``, zero-padded), so the EP group holds one copy in
-    all. ``replicated=True`` gives every device its own full copy (``[E, ...]``):
-    each reads its moved slots from its own host memory, no NVLink hop, at R times
-    the host memory. For real checkpoints, load the experts straight into this layout.
+    Each expert comes from a slot that holds it, the nearest rank first, by
+    collective permutes on the devices, so this works when the EP group spans
+    processes (hosts). The experts pass through device scratch in chunks of at
+    most ``scratch_bytes`` per device (at least one expert), then through host RAM
+    into ``pinned_host`` memory where the backend has it. Default: sharded over
+    ``axis`` by expert (rank ``q`` holds experts ``[q*E_r, (q+1)*E_r)``, leaves
+    ``[ceil(E/R)*R, ...]``, zero-padded), so the EP group holds one copy in all.
+    ``replicated=True`` gives every device its own full copy (``[E, ...]``): each
+    reads its moved slots from its own host memory, no NVLink hop, at R times the
+    host memory. For real checkpoints, load the experts straight into this layout.
     """
-    placement = np.asarray(slot_to_expert)
+    placement = np.asarray(slot_to_expert)  # replicated: readable in every process
     missing = sorted(set(range(num_experts)) - set(placement.tolist()))
     if missing:
         raise ValueError(f"slot_to_expert gives no slot to experts {missing}; allowed: every expert "
                          f"in [0, {num_experts}) in at least one slot")
-    first_slot = [int(np.flatnonzero(placement == e)[0]) for e in range(num_experts)]
-    kind = host_memory_kind(mesh)
-
-    def rows(a, experts) -> np.ndarray:
-        # One slot at a time from the device shard that holds it: host RAM never
-        # holds more than the rows asked for.
-        shards = {s.index[0].start or 0: s.data for s in a.addressable_shards}
-        starts = sorted(shards)
-        out = np.zeros((len(experts), *a.shape[1:]), a.dtype)
-        for i, e in enumerate(experts):
-            if e < num_experts:
-                slot = first_slot[e]
-                start = max((x for x in starts if x <= slot), default=None)
-                if start is None or slot - start >= shards[start].shape[0]:
-                    raise ValueError(f"slot {slot} (expert {e}) is not on a device of this process; "
-                                     "allowed: slot weights whose shards are all addressable here")
-                out[i] = np.asarray(shards[start][slot - start])
-        return out
-
-    if replicated:
-        sharding = NamedSharding(mesh, P(), memory_kind=kind)
-        return jax.tree.map(lambda a: jax.device_put(rows(a, range(num_experts)), sharding), slot_weights)
     ranks = mesh.shape[axis]
-    padded = -(-num_experts // ranks) * ranks
-    sharding = NamedSharding(mesh, P(axis), memory_kind=kind)
+    if placement.shape[0] % ranks:
+        raise ValueError(f"slot_to_expert has {placement.shape[0]} slots; allowed: a multiple of the "
+                         f"{axis!r} axis size {ranks}")
+    leaves, treedef = jax.tree.flatten(slot_weights)
+    per_rank = -(-num_experts // ranks)
+    ids = np.arange(per_rank * ranks, dtype=np.int32)
+    ids[ids >= num_experts] = -1  # padding rows stay zero
+    # Rows each rank keeps: its shard of the experts, or all of them.
+    wanted = np.tile(ids[:num_experts], (ranks, 1)) if replicated else ids.reshape(ranks, per_rank)
+    expert_bytes = sum(math.prod(a.shape[1:]) * a.dtype.itemsize for a in leaves)
+    chunk = int(min(wanted.shape[1], max(1, scratch_bytes // max(expert_bytes, 1))))
+    gather = _expert_gather(mesh, axis)
+    replicated_spec = NamedSharding(mesh, P())
+    placed = jax.device_put(placement.astype(np.int32), replicated_spec)
+    local: dict[Any, list[list[np.ndarray]]] = {}  # device -> per leaf, its rows chunk by chunk
+    for begin in range(0, wanted.shape[1], chunk):
+        part = np.full((ranks, chunk), -1, np.int32)
+        part[:, :wanted.shape[1] - begin] = wanted[:, begin:begin + chunk]
+        rows = gather(tuple(leaves), placed, jax.device_put(part.reshape(-1), replicated_spec))
+        for i, leaf in enumerate(rows):
+            for shard in leaf.addressable_shards:
+                local.setdefault(shard.device, [[] for _ in leaves])[i].append(np.asarray(shard.data))
+    kind = host_memory_kind(mesh)
+    sharding = NamedSharding(mesh, P() if replicated else P(axis), memory_kind=kind)
+    out = []
+    for i, leaf in enumerate(leaves):
+        shape = (wanted.shape[1] * (1 if replicated else ranks), *leaf.shape[1:])
+        arrays = [jax.device_put(np.concatenate(parts[i])[:wanted.shape[1]],
+                                 jax.sharding.SingleDeviceSharding(device, memory_kind=kind))
+                  for device, parts in local.items()]
+        out.append(jax.make_array_from_single_device_arrays(shape, sharding, arrays))
+    return jax.tree.unflatten(treedef, out)
 
-    def shard(a):
-        return jax.make_array_from_callback(
-            (padded, *a.shape[1:]), sharding,
-            lambda index: rows(a, range(*index[0].indices(padded))))
 
-    return jax.tree.map(shard, slot_weights)
+@functools.cache
+def _expert_gather(mesh: Mesh, axis: str):
+    """Jitted: per rank ``r``, the weights of experts ``targets[r*n:(r+1)*n]``
+    (int32, replicated; -1 = a zero row), taken from the slots of ``placement``."""
+    ranks = mesh.shape[axis]
+
+    def body(local_weights, placement, targets):
+        n = targets.shape[0] // ranks
+        out = jax.tree.map(lambda w: jnp.zeros((n, *w.shape[1:]), w.dtype), local_weights)
+        before = jnp.where(targets < 0, targets, -2)  # every real row counts as changed
+        return _fill_by_permutes(out, lambda i: _rows(local_weights, i, to_device=False),
+                                 placement.reshape(ranks, -1), before, targets, axis_name=axis, num_ranks=ranks)
+
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(axis), P(), P()), out_specs=P(axis),
+                                 check_vma=False))
 
 
 def master_is_replicated(master: Pytree) -> bool:
