@@ -40,9 +40,38 @@ def add_parser(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="default: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--cpu-devices", type=POSITIVE, default=8, help="emulated CPU devices when there is no GPU")
+    p.add_argument("--cpu-devices", type=POSITIVE, default=8, help="emulated CPU devices (per process) when there is no GPU")
     p.add_argument("--seed", type=NON_NEGATIVE, default=0)
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="join a multi-process run (one process per host; the EP group spans them): "
+                        "process 0's address, or 'auto' to read it from the cluster (SLURM, Open MPI, ...)")
+    p.add_argument("--num-processes", type=POSITIVE, default=None, help="with --coordinator HOST:PORT")
+    p.add_argument("--process-id", type=NON_NEGATIVE, default=None, help="with --coordinator HOST:PORT")
     p.set_defaults(func=main_job)
+
+
+def init_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """Joins a multi-process run (``jax.distributed``) before any device is touched."""
+    explicit = (num_processes, process_id)
+    if coordinator is None or coordinator == "auto":
+        if explicit != (None, None):
+            raise ValueError(f"--num-processes={num_processes}, --process-id={process_id}: allowed only "
+                             "with --coordinator HOST:PORT")
+        if coordinator is None:
+            return
+    elif None in explicit:
+        raise ValueError(f"--coordinator={coordinator!r} needs --num-processes and --process-id; got "
+                         f"{num_processes} and {process_id}")
+    elif process_id >= num_processes:
+        raise ValueError(f"--process-id={process_id}: allowed: 0..{num_processes - 1} (--num-processes)")
+    import jax
+    # CPU devices of different processes talk through gloo (the default has no
+    # cross-process collectives); GPUs use NCCL whatever this says.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if coordinator == "auto":
+        jax.distributed.initialize()
+    else:
+        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
 
 
 def _moe_config(path, num_experts: int, ep: int):
@@ -100,11 +129,17 @@ def main_job(args) -> int:
     from wideep_jax.models import CausalLM, DecoderConfig, from_hf_config, from_pretrained
     from wideep_jax.models.generate import generate
 
+    init_distributed(args.coordinator, args.num_processes, args.process_id)
+    # Every process runs the same program; process 0 reports.
+    say = print if jax.process_index() == 0 else (lambda *a, **k: None)
     platform = jax.default_backend()
     dtype = jnp.dtype(args.dtype or ("bfloat16" if platform == "gpu" else "float32"))
     ep = jax.device_count() if args.ep is None else args.ep
     if not 1 <= ep <= jax.device_count():
         raise ValueError(f"--ep={ep}: allowed: 1..{jax.device_count()} ({platform} devices)")
+    if jax.process_count() > 1 and ep != jax.device_count():
+        raise ValueError(f"--ep={ep}: allowed in a {jax.process_count()}-process run: {jax.device_count()} "
+                         "(the EP group spans every process's devices)")
     folder = None if args.model in PRESETS else Path(args.model)
     if folder is not None and not folder.is_dir():
         raise ValueError(f"--model={args.model!r}: allowed: a checkpoint folder or a preset ({', '.join(PRESETS)})")
@@ -124,7 +159,7 @@ def main_job(args) -> int:
         comm = f" ({resolve_alltoall_backend(moe_config.alltoall_backend, mesh, moe_config.ep_axis)} all-to-all)"
     else:
         comm = ""
-    print(f"wideep run: {args.model} ({cfg.model_type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+    say(f"wideep run: {args.model} ({cfg.model_type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"{cfg.num_experts} experts top-{cfg.num_experts_per_tok}, {dtype.name}) on {ep} {platform} devices, "
           f"{moe_config.backend}{comm}; built in {time.perf_counter() - start:.1f} s")
     tokenizer = _tokenizer(folder)
@@ -135,30 +170,30 @@ def main_job(args) -> int:
     if lb is not None and lb.is_online and moe_config.backend == "WIDEEP" and moe_layers:
         from wideep_jax.eplb import OnlineBalancer
         balancer = OnlineBalancer(moe_layers)
-        print(f"  online EPLB: {lb.num_slots} slots, {lb.layer_updates_per_iter} layer(s) re-placed per step")
+        say(f"  online EPLB: {lb.num_slots} slots, {lb.layer_updates_per_iter} layer(s) re-placed per step")
 
     def progress(t: int) -> None:
         done = (t + 1) * 30 // args.max_new_tokens
-        print(f"\r  decoding [{'#' * done}{'.' * (30 - done)}] {t + 1}/{args.max_new_tokens}",
+        say(f"\r  decoding [{'#' * done}{'.' * (30 - done)}] {t + 1}/{args.max_new_tokens}",
               end="", file=sys.stderr, flush=True)
 
     result = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, seed=args.seed, on_token=progress,
                       after_step=None if balancer is None else balancer.step)
-    print(file=sys.stderr)
+    say(file=sys.stderr)
     prompt_tokens = sum(len(p) for p in prompts)
     decode_tokens = len(prompts) * (args.max_new_tokens - 1)
-    print(f"  prefill: {prompt_tokens} tokens in {result.prefill_seconds * 1e3:.1f} ms -> "
+    say(f"  prefill: {prompt_tokens} tokens in {result.prefill_seconds * 1e3:.1f} ms -> "
           f"{prompt_tokens / result.prefill_seconds:,.0f} tokens/s")
     if decode_tokens:
-        print(f"  decode: {decode_tokens} tokens in {result.decode_seconds * 1e3:.1f} ms -> "
+        say(f"  decode: {decode_tokens} tokens in {result.decode_seconds * 1e3:.1f} ms -> "
               f"{decode_tokens / result.decode_seconds:,.0f} tokens/s ({len(prompts)} sequences)")
     for layer, counts in zip(moe_layers, result.expert_counts):
         loads = np.asarray(rank_loads(counts, layer.slot_to_expert[...], layer.ep_size))
-        print(f"  layer {layer.layer_idx}: rank imbalance (max-mean)/mean {float(imbalance(loads)):.3f}, "
+        say(f"  layer {layer.layer_idx}: rank imbalance (max-mean)/mean {float(imbalance(loads)):.3f}, "
               f"busiest expert {counts.max() / max(counts.mean(), 1e-9):.2f}x the mean")
     for row, prompt in enumerate(prompts[:4]):
         new = [int(t) for t in result.tokens[row]]
         text = tokenizer.decode(new) if tokenizer is not None else " ".join(map(str, new[:16]))
-        print(f"  [{row}] {len(prompt)} prompt tokens -> {text}{' ...' if tokenizer is None and len(new) > 16 else ''}")
+        say(f"  [{row}] {len(prompt)} prompt tokens -> {text}{' ...' if tokenizer is None and len(new) > 16 else ''}")
     return 0

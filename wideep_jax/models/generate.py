@@ -131,6 +131,15 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
             decode_bound.refresh()
         if on_token is not None:
             on_token(t)
-    out = np.asarray(jnp.stack(tokens, axis=1)).astype(np.int32)
+    out = host_array(jnp.stack(tokens, axis=1)).astype(np.int32)
     decode = time.perf_counter() - start
-    return Generation(out, prefill, decode, np.asarray(total).astype(np.int64))
+    return Generation(out, prefill, decode, host_array(total).astype(np.int64))
+
+
+def host_array(a: jax.Array) -> np.ndarray:
+    """``a`` as NumPy in every process; gathered when its shards span processes
+    (sequences are split over the EP group, which may span hosts)."""
+    if a.is_fully_addressable or a.is_fully_replicated:
+        return np.asarray(a)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
