@@ -40,7 +40,8 @@ def add_parser(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="default: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--cpu-devices", type=POSITIVE, default=8, help="emulated CPU devices (per process) when there is no GPU")
+    p.add_argument("--cpu-devices", type=POSITIVE, default=8,
+                   help="emulated CPU devices (per process) when there is no GPU")
     p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="join a multi-process run (one process per host; the EP group spans them): "
@@ -160,8 +161,8 @@ def main_job(args) -> int:
     else:
         comm = ""
     say(f"wideep run: {args.model} ({cfg.model_type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-          f"{cfg.num_experts} experts top-{cfg.num_experts_per_tok}, {dtype.name}) on {ep} {platform} devices, "
-          f"{moe_config.backend}{comm}; built in {time.perf_counter() - start:.1f} s")
+        f"{cfg.num_experts} experts top-{cfg.num_experts_per_tok}, {dtype.name}) on {ep} {platform} devices, "
+        f"{moe_config.backend}{comm}; built in {time.perf_counter() - start:.1f} s")
     tokenizer = _tokenizer(folder)
     prompts = _prompts(args, cfg.vocab_size, tokenizer)
     moe_layers = [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoELayer)]
@@ -175,7 +176,7 @@ def main_job(args) -> int:
     def progress(t: int) -> None:
         done = (t + 1) * 30 // args.max_new_tokens
         say(f"\r  decoding [{'#' * done}{'.' * (30 - done)}] {t + 1}/{args.max_new_tokens}",
-              end="", file=sys.stderr, flush=True)
+            end="", file=sys.stderr, flush=True)
 
     result = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, seed=args.seed, on_token=progress,
@@ -184,14 +185,14 @@ def main_job(args) -> int:
     prompt_tokens = sum(len(p) for p in prompts)
     decode_tokens = len(prompts) * (args.max_new_tokens - 1)
     say(f"  prefill: {prompt_tokens} tokens in {result.prefill_seconds * 1e3:.1f} ms -> "
-          f"{prompt_tokens / result.prefill_seconds:,.0f} tokens/s")
+        f"{prompt_tokens / result.prefill_seconds:,.0f} tokens/s")
     if decode_tokens:
         say(f"  decode: {decode_tokens} tokens in {result.decode_seconds * 1e3:.1f} ms -> "
-              f"{decode_tokens / result.decode_seconds:,.0f} tokens/s ({len(prompts)} sequences)")
+            f"{decode_tokens / result.decode_seconds:,.0f} tokens/s ({len(prompts)} sequences)")
     for layer, counts in zip(moe_layers, result.expert_counts):
         loads = np.asarray(rank_loads(counts, layer.slot_to_expert[...], layer.ep_size))
         say(f"  layer {layer.layer_idx}: rank imbalance (max-mean)/mean {float(imbalance(loads)):.3f}, "
-              f"busiest expert {counts.max() / max(counts.mean(), 1e-9):.2f}x the mean")
+            f"busiest expert {counts.max() / max(counts.mean(), 1e-9):.2f}x the mean")
     for row, prompt in enumerate(prompts[:4]):
         new = [int(t) for t in result.tokens[row]]
         text = tokenizer.decode(new) if tokenizer is not None else " ".join(map(str, new[:16]))
