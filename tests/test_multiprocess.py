@@ -105,6 +105,7 @@ def test_main_job_across_two_processes_matches_one_process():
     (["--coordinator", "127.0.0.1:1", "--num-processes", "2"], "needs --num-processes and --process-id"),
     (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
      r"--process-id=2: allowed: 0..1"),
+    (["--coordinator", "auto"], r"--coordinator=auto: jax.distributed found no cluster to read"),
 ])
 def test_main_job_distributed_flag_errors(argv, message, capsys):
     assert cli.main(["run", "--max-new-tokens", "1", *argv]) == 2

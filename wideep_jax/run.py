@@ -70,7 +70,12 @@ def init_distributed(coordinator: str | None, num_processes: int | None, process
     # cross-process collectives); GPUs use NCCL whatever this says.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if coordinator == "auto":
-        jax.distributed.initialize()
+        try:
+            jax.distributed.initialize()
+        except ValueError as err:
+            raise ValueError(f"--coordinator=auto: jax.distributed found no cluster to read ({err}); allowed: "
+                             "a launch under SLURM, Open MPI, ..., or --coordinator HOST:PORT with "
+                             "--num-processes and --process-id") from None
     else:
         jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
 
