@@ -1,9 +1,12 @@
-"""One process of tests/test_multiprocess.py's EP group: ``multiprocess_child.py PID N PORT OUT SEED``.
+"""One process of an EP group over N processes: ``multiprocess_child.py PID N PORT OUT SEED cpu|gpu``.
 
-Each of N processes has 8 // N emulated CPU devices; one EP8 mesh spans them
-(gloo carries the collectives). Every process draws the same inputs from the
-same seed (SEED), runs the WIDEEP layer and the online balancer in each re-sharding
-mode, and checks what it sees against references built from gathered arrays:
+``cpu`` (tests/test_multiprocess.py): each process has 8 // N emulated CPU
+devices and gloo carries the collectives. ``gpu`` (tests/test_gpu_multiprocess.py):
+each process has the GPUs it is given and the all-to-all backend is ``auto``
+(``nccl`` across processes). One EP mesh spans every process's devices.
+Every process draws the same inputs from the same seed (SEED), runs the WIDEEP
+layer and the online balancer in each re-sharding mode, and checks what it sees
+against references built from gathered arrays:
   - layer outputs against the dense reference (random and all-to-one-expert routing);
   - after every balancer step, each slot's weights bit for bit equal to its
     expert's initial weights, and the placement a valid covering one;
@@ -17,9 +20,11 @@ import os
 import sys
 import traceback
 
-pid, nproc, port, out_dir, seed = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], \
-    int(sys.argv[5])
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // nproc}"
+pid, nproc, port, out_dir, seed, platform = (int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4],
+                                              int(sys.argv[5]), sys.argv[6])
+if platform == "cpu":
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // nproc}"
 
 import jax  # noqa: E402
 
@@ -40,7 +45,8 @@ from wideep_jax.eplb.stats_files import StatsRecorder, load_stats  # noqa: E402
 from wideep_jax.reference import dense_moe_reference  # noqa: E402
 from wideep_jax.routing import Routing  # noqa: E402
 
-EP, EXPERTS, SLOTS, TOKENS, HIDDEN = 8, 16, 24, 64, 32
+EP = jax.device_count()  # every process's devices
+EXPERTS, SLOTS, TOKENS, HIDDEN = 16, 24, 64, 32
 
 
 def gathered(a) -> np.ndarray:
@@ -123,6 +129,10 @@ def run_mode(mode: str, rng: np.random.Generator, mesh) -> int:
 def main() -> None:
     mesh = jax.make_mesh((EP,), ("ep",))
     check(jax.process_count() == nproc and len(jax.local_devices()) == EP // nproc, "process layout")
+    if platform == "gpu":
+        from wideep_jax.comm import resolve_alltoall_backend
+        backend = resolve_alltoall_backend("auto", mesh, "ep")
+        check(backend == "nccl", f"the auto all-to-all across processes is {backend!r}, not 'nccl'")
     moved = {mode: run_mode(mode, np.random.default_rng(seed), mesh)
              for mode in ("host", "host_replicated", "collective")}
     # Statistics files: counts are replicated, so process 0 alone writes them.

@@ -3,7 +3,9 @@
 Each worker owns one GPU; the EP group spans both processes, so ``auto`` must
 pick ``nccl`` and the communicators' unique id travels through the
 distributed key-value store. The layer's output must equal the portable
-path's bit for bit on every process's shard.
+path's bit for bit on every process's shard. A second test runs
+tests/multiprocess_child.py on the GPUs: the layer against the dense
+reference and the online balancer in every re-sharding mode across processes.
 """
 from __future__ import annotations
 
@@ -74,3 +76,31 @@ def test_nccl_backend_across_two_processes(tmp_path):
             pytest.fail("the two-process NCCL run did not finish in 300 s")
     for pid, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0 and f"WORKER OK {pid}" in out, out[-3000:]
+
+
+def test_layer_and_online_eplb_across_two_gpu_processes(tmp_path):
+    """tests/multiprocess_child.py with one GPU per process (EP2, ``auto`` = ``nccl``):
+    the host master copy lands in pinned_host memory across processes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tests = Path(__file__).resolve().parent
+    seed = int.from_bytes(os.urandom(4), "little") % 2**31
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(pid), XLA_PYTHON_CLIENT_MEM_FRACTION="0.1",
+                   PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")]))
+        env.pop("XLA_FLAGS", None)
+        procs.append(subprocess.Popen([sys.executable, str(tests / "multiprocess_child.py"), str(pid), "2",
+                                       str(port), str(tmp_path), str(seed), "gpu"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=400)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"the two-process run did not finish in 400 s (seed {seed})")
+    for pid, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and f"OK <{pid}>" in out, f"seed {seed}\n{out[-3000:]}"

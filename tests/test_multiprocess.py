@@ -72,7 +72,7 @@ def _run_processes(commands: list[list[str]], timeout: float = 600) -> list[str]
 def test_layer_and_online_eplb_across_two_processes(tmp_path, rng):
     port, seed = _free_port(), int(rng.integers(2**31))
     child = str(ROOT / "tests" / "multiprocess_child.py")
-    outs = _run_processes([[sys.executable, child, str(pid), "2", str(port), str(tmp_path), str(seed)]
+    outs = _run_processes([[sys.executable, child, str(pid), "2", str(port), str(tmp_path), str(seed), "cpu"]
                            for pid in range(2)])
     for pid, out in enumerate(outs):
         assert f"OK <{pid}>" in out, out[-3000:]
@@ -105,8 +105,17 @@ def test_main_job_across_two_processes_matches_one_process():
     (["--coordinator", "127.0.0.1:1", "--num-processes", "2"], "needs --num-processes and --process-id"),
     (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
      r"--process-id=2: allowed: 0..1"),
-    (["--coordinator", "auto"], r"--coordinator=auto: jax.distributed found no cluster to read"),
 ])
 def test_main_job_distributed_flag_errors(argv, message, capsys):
     assert cli.main(["run", "--max-new-tokens", "1", *argv]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_main_job_coordinator_auto_outside_a_cluster():
+    """A fresh process (jax.distributed must start before any backend) with no cluster
+    variables: one line naming the flag, exit 2, no hang."""
+    env = {k: v for k, v in _env().items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "MPI_"))}
+    proc = subprocess.run([sys.executable, "-m", "wideep_jax.cli", "run", "--coordinator", "auto"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "wideep: error: --coordinator=auto: jax.distributed found no cluster to read" in proc.stderr

@@ -69,15 +69,17 @@ def init_distributed(coordinator: str | None, num_processes: int | None, process
     # CPU devices of different processes talk through gloo (the default has no
     # cross-process collectives); GPUs use NCCL whatever this says.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if coordinator == "auto":
-        try:
+    try:
+        if coordinator == "auto":
             jax.distributed.initialize()
-        except ValueError as err:
-            raise ValueError(f"--coordinator=auto: jax.distributed found no cluster to read ({err}); allowed: "
-                             "a launch under SLURM, Open MPI, ..., or --coordinator HOST:PORT with "
-                             "--num-processes and --process-id") from None
-    else:
-        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+        else:
+            jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+    except ValueError as err:  # auto outside a cluster
+        raise ValueError(f"--coordinator={coordinator}: jax.distributed found no cluster to read ({err}); allowed: "
+                         "a launch under SLURM, Open MPI, ..., or --coordinator HOST:PORT with "
+                         "--num-processes and --process-id") from None
+    except RuntimeError as err:  # e.g. a backend already started in this process
+        raise ValueError(f"--coordinator={coordinator}: {err}") from None
 
 
 def _moe_config(path, num_experts: int, ep: int):
