@@ -75,22 +75,26 @@ def make_master_copy(slot_weights: Pytree, slot_to_expert: jax.Array | np.ndarra
     gather = _expert_gather(mesh, axis)
     replicated_spec = NamedSharding(mesh, P())
     placed = jax.device_put(placement.astype(np.int32), replicated_spec)
-    local: dict[Any, list[list[np.ndarray]]] = {}  # device -> per leaf, its rows chunk by chunk
+    devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    # device -> per leaf, its rows chunk by chunk. Replicated: every device holds the
+    # same rows, so host RAM keeps one copy per process (the first device's).
+    local: dict[Any, list[list[np.ndarray]]] = {d: [[] for _ in leaves] for d in devices[:1 if replicated else None]}
     for begin in range(0, wanted.shape[1], chunk):
         part = np.full((ranks, chunk), -1, np.int32)
         part[:, :wanted.shape[1] - begin] = wanted[:, begin:begin + chunk]
         rows = gather(tuple(leaves), placed, jax.device_put(part.reshape(-1), replicated_spec))
         for i, leaf in enumerate(rows):
             for shard in leaf.addressable_shards:
-                local.setdefault(shard.device, [[] for _ in leaves])[i].append(np.asarray(shard.data))
+                if shard.device in local:
+                    local[shard.device][i].append(np.asarray(shard.data))
     kind = host_memory_kind(mesh)
     sharding = NamedSharding(mesh, P() if replicated else P(axis), memory_kind=kind)
     out = []
     for i, leaf in enumerate(leaves):
         shape = (wanted.shape[1] * (1 if replicated else ranks), *leaf.shape[1:])
-        arrays = [jax.device_put(np.concatenate(parts[i])[:wanted.shape[1]],
-                                 jax.sharding.SingleDeviceSharding(device, memory_kind=kind))
-                  for device, parts in local.items()]
+        host = {d: np.concatenate(parts[i])[:wanted.shape[1]] for d, parts in local.items()}
+        arrays = [jax.device_put(host[d] if d in host else next(iter(host.values())),
+                                 jax.sharding.SingleDeviceSharding(d, memory_kind=kind)) for d in devices]
         out.append(jax.make_array_from_single_device_arrays(shape, sharding, arrays))
     return jax.tree.unflatten(treedef, out)
 
