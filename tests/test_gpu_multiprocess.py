@@ -52,55 +52,49 @@ jax.distributed.shutdown()
 """
 
 
-def test_nccl_backend_across_two_processes(tmp_path):
+TESTS = Path(__file__).resolve().parent
+
+
+def _run_on_two_gpus(args_of_pid, timeout: float) -> list[str]:
+    """Runs ``python *args_of_pid(pid, port)`` for pid 0 and 1, one GPU each; returns their
+    outputs once both end (both killed at the time limit: a hung collective fails the test)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    tests = Path(__file__).resolve().parent
     procs = []
     for pid in range(2):
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(pid), XLA_PYTHON_CLIENT_MEM_FRACTION="0.1",
-                   PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")]))
+                   PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")]))
         env.pop("XLA_FLAGS", None)
-        procs.append(subprocess.Popen([sys.executable, str(script), str(pid), str(port), "2"],
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+        procs.append(subprocess.Popen([sys.executable, *args_of_pid(pid, port)], stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, env=env))
     outs = []
     for p in procs:
         try:
-            outs.append(p.communicate(timeout=300)[0])
+            outs.append(p.communicate(timeout=timeout)[0])
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            pytest.fail("the two-process NCCL run did not finish in 300 s")
-    for pid, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0 and f"WORKER OK {pid}" in out, out[-3000:]
+            pytest.fail(f"the two-process run did not finish in {timeout:.0f} s")
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    return outs
+
+
+def test_nccl_backend_across_two_processes(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    outs = _run_on_two_gpus(lambda pid, port: [str(script), str(pid), str(port), "2"], timeout=300)
+    for pid, out in enumerate(outs):
+        assert f"WORKER OK {pid}" in out, out[-3000:]
 
 
 def test_layer_and_online_eplb_across_two_gpu_processes(tmp_path):
     """tests/multiprocess_child.py with one GPU per process (EP2, ``auto`` = ``nccl``):
     the host master copy lands in pinned_host memory across processes."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    tests = Path(__file__).resolve().parent
     seed = int.from_bytes(os.urandom(4), "little") % 2**31
-    procs = []
-    for pid in range(2):
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(pid), XLA_PYTHON_CLIENT_MEM_FRACTION="0.1",
-                   PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")]))
-        env.pop("XLA_FLAGS", None)
-        procs.append(subprocess.Popen([sys.executable, str(tests / "multiprocess_child.py"), str(pid), "2",
-                                       str(port), str(tmp_path), str(seed), "gpu"],
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=400)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"the two-process run did not finish in 400 s (seed {seed})")
-    for pid, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0 and f"OK <{pid}>" in out, f"seed {seed}\n{out[-3000:]}"
+    print(f"seed {seed}")
+    outs = _run_on_two_gpus(lambda pid, port: [str(TESTS / "multiprocess_child.py"), str(pid), "2", str(port),
+                                                str(tmp_path), str(seed), "gpu"], timeout=400)
+    for pid, out in enumerate(outs):
+        assert f"OK <{pid}>" in out, out[-3000:]
