@@ -93,7 +93,7 @@ def make_master_copy(slot_weights: Pytree, slot_to_expert: jax.Array | np.ndarra
     for i, leaf in enumerate(leaves):
         shape = (wanted.shape[1] * (1 if replicated else ranks), *leaf.shape[1:])
         host = {d: np.concatenate(parts[i])[:wanted.shape[1]] for d, parts in local.items()}
-        arrays = [jax.device_put(host[d] if d in host else next(iter(host.values())),
+        arrays = [jax.device_put(host.get(d, host[devices[0]]),  # replicated: the one copy
                                  jax.sharding.SingleDeviceSharding(d, memory_kind=kind)) for d in devices]
         out.append(jax.make_array_from_single_device_arrays(shape, sharding, arrays))
     return jax.tree.unflatten(treedef, out)
