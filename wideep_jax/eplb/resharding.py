@@ -76,26 +76,32 @@ def make_master_copy(slot_weights: Pytree, slot_to_expert: jax.Array | np.ndarra
     replicated_spec = NamedSharding(mesh, P())
     placed = jax.device_put(placement.astype(np.int32), replicated_spec)
     devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-    # device -> per leaf, its rows chunk by chunk. Replicated: every device holds the
-    # same rows, so host RAM keeps one copy per process (the first device's).
-    local: dict[Any, list[list[np.ndarray]]] = {d: [[] for _ in leaves] for d in devices[:1 if replicated else None]}
+    # Host RAM per device and leaf, filled chunk by chunk in place (no concatenation
+    # copy). Replicated: every device holds the same rows, so a process keeps one
+    # host copy (its first device's) and hands it to all its devices.
+    readers = devices[:1] if replicated else devices
+    host = {d: [np.empty((wanted.shape[1], *leaf.shape[1:]), leaf.dtype) for leaf in leaves] for d in readers}
     for begin in range(0, wanted.shape[1], chunk):
         part = np.full((ranks, chunk), -1, np.int32)
         part[:, :wanted.shape[1] - begin] = wanted[:, begin:begin + chunk]
         rows = gather(tuple(leaves), placed, jax.device_put(part.reshape(-1), replicated_spec))
-        for i, leaf in enumerate(rows):
-            for shard in leaf.addressable_shards:
-                if shard.device in local:
-                    local[shard.device][i].append(np.asarray(shard.data))
+        shards = [(i, s) for i, leaf in enumerate(rows) for s in leaf.addressable_shards if s.device in host]
+        for _, shard in shards:  # every device's transfer in flight before the first wait
+            shard.data.copy_to_host_async()
+        for i, shard in shards:
+            rows_here = host[shard.device][i][begin:begin + chunk]
+            rows_here[...] = np.asarray(shard.data)[:len(rows_here)]
+        del rows, shards
     kind = host_memory_kind(mesh)
     sharding = NamedSharding(mesh, P() if replicated else P(axis), memory_kind=kind)
     out = []
     for i, leaf in enumerate(leaves):
         shape = (wanted.shape[1] * (1 if replicated else ranks), *leaf.shape[1:])
-        host = {d: np.concatenate(parts[i])[:wanted.shape[1]] for d, parts in local.items()}
-        arrays = [jax.device_put(host.get(d, host[devices[0]]),  # replicated: the one copy
+        arrays = [jax.device_put(host[d if d in host else readers[0]][i],
                                  jax.sharding.SingleDeviceSharding(d, memory_kind=kind)) for d in devices]
         out.append(jax.make_array_from_single_device_arrays(shape, sharding, arrays))
+        for d in host:  # let host RAM go leaf by leaf
+            host[d][i] = None
     return jax.tree.unflatten(treedef, out)
 
 
