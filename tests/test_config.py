@@ -114,6 +114,71 @@ def test_load_balancer_path_relative_to_config_folder(tmp_path, monkeypatch):
     assert load_moe_config({"load_balancer": "lb/p.yaml"}).load_balancer.num_slots == 12
 
 
+PLACEMENT_12 = "num_slots: 12\ninitial_global_assignments:\n  0: [0,1,2,3,4,5,6,7,0,1,2,3]\n"
+
+
+def test_load_balancer_path_as_tensorrt_llm_opens_it(tmp_path, monkeypatch):
+    """TensorRT-LLM opens the path from the current directory: a config in a subfolder
+    naming ``sub/lb.yaml`` from the working directory loads."""
+    write(tmp_path / "sub" / "lb.yaml", PLACEMENT_12)
+    cfg_file = write(tmp_path / "sub" / "opts.yaml", "moe_config:\n  load_balancer: ./sub/lb.yaml\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_moe_config(cfg_file).load_balancer.num_slots == 12
+    # The config beside its file, run from that folder: one file, found both ways.
+    monkeypatch.chdir(tmp_path / "sub")
+    assert load_moe_config(write(tmp_path / "sub" / "b.yaml", "load_balancer: lb.yaml\n")).load_balancer.num_slots == 12
+
+
+def test_load_balancer_path_naming_two_files_or_none_is_an_error(tmp_path, monkeypatch):
+    write(tmp_path / "lb.yaml", PLACEMENT_12)
+    write(tmp_path / "cfg" / "lb.yaml", PLACEMENT_12.replace("12", "16", 1))
+    cfg_file = write(tmp_path / "cfg" / "c.yaml", "load_balancer: lb.yaml\n")
+    monkeypatch.chdir(tmp_path)
+    with raises(LB, f"{tmp_path / 'lb.yaml'!s}' (from the current directory) and '{tmp_path / 'cfg' / 'lb.yaml'!s}"):
+        load_moe_config(cfg_file)
+    with raises(LB, f"file not found: 'other.yaml' (looked in '{tmp_path / 'other.yaml'!s}' and "
+                    f"'{tmp_path / 'cfg' / 'other.yaml'!s}')"):
+        load_moe_config(write(tmp_path / "cfg" / "d.yaml", "load_balancer: other.yaml\n"))
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_legacy_llm_api_moe_options(tmp_path, monkeypatch, nested):
+    """TensorRT-LLM's options before moe_config (its EPLB docs' form): top-level
+    moe_load_balancer / moe_backend / moe_max_num_tokens, or under pytorch_backend_config."""
+    write(tmp_path / "moe_load_balancer.yaml", PLACEMENT_12)
+    legacy = "moe_backend: WIDEEP\nmoe_max_num_tokens: 64\nmoe_load_balancer: ./moe_load_balancer.yaml\n"
+    text = ("enable_attention_dp: true\npytorch_backend_config:\n  use_cuda_graph: true\n"
+            + "".join(f"  {line}\n" for line in legacy.splitlines()) if nested
+            else "enable_attention_dp: true\nuse_cuda_graph: true\n" + legacy)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_moe_config(write(tmp_path / "extra_llm_api_options_eplb.yaml", text), num_experts=8, ep_size=4)
+    assert (cfg.backend, cfg.max_num_tokens, cfg.load_balancer.num_slots) == ("WIDEEP", 64, 12)
+    assert cfg.load_balancer.initial_global_assignments[0] == (0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3)
+
+
+def test_llm_api_file_without_moe_options_gives_defaults():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        assert load_moe_config({"enable_attention_dp": True, "cuda_graph_config": {}}) == MoEConfig()
+    # The engine's max_num_tokens is not the MoE's: ignored, with a warning saying so.
+    with pytest.warns(ConfigWarning, match="max_num_tokens=8192 at the top level .* moe_config.max_num_tokens"):
+        cfg = load_moe_config({"enable_attention_dp": True, "max_num_tokens": 8192})
+    assert cfg.max_num_tokens is None
+
+
+@pytest.mark.parametrize("source, key, value", [
+    ({"moe_config": {"backend": "WIDEEP"}, "moe_backend": "WIDEEP"}, "moe_config and the legacy moe_backend",
+     "moe_config.backend replaces moe_backend"),
+    ({"moe_load_balancer": {"num_slots": 8}, "pytorch_backend_config": {"moe_load_balancer": {"num_slots": 8}}},
+     "moe_load_balancer", "both at the top level and under pytorch_backend_config"),
+    ({"moe_backend": "FOO"}, "moe_config.backend", "'FOO'"),
+    ({"backend": "WIDEEP", "max_tokens": 8}, "moe_config", "unknown key 'max_tokens'"),  # bare: still strict
+])
+def test_legacy_and_llm_api_errors(source, key, value):
+    with raises(key, value):
+        load_moe_config(source)
+
+
 def test_string_layer_keys_become_ints():
     lb = LoadBalancerConfig(num_slots=4, initial_global_assignments={"3": [0, 1, 2, 3], 5: np.array([3, 2, 1, 0])})
     assert dict(lb.initial_global_assignments) == {3: (0, 1, 2, 3), 5: (3, 2, 1, 0)}

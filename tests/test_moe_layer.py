@@ -10,6 +10,7 @@ from flax import nnx
 from moe_helpers import (assert_close, make_layer, make_mesh, make_spec, random_routing,
                          random_tokens, run_layer, unsharded)
 from wideep_jax import MoEConfig, MoELayer, MoESpec, moe_forward
+from wideep_jax.moe import rows_per_chunk
 from wideep_jax.reference import dense_moe_reference
 from wideep_jax.routing import Routing, route
 
@@ -100,12 +101,32 @@ def test_chunking_by_max_num_tokens(rng, backend):
     spec = make_spec(top_k=2, shared=1)
     x = random_tokens(rng, 44, spec.hidden_size)  # 11 per rank: chunks of 3 need padding
     whole = make_layer(spec, backend=backend, ep=4)
-    chunked = make_layer(spec, backend=backend, ep=4, max_num_tokens=3)
+    # 12 tokens of the EP group per chunk, as TensorRT-LLM counts them: 3 per rank.
+    chunked = make_layer(spec, backend=backend, ep=4, max_num_tokens=12)
+    assert rows_per_chunk(11, 4, 12) == 3
     y_whole, s_whole = run_layer(whole, x)
     y_chunked, s_chunked = run_layer(chunked, x)
     assert_close(y_chunked, _reference(chunked, x))
     assert_close(y_chunked, y_whole, rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(s_whole.expert_counts), np.asarray(s_chunked.expert_counts))
+
+
+@pytest.mark.parametrize("local_tokens", [1, 5, 11, 256, 1000])
+@pytest.mark.parametrize("num_ranks", [1, 4, 36])
+@pytest.mark.parametrize("max_num_tokens", [1, 12, 100, 9216])
+def test_rows_per_chunk_bounds_the_ep_groups_tokens(local_tokens, num_ranks, max_num_tokens):
+    rows = rows_per_chunk(local_tokens, num_ranks, max_num_tokens)
+    chunks = -(-local_tokens // rows)
+    if max_num_tokens >= num_ranks:
+        assert rows * num_ranks <= max_num_tokens  # the group's tokens in one chunk
+    else:
+        assert rows == 1  # at least one row per rank
+    # TensorRT-LLM's ceil(group tokens / max_num_tokens) chunks, and no more unless
+    # the bound needs them (when max_num_tokens // R does not divide evenly).
+    want = -(-local_tokens * num_ranks // max_num_tokens)
+    at_bound = -(-local_tokens // max(1, max_num_tokens // num_ranks))
+    assert min(want, local_tokens) <= chunks <= max(min(want, local_tokens), at_bound)
+    assert rows_per_chunk(local_tokens, num_ranks, None) is None
 
 
 def test_stats_are_exact(rng):

@@ -271,7 +271,7 @@ class MoEConfig:
     """``WIDEEP`` (all-to-all expert parallelism) or ``CUTLASS`` (local); case-insensitive, stored upper-case.
     TensorRT-LLM's other values (:data:`TRTLLM_LOCAL_BACKENDS`) are stored as ``CUTLASS``."""
     max_num_tokens: int | None = None
-    """Tokens per rank per MoE call; larger inputs are chunked. None = no chunking."""
+    """Tokens of the whole EP group per MoE chunk (TensorRT-LLM's count); None = no chunking."""
     load_balancer: LoadBalancerConfig | None = None
     """Slots and placement; None = one slot per expert, default placement."""
     alltoall_backend: str = "auto"
@@ -394,15 +394,32 @@ def _mapping(key: str, raw: Any) -> Mapping:
     return raw
 
 
+def _placement_path(raw: str | os.PathLike, base_dir: Path) -> Path:
+    """A placement file's path. Relative: from the current directory, as TensorRT-LLM
+    opens it, or else beside the config file (``base_dir``); both existing and
+    differing is an error, since either reading could be the wrong one."""
+    path = Path(raw).expanduser()
+    if path.is_absolute():
+        return path
+    candidates = [Path.cwd() / path, base_dir / path]
+    found = [c for c in candidates if c.is_file()]
+    if len(found) == 2 and not found[0].samefile(found[1]):
+        raise ConfigError(f"{_LB}: {str(raw)!r} names two different files, {str(found[0])!r} (from the current "
+                          f"directory) and {str(found[1])!r} (beside the config file); allowed: a path that "
+                          "names one file (make it absolute)")
+    if not found:
+        raise ConfigError(f"{_LB}: file not found: {str(raw)!r} (looked in {str(candidates[0])!r} and "
+                          f"{str(candidates[1])!r}); allowed: a path to an existing YAML file")
+    return found[0]
+
+
 def _load_balancer(raw: Any, base_dir: Path) -> LoadBalancerConfig | None:
-    """``load_balancer`` from an inline mapping or a placement-file path relative to ``base_dir``."""
+    """``load_balancer`` from an inline mapping or a placement-file path (see :func:`_placement_path`)."""
     if raw is None:
         return None
     where = ""
     if isinstance(raw, (str, os.PathLike)):
-        path = Path(raw).expanduser()
-        if not path.is_absolute():
-            path = base_dir / path
+        path = _placement_path(raw, base_dir)
         where = f" (in {str(path)!r})"
         raw = _mapping(_LB, _read_yaml(_LB, path))
     elif not isinstance(raw, Mapping):
@@ -415,6 +432,52 @@ def _load_balancer(raw: Any, base_dir: Path) -> LoadBalancerConfig | None:
         raise ConfigError(f"{e}{where}") from None
 
 
+LEGACY_MOE_KEYS = types.MappingProxyType(
+    {"moe_backend": "backend", "moe_max_num_tokens": "max_num_tokens", "moe_load_balancer": "load_balancer"})
+"""TensorRT-LLM's LLM-API MoE options from before ``moe_config`` (top level, or under
+``pytorch_backend_config``) -> the ``moe_config`` key each became."""
+
+LLM_API_KEYS = frozenset({
+    "enable_attention_dp", "attention_dp_config", "cuda_graph_config", "use_cuda_graph", "kv_cache_config",
+    "pytorch_backend_config", "print_iter_log", "disable_overlap_scheduler", "enable_chunked_prefill",
+    "max_batch_size", "max_seq_len", "max_input_len", "max_beam_width", "tensor_parallel_size",
+    "pipeline_parallel_size", "moe_expert_parallel_size", "moe_tensor_parallel_size", "moe_cluster_parallel_size",
+    "enable_iter_perf_stats", "enable_iter_req_stats", "speculative_config", "scheduler_config", "stream_interval",
+    "trust_remote_code", "cache_transceiver_config", "torch_compile_config", "enable_autotuner", "sampler_type",
+    "checkpoint_format", "load_format", "lora_config", "guided_decoding_backend", "attn_backend",
+    "batch_wait_timeout_ms", "enable_layerwise_nvtx_marker", "return_perf_metrics", "num_postprocess_workers",
+})
+"""TensorRT-LLM LLM-API option names (none of them a ``moe_config`` key): a file with
+one of them at the top level is an LLM-API options file, not a bare ``moe_config``."""
+
+
+def _moe_section(data: Mapping) -> Mapping:
+    """The ``moe_config`` mapping of a loaded file: its ``moe_config`` key, the legacy
+    ``moe_*`` options, or the whole file when it is a bare ``moe_config`` mapping."""
+    nested = data.get("pytorch_backend_config")
+    legacy = {k: v for k, v in data.items() if k in LEGACY_MOE_KEYS}
+    if isinstance(nested, Mapping):
+        for k in LEGACY_MOE_KEYS.keys() & nested.keys():
+            if k in legacy:
+                raise ConfigError(f"{k}: given both at the top level and under pytorch_backend_config; "
+                                  "allowed: one of them")
+            legacy[k] = nested[k]
+    if _MOE in data:
+        if legacy:
+            raise ConfigError(f"{_MOE} and the legacy {', '.join(sorted(legacy))}: both given; allowed: one "
+                              f"of them (moe_config.{LEGACY_MOE_KEYS[min(legacy)]} replaces {min(legacy)})")
+        return _mapping(_MOE, data[_MOE])
+    if not legacy and not LLM_API_KEYS & data.keys():
+        return data  # a bare moe_config mapping: every key must be ours
+    # An LLM-API options file: its other keys are not ours. Top-level names that are also
+    # moe_config keys (backend, max_num_tokens) are the engine's options there, not the MoE's.
+    for k in {"backend", "max_num_tokens"} & data.keys():
+        warnings.warn(ConfigWarning(f"{k}={data[k]!r} at the top level of a TensorRT-LLM LLM-API options file is "
+                                    f"the engine's option and is ignored here; the MoE's is moe_config.{k}"),
+                      stacklevel=3)
+    return {LEGACY_MOE_KEYS[k]: v for k, v in legacy.items()}
+
+
 def load_moe_config(
     source: str | os.PathLike | Mapping | None,
     *,
@@ -423,13 +486,14 @@ def load_moe_config(
 ) -> MoEConfig:
     """Load a :class:`MoEConfig` from a YAML file path or a mapping.
 
-    The content is either ``{moe_config: {...}}`` or the bare ``moe_config`` mapping.
-    With a top-level ``moe_config`` key, all other top-level keys are TensorRT-LLM
-    LLM-API options (``enable_attention_dp``, ``cuda_graph_config``, ...) that are not
-    ours and are ignored. Empty content gives the defaults. A ``load_balancer`` path is
-    resolved relative to the config file's folder (the current directory for a mapping
-    source). If ``num_experts`` is given (with ``ep_size``, default 1), :meth:`MoEConfig.validate`
-    runs too.
+    The content is a TensorRT-LLM LLM-API options file (with ``moe_config: {...}``, or
+    the legacy ``moe_backend`` / ``moe_max_num_tokens`` / ``moe_load_balancer`` keys,
+    see :data:`LEGACY_MOE_KEYS`; its other keys are ignored) or the bare
+    ``moe_config`` mapping. A file with neither ``moe_config`` nor a legacy key is an
+    LLM-API file when it has a key of :data:`LLM_API_KEYS`. Empty content gives the
+    defaults. A relative ``load_balancer`` path is found from the current directory (as
+    TensorRT-LLM does) or beside the config file. If ``num_experts`` is given (with
+    ``ep_size``, default 1), :meth:`MoEConfig.validate` runs too.
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
@@ -438,9 +502,7 @@ def load_moe_config(
         data, base_dir = source, Path.cwd()
     else:
         raise _fail("source", source, "a YAML file path (str or os.PathLike) or a mapping")
-    data = _mapping("source", data)
-    if _MOE in data:
-        data = _mapping(_MOE, data[_MOE])
+    data = _moe_section(_mapping("source", data))
     fields = tuple(f.name for f in dataclasses.fields(MoEConfig))
     _check_keys(_MOE, data, fields)
     kwargs = dict(data)

@@ -262,7 +262,8 @@ class _Body:
             return y, (counts, group_sizes, received.astype(jnp.int32))
 
         operands = (x_c, mask, routing.ids, routing.weights)
-        y, (counts, group_sizes, received) = _chunked(chunk, operands, self.config.max_num_tokens)
+        rows = rows_per_chunk(x.shape[0], self.num_ranks, self.config.max_num_tokens)
+        y, (counts, group_sizes, received) = _chunked(chunk, operands, rows)
         if w.shared_gate_up is not None:
             y = y + shared_experts(x_c, w.shared_gate_up, w.shared_down)
         y = jnp.where(mask[:, None], y, 0.0).astype(x.dtype)
@@ -294,6 +295,21 @@ class _Body:
             slot_counts = jax.lax.psum(group_sizes, self.axis)
         rank_tokens = jax.lax.all_gather(received, self.axis)
         return MoEStats(counts, slot_counts, rank_tokens, rank_counts)
+
+
+def rows_per_chunk(local_tokens: int, num_ranks: int, max_num_tokens: int | None) -> int | None:
+    """Each rank's rows per MoE chunk, as TensorRT-LLM counts ``max_num_tokens``.
+
+    It bounds the tokens of the whole EP group per chunk (attention data parallel:
+    ``sum(all_rank_num_tokens)``), not one rank's. The group's ``R * local_tokens``
+    tokens go in ``n = ceil(R * local_tokens / max_num_tokens)`` chunks, every rank's
+    split evenly (at most ``max_num_tokens // R`` rows, but at least one). None: no
+    chunking.
+    """
+    if max_num_tokens is None:
+        return None
+    num_chunks = -(-local_tokens * num_ranks // max_num_tokens)
+    return max(1, min(-(-local_tokens // num_chunks), max_num_tokens // num_ranks))
 
 
 def _chunked(fn, operands, chunk_size: int | None):
