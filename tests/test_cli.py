@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 
 from wideep_jax.bench import imbalance, parse_skew
@@ -107,3 +108,134 @@ def test_run_checkpoint_with_prompts_is_greedy_and_deterministic(capsys, arch, e
     assert tokens(first) == tokens(second) and len(tokens(first)) == 2
     assert main(["run", "--model", folder, "--prompt", "hello"]) == 2  # no tokenizer: a clear error
     assert "--prompt='hello'" in capsys.readouterr().err
+
+
+# -- offline EPLB step 1 with the main job, and TensorRT-LLM's flag spellings ---------------
+
+def _run_with_stats(monkeypatch, stats_dir, span, args):
+    monkeypatch.setenv("EXPERT_STATISTIC_ITER_RANGE", span)
+    monkeypatch.setenv("EXPERT_STATISTIC_PATH", str(stats_dir))
+    return main(["run", *args])
+
+
+def test_run_records_expert_statistics(tmp_path, monkeypatch, capsys):
+    """TensorRT-LLM's step 1: ``wideep run`` with the statistics variables writes per-rank
+    counts of iterations A..B-1 (0 = the prefill, then one per decode step), with the
+    online balancer running too; step 2 reads them."""
+    from wideep_jax.config import load_moe_config
+    from wideep_jax.eplb.stats_files import load_stats
+
+    stats_dir = tmp_path / "stats"
+    lengths = [1, 2, 3, 4, 5, 6, 7, 3]  # left-padded to 7: padding must not be counted
+    prompts = [",".join(str(10 + i) for i in range(n)) for n in lengths]
+    # 3 new tokens: iterations 0..2, the range keeps 0..1 (iteration 2 must be left out).
+    args = ["--max-new-tokens", "3"] + [a for p in prompts for a in ("--prompt", p)]
+    assert _run_with_stats(monkeypatch, stats_dir, "0-2", args) == 0
+    out = capsys.readouterr().out
+    assert "online EPLB" in out
+    assert f"expert statistics: iterations 0..1 -> {stats_dir}/ (meta_info.json, rank0..7.safetensors)" in out
+    stats = load_stats(stats_dir)
+    assert (stats.iters, stats.layers, stats.ep_size) == ([0, 1], [1, 2, 3], 8)  # layer 0 is dense
+    assert (stats.num_experts, stats.top_k) == (32, 4)
+    top_k = 4
+    # Summed over ranks: every valid token's top-k pairs once per MoE layer.
+    assert stats.counts.sum(-1).tolist() == [[sum(lengths) * top_k] * 3, [len(lengths) * top_k] * 3]
+    # Attention is data parallel over EP: with 8 sequences on 8 ranks, rank r's tokens are
+    # sequence r's (its prompt in the prefill, one token per decode step).
+    per_rank = stats.per_rank.sum(-1)  # [R, I, L]
+    assert per_rank[:, 0].tolist() == [[n * top_k] * 3 for n in lengths]
+    assert per_rank[:, 1].tolist() == [[top_k] * 3] * 8
+
+    # Step 2, the statistics path taken from EXPERT_STATISTIC_PATH (still set).
+    out_file = tmp_path / "lb.yaml"
+    assert main(["eplb", "generate", "--num-slots", "40", "-o", str(out_file)]) == 0
+    assert "3 layers, 32 experts in 40 slots over 8 ranks (static)" in capsys.readouterr().out
+    lb = load_moe_config({"backend": "WIDEEP", "load_balancer": str(out_file)}, num_experts=32,
+                         ep_size=8).load_balancer
+    assert lb.num_slots == 40 and sorted(lb.initial_global_assignments) == [1, 2, 3]
+
+
+def test_run_statistics_range_past_the_end(tmp_path, monkeypatch, capsys):
+    """A range longer than the run keeps what was recorded and says so; one that starts
+    after the run's last iteration fails before the run, writing nothing."""
+    from wideep_jax.eplb.stats_files import load_stats
+
+    stats_dir = tmp_path / "stats"
+    small = ["--batch", "2", "--prompt-len", "3", "--max-new-tokens", "4"]  # iterations 0..3
+    assert _run_with_stats(monkeypatch, stats_dir, "2-50", small) == 0
+    out = capsys.readouterr().out
+    assert ("expert statistics: iterations 2..3 only: the run ended there "
+            "(EXPERT_STATISTIC_ITER_RANGE asked for 2..49)") in out
+    stats = load_stats(stats_dir)
+    assert stats.iters == [2, 3]
+    assert stats.counts.sum(-1).tolist() == [[2 * 4] * 3] * 2  # 2 sequences x top-4, each decode step
+
+    late = tmp_path / "late"
+    assert _run_with_stats(monkeypatch, late, "4-9", small) == 2
+    err = capsys.readouterr().err
+    assert "EXPERT_STATISTIC_ITER_RANGE='4-9': this run has iterations 0..3" in err
+    assert "--max-new-tokens=4" in err and not late.exists()
+    assert _run_with_stats(monkeypatch, late, "9-4", small) == 2
+    assert "EXPERT_STATISTIC_ITER_RANGE='9-4': allowed: 'A-B' with A < B" in capsys.readouterr().err
+
+
+def _write_stats(path, rng, *, ranks=4, iters=(0, 1, 2, 3), layers=(1, 3), experts=16, top_k=2):
+    from wideep_jax.eplb.stats_files import StatsRecorder
+
+    rec = StatsRecorder(path, iters[0], iters[-1] + 1, num_experts=experts, top_k=top_k)
+    for i in iters:
+        for layer in layers:
+            p = 1.0 / (rng.permutation(experts) + 1.0) ** 1.3
+            rec.record(i, layer, rng.multinomial(64 * top_k, p / p.sum(), size=ranks).astype(np.int32))
+    return rec.save()
+
+
+def test_eplb_trtllm_flag_spellings(tmp_path, rng, monkeypatch, capsys):
+    """generate_eplb_config.py / report_load_statistics.py spellings give what ours give."""
+    from wideep_jax.config import load_moe_config
+
+    monkeypatch.delenv("EXPERT_STATISTIC_PATH", raising=False)
+    stats = str(_write_stats(tmp_path / "stats", rng))
+    ours, theirs = tmp_path / "ours.yaml", tmp_path / "theirs.yaml"
+    assert main(["eplb", "generate", "--stats", stats, "--ep-size", "4", "--num-slots", "24", "--iter-start", "1",
+                 "--iter-stop", "3", "--layer-updates-per-iter", "2", "-o", str(ours)]) == 0
+    assert main(["eplb", "generate", "--expert_statistic_path", stats, "--ep_size", "4", "--num_slots", "24",
+                 "--iter_start", "1", "--iter_stop", "3", "--layer_updates_per_iter", "2",
+                 "--output_path", str(theirs)]) == 0
+    assert "(online, 2 layer(s) per iteration)" in capsys.readouterr().out
+    assert ours.read_text() == theirs.read_text()
+    assert "\nlayer_updates_per_iter: 2\n" in theirs.read_text()
+    lb = load_moe_config({"backend": "WIDEEP", "load_balancer": str(theirs)}, num_experts=16,
+                         ep_size=4).load_balancer
+    assert lb.layer_updates_per_iter == 2 and lb.is_online and sorted(lb.initial_global_assignments) == [1, 3]
+
+    reports = []
+    for argv in (["--stats", stats, "--ep-size", "4", "--placement", str(ours), "--iter-start", "1"],
+                 ["--expert_statistic_path", stats, "--ep_size", "4", "--projection_eplb_config_path", str(ours),
+                  "--iter_start", "1"]):
+        assert main(["eplb", "report", *argv, "--no-heatmap"]) == 0
+        reports.append(capsys.readouterr().out)
+    assert reports[0] == reports[1] and "rank imb (placed)" in reports[0]
+
+
+def test_eplb_statistics_path_default_and_errors(tmp_path, rng, monkeypatch, capsys):
+    """The statistics path defaults to $EXPERT_STATISTIC_PATH, else is required; a negative
+    --layer_updates_per_iter stops at parsing with the flag, the value and the rule."""
+    stats = str(_write_stats(tmp_path / "stats", rng))
+    monkeypatch.setenv("EXPERT_STATISTIC_PATH", stats)
+    assert main(["eplb", "report", "--no-heatmap"]) == 0
+    assert f"wideep eplb report: {stats}," in capsys.readouterr().out
+    assert main(["eplb", "generate", "-o", str(tmp_path / "lb.yaml")]) == 0
+    assert "\nlayer_updates_per_iter: 0\n" in (tmp_path / "lb.yaml").read_text()
+    capsys.readouterr()
+    for flag in ("--layer_updates_per_iter", "--layer-updates-per-iter"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["eplb", "generate", flag, "-1"])
+        assert exit_info.value.code == 2
+        assert ("argument --layer-updates-per-iter/--layer_updates_per_iter: '-1': allowed: an int >= 0"
+                in capsys.readouterr().err)
+    monkeypatch.delenv("EXPERT_STATISTIC_PATH")
+    for command in ("generate", "report"):
+        with pytest.raises(SystemExit):
+            main(["eplb", command])
+        assert "required: --stats/--expert_statistic_path" in capsys.readouterr().err

@@ -266,6 +266,24 @@ def test_generate_and_report_errors(tmp_path, rng):
         report(stats, placement=bad)
 
 
+def test_placement_file_layer_updates_per_iter(tmp_path, rng):
+    """TensorRT-LLM's option: N > 0 starts online EPLB from the placement; the file loads
+    (with backend WIDEEP, which online balancing needs) and projects like a static one."""
+    stats = load_stats(write_trtllm_stats(tmp_path / "s", zipf_counts(rng, 4, 2, 2, 16), iters=[0, 1], layers=[2, 5]))
+    placement = generate_placement(stats, ep_size=4, num_slots=24)
+    static = write_placement_file(tmp_path / "static.yaml", placement, 24)
+    online = write_placement_file(tmp_path / "online.yaml", placement, 24, layer_updates_per_iter=3)
+    assert "\nlayer_updates_per_iter: 3\n" in online.read_text()
+    lb = load_moe_config({"backend": "WIDEEP", "load_balancer": str(online)}, num_experts=16, ep_size=4).load_balancer
+    assert lb.layer_updates_per_iter == 3 and lb.is_online
+    placed = lambda path: [r.placed_rank_imbalance for r in report(stats, ep_size=4, placement=path).layers]  # noqa: E731
+    assert placed(online) == placed(static)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=f"layer_updates_per_iter={bad!r}: allowed: an int >= 0"):
+            write_placement_file(tmp_path / "bad.yaml", placement, 24, layer_updates_per_iter=bad)
+    assert not (tmp_path / "bad.yaml").exists()
+
+
 def test_heatmap_png(tmp_path):
     pytest.importorskip("matplotlib")
     path = save_heatmap(tmp_path / "sub" / "h.png", np.arange(12.0).reshape(3, 4), "t", row_labels=[3, 4, 5])

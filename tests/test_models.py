@@ -282,3 +282,39 @@ def test_generate_over_ep_matches_local_and_never_recompiles():
     np.testing.assert_array_equal(first.tokens, local.tokens)
     np.testing.assert_array_equal(second.tokens, local.tokens)
     np.testing.assert_array_equal(first.expert_counts, local.expert_counts)
+
+
+def test_generate_balances_an_online_model_by_itself():
+    """An online load_balancer in the model's moe_config re-places layers during
+    generate with no balancer passed: one step per prefill and decode step, one
+    balancer per model across calls, nothing compiled on the second call, the same
+    greedy tokens as the single-device model; balance=False keeps the placements."""
+    from wideep_jax.models.generate import generate, model_balancer
+
+    folder, ids, _ = fixture("deepseek_v3")
+    cfg = from_hf_config(json.loads((folder / "config.json").read_text()))
+    prompts = [list(ids[0, :5]), list(ids[1, :3])]
+    local = generate(from_pretrained(folder, dtype=jnp.float32), prompts, max_new_tokens=4)
+    static = load_moe_config({"backend": "WIDEEP"}, num_experts=cfg.num_experts, ep_size=2)
+    assert model_balancer(from_pretrained(folder, moe_config=static, mesh=make_mesh(2), dtype=jnp.float32)) is None
+    online = load_moe_config({"backend": "WIDEEP", "load_balancer": {"num_slots": cfg.num_experts + 2,
+                                                                    "layer_updates_per_iter": 1, "tolerance": 0.0}},
+                             num_experts=cfg.num_experts, ep_size=2)
+    model = from_pretrained(folder, moe_config=online, mesh=make_mesh(2), dtype=jnp.float32)
+    first = generate(model, prompts, max_new_tokens=4)
+    balancer = model_balancer(model)
+    assert int(balancer.state.iteration) == 4  # the prefill and 3 decode steps
+    with count_compiles() as compiles:
+        second = generate(model, prompts, max_new_tokens=4)
+    assert compiles[0] == 0 and model_balancer(model) is balancer
+    assert int(balancer.state.iteration) == 8
+    # The layers follow the balancer's placements, which moved off the default.
+    placements = np.stack([np.asarray(layer.mlp.slot_to_expert[...]) for layer in model.layers
+                           if hasattr(layer.mlp, "slot_to_expert")])
+    np.testing.assert_array_equal(placements, np.asarray(balancer.state.placement))
+    assert (placements != np.arange(cfg.num_experts + 2) % cfg.num_experts).any()
+    for got in (first, second):
+        np.testing.assert_array_equal(got.tokens, local.tokens)
+    third = generate(model, prompts, max_new_tokens=4, balance=False)
+    assert int(balancer.state.iteration) == 8
+    np.testing.assert_array_equal(third.tokens, local.tokens)

@@ -146,7 +146,20 @@ def _bench_moe(args) -> int:
     return 0
 
 
+def _add_stats_path(p) -> None:
+    """``--stats`` (TensorRT-LLM: ``--expert_statistic_path``), default ``$EXPERT_STATISTIC_PATH``."""
+    from wideep_jax.eplb.stats_files import ENV_PATH
+
+    # The variable step 1 wrote to, so step 2 needs no path; unset (or empty), the flag is required.
+    env = os.environ.get(ENV_PATH) or None
+    default = f"${ENV_PATH} = {env!r}" if env else f"${ENV_PATH}; required when it is unset"
+    p.add_argument("--stats", "--expert_statistic_path", dest="stats", default=env, required=env is None,
+                   help=f"statistics directory (default: {default})")
+
+
 def _add_eplb(sub) -> None:
+    # Each flag also takes the spelling of TensorRT-LLM's generate_eplb_config.py /
+    # report_load_statistics.py (second option string), so their users' scripts run unchanged.
     p = sub.add_parser("eplb", help="offline expert load balancing (TensorRT-LLM's workflow)",
                        description="Offline EPLB: placement files and load reports from expert "
                                    "statistics (meta_info.json + rank<r>.safetensors).")
@@ -154,22 +167,33 @@ def _add_eplb(sub) -> None:
     g = eplb.add_parser("generate", help="write a balanced placement file from statistics",
                         description="Balance the load summed over the iterations; write "
                                     "TensorRT-LLM's moe_load_balancer.yaml.")
-    g.add_argument("--stats", required=True, help="statistics directory")
-    g.add_argument("--ep-size", type=POSITIVE, default=None, help="EP size to balance for (default: the stats' ranks)")
-    g.add_argument("--num-slots", type=POSITIVE, default=None, help="total expert slots (default: num_experts)")
+    _add_stats_path(g)
+    g.add_argument("--ep-size", "--ep_size", dest="ep_size", type=POSITIVE, default=None,
+                   help="EP size to balance for (default: the stats' ranks)")
+    g.add_argument("--num-slots", "--num_slots", dest="num_slots", type=POSITIVE, default=None,
+                   help="total expert slots (default: num_experts)")
     g.add_argument("--num-nodes", type=POSITIVE, default=1, help="keep each expert's replicas within one of N nodes")
-    g.add_argument("--iter-start", type=NON_NEGATIVE, default=None, help="first iteration used (default: the first recorded)")
-    g.add_argument("--iter-stop", type=NON_NEGATIVE, default=None, help="iteration after the last one used")
-    g.add_argument("-o", "--output", default="moe_load_balancer.yaml", help="placement file to write")
+    g.add_argument("--iter-start", "--iter_start", dest="iter_start", type=NON_NEGATIVE, default=None,
+                   help="first iteration used (default: the first recorded)")
+    g.add_argument("--iter-stop", "--iter_stop", dest="iter_stop", type=NON_NEGATIVE, default=None,
+                   help="iteration after the last one used")
+    g.add_argument("--layer-updates-per-iter", "--layer_updates_per_iter", dest="layer_updates_per_iter",
+                   type=NON_NEGATIVE, default=0,
+                   help="written into the file: 0 = static placement, N > 0 = online EPLB re-placing "
+                        "N layers per iteration, starting from this placement")
+    g.add_argument("-o", "--output", "--output_path", dest="output", default="moe_load_balancer.yaml",
+                   help="placement file to write")
     g.set_defaults(func=_eplb_generate)
     r = eplb.add_parser("report", help="per-layer load statistics and a per-rank heatmap",
                         description="Per-layer load statistics under the default placement and, "
                                     "with --placement, projected under a placement file.")
-    r.add_argument("--stats", required=True, help="statistics directory")
-    r.add_argument("--ep-size", type=POSITIVE, default=None, help="EP size (default: the stats' ranks)")
-    r.add_argument("--placement", default=None, help="placement file to project the load onto")
-    r.add_argument("--iter-start", type=NON_NEGATIVE, default=None)
-    r.add_argument("--iter-stop", type=NON_NEGATIVE, default=None)
+    _add_stats_path(r)
+    r.add_argument("--ep-size", "--ep_size", dest="ep_size", type=POSITIVE, default=None,
+                   help="EP size (default: the stats' ranks)")
+    r.add_argument("--placement", "--projection_eplb_config_path", dest="placement", default=None,
+                   help="placement file to project the load onto")
+    r.add_argument("--iter-start", "--iter_start", dest="iter_start", type=NON_NEGATIVE, default=None)
+    r.add_argument("--iter-stop", "--iter_stop", dest="iter_stop", type=NON_NEGATIVE, default=None)
     r.add_argument("--heatmap", default=None, help="PNG of per-rank loads (default: STATS/eplb_report.png)")
     r.add_argument("--no-heatmap", action="store_true", help="print the table only")
     r.set_defaults(func=_eplb_report)
@@ -185,10 +209,13 @@ def _eplb_generate(args) -> int:
     placements = generate_placement(stats, ep_size=ep, num_slots=slots, num_nodes=args.num_nodes)
     comment = (f"Generated by `wideep eplb generate` from {args.stats} (iterations "
                f"{stats.iter_start}..{stats.iter_stop - 1}), ep_size {ep}, num_nodes {args.num_nodes}.")
-    path = write_placement_file(args.output, placements, slots, comment=comment)
+    path = write_placement_file(args.output, placements, slots, comment=comment,
+                                layer_updates_per_iter=args.layer_updates_per_iter)
     avg = report(stats, ep_size=ep, placement=path).average()
+    mode = (f"online, {args.layer_updates_per_iter} layer(s) per iteration" if args.layer_updates_per_iter
+            else "static")
     print(f"wideep eplb generate: {len(placements)} layers, {stats.num_experts} experts in {slots} "
-          f"slots over {ep} ranks -> {path}")
+          f"slots over {ep} ranks ({mode}) -> {path}")
     print(f"  (max-mean)/mean per rank, mean over layers: default {avg.rank_imbalance:.3f} "
           f"-> placed {avg.placed_rank_imbalance:.3f}")
     return 0

@@ -4,9 +4,15 @@ With no arguments it runs the built-in ``tiny`` preset (a Qwen3-MoE-shaped model
 with random weights) with wide EP over every device (8 emulated CPU devices on a
 machine without a GPU) and online EPLB. ``--model PATH`` runs a Hugging Face
 checkpoint folder instead.
+
+With ``EXPERT_STATISTIC_ITER_RANGE=A-B`` set (and optionally ``EXPERT_STATISTIC_PATH``),
+the per-rank expert counts of generation iterations ``A..B-1`` (iteration 0 is the
+prefill, then one per decode step) are written in TensorRT-LLM's format, for
+``wideep eplb generate`` (offline EPLB, step 1).
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +30,10 @@ def add_parser(sub) -> None:
     from wideep_jax.cli import NON_NEGATIVE, POSITIVE
 
     p = sub.add_parser("run", help="generate with a model (the main job)",
-                       description=__doc__.splitlines()[0])
+                       description=__doc__.splitlines()[0],
+                       epilog="environment: EXPERT_STATISTIC_ITER_RANGE=A-B (and EXPERT_STATISTIC_PATH=DIR, "
+                              "default expert_statistic) writes the per-rank expert counts of iterations "
+                              "A..B-1 (0 = the prefill, then one per decode step) for `wideep eplb generate`")
     p.add_argument("--model", default="tiny", help=f"checkpoint folder or preset ({', '.join(PRESETS)})")
     p.add_argument("--moe-config", default=None,
                    help="moe_config YAML (default: WIDEEP, at least EP extra slots (a multiple of EP in all), "
@@ -94,6 +103,56 @@ def _moe_config(path, num_experts: int, ep: int):
                            num_experts=num_experts, ep_size=ep)
 
 
+def _stats_recorder(cfg, max_new_tokens: int):
+    """A StatsRecorder when ``EXPERT_STATISTIC_ITER_RANGE`` is set, else None."""
+    from wideep_jax.eplb.stats_files import ENV_RANGE, StatsRecorder
+
+    recorder = StatsRecorder.from_env(cfg.num_experts, cfg.num_experts_per_tok)
+    if recorder is None:
+        return None
+    span = f"{ENV_RANGE}={os.environ[ENV_RANGE]!r}"
+    if not cfg.moe_layers:
+        raise ValueError(f"{span}: this model has no MoE layers to record; allowed: unset {ENV_RANGE}")
+    # A range that starts after the last iteration would record nothing: fail before the
+    # run rather than after it, so no compute is spent on a step 1 that yields no files.
+    if recorder.iter_start >= max_new_tokens:
+        raise ValueError(f"{span}: this run has iterations 0..{max_new_tokens - 1} (the prefill, then "
+                         f"one per decode step, --max-new-tokens={max_new_tokens}); allowed: a range "
+                         f"starting at most {max_new_tokens - 1}, or a larger --max-new-tokens")
+    return recorder
+
+
+def _record_step(recorder, moe_layers):
+    """generate's ``after_step`` that records each iteration's per-layer stats."""
+    layer_ids = [layer.layer_idx for layer in moe_layers]
+    iteration = [0]
+
+    def after_step(stats) -> None:
+        if len(stats) != len(layer_ids):  # zip would silently mislabel or drop layers
+            raise ValueError(f"got stats of {len(stats)} MoE layers; allowed: {len(layer_ids)} ({layer_ids})")
+        # TensorRT-LLM saves at the first iteration past the range; here the files are
+        # written after the run (_save_stats): a save waits for the device, and mid-decode
+        # it would land in the decode timing. Recording keeps device arrays: no sync.
+        if recorder.should_record(iteration[0]):
+            for layer_idx, layer_stats in zip(layer_ids, stats):
+                recorder.record(iteration[0], layer_idx, layer_stats)
+        iteration[0] += 1
+    return after_step
+
+
+def _save_stats(recorder, say) -> None:
+    """Writes the recorded iterations (process 0 only, see StatsRecorder.save); says which."""
+    from wideep_jax.eplb.stats_files import ENV_RANGE
+
+    first, last = recorder.iterations[0], recorder.iterations[-1]
+    path = recorder.save()
+    # A run shorter than the range still writes what it saw; the line says it fell short.
+    short = "" if last == recorder.iter_stop - 1 else (
+        f" only: the run ended there ({ENV_RANGE} asked for {recorder.iter_start}..{recorder.iter_stop - 1})")
+    say(f"  expert statistics: iterations {first}..{last}{short} -> {path}/ "
+        f"(meta_info.json, rank0..{recorder.num_ranks - 1}.safetensors)")
+
+
 def _tokenizer(folder: Path | None):
     if folder is None or not (folder / "tokenizer.json").exists():
         return None
@@ -135,7 +194,7 @@ def main_job(args) -> int:
     from wideep_jax.eplb.algorithm import imbalance, rank_loads
     from wideep_jax.layer import MoELayer
     from wideep_jax.models import CausalLM, DecoderConfig, from_hf_config, from_pretrained
-    from wideep_jax.models.generate import generate
+    from wideep_jax.models.generate import generate, model_balancer
 
     init_distributed(args.coordinator, args.num_processes, args.process_id)
     # Every process runs the same program; process 0 reports.
@@ -157,6 +216,7 @@ def main_job(args) -> int:
         import json
         cfg = from_hf_config(json.loads((folder / "config.json").read_text()), dtype=dtype)
     moe_config = _moe_config(args.moe_config, cfg.num_experts, ep)
+    recorder = _stats_recorder(cfg, args.max_new_tokens)
     mesh = jax.make_mesh((ep,), (moe_config.ep_axis,), devices=jax.devices()[:ep],
                          axis_types=(jax.sharding.AxisType.Auto,))
     start = time.perf_counter()
@@ -173,11 +233,11 @@ def main_job(args) -> int:
     tokenizer = _tokenizer(folder)
     prompts = _prompts(args, cfg.vocab_size, tokenizer)
     moe_layers = [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoELayer)]
-    balancer = None
-    lb = moe_config.load_balancer
-    if lb is not None and lb.is_online and moe_config.backend == "WIDEEP" and moe_layers:
-        from wideep_jax.eplb import OnlineBalancer
-        balancer = OnlineBalancer(moe_layers)
+    # generate steps the model's online balancer itself (after the prefill and every decode
+    # step, before after_step): the same object, asked for here to say so.
+    balancer = model_balancer(model)
+    if balancer is not None:
+        lb = moe_config.load_balancer
         say(f"  online EPLB: {lb.num_slots} slots, {lb.layer_updates_per_iter} layer(s) re-placed per step")
 
     def progress(t: int) -> None:
@@ -187,7 +247,7 @@ def main_job(args) -> int:
 
     result = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, seed=args.seed, on_token=progress,
-                      after_step=None if balancer is None else balancer.step)
+                      after_step=None if recorder is None else _record_step(recorder, moe_layers))
     say(file=sys.stderr)
     prompt_tokens = sum(len(p) for p in prompts)
     decode_tokens = len(prompts) * (args.max_new_tokens - 1)
@@ -200,6 +260,8 @@ def main_job(args) -> int:
         loads = np.asarray(rank_loads(counts, layer.slot_to_expert[...], layer.ep_size))
         say(f"  layer {layer.layer_idx}: rank imbalance (max-mean)/mean {float(imbalance(loads)):.3f}, "
             f"busiest expert {counts.max() / max(counts.mean(), 1e-9):.2f}x the mean")
+    if recorder is not None:
+        _save_stats(recorder, say)
     for row, prompt in enumerate(prompts[:4]):
         new = [int(t) for t in result.tokens[row]]
         text = tokenizer.decode(new) if tokenizer is not None else " ".join(map(str, new[:16]))

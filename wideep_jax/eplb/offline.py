@@ -1,8 +1,8 @@
 """Offline EPLB (TensorRT-LLM's workflow): statistics -> placement file -> report.
 
-1. Collect: a run records per-rank expert counts with
-   :class:`~wideep_jax.eplb.stats_files.StatsRecorder` (or TensorRT-LLM with
-   ``EXPERT_STATISTIC_ITER_RANGE``).
+1. Collect: ``wideep run`` (or TensorRT-LLM) with ``EXPERT_STATISTIC_ITER_RANGE`` set
+   records per-rank expert counts with
+   :class:`~wideep_jax.eplb.stats_files.StatsRecorder`.
 2. Generate: :func:`generate_placement` balances the load summed over the iterations
    (:func:`~wideep_jax.eplb.algorithm.compute_placement`, all layers in one call) and
    :func:`write_placement_file` writes TensorRT-LLM's ``moe_load_balancer.yaml``.
@@ -36,10 +36,14 @@ __all__ = [
 Placement = Mapping[int, "np.ndarray | list[int]"]
 
 
-def _positive_int(name: str, value) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}={value!r}: allowed: an int >= 1")
+def _int_at_least(name: str, value, minimum: int) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}={value!r}: allowed: an int >= {minimum}")
     return int(value)
+
+
+def _positive_int(name: str, value) -> int:
+    return _int_at_least(name, value, 1)
 
 
 def generate_placement(stats: LoadedStats, *, ep_size: int, num_slots: int,
@@ -61,10 +65,15 @@ def generate_placement(stats: LoadedStats, *, ep_size: int, num_slots: int,
 
 
 def write_placement_file(path: str | os.PathLike, placements: Placement, num_slots: int, *,
-                         comment: str | None = None) -> Path:
-    """Writes TensorRT-LLM's placement YAML (``num_slots``, ``layer_updates_per_iter: 0``,
-    ``initial_global_assignments`` with one inline list per layer); returns the path."""
+                         comment: str | None = None, layer_updates_per_iter: int = 0) -> Path:
+    """Writes TensorRT-LLM's placement YAML (``num_slots``, ``layer_updates_per_iter``,
+    ``initial_global_assignments`` with one inline list per layer); returns the path.
+
+    ``layer_updates_per_iter`` 0 is a static placement; N > 0 starts online EPLB
+    (N layers re-placed per iteration) from this placement, as TensorRT-LLM's option.
+    """
     num_slots = _positive_int("num_slots", num_slots)
+    layer_updates_per_iter = _int_at_least("layer_updates_per_iter", layer_updates_per_iter, 0)
     rows = {}
     for layer, ids in sorted(placements.items()):
         ids = np.asarray(ids)
@@ -73,12 +82,14 @@ def write_placement_file(path: str | os.PathLike, placements: Placement, num_slo
                              f"allowed: {num_slots} (num_slots) integer expert ids")
         rows[int(layer)] = [int(e) for e in ids]
     lines = [f"# {line}" for line in (comment or "").splitlines()]
-    lines += [f"num_slots: {num_slots}", "layer_updates_per_iter: 0", "initial_global_assignments:"]
+    lines += [f"num_slots: {num_slots}", f"layer_updates_per_iter: {layer_updates_per_iter}",
+              "initial_global_assignments:"]
     # Inline (flow-style) lists, one line per layer, as TensorRT-LLM's generate_eplb_config.py.
     lines += [f"  {layer}: [{', '.join(map(str, ids))}]" for layer, ids in rows.items()]
     text = "\n".join(lines) + "\n"
     parsed = yaml.safe_load(text)
     assert parsed["initial_global_assignments"] == (rows or None) and parsed["num_slots"] == num_slots
+    assert parsed["layer_updates_per_iter"] == layer_updates_per_iter
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -159,7 +170,9 @@ def _resolve_placement(placement, stats: LoadedStats, ep_size: int) -> tuple[int
         source = {"num_slots": lengths.pop(), "initial_global_assignments": rows}
     else:
         raise ValueError(f"placement={placement!r}: allowed: a placement file path or {{layer: slot_to_expert}}")
-    lb = load_moe_config({"load_balancer": source}, num_experts=stats.num_experts,
+    # WIDEEP: a placement spreads slots over EP ranks, and the default backend (CUTLASS)
+    # would refuse a file with layer_updates_per_iter > 0 (online EPLB needs WIDEEP).
+    lb = load_moe_config({"backend": "WIDEEP", "load_balancer": source}, num_experts=stats.num_experts,
                          ep_size=ep_size).load_balancer
     num_slots = lb.num_slots or stats.num_experts
     default = np.arange(num_slots) % stats.num_experts

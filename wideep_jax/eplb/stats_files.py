@@ -8,7 +8,7 @@ A statistics directory holds
   the tokens that started on rank ``r`` in that iteration and layer, summed over the
   MoE calls of the iteration.
 
-TensorRT-LLM writes these when ``EXPERT_STATISTIC_ITER_RANGE=A-B`` is set
+TensorRT-LLM and ``wideep run`` write these when ``EXPERT_STATISTIC_ITER_RANGE=A-B`` is set
 (into ``EXPERT_STATISTIC_PATH``, default ``expert_statistic``), so files from either
 tool load with :func:`load_stats` and its ``generate_eplb_config.py`` reads ours.
 """
@@ -114,6 +114,16 @@ class StatsRecorder:
     def saved(self) -> bool:
         """True once the files have been written."""
         return self._saved
+
+    @property
+    def iterations(self) -> list[int]:
+        """The iterations recorded so far, ascending."""
+        return sorted({i for i, _ in self._records})
+
+    @property
+    def num_ranks(self) -> int | None:
+        """Ranks of the recorded counts (one file each), or None before the first record."""
+        return self._num_ranks
 
     def should_record(self, iteration: int) -> bool:
         """Whether ``iteration`` is in ``[iter_start, iter_stop)``."""

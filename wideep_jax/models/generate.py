@@ -7,6 +7,7 @@ step has the same shapes and the step compiles once.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -14,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wideep_jax.eplb.balancer import OnlineBalancer
 from wideep_jax.jit import forward_jit
+from wideep_jax.layer import MoELayer
 from wideep_jax.models.decoder import CausalLM
 
 
@@ -69,10 +72,29 @@ _PREFILL_STEP = forward_jit(_prefill, static_argnames=_STATIC, donate_argnums=4)
 _DECODE_STEP = forward_jit(_decode, static_argnames=_STATIC, donate_argnums=4)
 
 
+# model -> its OnlineBalancer (None: static placement). Weak keys: the entry goes with the model.
+_BALANCERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_balancer(model: CausalLM) -> OnlineBalancer | None:
+    """The model's online EPLB balancer; None when its placement is static.
+
+    Built on the first call for a model whose MoE layers' ``load_balancer`` is online
+    (``layer_updates_per_iter > 0``, backend ``WIDEEP``), then kept as long as the
+    model lives, so the statistics and the host master copy carry over from one
+    :func:`generate` call to the next.
+    """
+    if model not in _BALANCERS:
+        layers = [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoELayer)]
+        lb = layers[0].config.load_balancer if layers else None
+        _BALANCERS[model] = OnlineBalancer(layers) if lb is not None and lb.is_online else None
+    return _BALANCERS[model]
+
+
 def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             on_token: Callable[[int], None] | None = None, after_step: Callable[[list], None] | None = None
-             ) -> Generation:
+             on_token: Callable[[int], None] | None = None, after_step: Callable[[list], None] | None = None,
+             balance: bool = True) -> Generation:
     """Generates ``max_new_tokens`` per prompt.
 
     Args:
@@ -83,7 +105,11 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
       seed: sampling key.
       on_token: called with the step index after each decode step is enqueued (progress bars;
         the device may still be running it).
-      after_step: called with each step's per-layer ``MoEStats`` (e.g. an online balancer).
+      after_step: called with each step's per-layer ``MoEStats`` (e.g. a statistics recorder),
+        after the balancer.
+      balance: with an online ``load_balancer`` in the model's ``moe_config``, re-place
+        layers after every step (prefill and each decode step) with
+        :func:`model_balancer`; False keeps the placements as they are.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts: allowed: one or more non-empty token-id lists")
@@ -99,7 +125,14 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
         valid[row, width - len(prompt):] = True
     positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
     lengths = valid.sum(axis=1).astype(np.int32)
-    sampling = dict(temperature=temperature, top_p=top_p, keep_stats=after_step is not None)
+    balancer = model_balancer(model) if balance else None
+    hooks = [h for h in (balancer and balancer.step, after_step) if h is not None]
+
+    def after(stats) -> None:
+        for hook in hooks:
+            hook(stats)
+
+    sampling = dict(temperature=temperature, top_p=top_p, keep_stats=bool(hooks))
     key = jax.random.key(seed)
     args = (jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(valid))
     first_pos = jnp.asarray(lengths)[:, None]
@@ -116,8 +149,8 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
     token, cache, total, stats = prefill_bound(*args, cache, key, **sampling)
     jax.block_until_ready(token)
     prefill = time.perf_counter() - start
-    if after_step is not None:
-        after_step(stats)
+    if hooks:
+        after(stats)
         decode_bound.refresh()  # the balancer may have replaced weights
     # The steps stay on the device until the end: a host read per step would make
     # the host wait for each step before it could enqueue the next one.
@@ -126,8 +159,8 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
     for t in range(1, max_new_tokens):
         token, pos, step, cache, total, stats = decode_bound(token, pos, step, cache, total, key, **sampling)
         tokens.append(token)
-        if after_step is not None:
-            after_step(stats)
+        if hooks:
+            after(stats)
             decode_bound.refresh()
         if on_token is not None:
             on_token(t)
