@@ -11,7 +11,8 @@ Rows, per (tokens/rank, routing skew):
     experts = expand/sort + two grouped GEMMs + reduce; combine = all-to-all back
     + per-token sum).
   - local peer: every GPU holds all experts and computes its own tokens (no
-    communication; the TensorRT-LLM CUTLASS-style path).
+    communication: the layer without a mesh, run per GPU by shard_map over
+    replicated weights).
   - GEMM floor: the routed-expert FLOPs of the busiest rank at the card's
     measured dense bf16 matmul rate; weight floor: the weight bytes of the
     slots that rank computes (non-empty slots only) at the card's measured copy
@@ -36,7 +37,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from wideep_jax import MoEConfig, MoELayer, MoESpec  # noqa: E402
+from wideep_jax import MoEConfig, MoELayer, MoESpec, moe_forward  # noqa: E402
 from wideep_jax.bench import (copy_rate, imbalance, jax_sampler, jitted_forward, median_ms,  # noqa: E402
                               ops_table, profile_ops, race, rank_rows, synthetic_routing, time_fn)
 from wideep_jax.comm import get_alltoall_backend  # noqa: E402
@@ -163,6 +164,18 @@ def describe(spec: MoESpec) -> str:
             f"{routing}{where}, {spec.num_shared_experts} shared, {jnp.dtype(spec.dtype).name}")
 
 
+def all_experts_local(spec: MoESpec, mesh):
+    """``forward(x, routing)`` with every expert on every GPU, each computing its own
+    tokens: the layer without a mesh, per device, over replicated weights."""
+    layer = MoELayer(spec, MoEConfig(backend="CUTLASS"), mesh=None, rngs=nnx.Rngs(0))
+    weights = jax.device_put(layer.weights(), NamedSharding(mesh, P()))
+    per_device = jax.shard_map(
+        lambda w, x, r: moe_forward(x, w, spec=spec, config=layer.config, routing=r)[0],
+        mesh=mesh, in_specs=(P(), P("ep"), P("ep")), out_specs=P("ep"), check_vma=False)
+    forward = jax.jit(per_device)
+    return lambda x, routing: forward(weights, x, routing)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ep", type=int, default=4)
@@ -187,10 +200,9 @@ def main() -> int:
     wide = MoELayer(spec, MoEConfig(backend="WIDEEP"), mesh=mesh, rngs=nnx.Rngs(0))
     stages = stage_functions(wide)
     forward = jitted_forward(wide)
-    local = None
+    local_forward = None
     if not args.no_local:
-        local = MoELayer(spec, MoEConfig(backend="CUTLASS"), mesh=mesh, rngs=nnx.Rngs(0))
-        local_forward = jitted_forward(local)
+        local_forward = all_experts_local(spec, mesh)
     rate, bandwidth = dense_rate(args.iters), copy_rate(args.iters)
     flops_per_row = 2 * spec.hidden_size * 3 * spec.intermediate_size
     bytes_per_slot = 3 * spec.hidden_size * spec.intermediate_size * jnp.dtype(spec.param_dtype).itemsize
@@ -212,7 +224,7 @@ def main() -> int:
                        "dispatch": lambda: stages[0](x, routing.ids, routing.weights, w.slot_to_expert),
                        "experts": lambda: stages[1](recv, w.w_gate_up, w.w_down),
                        "combine": lambda: stages[2](partial, plan, recv.count)}
-            if local is not None:
+            if local_forward is not None:
                 entries["local"] = lambda: local_forward(x, routing)
             for fn in entries.values():  # compile and warm up, outside the timed turns
                 time_fn(fn, iters=0)

@@ -381,7 +381,7 @@ def test_shipped_configs_load_without_warnings(name):
 @pytest.mark.parametrize("backend", TRTLLM_LOCAL_BACKENDS)
 def test_tensorrt_llm_kernel_backends_load_and_run_local(backend):
     """TensorRT-LLM's other backend names load (its files stay unchanged) and run as the
-    local path; all but AUTO say so with a ConfigWarning naming the value."""
+    CUTLASS path; all but AUTO say so with a ConfigWarning naming the value."""
     source = {"moe_config": {"backend": backend.lower(), "max_num_tokens": 4096,
                              "load_balancer": {"num_slots": E}}, "enable_attention_dp": True}
     with warnings.catch_warnings(record=True) as got:

@@ -416,3 +416,31 @@ def test_local_first_replica_selection_same_output(rng):
     assert_close(y_local, y_rr, rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(s_local.expert_counts), np.asarray(s_rr.expert_counts))
     assert not np.array_equal(np.asarray(s_local.slot_counts), np.asarray(s_rr.slot_counts))
+
+
+@pytest.mark.parametrize("routing_kind", ["random", "one_expert", "one_rank"])
+def test_cutlass_shards_slots_and_matches_wideep(rng, routing_kind):
+    """CUTLASS over a mesh is TensorRT-LLM's all-gather EP: each device holds only its
+    slots, and outputs and statistics equal the all-to-all path's on the same weights,
+    with replicated slots and adversarial routing (everything to one expert / rank)."""
+    ep, spec = 4, make_spec(top_k=2, experts=8, shared=1)
+    seed = int(rng.integers(1 << 30))
+    cfg = {"load_balancer": {"num_slots": 12}}  # 4 replicated experts
+    wide = make_layer(spec, backend="WIDEEP", ep=ep, seed=seed, **cfg)
+    gathered = make_layer(spec, backend="CUTLASS", ep=ep, seed=seed, **cfg)
+    assert gathered.w_gate_up[...].sharding.spec[0] == "ep"
+    assert {s.data.shape[0] for s in gathered.w_gate_up[...].addressable_shards} == {12 // ep}
+    num_tokens = 40
+    x = random_tokens(rng, num_tokens, spec.hidden_size)
+    # Slots s -> expert s % 8, 3 per rank: experts 4 and 5 live only on rank 1.
+    routing = random_routing(rng, num_tokens, spec.num_experts, spec.top_k,
+                             experts=[4, 5] if routing_kind == "one_rank" else None)
+    if routing_kind == "one_expert":  # every token's first pair to expert 4, the second elsewhere
+        others = rng.choice([e for e in range(8) if e != 4], num_tokens)
+        routing = Routing(jnp.asarray(np.stack([np.full(num_tokens, 4), others], 1), jnp.int32), routing.weights)
+    y_wide, s_wide = run_layer(wide, x, routing=routing)
+    y_gathered, s_gathered = run_layer(gathered, x, routing=routing)
+    assert_close(y_gathered, _reference(gathered, x, routing=routing))
+    assert_close(y_gathered, y_wide, rtol=1e-6)
+    for got, want in zip(s_gathered, s_wide):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

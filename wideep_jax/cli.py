@@ -110,13 +110,14 @@ def _bench_moe(args) -> int:
         overrides["alltoall_backend"] = args.alltoall
     config = dataclasses.replace(config, **overrides)
     mesh = jax.make_mesh((ep,), (config.ep_axis,), devices=jax.devices()[:ep])
-    config.validate(num_experts=spec.num_experts, ep_size=ep if config.backend == "WIDEEP" else 1)
+    config.validate(num_experts=spec.num_experts, ep_size=ep)
 
     result = bench_moe_layer(spec, config, mesh, tokens_per_rank=args.tokens, skew=skew,
                              iters=args.iters, seed=args.seed, layer_idx=args.layer_idx)
     slots = config.num_slots(spec.num_experts)
-    comm = resolve_alltoall_backend(config.alltoall_backend, mesh, config.ep_axis) if config.backend == "WIDEEP" else "no"
-    print(f"wideep bench-moe: {config.backend} ({comm} all-to-all), EP {ep} on "
+    comm = (f"{resolve_alltoall_backend(config.alltoall_backend, mesh, config.ep_axis)} all-to-all"
+            if config.backend == "WIDEEP" else "all-gather + reduce-scatter")
+    print(f"wideep bench-moe: {config.backend} ({comm}), EP {ep} on "
           f"{ep} {platform} devices, {args.tokens} tokens/rank ({result.num_tokens} total)")
     print(f"  layer: hidden {spec.hidden_size}, {spec.num_experts} experts x {spec.intermediate_size} "
           f"({slots} slots), top-{spec.top_k}, {spec.num_shared_experts} shared, {dtype.name}, "
@@ -125,9 +126,7 @@ def _bench_moe(args) -> int:
     print(f"  forward: {result.median_ms:.3f} ms (median of {args.iters}) -> "
           f"{result.tokens_per_second:,.0f} tokens/s")
     received = [int(v) for v in result.stats.rank_tokens]
-    # Local backend: each device computes all top-k pairs of its own tokens.
-    rows = ([int(v) for v in result.rank_rows()] if config.backend == "WIDEEP"
-            else [n * spec.top_k for n in received])
+    rows = [int(v) for v in result.rank_rows()]
     label = "received tokens" if config.backend == "WIDEEP" else "computed tokens"
     print(f"  per-rank {label}: {received}  (max-mean)/mean {imbalance(received):.3f}")
     print(f"  per-rank expert rows:     {rows}  (max-mean)/mean {imbalance(rows):.3f}")

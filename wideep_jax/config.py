@@ -48,11 +48,12 @@ __all__ = [
 ]
 
 BACKENDS = ("CUTLASS", "WIDEEP")
-"""MoE backends: ``WIDEEP`` = all-to-all expert parallelism, ``CUTLASS`` = local (all slots on every device)."""
+"""MoE backends, both sharding the slots over the EP axis: ``WIDEEP`` moves tokens by
+all-to-all, ``CUTLASS`` by all-gather and reduce-scatter (TensorRT-LLM's two EP paths)."""
 TRTLLM_LOCAL_BACKENDS = ("AUTO", "CUTEDSL", "TRTLLM", "DEEPGEMM", "DENSEGEMM", "VANILLA", "TRITON", "MARLIN",
                          "MEGAMOE_DEEPGEMM")
 """TensorRT-LLM's other ``backend`` values (its kernel libraries for the non-wide-EP MoE):
-accepted so its files load, and run as ``CUTLASS``, our local path (``AUTO`` silently,
+accepted so its files load, and run as ``CUTLASS`` (``AUTO`` silently,
 the others with a :class:`ConfigWarning`)."""
 ALLTOALL_BACKENDS = ("auto", "xla", "nccl", "nvlink")
 """Communication backends for ``WIDEEP``."""
@@ -268,7 +269,7 @@ class MoEConfig:
     """``moe_config``: MoE backend, token chunking and load balancer."""
 
     backend: str = "CUTLASS"
-    """``WIDEEP`` (all-to-all expert parallelism) or ``CUTLASS`` (local); case-insensitive, stored upper-case.
+    """``WIDEEP`` (all-to-all EP) or ``CUTLASS`` (all-gather EP); case-insensitive, stored upper-case.
     TensorRT-LLM's other values (:data:`TRTLLM_LOCAL_BACKENDS`) are stored as ``CUTLASS``."""
     max_num_tokens: int | None = None
     """Tokens of the whole EP group per MoE chunk (TensorRT-LLM's count); None = no chunking."""
@@ -295,7 +296,7 @@ class MoEConfig:
         if backend in TRTLLM_LOCAL_BACKENDS:
             if backend != "AUTO":
                 warnings.warn(f"{_MOE}.backend={self.backend!r} names a TensorRT-LLM kernel library; it runs "
-                              "as CUTLASS here (local experts on our own kernels, see expert_kernel)",
+                              "as CUTLASS here (all-gather EP on our own kernels, see expert_kernel)",
                               ConfigWarning, stacklevel=3)
             backend = "CUTLASS"
         object.__setattr__(self, "backend", backend)

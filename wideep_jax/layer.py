@@ -35,11 +35,13 @@ def _slot_weights(key, slot_to_expert, shape, fan_in, dtype):
 class MoELayer(nnx.Module):
     """A Mixture-of-Experts layer with wide expert parallelism.
 
-    ``y, stats = layer(x)`` for ``x: [tokens, hidden]``. With ``backend: WIDEEP``
-    the ``num_slots`` expert slots are sharded over the mesh axis
-    ``config.ep_axis`` and tokens are data-parallel over the same axis; with
-    ``CUTLASS`` every device holds every slot. ``stats`` (:class:`MoEStats`)
-    holds per-expert counts for load balancing.
+    ``y, stats = layer(x)`` for ``x: [tokens, hidden]``. With a mesh, the
+    ``num_slots`` expert slots are sharded over the mesh axis ``config.ep_axis``
+    and tokens are data-parallel over the same axis. ``backend: WIDEEP`` sends
+    tokens to their slots' ranks by all-to-all; ``CUTLASS`` gathers every rank's
+    tokens on every rank and reduce-scatters the expert sums back (TensorRT-LLM's
+    two EP paths). ``stats`` (:class:`MoEStats`) holds per-expert counts for load
+    balancing.
 
     Args:
       spec: model dims and router (:class:`MoESpec`).
@@ -61,14 +63,15 @@ class MoELayer(nnx.Module):
                 f"backend='WIDEEP' needs a mesh with an axis named ep_axis={config.ep_axis!r}; "
                 f"got {None if mesh is None else mesh.axis_names}"
             )
-        ep_size = mesh.shape[config.ep_axis] if wide else 1
+        sharded = mesh is not None and config.ep_axis in mesh.axis_names
+        ep_size = mesh.shape[config.ep_axis] if sharded else 1
         placement = config.slot_to_expert(layer_idx, num_experts=spec.num_experts, ep_size=ep_size)
         self.num_slots = int(placement.shape[0])
         self.ep_size = ep_size
 
         h, i, e = spec.hidden_size, spec.intermediate_size, spec.num_experts
         key_router, key_up, key_down, key_shared = jax.random.split(rngs.params(), 4)
-        slot_sharding = self._sharding(P(config.ep_axis) if wide else P())
+        slot_sharding = self._sharding(P(config.ep_axis) if sharded else P())
         make_slots = jax.jit(
             lambda key, s2e, shape, fan_in: _slot_weights(key, s2e, shape, fan_in, spec.param_dtype),
             static_argnums=(2, 3), out_shardings=slot_sharding,

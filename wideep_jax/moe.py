@@ -26,7 +26,7 @@ class MoEWeights(NamedTuple):
     """The arrays of one MoE layer (global shapes)."""
 
     router: jax.Array  # [H, E]
-    w_gate_up: jax.Array  # [S, H, 2I], sharded over the EP axis for WIDEEP
+    w_gate_up: jax.Array  # [S, H, 2I], sharded over the EP axis when there is a mesh
     w_down: jax.Array  # [S, I, H]
     slot_to_expert: jax.Array  # int32 [S]
     correction_bias: jax.Array | None = None  # [E], noaux_tc routing only
@@ -40,8 +40,9 @@ class MoEStats(NamedTuple):
     Attributes:
       expert_counts: int32 [E] routed (token, k) pairs per expert, summed over ranks.
       slot_counts: int32 [S] rows computed per slot.
-      rank_tokens: int32 [R] tokens each rank received (deduplicated; for the
-        local backend, the tokens each device computed).
+      rank_tokens: int32 [R] tokens each rank ran experts for (deduplicated): those it
+        received (WIDEEP), or those of the gathered tokens with a pair on its slots
+        (CUTLASS); without a mesh, the tokens computed.
       rank_expert_counts: int32 [R, E] routed pairs per expert of the tokens that
         started on each rank (what TensorRT-LLM's per-rank statistics files hold).
     """
@@ -65,7 +66,7 @@ def _check_inputs(x, token_mask, routing, spec: MoESpec):
             )
 
 
-def _check_weights(w: MoEWeights, spec: MoESpec, num_ranks: int, wide: bool) -> None:
+def _check_weights(w: MoEWeights, spec: MoESpec, num_ranks: int) -> None:
     """Shapes always; the slot table's values where they are concrete (not under jit)."""
     h, i, e = spec.hidden_size, spec.intermediate_size, spec.num_experts
     if w.slot_to_expert.ndim != 1:
@@ -86,9 +87,9 @@ def _check_weights(w: MoEWeights, spec: MoESpec, num_ranks: int, wide: bool) -> 
             got = None if array is None else tuple(array.shape)
             raise ValueError(f"weights.{name} has shape {got}; allowed: {shape} (hidden_size {h}, "
                              f"intermediate_size {i}, num_experts {e}, slots = len(slot_to_expert) {s})")
-    if s < e or (wide and s % num_ranks):
+    if s < e or s % num_ranks:
         raise ValueError(f"weights.slot_to_expert has {s} slots; allowed: >= num_experts={e}"
-                         + (f" and a multiple of the {num_ranks} EP ranks" if wide else ""))
+                         + (f" and a multiple of the {num_ranks} EP ranks" if num_ranks > 1 else ""))
     if _on_host(w.slot_to_expert):
         table = np.asarray(w.slot_to_expert)
         if table.min() < 0 or table.max() >= e or len(np.unique(table)) != e:
@@ -166,7 +167,7 @@ def moe_forward(
         if axis not in mesh.axis_names:
             raise ValueError(f"ep_axis={axis!r} is not an axis of the mesh; allowed: {mesh.axis_names}")
         num_ranks = mesh.shape[axis]
-    _check_weights(weights, spec, num_ranks, wide)
+    _check_weights(weights, spec, num_ranks)
     _check_routing_ids(routing, spec.num_experts)
 
     num_tokens = x.shape[0]
@@ -188,7 +189,7 @@ def moe_forward(
         y, stats = body(args)
     else:
         tok, rep = P(axis), P()
-        slot_spec = P(axis) if wide else rep
+        slot_spec = P(axis)  # both backends shard the slots over the EP axis
         w = weights
         weight_specs = MoEWeights(
             router=rep, w_gate_up=slot_spec, w_down=slot_spec, slot_to_expert=rep,
@@ -255,6 +256,8 @@ class _Body:
                 jnp.where(mc[:, None], ids, spec.num_experts)].add(1)[:-1]
             if self.wide:
                 y, group_sizes, received = self._wide(xc, mc, slots, rw, w_gate_up, w_down)
+            elif self.axis is not None:
+                y, group_sizes, received = self._gathered(xc, mc, slots, rw, w_gate_up, w_down)
             else:
                 out = routed_experts(xc, slots, rw, mc, w_gate_up, w_down, gmm_implementation=self.kernel,
                                      weight_on_input=spec.apply_router_weight_on_input)
@@ -284,15 +287,28 @@ class _Body:
                                 axis_name=axis)
         return y, out.group_sizes, recv.count.sum()
 
+    def _gathered(self, x, mask, slots, rw, w_gate_up, w_down):
+        """TensorRT-LLM's EP without all-to-all (its CUTLASS backend with attention DP):
+        every rank gathers the EP group's tokens, runs the pairs routed to its own
+        slots, and the partial sums go back to their tokens' ranks by reduce-scatter."""
+        axis, local_slots = self.axis, w_gate_up.shape[0]
+        gather = lambda a: jax.lax.all_gather(a, axis, tiled=True)
+        xs, mask_all, slots_all, rw_all = gather(x), gather(mask), gather(slots), gather(rw)
+        local = slots_all - jax.lax.axis_index(axis) * local_slots
+        mine = (local >= 0) & (local < local_slots) & mask_all[:, None]
+        rows = mine.any(axis=1)
+        out = routed_experts(xs, jnp.where(mine, local, -1), rw_all, rows, w_gate_up, w_down,
+                             gmm_implementation=self.kernel, weight_on_input=self.spec.apply_router_weight_on_input)
+        # Summed in float32: a token's pairs on different ranks meet only here.
+        y = jax.lax.psum_scatter(out.partial.astype(jnp.float32), axis, scatter_dimension=0, tiled=True)
+        return y, out.group_sizes, rows.sum()
+
     def _stats(self, counts, group_sizes, received) -> MoEStats:
         if self.axis is None:
             return MoEStats(counts, group_sizes, received[None], counts[None])
         rank_counts = jax.lax.all_gather(counts, self.axis)
         counts = rank_counts.sum(axis=0)
-        if self.wide:
-            slot_counts = jax.lax.all_gather(group_sizes, self.axis, tiled=True)
-        else:
-            slot_counts = jax.lax.psum(group_sizes, self.axis)
+        slot_counts = jax.lax.all_gather(group_sizes, self.axis, tiled=True)  # each rank's own slots
         rank_tokens = jax.lax.all_gather(received, self.axis)
         return MoEStats(counts, slot_counts, rank_tokens, rank_counts)
 

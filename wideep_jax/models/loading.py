@@ -272,8 +272,8 @@ def _load_moe(ckpt, layer: MoELayer, cfg, prefix, mesh, replicated, dtype) -> No
     # The abstract layer holds no values: its placement comes from the config again.
     slot_to_expert = np.asarray(layer.config.slot_to_expert(layer.layer_idx, num_experts=e, ep_size=layer.ep_size))
     _set(layer.slot_to_expert, slot_to_expert, replicated, np.int32)
-    wide = layer.config.backend == "WIDEEP"
-    slots = None if mesh is None else NamedSharding(mesh, P(layer.config.ep_axis) if wide else P())
+    sharded = mesh is not None and layer.config.ep_axis in mesh.axis_names
+    slots = None if mesh is None else NamedSharding(mesh, P(layer.config.ep_axis) if sharded else P())
     _put_slots(layer.w_gate_up, gate_up, slot_to_expert, slots, dtype)
     _put_slots(layer.w_down, down, slot_to_expert, slots, dtype)
     if layer.correction_bias is not None:  # noaux_tc routing (DeepSeek-V3); kept in float32
