@@ -339,6 +339,17 @@ def test_placement_file_errors_name_the_file(tmp_path):
         load_moe_config(write(tmp_path / "c.yaml", "load_balancer: lb2.yaml\n"))
 
 
+def test_num_nodes_is_not_checked_where_it_does_nothing():
+    """Static placement ignores num_nodes (a warning says so), so num_nodes: 3 at EP 4
+    loads with a warning, not an error; online, the same value is an error."""
+    source = {"backend": "WIDEEP", "load_balancer": {"num_slots": 8, "num_nodes": 3}}
+    with pytest.warns(ConfigWarning, match="num_nodes=3 does nothing"):
+        load_moe_config(source, num_experts=8, ep_size=4)
+    source["load_balancer"]["layer_updates_per_iter"] = 1
+    with raises(f"{LB}.num_nodes", "3"):
+        load_moe_config(source, num_experts=8, ep_size=4)
+
+
 _NON_DEFAULT = {"decay": 0.5, "warmup_iters": 3, "reshard": "collective", "num_nodes": 2, "tolerance": 0.2,
                 "alltoall_backend": "nccl", "replica_selection": "local_first"}
 

@@ -247,7 +247,9 @@ class LoadBalancerConfig:
         ep_size = _int("ep_size", ep_size, minimum=1)
         num_slots = self.resolved_num_slots(num_experts)
         # Online, the placement is computed: its limits are said now rather than at its first step.
-        bad = placement_violation(num_experts, num_slots, ep_size, self.num_nodes, computed=self.is_online)
+        # Static placement ignores num_nodes (it warns so), so it is not checked then.
+        bad = placement_violation(num_experts, num_slots, ep_size, self.num_nodes if self.is_online else 1,
+                                  computed=self.is_online)
         if bad:
             raise _fail(f"{_LB}.{bad[0]}", bad[1], bad[2])
         self._check_lengths(num_slots)

@@ -238,7 +238,8 @@ def main_job(args) -> int:
     balancer = model_balancer(model)
     if balancer is not None:
         lb = moe_config.load_balancer
-        say(f"  online EPLB: {lb.num_slots} slots, {lb.layer_updates_per_iter} layer(s) re-placed per step")
+        say(f"  online EPLB: {balancer.layers[0].num_slots} slots, {lb.layer_updates_per_iter} layer(s) "
+            "re-placed per step")
 
     def progress(t: int) -> None:
         done = (t + 1) * 30 // args.max_new_tokens
