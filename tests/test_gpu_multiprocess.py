@@ -10,13 +10,12 @@ reference and the online balancer in every re-sharding mode across processes.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import jax
 import pytest
+from process_helpers import child_env, free_port, run_processes
 
 pytestmark = [
     pytest.mark.gpu,
@@ -57,28 +56,10 @@ TESTS = Path(__file__).resolve().parent
 
 def _run_on_two_gpus(args_of_pid, timeout: float) -> list[str]:
     """Runs ``python *args_of_pid(pid, port)`` for pid 0 and 1, one GPU each; returns their
-    outputs once both end (both killed at the time limit: a hung collective fails the test)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for pid in range(2):
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(pid), XLA_PYTHON_CLIENT_MEM_FRACTION="0.1",
-                   PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")]))
-        env.pop("XLA_FLAGS", None)
-        procs.append(subprocess.Popen([sys.executable, *args_of_pid(pid, port)], stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, env=env))
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=timeout)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"the two-process run did not finish in {timeout:.0f} s")
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
-    return outs
+    stdout (see :func:`run_processes`: a failing or hung process fails the test)."""
+    port = free_port()
+    envs = [child_env(CUDA_VISIBLE_DEVICES=str(pid), XLA_PYTHON_CLIENT_MEM_FRACTION="0.1") for pid in range(2)]
+    return run_processes([[sys.executable, *args_of_pid(pid, port)] for pid in range(2)], envs, timeout=timeout)
 
 
 def test_nccl_backend_across_two_processes(tmp_path):

@@ -8,69 +8,26 @@ one-process run of the same EP8 program.
 """
 from __future__ import annotations
 
-import os
 import re
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
 import pytest
 
+from process_helpers import ROOT, child_env, free_port, run_processes
 from wideep_jax import cli
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _env() -> dict[str, str]:
-    # The test process's device-count flag must not reach the children: each sets its own.
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return child_env(JAX_PLATFORMS="cpu")
 
 
 def _run_processes(commands: list[list[str]], timeout: float = 600) -> list[str]:
-    """Starts every command at once and returns each one's stdout; each must exit 0.
-
-    Once one fails the others would wait for it in a collective, so they are
-    killed then, and at the time limit: a failure never becomes a hang."""
-    files = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in commands]
-    procs = [subprocess.Popen(c, stdout=out, stderr=err, text=True, env=_env(), cwd=ROOT)
-             for c, (out, err) in zip(commands, files)]
-    deadline = time.monotonic() + timeout
-    try:
-        while any(p.poll() is None for p in procs):
-            if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    texts = []
-    for pair in files:
-        for f in pair:
-            f.seek(0)
-        texts.append(tuple(f.read() for f in pair))
-        for f in pair:
-            f.close()
-    for c, p, (out, err) in zip(commands, procs, texts):
-        assert p.returncode == 0, f"{' '.join(c[1:3])}: exit {p.returncode}\n{out[-2000:]}\n{err[-3000:]}"
-    return [out for out, _ in texts]
+    return run_processes(commands, [_env()] * len(commands), timeout=timeout)
 
 
 def test_layer_and_online_eplb_across_two_processes(tmp_path, rng):
-    port, seed = _free_port(), int(rng.integers(2**31))
+    port, seed = free_port(), int(rng.integers(2**31))
     child = str(ROOT / "tests" / "multiprocess_child.py")
     outs = _run_processes([[sys.executable, child, str(pid), "2", str(port), str(tmp_path), str(seed), "cpu"]
                            for pid in range(2)])
@@ -87,7 +44,7 @@ def _report(out: str) -> list[str]:
 
 
 def test_main_job_across_two_processes_matches_one_process():
-    port = _free_port()
+    port = free_port()
     run = [sys.executable, "-m", "wideep_jax.cli", "run", "--max-new-tokens", "4", "--batch", "4"]
     outs = _run_processes([run + ["--cpu-devices", "4", "--coordinator", f"127.0.0.1:{port}",
                                   "--num-processes", "2", "--process-id", str(pid)] for pid in range(2)]

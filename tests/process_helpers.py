@@ -1,0 +1,69 @@
+"""Launching the several processes of one multi-process (multi-host) test run."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for jax.distributed's coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**overrides: str) -> dict[str, str]:
+    """This environment without the test process's device flags (each child sets its
+    own), with the repository and tests/ importable, plus ``overrides``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    env.update(overrides)
+    return env
+
+
+def run_processes(commands: Sequence[Sequence[str]], envs: Sequence[Mapping[str, str]], *,
+                  timeout: float) -> list[str]:
+    """Starts every command at once (command ``i`` with ``envs[i]``) and returns each
+    one's stdout; each must exit 0.
+
+    Once one fails the others would wait for it in a collective, so they are killed
+    then, and at the time limit: a failure never becomes a hang."""
+    files = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in commands]
+    procs = [subprocess.Popen(list(c), stdout=out, stderr=err, text=True, env=dict(env), cwd=ROOT)
+             for c, env, (out, err) in zip(commands, envs, files, strict=True)]
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p in procs):
+            if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        killed = [p.poll() is None for p in procs]
+        late = time.monotonic() > deadline
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    texts = []
+    for pair in files:
+        for f in pair:
+            f.seek(0)
+        texts.append(tuple(f.read() for f in pair))
+        for f in pair:
+            f.close()
+    # The first failure is the one to read: report the processes that failed by
+    # themselves before those killed because of them.
+    order = sorted(range(len(procs)), key=lambda i: killed[i])
+    for i in order:
+        p, (out, err) = procs[i], texts[i]
+        why = (f"exit {p.returncode}" if not killed[i] else
+               f"killed at the {timeout:.0f} s time limit" if late else "killed after another process failed")
+        assert p.returncode == 0, f"process {i} ({' '.join(commands[i][1:3])}): {why}\n{out[-2000:]}\n{err[-3000:]}"
+    return [out for out, _ in texts]
