@@ -273,7 +273,9 @@ def test_schema_errors(source, key, value):
     [
         ({"num_slots": 6}, 2, f"{LB}.num_slots", "6 (int); allowed: >= num_experts = 8"),
         ({"num_slots": 12}, 8, f"{LB}.num_slots", "12 (int); allowed: a multiple of ep_size = 8"),
-        ({}, 3, f"{LB}.num_slots", "8 (int); allowed: a multiple of ep_size = 3"),
+        # no slot count written: the message names what to change, not an unset key
+        ({}, 3, "num_experts=8 (the slot count", f"multiple of the EP size 3; allowed: set {LB}.num_slots to a "
+         "multiple of 3 that is >= 8 (e.g. 9)"),
         ({"initial_global_assignments": {1: [0, 1, 2]}}, 2, f"{IGA}[1]", "3 expert ids; allowed: exactly num_slots = 8"),
         ({"initial_global_assignments": {1: [0, 1, 2, 3, 4, 5, 6, 8]}}, 2, f"{IGA}[1][7]", "8 (int); allowed: an expert id in [0, 8)"),
         ({"initial_global_assignments": {4: [0, 1, 2, 3, 4, 0, 1, 0]}}, 2, f"{IGA}[4]", "layer 4 gives no slot to experts [5, 6, 7]"),
@@ -293,6 +295,17 @@ def test_model_dependent_errors(lb, ep_size, key, value):
         load_moe_config(source, num_experts=8, ep_size=ep_size)
     with raises(key, value):
         cfg.validate(num_experts=8, ep_size=ep_size)
+
+
+def test_slot_count_without_load_balancer_names_the_fix():
+    """CUTLASS on a mesh shards slots too: with no load_balancer, num_experts must divide
+    over the EP ranks, and the error says so without naming a key the file lacks."""
+    for source in ({"backend": "CUTLASS"}, {"backend": "WIDEEP"}):
+        with raises("num_experts=6 (the slot count", "allowed: set moe_config.load_balancer.num_slots to a multiple of 4 "
+                    "that is >= 6 (e.g. 8), use an EP size that divides 6, or mesh=None"):
+            load_moe_config(source, num_experts=6, ep_size=4)
+        load_moe_config(source, num_experts=6, ep_size=3)
+        load_moe_config({**source, "load_balancer": {"num_slots": 8}}, num_experts=6, ep_size=4)
 
 
 @pytest.mark.parametrize("num_experts, ep_size, key, value", [(0, 2, "num_experts", "0"), (8, 2.0, "ep_size", "2.0"), (None, 4, "num_experts", "None")])

@@ -318,3 +318,34 @@ def test_generate_balances_an_online_model_by_itself():
     third = generate(model, prompts, max_new_tokens=4, balance=False)
     assert int(balancer.state.iteration) == 8
     np.testing.assert_array_equal(third.tokens, local.tokens)
+
+
+def test_generate_uses_the_callers_balancer_once():
+    """A balancer the caller built over the model's layers is the one generate steps,
+    once per step even when also passed as after_step (no second balancer, no second
+    host copy); balancers over only some layers are refused, naming the way out."""
+    from wideep_jax.eplb.balancer import OnlineBalancer
+    from wideep_jax.models.generate import generate, model_balancer
+
+    folder, ids, _ = fixture("deepseek_v3")
+    cfg = from_hf_config(json.loads((folder / "config.json").read_text()))
+    online = load_moe_config({"backend": "WIDEEP", "load_balancer": {"num_slots": cfg.num_experts + 2,
+                                                                    "layer_updates_per_iter": 1}},
+                             num_experts=cfg.num_experts, ep_size=2)
+    prompts = [list(ids[0, :4])]
+    model = from_pretrained(folder, moe_config=online, mesh=make_mesh(2), dtype=jnp.float32)
+    layers = [layer.mlp for layer in model.layers if hasattr(layer.mlp, "slot_to_expert")]
+    mine = OnlineBalancer(layers)
+    assert model_balancer(model) is mine
+    generate(model, prompts, max_new_tokens=3, after_step=mine.step)
+    assert int(mine.state.iteration) == 3  # the prefill and 2 decode steps, each once
+    seen = []
+    generate(model, prompts, max_new_tokens=3, after_step=seen.append)
+    assert int(mine.state.iteration) == 6 and len(seen) == 3
+    assert len(layers) == 2  # the fixture: one dense layer, then two MoE layers
+    fresh = from_pretrained(folder, moe_config=online, mesh=make_mesh(2), dtype=jnp.float32)
+    part = OnlineBalancer([layer.mlp for layer in fresh.layers if hasattr(layer.mlp, "slot_to_expert")][:1])
+    with pytest.raises(ValueError, match="balance=False"):
+        generate(fresh, prompts, max_new_tokens=2)
+    generate(fresh, prompts, max_new_tokens=2, balance=False, after_step=lambda s: part.step(s[:1]))
+    assert int(part.state.iteration) == 2

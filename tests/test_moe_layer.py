@@ -111,6 +111,19 @@ def test_chunking_by_max_num_tokens(rng, backend):
     np.testing.assert_array_equal(np.asarray(s_whole.expert_counts), np.asarray(s_chunked.expert_counts))
 
 
+@pytest.mark.parametrize("backend, ep", [("WIDEEP", 4), ("CUTLASS", 4), ("CUTLASS", 1)])
+def test_zero_tokens(backend, ep):
+    """An empty batch (a rank with no requests) gives an empty output and zero counts,
+    chunked or not, instead of a shape error."""
+    spec = make_spec(top_k=2, shared=1)
+    for max_num_tokens in (None, 12):
+        layer = make_layer(spec, backend=backend, ep=ep, max_num_tokens=max_num_tokens)
+        y, stats = run_layer(layer, random_tokens(np.random.default_rng(), 0, spec.hidden_size))
+        assert y.shape == (0, spec.hidden_size)
+        for name, value in stats._asdict().items():
+            assert not np.asarray(value).any(), name
+
+
 @pytest.mark.parametrize("local_tokens", [1, 5, 11, 256, 1000])
 @pytest.mark.parametrize("num_ranks", [1, 4, 36])
 @pytest.mark.parametrize("max_num_tokens", [1, 12, 100, 9216])
@@ -127,6 +140,7 @@ def test_rows_per_chunk_bounds_the_ep_groups_tokens(local_tokens, num_ranks, max
     at_bound = -(-local_tokens // max(1, max_num_tokens // num_ranks))
     assert min(want, local_tokens) <= chunks <= max(min(want, local_tokens), at_bound)
     assert rows_per_chunk(local_tokens, num_ranks, None) is None
+    assert rows_per_chunk(0, num_ranks, max_num_tokens) is None  # no tokens: nothing to split
 
 
 def test_stats_are_exact(rng):

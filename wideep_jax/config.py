@@ -250,6 +250,13 @@ class LoadBalancerConfig:
         # Static placement ignores num_nodes (it warns so), so it is not checked then.
         bad = placement_violation(num_experts, num_slots, ep_size, self.num_nodes if self.is_online else 1,
                                   computed=self.is_online)
+        if bad and bad[0] == "num_slots" and self.num_slots is None:
+            # The user wrote no slot count: name what they can change instead of a key they never set.
+            multiple = -(-num_experts // ep_size) * ep_size
+            raise ConfigError(
+                f"num_experts={num_experts} (the slot count: {_LB}.num_slots is not set) is not a multiple of "
+                f"the EP size {ep_size}; allowed: set {_LB}.num_slots to a multiple of {ep_size} that is >= "
+                f"{num_experts} (e.g. {multiple}), use an EP size that divides {num_experts}, or mesh=None")
         if bad:
             raise _fail(f"{_LB}.{bad[0]}", bad[1], bad[2])
         self._check_lengths(num_slots)
@@ -411,8 +418,9 @@ def _placement_path(raw: str | os.PathLike, base_dir: Path) -> Path:
                           f"directory) and {str(found[1])!r} (beside the config file); allowed: a path that "
                           "names one file (make it absolute)")
     if not found:
-        raise ConfigError(f"{_LB}: file not found: {str(raw)!r} (looked in {str(candidates[0])!r} and "
-                          f"{str(candidates[1])!r}); allowed: a path to an existing YAML file")
+        looked = list(dict.fromkeys(str(c) for c in candidates))  # one place when base_dir is cwd
+        raise ConfigError(f"{_LB}: file not found: {str(raw)!r} (looked in {' and '.join(map(repr, looked))}); "
+                          "allowed: a path to an existing YAML file")
     return found[0]
 
 

@@ -171,7 +171,8 @@ def moe_forward(
     _check_routing_ids(routing, spec.num_experts)
 
     num_tokens = x.shape[0]
-    pad = -num_tokens % num_ranks
+    # Zero tokens run as one masked-out row per rank: the same program, empty output, zero counts.
+    pad = -num_tokens % num_ranks if num_tokens else num_ranks
     mask = jnp.ones((num_tokens,), bool) if token_mask is None else token_mask.astype(bool)
     args = {
         "x": _pad_rows(x, pad),
@@ -320,9 +321,9 @@ def rows_per_chunk(local_tokens: int, num_ranks: int, max_num_tokens: int | None
     ``sum(all_rank_num_tokens)``), not one rank's. The group's ``R * local_tokens``
     tokens go in ``n = ceil(R * local_tokens / max_num_tokens)`` chunks, every rank's
     split evenly (at most ``max_num_tokens // R`` rows, but at least one). None: no
-    chunking.
+    chunking (also for zero tokens).
     """
-    if max_num_tokens is None:
+    if max_num_tokens is None or local_tokens == 0:
         return None
     num_chunks = -(-local_tokens * num_ranks // max_num_tokens)
     return max(1, min(-(-local_tokens // num_chunks), max_num_tokens // num_ranks))

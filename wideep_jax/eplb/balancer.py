@@ -7,6 +7,7 @@ the layers (slot weights and placement), so the next forward uses them.
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import jax
@@ -18,6 +19,16 @@ from wideep_jax.eplb.resharding import make_master_copy
 from wideep_jax.eplb.state import EplbConfig, EplbState, init_state
 from wideep_jax.layer import MoELayer
 from wideep_jax.moe import MoEStats
+
+# MoELayer -> weak reference to the newest OnlineBalancer built over it. Weak both ways:
+# the balancer holds its layers, so a strong value would keep the keys alive.
+_LAYER_BALANCERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def layer_balancer(layer: MoELayer) -> OnlineBalancer | None:
+    """The newest live :class:`OnlineBalancer` built over ``layer``, or None."""
+    ref = _LAYER_BALANCERS.get(layer)
+    return None if ref is None else ref()
 
 
 class OnlineBalancer:
@@ -67,6 +78,8 @@ class OnlineBalancer:
             self.master = [make_master_copy(self._slot_weights(layer), layer.slot_to_expert[...],
                                             num_experts, self.mesh, axis=self.axis,
                                             replicated=replicate_master) for layer in layers]
+        for layer in self.layers:
+            _LAYER_BALANCERS[layer] = weakref.ref(self)
 
     @staticmethod
     def _slot_weights(layer: MoELayer):

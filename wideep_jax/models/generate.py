@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wideep_jax.eplb.balancer import OnlineBalancer
+from wideep_jax.eplb.balancer import OnlineBalancer, layer_balancer
 from wideep_jax.jit import forward_jit
 from wideep_jax.layer import MoELayer
 from wideep_jax.models.decoder import CausalLM
@@ -72,22 +72,38 @@ _PREFILL_STEP = forward_jit(_prefill, static_argnames=_STATIC, donate_argnums=4)
 _DECODE_STEP = forward_jit(_decode, static_argnames=_STATIC, donate_argnums=4)
 
 
-# model -> its OnlineBalancer (None: static placement). Weak keys: the entry goes with the model.
+# model -> the OnlineBalancer model_balancer built for it (None: static placement). Weak
+# keys: the entry goes with the model.
 _BALANCERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def model_balancer(model: CausalLM) -> OnlineBalancer | None:
     """The model's online EPLB balancer; None when its placement is static.
 
-    Built on the first call for a model whose MoE layers' ``load_balancer`` is online
-    (``layer_updates_per_iter > 0``, backend ``WIDEEP``), then kept as long as the
-    model lives, so the statistics and the host master copy carry over from one
-    :func:`generate` call to the next.
+    For a model whose MoE layers' ``load_balancer`` is online
+    (``layer_updates_per_iter > 0``, backend ``WIDEEP``): a live :class:`OnlineBalancer`
+    the caller built over exactly those layers, else one built here on the first call
+    and kept as long as the model lives, so the statistics and the host master copy
+    carry over from one :func:`generate` call to the next. Raises ``ValueError`` when
+    caller-built balancers cover only some of the layers (step them yourself, with
+    ``generate(..., balance=False, after_step=...)``).
     """
-    if model not in _BALANCERS:
-        layers = [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoELayer)]
-        lb = layers[0].config.load_balancer if layers else None
-        _BALANCERS[model] = OnlineBalancer(layers) if lb is not None and lb.is_online else None
+    layers = [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoELayer)]
+    lb = layers[0].config.load_balancer if layers else None
+    if lb is None or not lb.is_online:
+        return None
+    owners = [layer_balancer(layer) for layer in layers]
+    first = owners[0]
+    if first is not None and all(o is first for o in owners) and len(first.layers) == len(layers) \
+            and all(a is b for a, b in zip(first.layers, layers)):
+        _BALANCERS[model] = first  # and lets go of one built here before, with its host copy
+        return first
+    if any(o is not None for o in owners):
+        covered = sum(o is not None for o in owners)
+        raise ValueError(f"model: {covered} of its {len(layers)} MoE layers have OnlineBalancers that do not "
+                         "cover exactly the model's MoE layers; allowed: one balancer over all of them, or "
+                         "generate(..., balance=False) with your balancers' step in after_step")
+    _BALANCERS[model] = OnlineBalancer(layers)
     return _BALANCERS[model]
 
 
@@ -106,10 +122,12 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
       on_token: called with the step index after each decode step is enqueued (progress bars;
         the device may still be running it).
       after_step: called with each step's per-layer ``MoEStats`` (e.g. a statistics recorder),
-        after the balancer.
+        after the balancer. Passing the balancer's own ``step`` here is harmless: it
+        still runs once per step.
       balance: with an online ``load_balancer`` in the model's ``moe_config``, re-place
         layers after every step (prefill and each decode step) with
-        :func:`model_balancer`; False keeps the placements as they are.
+        :func:`model_balancer` (a balancer you built over the model's layers is the one
+        used); False keeps the placements as they are.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts: allowed: one or more non-empty token-id lists")
@@ -126,6 +144,8 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
     positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
     lengths = valid.sum(axis=1).astype(np.int32)
     balancer = model_balancer(model) if balance else None
+    if balancer is not None and after_step == balancer.step:
+        after_step = None  # the old pattern, after_step=balancer.step: step once, not twice
     hooks = [h for h in (balancer and balancer.step, after_step) if h is not None]
 
     def after(stats) -> None:
