@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from process_helpers import ROOT, child_env, free_port, run_processes
@@ -43,17 +44,35 @@ def _report(out: str) -> list[str]:
     return [line for line in out.splitlines() if re.match(r"  (layer \d+:|\[\d+\])", line)]
 
 
-def test_main_job_across_two_processes_matches_one_process():
+def test_main_job_across_two_processes_matches_one_process(tmp_path):
+    """Same tokens and balance report, and (EXPERT_STATISTIC_*) the same per-rank
+    statistics files, written by process 0 alone."""
+    from safetensors.numpy import load_file
+
     port = free_port()
     run = [sys.executable, "-m", "wideep_jax.cli", "run", "--max-new-tokens", "4", "--batch", "4"]
-    outs = _run_processes([run + ["--cpu-devices", "4", "--coordinator", f"127.0.0.1:{port}",
-                                  "--num-processes", "2", "--process-id", str(pid)] for pid in range(2)]
-                          + [run + ["--cpu-devices", "8"]])
+    stats = {name: _env() | {"EXPERT_STATISTIC_ITER_RANGE": "1-3", "EXPERT_STATISTIC_PATH": str(tmp_path / name)}
+             for name in ("two", "one")}
+    outs = run_processes([run + ["--cpu-devices", "4", "--coordinator", f"127.0.0.1:{port}",
+                                 "--num-processes", "2", "--process-id", str(pid)] for pid in range(2)]
+                         + [run + ["--cpu-devices", "8"]], [stats["two"], stats["two"], stats["one"]],
+                         timeout=600)
     two, quiet, one = outs
     assert "on 8 cpu devices, WIDEEP" in two and "online EPLB" in two, two[-2000:]
     assert len(_report(one)) == 3 + 4, one[-2000:]  # 3 MoE layers, 4 prompts
     assert _report(two) == _report(one)
     assert _report(quiet) == [] and "wideep run:" not in quiet  # process 0 reports, the others stay quiet
+    files = sorted(f.name for f in (tmp_path / "one").iterdir())
+    assert files == ["meta_info.json"] + [f"rank{r}.safetensors" for r in range(8)]
+    assert sorted(f.name for f in (tmp_path / "two").iterdir()) == files
+    for name in files[1:]:
+        got, want = load_file(str(tmp_path / "two" / name)), load_file(str(tmp_path / "one" / name))
+        assert sorted(want) == [f"{i}_{layer}" for i in (1, 2) for layer in (1, 2, 3)]  # iterations 1, 2
+        assert sorted(got) == sorted(want)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+    total = sum(load_file(str(tmp_path / "one" / n))["1_1"].sum() for n in files[1:])
+    assert total == 4 * 4  # one decode step: 4 sequences, top-4 pairs each
 
 
 @pytest.mark.parametrize("argv, message", [
