@@ -9,6 +9,7 @@ one-process run of the same EP8 program.
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 
@@ -95,3 +96,35 @@ def test_main_job_coordinator_auto_outside_a_cluster():
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "wideep: error: --coordinator=auto: jax.distributed found no cluster to read" in proc.stderr
+
+
+def _slurm_job_id() -> int:
+    """A SLURM job id whose coordinator port (jax: 61440 + id % 4096) is free now."""
+    for _ in range(50):
+        port = free_port()
+        if port >= 61440:
+            return port - 61440
+    for port in range(61440, 65536):  # the OS handed out low ports: look in jax's range
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port))
+            return port - 61440
+        except OSError:
+            continue
+    pytest.skip("no free port in jax's SLURM range 61440-65535")
+
+
+def test_main_job_coordinator_auto_under_slurm():
+    """--coordinator auto inside a SLURM step (its variables, as srun sets them for two
+    tasks on one node): jax.distributed reads the coordinator, process count and ids,
+    and the two processes form one EP8 group, process 0 reporting."""
+    job = _slurm_job_id()
+    run = [sys.executable, "-m", "wideep_jax.cli", "run", "--max-new-tokens", "2", "--batch", "2",
+           "--cpu-devices", "4", "--coordinator", "auto"]
+    envs = [_env() | {"SLURM_JOB_ID": str(job), "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
+                      "SLURM_PROCID": str(pid), "SLURM_LOCALID": str(pid), "SLURM_STEP_NUM_NODES": "1"}
+            for pid in range(2)]
+    first, second = run_processes([run, run], envs, timeout=600)
+    assert "on 8 cpu devices, WIDEEP" in first, first[-2000:]
+    assert len(_report(first)) == 3 + 2  # 3 MoE layers, 2 prompts
+    assert _report(second) == [] and "wideep run:" not in second
