@@ -72,13 +72,15 @@ def assert_close(actual, expected, rtol=1e-5):
 
 
 @contextlib.contextmanager
-def count_compiles():
-    """Counts XLA backend compilations inside the block: ``with count_compiles() as n: ...; n[0]``."""
+def count_compiles(event: str = "/jax/core/compile/backend_compile_duration"):
+    """Counts XLA backend compilations inside the block: ``with count_compiles() as n: ...; n[0]``.
+
+    ``event``: another of jax's compile-stage events, e.g. :data:`TRACE_EVENT`."""
     from jax._src import monitoring
     count = [0]
 
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
+    def listener(name, duration, **kwargs):
+        if name == event:
             count[0] += 1
 
     monitoring.register_event_duration_secs_listener(listener)
@@ -86,3 +88,7 @@ def count_compiles():
         yield count
     finally:
         monitoring.unregister_event_duration_listener(listener)
+
+
+# A function traced to a jaxpr: a jit cache miss, even where XLA reuses a compiled program.
+TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"

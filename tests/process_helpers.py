@@ -36,10 +36,11 @@ def run_processes(commands: Sequence[Sequence[str]], envs: Sequence[Mapping[str,
     Once one fails the others would wait for it in a collective, so they are killed
     then, and at the time limit: a failure never becomes a hang."""
     files = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in commands]
-    procs = [subprocess.Popen(list(c), stdout=out, stderr=err, text=True, env=dict(env), cwd=ROOT)
-             for c, env, (out, err) in zip(commands, envs, files, strict=True)]
+    procs: list[subprocess.Popen] = []
     deadline = time.monotonic() + timeout
     try:
+        for c, env, (out, err) in zip(commands, envs, files, strict=True):
+            procs.append(subprocess.Popen(list(c), stdout=out, stderr=err, text=True, env=dict(env), cwd=ROOT))
         while any(p.poll() is None for p in procs):
             if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
                 break

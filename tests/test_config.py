@@ -171,12 +171,29 @@ def test_llm_api_file_without_moe_options_gives_defaults():
      "moe_config.backend replaces moe_backend"),
     ({"moe_load_balancer": {"num_slots": 8}, "pytorch_backend_config": {"moe_load_balancer": {"num_slots": 8}}},
      "moe_load_balancer", "both at the top level and under pytorch_backend_config"),
-    ({"moe_backend": "FOO"}, "moe_config.backend", "'FOO'"),
+    # errors in legacy keys name them as the file wrote them
+    ({"moe_backend": "FOO"}, "moe_backend: got 'FOO'", "allowed"),
+    ({"pytorch_backend_config": {"moe_backend": "WIDEP"}}, "pytorch_backend_config.moe_backend: got 'WIDEP'",
+     "allowed"),
+    ({"moe_max_num_tokens": 9216.0}, "moe_max_num_tokens: got 9216.0", "allowed"),
+    ({"pytorch_backend_config": {"moe_load_balancer": {"num_slots": 0}}},
+     "pytorch_backend_config.moe_load_balancer.num_slots: got 0", "allowed"),
+    ({"moe_load_balancer": {"num_slot": 8}}, "moe_load_balancer", "unknown key 'num_slot'"),
     ({"backend": "WIDEEP", "max_tokens": 8}, "moe_config", "unknown key 'max_tokens'"),  # bare: still strict
 ])
 def test_legacy_and_llm_api_errors(source, key, value):
-    with raises(key, value):
+    with raises(key, value) as err:
         load_moe_config(source)
+    if any(k.startswith("moe_") for k in source) or "pytorch_backend_config" in source:
+        assert "moe_config." not in str(err.value) or "moe_config and" in str(err.value), err.value
+
+
+def test_legacy_key_errors_found_by_validation_name_the_legacy_key():
+    source = {"enable_attention_dp": True, "moe_backend": "WIDEEP", "moe_load_balancer": {"num_slots": 7}}
+    with raises("moe_load_balancer.num_slots: got 7", "allowed: >= num_experts = 8"):
+        load_moe_config(source, num_experts=8, ep_size=2)
+    with raises("moe_load_balancer.num_slots is not set", "EP size 3"):
+        load_moe_config({"moe_backend": "WIDEEP", "moe_load_balancer": {}}, num_experts=8, ep_size=3)
 
 
 def test_string_layer_keys_become_ints():

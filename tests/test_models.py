@@ -1,6 +1,7 @@
 """Models: Hugging Face parity (committed tiny fixtures), loading errors, KV cache."""
 from __future__ import annotations
 
+import gc
 import json
 import re
 import shutil
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_helpers import count_compiles, make_mesh
+from moe_helpers import TRACE_EVENT, count_compiles, make_mesh
 from wideep_jax.config import load_moe_config
 from wideep_jax.models import from_hf_config, from_pretrained
 from wideep_jax.models.loading import Checkpoint
@@ -287,8 +288,9 @@ def test_generate_over_ep_matches_local_and_never_recompiles():
 def test_generate_balances_an_online_model_by_itself():
     """An online load_balancer in the model's moe_config re-places layers during
     generate with no balancer passed: one step per prefill and decode step, one
-    balancer per model across calls, nothing compiled on the second call, the same
-    greedy tokens as the single-device model; balance=False keeps the placements."""
+    balancer per model across calls, nothing compiled in the timed steps of the first
+    call nor anywhere in the second, the same greedy tokens as the single-device
+    model; balance=False keeps the placements."""
     from wideep_jax.models.generate import generate, model_balancer
 
     folder, ids, _ = fixture("deepseek_v3")
@@ -301,22 +303,33 @@ def test_generate_balances_an_online_model_by_itself():
                                                                     "layer_updates_per_iter": 1, "tolerance": 0.0}},
                              num_experts=cfg.num_experts, ep_size=2)
     model = from_pretrained(folder, moe_config=online, mesh=make_mesh(2), dtype=jnp.float32)
-    first = generate(model, prompts, max_new_tokens=4)
+    from wideep_jax.models import generate as generate_module
+
+    decode = generate_module._DECODE_STEP.jitted
+    with count_compiles(TRACE_EVENT) as traces:
+        # Traces and decode-step cache entries (a new one per input sharding: jax's fast
+        # path missing) seen after the timed prefill (after_step) and after each timed
+        # decode step (on_token): the warm-up made them all, so they stay level.
+        seen = []
+        def look(_):
+            seen.append((traces[0], decode._cache_size()))
+        first = generate(model, prompts, max_new_tokens=6, after_step=look, on_token=look)
+    assert len(seen) == 6 + 5 and len(set(seen)) == 1, seen  # 6 after_step, 5 on_token calls
     balancer = model_balancer(model)
-    assert int(balancer.state.iteration) == 4  # the prefill and 3 decode steps
+    assert int(balancer.state.iteration) == 6  # the prefill and 5 decode steps
     with count_compiles() as compiles:
-        second = generate(model, prompts, max_new_tokens=4)
+        second = generate(model, prompts, max_new_tokens=6)
     assert compiles[0] == 0 and model_balancer(model) is balancer
-    assert int(balancer.state.iteration) == 8
+    assert int(balancer.state.iteration) == 12
     # The layers follow the balancer's placements, which moved off the default.
     placements = np.stack([np.asarray(layer.mlp.slot_to_expert[...]) for layer in model.layers
                            if hasattr(layer.mlp, "slot_to_expert")])
     np.testing.assert_array_equal(placements, np.asarray(balancer.state.placement))
     assert (placements != np.arange(cfg.num_experts + 2) % cfg.num_experts).any()
     for got in (first, second):
-        np.testing.assert_array_equal(got.tokens, local.tokens)
+        np.testing.assert_array_equal(got.tokens[:, :4], local.tokens)
     third = generate(model, prompts, max_new_tokens=4, balance=False)
-    assert int(balancer.state.iteration) == 8
+    assert int(balancer.state.iteration) == 12
     np.testing.assert_array_equal(third.tokens, local.tokens)
 
 
@@ -342,6 +355,15 @@ def test_generate_uses_the_callers_balancer_once():
     seen = []
     generate(model, prompts, max_new_tokens=3, after_step=seen.append)
     assert int(mine.state.iteration) == 6 and len(seen) == 3
+    # A wrapper around the balancer's step would count each iteration twice: refused.
+    with pytest.raises(ValueError, match="after_step stepped the model's balancer"):
+        generate(model, prompts, max_new_tokens=3, after_step=lambda s: mine.step(s))
+    # Throwaway balancers (over all layers, or one), dropped: the kept one goes on.
+    before = int(mine.state.iteration)
+    for part_layers in (layers, layers[:1]):
+        OnlineBalancer(part_layers)
+        gc.collect()
+        assert model_balancer(model) is mine and int(mine.state.iteration) == before
     assert len(layers) == 2  # the fixture: one dense layer, then two MoE layers
     fresh = from_pretrained(folder, moe_config=online, mesh=make_mesh(2), dtype=jnp.float32)
     part = OnlineBalancer([layer.mlp for layer in fresh.layers if hasattr(layer.mlp, "slot_to_expert")][:1])

@@ -340,7 +340,8 @@ class MoEConfig:
                         f"0 with backend {self.backend} (online load balancing needs backend WIDEEP)")
         if self.backend != "WIDEEP":
             _warn_inert(self, _MOE, WIDEEP_ONLY_KEYS,
-                        f"with backend {self.backend} (no all-to-all; every slot is local); it applies to "
+                        f"with backend {self.backend} (all-gather EP: no all-to-all, every slot's rows run where "
+                        "the slot lives); it applies to "
                         "backend WIDEEP")
 
     def num_slots(self, num_experts: int) -> int:
@@ -462,31 +463,35 @@ LLM_API_KEYS = frozenset({
 one of them at the top level is an LLM-API options file, not a bare ``moe_config``."""
 
 
-def _moe_section(data: Mapping) -> Mapping:
+def _moe_section(data: Mapping) -> tuple[Mapping, dict[str, str]]:
     """The ``moe_config`` mapping of a loaded file: its ``moe_config`` key, the legacy
-    ``moe_*`` options, or the whole file when it is a bare ``moe_config`` mapping."""
+    ``moe_*`` options, or the whole file when it is a bare ``moe_config`` mapping; and,
+    for legacy keys, ``{"moe_config.<key>": where the file wrote it}`` for error messages."""
     nested = data.get("pytorch_backend_config")
     legacy = {k: v for k, v in data.items() if k in LEGACY_MOE_KEYS}
+    written = {k: k for k in legacy}
     if isinstance(nested, Mapping):
         for k in LEGACY_MOE_KEYS.keys() & nested.keys():
             if k in legacy:
                 raise ConfigError(f"{k}: given both at the top level and under pytorch_backend_config; "
                                   "allowed: one of them")
             legacy[k] = nested[k]
+            written[k] = f"pytorch_backend_config.{k}"
     if _MOE in data:
         if legacy:
             raise ConfigError(f"{_MOE} and the legacy {', '.join(sorted(legacy))}: both given; allowed: one "
                               f"of them (moe_config.{LEGACY_MOE_KEYS[min(legacy)]} replaces {min(legacy)})")
-        return _mapping(_MOE, data[_MOE])
+        return _mapping(_MOE, data[_MOE]), {}
     if not legacy and not LLM_API_KEYS & data.keys():
-        return data  # a bare moe_config mapping: every key must be ours
+        return data, {}  # a bare moe_config mapping: every key must be ours
     # An LLM-API options file: its other keys are not ours. Top-level names that are also
     # moe_config keys (backend, max_num_tokens) are the engine's options there, not the MoE's.
     for k in {"backend", "max_num_tokens"} & data.keys():
         warnings.warn(ConfigWarning(f"{k}={data[k]!r} at the top level of a TensorRT-LLM LLM-API options file is "
                                     f"the engine's option and is ignored here; the MoE's is moe_config.{k}"),
                       stacklevel=3)
-    return {LEGACY_MOE_KEYS[k]: v for k, v in legacy.items()}
+    return ({LEGACY_MOE_KEYS[k]: v for k, v in legacy.items()},
+            {f"{_MOE}.{LEGACY_MOE_KEYS[k]}": where for k, where in written.items()})
 
 
 def load_moe_config(
@@ -513,17 +518,26 @@ def load_moe_config(
         data, base_dir = source, Path.cwd()
     else:
         raise _fail("source", source, "a YAML file path (str or os.PathLike) or a mapping")
-    data = _moe_section(_mapping("source", data))
-    fields = tuple(f.name for f in dataclasses.fields(MoEConfig))
-    _check_keys(_MOE, data, fields)
-    kwargs = dict(data)
-    kwargs["load_balancer"] = _load_balancer(data.get("load_balancer"), base_dir)
-    cfg = MoEConfig(**kwargs)
+    data, written = _moe_section(_mapping("source", data))
     if num_experts is None and ep_size is not None:
         raise ConfigError(
             f"num_experts=None, ep_size={ep_size!r}: allowed: num_experts given with ep_size "
             "(the slot count may default to num_experts)"
         )
-    if num_experts is not None:
-        cfg.validate(num_experts=num_experts, ep_size=1 if ep_size is None else ep_size)
+    try:
+        fields = tuple(f.name for f in dataclasses.fields(MoEConfig))
+        _check_keys(_MOE, data, fields)
+        kwargs = dict(data)
+        kwargs["load_balancer"] = _load_balancer(data.get("load_balancer"), base_dir)
+        cfg = MoEConfig(**kwargs)
+        if num_experts is not None:
+            cfg.validate(num_experts=num_experts, ep_size=1 if ep_size is None else ep_size)
+    except ConfigError as err:
+        if not written:
+            raise
+        # Name the legacy key the file has, not the moe_config key it was read as.
+        message = str(err)
+        for ours, theirs in written.items():
+            message = re.sub(rf"{re.escape(ours)}\b", theirs, message)
+        raise ConfigError(message) from None
     return cfg

@@ -31,6 +31,11 @@ def layer_balancer(layer: MoELayer) -> OnlineBalancer | None:
     return None if ref is None else ref()
 
 
+def register_balancer(layer: MoELayer, balancer: OnlineBalancer) -> None:
+    """Makes ``balancer`` the one :func:`layer_balancer` returns for ``layer``."""
+    _LAYER_BALANCERS[layer] = weakref.ref(balancer)
+
+
 class OnlineBalancer:
     """Re-places ``layer_updates_per_iter`` of ``layers`` per step, moving only changed slots.
 
@@ -79,7 +84,7 @@ class OnlineBalancer:
                                             num_experts, self.mesh, axis=self.axis,
                                             replicated=replicate_master) for layer in layers]
         for layer in self.layers:
-            _LAYER_BALANCERS[layer] = weakref.ref(self)
+            register_balancer(layer, self)
 
     @staticmethod
     def _slot_weights(layer: MoELayer):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wideep_jax.eplb.balancer import OnlineBalancer, layer_balancer
+from wideep_jax.eplb.balancer import OnlineBalancer, layer_balancer, register_balancer as _register
 from wideep_jax.jit import forward_jit
 from wideep_jax.layer import MoELayer
 from wideep_jax.models.decoder import CausalLM
@@ -70,6 +70,8 @@ def _decode(model: CausalLM, token, positions, step, cache, total, key, temperat
 _STATIC = ("temperature", "top_p", "keep_stats")
 _PREFILL_STEP = forward_jit(_prefill, static_argnames=_STATIC, donate_argnums=4)
 _DECODE_STEP = forward_jit(_decode, static_argnames=_STATIC, donate_argnums=4)
+# Decode steps the warm-up may take before the shardings settle (3 on an Explicit mesh).
+_MAX_WARM_DECODE_STEPS = 4
 
 
 # model -> the OnlineBalancer model_balancer built for it (None: static placement). Weak
@@ -92,19 +94,29 @@ def model_balancer(model: CausalLM) -> OnlineBalancer | None:
     lb = layers[0].config.load_balancer if layers else None
     if lb is None or not lb.is_online:
         return None
-    owners = [layer_balancer(layer) for layer in layers]
-    first = owners[0]
-    if first is not None and all(o is first for o in owners) and len(first.layers) == len(layers) \
-            and all(a is b for a, b in zip(first.layers, layers)):
-        _BALANCERS[model] = first  # and lets go of one built here before, with its host copy
-        return first
-    if any(o is not None for o in owners):
-        covered = sum(o is not None for o in owners)
-        raise ValueError(f"model: {covered} of its {len(layers)} MoE layers have OnlineBalancers that do not "
-                         "cover exactly the model's MoE layers; allowed: one balancer over all of them, or "
-                         "generate(..., balance=False) with your balancers' step in after_step")
-    _BALANCERS[model] = OnlineBalancer(layers)
-    return _BALANCERS[model]
+
+    def covers(b: OnlineBalancer | None) -> bool:
+        return b is not None and len(b.layers) == len(layers) and all(a is c for a, c in zip(b.layers, layers))
+
+    kept = _BALANCERS.get(model)
+    # The newest live balancer of each layer (dead references give None), besides the kept one.
+    foreign = list({id(b): b for b in map(layer_balancer, layers) if b is not None and b is not kept}.values())
+    if len(foreign) == 1 and covers(foreign[0]):
+        chosen = foreign[0]
+    elif foreign:
+        raise ValueError(f"model: live OnlineBalancers over {sorted({len(b.layers) for b in foreign})} of its "
+                         f"{len(layers)} MoE layers, none over exactly the model's MoE layers; allowed: one "
+                         "balancer over all of them, or generate(..., balance=False) with your balancers' "
+                         "step in after_step")
+    elif covers(kept):
+        chosen = kept
+    else:
+        _BALANCERS.pop(model, None)  # before building: never two host copies at once
+        chosen = OnlineBalancer(layers)
+    for layer in layers:  # again, where a newer balancer over some of them has gone
+        _register(layer, chosen)
+    _BALANCERS[model] = chosen  # lets go of one built here before, with its host copy
+    return chosen
 
 
 def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -122,8 +134,9 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
       on_token: called with the step index after each decode step is enqueued (progress bars;
         the device may still be running it).
       after_step: called with each step's per-layer ``MoEStats`` (e.g. a statistics recorder),
-        after the balancer. Passing the balancer's own ``step`` here is harmless: it
-        still runs once per step.
+        after the balancer. Passing the balancer's own ``step`` here is harmless (it
+        still runs once per step); a wrapper that steps it raises ``ValueError``
+        (use ``balance=False`` to step it yourself).
       balance: with an online ``load_balancer`` in the model's ``moe_config``, re-place
         layers after every step (prefill and each decode step) with
         :func:`model_balancer` (a balancer you built over the model's layers is the one
@@ -146,22 +159,37 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
     balancer = model_balancer(model) if balance else None
     if balancer is not None and after_step == balancer.step:
         after_step = None  # the old pattern, after_step=balancer.step: step once, not twice
-    hooks = [h for h in (balancer and balancer.step, after_step) if h is not None]
+    hooks = balancer is not None or after_step is not None
 
     def after(stats) -> None:
-        for hook in hooks:
-            hook(stats)
+        if balancer is not None:
+            balancer.step(stats)
+        if after_step is not None:
+            state = balancer and balancer.state
+            after_step(stats)
+            if balancer is not None and balancer.state is not state:  # a wrapper around balancer.step
+                raise ValueError("after_step stepped the model's balancer, which generate already steps "
+                                 "(balance=True): each iteration would count twice; allowed: an after_step "
+                                 "that does not step it, or balance=False to step it yourself")
 
-    sampling = dict(temperature=temperature, top_p=top_p, keep_stats=bool(hooks))
+    sampling = dict(temperature=temperature, top_p=top_p, keep_stats=hooks)
     key = jax.random.key(seed)
     args = (jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(valid))
     first_pos = jnp.asarray(lengths)[:, None]
-    # Warm-up on a throwaway cache: the prefill, and two decode steps, since the second
-    # gets the first's outputs, whose shardings may differ from the host's arrays.
+    # Warm-up on a throwaway cache: the prefill, then decode steps until the carried
+    # arrays come back with the shardings they went in with (the host's positions,
+    # then each step's outputs, may differ: P('ep',) vs P('ep', None) misses jit's
+    # cache), so every step of the timed loop finds its entry.
     token, warm, counts, _ = _PREFILL_STEP(model, *args, model.init_cache(batch, width + max_new_tokens), key,
                                            **sampling)
-    first = _DECODE_STEP(model, token, first_pos, jnp.int32(1), warm, counts, key, **sampling)
-    jax.block_until_ready(_DECODE_STEP(model, *first[:5], key, **sampling)[0])
+    carried = (token, first_pos, jnp.int32(1), warm, counts)
+    for _ in range(_MAX_WARM_DECODE_STEPS):
+        out = _DECODE_STEP(model, *carried, key, **sampling)[:5]
+        settled = [a.sharding for a in jax.tree.leaves(out)] == [a.sharding for a in jax.tree.leaves(carried)]
+        carried = out
+        if settled:
+            break
+    jax.block_until_ready(carried)
 
     prefill_bound, decode_bound = _PREFILL_STEP.bind(model), _DECODE_STEP.bind(model)
     cache = model.init_cache(batch, width + max_new_tokens)
