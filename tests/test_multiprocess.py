@@ -82,10 +82,33 @@ def test_main_job_across_two_processes_matches_one_process(tmp_path):
     (["--coordinator", "127.0.0.1:1", "--num-processes", "2"], "needs --num-processes and --process-id"),
     (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
      r"--process-id=2: allowed: 0..1"),
+    (["--local-device-ids", "0,1"], r"--local-device-ids=0,1: allowed only with --coordinator"),
+    (["--coordinator", "auto", "--local-device-ids", "0,0"], r"'0,0': allowed: distinct device ids >= 0"),
+    (["--coordinator", "auto", "--local-device-ids", "0,-1"], r"'0,-1': allowed: distinct device ids >= 0"),
 ])
 def test_main_job_distributed_flag_errors(argv, message, capsys):
-    assert cli.main(["run", "--max-new-tokens", "1", *argv]) == 2
+    try:
+        code = cli.main(["run", "--max-new-tokens", "1", *argv])
+    except SystemExit as exit_:  # argparse's own errors (a flag's value)
+        code = exit_.code
+    assert code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("coordinator, num_processes, process_id", [("auto", None, None), ("host:1234", 2, 1)])
+def test_local_device_ids_reach_jax_distributed(monkeypatch, coordinator, num_processes, process_id):
+    import jax
+
+    from wideep_jax.run import init_distributed
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)  # keep this process's collectives
+    init_distributed(coordinator, num_processes, process_id, [0, 1, 2, 3])
+    (args, kwargs), = calls
+    assert kwargs["local_device_ids"] == [0, 1, 2, 3]
+    if coordinator != "auto":
+        assert args == (coordinator,) and (kwargs["num_processes"], kwargs["process_id"]) == (2, 1)
 
 
 def test_main_job_coordinator_auto_outside_a_cluster():
@@ -120,7 +143,7 @@ def test_main_job_coordinator_auto_under_slurm():
     and the two processes form one EP8 group, process 0 reporting."""
     job = _slurm_job_id()
     run = [sys.executable, "-m", "wideep_jax.cli", "run", "--max-new-tokens", "2", "--batch", "2",
-           "--cpu-devices", "4", "--coordinator", "auto"]
+           "--cpu-devices", "4", "--coordinator", "auto", "--local-device-ids", "0,1,2,3"]
     envs = [_env() | {"SLURM_JOB_ID": str(job), "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
                       "SLURM_PROCID": str(pid), "SLURM_LOCALID": str(pid), "SLURM_STEP_NUM_NODES": "1"}
             for pid in range(2)]

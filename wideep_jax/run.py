@@ -57,11 +57,28 @@ def add_parser(sub) -> None:
                         "process 0's address, or 'auto' to read it from the cluster (SLURM, Open MPI, ...)")
     p.add_argument("--num-processes", type=POSITIVE, default=None, help="with --coordinator HOST:PORT")
     p.add_argument("--process-id", type=NON_NEGATIVE, default=None, help="with --coordinator HOST:PORT")
+    p.add_argument("--local-device-ids", type=_device_ids, default=None, metavar="I,J,...",
+                   help="with --coordinator: this process's GPUs (default: all; under SLURM, JAX's default "
+                        "is the one GPU at SLURM_LOCALID, so a task per node needs e.g. 0,1,2,3,4,5,6,7)")
     p.set_defaults(func=main_job)
 
 
-def init_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
+def _device_ids(text: str) -> list[int]:
+    """``--local-device-ids``: distinct non-negative ints, comma-separated."""
+    import argparse
+
+    parts = [t.strip() for t in text.split(",")]
+    if not all(t.isdigit() for t in parts) or len(set(parts)) != len(parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed: distinct device ids >= 0, comma-separated, e.g. 0,1,2,3")
+    return [int(t) for t in parts]
+
+
+def init_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None,
+                     local_device_ids: list[int] | None = None) -> None:
     """Joins a multi-process run (``jax.distributed``) before any device is touched."""
+    if local_device_ids is not None and coordinator is None:
+        raise ValueError(f"--local-device-ids={','.join(map(str, local_device_ids))}: allowed only with "
+                         "--coordinator (a multi-process run)")
     explicit = (num_processes, process_id)
     if coordinator is None or coordinator == "auto":
         if explicit != (None, None):
@@ -80,9 +97,10 @@ def init_distributed(coordinator: str | None, num_processes: int | None, process
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         if coordinator == "auto":
-            jax.distributed.initialize()
+            jax.distributed.initialize(local_device_ids=local_device_ids)
         else:
-            jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+            jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id,
+                                       local_device_ids=local_device_ids)
     except ValueError as err:  # auto outside a cluster
         raise ValueError(f"--coordinator={coordinator}: jax.distributed found no cluster to read ({err}); allowed: "
                          "a launch under SLURM, Open MPI, ..., or --coordinator HOST:PORT with "
@@ -196,7 +214,7 @@ def main_job(args) -> int:
     from wideep_jax.models import CausalLM, DecoderConfig, from_hf_config, from_pretrained
     from wideep_jax.models.generate import generate, model_balancer
 
-    init_distributed(args.coordinator, args.num_processes, args.process_id)
+    init_distributed(args.coordinator, args.num_processes, args.process_id, args.local_device_ids)
     # Every process runs the same program; process 0 reports.
     say = print if jax.process_index() == 0 else (lambda *a, **k: None)
     platform = jax.default_backend()
