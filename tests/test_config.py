@@ -188,6 +188,22 @@ def test_legacy_and_llm_api_errors(source, key, value):
         assert "moe_config." not in str(err.value) or "moe_config and" in str(err.value), err.value
 
 
+def test_legacy_key_names_leave_quoted_values_alone(tmp_path, monkeypatch):
+    """Only key names are renamed: a path that happens to contain 'moe_config.load_balancer'
+    is quoted as written."""
+    monkeypatch.chdir(tmp_path)
+    with raises("moe_load_balancer: file not found", "'moe_config.load_balancer.yaml'"):
+        load_moe_config({"moe_load_balancer": "moe_config.load_balancer.yaml"})
+    with raises("moe_load_balancer: file not found", "'/x/moe_config.max_num_tokens/lb.yaml'"):
+        load_moe_config({"moe_load_balancer": "/x/moe_config.max_num_tokens/lb.yaml", "moe_max_num_tokens": 4})
+
+
+def test_legacy_file_errors_name_legacy_keys_it_did_not_write():
+    """A legacy file may not add moe_config: the advice names moe_load_balancer instead."""
+    with raises("moe_load_balancer.num_slots is not set", "allowed: set moe_load_balancer.num_slots"):
+        load_moe_config({"enable_attention_dp": True, "moe_backend": "CUTLASS"}, num_experts=6, ep_size=4)
+
+
 def test_legacy_key_errors_found_by_validation_name_the_legacy_key():
     source = {"enable_attention_dp": True, "moe_backend": "WIDEEP", "moe_load_balancer": {"num_slots": 7}}
     with raises("moe_load_balancer.num_slots: got 7", "allowed: >= num_experts = 8"):
@@ -318,9 +334,11 @@ def test_slot_count_without_load_balancer_names_the_fix():
     """CUTLASS on a mesh shards slots too: with no load_balancer, num_experts must divide
     over the EP ranks, and the error says so without naming a key the file lacks."""
     for source in ({"backend": "CUTLASS"}, {"backend": "WIDEEP"}):
-        with raises("num_experts=6 (the slot count", "allowed: set moe_config.load_balancer.num_slots to a multiple of 4 "
-                    "that is >= 6 (e.g. 8), use an EP size that divides 6, or mesh=None"):
+        with raises("num_experts=6 (the slot count", "allowed: set moe_config.load_balancer.num_slots to a multiple "
+                    "of 4 that is >= 6 (e.g. 8) or use an EP size that divides 6") as err:
             load_moe_config(source, num_experts=6, ep_size=4)
+        # WIDEEP needs a mesh: mesh=None is advice for CUTLASS only
+        assert ("or mesh=None" in str(err.value)) == (source["backend"] == "CUTLASS"), err.value
         load_moe_config(source, num_experts=6, ep_size=3)
         load_moe_config({**source, "load_balancer": {"num_slots": 8}}, num_experts=6, ep_size=4)
 

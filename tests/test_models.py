@@ -333,6 +333,25 @@ def test_generate_balances_an_online_model_by_itself():
     np.testing.assert_array_equal(third.tokens, local.tokens)
 
 
+def test_generate_timed_steps_find_their_compiled_program_with_committed_weights():
+    """A model whose arrays are committed to one device (device_put, no mesh): the
+    step outputs come back committed while the host's inputs are not, a separate jit
+    cache entry with an equal sharding. The warm-up must cover it: nothing is traced,
+    compiled or added to the decode step's cache during the timed steps."""
+    from wideep_jax.models import generate as generate_module
+
+    folder, ids, _ = fixture("deepseek_v3")
+    model = from_pretrained(folder, dtype=jnp.float32)
+    nnx.update(model, jax.device_put(nnx.state(model), jax.devices()[0]))
+    decode = generate_module._DECODE_STEP.jitted
+    seen = []
+    with count_compiles() as compiles, count_compiles(TRACE_EVENT) as traces:
+        def look(_):
+            seen.append((traces[0], compiles[0], decode._cache_size()))
+        generate_module.generate(model, [list(ids[0, :4])], max_new_tokens=5, after_step=look, on_token=look)
+    assert len(seen) == 5 + 4 and len(set(seen)) == 1, seen
+
+
 def test_generate_uses_the_callers_balancer_once():
     """A balancer the caller built over the model's layers is the one generate steps,
     once per step even when also passed as after_step (no second balancer, no second

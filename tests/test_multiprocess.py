@@ -85,6 +85,7 @@ def test_main_job_across_two_processes_matches_one_process(tmp_path):
     (["--local-device-ids", "0,1"], r"--local-device-ids=0,1: allowed only with --coordinator"),
     (["--coordinator", "auto", "--local-device-ids", "0,0"], r"'0,0': allowed: distinct device ids >= 0"),
     (["--coordinator", "auto", "--local-device-ids", "0,-1"], r"'0,-1': allowed: distinct device ids >= 0"),
+    (["--coordinator", "auto", "--local-device-ids", "0,00"], r"'0,00': allowed: distinct device ids >= 0"),
 ])
 def test_main_job_distributed_flag_errors(argv, message, capsys):
     try:

@@ -241,8 +241,9 @@ class LoadBalancerConfig:
                     f"allowed: exactly num_slots = {num_slots} (one expert id per slot)"
                 )
 
-    def validate(self, *, num_experts: int, ep_size: int) -> LoadBalancerConfig:
-        """Check slot count and placement against the model and mesh; returns self."""
+    def validate(self, *, num_experts: int, ep_size: int, backend: str | None = None) -> LoadBalancerConfig:
+        """Check slot count and placement against the model and mesh (``backend``: the
+        MoE's, for the advice in errors); returns self."""
         num_experts = _int("num_experts", num_experts, minimum=1)
         ep_size = _int("ep_size", ep_size, minimum=1)
         num_slots = self.resolved_num_slots(num_experts)
@@ -256,7 +257,8 @@ class LoadBalancerConfig:
             raise ConfigError(
                 f"num_experts={num_experts} (the slot count: {_LB}.num_slots is not set) is not a multiple of "
                 f"the EP size {ep_size}; allowed: set {_LB}.num_slots to a multiple of {ep_size} that is >= "
-                f"{num_experts} (e.g. {multiple}), use an EP size that divides {num_experts}, or mesh=None")
+                f"{num_experts} (e.g. {multiple}) or use an EP size that divides {num_experts}"
+                + ("" if backend == "WIDEEP" else ", or mesh=None"))
         if bad:
             raise _fail(f"{_LB}.{bad[0]}", bad[1], bad[2])
         self._check_lengths(num_slots)
@@ -350,7 +352,8 @@ class MoEConfig:
 
     def validate(self, *, num_experts: int, ep_size: int) -> MoEConfig:
         """Run every check that needs the expert count and EP size; returns self."""
-        (self.load_balancer or LoadBalancerConfig()).validate(num_experts=num_experts, ep_size=ep_size)
+        (self.load_balancer or LoadBalancerConfig()).validate(num_experts=num_experts, ep_size=ep_size,
+                                                              backend=self.backend)
         return self
 
     def slot_to_expert(self, layer_idx: int | None, *, num_experts: int, ep_size: int) -> np.ndarray:
@@ -490,8 +493,21 @@ def _moe_section(data: Mapping) -> tuple[Mapping, dict[str, str]]:
         warnings.warn(ConfigWarning(f"{k}={data[k]!r} at the top level of a TensorRT-LLM LLM-API options file is "
                                     f"the engine's option and is ignored here; the MoE's is moe_config.{k}"),
                       stacklevel=3)
+    # Errors name the legacy keys, as the file has them or (unwritten) at the top level: a
+    # moe_config key next to them would be refused.
+    if legacy:
+        written = {k: written.get(k, k) for k in LEGACY_MOE_KEYS}
     return ({LEGACY_MOE_KEYS[k]: v for k, v in legacy.items()},
             {f"{_MOE}.{LEGACY_MOE_KEYS[k]}": where for k, where in written.items()})
+
+
+def _legacy_names(message: str, written: Mapping[str, str]) -> str:
+    """``message`` with each ``moe_config.<key>`` in ``written`` named as the legacy key
+    the file has; quoted values (paths, strings the file wrote) are left as they are."""
+    pattern = re.compile("|".join(rf"{re.escape(k)}\b" for k in sorted(written, key=len, reverse=True)))
+    parts = re.split(r"('(?:[^'\\]|\\.)*')", message)  # odd indexes: quoted reprs
+    return "".join(part if i % 2 else pattern.sub(lambda m: written[m.group(0)], part)
+                   for i, part in enumerate(parts))
 
 
 def load_moe_config(
@@ -535,9 +551,5 @@ def load_moe_config(
     except ConfigError as err:
         if not written:
             raise
-        # Name the legacy key the file has, not the moe_config key it was read as.
-        message = str(err)
-        for ours, theirs in written.items():
-            message = re.sub(rf"{re.escape(ours)}\b", theirs, message)
-        raise ConfigError(message) from None
+        raise ConfigError(_legacy_names(str(err), written)) from None
     return cfg

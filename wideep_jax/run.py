@@ -68,9 +68,10 @@ def _device_ids(text: str) -> list[int]:
     import argparse
 
     parts = [t.strip() for t in text.split(",")]
-    if not all(t.isdigit() for t in parts) or len(set(parts)) != len(parts):
+    ids = [int(t) for t in parts] if all(t.isdigit() for t in parts) else None
+    if ids is None or len(set(ids)) != len(ids):
         raise argparse.ArgumentTypeError(f"{text!r}: allowed: distinct device ids >= 0, comma-separated, e.g. 0,1,2,3")
-    return [int(t) for t in parts]
+    return ids
 
 
 def init_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None,

@@ -70,7 +70,7 @@ def _decode(model: CausalLM, token, positions, step, cache, total, key, temperat
 _STATIC = ("temperature", "top_p", "keep_stats")
 _PREFILL_STEP = forward_jit(_prefill, static_argnames=_STATIC, donate_argnums=4)
 _DECODE_STEP = forward_jit(_decode, static_argnames=_STATIC, donate_argnums=4)
-# Decode steps the warm-up may take before the shardings settle (3 on an Explicit mesh).
+# Decode steps the warm-up may take before the shardings settle (3 on an Explicit mesh, 2 at least).
 _MAX_WARM_DECODE_STEPS = 4
 
 
@@ -112,6 +112,7 @@ def model_balancer(model: CausalLM) -> OnlineBalancer | None:
         chosen = kept
     else:
         _BALANCERS.pop(model, None)  # before building: never two host copies at once
+        kept = None
         chosen = OnlineBalancer(layers)
     for layer in layers:  # again, where a newer balancer over some of them has gone
         _register(layer, chosen)
@@ -183,9 +184,12 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
     token, warm, counts, _ = _PREFILL_STEP(model, *args, model.init_cache(batch, width + max_new_tokens), key,
                                            **sampling)
     carried = (token, first_pos, jnp.int32(1), warm, counts)
-    for _ in range(_MAX_WARM_DECODE_STEPS):
+    for step in range(_MAX_WARM_DECODE_STEPS):
         out = _DECODE_STEP(model, *carried, key, **sampling)[:5]
-        settled = [a.sharding for a in jax.tree.leaves(out)] == [a.sharding for a in jax.tree.leaves(carried)]
+        # A committed and an uncommitted array on one device have equal shardings but
+        # separate cache entries: compare both. At least two steps: the host's inputs
+        # are uncommitted, the step's outputs committed.
+        settled = step > 0 and _placement(out) == _placement(carried)
         carried = out
         if settled:
             break
@@ -215,6 +219,11 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
     out = host_array(jnp.stack(tokens, axis=1)).astype(np.int32)
     decode = time.perf_counter() - start
     return Generation(out, prefill, decode, host_array(total).astype(np.int64))
+
+
+def _placement(tree) -> list:
+    """What jit's cache keys on besides shapes: each array's sharding and committedness."""
+    return [(a.sharding, a.committed) for a in jax.tree.leaves(tree)]
 
 
 def host_array(a: jax.Array) -> np.ndarray:
