@@ -53,6 +53,30 @@ def deepseek_v3(layers: int, small: bool, dtype) -> DecoderConfig:
         router=RouterSpec(kind="noaux_tc", n_group=8, topk_group=4, routed_scaling_factor=2.5), **dims)
 
 
+def check_fits(cfg: DecoderConfig, ep: int, layers: int, dtype) -> None:
+    """Exits naming the largest ``--layers`` that fits when the weights would not fit one device.
+
+    Counts the routed experts (sharded over EP) and the embedding and output matrices; the
+    rest of the model, its caches and activations get the remaining tenth of the memory (an
+    H200 holds 4 layers at EP1 that way).
+    """
+    stats = jax.devices()[0].memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    if not limit:  # CPU, or a platform that does not say
+        return
+    itemsize = jnp.dtype(dtype).itemsize
+    per_layer = cfg.num_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size * itemsize / ep
+    fixed = 2 * cfg.vocab_size * cfg.hidden_size * itemsize
+    budget = 0.9 * limit
+    if fixed + layers * per_layer > budget:
+        fits = int((budget - fixed) // per_layer)
+        allowed = f"--layers 1..{fits} or a larger --ep" if fits > 0 else "a larger --ep"
+        sys.exit(f"--layers {layers} at --ep {ep}: the routed experts and embeddings alone take "
+                 f"{(fixed + layers * per_layer) / 1e9:.1f} GB per device, more than 90 % of the "
+                 f"{limit / 1e9:.1f} GB JAX may use on this {jax.devices()[0].device_kind} "
+                 f"(XLA_PYTHON_CLIENT_MEM_FRACTION); allowed here: {allowed}")
+
+
 def greedy_step(m, ids, cache):
     """One program per step: the model (last position's logits only) and the next token."""
     logits, cache = m(ids, cache=cache, logits_to_keep=1)[:2]
@@ -115,6 +139,7 @@ def main() -> int:
     ep = args.ep
     dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
     cfg = deepseek_v3(args.layers, args.small, dtype)
+    check_fits(cfg, ep, args.layers, dtype)
     mesh = jax.make_mesh((ep,), ("ep",), devices=jax.devices()[:ep], axis_types=(jax.sharding.AxisType.Auto,))
     base = load_moe_config({"backend": "WIDEEP"}, num_experts=cfg.num_experts, ep_size=ep)
     model = CausalLM(cfg, base, mesh=mesh, rngs=nnx.Rngs(0))

@@ -79,6 +79,36 @@ def test_grouped_matmul_bench_sustained_sampler(monkeypatch):
     assert calls == [3]
 
 
+def test_bench_model_refuses_a_model_the_card_cannot_hold(monkeypatch):
+    """bench_model stops before building when the weights pass 90 % of JAX's device pool, and
+    names the layer counts that fit (an H100's pool: 4 DeepSeek-V3 layers at EP1 do not fit)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_model
+    import jax
+    import jax.numpy as jnp
+
+    class Card:
+        device_kind = "fake H100"
+
+        def __init__(self, limit):
+            self.limit = limit
+
+        def memory_stats(self):
+            return {"bytes_limit": self.limit}
+
+    cfg = bench_model.deepseek_v3(4, False, jnp.bfloat16)
+    monkeypatch.setattr(jax, "devices", lambda: [Card(63_763_906_560)])
+    with pytest.raises(SystemExit, match=r"--layers 4 at --ep 1: .* 93\.9 GB .* allowed here: --layers 1\.\.2 or"):
+        bench_model.check_fits(cfg, 1, 4, jnp.bfloat16)
+    bench_model.check_fits(cfg, 1, 2, jnp.bfloat16)  # fits
+    bench_model.check_fits(cfg, 2, 4, jnp.bfloat16)  # experts halved per device
+    monkeypatch.setattr(jax, "devices", lambda: [Card(20_000_000_000)])  # not even one layer
+    with pytest.raises(SystemExit, match="allowed here: a larger --ep$"):
+        bench_model.check_fits(cfg, 1, 1, jnp.bfloat16)
+    monkeypatch.setattr(jax, "devices", lambda: [Card(106_000_000_000)])  # an H200's pool
+    bench_model.check_fits(cfg, 1, 4, jnp.bfloat16)
+
+
 def test_grouped_matmul_bench_group_sizes():
     """The Zipf kinds are one draw per shape; zipf-aligned rounds it to whole 128-row tiles."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
