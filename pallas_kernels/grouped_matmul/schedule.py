@@ -64,3 +64,49 @@ def tile_schedule(
     as_i32 = lambda a: a.astype(jnp.int32)
     return TileSchedule(as_i32(group), as_i32(start), as_i32(live_begin), as_i32(live_end),
                         as_i32(tile_ends[-1:]))
+
+
+def interleaved_items(schedule: TileSchedule, n_iters: int, width: int) -> jax.Array:
+    """Work items (row tile ``t``, column tile ``j``) packed as ``t * n_iters + j``, in an order
+    that spreads the weight-bound items evenly among the compute-bound ones.
+
+    The kernels walk items as a planar snake over row tiles in bands of ``width``: the items
+    of a band and column share one weight column tile (read once, through L2) when the
+    band's row tiles serve one group. With skewed group sizes, bands of small groups share
+    little, and walking them in turn makes stretches of the launch that stream weights while
+    the tensor cores wait (a band of four one-tile groups reads four times the weight bytes
+    per FLOP). Here each item of a band whose own group holds at least 3/4 of the band's
+    row tiles counts as compute-bound ("rich"), the rest as weight-bound; both lists keep
+    the snake's order and are merged so that every stretch of the launch gets its share of
+    each. The first ``num_tiles * n_iters`` entries are the real items (a permutation of
+    them); the rest are never read.
+    """
+    total = schedule.group.shape[0]
+    real = schedule.num_tiles[0]
+    s = jnp.arange(total * n_iters, dtype=jnp.int32)
+    band_items = width * n_iters
+    full_bands = real // width
+    last_width = jnp.maximum(real - full_bands * width, 1)
+    in_full = s < full_bands * band_items
+    band = jnp.where(in_full, s // band_items, full_bands)
+    within = jnp.where(in_full, s % band_items, s - full_bands * band_items)
+    band_width = jnp.where(in_full, width, last_width)
+    col = within // band_width
+    col = jnp.where(band % 2 == 0, col, n_iters - 1 - col)  # the snake: odd bands walk columns back
+    t = band * width + within % band_width
+    valid = s < real * n_iters
+    t = jnp.where(valid, t, 0)
+    group = schedule.group[t]
+    share = sum(jnp.where((r < band_width) & (band * width + r < real),
+                          schedule.group[jnp.minimum(band * width + r, total - 1)] == group, False)
+                for r in range(width)).astype(jnp.int32)
+    rich = valid & (4 * share >= 3 * band_width)
+    poor = valid & ~rich
+    rank_rich = jnp.cumsum(rich.astype(jnp.int32)) - 1
+    rank_poor = jnp.cumsum(poor.astype(jnp.int32)) - 1
+    n_rich = jnp.maximum(rank_rich[-1] + 1, 1).astype(jnp.float32)
+    n_poor = jnp.maximum(rank_poor[-1] + 1, 1).astype(jnp.float32)
+    key = jnp.where(rich, (rank_rich + 0.5) / n_rich, (rank_poor + 0.5) / n_poor)
+    key = jnp.where(valid, key, 2.0)  # past the real items: last, never read
+    order = jnp.argsort(key, stable=True)
+    return (t * n_iters + col)[order].astype(jnp.int32)
