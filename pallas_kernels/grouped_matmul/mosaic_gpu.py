@@ -145,11 +145,12 @@ def default_config(
     Prefill (>= 128 rows per group): gate/up (long K) cooperative 128x256 CTA
     tiles, 3 stages, whole epilogue tiles stored through swizzled shared memory
     (1.04x torch sustained); SwiGLU two 64x128 warpgroup tiles split along M,
-    chained items (6-8 % faster than ping-pong sustained); down (short K) ping-pong
-    consumers, each computing whole 128x128 items with 6 stages, so one's epilogue
-    overlaps the other's MMAs (sustained, with the routing weight the fastest at
-    uniform sizes and within 1 % at Zipf sizes; plain down level with the best
-    cooperative tiles at uniform sizes, 4 % behind at Zipf). Decode: cooperative 64-row
+    chained items (6-8 % faster than ping-pong sustained); down (short K) cooperative
+    128x256 CTA tiles, chained items. For down the ping-pong consumers (128x128
+    items, 6 stages) were level at uniform sizes but lost at Zipf sizes: 4 % on an
+    H200, 6.5 % plain and 11 % with the routing weight on an H100 (77880cf), whose
+    lower HBM bandwidth suffers more from their smaller weight tiles when skewed
+    groups share them little. Decode: cooperative 64-row
     tiles; long K (gate/up) streams best with 64x512 CTA tiles and 2 stages
     (0.95-0.97 of copy bandwidth), short K (down) with 64x256 tiles, 4 stages and
     chained items (0.89-0.91), SwiGLU with 64x128; ping-pong measured the same there.
@@ -163,8 +164,7 @@ def default_config(
     if prefill and epilogue == "swiglu":
         config, chain = MosaicGpuConfig(tile_m=64, tile_n=128, wg_split="m", **walk), True
     elif prefill and k < 4096:
-        config, chain = MosaicGpuConfig(tile_m=128, tile_n=128, consumers="pingpong", max_concurrent_steps=6,
-                                        **walk), False
+        config, chain = MosaicGpuConfig(**walk), True
     elif prefill:
         config, chain = MosaicGpuConfig(max_concurrent_steps=3, swizzled_epilogue=True, **walk), False
     elif epilogue == "swiglu":
