@@ -17,7 +17,7 @@ import pytest
 from moe_helpers import count_compiles
 from pallas_kernels import MosaicGpuConfig, grouped_matmul, grouped_swiglu
 from pallas_kernels.grouped_matmul import GroupedMatmulConfig, default_implementation
-from pallas_kernels.grouped_matmul.schedule import interleaved_items, max_tiles, tile_schedule
+from pallas_kernels.grouped_matmul.schedule import max_tiles, tile_schedule
 
 IMPLS = ["xla", "mosaic_gpu", "triton"]
 G, K, N = 6, 128, 256
@@ -136,7 +136,7 @@ def test_new_group_sizes_do_not_recompile(rng, impl):
     x = jnp.asarray(rng.standard_normal((m, K)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((G, K, N)) / np.sqrt(K), jnp.bfloat16)
     config = None
-    if impl == "mosaic_gpu_pingpong":  # the prefill default's consumers, at these small dims
+    if impl == "mosaic_gpu_pingpong":  # the ping-pong consumers, at these small dims
         impl, config = "mosaic_gpu", MosaicGpuConfig(tile_n=64, consumers="pingpong", max_ctas=2)
     call = lambda x, w, s: grouped_swiglu(x, w, s, implementation=impl, config=config)  # noqa: E731
     f = jax.jit(call)
@@ -267,82 +267,6 @@ def test_tile_schedule_covers_each_live_row_once(rng, block_m, align):
             owner[rows] = group[t]
         assert np.all(end[n:] == 0)
         np.testing.assert_array_equal(owner, np.repeat(np.r_[np.arange(g), -1], np.r_[sizes, m - sizes.sum()]))
-
-
-def _snake_items(num_tiles: int, n_iters: int, width: int) -> np.ndarray:
-    """The kernels' default walk (Mosaic GPU's planar snake), packed as t * n_iters + j."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-    coords = jax.vmap(lambda i: jnp.stack(plgpu.planar_snake(i, (num_tiles, n_iters), 0, width)))(
-        jnp.arange(num_tiles * n_iters))
-    coords = np.asarray(coords)
-    return coords[:, 0] * n_iters + coords[:, 1]
-
-
-@pytest.mark.parametrize("n_iters,width", [(16, 4), (7, 4), (5, 2), (3, 1)])
-def test_interleaved_items_permute_the_snake_and_spread_small_groups(rng, n_iters, width):
-    """The interleaved walk visits every real item once; where every band serves one group it is
-    the snake itself; with skewed sizes every window of 132 items (one per SM) holds the
-    weight-bound items' share of the launch to within a few items."""
-    m, g = 32768, 64
-    p = 1.0 / np.arange(1, g + 1) ** 1.2
-    cases = {
-        "zipf": rng.multinomial(m, rng.permutation(p / p.sum())),
-        "uniform": np.full(g, m // g),  # 4 tiles a group: every band of 4 serves one group
-        "one group": np.r_[np.zeros(g - 1, int), m],
-        "one row": np.r_[1, np.zeros(g - 1, int)],
-        "empty": np.zeros(g, int),
-        "half padding": rng.multinomial(m // 2, rng.dirichlet(np.ones(g) * 0.2)),
-    }
-    for name, sizes in cases.items():
-        sched = tile_schedule(jnp.asarray(sizes, jnp.int32), m, 128, 8)
-        real = int(sched.num_tiles[0])
-        items = np.asarray(interleaved_items(sched, n_iters, width))
-        assert items.shape == (len(sched.group) * n_iters,)
-        head = items[:real * n_iters]
-        np.testing.assert_array_equal(np.sort(head), np.arange(real * n_iters), err_msg=name)
-        snake = _snake_items(real, n_iters, width) if real else head
-        group = np.asarray(sched.group)[:real]
-        whole_bands = all(len(set(group[b:b + width])) == 1 for b in range(0, real, width))
-        if whole_bands:
-            np.testing.assert_array_equal(head, snake, err_msg=name)
-        if name == "zipf" and width == 4:
-            assert not whole_bands
-            t = head // n_iters
-            band0 = t // width * width
-            share = sum((band0 + r < real) & (group[np.minimum(band0 + r, real - 1)] == group[t])
-                        for r in range(width))
-            band_len = np.minimum(width, real - band0)
-            poor = 4 * share < 3 * band_len
-            assert 0.1 < poor.mean() < 0.6  # a case where spreading matters
-            for w0 in range(0, len(head) - 132, 132):
-                assert abs(poor[w0:w0 + 132].sum() - 132 * poor.mean()) <= 2, (w0, poor[w0:w0 + 132].sum())
-            snake_poor = np.isin(snake, head[poor])  # the plain snake bunches them
-            assert max(snake_poor[w:w + 132].sum() for w in range(0, len(snake) - 132, 132)) > 132 * poor.mean() + 20
-
-
-@pytest.mark.parametrize("consumers,epilogue", [("cooperative", "none"), ("cooperative", "swiglu"),
-                                                 ("pingpong", "row_scale"), ("pingpong", "swiglu")])
-@pytest.mark.parametrize("kind", ["skewed", "giant"])
-def test_mosaic_interleaved_items_bit_equal_to_snake(rng, consumers, epilogue, kind):
-    """Walking the items in the interleaved order changes no item's arithmetic: the output
-    equals the planar snake's bit for bit (two simulated CTAs, live rows)."""
-    m = 520
-    sizes = (np.array([300, 9, 0, 70, 2, 100], np.int32) if kind == "skewed"
-             else sizes_for("giant", m, rng))
-    x = jnp.asarray(rng.standard_normal((m, K)), jnp.bfloat16)
-    w = jnp.asarray(rng.standard_normal((G, K, 2 * N if epilogue == "swiglu" else N)) / np.sqrt(K), jnp.bfloat16)
-    scale = jnp.asarray(rng.random(m), jnp.float32)
-    extra = dict(consumers="pingpong", max_concurrent_steps=3) if consumers == "pingpong" else dict(
-        max_concurrent_steps=2, swizzled_epilogue=True)
-    config = MosaicGpuConfig(tile_m=64, tile_n=64, grid_minor="m", grid_tile_width=2, max_ctas=2, **extra)
-    live = int(sizes.sum())
-    snake = np.asarray(run("mosaic_gpu", epilogue, x, w, sizes, scale, config), np.float32)[:live]
-    mixed = run("mosaic_gpu", epilogue, x, w, sizes, scale, dataclasses.replace(config, interleave_items=True))
-    np.testing.assert_array_equal(np.asarray(mixed, np.float32)[:live], snake)
-    ref = np_forward(x, w, sizes, epilogue, scale)[:live]
-    assert np.linalg.norm(snake - ref) <= 1e-2 * np.linalg.norm(ref)
-    with pytest.raises(ValueError, match="interleave_items needs grid_minor='m'.*got grid_minor='n'"):
-        dataclasses.replace(config, interleave_items=True, grid_minor="n")
 
 
 @pytest.mark.parametrize("m", [4100, 150, 20, 64])

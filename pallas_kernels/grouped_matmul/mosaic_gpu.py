@@ -25,8 +25,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.grouped_matmul import mosaic_gpu_pingpong
-from pallas_kernels.grouped_matmul.mosaic_gpu_epilogue import epilogue_value, item_coords, store_rows, swizzled
-from pallas_kernels.grouped_matmul.schedule import TileSchedule, interleaved_items, tile_schedule
+from pallas_kernels.grouped_matmul.mosaic_gpu_epilogue import epilogue_value, store_rows, swizzled
+from pallas_kernels.grouped_matmul.schedule import TileSchedule, tile_schedule
 
 Epilogue = Literal["none", "swiglu", "row_scale"]
 _INTERPRET_CTAS = 4  # simulated CTAs on CPU: enough to exercise the persistent loop
@@ -58,9 +58,6 @@ class MosaicGpuConfig:
       swizzled_epilogue: store whole epilogue tiles through swizzled shared
         memory (no bank conflicts) and only partial ones through the plain
         buffer that row-granular TMA stores need; costs one more buffer.
-      interleave_items: walk the work items in ``schedule.interleaved_items``'
-        order (weight-bound items of small groups spread among the others)
-        instead of the plain planar snake; needs ``grid_minor="m"``.
     """
 
     tile_m: int = 128
@@ -77,7 +74,6 @@ class MosaicGpuConfig:
     max_ctas: int | None = None
     swizzled_epilogue: bool = False
     consumers: Literal["cooperative", "pingpong"] = "cooperative"
-    interleave_items: bool = False
 
     def __post_init__(self) -> None:
         for name in ("tile_m", "tile_n", "tile_k", "epi_tile_m", "epi_tile_n"):
@@ -103,9 +99,6 @@ class MosaicGpuConfig:
             )
         if self.chain_items and self.delay_release:
             raise ValueError("MosaicGpuConfig.chain_items needs delay_release=0")
-        if self.interleave_items and self.grid_minor != "m":
-            raise ValueError("MosaicGpuConfig.interleave_items needs grid_minor='m' (it mixes row-tile bands), "
-                             f"got grid_minor={self.grid_minor!r}")
         if self.consumers not in ("cooperative", "pingpong"):
             raise ValueError(f"MosaicGpuConfig.consumers must be 'cooperative' or 'pingpong', got {self.consumers!r}")
         if self.consumers == "pingpong":
@@ -209,8 +202,8 @@ def persistent_kernel(body, out_type, *, max_ctas: int | None, interpret: bool,
 
 
 def _kernel(
-    tile_group, tile_start, tile_live_begin, tile_live_end, num_tiles, item_table, x_gmem, w_gmem, scale_gmem,
-    out_gmem, *, config: MosaicGpuConfig, epilogue: Epilogue, n_out: int,
+    tile_group, tile_start, tile_live_begin, tile_live_end, num_tiles, x_gmem, w_gmem, scale_gmem, out_gmem,
+    *, config: MosaicGpuConfig, epilogue: Epilogue, n_out: int,
 ):
     dtype = x_gmem.dtype
     out_dtype = out_gmem.dtype
@@ -249,10 +242,12 @@ def _kernel(
     def _scope(allocs, out_smem, part_smem):
         wg = lax.axis_index("wg")
         real_tiles = num_tiles[0]
+        minor = 0 if config.grid_minor == "m" else 1
 
         @plgpu.nd_loop((real_tiles * n_iters,), collective_axes="sm")
         def _item(info):
-            t, j = item_coords(info.index[0], item_table, num_tiles, n_iters, config)
+            t, j = plgpu.planar_snake(info.index[0], (real_tiles, n_iters), minor,
+                                      config.grid_tile_width)
             group, start = tile_group[t], pl.multiple_of(tile_start[t], _ROW_ALIGN)
             live_begin, live_end = tile_live_begin[t], tile_live_end[t]
             if config.wg_split == "m":
@@ -350,9 +345,6 @@ def grouped_matmul(
     cta_m = config.cta_tile_m
     if schedule is None:
         schedule = tile_schedule(group_sizes, m, cta_m, _ROW_ALIGN)
-    n_iters = n_out // config.cta_tile_n
-    item_table = (interleaved_items(schedule, n_iters, config.grid_tile_width) if config.interleave_items
-                  else jnp.zeros((1,), jnp.int32))
     # Tiled TMA needs a row count that is a multiple of 8, and a tile's box must fit
     # in x's shape (it may still reach past the last live row). Only then: a copy.
     rows = max(-(-m // _ROW_ALIGN) * _ROW_ALIGN, cta_m)
@@ -372,5 +364,5 @@ def grouped_matmul(
                                jax.ShapeDtypeStruct((rows, n_out), out_dtype), max_ctas=config.max_ctas,
                                interpret=interpret)
     out = kernel(schedule.group, schedule.start, schedule.live_begin, schedule.live_end,
-                 schedule.num_tiles, item_table, x_in, w, scale)
+                 schedule.num_tiles, x_in, w, scale)
     return out if rows == m else out[:m]

@@ -1,6 +1,5 @@
 """Helpers shared by the Mosaic GPU grouped-matmul kernels (cooperative, ping-pong and dW):
-shared-memory tile layouts, the work-item walk, the epilogue, and the ping-pong kernels'
-ring of stages."""
+shared-memory tile layouts, the epilogue, and the ping-pong kernels' ring of stages."""
 from __future__ import annotations
 
 import math
@@ -20,15 +19,6 @@ def swizzled(cols: int, dtype) -> tuple:
     conflicts for wgmma and TMA)."""
     swizzle = plgpu.find_swizzle(cols * jnp.dtype(dtype).itemsize * 8)
     return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
-
-
-def item_coords(index, item_table, num_tiles, n_iters: int, config):
-    """Row tile and column tile of the ``index``-th work item of a CTA grid's loop."""
-    if config.interleave_items:
-        packed = item_table[index]
-        return lax.div(packed, jnp.int32(n_iters)), lax.rem(packed, jnp.int32(n_iters))
-    minor = 0 if config.grid_minor == "m" else 1
-    return plgpu.planar_snake(index, (num_tiles[0], n_iters), minor, config.grid_tile_width)
 
 
 def silu_times(gate: jax.Array, up: jax.Array) -> jax.Array:
