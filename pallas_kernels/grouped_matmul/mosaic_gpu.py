@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.grouped_matmul import mosaic_gpu_pingpong
-from pallas_kernels.grouped_matmul.mosaic_gpu_epilogue import epilogue_value, store_rows, swizzled
+from pallas_kernels.grouped_matmul.mosaic_gpu_epilogue import epilogue_value, item_coords, store_rows, swizzled
 from pallas_kernels.grouped_matmul.schedule import TileSchedule, tile_schedule
 
 Epilogue = Literal["none", "swiglu", "row_scale"]
@@ -242,12 +242,10 @@ def _kernel(
     def _scope(allocs, out_smem, part_smem):
         wg = lax.axis_index("wg")
         real_tiles = num_tiles[0]
-        minor = 0 if config.grid_minor == "m" else 1
 
         @plgpu.nd_loop((real_tiles * n_iters,), collective_axes="sm")
         def _item(info):
-            t, j = plgpu.planar_snake(info.index[0], (real_tiles, n_iters), minor,
-                                      config.grid_tile_width)
+            t, j = item_coords(info.index[0], num_tiles, n_iters, config)
             group, start = tile_group[t], pl.multiple_of(tile_start[t], _ROW_ALIGN)
             live_begin, live_end = tile_live_begin[t], tile_live_end[t]
             if config.wg_split == "m":

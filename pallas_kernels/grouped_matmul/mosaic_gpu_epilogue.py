@@ -1,5 +1,6 @@
 """Helpers shared by the Mosaic GPU grouped-matmul kernels (cooperative, ping-pong and dW):
-shared-memory tile layouts, the epilogue, and the ping-pong kernels' ring of stages."""
+shared-memory tile layouts, the work-item walk, the epilogue, and the ping-pong kernels'
+ring of stages."""
 from __future__ import annotations
 
 import math
@@ -19,6 +20,14 @@ def swizzled(cols: int, dtype) -> tuple:
     conflicts for wgmma and TMA)."""
     swizzle = plgpu.find_swizzle(cols * jnp.dtype(dtype).itemsize * 8)
     return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
+
+
+def item_coords(index, num_tiles, n_iters: int, config):
+    """Row tile and column tile of the ``index``-th work item of a CTA grid's loop (the planar
+    snake over ``num_tiles[0]`` row tiles and ``n_iters`` column tiles, in bands of
+    ``config.grid_tile_width``)."""
+    minor = 0 if config.grid_minor == "m" else 1
+    return plgpu.planar_snake(index, (num_tiles[0], n_iters), minor, config.grid_tile_width)
 
 
 def silu_times(gate: jax.Array, up: jax.Array) -> jax.Array:

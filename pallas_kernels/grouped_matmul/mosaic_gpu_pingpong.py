@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.grouped_matmul.mosaic_gpu_epilogue import (consume_ring, drain_ring, epilogue_value,
-                                                               store_rows, swizzled)
+                                                               item_coords, store_rows, swizzled)
 
 _CONSUMER_REGISTERS = 232  # what setmaxnreg leaves two consumers beside a 40-register producer
 _PRODUCER_REGISTERS = 40
@@ -42,10 +42,9 @@ def kernel(
     transforms = swizzled(tile_k, dtype)
     epi_m, epi_n = config.epi_tile_m, config.epi_tile_n
     out_transforms = swizzled(epi_n, out_dtype)
-    minor = 0 if config.grid_minor == "m" else 1
 
     def item_at(info):
-        t, j = plgpu.planar_snake(info.index[0], (num_tiles[0], n_iters), minor, config.grid_tile_width)
+        t, j = item_coords(info.index[0], num_tiles, n_iters, config)
         return t, j, tile_group[t], pl.multiple_of(tile_start[t], row_align)
 
     def body(x_smem, w_smem, full, consumed, out_smem, part_smem):
