@@ -17,7 +17,7 @@ import pytest
 from moe_helpers import count_compiles
 from pallas_kernels import MosaicGpuConfig, grouped_matmul, grouped_swiglu
 from pallas_kernels.grouped_matmul import GroupedMatmulConfig, default_implementation
-from pallas_kernels.grouped_matmul.schedule import max_tiles, tile_schedule
+from pallas_kernels.grouped_matmul.schedule import group_band_walk, max_tiles, tile_schedule
 
 IMPLS = ["xla", "mosaic_gpu", "triton"]
 G, K, N = 6, 128, 256
@@ -269,6 +269,98 @@ def test_tile_schedule_covers_each_live_row_once(rng, block_m, align):
         np.testing.assert_array_equal(owner, np.repeat(np.r_[np.arange(g), -1], np.r_[sizes, m - sizes.sum()]))
 
 
+def band_walk_reference(groups: list, n_iters: int, max_width: int) -> list:
+    """(row tile, column tile) in group-band order, by plain loops: each group's run of
+    tiles cut into the fewest bands of <= max_width (wider bands first), a band's columns
+    in turn with its tiles fastest, the direction flipping from one band of a group to the next."""
+    order, t = [], 0
+    while t < len(groups):
+        run = next((i for i in range(t, len(groups)) if groups[i] != groups[t]), len(groups)) - t
+        bands = -(-run // max_width)
+        widths = [run // bands + (b < run % bands) for b in range(bands)]
+        first = t
+        for b, width in enumerate(widths):
+            cols = range(n_iters) if b % 2 == 0 else range(n_iters - 1, -1, -1)
+            order += [(tile, j) for j in cols for tile in range(first, first + width)]
+            first += width
+        t += run
+    return order
+
+
+@pytest.mark.parametrize("max_width", [1, 3, 4, 8])
+def test_group_band_walk_matches_loop_reference(rng, max_width):
+    """Fresh random (and adversarial: one giant group, all rows in the last group) sizes:
+    the walk's real items are the loop reference's order, each band within one group."""
+    for trial in range(12):
+        m, g = int(rng.integers(1, 3000)), int(rng.integers(1, 10))
+        sizes = rng.multinomial(int(rng.integers(0, m + 1)), rng.dirichlet(np.ones(g) * 0.3))
+        if trial == 0:
+            sizes = np.zeros(g, np.int64)
+            sizes[-1] = m
+        n_iters = int(rng.integers(1, 6))
+        sched = tile_schedule(jnp.asarray(sizes, jnp.int32), m, 64, 8)
+        walk = group_band_walk(sched, n_iters, max_width)
+        n = int(sched.num_tiles[0])
+        groups = [int(v) for v in np.asarray(sched.group)[:n]]
+        want = band_walk_reference(groups, n_iters, max_width)
+        assert len(walk.col) == len(sched.group) * n_iters
+        tiles = [tile for tile, _ in want]
+        for name in ("group", "start", "live_begin", "live_end"):
+            np.testing.assert_array_equal(np.asarray(getattr(walk, name))[:n * n_iters],
+                                          np.asarray(getattr(sched, name))[tiles], err_msg=name)
+        np.testing.assert_array_equal(np.asarray(walk.col)[:n * n_iters], [j for _, j in want])
+        assert np.all(np.asarray(walk.live_end)[n * n_iters:] == 0)  # items past the real ones store nothing
+
+
+def test_group_band_walk_reads_fewer_weight_tiles_than_the_snake():
+    """Why the walk exists: counting the (group, column tile) weight tiles that consecutive
+    bands of 4 row tiles use at Zipf-like sizes, the group bands switch weight tiles less."""
+    sizes = np.array([700, 30, 90, 1300, 5, 260, 60, 40, 900, 15], np.int32)
+    sched = tile_schedule(jnp.asarray(sizes), int(sizes.sum()), 128, 8)
+    n, n_iters = int(sched.num_tiles[0]), 4
+    walk = group_band_walk(sched, n_iters, 4)
+    band_items = [(int(g), int(j)) for g, j in zip(np.asarray(walk.group)[:n * n_iters], np.asarray(walk.col))]
+    switches = sum(a != b for a, b in zip(band_items, band_items[1:]))
+    group = np.asarray(sched.group)[:n]
+    snake = [(int(group[t]), j) for b0 in range(0, n, 4)
+             for j in (range(n_iters) if b0 // 4 % 2 == 0 else range(n_iters - 1, -1, -1))
+             for t in range(b0, min(n, b0 + 4))]
+    snake_switches = sum(a != b for a, b in zip(snake, snake[1:]))
+    assert switches < snake_switches
+    with pytest.raises(ValueError, match="max_width >= 1, got 0"):
+        group_band_walk(sched, n_iters, 0)
+
+
+@pytest.mark.parametrize("consumers", ["cooperative", "pingpong"])
+@pytest.mark.parametrize("kind", ["zeros", "giant"])
+def test_mosaic_group_band_walk_on_few_ctas(rng, consumers, kind):
+    """Both kernels walking group bands on two simulated CTAs (chained items for the
+    cooperative one) match float64; bit-equal to the snake walk, since only the order changes."""
+    m = 300
+    sizes = sizes_for(kind, m, rng)
+    x = jnp.asarray(rng.standard_normal((m, K)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((G, K, N)) / np.sqrt(K), jnp.bfloat16)
+    scale = jnp.asarray(rng.random(m), jnp.float32)
+    common = dict(tile_m=64, tile_n=64, max_ctas=2, grid_minor="m", grid_tile_width=2, consumers=consumers)
+    if consumers == "cooperative":
+        common.update(max_concurrent_steps=2, chain_items=True)
+    else:
+        common.update(max_concurrent_steps=3)
+    bands = MosaicGpuConfig(walk="group_bands", **common)
+    assert_mosaic_live_rows_close(bands, "row_scale", x, w, sizes, scale)
+    live = int(sizes.sum())
+    got = np.asarray(run("mosaic_gpu", "none", x, w, sizes, None, bands))[:live]
+    snake = np.asarray(run("mosaic_gpu", "none", x, w, sizes, None, MosaicGpuConfig(**common)))[:live]
+    np.testing.assert_array_equal(got, snake)
+
+
+def test_mosaic_walk_config_errors():
+    with pytest.raises(ValueError, match="walk must be 'snake' or 'group_bands', got 'zigzag'"):
+        MosaicGpuConfig(walk="zigzag")
+    with pytest.raises(ValueError, match="group_bands.*grid_minor='m', got 'n'"):
+        MosaicGpuConfig(walk="group_bands", grid_minor="n")
+
+
 @pytest.mark.parametrize("m", [4100, 150, 20, 64])
 @pytest.mark.parametrize("epilogue", ["none", "swiglu", "row_scale"])
 @pytest.mark.parametrize("swizzled", [False, True])
@@ -292,6 +384,21 @@ def test_mosaic_lowers_for_cuda(m, epilogue, swizzled):
             jax.ShapeDtypeStruct((G,), jnp.int32), jax.ShapeDtypeStruct((m,), jnp.float32))
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("consumers", ["cooperative", "pingpong"])
+def test_mosaic_group_band_walk_lowers_for_cuda(consumers):
+    """The walk's per-item arrays reach both kernels through the full Mosaic GPU lowering."""
+    from pallas_kernels.grouped_matmul import mosaic_gpu
+
+    m, k, n = 4100, 512, 768
+    config = dataclasses.replace(mosaic_gpu.default_config(m, G, k=k, n_out=n), walk="group_bands")
+    if consumers == "pingpong":
+        config = dataclasses.replace(config, consumers="pingpong", chain_items=False, max_concurrent_steps=4)
+    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((G, k, n), jnp.bfloat16),
+            jax.ShapeDtypeStruct((G,), jnp.int32))
+    f = jax.jit(lambda x, w, gs: mosaic_gpu.grouped_matmul(x, w, gs, config=config))
+    assert "mosaic_gpu" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("epilogue", ["swiglu", "row_scale"])

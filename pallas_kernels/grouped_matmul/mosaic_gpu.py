@@ -25,8 +25,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.grouped_matmul import mosaic_gpu_pingpong
-from pallas_kernels.grouped_matmul.mosaic_gpu_epilogue import epilogue_value, item_coords, store_rows, swizzled
-from pallas_kernels.grouped_matmul.schedule import TileSchedule, tile_schedule
+from pallas_kernels.grouped_matmul.mosaic_gpu_epilogue import epilogue_value, store_rows, swizzled, work_item
+from pallas_kernels.grouped_matmul.schedule import TileSchedule, group_band_walk, tile_schedule
 
 Epilogue = Literal["none", "swiglu", "row_scale"]
 _INTERPRET_CTAS = 4  # simulated CTAs on CPU: enough to exercise the persistent loop
@@ -44,6 +44,11 @@ class MosaicGpuConfig:
       max_concurrent_steps: pipeline stages in shared memory.
       wg_split: how the two consumer warpgroups split the CTA tile: "n" gives a
         ``tile_m x 2*tile_n`` CTA tile, "m" a ``2*tile_m x tile_n`` one.
+      walk: the order of work items. "snake": a planar snake over all row and
+        column tiles (``grid_minor``, ``grid_tile_width``). "group_bands": each
+        group's row tiles cut into bands of at most ``grid_tile_width`` tiles that
+        never hold two groups, row tiles fastest (``schedule.group_band_walk``); the
+        item order is then computed in XLA before the kernel.
       grid_minor: "n" walks column tiles fastest (reuses the rows' tile), "m"
         walks row tiles fastest (reuses a weight column tile).
       grid_tile_width: planar-snake band width along ``grid_minor``.
@@ -74,6 +79,7 @@ class MosaicGpuConfig:
     max_ctas: int | None = None
     swizzled_epilogue: bool = False
     consumers: Literal["cooperative", "pingpong"] = "cooperative"
+    walk: Literal["snake", "group_bands"] = "snake"
 
     def __post_init__(self) -> None:
         for name in ("tile_m", "tile_n", "tile_k", "epi_tile_m", "epi_tile_n"):
@@ -99,6 +105,11 @@ class MosaicGpuConfig:
             )
         if self.chain_items and self.delay_release:
             raise ValueError("MosaicGpuConfig.chain_items needs delay_release=0")
+        if self.walk not in ("snake", "group_bands"):
+            raise ValueError(f"MosaicGpuConfig.walk must be 'snake' or 'group_bands', got {self.walk!r}")
+        if self.walk == "group_bands" and self.grid_minor != "m":
+            raise ValueError("MosaicGpuConfig(walk='group_bands') walks row tiles fastest: it needs grid_minor='m', "
+                             f"got {self.grid_minor!r}")
         if self.consumers not in ("cooperative", "pingpong"):
             raise ValueError(f"MosaicGpuConfig.consumers must be 'cooperative' or 'pingpong', got {self.consumers!r}")
         if self.consumers == "pingpong":
@@ -202,8 +213,8 @@ def persistent_kernel(body, out_type, *, max_ctas: int | None, interpret: bool,
 
 
 def _kernel(
-    tile_group, tile_start, tile_live_begin, tile_live_end, num_tiles, x_gmem, w_gmem, scale_gmem, out_gmem,
-    *, config: MosaicGpuConfig, epilogue: Epilogue, n_out: int,
+    walk_group, walk_start, walk_live_begin, walk_live_end, walk_col, num_tiles, x_gmem, w_gmem, scale_gmem,
+    out_gmem, *, config: MosaicGpuConfig, epilogue: Epilogue, n_out: int,
 ):
     dtype = x_gmem.dtype
     out_dtype = out_gmem.dtype
@@ -245,9 +256,10 @@ def _kernel(
 
         @plgpu.nd_loop((real_tiles * n_iters,), collective_axes="sm")
         def _item(info):
-            t, j = item_coords(info.index[0], num_tiles, n_iters, config)
-            group, start = tile_group[t], pl.multiple_of(tile_start[t], _ROW_ALIGN)
-            live_begin, live_end = tile_live_begin[t], tile_live_end[t]
+            group, start, live_begin, live_end, j = work_item(
+                info.index[0], (walk_group, walk_start, walk_live_begin, walk_live_end, walk_col), num_tiles,
+                n_iters, config)
+            start = pl.multiple_of(start, _ROW_ALIGN)
             if config.wg_split == "m":
                 wg_row0 = wg * tile_m
                 wg_m, wg_n = pl.ds(pl.multiple_of(wg_row0, tile_m), tile_m), slice(None)
@@ -361,6 +373,9 @@ def grouped_matmul(
     kernel = persistent_kernel(body,
                                jax.ShapeDtypeStruct((rows, n_out), out_dtype), max_ctas=config.max_ctas,
                                interpret=interpret)
-    out = kernel(schedule.group, schedule.start, schedule.live_begin, schedule.live_end,
-                 schedule.num_tiles, x_in, w, scale)
+    if config.walk == "group_bands":
+        walk = tuple(group_band_walk(schedule, n_out // config.cta_tile_n, config.grid_tile_width))
+    else:
+        walk = (*schedule[:4], jnp.zeros((1,), jnp.int32))
+    out = kernel(*walk, schedule.num_tiles, x_in, w, scale)
     return out if rows == m else out[:m]

@@ -22,12 +22,20 @@ def swizzled(cols: int, dtype) -> tuple:
     return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
-def item_coords(index, num_tiles, n_iters: int, config):
-    """Row tile and column tile of the ``index``-th work item of a CTA grid's loop (the planar
-    snake over ``num_tiles[0]`` row tiles and ``n_iters`` column tiles, in bands of
-    ``config.grid_tile_width``)."""
+def work_item(index, walk, num_tiles, n_iters: int, config):
+    """(group, first row, live begin, live end, column tile) of the ``index``-th work item.
+
+    ``walk`` holds per-item arrays (group, start, live_begin, live_end, col) of
+    ``schedule.group_band_walk`` when ``config.walk == "group_bands"``; otherwise the
+    tile schedule's per-tile arrays (and an unused col), walked as a planar snake over
+    ``num_tiles[0]`` row tiles and ``n_iters`` column tiles in bands of
+    ``config.grid_tile_width``."""
+    group, start, live_begin, live_end, col = walk
+    if config.walk == "group_bands":
+        return group[index], start[index], live_begin[index], live_end[index], col[index]
     minor = 0 if config.grid_minor == "m" else 1
-    return plgpu.planar_snake(index, (num_tiles[0], n_iters), minor, config.grid_tile_width)
+    t, j = plgpu.planar_snake(index, (num_tiles[0], n_iters), minor, config.grid_tile_width)
+    return group[t], start[t], live_begin[t], live_end[t], j
 
 
 def silu_times(gate: jax.Array, up: jax.Array) -> jax.Array:

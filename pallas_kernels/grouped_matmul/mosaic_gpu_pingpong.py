@@ -22,14 +22,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.grouped_matmul.mosaic_gpu_epilogue import (consume_ring, drain_ring, epilogue_value,
-                                                               item_coords, store_rows, swizzled)
+                                                               store_rows, work_item, swizzled)
 
 _CONSUMER_REGISTERS = 232  # what setmaxnreg leaves two consumers beside a 40-register producer
 _PRODUCER_REGISTERS = 40
 
 
 def kernel(
-    tile_group, tile_start, tile_live_begin, tile_live_end, num_tiles, x_gmem, w_gmem, scale_gmem, out_gmem,
+    walk_group, walk_start, walk_live_begin, walk_live_end, walk_col, num_tiles, x_gmem, w_gmem, scale_gmem,
+    out_gmem,
     *, config, epilogue: str, n_out: int, row_align: int,
 ):
     """Kernel body over a grid named ``"sm"`` of CTAs with three warpgroups ``"wg"``
@@ -43,9 +44,11 @@ def kernel(
     epi_m, epi_n = config.epi_tile_m, config.epi_tile_n
     out_transforms = swizzled(epi_n, out_dtype)
 
+    walk = (walk_group, walk_start, walk_live_begin, walk_live_end, walk_col)
+
     def item_at(info):
-        t, j = item_coords(info.index[0], num_tiles, n_iters, config)
-        return t, j, tile_group[t], pl.multiple_of(tile_start[t], row_align)
+        group, start, live_begin, live_end, j = work_item(info.index[0], walk, num_tiles, n_iters, config)
+        return group, pl.multiple_of(start, row_align), live_begin, live_end, j
 
     def body(x_smem, w_smem, full, consumed, out_smem, part_smem):
         wg = lax.axis_index("wg")
@@ -57,7 +60,7 @@ def kernel(
 
             @plgpu.nd_loop(items, collective_axes="sm")
             def _item(info):
-                _, j, group, start = item_at(info)
+                group, start, _, _, j = item_at(info)
                 owner = info.local_index % 2
 
                 @pl.loop(0, k_iters)
@@ -88,7 +91,6 @@ def kernel(
             def _item(info):
                 @pl.when(info.local_index % 2 == wg)
                 def _mine():
-                    t, j, _, start = item_at(info)
                     first_step = info.local_index * k_iters
 
                     def with_accs(*accs):
@@ -98,10 +100,11 @@ def kernel(
 
                         consume_ring(full, consumed, full_base=wg * stages, stages=stages, first_step=first_step,
                                      num_steps=k_iters, mma=mma)
+                        _, start, live_begin, live_end, j = item_at(info)
                         value = epilogue_value(epilogue, [acc[...] for acc in accs], scale_gmem, start)
                         store_rows(value.astype(out_dtype), None if out_smem is None else out_smem.at[wg],
                                    part_smem.at[wg], out_gmem, row0=start, col0=j * tile_n,
-                                   begin=tile_live_begin[t], end=tile_live_end[t], epi_m=epi_m, epi_n=epi_n)
+                                   begin=live_begin, end=live_end, epi_m=epi_m, epi_n=epi_n)
 
                     pl.run_scoped(with_accs, *[plgpu.ACC((tile_m, tile_n), jnp.float32) for _ in range(num_acc)])
 

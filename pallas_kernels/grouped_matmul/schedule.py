@@ -64,3 +64,55 @@ def tile_schedule(
     as_i32 = lambda a: a.astype(jnp.int32)
     return TileSchedule(as_i32(group), as_i32(start), as_i32(live_begin), as_i32(live_end),
                         as_i32(tile_ends[-1:]))
+
+
+class ItemWalk(NamedTuple):
+    """Work items in launch order: item ``i`` computes column tile ``col[i]`` of the row tile
+    at ``start[i]`` (group ``group[i]``, live rows ``[live_begin[i], live_end[i])``)."""
+
+    group: jax.Array  # int32 [T * n_iters]
+    start: jax.Array
+    live_begin: jax.Array
+    live_end: jax.Array
+    col: jax.Array
+
+
+def group_band_walk(schedule: TileSchedule, n_iters: int, max_width: int) -> ItemWalk:
+    """The items of ``schedule`` (``n_iters`` column tiles per row tile) walked in bands that
+    never mix groups: a group's row tiles are cut into the fewest bands of at most
+    ``max_width`` tiles (sizes within one of each other), and a band walks its columns
+    one by one, row tiles fastest, snaking from one of the group's bands to the next.
+
+    Why: the items that run together then share one weight column tile, read from HBM
+    once per band. A fixed-width snake over all tiles lets a band straddle two groups,
+    which reads both groups' weights for it; at Zipf sizes, most bands straddle.
+    Item ``i`` lies in the band holding row tile ``i // n_iters`` (a band of w tiles
+    owns items ``[b0 * n_iters, (b0 + w) * n_iters)``), so the mapping is gathers only.
+    """
+    if max_width < 1:
+        raise ValueError(f"group_band_walk needs max_width >= 1, got {max_width}")
+    num_tiles = schedule.group.shape[0]
+    t = jnp.arange(num_tiles, dtype=jnp.int32)
+    # Tiles past the real ones get keys of their own: bands of one tile, items past the real ones.
+    key = jnp.where(t < schedule.num_tiles[0], schedule.group, -1 - t)
+    boundary = key[1:] != key[:-1]
+    first = jnp.concatenate([jnp.ones((1,), bool), boundary])
+    last = jnp.concatenate([boundary, jnp.ones((1,), bool)])
+    run_first = jax.lax.cummax(jnp.where(first, t, 0))
+    run_last = jax.lax.cummin(jnp.where(last, t, num_tiles), reverse=True)
+    local, run = t - run_first, run_last - run_first + 1
+    bands = (run + max_width - 1) // max_width
+    base, extra = run // bands, run % bands  # `extra` bands of base + 1 tiles, then bands of base
+    wide = extra * (base + 1)
+    band = jnp.where(local < wide, local // (base + 1), extra + (local - wide) // base)
+    width = base + (band < extra).astype(jnp.int32)
+    band_first = run_first + jnp.where(band < extra, band * (base + 1), wide + (band - extra) * base)
+
+    i = jnp.arange(num_tiles * n_iters, dtype=jnp.int32)
+    s = i // n_iters
+    first_tile, w, backwards = band_first[s], width[s], band[s] % 2 == 1
+    r = i - first_tile * n_iters
+    tile = first_tile + r % w
+    col = jnp.where(backwards, n_iters - 1 - r // w, r // w)
+    return ItemWalk(schedule.group[tile], schedule.start[tile], schedule.live_begin[tile],
+                    schedule.live_end[tile], col.astype(jnp.int32))
