@@ -154,7 +154,10 @@ def default_config(
     items, 6 stages) were level at uniform sizes but lost at Zipf sizes: 4 % on an
     H200, 6.5 % plain and 11 % with the routing weight on an H100 (77880cf), whose
     lower HBM bandwidth suffers more from their smaller weight tiles when skewed
-    groups share them little. Decode: cooperative 64-row
+    groups share them little. Down walks group bands (bands of row tiles that never
+    hold two groups, ``schedule.group_band_walk``): on an H100 3.9 % faster at Zipf
+    sizes and level at uniform ones (c253498); at long K (gate/up, SwiGLU) the bands
+    were 1-5 % slower, so those keep the snake. Decode: cooperative 64-row
     tiles; long K (gate/up) streams best with 64x512 CTA tiles and 2 stages
     (0.95-0.97 of copy bandwidth), short K (down) with 64x256 tiles, 4 stages and
     chained items (0.89-0.91), SwiGLU with 64x128; ping-pong measured the same there.
@@ -168,7 +171,7 @@ def default_config(
     if prefill and epilogue == "swiglu":
         config, chain = MosaicGpuConfig(tile_m=64, tile_n=128, wg_split="m", **walk), True
     elif prefill and k < 4096:
-        config, chain = MosaicGpuConfig(**walk), True
+        config, chain = MosaicGpuConfig(walk="group_bands", **walk), True
     elif prefill:
         config, chain = MosaicGpuConfig(max_concurrent_steps=3, swizzled_epilogue=True, **walk), False
     elif epilogue == "swiglu":
