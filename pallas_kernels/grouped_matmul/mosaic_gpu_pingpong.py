@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.grouped_matmul.mosaic_gpu_epilogue import (consume_ring, drain_ring, epilogue_value,
-                                                               store_rows, work_item, swizzled)
+                                                               store_rows, swizzled, work_item)
 
 _CONSUMER_REGISTERS = 232  # what setmaxnreg leaves two consumers beside a 40-register producer
 _PRODUCER_REGISTERS = 40
