@@ -34,13 +34,6 @@ struct NcclMember {
 std::mutex g_nccl_mu;
 std::unordered_map<int64_t, std::unordered_map<int, NcclMember>> g_comms;
 
-#define WIDEEP_NCCL_OR_RETURN(expr)                                                       \
-  do {                                                                                    \
-    ncclResult_t r_ = (expr);                                                             \
-    if (r_ != ncclSuccess)                                                                \
-      return ffi::Error::Internal(std::string(#expr) + " failed: " + ncclGetErrorString(r_)); \
-  } while (0)
-
 ffi::Error FindComm(int64_t id, int ordinal, NcclMember* out) {
   std::lock_guard<std::mutex> lock(g_nccl_mu);
   auto set = g_comms.find(id);
@@ -65,32 +58,51 @@ struct Payload {
   int64_t row_bytes, capacity;
 };
 
-// Sends rows [0, send_rows[r]) of every payload's block r to rank r and
-// receives rows [0, recv_rows[r]) from it, all in one NCCL group (one launch).
-ffi::Error ExchangeRows(const NcclMember& m, cudaStream_t stream, std::initializer_list<Payload> payloads,
-                        const int32_t* send_rows, const int32_t* recv_rows) {
-  WIDEEP_NCCL_OR_RETURN(ncclGroupStart());
-  for (int r = 0; r < m.nranks; ++r) {
-    for (const Payload& p : payloads) {
-      const int64_t block = r * p.capacity * p.row_bytes;
-      if (send_rows[r] > 0) {
-        WIDEEP_NCCL_OR_RETURN(ncclSend(p.send + block, send_rows[r] * p.row_bytes, ncclInt8, r, m.comm, stream));
-      }
-      if (recv_rows[r] > 0) {
-        WIDEEP_NCCL_OR_RETURN(ncclRecv(p.recv + block, recv_rows[r] * p.row_bytes, ncclInt8, r, m.comm, stream));
-      }
-    }
-  }
-  WIDEEP_NCCL_OR_RETURN(ncclGroupEnd());
-  return ffi::Error::Success();
-}
-
 ffi::Error Aborted(const NcclMember& m, const char* op, const std::string& why) {
   ncclCommAbort(m.comm);  // also ends the NCCL kernels still waiting on the stream
   *m.aborted = true;
   return ffi::Error::Internal(std::string("wideep nccl ") + op + ": rank " + std::to_string(m.rank) + " of " +
                               std::to_string(m.nranks) + " " + why +
                               "; the communicator was aborted, restart the process");
+}
+
+// Runs the sends and receives `post` enqueues (it returns the first failure) as one
+// NCCL group. The group is closed even on a failure, so this thread's next group starts
+// clean; a failure aborts the communicator, since peers may already have posted their
+// halves of this exchange and nothing later could match them.
+template <typename Post>
+ffi::Error InGroup(const NcclMember& m, const char* op, Post post) {
+  ncclResult_t r = ncclGroupStart();
+  if (r == ncclSuccess) {
+    r = post();
+    const ncclResult_t end = ncclGroupEnd();
+    if (r == ncclSuccess) r = end;
+  }
+  if (r != ncclSuccess) return Aborted(m, op, std::string("got an NCCL error: ") + ncclGetErrorString(r));
+  return ffi::Error::Success();
+}
+
+// Sends rows [0, send_rows[r]) of every payload's block r to rank r and
+// receives rows [0, recv_rows[r]) from it, all in one NCCL group (one launch).
+ffi::Error ExchangeRows(const NcclMember& m, cudaStream_t stream, const char* op,
+                        std::initializer_list<Payload> payloads, const int32_t* send_rows,
+                        const int32_t* recv_rows) {
+  return InGroup(m, op, [&]() -> ncclResult_t {
+    for (int r = 0; r < m.nranks; ++r) {
+      for (const Payload& p : payloads) {
+        const int64_t block = r * p.capacity * p.row_bytes;
+        if (send_rows[r] > 0) {
+          ncclResult_t e = ncclSend(p.send + block, send_rows[r] * p.row_bytes, ncclInt8, r, m.comm, stream);
+          if (e != ncclSuccess) return e;
+        }
+        if (recv_rows[r] > 0) {
+          ncclResult_t e = ncclRecv(p.recv + block, recv_rows[r] * p.row_bytes, ncclInt8, r, m.comm, stream);
+          if (e != ncclSuccess) return e;
+        }
+      }
+    }
+    return ncclSuccess;
+  });
 }
 
 // Waits for the counts' copy like cudaStreamSynchronize (spinning), but at
@@ -143,15 +155,23 @@ ffi::Error CheckUsable(const NcclMember& m, int64_t timeout_ms, const char* op) 
   return ffi::Error::Success();
 }
 
-ffi::Error CheckCounts(const NcclMember& m, int64_t capacity, const char* op) {
+// Says which row count is outside [0, capacity], and clamps every such count into it.
+// The caller still runs the exchange with the clamped counts: each count pair (my send
+// to r, r's receive from me) holds one value on both ranks, so clamped pairs still match,
+// whereas a rank that returned here would leave its peers' NCCL kernels waiting forever.
+ffi::Error ClampCounts(const NcclMember& m, int64_t capacity, const char* op) {
+  ffi::Error error = ffi::Error::Success();
   for (int i = 0; i < 2 * m.nranks; ++i) {
-    if (m.host_counts[i] < 0 || m.host_counts[i] > capacity) {
-      return ffi::Error::InvalidArgument(std::string("wideep nccl ") + op + ": row count " +
-                                         std::to_string(m.host_counts[i]) + " is outside [0, capacity=" +
-                                         std::to_string(capacity) + "]");
+    const int32_t count = m.host_counts[i];
+    if (count >= 0 && count <= capacity) continue;
+    if (error.success()) {
+      error = ffi::Error::InvalidArgument(std::string("wideep nccl ") + op + ": row count " +
+                                          std::to_string(count) + " is outside [0, capacity=" +
+                                          std::to_string(capacity) + "]");
     }
+    m.host_counts[i] = count < 0 ? 0 : static_cast<int32_t>(capacity);
   }
-  return ffi::Error::Success();
+  return error;
 }
 
 ffi::Error DispatchImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer send_x,
@@ -173,28 +193,31 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer sen
   const int32_t* dev_send = send_count.typed_data();
   int32_t* dev_recv = recv_count->typed_data();
   // Counts first: one int per peer, on the device.
-  WIDEEP_NCCL_OR_RETURN(ncclGroupStart());
-  for (int r = 0; r < m.nranks; ++r) {
-    WIDEEP_NCCL_OR_RETURN(ncclSend(dev_send + r, 1, ncclInt32, r, m.comm, stream));
-    WIDEEP_NCCL_OR_RETURN(ncclRecv(dev_recv + r, 1, ncclInt32, r, m.comm, stream));
-  }
-  WIDEEP_NCCL_OR_RETURN(ncclGroupEnd());
+  ffi::Error exchanged = InGroup(m, "dispatch", [&]() -> ncclResult_t {
+    for (int r = 0; r < m.nranks; ++r) {
+      if (ncclResult_t e = ncclSend(dev_send + r, 1, ncclInt32, r, m.comm, stream); e != ncclSuccess) return e;
+      if (ncclResult_t e = ncclRecv(dev_recv + r, 1, ncclInt32, r, m.comm, stream); e != ncclSuccess) return e;
+    }
+    return ncclSuccess;
+  });
+  if (!exchanged.success()) return exchanged;
   if (capacity == 0) return ffi::Error::Success();
   if (ffi::Error e = CopyCountsToHost(m, stream, dev_send, dev_recv, timeout_ms, "dispatch"); !e.success()) {
     return e;
   }
-  if (ffi::Error e = CheckCounts(m, capacity, "dispatch"); !e.success()) return e;
+  ffi::Error out_of_range = ClampCounts(m, capacity, "dispatch");
   const int32_t* host_send = m.host_counts;
   const int32_t* host_recv = m.host_counts + m.nranks;
   const int64_t x_row = static_cast<int64_t>(send_x.size_bytes()) / (m.nranks * capacity);
   const int64_t meta_row = static_cast<int64_t>(send_meta.size_bytes()) / (m.nranks * capacity);
-  return ExchangeRows(
-      m, stream,
+  ffi::Error sent = ExchangeRows(
+      m, stream, "dispatch",
       {Payload{static_cast<const char*>(send_x.untyped_data()), static_cast<char*>(recv_x->untyped_data()),
                x_row, capacity},
        Payload{reinterpret_cast<const char*>(send_meta.typed_data()),
                reinterpret_cast<char*>(recv_meta->typed_data()), meta_row, capacity}},
       host_send, host_recv);
+  return out_of_range.success() ? sent : out_of_range;
 }
 
 ffi::Error CombineImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partial,
@@ -217,13 +240,14 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer part
       !e.success()) {
     return e;
   }
-  if (ffi::Error e = CheckCounts(m, capacity, "combine"); !e.success()) return e;
+  ffi::Error out_of_range = ClampCounts(m, capacity, "combine");
   const int64_t row = static_cast<int64_t>(partial.size_bytes()) / (m.nranks * capacity);
-  return ExchangeRows(
-      m, stream,
+  ffi::Error sent = ExchangeRows(
+      m, stream, "combine",
       {Payload{static_cast<const char*>(partial.untyped_data()), static_cast<char*>(back->untyped_data()), row,
                capacity}},
       m.host_counts, m.host_counts + m.nranks);
+  return out_of_range.success() ? sent : out_of_range;
 }
 
 }  // namespace
@@ -283,14 +307,19 @@ int wideep_nccl_init(int64_t id, int nlocal, const int* ordinals, const int* ran
   if (g_comms.count(id)) return 0;
   DeviceGuard guard;
   std::vector<ncclComm_t> comms(nlocal, nullptr);
+  std::string bad_device;  // set instead of returning, so that the group below is always closed
   ncclResult_t r = ncclGroupStart();
   for (int i = 0; i < nlocal && r == ncclSuccess; ++i) {
     ncclUniqueId uid;
     memcpy(uid.internal, unique_ids + static_cast<int64_t>(i) * NCCL_UNIQUE_ID_BYTES, NCCL_UNIQUE_ID_BYTES);
-    if (cudaSetDevice(ordinals[i]) != cudaSuccess) return Fail("cudaSetDevice failed for GPU " + std::to_string(ordinals[i]));
+    if (cudaSetDevice(ordinals[i]) != cudaSuccess) {
+      bad_device = "cudaSetDevice failed for GPU " + std::to_string(ordinals[i]);
+      break;
+    }
     r = ncclCommInitRank(&comms[i], nranks, uid, ranks[i]);
   }
   ncclResult_t end = ncclGroupEnd();
+  if (!bad_device.empty()) return Fail(bad_device);
   if (r == ncclSuccess) r = end;
   if (r != ncclSuccess) return Fail(std::string("ncclCommInitRank failed: ") + ncclGetErrorString(r));
   std::unordered_map<int, NcclMember> members;
