@@ -387,6 +387,7 @@ class _StandInNccl:
 
     def __init__(self, init):
         self.init, self._error = init, b""
+        self.first_call_ms = None  # what the last init passed as the first call's wait limit
 
     def wideep_nccl_unique_id_bytes(self):
         return 128
@@ -395,7 +396,8 @@ class _StandInNccl:
         ctypes.memset(buf, 7, 128)
         return 0
 
-    def wideep_nccl_init(self, cid, nlocal, ordinals, ranks, nranks, uids):
+    def wideep_nccl_init(self, cid, nlocal, ordinals, ranks, nranks, uids, first_call_ms):
+        self.first_call_ms = first_call_ms
         return self.init(self)
 
     def wideep_last_error(self):
@@ -431,8 +433,11 @@ def test_nccl_setup_that_never_returns_is_an_error(monkeypatch):
         ffi_lib.nccl_communicators(groups)
     working = _StandInNccl(lambda lib: 0)
     monkeypatch.setattr(ffi_lib, "library", lambda: working)
+    monkeypatch.setenv("WIDEEP_NCCL_INIT_TIMEOUT_S", "42.5")
     cid = ffi_lib.nccl_communicators(groups)
     assert cid in ffi_lib._nccl_sets and ffi_lib.nccl_communicators(groups) == cid
+    # The first all-to-all on these communicators waits for peers as long as the set-up may.
+    assert working.first_call_ms == 42500
 
 
 class _StandInBackend(FfiAllToAll):

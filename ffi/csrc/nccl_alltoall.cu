@@ -9,6 +9,7 @@
 // another program) makes it abort the communicator and return an error.
 #include <nccl.h>
 
+#include <algorithm>
 #include <chrono>
 #include <initializer_list>
 #include <mutex>
@@ -27,8 +28,10 @@ struct NcclMember {
   int nranks = 0;
   int32_t* host_counts = nullptr;  // pinned, 2 * nranks
   cudaEvent_t counts_ready = nullptr;
-  std::mutex* mu = nullptr;        // guards host_counts and aborted
+  std::mutex* mu = nullptr;        // guards host_counts, aborted and started
   bool* aborted = nullptr;         // set once a timeout aborted `comm`; every later call fails
+  bool* started = nullptr;         // set once a call's counts arrived
+  int64_t first_call_timeout_ms = 0;  // the wait limit until then
 };
 
 std::mutex g_nccl_mu;
@@ -107,12 +110,21 @@ ffi::Error ExchangeRows(const NcclMember& m, cudaStream_t stream, const char* op
 
 // Waits for the counts' copy like cudaStreamSynchronize (spinning), but at
 // most timeout_ms, and stops early on an error NCCL reports asynchronously.
+// The first call waits as long as setting up the communicator may: processes reach
+// their first step apart by their compile and load times (one may hit the compilation
+// cache, another compile for minutes), which the per-call limit is too short for.
 ffi::Error WaitForCounts(const NcclMember& m, cudaStream_t stream, int64_t timeout_ms, const char* op) {
   WIDEEP_CUDA_OR_RETURN(cudaEventRecord(m.counts_ready, stream));
+  const bool first = !*m.started;
+  if (first) timeout_ms = std::max(timeout_ms, m.first_call_timeout_ms);
+  const char* limit_name = first ? "WIDEEP_NCCL_INIT_TIMEOUT_S, the first call's limit" : "WIDEEP_COMM_TIMEOUT_S";
   const auto start = std::chrono::steady_clock::now();
   for (uint64_t spin = 1;; ++spin) {
     const cudaError_t q = cudaEventQuery(m.counts_ready);
-    if (q == cudaSuccess) return ffi::Error::Success();
+    if (q == cudaSuccess) {
+      *m.started = true;
+      return ffi::Error::Success();
+    }
     if (q != cudaErrorNotReady) {
       return ffi::Error::Internal(std::string("wideep nccl ") + op + ": waiting for the row counts failed: " +
                                   cudaGetErrorString(q));
@@ -125,8 +137,8 @@ ffi::Error WaitForCounts(const NcclMember& m, cudaStream_t stream, int64_t timeo
     }
     const auto waited = std::chrono::steady_clock::now() - start;
     if (waited > std::chrono::milliseconds(timeout_ms)) {
-      return Aborted(m, op, "timed out after " + std::to_string(timeout_ms) +
-                                " ms (WIDEEP_COMM_TIMEOUT_S) waiting for its peers' row counts: a peer rank "
+      return Aborted(m, op, "timed out after " + std::to_string(timeout_ms) + " ms (" + limit_name +
+                                ") waiting for its peers' row counts: a peer rank "
                                 "did not reach the same call (stopped, crashed, or running another program)");
     }
     if (waited > std::chrono::milliseconds(10)) std::this_thread::yield();  // a long wait: share the core
@@ -299,9 +311,11 @@ int wideep_nccl_unique_id_bytes() { return NCCL_UNIQUE_ID_BYTES; }
 
 // Creates communicator set `id` for this process's `nlocal` GPUs: GPU
 // ordinals[i] is rank ranks[i] of an `nranks`-rank group whose unique id is
-// unique_ids[i * NCCL_UNIQUE_ID_BYTES ...]. Idempotent per id.
+// unique_ids[i * NCCL_UNIQUE_ID_BYTES ...]. Each member's first call waits for its
+// peers' row counts up to first_call_timeout_ms (or its own limit, if longer).
+// Idempotent per id.
 int wideep_nccl_init(int64_t id, int nlocal, const int* ordinals, const int* ranks, int nranks,
-                     const char* unique_ids) {
+                     const char* unique_ids, int64_t first_call_timeout_ms) {
   using namespace wideep;
   std::lock_guard<std::mutex> lock(g_nccl_mu);
   if (g_comms.count(id)) return 0;
@@ -331,6 +345,8 @@ int wideep_nccl_init(int64_t id, int nlocal, const int* ordinals, const int* ran
     WIDEEP_CUDA_OR_FAIL(cudaEventCreateWithFlags(&m.counts_ready, cudaEventDisableTiming));
     m.mu = new std::mutex();
     m.aborted = new bool(false);
+    m.started = new bool(false);
+    m.first_call_timeout_ms = first_call_timeout_ms;
     members[ordinals[i]] = m;
   }
   g_comms[id] = std::move(members);

@@ -56,7 +56,8 @@ def library() -> ctypes.CDLL:
                                                   ctypes.c_int]
             lib.wideep_nccl_unique_id.argtypes = [ctypes.c_char_p]
             lib.wideep_nccl_init.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.POINTER(ctypes.c_int),
-                                             ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_char_p]
+                                             ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_char_p,
+                                             ctypes.c_int64]
             for target, symbol in TARGETS.items():
                 jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="CUDA")
             _lib = lib
@@ -233,9 +234,13 @@ def nccl_communicators(groups: list[list[jax.Device]]) -> int:
                 ranks.append(rank)
                 uids += uid
     nranks = len(groups[0])
+    init_s = init_timeout_s()
+    # The first all-to-all waits for peers as long as this set-up may: processes reach their
+    # first step apart by their compile and load times.
+    first_call_ms = max(1, int(init_s * 1000))
     _bounded_call(lambda: _check(lib.wideep_nccl_init(cid, len(ordinals), _ints(ordinals), _ints(ranks), nranks,
-                                                      uids), "creating NCCL communicators"),
-                  init_timeout_s(), f"creating NCCL communicators of {nranks} ranks")
+                                                      uids, first_call_ms), "creating NCCL communicators"),
+                  init_s, f"creating NCCL communicators of {nranks} ranks")
     with _lock:
         _nccl_sets.add(cid)
     return cid
