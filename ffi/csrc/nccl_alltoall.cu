@@ -34,7 +34,8 @@ struct NcclMember {
   int64_t first_call_timeout_ms = 0;  // the wait limit until then
 };
 
-std::mutex g_nccl_mu;
+std::mutex g_nccl_mu;       // guards g_comms; every call takes it briefly (FindComm)
+std::mutex g_nccl_init_mu;  // one communicator set-up at a time; held across ncclCommInitRank
 std::unordered_map<int64_t, std::unordered_map<int, NcclMember>> g_comms;
 
 ffi::Error FindComm(int64_t id, int ordinal, NcclMember* out) {
@@ -317,8 +318,14 @@ int wideep_nccl_unique_id_bytes() { return NCCL_UNIQUE_ID_BYTES; }
 int wideep_nccl_init(int64_t id, int nlocal, const int* ordinals, const int* ranks, int nranks,
                      const char* unique_ids, int64_t first_call_timeout_ms) {
   using namespace wideep;
-  std::lock_guard<std::mutex> lock(g_nccl_mu);
-  if (g_comms.count(id)) return 0;
+  // ncclCommInitRank blocks until every rank joins, for ever if one never does (Python
+  // stops waiting after WIDEEP_NCCL_INIT_TIMEOUT_S): holding only the set-up lock meanwhile
+  // leaves the calls on communicator sets that already exist free to run.
+  std::lock_guard<std::mutex> init_lock(g_nccl_init_mu);
+  {
+    std::lock_guard<std::mutex> lock(g_nccl_mu);
+    if (g_comms.count(id)) return 0;
+  }
   DeviceGuard guard;
   std::vector<ncclComm_t> comms(nlocal, nullptr);
   std::string bad_device;  // set instead of returning, so that the group below is always closed
@@ -349,6 +356,7 @@ int wideep_nccl_init(int64_t id, int nlocal, const int* ordinals, const int* ran
     m.first_call_timeout_ms = first_call_timeout_ms;
     members[ordinals[i]] = m;
   }
+  std::lock_guard<std::mutex> lock(g_nccl_mu);
   g_comms[id] = std::move(members);
   return 0;
 }
