@@ -58,7 +58,7 @@ def _release_compiled_code(request):
     yield
     jax.clear_caches()
     gc.collect()
-    count = _memory_map_count()
-    if count is not None and count > _max_map_count() // 2:
+    count, limit = _memory_map_count(), _max_map_count()
+    if count is not None and count > limit // 2:
         pytest.fail(f"{request.node.nodeid}: {count} memory maps remain after jax.clear_caches() "
-                    f"(vm.max_map_count {_max_map_count()}); compiled code is being kept alive")
+                    f"(vm.max_map_count {limit}); compiled code is being kept alive")

@@ -83,7 +83,12 @@ def stable_id(*parts) -> int:
 
 def timeout_ms() -> int:
     """The all-to-all calls' wait limit for peers: ``$WIDEEP_COMM_TIMEOUT_S`` (default 30 s)."""
-    return max(1, int(seconds_from_env("WIDEEP_COMM_TIMEOUT_S", DEFAULT_TIMEOUT_S) * 1000))
+    return _whole_ms(seconds_from_env("WIDEEP_COMM_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+
+
+def _whole_ms(seconds: float) -> int:
+    """A wait limit for the C++ side: whole milliseconds, at least 1."""
+    return max(1, int(seconds * 1000))
 
 
 DEFAULT_INIT_TIMEOUT_S = 600.0  # processes reach their first MoE layer apart by their load times
@@ -237,7 +242,7 @@ def nccl_communicators(groups: list[list[jax.Device]]) -> int:
     init_s = init_timeout_s()
     # The first all-to-all waits for peers as long as this set-up may: processes reach their
     # first step apart by their compile and load times.
-    first_call_ms = max(1, int(init_s * 1000))
+    first_call_ms = _whole_ms(init_s)
     _bounded_call(lambda: _check(lib.wideep_nccl_init(cid, len(ordinals), _ints(ordinals), _ints(ranks), nranks,
                                                       uids, first_call_ms), "creating NCCL communicators"),
                   init_s, f"creating NCCL communicators of {nranks} ranks")
