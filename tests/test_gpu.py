@@ -98,7 +98,8 @@ def test_grouped_matmul_kernels_poisoned(rng, impl, epilogue, kind, m):
 @pytest.mark.parametrize("epilogue,k,n", [("none", 7168, 512), ("swiglu", 7168, 512), ("row_scale", 1024, 896)])
 @pytest.mark.parametrize("sizes_kind", ["zipf", "one_giant"])
 def test_mosaic_group_band_walk_bit_equal_on_gpu(rng, epilogue, k, n, sizes_kind):
-    """The prefill defaults walking group bands (of at most 4 and 8 row tiles) give the
+    """The prefill defaults walking group bands (of at most 4 and 8 row tiles, in group order
+    or mixed by width) and, where they apply, with half-height tail items give the
     snake's output bit for bit at Zipf-skewed sizes (64 groups, some empty) and with every
     row in one group; the poisoned output must be written everywhere live."""
     if "mosaic_gpu" not in _gpu_kernels():
@@ -121,9 +122,14 @@ def test_mosaic_group_band_walk_bit_equal_on_gpu(rng, epilogue, k, n, sizes_kind
     n_out = n // 2 if epilogue == "swiglu" else n
     # The prefill down default walks group bands itself: compare against the snake explicitly.
     snake = dataclasses.replace(mosaic_gpu.default_config(m, g, k=k, n_out=n_out, epilogue=epilogue), walk="snake")
+    configs = [snake, dataclasses.replace(snake, walk="group_bands"),
+               dataclasses.replace(snake, walk="group_bands", grid_tile_width=8),
+               dataclasses.replace(snake, walk="mixed_bands")]
+    if snake.tile_m == 128 and snake.wg_split == "n":  # half-height tail items: same MMAs per row
+        configs += [dataclasses.replace(snake, half_tails=True),
+                    dataclasses.replace(snake, walk="mixed_bands", half_tails=True)]
     outs = []
-    for config in (snake, dataclasses.replace(snake, walk="group_bands"),
-                   dataclasses.replace(snake, walk="group_bands", grid_tile_width=8)):
+    for config in configs:
         if epilogue == "swiglu":
             f = jax.jit(lambda x, w, gs: grouped_swiglu(x, w, gs, implementation="mosaic_gpu", config=config))
         else:
@@ -134,8 +140,8 @@ def test_mosaic_group_band_walk_bit_equal_on_gpu(rng, epilogue, k, n, sizes_kind
         _poison_allocator((m + 64, n_out))
         outs.append(np.asarray(f(x, w, gs)[:real]))
     assert np.isfinite(outs[0]).all()
-    np.testing.assert_array_equal(outs[1], outs[0])
-    np.testing.assert_array_equal(outs[2], outs[0])
+    for config, out in zip(configs[1:], outs[1:]):
+        np.testing.assert_array_equal(out, outs[0], err_msg=str(config))
 
 
 @pytest.mark.parametrize("impl", ["mosaic_gpu", "triton"])

@@ -197,6 +197,36 @@ def test_mosaic_chained_items_on_few_ctas(rng, swizzled):
 
 
 @pytest.mark.parametrize("epilogue", ["none", "swiglu", "row_scale"])
+@pytest.mark.parametrize("chain", [False, True])
+def test_mosaic_half_tails_on_few_ctas(rng, epilogue, chain):
+    """half_tails: items with <= 64 live rows of a 128-row tile run half-height MMAs (a second
+    pipeline instance), mixed with whole items on two simulated CTAs, chained or not; tiles
+    that start mid-way and groups ending just past 64 rows (a whole item) included."""
+    m = 300
+    fixed = np.array([100, 0, 7, 150, 0, 13], np.int32)  # half items: the 7, the 150's tail, the 13
+    random = rng.multinomial(m - int(rng.integers(0, 60)), rng.dirichlet(np.ones(G) * 0.5)).astype(np.int32)
+    x = jnp.asarray(rng.standard_normal((m, K)), jnp.bfloat16)
+    width = 2 * N if epilogue == "swiglu" else N
+    w = jnp.asarray(rng.standard_normal((G, K, width)) / np.sqrt(K), jnp.bfloat16)
+    scale = jnp.asarray(rng.random(m), jnp.float32)
+    config = MosaicGpuConfig(tile_m=128, tile_n=64, max_concurrent_steps=2, chain_items=chain, max_ctas=2,
+                             grid_minor="m", grid_tile_width=2, half_tails=True)
+    for sizes in (fixed, random):
+        assert_mosaic_live_rows_close(config, epilogue, x, w, sizes, scale)
+
+
+def test_mosaic_half_tails_config_errors():
+    with pytest.raises(ValueError, match="half_tails=True.*tile_m=64, wg_split='n'"):
+        MosaicGpuConfig(tile_m=64, half_tails=True)
+    with pytest.raises(ValueError, match="half_tails=True.*wg_split='m'"):
+        MosaicGpuConfig(wg_split="m", half_tails=True)
+    with pytest.raises(ValueError, match="half_tails=True.*consumers='pingpong'"):
+        MosaicGpuConfig(tile_n=64, consumers="pingpong", half_tails=True)
+    with pytest.raises(ValueError, match="half_tails=True.*epi_tile_m to divide 64, got 128"):
+        MosaicGpuConfig(epi_tile_m=128, half_tails=True)
+
+
+@pytest.mark.parametrize("epilogue", ["none", "swiglu", "row_scale"])
 @pytest.mark.parametrize("kind", ["zeros", "giant"])
 def test_mosaic_pingpong_on_few_ctas(rng, epilogue, kind):
     """Ping-pong consumers on two simulated CTAs: 3 stages for 2 K steps an item, so the
@@ -269,26 +299,35 @@ def test_tile_schedule_covers_each_live_row_once(rng, block_m, align):
         np.testing.assert_array_equal(owner, np.repeat(np.r_[np.arange(g), -1], np.r_[sizes, m - sizes.sum()]))
 
 
-def band_walk_reference(groups: list, n_iters: int, max_width: int) -> list:
+def band_walk_reference(groups: list, n_iters: int, max_width: int, mix_widths: bool = False) -> list:
     """(row tile, column tile) in group-band order, by plain loops: each group's run of
     tiles cut into the fewest bands of <= max_width (wider bands first), a band's columns
-    in turn with its tiles fastest, the direction flipping from one band of a group to the next."""
-    order, t = [], 0
+    in turn with its tiles fastest, the direction flipping from one band of a group to the next.
+    ``mix_widths``: bands sorted by (their index among bands of their width + 1/2) / that
+    width's band count, ties in walk order."""
+    bands, t = [], 0
     while t < len(groups):
         run = next((i for i in range(t, len(groups)) if groups[i] != groups[t]), len(groups)) - t
-        bands = -(-run // max_width)
-        widths = [run // bands + (b < run % bands) for b in range(bands)]
+        count = -(-run // max_width)
+        widths = [run // count + (b < run % count) for b in range(count)]
         first = t
         for b, width in enumerate(widths):
             cols = range(n_iters) if b % 2 == 0 else range(n_iters - 1, -1, -1)
-            order += [(tile, j) for j in cols for tile in range(first, first + width)]
+            bands.append((width, [(tile, j) for j in cols for tile in range(first, first + width)]))
             first += width
         t += run
-    return order
+    if mix_widths:
+        keys = []
+        for index, (width, _) in enumerate(bands):
+            same = [i for i, (w, _) in enumerate(bands) if w == width]
+            keys.append(((same.index(index) + 0.5) / len(same), index))
+        bands = [bands[i] for _, i in sorted(keys)]
+    return [item for _, items in bands for item in items]
 
 
+@pytest.mark.parametrize("mix_widths", [False, True])
 @pytest.mark.parametrize("max_width", [1, 3, 4, 8])
-def test_group_band_walk_matches_loop_reference(rng, max_width):
+def test_group_band_walk_matches_loop_reference(rng, max_width, mix_widths):
     """Fresh random (and adversarial: one giant group, all rows in the last group) sizes:
     the walk's real items are the loop reference's order, each band within one group."""
     for trial in range(12):
@@ -299,10 +338,10 @@ def test_group_band_walk_matches_loop_reference(rng, max_width):
             sizes[-1] = m
         n_iters = int(rng.integers(1, 6))
         sched = tile_schedule(jnp.asarray(sizes, jnp.int32), m, 64, 8)
-        walk = group_band_walk(sched, n_iters, max_width)
+        walk = group_band_walk(sched, n_iters, max_width, mix_widths=mix_widths)
         n = int(sched.num_tiles[0])
         groups = [int(v) for v in np.asarray(sched.group)[:n]]
-        want = band_walk_reference(groups, n_iters, max_width)
+        want = band_walk_reference(groups, n_iters, max_width, mix_widths)
         assert len(walk.col) == len(sched.group) * n_iters
         tiles = [tile for tile, _ in want]
         for name in ("group", "start", "live_begin", "live_end"):
@@ -331,6 +370,34 @@ def test_group_band_walk_reads_fewer_weight_tiles_than_the_snake():
         group_band_walk(sched, n_iters, 0)
 
 
+def test_mixed_band_walk_spreads_narrow_bands():
+    """Why mix_widths exists: at Zipf-like sizes the one-tile bands (a weight column tile read
+    per item) come in runs in group order; mixed, no stretch of 2 x 132 items (two rounds of
+    one item per SM of an H100) holds more than its share plus two bands of them (the group
+    order: five). The same items either way."""
+    rng = np.random.default_rng(7)
+    p = 1.0 / np.arange(1, 65) ** 1.2
+    sizes = rng.multinomial(32768, rng.permutation(p / p.sum())).astype(np.int32)
+    sched = tile_schedule(jnp.asarray(sizes), 32768, 128, 8)
+    n, n_iters, window = int(sched.num_tiles[0]), 28, 264
+
+    def narrow_share(walk):
+        starts, ends = np.asarray(walk.start)[:n * n_iters], np.asarray(walk.live_end)[:n * n_iters]
+        group = np.asarray(walk.group)[:n * n_iters]
+        narrow = np.array([sizes[g] <= 128 for g in group], float)
+        per_window = np.convolve(narrow, np.ones(window), "valid")
+        return per_window.max(), set(zip(group.tolist(), starts.tolist(), ends.tolist(),
+                                         np.asarray(walk.col)[:n * n_iters].tolist()))
+
+    plain_max, plain_items = narrow_share(group_band_walk(sched, n_iters, 4))
+    mixed_max, mixed_items = narrow_share(group_band_walk(sched, n_iters, 4, mix_widths=True))
+    assert mixed_items == plain_items and len(mixed_items) == n * n_iters
+    narrow_items = sum(n_iters for s in sizes if 0 < s <= 128)
+    fair = narrow_items / (n * n_iters) * window
+    assert mixed_max <= fair + 2 * n_iters, (mixed_max, fair)
+    assert plain_max > fair + 2 * n_iters, (plain_max, fair)  # the order this replaces bunches them
+
+
 @pytest.mark.parametrize("consumers", ["cooperative", "pingpong"])
 @pytest.mark.parametrize("kind", ["zeros", "giant"])
 def test_mosaic_group_band_walk_on_few_ctas(rng, consumers, kind):
@@ -355,7 +422,7 @@ def test_mosaic_group_band_walk_on_few_ctas(rng, consumers, kind):
 
 
 def test_mosaic_walk_config_errors():
-    with pytest.raises(ValueError, match="walk must be 'snake' or 'group_bands', got 'zigzag'"):
+    with pytest.raises(ValueError, match="walk must be 'snake', 'group_bands' or 'mixed_bands', got 'zigzag'"):
         MosaicGpuConfig(walk="zigzag")
     with pytest.raises(ValueError, match="group_bands.*grid_minor='m', got 'n'"):
         MosaicGpuConfig(walk="group_bands", grid_minor="n")
@@ -384,6 +451,23 @@ def test_mosaic_lowers_for_cuda(m, epilogue, swizzled):
             jax.ShapeDtypeStruct((G,), jnp.int32), jax.ShapeDtypeStruct((m,), jnp.float32))
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("k_of_config", [7168, 2048])
+@pytest.mark.parametrize("epilogue", ["none", "row_scale"])
+def test_mosaic_half_tails_lowers_for_cuda(k_of_config, epilogue):
+    """The prefill gate/up and down defaults with half_tails (two pipeline instances in one
+    kernel, chained or not) and the mixed band walk, through the full Mosaic GPU lowering."""
+    from pallas_kernels.grouped_matmul import mosaic_gpu
+
+    m, k, n = 4100, 512, 768
+    config = dataclasses.replace(mosaic_gpu.default_config(m, G, k=k_of_config, n_out=n, epilogue=epilogue),
+                                 half_tails=True, walk="mixed_bands")
+    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((G, k, n), jnp.bfloat16),
+            jax.ShapeDtypeStruct((G,), jnp.int32), jax.ShapeDtypeStruct((m,), jnp.float32))
+    f = jax.jit(lambda x, w, gs, scale: mosaic_gpu.grouped_matmul(
+        x, w, gs, config=config, epilogue=epilogue, row_scale=scale if epilogue == "row_scale" else None))
+    assert "mosaic_gpu" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("consumers", ["cooperative", "pingpong"])

@@ -48,7 +48,9 @@ class MosaicGpuConfig:
         column tiles (``grid_minor``, ``grid_tile_width``). "group_bands": each
         group's row tiles cut into bands of at most ``grid_tile_width`` tiles that
         never hold two groups, row tiles fastest (``schedule.group_band_walk``); the
-        item order is then computed in XLA before the kernel.
+        item order is then computed in XLA before the kernel. "mixed_bands": the same
+        bands, reordered so that every stretch of the walk mixes bands of all widths
+        (narrow bands are bound by weight reads, wide ones by the MMAs).
       grid_minor: "n" walks column tiles fastest (reuses the rows' tile), "m"
         walks row tiles fastest (reuses a weight column tile).
       grid_tile_width: planar-snake band width along ``grid_minor``.
@@ -63,6 +65,11 @@ class MosaicGpuConfig:
       swizzled_epilogue: store whole epilogue tiles through swizzled shared
         memory (no bank conflicts) and only partial ones through the plain
         buffer that row-granular TMA stores need; costs one more buffer.
+      half_tails: items whose live rows all lie in the first half of a 128-row tile
+        (a group's last tile holding <= 64 of its rows) run the MMAs of those 64
+        rows only: a second instance of the pipeline, with half-height accumulators,
+        chosen per item. At Zipf-skewed group sizes about half the groups end in
+        such a tile. Needs ``tile_m == 128`` split along N by cooperative consumers.
     """
 
     tile_m: int = 128
@@ -79,7 +86,8 @@ class MosaicGpuConfig:
     max_ctas: int | None = None
     swizzled_epilogue: bool = False
     consumers: Literal["cooperative", "pingpong"] = "cooperative"
-    walk: Literal["snake", "group_bands"] = "snake"
+    walk: Literal["snake", "group_bands", "mixed_bands"] = "snake"
+    half_tails: bool = False
 
     def __post_init__(self) -> None:
         for name in ("tile_m", "tile_n", "tile_k", "epi_tile_m", "epi_tile_n"):
@@ -105,11 +113,19 @@ class MosaicGpuConfig:
             )
         if self.chain_items and self.delay_release:
             raise ValueError("MosaicGpuConfig.chain_items needs delay_release=0")
-        if self.walk not in ("snake", "group_bands"):
-            raise ValueError(f"MosaicGpuConfig.walk must be 'snake' or 'group_bands', got {self.walk!r}")
-        if self.walk == "group_bands" and self.grid_minor != "m":
-            raise ValueError("MosaicGpuConfig(walk='group_bands') walks row tiles fastest: it needs grid_minor='m', "
-                             f"got {self.grid_minor!r}")
+        if self.walk not in ("snake", "group_bands", "mixed_bands"):
+            raise ValueError("MosaicGpuConfig.walk must be 'snake', 'group_bands' or 'mixed_bands', "
+                             f"got {self.walk!r}")
+        if self.walk != "snake" and self.grid_minor != "m":
+            raise ValueError(f"MosaicGpuConfig(walk={self.walk!r}) walks row tiles fastest: it needs "
+                             f"grid_minor='m', got {self.grid_minor!r}")
+        if self.half_tails and (self.tile_m != 128 or self.wg_split != "n" or self.consumers != "cooperative"):
+            raise ValueError(
+                "MosaicGpuConfig(half_tails=True) halves 128-row warpgroup tiles split along N by cooperative "
+                f"consumers; got tile_m={self.tile_m}, wg_split={self.wg_split!r}, consumers={self.consumers!r}")
+        if self.half_tails and (self.tile_m // 2) % self.epi_tile_m:
+            raise ValueError(f"MosaicGpuConfig(half_tails=True) needs epi_tile_m to divide {self.tile_m // 2}, "
+                             f"got {self.epi_tile_m}")
         if self.consumers not in ("cooperative", "pingpong"):
             raise ValueError(f"MosaicGpuConfig.consumers must be 'cooperative' or 'pingpong', got {self.consumers!r}")
         if self.consumers == "pingpong":
@@ -274,23 +290,24 @@ def _kernel(
             wg_begin = jnp.clip(live_begin - wg_row0, 0, tile_m)
             wg_end = jnp.clip(live_end - wg_row0, 0, tile_m)
 
-            def compute_context(run_pipeline):
-                acc_types = [plgpu.ACC((tile_m, tile_n), jnp.float32) for _ in range(num_acc)]
+            def compute_context(run_pipeline, rows=tile_m):
+                acc_types = [plgpu.ACC((rows, tile_n), jnp.float32) for _ in range(num_acc)]
 
                 def with_accs(*acc_refs):
                     run_pipeline(tuple(acc_refs))
                     value = epilogue_value(epilogue, [a[...] for a in acc_refs], scale_gmem, start + wg_row0)
                     store_rows(value.astype(out_dtype), None if out_smem is None else out_smem.at[wg],
                                 part_smem.at[wg], out_gmem,
-                                row0=start + wg_row0, col0=wg_col0, begin=wg_begin, end=wg_end,
-                                epi_m=epi_m, epi_n=epi_n)
+                                row0=start + wg_row0, col0=wg_col0, begin=jnp.minimum(wg_begin, rows),
+                                end=jnp.minimum(wg_end, rows), epi_m=epi_m, epi_n=epi_n)
 
                 pl.run_scoped(with_accs, *acc_types)
 
-            def mma(_, x_smem, *rest):
+            def mma(_, x_smem, *rest, rows=tile_m):
                 *w_smems, accs = rest
+                x_wg = x_smem.at[wg_m] if rows == tile_m else x_smem.at[pl.ds(0, rows)]
                 for acc, w_smem in zip(accs, w_smems):
-                    plgpu.wgmma(acc, x_smem.at[wg_m], w_smem.at[:, wg_n])
+                    plgpu.wgmma(acc, x_wg, w_smem.at[:, wg_n])
                 plgpu.wgmma_wait(config.delay_release)
                 return accs
 
@@ -303,7 +320,23 @@ def _kernel(
                                    jnp.int32(plgpu.PipelinePipeline.STEADY))
                 # A CTA's only item must START (the prologue), not STOP.
                 state = jnp.where(info.local_index == 0, jnp.int32(plgpu.PipelinePipeline.START), steady)
-            pipeline(mma, compute_context, state)(x_rows, *w_cols, allocations=allocs)
+            if not config.half_tails:
+                pipeline(mma, compute_context, state)(x_rows, *w_cols, allocations=allocs)
+                return
+            # Two pipeline instances of the same specs (so the same shared memory, and chained
+            # items may pass from one to the other); the producer streams the same stages for
+            # both, only the consumers' MMAs and accumulators differ.
+            half = tile_m // 2
+            is_half = live_end <= half
+
+            @pl.when(is_half)
+            def _():
+                pipeline(functools.partial(mma, rows=half), functools.partial(compute_context, rows=half),
+                         state)(x_rows, *w_cols, allocations=allocs)
+
+            @pl.when(~is_half)
+            def _():
+                pipeline(mma, compute_context, state)(x_rows, *w_cols, allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -376,8 +409,9 @@ def grouped_matmul(
     kernel = persistent_kernel(body,
                                jax.ShapeDtypeStruct((rows, n_out), out_dtype), max_ctas=config.max_ctas,
                                interpret=interpret)
-    if config.walk == "group_bands":
-        walk = tuple(group_band_walk(schedule, n_out // config.cta_tile_n, config.grid_tile_width))
+    if config.walk != "snake":
+        walk = tuple(group_band_walk(schedule, n_out // config.cta_tile_n, config.grid_tile_width,
+                                     mix_widths=config.walk == "mixed_bands"))
     else:
         walk = (*schedule[:4], jnp.zeros((1,), jnp.int32))
     out = kernel(*walk, schedule.num_tiles, x_in, w, scale)

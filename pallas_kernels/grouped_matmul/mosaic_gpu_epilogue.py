@@ -26,12 +26,12 @@ def work_item(index, walk, num_tiles, n_iters: int, config):
     """(group, first row, live begin, live end, column tile) of the ``index``-th work item.
 
     ``walk`` holds per-item arrays (group, start, live_begin, live_end, col) of
-    ``schedule.group_band_walk`` when ``config.walk == "group_bands"``; otherwise the
+    ``schedule.group_band_walk`` when ``config.walk`` is not ``"snake"``; otherwise the
     tile schedule's per-tile arrays (and an unused col), walked as a planar snake over
     ``num_tiles[0]`` row tiles and ``n_iters`` column tiles in bands of
     ``config.grid_tile_width``."""
     group, start, live_begin, live_end, col = walk
-    if config.walk == "group_bands":
+    if config.walk != "snake":
         return group[index], start[index], live_begin[index], live_end[index], col[index]
     minor = 0 if config.grid_minor == "m" else 1
     t, j = plgpu.planar_snake(index, (num_tiles[0], n_iters), minor, config.grid_tile_width)

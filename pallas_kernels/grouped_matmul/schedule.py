@@ -77,7 +77,8 @@ class ItemWalk(NamedTuple):
     col: jax.Array
 
 
-def group_band_walk(schedule: TileSchedule, n_iters: int, max_width: int) -> ItemWalk:
+def group_band_walk(schedule: TileSchedule, n_iters: int, max_width: int,
+                    mix_widths: bool = False) -> ItemWalk:
     """The items of ``schedule`` (``n_iters`` column tiles per row tile) walked in bands that
     never mix groups: a group's row tiles are cut into the fewest bands of at most
     ``max_width`` tiles (sizes within one of each other), and a band walks its columns
@@ -88,6 +89,12 @@ def group_band_walk(schedule: TileSchedule, n_iters: int, max_width: int) -> Ite
     which reads both groups' weights for it; at Zipf sizes, most bands straddle.
     Item ``i`` lies in the band holding row tile ``i // n_iters`` (a band of w tiles
     owns items ``[b0 * n_iters, (b0 + w) * n_iters)``), so the mapping is gathers only.
+
+    ``mix_widths``: the bands are reordered so that every stretch of the walk holds bands of
+    every width in proportion, each width's bands in group order. Why: a band of one row
+    tile reads a whole weight column tile per item, so a run of small groups is bound by
+    HBM while a run of wide bands is bound by the MMAs; with bands mixed, the items that
+    run together (one per SM) ask for about the average weight bandwidth.
     """
     if max_width < 1:
         raise ValueError(f"group_band_walk needs max_width >= 1, got {max_width}")
@@ -108,10 +115,24 @@ def group_band_walk(schedule: TileSchedule, n_iters: int, max_width: int) -> Ite
     width = base + (band < extra).astype(jnp.int32)
     band_first = run_first + jnp.where(band < extra, band * (base + 1), wide + (band - extra) * base)
 
+    if mix_widths:
+        # A band's key: where it falls, as a fraction, among the real bands of its width.
+        head = (t == band_first) & (t < schedule.num_tiles[0])
+        of_width = head[:, None] & (width[:, None] == jnp.arange(1, max_width + 1, dtype=jnp.int32))
+        rank = jnp.cumsum(of_width, axis=0) - 1
+        count = jnp.maximum(jnp.sum(of_width, axis=0), 1)
+        head_key = jnp.sum(jnp.where(of_width, (rank + 0.5) / count, 0.0), axis=1)
+        # Stable: tiles of one band (consecutive, one key) stay together; extra tiles last.
+        tile_key = jnp.where(t < schedule.num_tiles[0], head_key[band_first], 2.0)
+        order = jnp.argsort(tile_key, stable=True).astype(jnp.int32)  # slot -> tile
+        slot = jnp.zeros_like(order).at[order].set(t)  # tile -> slot
+    else:
+        order = slot = t
+
     i = jnp.arange(num_tiles * n_iters, dtype=jnp.int32)
-    s = i // n_iters
+    s = order[i // n_iters]
     first_tile, w, backwards = band_first[s], width[s], band[s] % 2 == 1
-    r = i - first_tile * n_iters
+    r = i - slot[first_tile] * n_iters
     tile = first_tile + r % w
     col = jnp.where(backwards, n_iters - 1 - r // w, r // w)
     return ItemWalk(schedule.group[tile], schedule.start[tile], schedule.live_begin[tile],
