@@ -187,9 +187,10 @@ def default_config(
     if prefill and epilogue == "swiglu":
         config, chain = MosaicGpuConfig(tile_m=64, tile_n=128, wg_split="m", **walk), True
     elif prefill and k < 4096:
-        config, chain = MosaicGpuConfig(walk="group_bands", **walk), True
+        config, chain = MosaicGpuConfig(walk="mixed_bands", **walk), True
     elif prefill:
-        config, chain = MosaicGpuConfig(max_concurrent_steps=3, swizzled_epilogue=True, **walk), False
+        config, chain = MosaicGpuConfig(max_concurrent_steps=3, swizzled_epilogue=True, walk="mixed_bands",
+                                        **walk), False
     elif epilogue == "swiglu":
         config, chain = MosaicGpuConfig(tile_m=64, tile_n=64, max_concurrent_steps=4, **walk), False
     elif k >= 4096:

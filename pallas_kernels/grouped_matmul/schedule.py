@@ -116,16 +116,21 @@ def group_band_walk(schedule: TileSchedule, n_iters: int, max_width: int,
     band_first = run_first + jnp.where(band < extra, band * (base + 1), wide + (band - extra) * base)
 
     if mix_widths:
-        # A band's key: where it falls, as a fraction, among the real bands of its width.
-        head = (t == band_first) & (t < schedule.num_tiles[0])
-        of_width = head[:, None] & (width[:, None] == jnp.arange(1, max_width + 1, dtype=jnp.int32))
-        rank = jnp.cumsum(of_width, axis=0) - 1
-        count = jnp.maximum(jnp.sum(of_width, axis=0), 1)
-        head_key = jnp.sum(jnp.where(of_width, (rank + 0.5) / count, 0.0), axis=1)
-        # Stable: tiles of one band (consecutive, one key) stay together; extra tiles last.
-        tile_key = jnp.where(t < schedule.num_tiles[0], head_key[band_first], 2.0)
-        order = jnp.argsort(tile_key, stable=True).astype(jnp.int32)  # slot -> tile
-        slot = jnp.zeros_like(order).at[order].set(t)  # tile -> slot
+        # A band's key: where it falls, as a fraction, among the real bands of its width;
+        # bands past the real tiles last. Ranks and slots by T x T compares (a few fusions;
+        # T is a few hundred), not a sort and a scatter.
+        real = t < schedule.num_tiles[0]
+        head = (t == band_first) & real
+        same_width = head[None, :] & (width[None, :] == width[:, None])  # [h, u]
+        rank = jnp.sum(same_width & (t[None, :] < t[:, None]), axis=1)
+        count = jnp.sum(same_width, axis=1)
+        key = jnp.where(head, (2 * rank + 1) / jnp.maximum(2 * count, 1), jnp.where(real, 0.0, 2.0))
+        # A head's slot: the tiles of the bands before it (by key, then by position).
+        before = head[None, :] & ((key[None, :] < key[:, None])
+                                  | ((key[None, :] == key[:, None]) & (t[None, :] < t[:, None])))
+        head_slot = jnp.sum(jnp.where(before, width[None, :], 0), axis=1)
+        slot = jnp.where(real, head_slot[band_first] + t - band_first, t)  # tile -> slot
+        order = jnp.sum(jnp.where(slot[None, :] == t[:, None], t[None, :], 0), axis=1)  # slot -> tile
     else:
         order = slot = t
 
