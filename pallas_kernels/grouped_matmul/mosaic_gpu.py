@@ -185,7 +185,7 @@ def default_config(
     walk = dict(grid_minor="m", grid_tile_width=4)
     prefill = num_rows // max(1, num_groups) >= 128
     if prefill and epilogue == "swiglu":
-        config, chain = MosaicGpuConfig(tile_m=64, tile_n=128, wg_split="m", **walk), True
+        config, chain = MosaicGpuConfig(tile_m=64, tile_n=128, wg_split="m", walk="mixed_bands", **walk), True
     elif prefill and k < 4096:
         config, chain = MosaicGpuConfig(walk="mixed_bands", **walk), True
     elif prefill:
