@@ -197,36 +197,6 @@ def test_mosaic_chained_items_on_few_ctas(rng, swizzled):
 
 
 @pytest.mark.parametrize("epilogue", ["none", "swiglu", "row_scale"])
-@pytest.mark.parametrize("chain", [False, True])
-def test_mosaic_half_tails_on_few_ctas(rng, epilogue, chain):
-    """half_tails: items with <= 64 live rows of a 128-row tile run half-height MMAs (a second
-    pipeline instance), mixed with whole items on two simulated CTAs, chained or not; tiles
-    that start mid-way and groups ending just past 64 rows (a whole item) included."""
-    m = 300
-    fixed = np.array([100, 0, 7, 150, 0, 13], np.int32)  # half items: the 7, the 150's tail, the 13
-    random = rng.multinomial(m - int(rng.integers(0, 60)), rng.dirichlet(np.ones(G) * 0.5)).astype(np.int32)
-    x = jnp.asarray(rng.standard_normal((m, K)), jnp.bfloat16)
-    width = 2 * N if epilogue == "swiglu" else N
-    w = jnp.asarray(rng.standard_normal((G, K, width)) / np.sqrt(K), jnp.bfloat16)
-    scale = jnp.asarray(rng.random(m), jnp.float32)
-    config = MosaicGpuConfig(tile_m=128, tile_n=64, max_concurrent_steps=2, chain_items=chain, max_ctas=2,
-                             grid_minor="m", grid_tile_width=2, half_tails=True)
-    for sizes in (fixed, random):
-        assert_mosaic_live_rows_close(config, epilogue, x, w, sizes, scale)
-
-
-def test_mosaic_half_tails_config_errors():
-    with pytest.raises(ValueError, match="half_tails=True.*tile_m=64, wg_split='n'"):
-        MosaicGpuConfig(tile_m=64, half_tails=True)
-    with pytest.raises(ValueError, match="half_tails=True.*wg_split='m'"):
-        MosaicGpuConfig(wg_split="m", half_tails=True)
-    with pytest.raises(ValueError, match="half_tails=True.*consumers='pingpong'"):
-        MosaicGpuConfig(tile_n=64, consumers="pingpong", half_tails=True)
-    with pytest.raises(ValueError, match="half_tails=True.*epi_tile_m to divide 64, got 128"):
-        MosaicGpuConfig(epi_tile_m=128, half_tails=True)
-
-
-@pytest.mark.parametrize("epilogue", ["none", "swiglu", "row_scale"])
 @pytest.mark.parametrize("kind", ["zeros", "giant"])
 def test_mosaic_pingpong_on_few_ctas(rng, epilogue, kind):
     """Ping-pong consumers on two simulated CTAs: 3 stages for 2 K steps an item, so the
@@ -451,23 +421,6 @@ def test_mosaic_lowers_for_cuda(m, epilogue, swizzled):
             jax.ShapeDtypeStruct((G,), jnp.int32), jax.ShapeDtypeStruct((m,), jnp.float32))
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
-
-
-@pytest.mark.parametrize("k_of_config", [7168, 2048])
-@pytest.mark.parametrize("epilogue", ["none", "row_scale"])
-def test_mosaic_half_tails_lowers_for_cuda(k_of_config, epilogue):
-    """The prefill gate/up and down defaults with half_tails (two pipeline instances in one
-    kernel, chained or not) and the mixed band walk, through the full Mosaic GPU lowering."""
-    from pallas_kernels.grouped_matmul import mosaic_gpu
-
-    m, k, n = 4100, 512, 768
-    config = dataclasses.replace(mosaic_gpu.default_config(m, G, k=k_of_config, n_out=n, epilogue=epilogue),
-                                 half_tails=True, walk="mixed_bands")
-    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((G, k, n), jnp.bfloat16),
-            jax.ShapeDtypeStruct((G,), jnp.int32), jax.ShapeDtypeStruct((m,), jnp.float32))
-    f = jax.jit(lambda x, w, gs, scale: mosaic_gpu.grouped_matmul(
-        x, w, gs, config=config, epilogue=epilogue, row_scale=scale if epilogue == "row_scale" else None))
-    assert "mosaic_gpu" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("consumers", ["cooperative", "pingpong"])

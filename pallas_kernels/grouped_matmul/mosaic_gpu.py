@@ -65,11 +65,6 @@ class MosaicGpuConfig:
       swizzled_epilogue: store whole epilogue tiles through swizzled shared
         memory (no bank conflicts) and only partial ones through the plain
         buffer that row-granular TMA stores need; costs one more buffer.
-      half_tails: items whose live rows all lie in the first half of a 128-row tile
-        (a group's last tile holding <= 64 of its rows) run the MMAs of those 64
-        rows only: a second instance of the pipeline, with half-height accumulators,
-        chosen per item. At Zipf-skewed group sizes about half the groups end in
-        such a tile. Needs ``tile_m == 128`` split along N by cooperative consumers.
     """
 
     tile_m: int = 128
@@ -87,7 +82,6 @@ class MosaicGpuConfig:
     swizzled_epilogue: bool = False
     consumers: Literal["cooperative", "pingpong"] = "cooperative"
     walk: Literal["snake", "group_bands", "mixed_bands"] = "snake"
-    half_tails: bool = False
 
     def __post_init__(self) -> None:
         for name in ("tile_m", "tile_n", "tile_k", "epi_tile_m", "epi_tile_n"):
@@ -119,13 +113,6 @@ class MosaicGpuConfig:
         if self.walk != "snake" and self.grid_minor != "m":
             raise ValueError(f"MosaicGpuConfig(walk={self.walk!r}) walks row tiles fastest: it needs "
                              f"grid_minor='m', got {self.grid_minor!r}")
-        if self.half_tails and (self.tile_m != 128 or self.wg_split != "n" or self.consumers != "cooperative"):
-            raise ValueError(
-                "MosaicGpuConfig(half_tails=True) halves 128-row warpgroup tiles split along N by cooperative "
-                f"consumers; got tile_m={self.tile_m}, wg_split={self.wg_split!r}, consumers={self.consumers!r}")
-        if self.half_tails and (self.tile_m // 2) % self.epi_tile_m:
-            raise ValueError(f"MosaicGpuConfig(half_tails=True) needs epi_tile_m to divide {self.tile_m // 2}, "
-                             f"got {self.epi_tile_m}")
         if self.consumers not in ("cooperative", "pingpong"):
             raise ValueError(f"MosaicGpuConfig.consumers must be 'cooperative' or 'pingpong', got {self.consumers!r}")
         if self.consumers == "pingpong":
@@ -170,10 +157,12 @@ def default_config(
     items, 6 stages) were level at uniform sizes but lost at Zipf sizes: 4 % on an
     H200, 6.5 % plain and 11 % with the routing weight on an H100 (77880cf), whose
     lower HBM bandwidth suffers more from their smaller weight tiles when skewed
-    groups share them little. Down walks group bands (bands of row tiles that never
-    hold two groups, ``schedule.group_band_walk``): on an H100 3.9 % faster at Zipf
-    sizes and level at uniform ones (c253498); at long K (gate/up, SwiGLU) the bands
-    were 1-5 % slower, so those keep the snake. Decode: cooperative 64-row
+    groups share them little. All three prefill defaults walk mixed bands (bands of
+    row tiles that never hold two groups, ``schedule.group_band_walk``, ordered so
+    that narrow bands, bound by weight reads, run beside wide ones, bound by the MMAs):
+    on an H100 at Zipf sizes 7 % faster than the snake at gate/up, 11 % at SwiGLU,
+    level with group bands in group order at down (which beat the snake by 4-8 %);
+    level at uniform sizes (f0d6814). Decode: cooperative 64-row
     tiles; long K (gate/up) streams best with 64x512 CTA tiles and 2 stages
     (0.95-0.97 of copy bandwidth), short K (down) with 64x256 tiles, 4 stages and
     chained items (0.89-0.91), SwiGLU with 64x128; ping-pong measured the same there.
@@ -291,24 +280,23 @@ def _kernel(
             wg_begin = jnp.clip(live_begin - wg_row0, 0, tile_m)
             wg_end = jnp.clip(live_end - wg_row0, 0, tile_m)
 
-            def compute_context(run_pipeline, rows=tile_m):
-                acc_types = [plgpu.ACC((rows, tile_n), jnp.float32) for _ in range(num_acc)]
+            def compute_context(run_pipeline):
+                acc_types = [plgpu.ACC((tile_m, tile_n), jnp.float32) for _ in range(num_acc)]
 
                 def with_accs(*acc_refs):
                     run_pipeline(tuple(acc_refs))
                     value = epilogue_value(epilogue, [a[...] for a in acc_refs], scale_gmem, start + wg_row0)
                     store_rows(value.astype(out_dtype), None if out_smem is None else out_smem.at[wg],
                                 part_smem.at[wg], out_gmem,
-                                row0=start + wg_row0, col0=wg_col0, begin=jnp.minimum(wg_begin, rows),
-                                end=jnp.minimum(wg_end, rows), epi_m=epi_m, epi_n=epi_n)
+                                row0=start + wg_row0, col0=wg_col0, begin=wg_begin, end=wg_end,
+                                epi_m=epi_m, epi_n=epi_n)
 
                 pl.run_scoped(with_accs, *acc_types)
 
-            def mma(_, x_smem, *rest, rows=tile_m):
+            def mma(_, x_smem, *rest):
                 *w_smems, accs = rest
-                x_wg = x_smem.at[wg_m] if rows == tile_m else x_smem.at[pl.ds(0, rows)]
                 for acc, w_smem in zip(accs, w_smems):
-                    plgpu.wgmma(acc, x_wg, w_smem.at[:, wg_n])
+                    plgpu.wgmma(acc, x_smem.at[wg_m], w_smem.at[:, wg_n])
                 plgpu.wgmma_wait(config.delay_release)
                 return accs
 
@@ -321,23 +309,7 @@ def _kernel(
                                    jnp.int32(plgpu.PipelinePipeline.STEADY))
                 # A CTA's only item must START (the prologue), not STOP.
                 state = jnp.where(info.local_index == 0, jnp.int32(plgpu.PipelinePipeline.START), steady)
-            if not config.half_tails:
-                pipeline(mma, compute_context, state)(x_rows, *w_cols, allocations=allocs)
-                return
-            # Two pipeline instances of the same specs (so the same shared memory, and chained
-            # items may pass from one to the other); the producer streams the same stages for
-            # both, only the consumers' MMAs and accumulators differ.
-            half = tile_m // 2
-            is_half = live_end <= half
-
-            @pl.when(is_half)
-            def _():
-                pipeline(functools.partial(mma, rows=half), functools.partial(compute_context, rows=half),
-                         state)(x_rows, *w_cols, allocations=allocs)
-
-            @pl.when(~is_half)
-            def _():
-                pipeline(mma, compute_context, state)(x_rows, *w_cols, allocations=allocs)
+            pipeline(mma, compute_context, state)(x_rows, *w_cols, allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
