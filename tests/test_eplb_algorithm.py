@@ -203,12 +203,23 @@ def test_no_recompile_when_only_data_changes(rng):
     (dict(num_slots=16, ep_size=4, num_nodes=2, load=np.ones(4)), "num_slots: got 16"),
     (dict(num_slots=8, ep_size=2, current=np.zeros(9, np.int32)), r"current: got shape \(9,\)"),
     (dict(num_slots=8, ep_size=2, tolerance=-0.1), "tolerance: got -0.1"),
+    (dict(num_slots=12, ep_size=4, load=np.r_[np.ones(7), np.inf]), r"load: got values in \[1.0, inf\]; "
+     "allowed: finite and >= 0"),
+    (dict(num_slots=12, ep_size=4, load=np.r_[np.ones(7), np.nan]), "with NaN; allowed: finite and >= 0"),
+    (dict(num_slots=12, ep_size=4, load=np.r_[np.ones(7), -2.0]), r"load: got values in \[-2.0, 1.0\]"),
 ])
 def test_bad_arguments_name_the_value(kwargs, match):
     kwargs = dict(kwargs)
     load = kwargs.pop("load", np.ones(8, np.float32))
     with pytest.raises(ValueError, match=match):
         alg.compute_placement(load, **kwargs)
+
+
+def test_numpy_integer_sizes_are_taken(rng):
+    load = rng.random(8)
+    want = np.asarray(alg.compute_placement(load, 12, 4))
+    got = np.asarray(alg.compute_placement(load, np.int64(12), np.int32(4)))
+    np.testing.assert_array_equal(got, want)
 
 
 def test_deepseek_v3_shape(rng):

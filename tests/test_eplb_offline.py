@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 from moe_helpers import make_layer, make_spec, random_routing, random_tokens, run_layer
 from wideep_jax.cli import main
-from wideep_jax.config import load_moe_config
+from wideep_jax.config import default_placement, load_moe_config
 from wideep_jax.eplb.offline import (format_report, generate_placement, report, save_heatmap,
                                      write_placement_file)
 from wideep_jax.eplb.stats_files import (StatsFileError, StatsRecorder, load_stats,
@@ -107,6 +107,16 @@ def test_recorder_arrays_step_and_checks(tmp_path):
         jax.jit(lambda c: rec.record(1, 0, c) or c)(np.zeros((2, 4), np.int32))
     rec.step(2)
     assert rec.done and load_stats(tmp_path / "s").counts.tolist() == [[[1, 2, 0, 0]], [[0, 0, 3, 1]]]
+
+    # A caller that reuses one buffer must not rewrite the iterations recorded before.
+    reuse = StatsRecorder(tmp_path / "r", 0, 3, num_experts=4, top_k=1)
+    buffer = np.zeros((1, 4), np.int32)
+    for it in range(3):
+        buffer[:] = 0
+        buffer[0, it] = 5
+        reuse.record(it, 0, buffer)
+    reuse.step(3)
+    assert load_stats(tmp_path / "r").counts[:, 0].tolist() == [[5, 0, 0, 0], [0, 5, 0, 0], [0, 0, 5, 0]]
 
     empty = StatsRecorder(tmp_path / "e", 5, 6, num_experts=4, top_k=1)
     with pytest.raises(ValueError, match=r"nothing was recorded in iterations \[5, 6\)"):
@@ -227,7 +237,7 @@ def test_generate_write_load_and_report(tmp_path, rng):
 
     rep = report(stats, ep_size=ep, placement=path)
     total = counts.sum(0)
-    default = np.tile(np.arange(num_slots) % num_experts, (len(layers), 1))
+    default = np.tile(default_placement(num_slots, num_experts, ep), (len(layers), 1))
     placed = np.stack([placement[l] for l in layers])
     want_default = _numpy_report(total, default, ep)
     want_placed = _numpy_report(total, placed, ep)
@@ -264,6 +274,9 @@ def test_generate_and_report_errors(tmp_path, rng):
     bad = {0: np.zeros(16, np.int32)}  # expert 0 everywhere: the others are not covered
     with pytest.raises(ValueError, match="initial_global_assignments"):
         report(stats, placement=bad)
+    # Keyed by layers the statistics do not hold (numbered differently): not the default silently.
+    with pytest.raises(ValueError, match=r"placement: layers \[5\] hold none of the statistics' layers \[0\]"):
+        report(stats, placement={5: rng.permutation(16).astype(np.int32)})
 
 
 def test_placement_file_layer_updates_per_iter(tmp_path, rng):

@@ -205,6 +205,57 @@ def test_eplb_update_errors(rng):
         EplbConfig(num_layers=1, num_experts=8, num_slots=12, ep_size=EP, warmup_iters=-5)
 
 
+def test_ep_size_must_match_the_mesh_and_a_fresh_state_compiles_once(rng):
+    """An EplbConfig whose ep_size is not the mesh axis's would put other experts' weights in
+    slots: refused by eplb_update and OnlineBalancer. From init_state, the step compiles once."""
+    mesh = make_mesh(EP)
+    placement = covering_placement(rng, 12, 8, EP)
+    masters = expert_weights(rng, 8)
+    other = EP // 2 if EP > 1 else 2
+    wrong = EplbConfig(num_layers=1, num_experts=8, num_slots=12, ep_size=other, reshard="collective",
+                       layer_updates_per_iter=1)
+    weights = [slot_weights_of(masters, placement, mesh)]
+    with pytest.raises(ValueError, match=f"EplbConfig.ep_size: got {other}; allowed: {EP}"):
+        eplb_update(init_state(placement[None], 8), weights, jnp.zeros((1, 8), jnp.int32), config=wrong, mesh=mesh)
+    config = EplbConfig(num_layers=1, num_experts=8, num_slots=12, ep_size=EP, reshard="collective",
+                        layer_updates_per_iter=1)
+    state = init_state(placement[None], 8)
+    all_counts = [jnp.asarray(rng.integers(0, 100, (1, 8)).astype(np.int32)) for _ in range(3)]
+    with count_compiles() as compiles:
+        for counts in all_counts:
+            state, weights = eplb_update(state, weights, counts, config=config, mesh=mesh)
+    assert compiles[0] == 1, f"{compiles[0]} compilations for three steps"
+    for got, want in zip(weights[0], masters):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want)[np.asarray(state.placement[0])])
+    spec = make_spec(experts=8)
+    layers = [make_layer(spec, ep=EP, load_balancer={"num_slots": 12, "layer_updates_per_iter": 1})]
+    with pytest.raises(ValueError, match=f"EplbConfig.ep_size: got {other}; allowed: {EP}"):
+        OnlineBalancer(layers, config=wrong)
+
+
+@pytest.mark.parametrize("counts_kind", ["numpy", "stats"])
+def test_balancer_on_one_rank_with_host_master(rng, counts_kind):
+    """One EP rank, reshard='host' (the default): the sharded master copy is also fully
+    replicated there; steps run, and numpy counts are taken like MoEStats."""
+    spec = make_spec(experts=8)
+    layer = make_layer(spec, ep=1, load_balancer={"num_slots": 8, "layer_updates_per_iter": 1})
+    balancer = OnlineBalancer([layer])
+    experts = tuple(np.asarray(a) for a in (layer.w_gate_up[...], layer.w_down[...]))
+    for _ in range(3):
+        counts = rng.integers(0, 50, (1, 8)).astype(np.int32)
+        if counts_kind == "stats":
+            _, stats = run_layer(layer, random_tokens(rng, 16, spec.hidden_size))
+            balancer.step([stats])
+        else:
+            balancer.step(counts)
+    placement = np.asarray(layer.slot_to_expert[...])
+    np.testing.assert_array_equal(np.asarray(layer.w_gate_up[...]), experts[0][placement])
+    with pytest.raises(ValueError, match="stats: got str; allowed: a sequence of MoEStats"):
+        balancer.step("counts")
+    with pytest.raises(ValueError, match="stats: counts of dtype float32; allowed: an integer dtype"):
+        balancer.step(np.zeros((1, 8), np.float32))
+
+
 def test_balancer_needs_online_config():
     spec = make_spec(experts=16)
     layer = make_layer(spec, ep=EP, load_balancer={"num_slots": 24})

@@ -51,6 +51,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from wideep_jax.config import placement_violation
@@ -69,7 +70,7 @@ def _check(load_shape: tuple[int, ...], num_slots: int, ep_size: int, num_nodes:
         raise ValueError(f"load: got shape {load_shape}; allowed: [E] or [L, E] with E >= 1")
     num_experts = load_shape[-1]
     for name, value in (("num_slots", num_slots), ("ep_size", ep_size), ("num_nodes", num_nodes)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}: got {value!r}; allowed: a positive int")
     bad = placement_violation(num_experts, num_slots, ep_size, num_nodes, computed=True)
     if bad:
@@ -403,9 +404,17 @@ def _solve(load, current, tolerance, *, num_slots, ep_size, num_nodes, refine):
 
 def _run(load, current, tolerance, num_slots: int, ep_size: int, num_nodes: int,
          refine: bool) -> jax.Array:
+    if not isinstance(load, jax.core.Tracer):
+        # Inf or NaN loads give invalid placements (duplicates, experts without a slot);
+        # under jit the loads are counts (finite) and cannot be checked here.
+        values = np.asarray(load, np.float64)
+        if values.size and (not np.isfinite(values).all() or (values < 0).any()):
+            raise ValueError(f"load: got values in [{np.nanmin(values)}, {np.nanmax(values)}]"
+                             f"{' with NaN' if np.isnan(values).any() else ''}; allowed: finite and >= 0")
     load = jnp.asarray(load)
     current_shape = None if current is None else tuple(jnp.shape(current))
     _check(tuple(load.shape), num_slots, ep_size, num_nodes, current_shape, tolerance)
+    num_slots, ep_size, num_nodes = int(num_slots), int(ep_size), int(num_nodes)
     squeeze = load.ndim == 1
     if current is not None:
         current = jnp.asarray(current, _I32).reshape(-1, num_slots)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from wideep_jax.eplb.online import check_update, compiled_step
@@ -74,6 +75,9 @@ class OnlineBalancer:
             raise ValueError(f"config: num_layers/num_slots/num_experts = {config.num_layers}/"
                              f"{config.num_slots}/{config.num_experts}; allowed: {len(layers)}/"
                              f"{first.num_slots}/{num_experts} (the layers')")
+        if config.ep_size != first.ep_size:
+            raise ValueError(f"EplbConfig.ep_size: got {config.ep_size}; allowed: {first.ep_size} "
+                             f"(the size of the layers' mesh axis {self.axis!r})")
         self.config = config
         placement = jnp.stack([layer.slot_to_expert[...] for layer in layers])
         state = init_state(placement, num_experts)
@@ -93,9 +97,17 @@ class OnlineBalancer:
     def step(self, stats: Sequence[MoEStats] | jax.Array) -> EplbState:
         """Feeds one iteration's statistics (a ``MoEStats`` per layer, or int [L, E]
         counts) and applies the re-placement to the layers. No host sync."""
-        counts = stats if isinstance(stats, jax.Array) else jnp.stack([s.expert_counts for s in stats])
+        if isinstance(stats, (jax.Array, np.ndarray)):
+            counts = jnp.asarray(stats)
+        elif all(isinstance(s, MoEStats) for s in stats):
+            counts = jnp.stack([s.expert_counts for s in stats])
+        else:
+            raise ValueError(f"stats: got {type(stats).__name__}; allowed: a sequence of MoEStats (one per "
+                             "layer) or int [num_layers, num_experts] counts")
+        if not jnp.issubdtype(counts.dtype, jnp.integer):
+            raise ValueError(f"stats: counts of dtype {counts.dtype}; allowed: an integer dtype")
         weights = [self._slot_weights(layer) for layer in self.layers]
-        check_update(self.state, weights, counts, self.master, self.config)
+        check_update(self.state, weights, counts, self.master, self.config, self.mesh, self.axis)
         step = compiled_step(self.config, self.mesh, self.axis, weights, self.master)
         self.state, weights, placements = step(self.state, weights, counts, self.master)
         for layer, (gate_up, down), placement in zip(self.layers, weights, placements):

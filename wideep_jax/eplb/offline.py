@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from wideep_jax.config import default_placement
 from wideep_jax.eplb.stats_files import LoadedStats
 
 __all__ = [
@@ -123,7 +124,7 @@ class LoadReport:
     layers: list[LayerLoad]
     ep_size: int
     num_slots: int
-    """Slots of the default placement (slot ``s`` -> expert ``s % E``)."""
+    """Slots of the default placement (``config.default_placement``)."""
     rank_load: np.ndarray
     """float64 [num_layers, ep_size], default placement, summed over the iterations."""
     placed_rank_load: np.ndarray | None = None
@@ -175,8 +176,13 @@ def _resolve_placement(placement, stats: LoadedStats, ep_size: int) -> tuple[int
     lb = load_moe_config({"backend": "WIDEEP", "load_balancer": source}, num_experts=stats.num_experts,
                          ep_size=ep_size).load_balancer
     num_slots = lb.num_slots or stats.num_experts
-    default = np.arange(num_slots) % stats.num_experts
+    default = default_placement(num_slots, stats.num_experts, ep_size)
     given = lb.initial_global_assignments or {}
+    if given and not set(given) & set(stats.layers):
+        # Most likely numbered differently (e.g. from 0 where the statistics count MoE layers
+        # by model layer): projecting the default placement instead would be silently wrong.
+        raise ValueError(f"placement: layers {sorted(given)[:8]} hold none of the statistics' layers "
+                         f"{list(stats.layers)[:8]}; allowed: placements keyed by the statistics' layer ids")
     # Layers the file leaves out run with the default placement, as in the runtime.
     return num_slots, {l: np.asarray(given.get(l, default), np.int64) for l in stats.layers}
 
@@ -201,7 +207,7 @@ def report(stats: LoadedStats, *, ep_size: int | None = None, placement=None) ->
         rank = slot.reshape(*slot.shape[:2], ep_size, -1).sum(-1)
         return slot, rank
 
-    default = np.broadcast_to(np.arange(num_slots) % num_experts, (num_layers, num_slots))
+    default = np.broadcast_to(default_placement(num_slots, num_experts, ep_size), (num_layers, num_slots))
     slot, rank = loads(default)
     mean = counts.mean(-1).mean(0)
     std = (counts.std(-1, ddof=1) if num_experts > 1 else np.zeros_like(counts[..., 0])).mean(0)

@@ -35,7 +35,15 @@ from wideep_jax.moe import constrain
 Pytree = Any
 
 
-def check_update(state: EplbState, weights: Sequence[Pytree], counts: jax.Array, master, config: EplbConfig):
+def check_update(state: EplbState, weights: Sequence[Pytree], counts: jax.Array, master, config: EplbConfig,
+                 mesh: Mesh, axis: str):
+    if axis not in mesh.shape:
+        raise ValueError(f"axis: got {axis!r}; allowed: an axis of the mesh {dict(mesh.shape)}")
+    if config.ep_size != mesh.shape[axis]:
+        # Placements count ranks by ep_size; the weights are split by the mesh: a mismatch
+        # would put other experts' weights in slots.
+        raise ValueError(f"EplbConfig.ep_size: got {config.ep_size}; allowed: {mesh.shape[axis]} "
+                         f"(the size of mesh axis {axis!r})")
     want = (config.num_layers, config.num_experts)
     if tuple(counts.shape) != want:
         raise ValueError(f"counts has shape {tuple(counts.shape)}; allowed: [num_layers, num_experts] = {list(want)}")
@@ -53,8 +61,9 @@ def check_update(state: EplbState, weights: Sequence[Pytree], counts: jax.Array,
             raise ValueError("reshard='host' needs master: one [num_experts, ...] pytree per layer "
                              "(see make_master_copy)")
         padded = -(-config.num_experts // config.ep_size) * config.ep_size
+        replicated = master_is_replicated(master)
         for leaf in jax.tree.leaves(master):
-            want = config.num_experts if leaf.sharding.is_fully_replicated else padded
+            want = config.num_experts if replicated else padded
             if leaf.shape[0] != want:
                 raise ValueError(f"a master leaf has shape {leaf.shape}; allowed: leading dim {want} "
                                  "(num_experts replicated, or padded to a multiple of ep_size when sharded)")
@@ -175,7 +184,10 @@ def eplb_update(state: EplbState, weights: Sequence[Pytree], counts: jax.Array, 
     Returns:
       ``(state, weights)``; slots whose expert changed hold their new expert's weights.
     """
-    check_update(state, weights, counts, master, config)
+    check_update(state, weights, counts, master, config, mesh, axis)
+    # The step's state comes out replicated on the mesh: put a fresh state (init_state's
+    # arrays sit on one device) there too, or the second call compiles the step again.
+    state = jax.device_put(state, NamedSharding(mesh, P()))
     weights = list(weights)
     step = compiled_step(config, mesh, axis, weights, master)
     state, weights, _ = step(state, weights, counts, None if master is None else list(master))

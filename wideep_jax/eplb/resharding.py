@@ -123,8 +123,15 @@ def _expert_gather(mesh: Mesh, axis: str):
 
 
 def master_is_replicated(master: Pytree) -> bool:
-    """True for a :func:`make_master_copy` ``replicated=True`` copy."""
-    return all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(master))
+    """True for a :func:`make_master_copy` ``replicated=True`` copy. Read from the
+    partition spec: on one EP rank a sharded copy is also fully replicated, yet its
+    spec (which shard_map checks) still names the axis."""
+    def replicated(leaf) -> bool:
+        sharding = leaf.sharding
+        if isinstance(sharding, NamedSharding):
+            return all(entry is None for entry in sharding.spec)
+        return sharding.is_fully_replicated
+    return all(replicated(leaf) for leaf in jax.tree.leaves(master))
 
 
 def _changed_order(old: jax.Array, new: jax.Array):

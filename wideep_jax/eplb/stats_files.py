@@ -161,7 +161,11 @@ class StatsRecorder:
         key = (int(iteration), int(layer_idx))
         previous = self._records.get(key)
         # Repeated calls in one iteration (chunks, micro-batches) add up, as in TensorRT-LLM.
-        self._records[key] = counts if previous is None else previous + counts
+        # A copy: a caller reusing its buffer must not rewrite the iterations recorded before.
+        if previous is None:
+            self._records[key] = np.array(counts) if isinstance(counts, np.ndarray) else counts
+        else:
+            self._records[key] = previous + counts
 
     def save(self) -> Path:
         """Writes ``meta_info.json`` and ``rank{r}.safetensors`` for every rank; returns the directory."""
