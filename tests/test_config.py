@@ -230,11 +230,18 @@ def test_configs_are_hashable_and_comparable():
 
 # --- slot_to_expert --------------------------------------------------------------------------
 
-def test_slot_to_expert_default_round_robin():
+def test_slot_to_expert_default_is_trtllm_placement():
+    """TensorRT-LLM's default: local slot j of rank r holds expert (r * E // R + j) % E."""
     cfg = MoEConfig(load_balancer=LoadBalancerConfig(num_slots=12))
     out = cfg.slot_to_expert(None, num_experts=8, ep_size=4)
-    assert out.dtype == np.int32 and out.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]
+    assert out.dtype == np.int32 and out.tolist() == [0, 1, 2, 2, 3, 4, 4, 5, 6, 6, 7, 0]
+    assert cfg.slot_to_expert(None, num_experts=8, ep_size=1).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]
     assert MoEConfig().slot_to_expert(2, num_experts=8, ep_size=2).tolist() == list(range(8))
+    wide = MoEConfig(load_balancer=LoadBalancerConfig(num_slots=288)).slot_to_expert(
+        None, num_experts=256, ep_size=32)
+    ranks = wide.reshape(32, 9)
+    assert all(len(set(r)) == 9 for r in ranks.tolist()) and set(wide.tolist()) == set(range(256))
+    assert ranks[:, 0].tolist() == [8 * r for r in range(32)]
 
 
 def test_slot_to_expert_explicit_layer_and_fallback_for_other_layers():
@@ -309,7 +316,8 @@ def test_schema_errors(source, key, value):
         # no slot count written: the message names what to change, not an unset key
         ({}, 3, "num_experts=8 (the slot count", f"multiple of the EP size 3; allowed: set {LB}.num_slots to a "
          "multiple of 3 that is >= 8 (e.g. 9)"),
-        ({"initial_global_assignments": {1: [0, 1, 2]}}, 2, f"{IGA}[1]", "3 expert ids; allowed: exactly num_slots = 8"),
+        ({"initial_global_assignments": {1: [0, 1, 2]}}, 2, f"{IGA}[1]", "3 expert ids; allowed: exactly num_slots = 8 (one expert id per slot); "
+         f"num_slots is not set, so it is num_experts: set {LB}.num_slots: 3"),
         ({"initial_global_assignments": {1: [0, 1, 2, 3, 4, 5, 6, 8]}}, 2, f"{IGA}[1][7]", "8 (int); allowed: an expert id in [0, 8)"),
         ({"initial_global_assignments": {4: [0, 1, 2, 3, 4, 0, 1, 0]}}, 2, f"{IGA}[4]", "layer 4 gives no slot to experts [5, 6, 7]"),
         # online placement: at most one replica of an expert per rank, node groups of E / num_nodes experts

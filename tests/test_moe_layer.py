@@ -12,7 +12,7 @@ from moe_helpers import (assert_close, make_layer, make_mesh, make_spec, random_
 from wideep_jax import MoEConfig, MoELayer, MoESpec, moe_forward
 from wideep_jax.moe import rows_per_chunk
 from wideep_jax.reference import dense_moe_reference
-from wideep_jax.routing import Routing, route
+from wideep_jax.routing import RouterSpec, Routing, route
 
 
 def _reference(layer, x, **kw):
@@ -260,6 +260,11 @@ def test_wideep_needs_a_mesh():
     spec = make_spec()
     with pytest.raises(ValueError, match="WIDEEP.*ep"):
         MoELayer(spec, MoEConfig(backend="WIDEEP"), mesh=None, rngs=nnx.Rngs(0))
+    # Either backend: a mesh without the EP axis is refused where the layer is built.
+    dp_only = jax.make_mesh((2,), ("dp",), devices=jax.devices()[:2])
+    for backend in ("WIDEEP", "CUTLASS"):
+        with pytest.raises(ValueError, match="ep_axis='ep'.*('dp',)"):
+            MoELayer(spec, MoEConfig(backend=backend), mesh=dp_only, rngs=nnx.Rngs(0))
     layer = make_layer(spec, ep=2)
     with pytest.raises(ValueError, match="hidden_size=32"):
         layer(jnp.zeros((4, 7)))
@@ -295,6 +300,10 @@ def test_bad_weights_and_routing_are_refused(rng):
     for bad in (8, -1):
         with pytest.raises(ValueError, match=r"routing.ids: got values in .*; allowed: \[0, 8\)"):
             call(w, routing._replace(ids=routing.ids.at[2, 1].set(bad)))
+    with pytest.raises(ValueError, match="routing.ids has dtype float32; allowed: an integer dtype"):
+        call(w, routing._replace(ids=routing.ids.astype(jnp.float32)))
+    with pytest.raises(ValueError, match="routing.weights has dtype int32; allowed: a floating dtype"):
+        call(w, Routing(routing.ids, routing.ids))  # ids and weights swapped
     no_shared = make_spec(experts=8)
     with pytest.raises(ValueError, match="shared_gate_up / shared_down are given"):
         moe_forward(x, w, spec=no_shared, config=config, mesh=mesh)
@@ -310,15 +319,22 @@ def test_bad_routing_ids_under_jit_give_nan_not_another_expert(rng, backend):
     x = random_tokens(rng, 9, spec.hidden_size)  # odd: padded to the 2 ranks inside
     mask = jnp.ones(9, bool).at[7].set(False)
     fwd = jax.jit(lambda x, ids, wts: moe_forward(x, w, spec=spec, config=config, mesh=mesh, token_mask=mask,
-                                                  routing=Routing(ids, wts))[0])
+                                                  routing=Routing(ids, wts)))
     routing = random_routing(rng, 9, spec.num_experts, spec.top_k)
-    want = np.asarray(fwd(x, routing.ids, routing.weights))
+    want, want_stats = fwd(x, routing.ids, routing.weights)
+    want = np.asarray(want)
     ids = routing.ids.at[2, 1].set(8).at[5, 0].set(-3).at[7, 0].set(99)  # token 7 is masked
-    got = np.asarray(fwd(x, ids, routing.weights))
+    got, stats = fwd(x, ids, routing.weights)
+    got = np.asarray(got)
     assert np.isnan(got[[2, 5]]).all()
     keep = [t for t in range(9) if t not in (2, 5)]
     np.testing.assert_array_equal(got[keep], want[keep])
     assert not np.isnan(want).any() and (got[7] == 0).all()
+    # The bad pairs are counted on no expert (-3 would otherwise wrap around to expert 5).
+    counts = np.asarray(want_stats.expert_counts).copy()
+    counts[int(routing.ids[2, 1])] -= 1
+    counts[int(routing.ids[5, 0])] -= 1
+    np.testing.assert_array_equal(np.asarray(stats.expert_counts), counts)
 
 
 @pytest.mark.parametrize("backend", ["WIDEEP", "CUTLASS"])
@@ -348,11 +364,17 @@ def test_spec_refuses_bad_shared_widths_and_dtypes():
     for kwargs, message in (({"num_shared_experts": 1.5}, "num_shared_experts=1.5"),
                             ({"num_shared_experts": 1, "shared_intermediate_size": 0},
                              "shared_intermediate_size=0: allowed: a positive int, or None"),
+                            ({"shared_intermediate_size": 64}, "with num_shared_experts=0 would be ignored"),
+                            ({"router": "softmax"}, "MoESpec.router='softmax': allowed: a RouterSpec"),
+                            ({"router": RouterSpec(norm_topk_prob="false")},
+                             "RouterSpec.norm_topk_prob='false': must be True or False"),
                             ({"dtype": "int8"}, "dtype='int8': allowed: a floating dtype"),
                             ({"param_dtype": "nope"}, "param_dtype='nope'")):
         with pytest.raises(ValueError, match=message):
             MoESpec(hidden_size=8, intermediate_size=4, num_experts=4, top_k=2, **kwargs)
     assert MoESpec(hidden_size=8, intermediate_size=4, num_experts=4, top_k=2, num_shared_experts=2).shared_width == 8
+    numpy_ints = MoESpec(hidden_size=np.int64(8), intermediate_size=np.int32(4), num_experts=4, top_k=2)
+    assert numpy_ints.hidden_size == 8 and type(numpy_ints.hidden_size) is int
 
 
 def test_user_example_from_the_issue(rng):

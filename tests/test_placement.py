@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from numpy.testing import assert_array_equal
 
-from wideep_jax.placement import ReplicaTable, choose_slots, identity_placement, replica_table
+from wideep_jax.config import default_placement
+from wideep_jax.placement import ReplicaTable, choose_slots, replica_table
 
 E = 8  # experts
 T = 48  # tokens
@@ -126,7 +127,7 @@ def test_replica_table_random(rng, num_slots, skew):
 
 
 def test_replica_table_identity_and_unplaced(rng):
-    placement = np.asarray(identity_placement(24, E))
+    placement = default_placement(24, E, 1)  # one rank: slot s -> expert s % E
     assert_array_equal(placement, np.arange(24) % E)
     sorted_slots, first, count = (np.asarray(a) for a in _table(jnp.asarray(placement), E)[:3])
     assert_array_equal(count, np.full(E, 3))
@@ -226,8 +227,8 @@ def test_choose_slots_rank_offset_rotates(rng):
             first = flat_got[np.argmax(flat_ids == e)]
             assert first == replicas[e][offset % len(replicas[e])]
     # Experts with a single replica never move.
-    assert_array_equal(choose(ids, valid, identity_placement(E, E), 5),
-                       np.asarray(identity_placement(E, E))[ids])
+    assert_array_equal(choose(ids, valid, jnp.asarray(default_placement(E, E, 4)), 5),
+                       default_placement(E, E, 4)[ids])
 
 
 def test_choose_slots_deterministic(rng):

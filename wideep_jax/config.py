@@ -117,6 +117,16 @@ def placement_violation(num_experts: int, num_slots: int, ep_size: int, num_node
     return None
 
 
+def default_placement(num_slots: int, num_experts: int, ep_size: int) -> np.ndarray:
+    """TensorRT-LLM's default placement, int32 ``[num_slots]``: local slot ``j`` of EP rank
+    ``r`` holds expert ``(r * num_experts // ep_size + j) % num_experts``. With one slot
+    per expert it is slot ``s`` -> expert ``s``; extra slots repeat the next rank's first
+    experts (E=8, R=4, S=12: ``0 1 2 | 2 3 4 | 4 5 6 | 6 7 0``)."""
+    per_rank = num_slots // ep_size
+    rank, local = np.divmod(np.arange(num_slots), per_rank)
+    return ((rank * num_experts // ep_size + local) % num_experts).astype(np.int32)
+
+
 def _fail(key: str, value: Any, allowed: str) -> ConfigError:
     return ConfigError(f"{key}: got {value!r} ({type(value).__name__}); allowed: {allowed}")
 
@@ -239,6 +249,9 @@ class LoadBalancerConfig:
                 raise ConfigError(
                     f"{_layer_key(layer)}: got a list of {len(ids)} expert ids; "
                     f"allowed: exactly num_slots = {num_slots} (one expert id per slot)"
+                    + ("" if self.num_slots is not None else
+                       f"; num_slots is not set, so it is num_experts: set {_LB}.num_slots: {len(ids)} "
+                       "for lists of this length")
                 )
 
     def validate(self, *, num_experts: int, ep_size: int, backend: str | None = None) -> LoadBalancerConfig:
@@ -360,7 +373,7 @@ class MoEConfig:
         """int32 ``[num_slots]`` expert id per slot for ``layer_idx``.
 
         ``initial_global_assignments[layer_idx]`` if given, else TRT-LLM's default
-        round-robin placement ``slot s -> s % num_experts`` (also for ``layer_idx=None``).
+        placement (:func:`default_placement`; also for ``layer_idx=None``).
         Slot ``s`` lives on EP rank ``s // (num_slots // ep_size)``. Validates first.
         """
         self.validate(num_experts=num_experts, ep_size=ep_size)
@@ -368,7 +381,7 @@ class MoEConfig:
         assignments = (self.load_balancer and self.load_balancer.initial_global_assignments) or {}
         if layer_idx in assignments:
             return np.asarray(assignments[layer_idx], dtype=np.int32)
-        return np.arange(self.num_slots(num_experts), dtype=np.int32) % num_experts
+        return default_placement(self.num_slots(num_experts), num_experts, ep_size)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

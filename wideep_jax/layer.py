@@ -63,7 +63,11 @@ class MoELayer(nnx.Module):
                 f"backend='WIDEEP' needs a mesh with an axis named ep_axis={config.ep_axis!r}; "
                 f"got {None if mesh is None else mesh.axis_names}"
             )
-        sharded = mesh is not None and config.ep_axis in mesh.axis_names
+        if mesh is not None and config.ep_axis not in mesh.axis_names:
+            # moe_forward would refuse it at the first call; say so where the layer is built.
+            raise ValueError(f"moe_config ep_axis={config.ep_axis!r} is not an axis of the mesh "
+                             f"{mesh.axis_names}; allowed: one of them, or mesh=None (no expert parallelism)")
+        sharded = mesh is not None
         ep_size = mesh.shape[config.ep_axis] if sharded else 1
         placement = config.slot_to_expert(layer_idx, num_experts=spec.num_experts, ep_size=ep_size)
         self.num_slots = int(placement.shape[0])

@@ -6,6 +6,7 @@ routing or the placement is data, so neither recompiles.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -64,6 +65,11 @@ def _check_inputs(x, token_mask, routing, spec: MoESpec):
             raise ValueError(
                 f"routing has ids {routing.ids.shape} / weights {routing.weights.shape}; allowed: {want}"
             )
+        # Float ids would be cut to integers (or ids and weights passed swapped run silently).
+        if not jnp.issubdtype(routing.ids.dtype, jnp.integer):
+            raise ValueError(f"routing.ids has dtype {routing.ids.dtype}; allowed: an integer dtype (expert ids)")
+        if not jnp.issubdtype(routing.weights.dtype, jnp.floating):
+            raise ValueError(f"routing.weights has dtype {routing.weights.dtype}; allowed: a floating dtype")
 
 
 def _check_weights(w: MoEWeights, spec: MoESpec, num_ranks: int) -> None:
@@ -169,7 +175,26 @@ def moe_forward(
         num_ranks = mesh.shape[axis]
     _check_weights(weights, spec, num_ranks)
     _check_routing_ids(routing, spec.num_experts)
+    # What the value checks above could not see (traced arrays) is guarded on the device.
+    guard = not _on_host(weights.slot_to_expert) or (routing is not None and not _on_host(routing.ids))
+    inputs = (x, weights, token_mask, routing)
+    if not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(inputs)):
+        # Called eagerly (a notebook, a plain script): one cached program per static setup,
+        # not a fresh trace and two compiles per call.
+        return _eager_forward(spec, config, mesh, guard)(*inputs)
+    return _forward(*inputs, spec=spec, config=config, mesh=mesh, guard=guard)
 
+
+@functools.cache
+def _eager_forward(spec: MoESpec, config: MoEConfig, mesh: Mesh | None, guard: bool):
+    return jax.jit(functools.partial(_forward, spec=spec, config=config, mesh=mesh, guard=guard))
+
+
+def _forward(x, weights: MoEWeights, token_mask, routing, *, spec: MoESpec, config: MoEConfig,
+             mesh: Mesh | None, guard: bool) -> tuple[jax.Array, MoEStats]:
+    wide = config.backend == "WIDEEP"
+    axis = config.ep_axis
+    num_ranks = 1 if mesh is None else mesh.shape[axis]
     num_tokens = x.shape[0]
     # Zero tokens run as one masked-out row per rank: the same program, empty output, zero counts.
     pad = -num_tokens % num_ranks if num_tokens else num_ranks
@@ -183,9 +208,7 @@ def moe_forward(
         args["routing"] = Routing(_pad_rows(routing.ids.astype(jnp.int32), pad),
                                   _pad_rows(routing.weights.astype(jnp.float32), pad))
 
-    # What the value checks above could not see (traced arrays) is guarded on the device.
-    unchecked = not _on_host(weights.slot_to_expert) or (routing is not None and not _on_host(routing.ids))
-    body = _Body(spec, config, num_ranks, axis if mesh is not None else None, wide, mesh, guard=unchecked)
+    body = _Body(spec, config, num_ranks, axis if mesh is not None else None, wide, mesh, guard=guard)
     if mesh is None:
         y, stats = body(args)
     else:
@@ -236,13 +259,16 @@ class _Body:
                              preferred_element_type=jnp.float32)
             routing = route(logits, spec.top_k, spec.router, correction_bias=w.correction_bias)
         table = replica_table(w.slot_to_expert, spec.num_experts)
+        counted = None
         if self.guard:
             # A pair whose id is outside [0, E), or whose expert has no slot, would run another
-            # expert's weights: a NaN weight makes its token NaN instead ([T, K] work only).
+            # expert's weights: a NaN weight makes its token NaN instead ([T, K] work only). It
+            # runs on a clipped id (a valid slot) and is left out of the expert counts, which
+            # feed the load balancer.
             ids = routing.ids
-            runnable = ((ids >= 0) & (ids < spec.num_experts)
-                        & (table.count[jnp.clip(ids, 0, spec.num_experts - 1)] > 0))
-            routing = Routing(ids, jnp.where(runnable, routing.weights, jnp.nan))
+            clipped = jnp.clip(ids, 0, spec.num_experts - 1)
+            counted = (ids >= 0) & (ids < spec.num_experts) & (table.count[clipped] > 0)
+            routing = Routing(clipped, jnp.where(counted, routing.weights, jnp.nan))
         # local_first: a pair uses a replica on its own rank when there is one.
         local_rank = rank if (self.wide and self.config.replica_selection == "local_first") else None
         w_gate_up = w.w_gate_up.astype(spec.dtype)
@@ -250,11 +276,12 @@ class _Body:
         x_c = x.astype(spec.dtype)
 
         def chunk(operands):
-            xc, mc, ids, rw = operands
+            xc, mc, ids, rw, *pair_ok = operands
             slots = choose_slots(ids, mc, table, rank_offset=rank, local_rank=local_rank,
                                  num_ranks=self.num_ranks)
+            counted_pairs = mc[:, None] & pair_ok[0] if pair_ok else mc[:, None]
             counts = jnp.zeros((spec.num_experts + 1,), jnp.int32).at[
-                jnp.where(mc[:, None], ids, spec.num_experts)].add(1)[:-1]
+                jnp.where(counted_pairs, ids, spec.num_experts)].add(1)[:-1]
             if self.wide:
                 y, group_sizes, received = self._wide(xc, mc, slots, rw, w_gate_up, w_down)
             elif self.axis is not None:
@@ -265,7 +292,7 @@ class _Body:
                 y, group_sizes, received = out.partial.astype(jnp.float32), out.group_sizes, mc.sum()
             return y, (counts, group_sizes, received.astype(jnp.int32))
 
-        operands = (x_c, mask, routing.ids, routing.weights)
+        operands = (x_c, mask, routing.ids, routing.weights) + (() if counted is None else (counted,))
         rows = rows_per_chunk(x.shape[0], self.num_ranks, self.config.max_num_tokens)
         y, (counts, group_sizes, received) = _chunked(chunk, operands, rows)
         if w.shared_gate_up is not None:

@@ -34,11 +34,6 @@ def replica_table(slot_to_expert: jax.Array, num_experts: int) -> ReplicaTable:
     return ReplicaTable(sorted_slots, first, count, slot_to_expert)
 
 
-def identity_placement(num_slots: int, num_experts: int) -> jax.Array:
-    """TensorRT-LLM's default placement: slot ``s`` holds expert ``s % E``."""
-    return jnp.arange(num_slots, dtype=jnp.int32) % num_experts
-
-
 def choose_slots(
     expert_ids: jax.Array,
     valid: jax.Array,

@@ -75,6 +75,8 @@ class RouterSpec:
             raise ValueError(
                 f"top_k={top_k!r}: must be an int with 1 <= top_k <= num_experts ({num_experts})"
             )
+        if not isinstance(self.norm_topk_prob, bool):
+            raise ValueError(f"RouterSpec.norm_topk_prob={self.norm_topk_prob!r}: must be True or False")
         if not _is_int(self.n_group) or self.n_group < 1:
             raise ValueError(f"RouterSpec.n_group={self.n_group!r}: must be an int >= 1")
         if num_experts % self.n_group != 0:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
 
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ from wideep_jax.routing import RouterSpec
 
 def _int_at_least(value: Any, minimum: int) -> bool:
     """An int (not a bool) >= ``minimum``."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,17 @@ class MoESpec:
         if width is not None and not _int_at_least(width, 1):
             raise ValueError(f"MoESpec.shared_intermediate_size={width!r}: allowed: a positive int, or None "
                              "(intermediate_size * num_shared_experts)")
+        if width is not None and self.num_shared_experts == 0:
+            raise ValueError(f"MoESpec.shared_intermediate_size={width!r} with num_shared_experts=0 would be "
+                             "ignored; allowed: None, or num_shared_experts >= 1")
+        # numpy ints pass the checks; store plain ints (hashing, printing, static shapes).
+        for name in ("hidden_size", "intermediate_size", "num_experts", "top_k", "num_shared_experts"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+        if width is not None:
+            object.__setattr__(self, "shared_intermediate_size", int(width))
+        if not isinstance(self.router, RouterSpec):
+            raise ValueError(f"MoESpec.router={self.router!r}: allowed: a RouterSpec, e.g. "
+                             "RouterSpec(kind='softmax')")
         for name in ("dtype", "param_dtype"):
             value = getattr(self, name)
             try:
