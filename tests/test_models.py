@@ -1,6 +1,7 @@
 """Models: Hugging Face parity (committed tiny fixtures), loading errors, KV cache."""
 from __future__ import annotations
 
+import collections
 import gc
 import json
 import re
@@ -390,3 +391,215 @@ def test_generate_uses_the_callers_balancer_once():
         generate(fresh, prompts, max_new_tokens=2)
     generate(fresh, prompts, max_new_tokens=2, balance=False, after_step=lambda s: part.step(s[:1]))
     assert int(part.state.iteration) == 2
+
+
+def _fixture_tensors(arch: str) -> dict:
+    folder, _, _ = fixture(arch)
+    ckpt = Checkpoint(folder)
+    return {name: np.asarray(ckpt.get(name)) for name in list(ckpt._where)}
+
+
+def _write_checkpoint(folder: Path, config: dict, files: dict) -> Path:
+    from safetensors.numpy import save_file
+
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    for name, tensors in files.items():
+        save_file(tensors, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tensors_of_layers_past_the_model_are_errors_but_deepseek_mtp_layers(tmp_path, rng, arch):
+    """A tensor of a layer at or past num_hidden_layers is an error naming it, except
+    DeepSeek-V3's num_nextn_predict_layers multi-token-prediction layers (1 when the
+    key is absent), which inference skips; a config.json with too few layers too."""
+    folder, _, _ = fixture(arch)
+    config = json.loads((folder / "config.json").read_text())
+    tensors = _fixture_tensors(arch)
+    n = config["num_hidden_layers"]
+    value = rng.standard_normal((int(rng.integers(1, 5)), 3)).astype(np.float32)
+    suffix = str(rng.choice(["eh_proj.weight", "self_attn.q_proj.weight", "enorm.weight"]))
+
+    def load(name, layer, cfg, files=None):
+        extra = {f"model.layers.{layer}.{suffix}": value}
+        return from_pretrained(_write_checkpoint(tmp_path / name, cfg, files or {"m.safetensors": tensors | extra}),
+                               dtype=jnp.float32)
+
+    nextn = int(rng.integers(1, 4))
+    if arch == "deepseek_v3":
+        assert config["num_nextn_predict_layers"] == 1
+        load("mtp", n, config)  # DeepSeek-V3 ships one MTP layer, right past the model
+        load("mtp_default", n, {k: v for k, v in config.items() if k != "num_nextn_predict_layers"})
+        load("mtp_n", n + nextn - 1, config | {"num_nextn_predict_layers": nextn})
+        past = n + nextn
+        with pytest.raises(ValueError, match=re.escape(f"model.layers.{past}.{suffix}")):
+            load("past_mtp", past, config | {"num_nextn_predict_layers": nextn})
+        with pytest.raises(ValueError, match=re.escape(f"model.layers.{n}.{suffix}")):
+            load("no_mtp", n, config | {"num_nextn_predict_layers": 0})
+        with pytest.raises(ValueError, match=re.escape("num_nextn_predict_layers=-1; allowed: an int >= 0")):
+            load("bad_count", n, config | {"num_nextn_predict_layers": -1})
+    else:
+        layer = n + int(rng.integers(0, 3))
+        with pytest.raises(ValueError, match=re.escape(f"'model.layers.{layer}.{suffix}' belongs to a layer past "
+                                                       f"config.json num_hidden_layers={n}")):
+            load("extra", layer, config)
+    # config.json says one layer fewer than the checkpoint holds: the last layer is left over
+    # (for DeepSeek-V3 with no MTP layer, else it would pass for one).
+    fewer = config | {"num_hidden_layers": n - 1} | ({"num_nextn_predict_layers": 0} if arch == "deepseek_v3" else {})
+    if arch == "llama4_text":  # per-layer lists, trimmed to the layers kept
+        fewer |= {"layer_types": config["layer_types"][:n - 1], "no_rope_layers": config["no_rope_layers"][:n - 1],
+                  "moe_layers": [i for i in config["moe_layers"] if i < n - 1]}
+    with pytest.raises(ValueError, match=re.escape(f"'model.layers.{n - 1}.") + r".*num_hidden_layers="
+                       + str(n - 1)):
+        from_pretrained(_write_checkpoint(tmp_path / "fewer", fewer, {"m.safetensors": tensors}), dtype=jnp.float32)
+
+
+def test_a_tensor_in_two_checkpoint_files_is_an_error(tmp_path, rng):
+    """The same tensor name in two shards (which one would be read depends on the file
+    names' order) is an error naming the tensor and both files."""
+    tensors = _fixture_tensors("qwen3_moe")
+    names = sorted(tensors)
+    name = names[int(rng.integers(len(names)))]
+    first, second = sorted(f"model-{i:05d}-of-{int(rng.integers(2, 9)):05d}.safetensors" for i in (1, 2))
+    copy = (tensors[name] + rng.standard_normal(tensors[name].shape)).astype(tensors[name].dtype)
+    files = {first: tensors, second: {name: copy}}
+    with pytest.raises(ValueError, match=re.escape(f"tensor {name!r} is in two checkpoint files: {first!r} "
+                                                   f"and {second!r}")):
+        from_pretrained(_write_checkpoint(tmp_path / "dup", json.loads(
+            (FIXTURES / "qwen3_moe_tiny" / "config.json").read_text()), files), dtype=jnp.float32)
+    # Split without duplicates, the shards load as one checkpoint.
+    model = from_pretrained(_write_checkpoint(tmp_path / "split", json.loads(
+        (FIXTURES / "qwen3_moe_tiny" / "config.json").read_text()), {
+            first: {k: v for k, v in tensors.items() if k != name}, second: {name: tensors[name]}}),
+        dtype=jnp.float32)
+    assert len(model.layers) == 3
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_kv_cache_overflow_is_an_error_when_the_length_is_concrete(arch, rng):
+    """Eager calls past the cache's max_len raise, naming the cache length, the new tokens
+    and max_len (the write would be clamped onto the last slot, corrupting the cache);
+    up to max_len the cached logits still equal the full forward's."""
+    folder, ids, _ = fixture(arch)
+    model = from_pretrained(folder, dtype=jnp.float32)
+    ids = jnp.asarray(ids[:1])
+    max_len = int(rng.integers(3, ids.shape[1]))
+    prefill = int(rng.integers(1, max_len + 1))
+    full = np.asarray(model(ids[:, :max_len]))
+    cache = model.init_cache(1, max_len)
+    with pytest.raises(ValueError, match=re.escape(f"cache length 0 + {max_len + 1} new tokens = {max_len + 1} "
+                                                   f"> max_len={max_len}")):
+        model(ids[:, :max_len + 1], cache=cache)
+    logits, cache, _ = model(ids[:, :prefill], cache=cache)
+    got = [np.asarray(logits)]
+    for t in range(prefill, max_len):
+        logits, cache, _ = model(ids[:, t:t + 1], cache=cache)
+        got.append(np.asarray(logits))
+    assert rel_err(np.concatenate(got, axis=1), full) <= 1e-4
+    assert int(cache[1].length) == max_len
+    with pytest.raises(ValueError, match=re.escape(f"cache length {max_len} + 1 new tokens = {max_len + 1} > "
+                                                   f"max_len={max_len}")):
+        model(ids[:, max_len:max_len + 1], cache=cache)
+    # The attention layer alone (its own cache write) checks too.
+    layers, meta = cache
+    x = jnp.asarray(rng.standard_normal((1, 2, model.cfg.hidden_size)), jnp.float32)
+    pos = jnp.full((1, 2), max_len, jnp.int32)
+    with pytest.raises(ValueError, match=re.escape(f"cache length {max_len} + 2 new tokens")):
+        model.layers[0].attn(x, pos, jnp.ones((1, 2), bool), layers[0], meta)
+
+
+def test_generate_warms_up_once_per_signature_and_holds_one_cache(monkeypatch, rng):
+    """The warm-up (compiling the steps so the timed ones do not) runs once per step
+    signature: a later call with the same shapes, other token ids and sampling values
+    skips it and compiles nothing. Its throwaway cache is dropped before the real one
+    is allocated: one cache's arrays live during the timed decode loop."""
+    from wideep_jax.models import generate as generate_module
+
+    folder, _, _ = fixture("qwen3_moe")
+    model = from_pretrained(folder, dtype=jnp.float32)
+    cfg = model.cfg
+    monkeypatch.setattr(generate_module, "_WARMED", collections.OrderedDict(), raising=False)
+    warm_ups = []
+    real_warm_up = getattr(generate_module, "_warm_up", None)
+    monkeypatch.setattr(generate_module, "_warm_up", lambda *a, **k: (warm_ups.append(1), real_warm_up(*a, **k)),
+                        raising=False)
+    batch, width, new = int(rng.integers(1, 4)), int(rng.integers(2, 7)), int(rng.integers(3, 6))
+    shape = (batch, width + new, cfg.num_key_value_heads, cfg.head_dim)
+
+    def prompts():
+        return [list(rng.integers(0, cfg.vocab_size, width)) for _ in range(batch)]
+    gc.collect()
+    seen = []
+
+    def on_token(_):
+        seen.append(sum(1 for a in jax.live_arrays() if a.shape == shape and not a.is_deleted()))
+    sampling = dict(temperature=float(rng.uniform(0.5, 1.5)), top_p=float(rng.uniform(0.5, 1.0)))
+    generate_module.generate(model, prompts(), max_new_tokens=new, on_token=on_token, **sampling)
+    assert seen == [2 * cfg.num_hidden_layers] * (new - 1)  # keys and values per layer: one cache
+    assert len(warm_ups) == 1
+    with count_compiles() as compiles:
+        generate_module.generate(model, prompts(), max_new_tokens=new, temperature=float(rng.uniform(0.1, 2.0)),
+                                 top_p=float(rng.uniform(0.1, 1.0)), seed=int(rng.integers(1 << 30)))
+    assert compiles[0] == 0 and len(warm_ups) == 1
+    generate_module.generate(model, prompts(), max_new_tokens=new)  # greedy: other static flag
+    assert len(warm_ups) == 2
+    generate_module.generate(model, prompts(), max_new_tokens=new + 1, **sampling)  # another cache size
+    assert len(warm_ups) == 3
+    generate_module.generate(model, prompts(), max_new_tokens=new, **sampling)
+    assert len(warm_ups) == 3
+
+
+def test_sampling_values_are_traced_and_checked(rng):
+    """Other temperature / top_p values reuse the compiled steps (only greedy or not is
+    static); a non-finite or negative temperature, or top_p outside (0, 1], is an error
+    naming it; a tiny temperature samples the argmax instead of NaN garbage."""
+    from wideep_jax.models.generate import generate, sample
+
+    folder, ids, _ = fixture("qwen3_moe")
+    model = from_pretrained(folder, dtype=jnp.float32)
+    prompts = [list(ids[0, :int(rng.integers(2, 6))]), list(ids[1, :2])]
+    generate(model, prompts, max_new_tokens=3, temperature=float(rng.uniform(0.5, 1.0)), top_p=0.9)
+    for _ in range(2):
+        kw = dict(temperature=float(rng.uniform(0.01, 3.0)), top_p=float(rng.uniform(0.05, 1.0)))
+        with count_compiles() as compiles, count_compiles(TRACE_EVENT) as traces:
+            generate(model, prompts, max_new_tokens=3, **kw)
+        assert (compiles[0], traces[0]) == (0, 0), kw
+    for bad in (float("nan"), float("inf"), -float(rng.uniform(1e-6, 2.0)), "1.0", None):
+        with pytest.raises(ValueError, match=re.escape(f"temperature={bad!r}: allowed: a finite number >= 0")):
+            generate(model, prompts, max_new_tokens=2, temperature=bad)
+    for bad in (0.0, float("nan"), 1.0 + float(rng.uniform(1e-6, 1.0)), -0.5):
+        with pytest.raises(ValueError, match=re.escape(f"top_p={bad!r}: allowed: a number with 0 < top_p <= 1")):
+            generate(model, prompts, max_new_tokens=2, temperature=1.0, top_p=bad)
+    with pytest.raises(ValueError, match="temperature=nan"):
+        sample(jnp.zeros((1, 4)), jax.random.key(0), temperature=float("nan"), top_p=0.9)
+    logits = jnp.asarray(rng.standard_normal((4, 50)) * 10, jnp.float32)
+    for t in (1e-3, 1e-30, 1e-45):
+        np.testing.assert_array_equal(sample(logits, jax.random.key(int(rng.integers(1 << 30))), temperature=t,
+                                             top_p=float(rng.uniform(0.1, 1.0))), np.argmax(np.asarray(logits), -1))
+
+
+def test_out_of_vocabulary_token_ids_are_errors(rng):
+    """Prompt ids outside [0, vocab_size) (the embedding gather would clamp them to
+    another token) are an error naming the prompt, the position, the value and the
+    range; so are concrete ids given to the model itself."""
+    from wideep_jax.models.generate import generate
+
+    folder, _, _ = fixture("qwen3_moe")
+    model = from_pretrained(folder, dtype=jnp.float32)
+    v = model.cfg.vocab_size
+    prompts = [list(map(int, rng.integers(0, v, int(rng.integers(1, 6))))) for _ in range(3)]
+    row = int(rng.integers(3))
+    col = int(rng.integers(len(prompts[row])))
+    bad = int(rng.choice([-int(rng.integers(1, 1000)), v + int(rng.integers(0, 1000))]))
+    prompts[row][col] = bad
+    message = f"prompts[{row}][{col}]={bad}: token id outside the vocabulary; allowed: 0 <= id < vocab_size={v}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        generate(model, prompts, max_new_tokens=2)
+    with pytest.raises(ValueError, match=re.escape(f"prompts[{row}]=")):
+        generate(model, [[1, 2]] * row + [[1.5, 2]], max_new_tokens=2)
+    ids = rng.integers(0, v, (2, 5))
+    ids[1, 3] = bad
+    with pytest.raises(ValueError, match=re.escape(f"input_ids[1, 3]={bad}: token id outside the vocabulary") +
+                       ".*" + re.escape(f"allowed: 0 <= id < vocab_size={v}")):
+        model(jnp.asarray(ids, jnp.int32))

@@ -174,7 +174,7 @@ def from_hf_config(cfg: dict, *, dtype=jnp.float32) -> DecoderConfig:
             **common, intermediate_size=int(_get(cfg, "intermediate_size")),
             moe_intermediate_size=int(_get(cfg, "moe_intermediate_size")), num_experts=num_experts,
             num_experts_per_tok=int(_get(cfg, "num_experts_per_tok")), moe_layers=moe_layers,
-            norm_topk_prob=bool(_get(cfg, "norm_topk_prob", True)), qk_norm=True,
+            norm_topk_prob=bool(_get(cfg, "norm_topk_prob", False)), qk_norm=True,
             sliding_window=None if window is None else int(window),
         )
     if model_type == "deepseek_v3":
@@ -201,17 +201,18 @@ def _deepseek_v3(cfg: dict, common: dict, layers: int) -> DecoderConfig:
                     qk_nope_head_dim=int(_get(cfg, "qk_nope_head_dim")), qk_rope_head_dim=rope_dim,
                     v_head_dim=int(_get(cfg, "v_head_dim")), rope_interleave=bool(_get(cfg, "rope_interleave", True)))
     num_experts = int(cfg["n_routed_experts"]) if cfg.get("n_routed_experts") is not None else _num_experts(cfg)
+    # Keys a config.json leaves out take transformers' DeepseekV3Config defaults.
     router = RouterSpec(kind="noaux_tc", norm_topk_prob=bool(_get(cfg, "norm_topk_prob", True)),
-                        n_group=int(_get(cfg, "n_group", 1)), topk_group=int(_get(cfg, "topk_group", 1)),
-                        routed_scaling_factor=float(_get(cfg, "routed_scaling_factor", 1.0)))
-    first_dense = int(_get(cfg, "first_k_dense_replace", 0))
+                        n_group=int(_get(cfg, "n_group", 8)), topk_group=int(_get(cfg, "topk_group", 4)),
+                        routed_scaling_factor=float(_get(cfg, "routed_scaling_factor", 2.5)))
+    first_dense = int(_get(cfg, "first_k_dense_replace", 3))
     common = common | {"head_dim": rope_dim}
     return DecoderConfig(
         **common, intermediate_size=int(_get(cfg, "intermediate_size")),
         moe_intermediate_size=int(_get(cfg, "moe_intermediate_size")), num_experts=num_experts,
         num_experts_per_tok=int(_get(cfg, "num_experts_per_tok")),
         moe_layers=tuple(range(first_dense, layers)), norm_topk_prob=router.norm_topk_prob,
-        mla=mla, router=router, n_shared_experts=int(_get(cfg, "n_shared_experts", 0)),
+        mla=mla, router=router, n_shared_experts=int(_get(cfg, "n_shared_experts", 1)),
     )
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -10,7 +11,8 @@ from wideep_jax.config import MoEConfig
 from wideep_jax.layer import MoELayer
 from wideep_jax.moe import constrain
 from wideep_jax.models.config import DecoderConfig
-from wideep_jax.models.layers import Attention, CacheMeta, DenseMLP, LatentAttention, LayerCache, RMSNorm
+from wideep_jax.models.layers import (Attention, CacheMeta, DenseMLP, LatentAttention, LayerCache, RMSNorm,
+                                      check_cache_room)
 
 
 class DecoderLayer(nnx.Module):
@@ -90,7 +92,12 @@ class CausalLM(nnx.Module):
                 var.set_value(jax.device_put(var.get_value(), replicated))
 
     def init_cache(self, batch: int, max_len: int) -> tuple[list[LayerCache], CacheMeta]:
-        """An empty cache of ``max_len`` positions for ``batch`` sequences."""
+        """An empty cache of ``max_len`` positions for ``batch`` sequences.
+
+        Every call appends its ``T`` tokens (padding included), so ``max_len`` must cover
+        all the tokens a sequence of calls appends: an eager call past it raises
+        ``ValueError``; under ``jit`` (a traced length) it cannot be checked, and the
+        write would be clamped onto the last slots, corrupting the cache."""
         cfg = self.cfg
         if cfg.mla is not None:  # the latent and the shared rotary key, not per-head K and V
             shapes = (batch, max_len, cfg.mla.kv_lora_rank), (batch, max_len, cfg.mla.qk_rope_head_dim)
@@ -120,7 +127,10 @@ class CausalLM(nnx.Module):
           input_ids: int [B, T].
           positions: int [B, T] (default: the cache length + 0..T-1).
           token_valid: bool [B, T]; False marks padding (e.g. left-padded prompts).
-          cache: ``(layer caches, CacheMeta)`` from `init_cache` or a previous call.
+          cache: ``(layer caches, CacheMeta)`` from `init_cache` or a previous call, with room
+            for ``T`` more tokens: past its ``max_len`` an eager call raises ``ValueError``;
+            under ``jit`` (a traced length) it is not checked and the cache would be
+            corrupted, so size it for every token appended (`generate` does).
           logits_to_keep: 0 for every position's logits; k for the last k positions'
             only ([B, k, V]): a prefill that samples one token needs 1, and skips the
             vocabulary projection of the other T - 1 positions.
@@ -129,7 +139,10 @@ class CausalLM(nnx.Module):
         if not isinstance(logits_to_keep, int) or not 0 <= logits_to_keep <= t:
             raise ValueError(f"logits_to_keep={logits_to_keep!r}: allowed: an int in [0, T={t}] "
                              "(0 keeps every position)")
+        _check_token_ids(input_ids, self.cfg.vocab_size)
         layer_caches, meta = (None, None) if cache is None else cache
+        if meta is not None:
+            check_cache_room(meta, t)
         start = 0 if meta is None else meta.length
         if positions is None:
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -158,6 +171,23 @@ class CausalLM(nnx.Module):
         meta = CacheMeta(upd(meta.positions, positions.astype(jnp.int32)), upd(meta.valid, token_valid),
                          meta.length + t)
         return logits, (new_caches, meta), stats
+
+
+def _check_token_ids(input_ids, vocab_size: int) -> None:
+    """Concrete ids outside ``[0, vocab_size)`` are an error (the embedding gather would
+    clamp them to another token silently); traced ids (under ``jit``) are not checked."""
+    if isinstance(input_ids, jax.core.Tracer):
+        return
+    if isinstance(input_ids, jax.Array) and not input_ids.is_fully_addressable:
+        return  # shards on other processes: not readable here
+    ids = np.asarray(input_ids)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids: dtype {ids.dtype}; allowed: integer token ids in [0, {vocab_size})")
+    bad = np.argwhere((ids < 0) | (ids >= vocab_size))
+    if bad.size:
+        where = tuple(int(i) for i in bad[0])
+        raise ValueError(f"input_ids{list(where)}={int(ids[where])}: token id outside the vocabulary "
+                         f"({len(bad)} such ids); allowed: 0 <= id < vocab_size={vocab_size}")
 
 
 def _lookup(table: jax.Array, ids: jax.Array, mesh: Mesh, batch_spec: P) -> jax.Array:

@@ -6,6 +6,8 @@ step has the same shapes and the step compiles once.
 """
 from __future__ import annotations
 
+import collections
+import math
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -14,6 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from wideep_jax.eplb.balancer import OnlineBalancer, layer_balancer, register_balancer as _register
 from wideep_jax.jit import forward_jit
@@ -28,16 +31,55 @@ class Generation(NamedTuple):
     expert_counts: np.ndarray  # int [MoE layers, E] routed pairs over prefill and decode
 
 
-def sample(logits: jax.Array, key: jax.Array, *, temperature: float, top_p: float) -> jax.Array:
-    """Greedy when ``temperature == 0``; else temperature + nucleus (top-p) sampling. [B, V] -> [B]."""
-    if temperature == 0.0:
+def _number(value) -> float | None:
+    if isinstance(value, (bool, str, bytes)):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def check_sampling(temperature, top_p) -> tuple[float, float]:
+    """``(temperature, top_p)`` as floats; ``ValueError`` naming the value unless the
+    temperature is finite and >= 0 and ``0 < top_p <= 1``."""
+    t, p = _number(temperature), _number(top_p)
+    if t is None or not math.isfinite(t) or t < 0:
+        raise ValueError(f"temperature={temperature!r}: allowed: a finite number >= 0 (0 = greedy)")
+    if p is None or not 0 < p <= 1:  # NaN fails too
+        raise ValueError(f"top_p={top_p!r}: allowed: a number with 0 < top_p <= 1")
+    return t, p
+
+
+def sample(logits: jax.Array, key: jax.Array, *, temperature, top_p, greedy: bool | None = None) -> jax.Array:
+    """Greedy (argmax) or temperature + nucleus (top-p) sampling. [B, V] -> [B].
+
+    ``greedy``: static; None decides by ``temperature == 0``, which needs a concrete
+    temperature. Otherwise ``temperature`` and ``top_p`` may be traced (jit compiles once
+    for all their values); concrete values must be a finite temperature >= 0 and
+    ``0 < top_p <= 1`` (``ValueError`` naming them). A tiny positive temperature tends to
+    greedy (no overflow to NaN)."""
+    concrete = not any(isinstance(v, jax.core.Tracer) for v in (temperature, top_p))
+    if concrete:
+        temperature, top_p = check_sampling(temperature, top_p)
+    if greedy is None:
+        if not concrete:
+            raise ValueError("sample: greedy=None needs a concrete temperature; allowed: greedy=True/False "
+                             "with a traced temperature")
+        greedy = temperature == 0.0
+    if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / temperature
+    logits = logits.astype(jnp.float32)
+    # Shifted so the largest logit is 0: dividing by a tiny temperature sends the others to
+    # -inf, never inf - inf = NaN; the floor keeps 0 / temperature defined (denormals flush).
+    temperature = jnp.maximum(jnp.asarray(temperature, jnp.float32), jnp.finfo(jnp.float32).tiny)
+    logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
     order = jnp.argsort(-logits, axis=-1)
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
     keep = jnp.cumsum(probs, axis=-1) - probs < top_p
+    keep = keep.at[:, 0].set(True)
     choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
@@ -46,14 +88,14 @@ def _counts(stats) -> jax.Array:
     return jnp.stack([s.expert_counts for s in stats]) if stats else jnp.zeros((0, 0), jnp.int32)
 
 
-def _prefill(model: CausalLM, ids, positions, valid, cache, key, temperature, top_p, keep_stats):
+def _prefill(model: CausalLM, ids, positions, valid, cache, key, temperature, top_p, greedy, keep_stats):
     # The last valid token of each row predicts the next one (left padding: the last column).
     logits, cache, stats = model(ids, positions=positions, token_valid=valid, cache=cache, logits_to_keep=1)
-    token = sample(logits[:, -1], jax.random.fold_in(key, 0), temperature=temperature, top_p=top_p)
+    token = sample(logits[:, -1], jax.random.fold_in(key, 0), temperature=temperature, top_p=top_p, greedy=greedy)
     return token, cache, _counts(stats), stats if keep_stats else None
 
 
-def _decode(model: CausalLM, token, positions, step, cache, total, key, temperature, top_p, keep_stats):
+def _decode(model: CausalLM, token, positions, step, cache, total, key, temperature, top_p, greedy, keep_stats):
     """One token per sequence. Everything a step changes (positions, the step index, the
     cache, the expert counts) comes back as device arrays for the next step, so the
     host only enqueues: no transfers, no eager ops between steps. The layers' full
@@ -61,17 +103,23 @@ def _decode(model: CausalLM, token, positions, step, cache, total, key, temperat
     XLA drops the collectives that gathered it."""
     logits, cache, stats = model(token[:, None], positions=positions, token_valid=jnp.ones(positions.shape, bool),
                                  cache=cache)
-    token = sample(logits[:, -1], jax.random.fold_in(key, step), temperature=temperature, top_p=top_p)
+    token = sample(logits[:, -1], jax.random.fold_in(key, step), temperature=temperature, top_p=top_p,
+                   greedy=greedy)
     return token, positions + 1, step + 1, cache, total + _counts(stats), stats if keep_stats else None
 
 
 # Module-level, so later calls with the same shapes reuse the compiled steps. The
-# cache (argument 4) is donated: each step updates it in place.
-_STATIC = ("temperature", "top_p", "keep_stats")
+# cache (argument 4) is donated: each step updates it in place. Temperature and top_p
+# are traced: other values reuse the compiled steps; only greedy or not is static.
+_STATIC = ("greedy", "keep_stats")
 _PREFILL_STEP = forward_jit(_prefill, static_argnames=_STATIC, donate_argnums=4)
 _DECODE_STEP = forward_jit(_decode, static_argnames=_STATIC, donate_argnums=4)
 # Decode steps the warm-up may take before the shardings settle (3 on an Explicit mesh, 2 at least).
 _MAX_WARM_DECODE_STEPS = 4
+# Keys (see _warm_key) of the step signatures a warm-up already compiled, most recent
+# last: a later call with the same key skips the warm-up. Small: the oldest go first.
+_WARMED: collections.OrderedDict = collections.OrderedDict()
+_MAX_WARMED = 32
 
 
 # model -> the OnlineBalancer model_balancer built for it (None: static placement). Weak
@@ -128,9 +176,11 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
 
     Args:
       model: a `CausalLM`.
-      prompts: token-id lists (any lengths >= 1).
+      prompts: token-id lists (any lengths >= 1) of ints in ``[0, vocab_size)``.
       max_new_tokens: tokens to generate per prompt (>= 1).
-      temperature, top_p: sampling (0 = greedy).
+      temperature, top_p: sampling: a finite temperature >= 0 (0 = greedy) and
+        ``0 < top_p <= 1``. Traced: other values reuse the compiled steps (greedy or
+        not compiles separately).
       seed: sampling key.
       on_token: called with the step index after each decode step is enqueued (progress bars;
         the device may still be running it).
@@ -147,12 +197,12 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
         raise ValueError("prompts: allowed: one or more non-empty token-id lists")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: allowed: >= 1")
-    if not 0.0 < top_p <= 1.0 or temperature < 0.0:
-        raise ValueError(f"temperature={temperature}, top_p={top_p}: allowed: temperature >= 0, 0 < top_p <= 1")
-    batch, width = len(prompts), max(len(p) for p in prompts)
+    temperature, top_p = check_sampling(temperature, top_p)
+    rows = [_prompt_ids(row, prompt, model.cfg.vocab_size) for row, prompt in enumerate(prompts)]
+    batch, width = len(rows), max(len(p) for p in rows)
     ids = np.zeros((batch, width), np.int32)
     valid = np.zeros((batch, width), bool)
-    for row, prompt in enumerate(prompts):
+    for row, prompt in enumerate(rows):
         ids[row, width - len(prompt):] = prompt
         valid[row, width - len(prompt):] = True
     positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
@@ -173,30 +223,26 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
                                  "(balance=True): each iteration would count twice; allowed: an after_step "
                                  "that does not step it, or balance=False to step it yourself")
 
-    sampling = dict(temperature=temperature, top_p=top_p, keep_stats=hooks)
+    # Only greedy-or-not is static: other temperatures and top_p values are traced scalars.
+    sampling = dict(temperature=jnp.float32(temperature), top_p=jnp.float32(top_p), greedy=temperature == 0.0,
+                    keep_stats=hooks)
     key = jax.random.key(seed)
     args = (jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(valid))
     first_pos = jnp.asarray(lengths)[:, None]
-    # Warm-up on a throwaway cache: the prefill, then decode steps until the carried
-    # arrays come back with the shardings they went in with (the host's positions,
-    # then each step's outputs, may differ: P('ep',) vs P('ep', None) misses jit's
-    # cache), so every step of the timed loop finds its entry.
-    token, warm, counts, _ = _PREFILL_STEP(model, *args, model.init_cache(batch, width + max_new_tokens), key,
-                                           **sampling)
-    carried = (token, first_pos, jnp.int32(1), warm, counts)
-    for step in range(_MAX_WARM_DECODE_STEPS):
-        out = _DECODE_STEP(model, *carried, key, **sampling)[:5]
-        # A committed and an uncommitted array on one device have equal shardings but
-        # separate cache entries: compare both. At least two steps: the host's inputs
-        # are uncommitted, the step's outputs committed.
-        settled = step > 0 and _placement(out) == _placement(carried)
-        carried = out
-        if settled:
-            break
-    jax.block_until_ready(carried)
+    cache_len = width + max_new_tokens
+    # The timed steps below must not compile: a warm-up compiles them first, once per
+    # signature (a later call with the same shapes, shardings and static flags skips it).
+    warm_key = _warm_key(model, batch, width, cache_len, sampling)
+    if warm_key not in _WARMED or not _steps_compiled():
+        _warm_up(model, args, first_pos, cache_len, key, sampling)
+        _WARMED[warm_key] = None
+        while len(_WARMED) > _MAX_WARMED:
+            _WARMED.popitem(last=False)
+    _WARMED.move_to_end(warm_key)
 
     prefill_bound, decode_bound = _PREFILL_STEP.bind(model), _DECODE_STEP.bind(model)
-    cache = model.init_cache(batch, width + max_new_tokens)
+    # The warm-up's cache is gone by now (_warm_up returned): one cache at a time.
+    cache = model.init_cache(batch, cache_len)
     start = time.perf_counter()
     token, cache, total, stats = prefill_bound(*args, cache, key, **sampling)
     jax.block_until_ready(token)
@@ -219,6 +265,58 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
     out = host_array(jnp.stack(tokens, axis=1)).astype(np.int32)
     decode = time.perf_counter() - start
     return Generation(out, prefill, decode, host_array(total).astype(np.int64))
+
+
+def _prompt_ids(row: int, prompt, vocab_size: int) -> np.ndarray:
+    """One prompt as int64 ids; ``ValueError`` naming a non-integer or out-of-vocabulary id
+    (the embedding gather would clamp it to another token silently)."""
+    ids = np.asarray(prompt)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"prompts[{row}]={prompt!r}: allowed: a list of integer token ids in [0, {vocab_size})")
+    bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
+    if bad.size:
+        raise ValueError(f"prompts[{row}][{int(bad[0])}]={int(ids[bad[0]])}: token id outside the vocabulary; "
+                         f"allowed: 0 <= id < vocab_size={vocab_size}")
+    return ids.astype(np.int64)
+
+
+def _warm_key(model: CausalLM, batch: int, width: int, cache_len: int, sampling: dict):
+    """What the steps' jit cache entries depend on: the model's structure and its arrays'
+    shapes, dtypes and placements, the prompt and cache shapes, the static flags."""
+    graphdef, state = nnx.split(model)
+    arrays = tuple((a.shape, a.dtype, getattr(a, "sharding", None), getattr(a, "committed", None))
+                   for a in jax.tree.leaves(state))
+    return graphdef, arrays, batch, width, cache_len, sampling["greedy"], sampling["keep_stats"]
+
+
+def _steps_compiled() -> bool:
+    """False once jax's caches were cleared (jax.clear_caches): the warmed keys are stale."""
+    sizes = [getattr(step.jitted, "_cache_size", lambda: 1)() for step in (_PREFILL_STEP, _DECODE_STEP)]
+    return all(size > 0 for size in sizes)
+
+
+def _warm_up(model: CausalLM, args, first_pos, cache_len: int, key, sampling: dict) -> None:
+    """Compiles the prefill and decode steps on a throwaway cache, so the timed steps
+    measure running time, not compilation: the prefill, then decode steps until the
+    carried arrays come back with the shardings they went in with (the host's positions,
+    then each step's outputs, may differ: P('ep',) vs P('ep', None) misses jit's cache),
+    so every step of the timed loop finds its entry. Everything it made (the throwaway
+    cache included) is dropped on return, before the real cache is allocated."""
+    batch = args[0].shape[0]
+    token, warm, counts, _ = _PREFILL_STEP(model, *args, model.init_cache(batch, cache_len), key, **sampling)
+    carried = (token, first_pos, jnp.int32(1), warm, counts)
+    del token, warm, counts
+    for step in range(_MAX_WARM_DECODE_STEPS):
+        out = _DECODE_STEP(model, *carried, key, **sampling)[:5]
+        # A committed and an uncommitted array on one device have equal shardings but
+        # separate cache entries: compare both. At least two steps: the host's inputs
+        # are uncommitted, the step's outputs committed.
+        settled = step > 0 and _placement(out) == _placement(carried)
+        carried = out
+        del out
+        if settled:
+            break
+    jax.block_until_ready(carried)
 
 
 def _placement(tree) -> list:

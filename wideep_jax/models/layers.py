@@ -28,6 +28,24 @@ class CacheMeta(NamedTuple):
     length: jax.Array  # int32 [] slots written so far (the next write starts here)
 
 
+def check_cache_room(meta: CacheMeta, new_tokens: int) -> None:
+    """Raises ``ValueError`` when ``new_tokens`` more entries do not fit the cache's
+    ``max_len`` (``S``) slots: a write past the end would be clamped onto the last slots,
+    overwriting cached keys and values with no error.
+
+    Checked only where ``meta.length`` is concrete (an eager call). Under ``jit`` it is
+    traced and cannot be checked: the caller must size the cache (`CausalLM.init_cache`'s
+    ``max_len``) for every token it appends, as `generate` does (prompt width +
+    ``max_new_tokens``)."""
+    if isinstance(meta.length, jax.core.Tracer):
+        return
+    length, max_len = int(meta.length), meta.positions.shape[1]
+    if length + new_tokens > max_len:
+        raise ValueError(f"KV cache overflow: cache length {length} + {new_tokens} new tokens = "
+                         f"{length + new_tokens} > max_len={max_len}; allowed: at most {max_len - length} "
+                         f"new tokens (init_cache with max_len >= {length + new_tokens})")
+
+
 def _param(key, shape, fan_in, dtype):
     return nnx.Param((jax.random.normal(key, shape, jnp.float32) / fan_in ** 0.5).astype(dtype))
 
@@ -160,9 +178,12 @@ class Attention(nnx.Module):
 
 
 def _append(cache, meta, new, positions, token_valid):
-    """Writes this call's entries at the cache's end; returns everything attention may read."""
+    """Writes this call's entries at the cache's end; returns everything attention may read.
+    Past the cache's ``max_len``: ``ValueError`` where the length is concrete (see
+    `check_cache_room`; under ``jit`` the write would be clamped, corrupting the cache)."""
     if cache is None:
         return new, positions, token_valid, None
+    check_cache_room(meta, positions.shape[1])
     put = lambda old, value: jax.lax.dynamic_update_slice_in_dim(old, value.astype(old.dtype), meta.length, axis=1)
     cache = LayerCache(*(put(old, value) for old, value in zip(cache, new)))
     return tuple(cache), put(meta.positions, positions), put(meta.valid, token_valid), cache

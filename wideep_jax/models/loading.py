@@ -87,8 +87,12 @@ class Checkpoint:
                 (size,) = struct.unpack("<Q", f.read(8))
                 header = json.loads(f.read(size))
             for name, info in header.items():
-                if name != "__metadata__":
-                    self._where[name] = (file, info, 8 + size)
+                if name == "__metadata__":
+                    continue
+                if name in self._where:  # which copy to read would depend on the files' order
+                    raise ValueError(f"tensor {name!r} is in two checkpoint files: {self._where[name][0].name!r} "
+                                     f"and {file.name!r}; allowed: each tensor in one *.safetensors file")
+                self._where[name] = (file, info, 8 + size)
         self.unused = set(self._where)
 
     def __contains__(self, name: str) -> bool:
@@ -219,15 +223,41 @@ def from_pretrained(path, *, moe_config: MoEConfig | None = None, mesh: Mesh | N
             up = ckpt.get(f"{p}.{mlp}.up_proj.weight", (w, h))
             _set(layer.mlp.gate_up, np.concatenate([gate.T, up.T], axis=1), replicated, dtype)
             _set(layer.mlp.down, ckpt.get(f"{p}.{mlp}.down_proj.weight", (h, w)).T, replicated, dtype)
-    # DeepSeek's multi-token-prediction layers sit past num_hidden_layers; inference skips them.
-    mtp = re.compile(r"model\.layers\.(\d+)\.").match
-    unused = sorted(n for n in ckpt.unused if not n.endswith(_IGNORED)
-                    and not ((hit := mtp(n)) and int(hit.group(1)) >= cfg.num_hidden_layers)
-                    and not (root and n.startswith(_VISION)))  # text-only inference of Llama 4
+    # DeepSeek-V3's multi-token-prediction layers sit right past num_hidden_layers; inference
+    # skips them. Any other layer past the model (a config.json with too few layers) is an error.
+    mtp = _mtp_layers(hf_config, cfg)
+    layer_of = re.compile(rf"{re.escape(root)}model\.layers\.(\d+)\.").match
+    unused, extra = [], []
+    for n in sorted(ckpt.unused):
+        hit = layer_of(n)
+        index = int(hit.group(1)) if hit else None
+        if n.endswith(_IGNORED) or (root and n.startswith(_VISION)):  # text-only inference of Llama 4
+            continue
+        if index is not None and index in mtp:
+            continue
+        (extra if index is not None and index >= cfg.num_hidden_layers else unused).append(n)
+    if extra:
+        allowed = (f"layers 0..{cfg.num_hidden_layers - 1}" + (f" and DeepSeek-V3's multi-token-prediction "
+                   f"layers {mtp.start}..{mtp.stop - 1} (num_nextn_predict_layers={len(mtp)})" if mtp else ""))
+        raise ValueError(f"checkpoint tensor {extra[0]!r} belongs to a layer past config.json num_hidden_layers="
+                         f"{cfg.num_hidden_layers} ({len(extra)} such tensors: {extra[:5]}"
+                         f"{' ...' if len(extra) > 5 else ''}); allowed: {allowed}")
     if unused:
         raise ValueError(f"checkpoint tensors not used by {cfg.model_type}: {unused[:5]}"
                          f"{' ...' if len(unused) > 5 else ''} ({len(unused)} in all)")
     return model
+
+
+def _mtp_layers(hf_config: dict, cfg) -> range:
+    """Layer indices of DeepSeek-V3's multi-token-prediction layers, which the checkpoint holds
+    past ``num_hidden_layers`` and inference does not use; empty for other architectures.
+    ``num_nextn_predict_layers`` absent: 1, as DeepSeek-V3/R1 ship."""
+    if cfg.model_type != "deepseek_v3":
+        return range(0)
+    count = hf_config.get("num_nextn_predict_layers", 1)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"config.json num_nextn_predict_layers={count!r}; allowed: an int >= 0")
+    return range(cfg.num_hidden_layers, cfg.num_hidden_layers + count)
 
 
 def _load_attention(ckpt, attn, cfg, p, replicated, dtype) -> None:

@@ -1,0 +1,34 @@
+"""config.json keys left out take transformers' defaults (a checkpoint must route as it does there)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from wideep_jax.models.config import from_hf_config
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def _without(arch: str, *keys: str) -> dict:
+    cfg = json.loads((FIXTURES / f"{arch}_tiny" / "config.json").read_text())
+    return {k: v for k, v in cfg.items() if k not in keys}
+
+
+def test_deepseek_v3_routing_and_layout_defaults_are_transformers():
+    # transformers' DeepseekV3Config: n_group=8, topk_group=4, routed_scaling_factor=2.5,
+    # n_shared_experts=1, first_k_dense_replace=3, norm_topk_prob=True.
+    raw = _without("deepseek_v3", "n_group", "topk_group", "routed_scaling_factor", "n_shared_experts",
+                   "first_k_dense_replace", "norm_topk_prob")
+    raw["n_routed_experts"] = 16  # 8 groups of 2
+    raw["num_hidden_layers"] = 5
+    cfg = from_hf_config(raw)
+    r = cfg.router
+    assert (r.n_group, r.topk_group, r.routed_scaling_factor, r.norm_topk_prob) == (8, 4, 2.5, True)
+    assert cfg.n_shared_experts == 1 and cfg.moe_layers == (3, 4)
+    written = from_hf_config(_without("deepseek_v3"))  # the fixture writes every key: they are used
+    assert (written.router.n_group, written.router.topk_group) == (4, 2)
+
+
+def test_qwen3_moe_norm_topk_prob_default_is_false():
+    assert from_hf_config(_without("qwen3_moe", "norm_topk_prob")).norm_topk_prob is False
+    assert from_hf_config(_without("qwen3_moe")).norm_topk_prob is True  # the fixture says True
