@@ -93,6 +93,15 @@ def test_run_default_preset_small(capsys):
     assert len(re.findall(r"layer \d: rank imbalance", out)) == 3  # layers 1-3 are MoE
 
 
+def test_run_default_preset_on_one_device(capsys):
+    """One device (a one-GPU machine, or --ep 1): every expert on the one rank, no
+    replicas and no online balancing, instead of a slot count the rules refuse."""
+    assert main(["run", "--ep", "1", "--batch", "2", "--prompt-len", "5", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "online EPLB" not in out
+    assert re.search(r"decode: 4 tokens .* -> [\d,]+ tokens/s", out)
+
+
 @pytest.mark.parametrize("arch,ep", [("qwen3_moe", 4), ("llama4_text", 2)])
 def test_run_checkpoint_with_prompts_is_greedy_and_deterministic(capsys, arch, ep):
     """A Hugging Face checkpoint folder with token-id prompts: the same tokens twice."""
@@ -108,6 +117,10 @@ def test_run_checkpoint_with_prompts_is_greedy_and_deterministic(capsys, arch, e
     assert tokens(first) == tokens(second) and len(tokens(first)) == 2
     assert main(["run", "--model", folder, "--prompt", "hello"]) == 2  # no tokenizer: a clear error
     assert "--prompt='hello'" in capsys.readouterr().err
+    missing = str(Path(folder).parent / "no_such_checkpoint")
+    assert main(["run", "--model", missing, "--prompt", "1,2"]) == 2  # one line, no traceback
+    err = capsys.readouterr().err
+    assert err.startswith("wideep: error:") and "no_such_checkpoint" in err and "Traceback" not in err
 
 
 # -- offline EPLB step 1 with the main job, and TensorRT-LLM's flag spellings ---------------

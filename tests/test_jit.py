@@ -57,6 +57,13 @@ def test_static_argnames_positional_or_keyword_and_donation():
     with pytest.raises(ValueError, match="donate_argnums=0.*positions >= 1"):
         forward_jit(step, donate_argnums=0)
 
+    def keyword_only(m, x, *, scale):
+        assert isinstance(scale, float)
+        return m(x) * scale
+
+    forward = forward_jit(keyword_only, static_argnames="scale")
+    np.testing.assert_allclose(np.asarray(forward(model, x, scale=4.0)), 4.0 * np.asarray(model(x)), rtol=1e-6)
+
 
 def test_bound_forward_sees_new_weights_after_refresh():
     model = nnx.Linear(6, 3, rngs=nnx.Rngs(int(np.random.default_rng().integers(1 << 30))))

@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={cpu_devices}".strip()
     try:
         return args.func(args)
-    except ValueError as err:  # config and argument errors: one clear line, no traceback
+    except (ValueError, FileNotFoundError) as err:  # config, argument and path errors: one line, no traceback
         print(f"wideep: error: {err}", file=sys.stderr)
         return 2
 

@@ -30,7 +30,10 @@ class ForwardJit:
         signature = inspect.signature(fn)
         head = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_ONLY) for n in ("_graphdef", "_state")]
         pure.__signature__ = signature.replace(parameters=head + list(signature.parameters.values())[1:])
-        params = list(pure.__signature__.parameters)
+        # Only parameters that can be passed by position get a number; keyword-only ones
+        # are static through static_argnames alone.
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        params = [n for n, p in pure.__signature__.parameters.items() if p.kind in positional]
         static = (0,) + tuple(params.index(n) for n in static_argnames if n in params)
         # pure's arguments are (graphdef, state, *args): fn's argument i is pure's i + 1.
         self.jitted = jax.jit(pure, static_argnums=static, static_argnames=static_argnames,

@@ -115,6 +115,10 @@ def _moe_config(path, num_experts: int, ep: int):
 
     if path is not None:
         return load_moe_config(path, num_experts=num_experts, ep_size=ep)
+    if ep == 1:
+        # One rank holds every expert: there is nothing to balance, and a replica would sit
+        # beside its own expert (online placement allows one copy of an expert per rank).
+        return load_moe_config({"backend": "WIDEEP"}, num_experts=num_experts, ep_size=1)
     # At least EP extra slots for replicas, rounded up to a multiple of EP (every rank holds as many).
     num_slots = -(-(num_experts + ep) // ep) * ep
     return load_moe_config({"backend": "WIDEEP", "load_balancer": {"num_slots": num_slots,
