@@ -98,7 +98,7 @@ def make_master_copy(slot_weights: Pytree, slot_to_expert: jax.Array | np.ndarra
     for i, leaf in enumerate(leaves):
         shape = (wanted.shape[1] * (1 if replicated else ranks), *leaf.shape[1:])
         arrays = [jax.device_put(host[d if d in host else readers[0]][i],
-                                 jax.sharding.SingleDeviceSharding(d, memory_kind=kind)) for d in devices]
+                                 jax.sharding.make_single_device_sharding(d, memory_kind=kind)) for d in devices]
         out.append(jax.make_array_from_single_device_arrays(shape, sharding, arrays))
         for d in host:  # let host RAM go leaf by leaf
             host[d][i] = None
