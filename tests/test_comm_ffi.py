@@ -322,6 +322,7 @@ def test_auto_without_toolchain_warns_and_uses_xla(monkeypatch):
 
     class FakeMesh:
         devices = np.array([FakeDevice(), FakeDevice()])
+        shape = {"ep": 2}
 
     def no_toolchain(groups):
         raise ffi_build.FfiBuildError("nvcc not found")
@@ -335,6 +336,28 @@ def test_auto_without_toolchain_warns_and_uses_xla(monkeypatch):
     assert resolve_alltoall_backend("auto", FakeMesh(), "ep") == "nccl"
     monkeypatch.setattr(ffi_lib, "peer_access", lambda groups: True)
     assert resolve_alltoall_backend("auto", FakeMesh(), "ep") == "nvlink"
+
+
+def test_auto_with_one_gpu_rank_needs_no_library(monkeypatch):
+    """An EP group of one GPU moves nothing between devices: auto picks xla without building
+    (or even asking for) the FFI library."""
+    class FakeDevice:
+        platform = "gpu"
+
+    class FakeMesh:
+        devices = np.array([[FakeDevice()], [FakeDevice()]])
+        shape = {"dp": 2, "ep": 1}
+
+    def must_not_run(*_):
+        raise AssertionError("auto asked for the FFI library with one rank")
+
+    monkeypatch.delenv("WIDEEP_ALLTOALL", raising=False)
+    monkeypatch.setattr(ffi_lib, "ep_groups", must_not_run)
+    monkeypatch.setattr(ffi_lib, "peer_access", must_not_run)
+    assert resolve_alltoall_backend("auto", FakeMesh(), "ep") == "xla"
+    FakeMesh.shape = {"dp": 1, "ep": 2}
+    with pytest.raises(AssertionError, match="one rank"):
+        resolve_alltoall_backend("auto", FakeMesh(), "ep")
 
 
 @pytest.mark.parametrize("name", ["nccl", "nvlink"])

@@ -9,8 +9,8 @@ All share :class:`AllToAllBackend`'s interface, so ``moe_config.alltoall_backend
 * ``nvlink``: XLA FFI custom call, one-sided peer stores; GPUs of one process
   with peer access.
 * ``auto``: ``nvlink`` for one process with peer-connected GPUs, ``nccl``
-  across processes, ``xla`` on CPU (and, with a warning, on GPUs where the FFI
-  library cannot be built: no nvcc or NCCL headers).
+  across processes, ``xla`` on CPU and for an EP group of one GPU (and, with a
+  warning, on GPUs where the FFI library cannot be built: no nvcc or NCCL headers).
 """
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ def resolve_alltoall_backend(name: str, mesh: Mesh | None = None, axis: str = "e
     if name != "auto":
         return name
     if mesh is None or any(d.platform != "gpu" for d in mesh.devices.flat):
+        return "xla"
+    if mesh.shape.get(axis) == 1:
+        # One rank: no token leaves its device, so nothing needs the FFI library (built on first use).
         return "xla"
     from wideep_jax.comm import ffi_lib
     from wideep_jax.comm.ffi_build import FfiBuildError
