@@ -83,14 +83,99 @@ def test_parse_skew_and_imbalance():
     assert imbalance([3, 1, 1, 3]) == pytest.approx(0.5)
 
 
-def test_run_default_preset_small(capsys):
-    """The main job: tiny preset, wide EP over 8 devices, online EPLB, speeds and balance."""
-    assert main(["run", "--batch", "2", "--prompt-len", "5", "--max-new-tokens", "4"]) == 0
+def _spy_balancer(monkeypatch):
+    """Records, at every online balancer step, each layer's placement that step ran with
+    and its measured rows per slot (test only: reading them syncs)."""
+    from wideep_jax.eplb.balancer import OnlineBalancer
+
+    seen = []
+    step = OnlineBalancer.step
+
+    def spy(self, stats):
+        seen.append(([np.asarray(layer.slot_to_expert[...]) for layer in self.layers],
+                     np.stack([np.asarray(s.slot_counts) for s in stats]),
+                     np.stack([np.asarray(s.expert_counts) for s in stats]), self))
+        return step(self, stats)
+    monkeypatch.setattr(OnlineBalancer, "step", spy)
+    return seen
+
+
+def test_run_default_preset_small(capsys, monkeypatch):
+    """The main job: tiny preset, wide EP over 8 devices, online EPLB, speeds and balance.
+    The rank imbalance is what ran: each step's rows under that step's placement, not the
+    run's counts projected onto the placement online EPLB left at the end."""
+    from wideep_jax.eplb.algorithm import rank_loads
+
+    seen = _spy_balancer(monkeypatch)
+    assert main(["run", "--batch", "8", "--prompt-len", "16", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "online EPLB" in out and "8 cpu devices" in out
-    assert re.search(r"prefill: 10 tokens .* -> [\d,]+ tokens/s", out)
-    assert re.search(r"decode: 6 tokens .* -> [\d,]+ tokens/s", out)
-    assert len(re.findall(r"layer \d: rank imbalance", out)) == 3  # layers 1-3 are MoE
+    assert re.search(r"prefill: 128 tokens .* -> [\d,]+ tokens/s", out)
+    assert re.search(r"decode: 24 tokens .* -> [\d,]+ tokens/s", out)
+    assert "measured under each step's placement: per step (mean of 4 steps) and over the run" in out
+    printed = np.array([[float(v) for v in m] for m in re.findall(
+        r"layer \d: rank imbalance ([\d.]+) per step, ([\d.]+) over the run; busiest expert", out)])
+    assert printed.shape == (3, 2)  # layers 1-3 are MoE
+
+    placements = np.stack([np.stack(p) for p, *_ in seen])  # [steps, layers, slots], before each step's update
+    rows = np.stack([r for _, r, *_ in seen]).astype(float)
+    assert len(seen) == 4 and rows.sum(-1)[:, 0].tolist() == [128 * 4] + [8 * 4] * 3  # every pair once
+    changed = (placements[1:] != placements[:1]).any((0, 2))
+    assert changed.any(), "online EPLB re-placed no layer: the test would not tell the projections apart"
+    ranks = rows.reshape(4, 3, 8, -1).sum(-1)  # [steps, layers, ranks]: slot s on rank s // 5
+    imb = lambda load: (load.max(-1) - load.mean(-1)) / load.mean(-1)  # noqa: E731
+    np.testing.assert_allclose(printed[:, 0], imb(ranks).mean(0), atol=5e-4)
+    np.testing.assert_allclose(printed[:, 1], imb(ranks.sum(0)), atol=5e-4)
+    # What was printed before: the run's counts projected onto the placement left at the end.
+    final = np.stack([np.asarray(layer.slot_to_expert[...]) for layer in seen[-1][3].layers])
+    total = np.stack([c for _, _, c, _ in seen]).sum(0)
+    old = imb(np.asarray(rank_loads(total, final, 8)))
+    assert np.abs(old - printed[:, 1])[changed].min() > 1e-3
+
+
+def test_run_placement_file_for_every_moe_layer(tmp_path, capsys, monkeypatch):
+    """A static placement file for the tiny preset's MoE layers 1..3 runs, and the printed
+    imbalance says it is projected (no statistics come back without a balancer); one
+    that leaves a MoE layer out, or names the dense layer 0, stops before the model is built."""
+    from wideep_jax.eplb.algorithm import imbalance as rank_imbalance, rank_loads
+    from wideep_jax.models import generate as generate_module
+
+    # 40 slots, 5 per rank: replicas of experts 16..23 on ranks 6 and 7, none beside its expert.
+    rows = {layer: [(e + 3 * layer) % 32 for e in range(32)] + list(range(16, 24)) for layer in (1, 2, 3)}
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("moe_config:\n  backend: WIDEEP\n  load_balancer: lb.yaml\n")
+    args = ["run", "--moe-config", str(cfg), "--batch", "2", "--prompt-len", "5", "--max-new-tokens", "2"]
+
+    def write(layers):
+        text = "".join(f"  {layer}: {rows.get(layer, rows[1])}\n" for layer in layers)
+        (tmp_path / "lb.yaml").write_text(f"num_slots: 40\ninitial_global_assignments:\n{text}")
+
+    results = []
+    generate = generate_module.generate
+
+    def keep(*positional, **keywords):  # the run's expert counts, to project them here too
+        results.append(generate(*positional, **keywords))
+        return results[-1]
+    monkeypatch.setattr(generate_module, "generate", keep)
+    write([1, 2, 3])
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "online EPLB" not in out and "projected: the run's routed pairs on the static placement" in out
+    printed = [float(v) for v in re.findall(r"layer \d: rank imbalance ([\d.]+) over the run \(projected\)", out)]
+    want = [float(rank_imbalance(rank_loads(counts, rows[layer], 8)))
+            for layer, counts in zip((1, 2, 3), results[0].expert_counts)]
+    np.testing.assert_allclose(printed, want, atol=5e-4)
+
+    iga = "moe_config.load_balancer.initial_global_assignments: "
+    allowed = "allowed: a placement for every MoE layer of the model, or no initial_global_assignments"
+    for layers, problem in (([1, 3], "MoE layers [2] have no placement (it has layers [1, 3]"),
+                            ([0, 1, 2, 3], "layers [0] are not MoE layers of this model (it has layers [0..3]")):
+        write(layers)
+        assert main(args) == 2
+        captured = capsys.readouterr()
+        assert iga + problem + ", the model's MoE layers are [1..3]); " + allowed in captured.err
+        assert "wideep run:" not in captured.out  # refused before the model was built
+    assert len(results) == 1
 
 
 def test_run_default_preset_on_one_device(capsys):

@@ -244,15 +244,53 @@ def test_slot_to_expert_default_is_trtllm_placement():
     assert ranks[:, 0].tolist() == [8 * r for r in range(32)]
 
 
-def test_slot_to_expert_explicit_layer_and_fallback_for_other_layers():
+def test_slot_to_expert_explicit_layer_and_no_fallback_for_other_layers():
+    """A layer the assignments leave out is an error (TensorRT-LLM: a KeyError), not the
+    default placement; no assignments, or no layer index, is the default placement."""
     ids = [7, 6, 5, 4, 3, 2, 1, 0]
-    cfg = MoEConfig(load_balancer=LoadBalancerConfig(initial_global_assignments={3: ids}))
+    cfg = MoEConfig(load_balancer=LoadBalancerConfig(initial_global_assignments={3: ids, 5: ids}))
     assert cfg.slot_to_expert(3, num_experts=8, ep_size=2).tolist() == ids
-    assert cfg.slot_to_expert(4, num_experts=8, ep_size=2).tolist() == list(range(8))
+    with pytest.raises(ConfigError, match=re.escape(
+            "moe_config.load_balancer.initial_global_assignments: MoE layer 4 has no placement (it has layers "
+            "[3, 5]); allowed: a placement for every MoE layer of the model, or no initial_global_assignments")):
+        cfg.slot_to_expert(4, num_experts=8, ep_size=2)
+    assert cfg.slot_to_expert(None, num_experts=8, ep_size=2).tolist() == list(range(8))
+    for lb in (None, LoadBalancerConfig(num_slots=8), LoadBalancerConfig(initial_global_assignments={})):
+        assert MoEConfig(load_balancer=lb).slot_to_expert(4, num_experts=8, ep_size=2).tolist() == list(range(8))
     with raises("layer_idx", "-1"):
         cfg.slot_to_expert(-1, num_experts=8, ep_size=2)
     with raises("moe_config.load_balancer.num_slots", "8"):  # validates first
         cfg.slot_to_expert(3, num_experts=8, ep_size=3)
+
+
+def test_placement_must_cover_exactly_the_moe_layers():
+    """DeepSeek-V3's MoE layers are 3..60: the shipped placement covers them; one left out,
+    or a key that is no MoE layer, is refused naming the layers and what is allowed."""
+    cfg = load_moe_config(CONFIGS / "wide_ep.yaml", num_experts=E, ep_size=8)
+    moe_layers = range(3, 61)
+    assert cfg.check_layers(moe_layers) is cfg
+    assert all(cfg.slot_to_expert(layer, num_experts=E, ep_size=8).shape == (288,) for layer in moe_layers)
+    iga = dict(cfg.load_balancer.initial_global_assignments)
+    iga_key = "moe_config.load_balancer.initial_global_assignments: "
+    allowed = ("allowed: a placement for every MoE layer of the model, or no initial_global_assignments "
+               "(TensorRT-LLM's default placement on every layer)")
+    cases = [
+        ({k: v for k, v in iga.items() if k != 40},
+         "MoE layers [40] have no placement (it has layers [3..39, 41..60], the model's MoE layers are [3..60])"),
+        ({**iga, 0: iga[3], 61: iga[3]},
+         "layers [0, 61] are not MoE layers of this model (it has layers [0, 3..61], the model's MoE layers are "
+         "[3..60])"),
+        ({k - 3: v for k, v in iga.items()},  # numbered from 0: both
+         "layers [0..2] are not MoE layers of this model and MoE layers [58..60] have no placement (it has "
+         "layers [0..57], the model's MoE layers are [3..60])"),
+    ]
+    for placement, problem in cases:
+        bad = MoEConfig(load_balancer=LoadBalancerConfig(num_slots=288, initial_global_assignments=placement))
+        with pytest.raises(ConfigError, match=re.escape(f"{iga_key}{problem}; {allowed}")):
+            bad.check_layers(moe_layers)
+    # Without a placement every layer takes the default one: nothing to check.
+    for lb in (None, LoadBalancerConfig(num_slots=288)):
+        assert MoEConfig(load_balancer=lb).check_layers(moe_layers).load_balancer is lb
 
 
 # --- errors ----------------------------------------------------------------------------------

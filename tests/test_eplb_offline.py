@@ -279,6 +279,22 @@ def test_generate_and_report_errors(tmp_path, rng):
         report(stats, placement={5: rng.permutation(16).astype(np.int32)})
 
 
+def test_report_refuses_a_placement_that_leaves_out_a_layer(tmp_path, rng):
+    """The runtime refuses a placement without some MoE layer, so the report does not
+    project one with the default placement on that layer."""
+    stats = load_stats(write_trtllm_stats(tmp_path, zipf_counts(rng, 2, 2, 3, 16), iters=[0, 1], layers=[3, 4, 5]))
+    placement = generate_placement(stats, ep_size=4, num_slots=24)
+    assert report(stats, ep_size=4, placement=placement).placed_rank_load.shape == (3, 4)
+    del placement[4]
+    with pytest.raises(ValueError, match=re.escape(
+            "placement: the statistics' layers [4] have no placement (it has layers [3, 5]); allowed: a "
+            "placement for every layer of the statistics (every MoE layer of the model)")):
+        report(stats, ep_size=4, placement=placement)
+    path = write_placement_file(tmp_path / "lb.yaml", placement, 24)
+    with pytest.raises(ValueError, match=r"layers \[4\] have no placement"):
+        report(stats, ep_size=4, placement=path)
+
+
 def test_placement_file_layer_updates_per_iter(tmp_path, rng):
     """TensorRT-LLM's option: N > 0 starts online EPLB from the placement; the file loads
     (with backend WIDEEP, which online balancing needs) and projects like a static one."""

@@ -32,3 +32,24 @@ def test_deepseek_v3_routing_and_layout_defaults_are_transformers():
 def test_qwen3_moe_norm_topk_prob_default_is_false():
     assert from_hf_config(_without("qwen3_moe", "norm_topk_prob")).norm_topk_prob is False
     assert from_hf_config(_without("qwen3_moe")).norm_topk_prob is True  # the fixture says True
+
+
+def test_eos_and_pad_token_ids_are_read():
+    """eos_token_id: an int or a list (several stop tokens) or absent; pad_token_id too;
+    Llama 4's multimodal config may give them outside text_config."""
+    import pytest
+
+    base = _without("qwen3_moe", "eos_token_id", "pad_token_id")
+    cfg = from_hf_config(base)
+    assert (cfg.eos_token_id, cfg.pad_token_id) == ((), None)
+    assert from_hf_config(base | {"eos_token_id": 7}).eos_token_id == (7,)
+    cfg = from_hf_config(base | {"eos_token_id": [7, 9], "pad_token_id": 3})
+    assert (cfg.eos_token_id, cfg.pad_token_id) == ((7, 9), 3)
+    for bad in ("7", [7, 1.5], True):
+        with pytest.raises(ValueError, match=r"config.json: eos_token_id=.*allowed: an int token id, a list"):
+            from_hf_config(base | {"eos_token_id": bad})
+    text = _without("llama4_text", "eos_token_id", "pad_token_id")
+    outer = {"model_type": "llama4", "text_config": text, "eos_token_id": [5, 6], "pad_token_id": 4}
+    assert (from_hf_config(outer).eos_token_id, from_hf_config(outer).pad_token_id) == ((5, 6), 4)
+    inner = outer | {"text_config": text | {"eos_token_id": 8}}
+    assert from_hf_config(inner).eos_token_id == (8,)  # the text model's own ids win

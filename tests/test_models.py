@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from moe_helpers import TRACE_EVENT, count_compiles, make_mesh
-from wideep_jax.config import load_moe_config
+from wideep_jax.config import ConfigError, load_moe_config
 from wideep_jax.models import from_hf_config, from_pretrained
 from wideep_jax.models.loading import Checkpoint
 
@@ -57,18 +57,25 @@ def test_logits_match_transformers_wide_ep_with_replicas(arch):
 
 def test_placement_for_a_layer_that_is_not_moe_is_refused():
     """DeepSeek-V3's first layer is dense: a placement for it (or for a layer past the
-    model) names the layers and what the model has, instead of being ignored."""
+    model) names the layers and what the model has, instead of being ignored; one that
+    leaves an MoE layer out is refused before any layer is built."""
     from wideep_jax.models import CausalLM
     folder, _, _ = fixture("deepseek_v3")
     cfg = from_hf_config(json.loads((folder / "config.json").read_text()))
     assert 0 not in cfg.moe_layers
     e = cfg.num_experts
     for layer in (0, cfg.num_hidden_layers):
-        moe = load_moe_config({"backend": "WIDEEP", "load_balancer": {"initial_global_assignments": {
-            layer: list(range(e))}}}, num_experts=e, ep_size=4)
-        message = f"layers [{layer}] are not MoE layers of this model; allowed: {list(cfg.moe_layers)}"
-        with pytest.raises(ValueError, match=re.escape(message)):
+        placed = {m: list(range(e)) for m in cfg.moe_layers} | {layer: list(range(e))}
+        moe = load_moe_config({"backend": "WIDEEP", "load_balancer": {"initial_global_assignments": placed}},
+                              num_experts=e, ep_size=4)
+        message = f"layers [{layer}] are not MoE layers of this model (it has layers"
+        with pytest.raises(ConfigError, match=re.escape(message)):
             CausalLM(cfg, moe, mesh=make_mesh(4), rngs=nnx.Rngs(0))
+    first, *rest = cfg.moe_layers
+    moe = load_moe_config({"backend": "WIDEEP", "load_balancer": {"initial_global_assignments": {
+        m: list(range(e)) for m in rest}}}, num_experts=e, ep_size=4)
+    with pytest.raises(ConfigError, match=re.escape(f"MoE layers [{first}] have no placement")):
+        CausalLM(cfg, moe, mesh=make_mesh(4), rngs=nnx.Rngs(0))
 
 
 def test_fused_expert_layout_loads_the_same(tmp_path):
@@ -603,3 +610,163 @@ def test_out_of_vocabulary_token_ids_are_errors(rng):
     with pytest.raises(ValueError, match=re.escape(f"input_ids[1, 3]={bad}: token id outside the vocabulary") +
                        ".*" + re.escape(f"allowed: 0 <= id < vocab_size={v}")):
         model(jnp.asarray(ids, jnp.int32))
+
+
+def _checkpoint_with_config(folder: Path, arch: str, **changes) -> Path:
+    """The fixture's weights (linked) under a config.json with ``changes``."""
+    source, _, _ = fixture(arch)
+    folder.mkdir()
+    config = json.loads((source / "config.json").read_text()) | changes
+    (folder / "config.json").write_text(json.dumps(config))
+    for weights in source.glob("*.safetensors"):
+        (folder / weights.name).symlink_to(weights)
+    return folder
+
+
+def _first_hits(tokens: np.ndarray, eos) -> np.ndarray:
+    """Each row's index of its first token in ``eos`` (the row's length if none)."""
+    hit = np.isin(tokens, list(eos))
+    return np.where(hit.any(axis=1), hit.argmax(axis=1), tokens.shape[1])
+
+
+def test_generate_eos_pads_the_finished_sequence_and_leaves_the_others(tmp_path, rng):
+    """A sequence that emits an EOS keeps it, then holds the pad id (masked out of the MoE
+    layers: fewer routed pairs); the other sequence is unchanged. Without an argument
+    the ids come from config.json (pad: its pad_token_id, else the first EOS id)."""
+    from wideep_jax.models.generate import generate, generated_lengths
+
+    folder, ids, _ = fixture("qwen3_moe")
+    model = from_pretrained(folder, dtype=jnp.float32)
+    assert model.cfg.eos_token_id == () and model.cfg.pad_token_id is None  # the fixture gives none
+    prompts, new = [list(ids[0, :7]), list(ids[1, :3])], 10
+    base = generate(model, prompts, max_new_tokens=new)
+    # (row, step) whose token appears neither earlier in the row nor in the other row.
+    picks = [(row, j) for row in (0, 1) for j in range(new - 1)
+             if base.tokens[row, j] not in base.tokens[row, :j] and base.tokens[row, j] not in base.tokens[1 - row]]
+    assert picks
+    row, j = picks[int(rng.integers(len(picks)))]
+    eos, pad = int(base.tokens[row, j]), int(rng.integers(-5, model.cfg.vocab_size))
+    got = generate(model, prompts, max_new_tokens=new, eos_token_id=eos, pad_token_id=pad)
+    want = base.tokens.copy()
+    want[row, j + 1:] = pad
+    np.testing.assert_array_equal(got.tokens, want)
+    lengths = [new, new]
+    lengths[row] = j + 1
+    np.testing.assert_array_equal(generated_lengths(got.tokens, eos), lengths)
+    # The finished row's new - 1 - j later decode tokens are not routed (top-2, per MoE layer).
+    np.testing.assert_array_equal(got.expert_counts.sum(axis=1), base.expert_counts.sum(axis=1) - (new - 1 - j) * 2)
+    # The same ids from config.json: a list (the unused id first, so it is the pad), then an int with a pad id.
+    unused = next(t for t in range(model.cfg.vocab_size) if t not in base.tokens)
+    listed = from_pretrained(_checkpoint_with_config(tmp_path / "listed", "qwen3_moe", eos_token_id=[unused, eos]),
+                             dtype=jnp.float32)
+    assert listed.cfg.eos_token_id == (unused, eos)
+    want[row, j + 1:] = unused
+    np.testing.assert_array_equal(generate(listed, prompts, max_new_tokens=new).tokens, want)
+    padded = from_pretrained(_checkpoint_with_config(tmp_path / "padded", "qwen3_moe", eos_token_id=eos,
+                                                     pad_token_id=pad), dtype=jnp.float32)
+    want[row, j + 1:] = pad
+    np.testing.assert_array_equal(generate(padded, prompts, max_new_tokens=new).tokens, want)
+    np.testing.assert_array_equal(generate(padded, prompts, max_new_tokens=new, eos_token_id=None).tokens,
+                                  base.tokens)
+
+
+@pytest.mark.parametrize("ep", [1, 2])
+def test_generate_stops_once_every_sequence_has_finished(ep):
+    """Once every sequence has emitted an EOS, decoding stops: _STOP_LAG decode steps
+    later (the host reads the "all done" flag that late), or before the first decode
+    step when the prefill's tokens are all EOS. The skipped columns are padding. Over
+    EP 2 (WIDEEP) the steps after the last EOS route no token at all."""
+    from wideep_jax.models import generate as generate_module
+    from wideep_jax.models.generate import generate, generated_lengths
+
+    folder, ids, _ = fixture("deepseek_v3")
+    if ep == 1:
+        model = from_pretrained(folder, dtype=jnp.float32)
+    else:
+        cfg = from_hf_config(json.loads((folder / "config.json").read_text()))
+        moe = load_moe_config({"backend": "WIDEEP"}, num_experts=cfg.num_experts, ep_size=ep)
+        model = from_pretrained(folder, moe_config=moe, mesh=make_mesh(ep), dtype=jnp.float32)
+    prompts, new, pad = [list(ids[0, :5]), list(ids[1, :3])], 12, -1
+    base = generate(model, prompts, max_new_tokens=new, eos_token_id=None)
+    k = model.cfg.num_experts_per_tok
+    assert (base.expert_counts.sum(axis=1) == (8 + 2 * (new - 1)) * k).all()
+    for j in (0, 1, 3):
+        eos = {int(t) for t in base.tokens[:, j]}  # each row ends at step j at the latest
+        first = _first_hits(base.tokens, eos)
+        steps = []
+        got = generate(model, prompts, max_new_tokens=new, eos_token_id=sorted(eos), pad_token_id=pad,
+                       on_token=steps.append)
+        last = int(first.max())
+        assert last <= j
+        assert len(steps) == (0 if last == 0 else min(new - 1, last + generate_module._STOP_LAG)) < new - 1
+        want = np.where(np.arange(new) > first[:, None], pad, base.tokens)
+        np.testing.assert_array_equal(got.tokens, want)
+        np.testing.assert_array_equal(generated_lengths(got.tokens, eos), first + 1)
+        # Routed pairs per MoE layer: the prompts' tokens, then each row's decode tokens
+        # up to its EOS (decode step t feeds token t - 1; a finished row's are masked).
+        assert (got.expert_counts.sum(axis=1) == (8 + first.sum()) * k).all()
+    # Without EOS ids every step runs.
+    steps = []
+    generate(model, prompts, max_new_tokens=new, eos_token_id=[], on_token=steps.append)
+    assert len(steps) == new - 1
+
+
+def test_eos_and_prompt_values_do_not_recompile(rng):
+    """The EOS ids (up to 8, or none) and the pad id are data: other values, other prompt
+    values of the same shapes, and stops at other steps compile and trace nothing."""
+    from wideep_jax.models.generate import generate
+
+    folder, _, _ = fixture("qwen3_moe")
+    model = from_pretrained(folder, dtype=jnp.float32)
+    v, new = model.cfg.vocab_size, 10
+    lengths = [int(rng.integers(1, 6)), int(rng.integers(1, 6))]
+
+    def prompts():
+        return [list(map(int, rng.integers(0, v, n))) for n in lengths]
+    generate(model, prompts(), max_new_tokens=new, eos_token_id=int(rng.integers(v)))
+    steps = set()
+    with count_compiles() as compiles, count_compiles(TRACE_EVENT) as traces:
+        for _ in range(3):
+            batch = prompts()
+            base = generate(model, batch, max_new_tokens=new, eos_token_id=None).tokens
+            j = int(rng.integers(0, new - 3))
+            eos, pad, seen = [int(t) for t in base[:, j]], int(rng.integers(-3, v)), []
+            got = generate(model, batch, max_new_tokens=new, eos_token_id=eos, pad_token_id=pad,
+                           on_token=seen.append)
+            steps.add(len(seen))
+            want = np.where(np.arange(new) > _first_hits(base, eos)[:, None], pad, base)
+            np.testing.assert_array_equal(got.tokens, want)
+        generate(model, prompts(), max_new_tokens=new, eos_token_id=list(map(int, rng.integers(0, v, 8))))
+    assert (compiles[0], traces[0]) == (0, 0)
+    assert min(steps) < new - 1  # at least one call stopped early
+
+
+def test_bad_eos_and_pad_ids_are_errors(tmp_path, rng):
+    """EOS ids outside [0, vocab_size) (never sampled: the sequence would never stop), or
+    not ints, are an error naming eos_token_id, the value and the range, also when they
+    come from config.json; a pad id that is not an int32 too."""
+    from wideep_jax.models.generate import generate
+
+    folder, ids, _ = fixture("qwen3_moe")
+    model = from_pretrained(folder, dtype=jnp.float32)
+    v = model.cfg.vocab_size
+    prompts = [list(ids[0, :3])]
+    for bad in (v + int(rng.integers(0, 1000)), -int(rng.integers(1, 1000))):
+        for value in (bad, [int(rng.integers(v)), bad]):
+            message = f"eos_token_id={value!r}: id {bad} outside the vocabulary; allowed: 0 <= id < vocab_size={v}"
+            with pytest.raises(ValueError, match=re.escape(message)):
+                generate(model, prompts, max_new_tokens=2, eos_token_id=value)
+    for value in (True, 1.0, "1", [1, 2.5]):
+        with pytest.raises(ValueError, match=re.escape(f"eos_token_id={value!r}: allowed: an int token id, a "
+                                                       "sequence of them, or None")):
+            generate(model, prompts, max_new_tokens=2, eos_token_id=value)
+    for value in (2**31, -2**31 - 1, 1.5, True):
+        with pytest.raises(ValueError, match=re.escape(f"pad_token_id={value!r}: allowed: an int32")):
+            generate(model, prompts, max_new_tokens=2, eos_token_id=1, pad_token_id=value)
+    bad = v + int(rng.integers(0, 1000))
+    model = from_pretrained(_checkpoint_with_config(tmp_path / "bad", "qwen3_moe", eos_token_id=[1, bad]),
+                            dtype=jnp.float32)
+    with pytest.raises(ValueError, match=re.escape(f"eos_token_id=(1, {bad}) (the model config's eos_token_id): "
+                                                   f"id {bad} outside the vocabulary")):
+        generate(model, prompts, max_new_tokens=2)
+    generate(model, prompts, max_new_tokens=2, eos_token_id=None)  # the way out

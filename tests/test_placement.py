@@ -297,3 +297,43 @@ def test_local_first_uses_own_rank_replicas(rng, mode):
                     assert local[t, k] == rank * per_rank + int(np.flatnonzero(own == e)[0])
                 else:
                     assert local[t, k] == round_robin[t, k]
+
+
+# ----------------------------------------------------------------------------- a model's placement
+
+
+def test_model_takes_a_placement_for_every_moe_layer_only(rng):
+    """Each MoE layer of a model takes its row of ``initial_global_assignments``; a placement
+    that leaves one out is refused before the model builds a layer (TensorRT-LLM fails with
+    a KeyError where that layer is built), instead of that layer silently taking the
+    default placement."""
+    import re
+
+    from flax import nnx
+
+    from wideep_jax.config import ConfigError, load_moe_config
+    from wideep_jax.layer import MoELayer
+    from wideep_jax.models import CausalLM, DecoderConfig
+
+    cfg = DecoderConfig(model_type="qwen3_moe", vocab_size=64, hidden_size=32, num_hidden_layers=4,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=16, intermediate_size=32,
+                        moe_intermediate_size=16, num_experts=E, num_experts_per_tok=2, moe_layers=(1, 2, 3))
+    rows = {layer: random_placement(rng, 12).tolist() for layer in cfg.moe_layers}
+
+    def build(rows):
+        moe = load_moe_config({"load_balancer": {"num_slots": 12, "initial_global_assignments": rows}},
+                              num_experts=E)
+        return CausalLM(cfg, moe, rngs=nnx.Rngs(0))
+
+    model = build(rows)
+    placed = {layer.mlp.layer_idx: np.asarray(layer.mlp.slot_to_expert[...]) for layer in model.layers
+              if isinstance(layer.mlp, MoELayer)}
+    assert sorted(placed) == [1, 2, 3]
+    for layer, ids in placed.items():
+        assert_array_equal(ids, rows[layer])
+    del rows[2]
+    with pytest.raises(ConfigError, match=re.escape(
+            "moe_config.load_balancer.initial_global_assignments: MoE layers [2] have no placement (it has layers "
+            "[1, 3], the model's MoE layers are [1..3]); allowed: a placement for every MoE layer of the model, "
+            "or no initial_global_assignments")):
+        build(rows)

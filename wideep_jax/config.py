@@ -170,6 +170,22 @@ def _layer_key(key: str) -> str:
     return f"{_IGA}[{key}]"
 
 
+def _layer_list(layers) -> str:
+    """Sorted layer ids with runs of 3 or more as ``a..b`` (``[3..60]`` for 58 layers)."""
+    ids, parts, i = sorted(layers), [], 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        parts += [f"{ids[i]}..{ids[j]}"] if j - i >= 2 else [str(v) for v in ids[i:j + 1]]
+        i = j + 1
+    return f"[{', '.join(parts)}]"
+
+
+_ALLOWED_LAYERS = ("allowed: a placement for every MoE layer of the model, or no initial_global_assignments "
+                   "(TensorRT-LLM's default placement on every layer)")
+
+
 def _freeze_assignments(raw: Any) -> Mapping[int, tuple[int, ...]] | None:
     """Validate the type of ``initial_global_assignments`` and make it immutable with int keys."""
     if raw is None:
@@ -201,7 +217,8 @@ class LoadBalancerConfig:
     layer_updates_per_iter: int = 0
     """0 = static/offline placement, > 0 = online rebalancing of that many layers per iteration."""
     initial_global_assignments: Mapping[int, tuple[int, ...]] | None = dataclasses.field(default=None, hash=False)
-    """{layer index: expert id per slot}; layers left out use the default round-robin placement."""
+    """{layer index: expert id per slot} for every MoE layer of the model (see :meth:`check_layers`);
+    None = the default placement on every layer."""
     decay: float = 0.9
     """(ours) Online statistics: ``load = decay * load + counts`` each iteration."""
     warmup_iters: int = 0
@@ -253,6 +270,22 @@ class LoadBalancerConfig:
                        f"; num_slots is not set, so it is num_experts: set {_LB}.num_slots: {len(ids)} "
                        "for lists of this length")
                 )
+
+    def check_layers(self, moe_layers) -> LoadBalancerConfig:
+        """Check that ``initial_global_assignments`` (if given) holds exactly the model's
+        MoE layers ``moe_layers``: TensorRT-LLM looks each MoE layer up and fails on a
+        missing one, and a key that is no MoE layer would be ignored. Returns self."""
+        given = set(self.initial_global_assignments or {})
+        if not given:
+            return self
+        moe_layers = set(moe_layers)
+        stray, missing = given - moe_layers, moe_layers - given
+        problems = ([f"layers {_layer_list(stray)} are not MoE layers of this model"] if stray else []) + (
+            [f"MoE layers {_layer_list(missing)} have no placement"] if missing else [])
+        if problems:
+            raise ConfigError(f"{_IGA}: {' and '.join(problems)} (it has layers {_layer_list(given)}, the model's "
+                              f"MoE layers are {_layer_list(moe_layers)}); {_ALLOWED_LAYERS}")
+        return self
 
     def validate(self, *, num_experts: int, ep_size: int, backend: str | None = None) -> LoadBalancerConfig:
         """Check slot count and placement against the model and mesh (``backend``: the
@@ -369,19 +402,32 @@ class MoEConfig:
                                                               backend=self.backend)
         return self
 
-    def slot_to_expert(self, layer_idx: int | None, *, num_experts: int, ep_size: int) -> np.ndarray:
-        """int32 ``[num_slots]`` expert id per slot for ``layer_idx``.
+    def check_layers(self, moe_layers) -> MoEConfig:
+        """:meth:`LoadBalancerConfig.check_layers` (nothing to check without a load balancer); returns self."""
+        if self.load_balancer is not None:
+            self.load_balancer.check_layers(moe_layers)
+        return self
 
-        ``initial_global_assignments[layer_idx]`` if given, else TRT-LLM's default
-        placement (:func:`default_placement`; also for ``layer_idx=None``).
+    def slot_to_expert(self, layer_idx: int | None, *, num_experts: int, ep_size: int) -> np.ndarray:
+        """int32 ``[num_slots]`` expert id per slot for MoE layer ``layer_idx``.
+
+        ``initial_global_assignments[layer_idx]``; without ``initial_global_assignments``
+        (or for ``layer_idx=None``, a layer outside a model), TRT-LLM's default placement
+        (:func:`default_placement`). A layer the given assignments leave out is a
+        :class:`ConfigError`, as in TensorRT-LLM (a ``KeyError`` there).
         Slot ``s`` lives on EP rank ``s // (num_slots // ep_size)``. Validates first.
         """
         self.validate(num_experts=num_experts, ep_size=ep_size)
         layer_idx = _int("layer_idx", layer_idx, minimum=0, optional=True)
         assignments = (self.load_balancer and self.load_balancer.initial_global_assignments) or {}
-        if layer_idx in assignments:
-            return np.asarray(assignments[layer_idx], dtype=np.int32)
-        return default_placement(self.num_slots(num_experts), num_experts, ep_size)
+        if layer_idx is None or not assignments:
+            return default_placement(self.num_slots(num_experts), num_experts, ep_size)
+        if layer_idx not in assignments:
+            # The default placement here would silently undo an offline placement file
+            # made for another model or with a layer dropped.
+            raise ConfigError(f"{_IGA}: MoE layer {layer_idx} has no placement (it has layers "
+                              f"{_layer_list(assignments)}); {_ALLOWED_LAYERS}")
+        return np.asarray(assignments[layer_idx], dtype=np.int32)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

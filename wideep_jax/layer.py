@@ -49,7 +49,8 @@ class MoELayer(nnx.Module):
         ``None`` = local backend, no balancer.
       mesh: device mesh; required for ``WIDEEP``.
       layer_idx: this layer's index in the model, used to look up
-        ``initial_global_assignments``; ``None`` = default placement.
+        ``initial_global_assignments`` (one that leaves it out raises ``ConfigError``);
+        ``None`` = default placement.
       rngs: ``nnx.Rngs`` for initialization.
     """
 

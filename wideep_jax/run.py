@@ -163,6 +163,38 @@ def _record_step(recorder, moe_layers):
     return after_step
 
 
+def _keep_slot_rows(steps: list):
+    """generate's ``after_step`` that keeps each step's per-layer slot row counts (device
+    arrays, read after the run: no op and no sync per step)."""
+    def after_step(stats) -> None:
+        steps.append([s.slot_counts for s in stats])
+    return after_step
+
+
+def _measured_imbalance(steps: list, ep: int):
+    """``(per step, over the run, steps with load)`` from each step's slot row counts.
+
+    A step's rows ran under the placement of that step (slot ``s`` is on rank
+    ``s // (S / ep)`` whatever expert it holds), so online re-placement needs no
+    bookkeeping. Per step: (max - mean) / mean of the rows per rank, averaged over the
+    steps with load (TensorRT-LLM's report convention); over the run: of the summed rows.
+    """
+    import jax
+    import numpy as np
+
+    rows = np.asarray(jax.device_get(steps), np.float64)  # [steps, layers, slots]
+    ranks = rows.reshape(*rows.shape[:2], ep, -1).sum(-1)  # [steps, layers, ep]
+
+    def ratio(load):
+        mean = load.mean(-1)
+        return np.where(mean > 0, (load.max(-1) - mean) / np.where(mean > 0, mean, 1), np.nan)
+
+    per_step = ratio(ranks)
+    loaded = ~np.isnan(per_step)  # steps after every sequence ended compute nothing
+    mean = np.where(loaded.any(0), np.nansum(per_step, 0) / np.maximum(loaded.sum(0), 1), 0.0)
+    return mean, np.nan_to_num(ratio(ranks.sum(0))), int(loaded.any(1).sum())
+
+
 def _save_stats(recorder, say) -> None:
     """Writes the recorded iterations (process 0 only, see StatsRecorder.save); says which."""
     from wideep_jax.eplb.stats_files import ENV_RANGE
@@ -217,7 +249,7 @@ def main_job(args) -> int:
     from wideep_jax.eplb.algorithm import imbalance, rank_loads
     from wideep_jax.layer import MoELayer
     from wideep_jax.models import CausalLM, DecoderConfig, from_hf_config, from_pretrained
-    from wideep_jax.models.generate import generate, model_balancer
+    from wideep_jax.models.generate import generate, generated_lengths, model_balancer
 
     init_distributed(args.coordinator, args.num_processes, args.process_id, args.local_device_ids)
     # Every process runs the same program; process 0 reports.
@@ -238,7 +270,9 @@ def main_job(args) -> int:
     else:
         import json
         cfg = from_hf_config(json.loads((folder / "config.json").read_text()), dtype=dtype)
-    moe_config = _moe_config(args.moe_config, cfg.num_experts, ep)
+    # A placement file for another model, or one with a layer left out, fails here, before
+    # the model is built (the layers would refuse it one by one, after building the ones before).
+    moe_config = _moe_config(args.moe_config, cfg.num_experts, ep).check_layers(cfg.moe_layers)
     recorder = _stats_recorder(cfg, args.max_new_tokens)
     mesh = jax.make_mesh((ep,), (moe_config.ep_axis,), devices=jax.devices()[:ep],
                          axis_types=(jax.sharding.AxisType.Auto,))
@@ -269,21 +303,48 @@ def main_job(args) -> int:
         say(f"\r  decoding [{'#' * done}{'.' * (30 - done)}] {t + 1}/{args.max_new_tokens}",
             end="", file=sys.stderr, flush=True)
 
+    # With a balancer or a recorder the steps return their statistics anyway: the rank loads are
+    # then measured under the placement each step ran with. Without, asking for them would cost
+    # every step (the statistics' collectives, a re-read of the model): the static placement that
+    # ran is projected instead.
+    steps = [] if balancer is not None or recorder is not None else None
+    hooks = ([_record_step(recorder, moe_layers)] if recorder is not None else []) + (
+        [_keep_slot_rows(steps)] if steps is not None else [])
+
+    def after_step(stats) -> None:
+        for hook in hooks:
+            hook(stats)
+
     result = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, seed=args.seed, on_token=progress,
-                      after_step=None if recorder is None else _record_step(recorder, moe_layers))
+                      after_step=after_step if hooks else None)
     say(file=sys.stderr)
     prompt_tokens = sum(len(p) for p in prompts)
-    decode_tokens = len(prompts) * (args.max_new_tokens - 1)
+    # Tokens a sequence decoded up to its EOS: after it (and after an early stop) the steps
+    # only pad, and counting those would inflate the throughput.
+    lengths = generated_lengths(result.tokens, cfg.eos_token_id)
+    decode_tokens = int((lengths - 1).sum())
     say(f"  prefill: {prompt_tokens} tokens in {result.prefill_seconds * 1e3:.1f} ms -> "
         f"{prompt_tokens / result.prefill_seconds:,.0f} tokens/s")
     if decode_tokens:
         say(f"  decode: {decode_tokens} tokens in {result.decode_seconds * 1e3:.1f} ms -> "
-            f"{decode_tokens / result.decode_seconds:,.0f} tokens/s ({len(prompts)} sequences)")
-    for layer, counts in zip(moe_layers, result.expert_counts):
-        loads = np.asarray(rank_loads(counts, layer.slot_to_expert[...], layer.ep_size))
-        say(f"  layer {layer.layer_idx}: rank imbalance (max-mean)/mean {float(imbalance(loads)):.3f}, "
-            f"busiest expert {counts.max() / max(counts.mean(), 1e-9):.2f}x the mean")
+            f"{decode_tokens / result.decode_seconds:,.0f} tokens/s ({len(prompts)} sequences"
+            f"{', stopped at EOS' if lengths.max() < args.max_new_tokens else ''})")
+    busiest = [f"busiest expert {c.max() / max(c.mean(), 1e-9):.2f}x the mean" for c in result.expert_counts]
+    if steps is not None and moe_layers:
+        per_step, run, loaded = _measured_imbalance(steps, ep)
+        say(f"  rank imbalance (max-mean)/mean of the expert rows each EP rank computed, measured under each "
+            f"step's placement: per step (mean of {loaded} steps) and over the run (rows summed)")
+        for i, layer in enumerate(moe_layers):
+            say(f"  layer {layer.layer_idx}: rank imbalance {per_step[i]:.3f} per step, {run[i]:.3f} over the run; "
+                f"{busiest[i]}")
+    elif moe_layers:
+        say("  rank imbalance (max-mean)/mean over the run, projected: the run's routed pairs on the static "
+            "placement that ran (an expert's pairs split evenly over its replicas)")
+        for layer, counts, note in zip(moe_layers, result.expert_counts, busiest):
+            loads = np.asarray(rank_loads(counts, layer.slot_to_expert[...], layer.ep_size))
+            say(f"  layer {layer.layer_idx}: rank imbalance {float(imbalance(loads)):.3f} over the run "
+                f"(projected); {note}")
     if recorder is not None:
         _save_stats(recorder, say)
     for row, prompt in enumerate(prompts[:4]):

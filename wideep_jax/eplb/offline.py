@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from wideep_jax.config import default_placement
+from wideep_jax.config import _layer_list, default_placement
 from wideep_jax.eplb.stats_files import LoadedStats
 
 __all__ = [
@@ -183,7 +183,13 @@ def _resolve_placement(placement, stats: LoadedStats, ep_size: int) -> tuple[int
         # by model layer): projecting the default placement instead would be silently wrong.
         raise ValueError(f"placement: layers {sorted(given)[:8]} hold none of the statistics' layers "
                          f"{list(stats.layers)[:8]}; allowed: placements keyed by the statistics' layer ids")
-    # Layers the file leaves out run with the default placement, as in the runtime.
+    missing = [l for l in stats.layers if l not in given]
+    if given and missing:
+        # The runtime refuses such a placement (so does TensorRT-LLM): a projection with the
+        # default placement on those layers would report a run that cannot happen.
+        raise ValueError(f"placement: the statistics' layers {_layer_list(missing)} have no placement (it has "
+                         f"layers {_layer_list(given)}); allowed: a placement for every layer of the statistics "
+                         "(every MoE layer of the model)")
     return num_slots, {l: np.asarray(given.get(l, default), np.int64) for l in stats.layers}
 
 

@@ -90,6 +90,8 @@ class DecoderConfig:
     attn_temperature_tuning: bool = False  # Llama 4's query scaling on the NoPE layers
     floor_scale: float = 8192.0
     attn_scale: float = 0.1
+    eos_token_id: tuple[int, ...] = ()  # config.json's end-of-sequence ids (an int or a list there)
+    pad_token_id: int | None = None
 
     @property
     def rope_config(self) -> RopeConfig:
@@ -112,6 +114,26 @@ def _get(cfg: dict, key: str, default=dataclasses.MISSING):
     if default is dataclasses.MISSING:
         raise ValueError(f"config.json: missing key {key!r} (model_type={cfg.get('model_type')!r})")
     return default
+
+
+def _token_id(cfg: dict, key: str) -> int | None:
+    value = cfg.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"config.json: {key}={value!r}; allowed: an int token id or null")
+    return value
+
+
+def _token_ids(cfg: dict, key: str) -> tuple[int, ...]:
+    """``eos_token_id``: an int or a list of ints (several end-of-sequence tokens) or null."""
+    value = cfg.get(key)
+    values = value if isinstance(value, list) else [value]
+    if value is None:
+        return ()
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"config.json: {key}={value!r}; allowed: an int token id, a list of them, or null")
+    return tuple(values)
 
 
 def _num_experts(cfg: dict) -> int:
@@ -146,7 +168,10 @@ def _rope(cfg: dict) -> RopeConfig:
 def from_hf_config(cfg: dict, *, dtype=jnp.float32) -> DecoderConfig:
     """Reads a Hugging Face config dict; unknown architectures raise naming them."""
     if cfg.get("model_type") == "llama4":  # multimodal: the decoder is the text model
+        outer = cfg
         cfg = _get(cfg, "text_config") | {"model_type": "llama4_text"}
+        # The token ids may be given on the outer config only: the text model uses them.
+        cfg |= {k: outer[k] for k in ("eos_token_id", "pad_token_id") if cfg.get(k) is None and k in outer}
     model_type = cfg.get("model_type")
     if model_type not in ARCHITECTURES:
         raise ValueError(f"config.json: model_type={model_type!r} is not supported; allowed: {ARCHITECTURES}")
@@ -162,6 +187,7 @@ def from_hf_config(cfg: dict, *, dtype=jnp.float32) -> DecoderConfig:
         head_dim=int(_get(cfg, "head_dim", hidden // heads)),
         rms_norm_eps=float(_get(cfg, "rms_norm_eps", 1e-6)), rope_theta=_rope(cfg).theta, rope=_rope(cfg),
         tie_word_embeddings=bool(_get(cfg, "tie_word_embeddings", False)), dtype=dtype,
+        eos_token_id=_token_ids(cfg, "eos_token_id"), pad_token_id=_token_id(cfg, "pad_token_id"),
     )
     if model_type == "qwen3_moe":
         step = int(_get(cfg, "decoder_sparse_step", 1))

@@ -45,16 +45,6 @@ class DecoderLayer(nnx.Module):
         return x + y, cache, stats
 
 
-def _check_placed_layers(moe_config: MoEConfig | None, moe_layers: tuple[int, ...]) -> None:
-    """A placement for a layer that is not an MoE layer (a file made for another model,
-    or a dense layer's index) would leave every layer on the default placement unnoticed."""
-    balancer = moe_config.load_balancer if moe_config is not None else None
-    stray = sorted(set((balancer and balancer.initial_global_assignments) or {}) - set(moe_layers))
-    if stray:
-        raise ValueError(f"moe_config.load_balancer.initial_global_assignments: layers {stray} are not MoE layers "
-                         f"of this model; allowed: {list(moe_layers)}")
-
-
 class CausalLM(nnx.Module):
     """``logits = model(input_ids)`` for ``input_ids [batch, seq]``.
 
@@ -66,7 +56,9 @@ class CausalLM(nnx.Module):
     def __init__(self, cfg: DecoderConfig, moe_config: MoEConfig | None = None, *, mesh: Mesh | None = None,
                  rngs: nnx.Rngs):
         self.cfg, self.mesh = cfg, mesh
-        _check_placed_layers(moe_config, cfg.moe_layers)
+        if moe_config is not None:
+            # A placement file for another model (or with a layer left out) fails before any layer is built.
+            moe_config.check_layers(cfg.moe_layers)
         axis = (moe_config or MoEConfig()).ep_axis
         # Attention is data parallel over the EP axis (TensorRT-LLM's attention DP):
         # each device holds the KV cache of its share of the sequences.

@@ -2,7 +2,9 @@
 
 Prompts of different lengths are left-padded (padding is masked out of attention
 and of the MoE layers, and each prompt's positions start at 0), so every decode
-step has the same shapes and the step compiles once.
+step has the same shapes and the step compiles once. A sequence that emitted an
+end-of-sequence token is finished: its later tokens are the pad id, and it is
+masked out of the MoE layers; decoding stops once every sequence has finished.
 """
 from __future__ import annotations
 
@@ -25,10 +27,19 @@ from wideep_jax.models.decoder import CausalLM
 
 
 class Generation(NamedTuple):
-    tokens: np.ndarray  # int32 [B, max_new_tokens]
+    tokens: np.ndarray  # int32 [B, max_new_tokens]; after a sequence's EOS: the pad id
     prefill_seconds: float  # compilation excluded (a warm-up call compiles both steps)
     decode_seconds: float
     expert_counts: np.ndarray  # int [MoE layers, E] routed pairs over prefill and decode
+
+
+class _FromConfig:
+    def __repr__(self) -> str:
+        return "FROM_CONFIG"
+
+
+FROM_CONFIG = _FromConfig()
+"""`generate`'s ``eos_token_id`` default: the model config's ids."""
 
 
 def _number(value) -> float | None:
@@ -88,24 +99,40 @@ def _counts(stats) -> jax.Array:
     return jnp.stack([s.expert_counts for s in stats]) if stats else jnp.zeros((0, 0), jnp.int32)
 
 
-def _prefill(model: CausalLM, ids, positions, valid, cache, key, temperature, top_p, greedy, keep_stats):
+def _is_eos(token, eos) -> jax.Array:
+    # eos: int32 [slots], unused slots -1 (never a token): the ids are data, not constants.
+    return (token[:, None] == eos[None, :]).any(axis=-1)
+
+
+def _prefill(model: CausalLM, ids, positions, valid, cache, key, temperature, top_p, eos, pad, greedy, keep_stats):
     # The last valid token of each row predicts the next one (left padding: the last column).
     logits, cache, stats = model(ids, positions=positions, token_valid=valid, cache=cache, logits_to_keep=1)
     token = sample(logits[:, -1], jax.random.fold_in(key, 0), temperature=temperature, top_p=top_p, greedy=greedy)
-    return token, cache, _counts(stats), stats if keep_stats else None
+    done = _is_eos(token, eos)
+    return token, cache, _counts(stats), done, done.all(), stats if keep_stats else None
 
 
-def _decode(model: CausalLM, token, positions, step, cache, total, key, temperature, top_p, greedy, keep_stats):
+def _decode(model: CausalLM, token, positions, step, cache, total, done, key, temperature, top_p, eos, pad, greedy,
+            keep_stats):
     """One token per sequence. Everything a step changes (positions, the step index, the
-    cache, the expert counts) comes back as device arrays for the next step, so the
-    host only enqueues: no transfers, no eager ops between steps. The layers' full
-    statistics come back only for ``keep_stats`` (a balancer): the rest is left out, and
-    XLA drops the collectives that gathered it."""
-    logits, cache, stats = model(token[:, None], positions=positions, token_valid=jnp.ones(positions.shape, bool),
+    cache, the expert counts, which sequences are done) comes back as device arrays for
+    the next step, so the host only enqueues: no eager ops between steps. The layers'
+    full statistics come back only for ``keep_stats`` (a balancer): the rest is left
+    out, and XLA drops the collectives that gathered it.
+
+    A finished sequence's token is ``pad``; it is fed as token 0 (``pad`` may lie outside
+    the vocabulary) and masked, so it takes no expert capacity and is not counted in the
+    expert statistics the balancer reads. The last output, ``done.all()``, is what the
+    host reads to stop early."""
+    live = ~done
+    logits, cache, stats = model(jnp.where(done, 0, token)[:, None], positions=positions, token_valid=live[:, None],
                                  cache=cache)
     token = sample(logits[:, -1], jax.random.fold_in(key, step), temperature=temperature, top_p=top_p,
                    greedy=greedy)
-    return token, positions + 1, step + 1, cache, total + _counts(stats), stats if keep_stats else None
+    token = jnp.where(done, pad, token)
+    done = done | _is_eos(token, eos)
+    return (token, positions + 1, step + 1, cache, total + _counts(stats), done, done.all(),
+            stats if keep_stats else None)
 
 
 # Module-level, so later calls with the same shapes reuse the compiled steps. The
@@ -116,6 +143,13 @@ _PREFILL_STEP = forward_jit(_prefill, static_argnames=_STATIC, donate_argnums=4)
 _DECODE_STEP = forward_jit(_decode, static_argnames=_STATIC, donate_argnums=4)
 # Decode steps the warm-up may take before the shardings settle (3 on an Explicit mesh, 2 at least).
 _MAX_WARM_DECODE_STEPS = 4
+# EOS ids go to the steps as an int32 array of this many slots (a multiple of it for
+# more ids), so one to 8 ids, or none, share one compiled program.
+_EOS_SLOTS = 8
+# The host reads step t's "all done" flag after enqueuing step t + _STOP_LAG: reading
+# the newest flag would make the host wait for every step before enqueuing the next
+# one (the device would idle meanwhile). Costs at most this many steps past the last EOS.
+_STOP_LAG = 2
 # Keys (see _warm_key) of the step signatures a warm-up already compiled, most recent
 # last: a later call with the same key skips the warm-up. Small: the oldest go first.
 _WARMED: collections.OrderedDict = collections.OrderedDict()
@@ -171,8 +205,9 @@ def model_balancer(model: CausalLM) -> OnlineBalancer | None:
 def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              on_token: Callable[[int], None] | None = None, after_step: Callable[[list], None] | None = None,
-             balance: bool = True) -> Generation:
-    """Generates ``max_new_tokens`` per prompt.
+             balance: bool = True, eos_token_id: int | Sequence[int] | None | _FromConfig = FROM_CONFIG,
+             pad_token_id: int | None = None) -> Generation:
+    """Generates up to ``max_new_tokens`` per prompt, stopping sequences at an EOS token.
 
     Args:
       model: a `CausalLM`.
@@ -183,7 +218,7 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
         not compiles separately).
       seed: sampling key.
       on_token: called with the step index after each decode step is enqueued (progress bars;
-        the device may still be running it).
+        the device may still be running it). Not called for the steps an early stop skips.
       after_step: called with each step's per-layer ``MoEStats`` (e.g. a statistics recorder),
         after the balancer. Passing the balancer's own ``step`` here is harmless (it
         still runs once per step); a wrapper that steps it raises ``ValueError``
@@ -192,12 +227,23 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
         layers after every step (prefill and each decode step) with
         :func:`model_balancer` (a balancer you built over the model's layers is the one
         used); False keeps the placements as they are.
+      eos_token_id: end-of-sequence id(s) in ``[0, vocab_size)``: an int, a sequence of
+        ints, or None (never stop). Default: the model config's (config.json's
+        ``eos_token_id``; none there: never stop). A sequence's EOS is kept in
+        ``tokens``; its later positions hold ``pad_token_id``. Once every sequence has
+        finished, decoding stops (up to 2 steps later: see ``_STOP_LAG``) and the rest
+        of ``tokens`` is padding; `generated_lengths` gives each sequence's length.
+        The ids are data: other values (up to 8 ids) do not recompile the steps.
+      pad_token_id: any int32 (e.g. -1); default: the config's ``pad_token_id``, else the
+        first EOS id.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts: allowed: one or more non-empty token-id lists")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: allowed: >= 1")
     temperature, top_p = check_sampling(temperature, top_p)
+    eos, pad = _stop_ids(model.cfg, eos_token_id, pad_token_id)
+    stopping = bool((eos >= 0).any())
     rows = [_prompt_ids(row, prompt, model.cfg.vocab_size) for row, prompt in enumerate(prompts)]
     batch, width = len(rows), max(len(p) for p in rows)
     ids = np.zeros((batch, width), np.int32)
@@ -224,8 +270,9 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
                                  "that does not step it, or balance=False to step it yourself")
 
     # Only greedy-or-not is static: other temperatures and top_p values are traced scalars.
-    sampling = dict(temperature=jnp.float32(temperature), top_p=jnp.float32(top_p), greedy=temperature == 0.0,
-                    keep_stats=hooks)
+    # The EOS ids and the pad id are traced too (without EOS ids: no slot matches, same program).
+    sampling = dict(temperature=jnp.float32(temperature), top_p=jnp.float32(top_p), eos=jnp.asarray(eos),
+                    pad=jnp.int32(pad), greedy=temperature == 0.0, keep_stats=hooks)
     key = jax.random.key(seed)
     args = (jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(valid))
     first_pos = jnp.asarray(lengths)[:, None]
@@ -244,27 +291,88 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
     # The warm-up's cache is gone by now (_warm_up returned): one cache at a time.
     cache = model.init_cache(batch, cache_len)
     start = time.perf_counter()
-    token, cache, total, stats = prefill_bound(*args, cache, key, **sampling)
+    token, cache, total, done, all_done, stats = prefill_bound(*args, cache, key, **sampling)
     jax.block_until_ready(token)
     prefill = time.perf_counter() - start
     if hooks:
         after(stats)
         decode_bound.refresh()  # the balancer may have replaced weights
+    stop = stopping and bool(host_array(all_done))  # the prefill was waited for: no stall
     # The steps stay on the device until the end: a host read per step would make
-    # the host wait for each step before it could enqueue the next one.
-    tokens, pos, step = [token], first_pos, jnp.int32(1)
+    # the host wait for each step before it could enqueue the next one. The "all done"
+    # flags are read _STOP_LAG steps late, and only when there are EOS ids.
+    tokens, pos, step, flags = [token], first_pos, jnp.int32(1), collections.deque()
     start = time.perf_counter()
-    for t in range(1, max_new_tokens):
-        token, pos, step, cache, total, stats = decode_bound(token, pos, step, cache, total, key, **sampling)
+    for t in range(1, 1 if stop else max_new_tokens):
+        token, pos, step, cache, total, done, all_done, stats = decode_bound(token, pos, step, cache, total, done,
+                                                                             key, **sampling)
         tokens.append(token)
         if hooks:
             after(stats)
             decode_bound.refresh()
         if on_token is not None:
             on_token(t)
+        if stopping:
+            all_done.copy_to_host_async()  # in flight by the time it is read
+            flags.append(all_done)
+            if len(flags) > _STOP_LAG and bool(host_array(flags.popleft())):
+                break
+    ran = len(tokens)
+    # Stacked at full length whatever step it stopped at: another count of arrays would
+    # compile another stack. The columns an early stop skipped are padding (every
+    # sequence had finished).
+    tokens += tokens[-1:] * (max_new_tokens - ran)
     out = host_array(jnp.stack(tokens, axis=1)).astype(np.int32)
     decode = time.perf_counter() - start
+    out[:, ran:] = pad
     return Generation(out, prefill, decode, host_array(total).astype(np.int64))
+
+
+def generated_lengths(tokens: np.ndarray, eos_token_id: int | Sequence[int] | None) -> np.ndarray:
+    """Each row's generated length: up to and including its first EOS (all of the row
+    without one). ``tokens``: `Generation.tokens`; ``eos_token_id``: the ids
+    `generate` stopped on (its default: ``model.cfg.eos_token_id``)."""
+    tokens = np.asarray(tokens)
+    if eos_token_id is None:
+        eos_token_id = []
+    ids = [int(eos_token_id)] if _is_int(eos_token_id) else [int(i) for i in eos_token_id]
+    hit = np.isin(tokens, ids)
+    return np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, tokens.shape[1]).astype(np.int32)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _stop_ids(cfg, eos_token_id, pad_token_id) -> tuple[np.ndarray, int]:
+    """The EOS ids as int32 [slots] (-1 in unused slots) and the pad id; ``ValueError``
+    naming a bad one (an out-of-vocabulary id would never match a sampled token)."""
+    vocab = cfg.vocab_size
+    source = ""
+    if eos_token_id is FROM_CONFIG:
+        eos_token_id, source = tuple(cfg.eos_token_id), " (the model config's eos_token_id)"
+    if eos_token_id is None:
+        ids = []
+    elif _is_int(eos_token_id):
+        ids = [int(eos_token_id)]
+    elif (isinstance(eos_token_id, Sequence) and not isinstance(eos_token_id, (str, bytes))
+          or isinstance(eos_token_id, np.ndarray) and eos_token_id.ndim == 1) \
+            and all(_is_int(i) for i in eos_token_id):
+        ids = [int(i) for i in eos_token_id]
+    else:
+        raise ValueError(f"eos_token_id={eos_token_id!r}: allowed: an int token id, a sequence of them, or None "
+                         "(never stop)")
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise ValueError(f"eos_token_id={eos_token_id!r}{source}: id {bad[0]} outside the vocabulary; allowed: "
+                         f"0 <= id < vocab_size={vocab}, or eos_token_id=None (never stop)")
+    if pad_token_id is None:
+        pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (ids[0] if ids else 0)
+    if not _is_int(pad_token_id) or not -2**31 <= pad_token_id < 2**31:
+        raise ValueError(f"pad_token_id={pad_token_id!r}: allowed: an int32 (the output's fill after a "
+                         "sequence's EOS)")
+    slots = max(1, -(-len(ids) // _EOS_SLOTS)) * _EOS_SLOTS
+    return np.array(ids + [-1] * (slots - len(ids)), np.int32), int(pad_token_id)
 
 
 def _prompt_ids(row: int, prompt, vocab_size: int) -> np.ndarray:
@@ -286,7 +394,8 @@ def _warm_key(model: CausalLM, batch: int, width: int, cache_len: int, sampling:
     graphdef, state = nnx.split(model)
     arrays = tuple((a.shape, a.dtype, getattr(a, "sharding", None), getattr(a, "committed", None))
                    for a in jax.tree.leaves(state))
-    return graphdef, arrays, batch, width, cache_len, sampling["greedy"], sampling["keep_stats"]
+    return (graphdef, arrays, batch, width, cache_len, sampling["eos"].shape, sampling["greedy"],
+            sampling["keep_stats"])
 
 
 def _steps_compiled() -> bool:
@@ -303,11 +412,12 @@ def _warm_up(model: CausalLM, args, first_pos, cache_len: int, key, sampling: di
     so every step of the timed loop finds its entry. Everything it made (the throwaway
     cache included) is dropped on return, before the real cache is allocated."""
     batch = args[0].shape[0]
-    token, warm, counts, _ = _PREFILL_STEP(model, *args, model.init_cache(batch, cache_len), key, **sampling)
-    carried = (token, first_pos, jnp.int32(1), warm, counts)
-    del token, warm, counts
+    token, warm, counts, done, _, _ = _PREFILL_STEP(model, *args, model.init_cache(batch, cache_len), key,
+                                                    **sampling)
+    carried = (token, first_pos, jnp.int32(1), warm, counts, done)
+    del token, warm, counts, done
     for step in range(_MAX_WARM_DECODE_STEPS):
-        out = _DECODE_STEP(model, *carried, key, **sampling)[:5]
+        out = _DECODE_STEP(model, *carried, key, **sampling)[:6]
         # A committed and an uncommitted array on one device have equal shardings but
         # separate cache entries: compare both. At least two steps: the host's inputs
         # are uncommitted, the step's outputs committed.
