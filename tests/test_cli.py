@@ -41,6 +41,36 @@ def test_bench_moe_with_config_file(capsys, tmp_path):
     assert "(24 slots)" in capsys.readouterr().out
 
 
+def test_bench_moe_uses_the_config_placement(capsys, tmp_path):
+    """A placement file's row is used (the only layer, or --layer-idx's); several layers
+    and no --layer-idx is an error naming them, not the default placement."""
+    layers = {3: list(range(16)), 5: list(range(12, 16)) + list(range(8, 12)) + list(range(4, 8)) + list(range(4))}
+
+    def config(rows) -> str:
+        path = tmp_path / f"moe{len(rows)}.yaml"
+        path.write_text("moe_config:\n  backend: WIDEEP\n  load_balancer:\n    num_slots: 16\n"
+                        "    initial_global_assignments:\n"
+                        + "".join(f"      {layer}: {row}\n" for layer, row in rows.items()))
+        return str(path)
+
+    def rows(*extra) -> tuple[str, list[int]]:
+        assert main(SMALL + ["--ep", "4", "--skew", "zipf:1.5", *extra]) == 0
+        out = capsys.readouterr().out
+        return out, _ints(next(line for line in out.splitlines() if "expert rows" in line))
+
+    out3, rows3 = rows("--config", config({3: layers[3]}))
+    assert "placement: initial_global_assignments[3]" in out3
+    out5, rows5 = rows("--config", config(layers), "--layer-idx", "5")
+    assert "placement: initial_global_assignments[5]" in out5
+    assert rows5 == rows3[::-1]  # layer 5 puts rank r's experts on rank 3 - r
+    assert rows3 != rows3[::-1]
+    assert main(SMALL + ["--ep", "4", "--config", config(layers)]) == 2
+    assert "--layer-idx: required, the config's initial_global_assignments place layers [3, 5]; allowed: one of " \
+           "them" in capsys.readouterr().err
+    assert main(SMALL + ["--ep", "4", "--config", config(layers), "--layer-idx", "4"]) == 2
+    assert "MoE layer 4 has no placement" in capsys.readouterr().err
+
+
 def test_bench_moe_errors_name_the_value(capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("moe_config:\n  backend: NOPE\n")

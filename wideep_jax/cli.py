@@ -58,7 +58,9 @@ def _add_bench_moe(sub) -> None:
                    help="overrides the config's backend (default WIDEEP)")
     p.add_argument("--alltoall", default=None, help="communication backend (overrides the config)")
     p.add_argument("--config", default=None, help="moe_config YAML (TensorRT-LLM schema)")
-    p.add_argument("--layer-idx", type=NON_NEGATIVE, default=None, help="layer index for initial_global_assignments")
+    p.add_argument("--layer-idx", type=NON_NEGATIVE, default=None,
+                   help="the layer whose initial_global_assignments row to use (default: the placement's only "
+                        "layer; required when it has several)")
     p.add_argument("--iters", type=POSITIVE, default=5)
     p.add_argument("--cpu-devices", type=POSITIVE, default=8, help="emulated CPU devices when there is no GPU")
     p.add_argument("--seed", type=NON_NEGATIVE, default=0)
@@ -111,9 +113,10 @@ def _bench_moe(args) -> int:
     config = dataclasses.replace(config, **overrides)
     mesh = jax.make_mesh((ep,), (config.ep_axis,), devices=jax.devices()[:ep])
     config.validate(num_experts=spec.num_experts, ep_size=ep)
+    layer_idx = _placed_layer(config, args.layer_idx)
 
     result = bench_moe_layer(spec, config, mesh, tokens_per_rank=args.tokens, skew=skew,
-                             iters=args.iters, seed=args.seed, layer_idx=args.layer_idx)
+                             iters=args.iters, seed=args.seed, layer_idx=layer_idx)
     slots = config.num_slots(spec.num_experts)
     comm = (f"{resolve_alltoall_backend(config.alltoall_backend, mesh, config.ep_axis)} all-to-all"
             if config.backend == "WIDEEP" else "all-gather + reduce-scatter")
@@ -122,6 +125,8 @@ def _bench_moe(args) -> int:
     print(f"  layer: hidden {spec.hidden_size}, {spec.num_experts} experts x {spec.intermediate_size} "
           f"({slots} slots), top-{spec.top_k}, {spec.num_shared_experts} shared, {dtype.name}, "
           f"router {router.kind}, skew {args.skew}")
+    placed = (config.load_balancer and config.load_balancer.initial_global_assignments) or {}
+    print("  placement: " + (f"initial_global_assignments[{layer_idx}]" if placed else "the default"))
     print(f"  compile + first run: {result.compile_seconds:.2f} s")
     print(f"  forward: {result.median_ms:.3f} ms (median of {args.iters}) -> "
           f"{result.tokens_per_second:,.0f} tokens/s")
@@ -132,7 +137,7 @@ def _bench_moe(args) -> int:
     print(f"  per-rank expert rows:     {rows}  (max-mean)/mean {imbalance(rows):.3f}")
     if stats_iters is not None:
         from wideep_jax.eplb.stats_files import StatsRecorder
-        layer = args.layer_idx or 0
+        layer = layer_idx or 0
         recorder = StatsRecorder(args.stats_dir, *stats_iters, num_experts=spec.num_experts,
                                  top_k=spec.top_k)
         # The timed loop reruns one batch, so its stats (already returned, no extra host
@@ -143,6 +148,21 @@ def _bench_moe(args) -> int:
         print(f"  expert statistics: layer {layer}, iterations {stats_iters[0]}..{stats_iters[1] - 1} "
               f"-> {args.stats_dir}/ (meta_info.json, rank0..{ep - 1}.safetensors)")
     return 0
+
+
+def _placed_layer(config, layer_idx: int | None) -> int | None:
+    """The layer of ``initial_global_assignments`` the benchmark places its slots by:
+    ``--layer-idx``, else the placement's only layer (the default placement would
+    silently ignore the file's)."""
+    from wideep_jax.config import _layer_list
+
+    given = sorted((config.load_balancer and config.load_balancer.initial_global_assignments) or {})
+    if layer_idx is not None or not given:
+        return layer_idx
+    if len(given) == 1:
+        return given[0]
+    raise ValueError(f"--layer-idx: required, the config's initial_global_assignments place layers "
+                     f"{_layer_list(given)}; allowed: one of them")
 
 
 def _add_stats_path(p) -> None:
