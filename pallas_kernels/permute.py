@@ -104,15 +104,23 @@ def gather_rows(x: jax.Array, index: jax.Array, *, block_rows: int = 16, block_c
         raise ValueError(f"cannot gather {r} rows from x with N=0 rows")
     if r == 0 or h == 0:
         return jnp.zeros((r, h), x.dtype)
-    bc = _col_block(h, block_cols)
+    return _gather_call(index.astype(jnp.int32), x, bm=block_rows, bc=_col_block(h, block_cols),
+                        num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+
+
+# Jitted so that eager calls with new data reuse one program: a bare pallas_call traces
+# its kernel afresh each call, and the new kernel jaxpr misses the primitive cache.
+@functools.partial(jax.jit, static_argnames=("bm", "bc", "num_warps", "num_stages", "interpret"))
+def _gather_call(index, x, *, bm: int, bc: int, num_warps: int, num_stages: int, interpret: bool):
+    (r,), h = index.shape, x.shape[1]
     return pl.pallas_call(
-        functools.partial(_gather_kernel, bm=block_rows, bc=bc),
+        functools.partial(_gather_kernel, bm=bm, bc=bc),
         out_shape=jax.ShapeDtypeStruct((r, h), x.dtype),
-        grid=(pl.cdiv(r, block_rows), pl.cdiv(h, bc)),
+        grid=(pl.cdiv(r, bm), pl.cdiv(h, bc)),
         compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="gather_rows_triton",
-    )(index.astype(jnp.int32), x)
+    )(index, x)
 
 
 def _combine_kernel(position_ref, valid_ref, y_ref, out_ref, *, bm: int, bc: int):
@@ -157,12 +165,20 @@ def combine_rows(y: jax.Array, position: jax.Array, valid: jax.Array, *, out_dty
     (r, h), (n, top_k) = y.shape, position.shape
     if n == 0 or h == 0 or top_k == 0 or r == 0:
         return jnp.zeros((n, h), out_dtype)  # nothing to read (R == 0: no pair can be valid)
-    bc = _col_block(h, block_cols)
+    return _combine_call(position.astype(jnp.int32), valid.astype(jnp.bool_), y, out_dtype=out_dtype,
+                         bm=block_rows, bc=_col_block(h, block_cols), num_warps=num_warps,
+                         num_stages=num_stages, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "bm", "bc", "num_warps", "num_stages", "interpret"))
+def _combine_call(position, valid, y, *, out_dtype, bm: int, bc: int, num_warps: int, num_stages: int,
+                  interpret: bool):
+    n, h = position.shape[0], y.shape[1]
     return pl.pallas_call(
-        functools.partial(_combine_kernel, bm=block_rows, bc=bc),
+        functools.partial(_combine_kernel, bm=bm, bc=bc),
         out_shape=jax.ShapeDtypeStruct((n, h), out_dtype),
-        grid=(pl.cdiv(n, block_rows), pl.cdiv(h, bc)),
+        grid=(pl.cdiv(n, bm), pl.cdiv(h, bc)),
         compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="combine_rows_triton",
-    )(position.astype(jnp.int32), valid.astype(jnp.bool_), y)
+    )(position, valid, y)

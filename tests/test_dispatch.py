@@ -260,3 +260,22 @@ def test_xla_round_trip(rng, mode, weight_kind):
         expected = np.where(valid[:, :, None], x * K, 0.0)
     assert np.all(np.isfinite(y))
     assert_array_equal(y, expected.astype(np.float32))
+
+
+def test_plan_refuses_bad_shapes_and_sizes(rng):
+    """Mismatched shapes would broadcast (one weight for every pair) and a zero rank or
+    slot count would drop every token: both are refused, naming the argument."""
+    slots = jnp.asarray(random_slots(rng, "random", 6, 2, 2, 4))
+    weights, valid = jnp.asarray(random_weights(rng, (6, 2))), jnp.ones(6, bool)
+    cases = [
+        (dict(weights=weights[:, :1]), r"weights has shape \(6, 1\); allowed: .*\(6, 2\)"),
+        (dict(weights=weights[:, :, None]), r"weights has shape \(6, 2, 1\)"),
+        (dict(valid=valid[:5]), r"valid has shape \(5,\); allowed: \[6\]"),
+        (dict(slots=slots[:, 0]), r"slots has shape \(6,\); allowed: \[tokens, top_k\]"),
+        (dict(num_ranks=0), "num_ranks=0; allowed: >= 1"),
+        (dict(slots_per_rank=0), "slots_per_rank=0; allowed: >= 1"),
+    ]
+    for change, needle in cases:
+        args = dict(slots=slots, weights=weights, valid=valid, num_ranks=2, slots_per_rank=4) | change
+        with pytest.raises(ValueError, match=needle):
+            make_dispatch_plan(**args)

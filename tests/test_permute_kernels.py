@@ -223,3 +223,47 @@ def test_stable_order_counting_sort_equals_argsort(rng):
     key = np.where(np.asarray(small.pair_valid), np.asarray(slot), 16).reshape(-1)
     np.testing.assert_array_equal(np.asarray(small.row_token), np.argsort(key, kind="stable") // 8)
     np.testing.assert_array_equal(np.asarray(small.group_sizes), np.bincount(key, minlength=17)[:16])
+
+
+def test_eager_calls_do_not_recompile(rng):
+    """Eager calls with new data but the same shapes reuse one compiled program."""
+    from moe_helpers import count_compiles
+
+    def call(seed_rows):
+        x = jnp.asarray(rng.standard_normal((13, 100)), jnp.float32)
+        index = jnp.asarray(rng.integers(0, 13, seed_rows), jnp.int32)
+        position, valid = _pairs("random", 11, 3, 37, rng)
+        y = jnp.asarray(rng.standard_normal((37, 100)), jnp.float32)
+        rows = permute.gather_rows(x, index, **BLOCKS, interpret=True)
+        summed = permute.combine_rows(y, jnp.asarray(position), jnp.asarray(valid), **BLOCKS, interpret=True)
+        np.testing.assert_array_equal(np.asarray(rows), np.asarray(x)[np.asarray(index)])
+        np.testing.assert_array_equal(np.asarray(summed), _combine_reference(y, position, valid))
+
+    for _ in range(2):  # the interpreter compiles its own helpers on first use
+        call(37)
+    with count_compiles() as compiles:
+        call(37)
+        call(37)
+    assert compiles[0] == 0
+
+
+def test_routed_experts_refuses_mismatched_shapes(rng):
+    """A weight per token instead of per pair would be read out of bounds (clamped: other
+    tokens' weights), silently; mismatched shapes are refused, naming the argument."""
+    n, k, h, inter, slots = 6, 2, 8, 4, 3
+    x = jnp.asarray(rng.standard_normal((n, h)), jnp.float32)
+    slot = jnp.asarray(rng.integers(-1, slots, (n, k)), jnp.int32)
+    weight = jnp.asarray(rng.random((n, k)), jnp.float32)
+    valid = jnp.ones((n,), bool)
+    w_gate_up = jnp.asarray(rng.standard_normal((slots, h, 2 * inter)), jnp.float32)
+    w_down = jnp.asarray(rng.standard_normal((slots, inter, h)), jnp.float32)
+    cases = [
+        (dict(weight=weight[:, :1]), r"weight has shape \(6, 1\); allowed: .*\(6, 2\)"),
+        (dict(valid=valid[:5]), r"valid has shape \(5,\); allowed: \[6\]"),
+        (dict(slot=slot[:, 0], weight=weight[:, 0]), r"slot has shape \(6,\); allowed: \[rows, top_k\]"),
+        (dict(x=x[:5]), r"x has shape \(5, 8\); allowed: \[6, hidden\]"),
+    ]
+    for change, needle in cases:
+        args = dict(x=x, slot=slot, weight=weight, valid=valid, w_gate_up=w_gate_up, w_down=w_down) | change
+        with pytest.raises(ValueError, match=needle):
+            experts.routed_experts(**args)

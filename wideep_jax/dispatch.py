@@ -60,7 +60,18 @@ def make_dispatch_plan(
     Returns:
       The plan; nothing is dropped.
     """
+    # Mismatched shapes would broadcast (one weight for all pairs) and a size < 1 would
+    # send every token nowhere: both silently, so they are refused here.
+    if slots.ndim != 2:
+        raise ValueError(f"slots has shape {tuple(slots.shape)}; allowed: [tokens, top_k]")
     num_tokens, top_k = slots.shape
+    if weights.shape != slots.shape:
+        raise ValueError(f"weights has shape {tuple(weights.shape)}; allowed: slots' shape {tuple(slots.shape)}")
+    if valid.shape != (num_tokens,):
+        raise ValueError(f"valid has shape {tuple(valid.shape)}; allowed: [{num_tokens}]")
+    for name, value in (("num_ranks", num_ranks), ("slots_per_rank", slots_per_rank)):
+        if value < 1:
+            raise ValueError(f"{name}={value}; allowed: >= 1")
     if capacity is None:
         capacity = num_tokens
     if capacity < num_tokens:

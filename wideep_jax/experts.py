@@ -69,6 +69,13 @@ def stable_order(key: jax.Array, num_keys: int, *,
 
 def sort_pairs(slot: jax.Array, weight: jax.Array, valid: jax.Array, num_slots: int) -> PairOrder:
     """Orders the live (token, k) pairs by slot; dead pairs go last, as padding."""
+    # Mismatched shapes would broadcast or read clamped out-of-range weights, silently.
+    if slot.ndim != 2:
+        raise ValueError(f"slot has shape {tuple(slot.shape)}; allowed: [rows, top_k]")
+    if weight.shape != slot.shape:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}; allowed: slot's shape {tuple(slot.shape)}")
+    if valid.shape != slot.shape[:1]:
+        raise ValueError(f"valid has shape {tuple(valid.shape)}; allowed: [{slot.shape[0]}]")
     num_rows, top_k = slot.shape
     # One row per (token, k) pair: every pair may be live (a caller's routing may
     # even repeat an expert), so nothing can be cut off whatever the routing.
@@ -163,6 +170,8 @@ def routed_experts(
       Per-row partial sums (x.dtype) and rows per slot.
     """
     pairs = sort_pairs(slot, weight, valid, w_gate_up.shape[0])
+    if x.ndim != 2 or x.shape[0] != slot.shape[0]:  # a short x would be read clamped
+        raise ValueError(f"x has shape {tuple(x.shape)}; allowed: [{slot.shape[0]}, hidden]")
     rows = permute_rows(x, pairs)
     if weight_on_input:
         # SwiGLU is not linear: the weight must scale what enters the expert, per pair.
