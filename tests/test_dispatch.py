@@ -279,3 +279,15 @@ def test_plan_refuses_bad_shapes_and_sizes(rng):
         args = dict(slots=slots, weights=weights, valid=valid, num_ranks=2, slots_per_rank=4) | change
         with pytest.raises(ValueError, match=needle):
             make_dispatch_plan(**args)
+
+
+def test_plan_takes_an_int_mask_as_nonzero(rng):
+    """``valid`` given as ints: any nonzero value marks a real token (not only 1)."""
+    slots = jnp.asarray(random_slots(rng, "random", 6, 2, 2, 4))
+    weights = jnp.asarray(random_weights(rng, (6, 2)))
+    mask = rng.integers(0, 2, 6) * rng.integers(1, 5, 6)
+    mask[0] = 2
+    want = make_dispatch_plan(slots, weights, jnp.asarray(mask != 0), num_ranks=2, slots_per_rank=4)
+    got = make_dispatch_plan(slots, weights, jnp.asarray(mask, jnp.int32), num_ranks=2, slots_per_rank=4)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        assert_array_equal(np.asarray(a), np.asarray(b))

@@ -267,3 +267,11 @@ def test_routed_experts_refuses_mismatched_shapes(rng):
         args = dict(x=x, slot=slot, weight=weight, valid=valid, w_gate_up=w_gate_up, w_down=w_down) | change
         with pytest.raises(ValueError, match=needle):
             experts.routed_experts(**args)
+    # An int mask: any nonzero value marks a row that carries a token (not only 1).
+    mask = rng.integers(0, 2, n) * rng.integers(1, 5, n)
+    mask[0] = 2
+    args = dict(x=x, slot=slot, weight=weight, w_gate_up=w_gate_up, w_down=w_down)
+    want = experts.routed_experts(**args, valid=jnp.asarray(mask != 0))
+    got = experts.routed_experts(**args, valid=jnp.asarray(mask, jnp.int32))
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

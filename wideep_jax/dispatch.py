@@ -69,6 +69,7 @@ def make_dispatch_plan(
         raise ValueError(f"weights has shape {tuple(weights.shape)}; allowed: slots' shape {tuple(slots.shape)}")
     if valid.shape != (num_tokens,):
         raise ValueError(f"valid has shape {tuple(valid.shape)}; allowed: [{num_tokens}]")
+    valid = valid.astype(bool)  # an int mask: nonzero is valid (a bitwise & with 2 would drop the token)
     for name, value in (("num_ranks", num_ranks), ("slots_per_rank", slots_per_rank)):
         if value < 1:
             raise ValueError(f"{name}={value}; allowed: >= 1")

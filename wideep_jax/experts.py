@@ -77,6 +77,7 @@ def sort_pairs(slot: jax.Array, weight: jax.Array, valid: jax.Array, num_slots: 
     if valid.shape != slot.shape[:1]:
         raise ValueError(f"valid has shape {tuple(valid.shape)}; allowed: [{slot.shape[0]}]")
     num_rows, top_k = slot.shape
+    valid = valid.astype(bool)  # an int mask: nonzero is valid (a bitwise & with 2 would drop the row)
     # One row per (token, k) pair: every pair may be live (a caller's routing may
     # even repeat an expert), so nothing can be cut off whatever the routing.
     pair_valid = valid[:, None] & (slot >= 0)
