@@ -247,9 +247,10 @@ def test_eager_calls_do_not_recompile(rng):
     assert compiles[0] == 0
 
 
-def test_routed_experts_refuses_mismatched_shapes(rng):
+def test_routed_experts_input_rules(rng):
     """A weight per token instead of per pair would be read out of bounds (clamped: other
-    tokens' weights), silently; mismatched shapes are refused, naming the argument."""
+    tokens' weights), silently; mismatched shapes are refused, naming the argument. An int
+    mask counts nonzero as valid; a slot past the last counts as none."""
     n, k, h, inter, slots = 6, 2, 8, 4, 3
     x = jnp.asarray(rng.standard_normal((n, h)), jnp.float32)
     slot = jnp.asarray(rng.integers(-1, slots, (n, k)), jnp.int32)
@@ -273,5 +274,14 @@ def test_routed_experts_refuses_mismatched_shapes(rng):
     args = dict(x=x, slot=slot, weight=weight, w_gate_up=w_gate_up, w_down=w_down)
     want = experts.routed_experts(**args, valid=jnp.asarray(mask != 0))
     got = experts.routed_experts(**args, valid=jnp.asarray(mask, jnp.int32))
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # A slot past the last is no slot, as -1 (not a clamped read of another slot's rows).
+    past = np.asarray(slot).copy()
+    past[rng.random((n, k)) < 0.5] = slots + int(rng.integers(0, 3))
+    none = np.where(past >= slots, -1, past)
+    args |= dict(valid=valid)
+    want = experts.routed_experts(**(args | dict(slot=jnp.asarray(none))))
+    got = experts.routed_experts(**(args | dict(slot=jnp.asarray(past))))
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -47,7 +47,9 @@ def make_dispatch_plan(
     """Builds the per-destination send buffers' layout.
 
     Args:
-      slots: int32 [T, K] global slot of each routed pair.
+      slots: int32 [T, K] global slot of each routed pair; a pair outside
+        [0, num_ranks * slots_per_rank) goes nowhere (not checked under jit; the MoE layer
+        never produces one).
       weights: float [T, K] routing weights.
       valid: bool [T] real tokens; padding tokens go nowhere.
       num_ranks: EP group size R.
@@ -58,7 +60,7 @@ def make_dispatch_plan(
         routing-independent bound below T exists).
 
     Returns:
-      The plan; nothing is dropped.
+      The plan; no pair with a slot in range is dropped.
     """
     # Mismatched shapes would broadcast (one weight for all pairs) and a size < 1 would
     # send every token nowhere: both silently, so they are refused here.

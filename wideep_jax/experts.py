@@ -80,7 +80,9 @@ def sort_pairs(slot: jax.Array, weight: jax.Array, valid: jax.Array, num_slots: 
     valid = valid.astype(bool)  # an int mask: nonzero is valid (a bitwise & with 2 would drop the row)
     # One row per (token, k) pair: every pair may be live (a caller's routing may
     # even repeat an expert), so nothing can be cut off whatever the routing.
-    pair_valid = valid[:, None] & (slot >= 0)
+    # A slot past the last is no slot, like -1 (under jit it cannot be refused; read, it
+    # would compute a clamped row of another slot).
+    pair_valid = valid[:, None] & (slot >= 0) & (slot < num_slots)
     key = jnp.where(pair_valid, slot, num_slots).reshape(-1)
     order, position, sizes = stable_order(key, num_slots + 1)
     return PairOrder(
@@ -157,7 +159,8 @@ def routed_experts(
 
     Args:
       x: [N, H] token rows.
-      slot: int32 [N, K] local slot per pair, -1 = none.
+      slot: int32 [N, K] local slot per pair, -1 = none (so is any value outside [0, S):
+        not checked under jit; `MoELayer` never produces one).
       weight: float32 [N, K] routing weight per pair.
       valid: bool [N] rows that carry a token (others are ignored whatever
         their slots hold).
