@@ -113,7 +113,8 @@ def _bench_moe(args) -> int:
     config = dataclasses.replace(config, **overrides)
     mesh = jax.make_mesh((ep,), (config.ep_axis,), devices=jax.devices()[:ep])
     config.validate(num_experts=spec.num_experts, ep_size=ep)
-    layer_idx = _placed_layer(config, args.layer_idx)
+    placed = sorted((config.load_balancer and config.load_balancer.initial_global_assignments) or {})
+    layer_idx = _placed_layer(placed, args.layer_idx)
 
     result = bench_moe_layer(spec, config, mesh, tokens_per_rank=args.tokens, skew=skew,
                              iters=args.iters, seed=args.seed, layer_idx=layer_idx)
@@ -125,7 +126,6 @@ def _bench_moe(args) -> int:
     print(f"  layer: hidden {spec.hidden_size}, {spec.num_experts} experts x {spec.intermediate_size} "
           f"({slots} slots), top-{spec.top_k}, {spec.num_shared_experts} shared, {dtype.name}, "
           f"router {router.kind}, skew {args.skew}")
-    placed = (config.load_balancer and config.load_balancer.initial_global_assignments) or {}
     print("  placement: " + (f"initial_global_assignments[{layer_idx}]" if placed else "the default"))
     print(f"  compile + first run: {result.compile_seconds:.2f} s")
     print(f"  forward: {result.median_ms:.3f} ms (median of {args.iters}) -> "
@@ -150,13 +150,12 @@ def _bench_moe(args) -> int:
     return 0
 
 
-def _placed_layer(config, layer_idx: int | None) -> int | None:
-    """The layer of ``initial_global_assignments`` the benchmark places its slots by:
-    ``--layer-idx``, else the placement's only layer (the default placement would
-    silently ignore the file's)."""
+def _placed_layer(given: list[int], layer_idx: int | None) -> int | None:
+    """The layer of ``initial_global_assignments`` (whose layers are ``given``) the
+    benchmark places its slots by: ``--layer-idx``, else the placement's only layer (the
+    default placement would silently ignore the file's)."""
     from wideep_jax.config import _layer_list
 
-    given = sorted((config.load_balancer and config.load_balancer.initial_global_assignments) or {})
     if layer_idx is not None or not given:
         return layer_idx
     if len(given) == 1:

@@ -182,17 +182,14 @@ def _measured_imbalance(steps: list, ep: int):
     import jax
     import numpy as np
 
+    from wideep_jax.eplb.algorithm import imbalance
+
     rows = np.asarray(jax.device_get(steps), np.float64)  # [steps, layers, slots]
     ranks = rows.reshape(*rows.shape[:2], ep, -1).sum(-1)  # [steps, layers, ep]
-
-    def ratio(load):
-        mean = load.mean(-1)
-        return np.where(mean > 0, (load.max(-1) - mean) / np.where(mean > 0, mean, 1), np.nan)
-
-    per_step = ratio(ranks)
-    loaded = ~np.isnan(per_step)  # steps after every sequence ended compute nothing
-    mean = np.where(loaded.any(0), np.nansum(per_step, 0) / np.maximum(loaded.sum(0), 1), 0.0)
-    return mean, np.nan_to_num(ratio(ranks.sum(0))), int(loaded.any(1).sum())
+    loaded = ranks.sum(-1) > 0  # steps after every sequence ended compute nothing
+    per_step = np.asarray(imbalance(ranks), np.float64)  # 0 on those steps: left out of the mean
+    mean = (per_step * loaded).sum(0) / np.maximum(loaded.sum(0), 1)
+    return mean, np.asarray(imbalance(ranks.sum(0)), np.float64), int(loaded.any(1).sum())
 
 
 def _save_stats(recorder, say) -> None:
