@@ -281,3 +281,45 @@ def test_hf_models_on_gpu(arch):
         with jax.default_matmul_precision("highest"):  # no TF32 for the float32 run
             logits = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(expected["input_ids"]))
         assert_close(np.asarray(logits, np.float64), expected["logits"], rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_permute_kernels_on_gpu(rng, dtype):
+    """The Triton row gather and pair combine compiled for the GPU (not interpreted), at a
+    prefill-like width with row and column tails: the gather is bitwise, the combine
+    equals the float32 in-order sum bitwise, rows no pair reads (NaN) never leak in, and
+    eager calls with new data reuse one program."""
+    import test_permute_kernels as cpu
+    from moe_helpers import count_compiles
+    from pallas_kernels import permute
+
+    n, k, h = 1037, 4, 7168 + 64
+    r = n * k
+
+    def check():
+        x = jnp.asarray(rng.standard_normal((n, h)), dtype)
+        index = rng.integers(0, n, r).astype(np.int32)
+        index[: r // 4] = rng.integers(n)  # a hot token: many rows read one source row
+        rows = permute.gather_rows(x, jnp.asarray(index))
+        np.testing.assert_array_equal(cpu._bits(rows), cpu._bits(x)[index])
+        position, valid = cpu._pairs("random", n, k, r, rng)
+        y = rng.standard_normal((r, h)).astype(np.float32)
+        y[np.setdiff1d(np.arange(r), position[valid])] = np.nan
+        y = jnp.asarray(y, dtype)
+        got = permute.combine_rows(y, jnp.asarray(position), jnp.asarray(valid), out_dtype=jnp.float32)
+        np.testing.assert_array_equal(np.asarray(got), cpu._combine_reference(y, position, valid))
+
+    check()
+    with count_compiles() as compiles:
+        check()
+    assert compiles[0] == 0
+
+
+def test_generate_eos_on_gpu():
+    """`generate`'s EOS stop and padding on a GPU (the CPU suite's checks: stops
+    _STOP_LAG steps after the last EOS, padded tails, masked expert counts), and EOS/pad
+    ids as data (no recompilation)."""
+    import test_models as models
+
+    models.test_generate_stops_once_every_sequence_has_finished(1)
+    models.test_eos_and_prompt_values_do_not_recompile(np.random.default_rng())
