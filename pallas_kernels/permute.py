@@ -104,6 +104,9 @@ def gather_rows(x: jax.Array, index: jax.Array, *, block_rows: int = 16, block_c
         raise ValueError(f"cannot gather {r} rows from x with N=0 rows")
     if r == 0 or h == 0:
         return jnp.zeros((r, h), x.dtype)
+    if x.dtype == jnp.bool_:  # Triton has no bool memory type: copy the bytes as uint8
+        return gather_rows(x.astype(jnp.uint8), index, block_rows=block_rows, block_cols=block_cols,
+                           num_warps=num_warps, num_stages=num_stages, interpret=interpret).astype(jnp.bool_)
     return _gather_call(index.astype(jnp.int32), x, bm=block_rows, bc=_col_block(h, block_cols),
                         num_warps=num_warps, num_stages=num_stages, interpret=interpret)
 

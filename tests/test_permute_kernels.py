@@ -55,6 +55,17 @@ def test_gather_clamps_and_empty(rng):
     assert permute.gather_rows(x, jnp.zeros((0,), jnp.int32), interpret=True).shape == (0, 40)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bool_, jnp.int8, jnp.uint16, jnp.int32, jnp.float16])
+def test_gather_other_dtypes(rng, dtype):
+    """Any dtype is a bitwise copy; bool (no Triton memory type) goes through uint8."""
+    x = np.asarray(rng.integers(-100, 100, (9, 70)))
+    x = jnp.asarray(x % 2 == 0 if dtype == jnp.bool_ else x, dtype)
+    index = rng.integers(0, 9, 23).astype(np.int32)
+    out = permute.gather_rows(x, jnp.asarray(index), **BLOCKS, interpret=True)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(x)[index])
+
+
 def _pairs(kind: str, n: int, k: int, r: int, rng):
     position = rng.integers(0, r, (n, k)).astype(np.int32)
     valid = rng.random((n, k)) < 0.6
