@@ -323,3 +323,36 @@ def test_generate_eos_on_gpu():
 
     models.test_generate_stops_once_every_sequence_has_finished(1)
     models.test_eos_and_prompt_values_do_not_recompile(np.random.default_rng())
+
+
+@pytest.mark.parametrize("epilogue", ["none", "swiglu", "row_scale"])
+@pytest.mark.parametrize("n_out", [192, 320])
+def test_mosaic_defaults_at_odd_multiples_of_64(rng, epilogue, n_out):
+    """N an odd multiple of 64, at prefill and decode rows: the default tiles (64-column
+    tiles split along M where 32-column ones would fault) are correct and write every
+    live row."""
+    if "mosaic_gpu" not in _gpu_kernels():
+        pytest.skip("mosaic_gpu needs Hopper")
+    from pallas_kernels import grouped_swiglu
+    k, g = 7168, 8
+    for m, kind in ((4100, "zeros"), (1000, "random")):
+        sizes = _sizes(kind, m, g, rng)
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        w = jnp.asarray(rng.standard_normal((g, k, n_out * (2 if epilogue == "swiglu" else 1))) / np.sqrt(k),
+                        jnp.bfloat16)
+        scale = jnp.asarray(rng.random(m), jnp.float32) if epilogue == "row_scale" else None
+        if epilogue == "swiglu":
+            f = jax.jit(lambda x, w, gs: grouped_swiglu(x, w, gs, implementation="mosaic_gpu"))
+            want = jax.jit(lambda x, w, gs: grouped_swiglu(x, w, gs, implementation="xla"))
+        else:
+            f = jax.jit(lambda x, w, gs: grouped_matmul(x, w, gs, implementation="mosaic_gpu", row_scale=scale))
+            want = jax.jit(lambda x, w, gs: grouped_matmul(x, w, gs, implementation="xla", row_scale=scale))
+        gs = jnp.asarray(sizes)
+        compiled = f.lower(x, w, gs).compile()
+        _poison_allocator((m + 64, n_out))
+        out = np.asarray(compiled(x, w, gs), np.float64)
+        live = int(sizes.sum())
+        with jax.default_matmul_precision("highest"):
+            ref = np.asarray(want(x.astype(jnp.float32), w.astype(jnp.float32), gs), np.float64)
+        assert np.isfinite(out[:live]).all(), "a live row was not written"
+        assert_close(out[:live], ref[:live], rtol=1e-2)

@@ -177,6 +177,42 @@ def test_defaults_and_config_errors(rng):
         grouped_matmul(x.astype(jnp.float32), w.astype(jnp.float32), sizes, implementation="mosaic_gpu")
     with pytest.raises(ValueError, match="row_scale must have shape"):
         grouped_matmul(x, w, sizes, row_scale=jnp.ones((3,)))
+    # Epilogue rows under 128 bytes fault on the GPU (misaligned address): refused by name.
+    for epi, dtype in ((32, None), (16, jnp.float32)):
+        with pytest.raises(ValueError, match=rf"epi_tile_n={epi} gives epilogue rows of 64 bytes.*at least 128"):
+            grouped_matmul(x, w, sizes, implementation="mosaic_gpu", preferred_element_type=dtype,
+                           config=MosaicGpuConfig(tile_n=64, epi_tile_n=epi))
+
+
+@pytest.mark.parametrize("epilogue", ["none", "swiglu", "row_scale"])
+def test_mosaic_defaults_fit_every_width_of_64_columns(epilogue):
+    """For every N the default implementation sends to mosaic_gpu (multiples of 64) and
+    every branch of the defaults (prefill/decode rows, long/short K), the default tiles
+    divide N into whole CTA tiles and keep 16-bit epilogue rows >= 128 bytes; an odd
+    multiple of 64 (e.g. 192) gets one 64-column tile split along M."""
+    from pallas_kernels.grouped_matmul import mosaic_gpu
+    for n_out in range(64, 64 * 41, 64):
+        for rows, k in ((32768, 7168), (32768, 2048), (256, 7168), (256, 2048), (256, 64)):
+            config = mosaic_gpu.default_config(rows, 64, k=k, n_out=n_out, epilogue=epilogue)
+            assert n_out % config.cta_tile_n == 0 and k % config.tile_k == 0, (n_out, rows, k, config)
+            assert config.epi_tile_n * 2 >= 128, (n_out, rows, k, config)
+    config = mosaic_gpu.default_config(32768, 64, k=7168, n_out=192, epilogue=epilogue)
+    assert (config.tile_m, config.tile_n, config.wg_split, config.cta_tile_n) == (64, 64, "m", 64)
+
+
+@pytest.mark.parametrize("epilogue", ["none", "swiglu"])
+def test_mosaic_default_tiles_at_an_odd_multiple_of_64_match_float64(rng, epilogue):
+    """The defaults for N=192 (64-column tiles split along M) on two simulated CTAs."""
+    from pallas_kernels.grouped_matmul import mosaic_gpu
+    n_out, m = 192, 300
+    config = dataclasses.replace(mosaic_gpu.default_config(32768, 64, k=K, n_out=n_out, epilogue=epilogue),
+                                 max_ctas=2)
+    assert (config.tile_n, config.wg_split) == (64, "m")
+    sizes = sizes_for("zeros", m, rng)
+    x = jnp.asarray(rng.standard_normal((m, K)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((G, K, n_out * (2 if epilogue == "swiglu" else 1))) / np.sqrt(K),
+                    jnp.bfloat16)
+    assert_mosaic_live_rows_close(config, epilogue, x, w, sizes, None)
 
 
 @pytest.mark.parametrize("swizzled", [False, True])

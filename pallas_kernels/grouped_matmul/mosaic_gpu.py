@@ -191,6 +191,10 @@ def default_config(
         tile_n //= 2
     while k % tile_k and tile_k > 16:
         tile_k //= 2
+    if tile_n < 64 and config.wg_split == "n":
+        # An odd multiple of 64 columns: two 32-column warpgroup tiles would need epilogue
+        # rows under 128 bytes, which fault; one 64-column tile split along M instead.
+        config, tile_n = dataclasses.replace(config, tile_m=64, wg_split="m"), 64
     # Chaining streams the next item's K steps during this item's epilogue; it
     # needs whole rounds of pipeline stages.
     chain = chain and (k // tile_k) % config.max_concurrent_steps == 0
@@ -314,8 +318,20 @@ def _kernel(
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _check(x, w, config: MosaicGpuConfig, n_out: int, epilogue: Epilogue) -> None:
+# Bytes an epilogue tile row must span: narrower rows (epi_tile_n=32 or 16 of bf16) faulted
+# with CUDA_ERROR_MISALIGNED_ADDRESS on an H100, swizzled epilogue or not (6b745ea).
+_MIN_EPILOGUE_ROW_BYTES = 128
+
+
+def _check(x, w, config: MosaicGpuConfig, n_out: int, epilogue: Epilogue, out_dtype) -> None:
     k = x.shape[1]
+    row_bytes = config.epi_tile_n * jnp.dtype(out_dtype).itemsize
+    if row_bytes < _MIN_EPILOGUE_ROW_BYTES:
+        raise ValueError(
+            f"MosaicGpuConfig.epi_tile_n={config.epi_tile_n} gives epilogue rows of {row_bytes} bytes of "
+            f"{jnp.dtype(out_dtype).name}; allowed: at least {_MIN_EPILOGUE_ROW_BYTES} bytes (epi_tile_n >= "
+            f"{_MIN_EPILOGUE_ROW_BYTES // jnp.dtype(out_dtype).itemsize}): narrower rows fault on the GPU"
+        )
     if k % config.tile_k:
         raise ValueError(f"K={k} must be a multiple of tile_k={config.tile_k} for the mosaic_gpu grouped matmul")
     if n_out % config.cta_tile_n:
@@ -359,8 +375,8 @@ def grouped_matmul(
     m = x.shape[0]
     n_out = w.shape[2] // (2 if epilogue == "swiglu" else 1)
     config = config or default_config(m, w.shape[0], k=x.shape[1], n_out=n_out, epilogue=epilogue)
-    _check(x, w, config, n_out, epilogue)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
+    _check(x, w, config, n_out, epilogue, out_dtype)
     cta_m = config.cta_tile_m
     if schedule is None:
         schedule = tile_schedule(group_sizes, m, cta_m, _ROW_ALIGN)
