@@ -166,6 +166,39 @@ def test_llm_api_file_without_moe_options_gives_defaults():
     assert cfg.max_num_tokens is None
 
 
+@pytest.mark.parametrize("source, key, near", [
+    ({"enable_attention_dp": True, "moe_confg": {"backend": "WIDEEP"}}, "moe_confg", "moe_config"),
+    ({"cuda_graph_config": {}, "MoE_config": {}}, "MoE_config", "moe_config"),
+    ({"enable_attention_dp": True, "pytorch_backend_config": {"moe_backendd": "WIDEEP"}},
+     "pytorch_backend_config.moe_backendd", "moe_backend"),
+    ({"kv_cache_config": {}, "moe_load_balance": "placement.yaml"}, "moe_load_balance", "moe_load_balancer"),
+])
+def test_misspelt_moe_section_of_an_llm_api_file_is_an_error(source, key, near):
+    """Without its MoE section an LLM-API file gives the defaults, so a misspelt section
+    would be silently ignored: a key one typo away from one is refused, naming both."""
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: unknown option .*allowed: '{near}'"):
+        load_moe_config(source)
+
+
+def test_bare_mapping_errors_say_how_the_file_was_read(tmp_path):
+    """A mapping with no moe_config, legacy or LLM-API key is read as a bare moe_config:
+    an unknown key says so, and a placement file given as the config is named as one;
+    placement-file errors name the file."""
+    with pytest.raises(ConfigError, match=r"unknown key 'dtype'.*read as a bare moe_config mapping\)$"):
+        load_moe_config({"max_num_tokens": 8192, "dtype": "bfloat16"})
+    with pytest.raises(ConfigError, match=r"unknown key 'num_slots'.*looks like a load_balancer placement file"):
+        load_moe_config({"num_slots": 8, "initial_global_assignments": {0: [0, 1]}})
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    (tmp_path / "placement.yaml").write_text("num_slots: 4\ninitial_global_assignments:\n  0: [0, 1, 2, 9]\n")
+    for name, message in (("empty", "the placement file is empty"), ("list", r"got \[1\] \(list\)")):
+        with pytest.raises(ConfigError, match=rf"^moe_config.load_balancer: {message}.*{name}.yaml'\)$"):
+            load_moe_config({"load_balancer": str(tmp_path / f"{name}.yaml")})
+    with pytest.raises(ConfigError, match=r"initial_global_assignments\[0\]\[3\]: got 9 .*in the placement file "
+                                          r"'.*placement.yaml', for num_experts=4, ep_size=2\)$"):
+        load_moe_config({"load_balancer": str(tmp_path / "placement.yaml")}, num_experts=4, ep_size=2)
+
+
 @pytest.mark.parametrize("source, key, value", [
     ({"moe_config": {"backend": "WIDEEP"}, "moe_backend": "WIDEEP"}, "moe_config and the legacy moe_backend",
      "moe_config.backend replaces moe_backend"),

@@ -19,6 +19,7 @@ A key of ours set to a non-default value in a mode where it does nothing (say
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import numbers
 import os
 import re
@@ -492,14 +493,18 @@ def _load_balancer(raw: Any, base_dir: Path) -> LoadBalancerConfig | None:
     if raw is None:
         return None
     where = ""
-    if isinstance(raw, (str, os.PathLike)):
-        path = _placement_path(raw, base_dir)
-        where = f" (in {str(path)!r})"
-        raw = _mapping(_LB, _read_yaml(_LB, path))
-    elif not isinstance(raw, Mapping):
-        raise _fail(_LB, raw, "a mapping or a path (str) to a placement YAML file")
     fields = tuple(f.name for f in dataclasses.fields(LoadBalancerConfig))
     try:
+        if isinstance(raw, (str, os.PathLike)):
+            path = _placement_path(raw, base_dir)
+            where = f" (in {str(path)!r})"
+            raw = _read_yaml(_LB, path)
+            if raw is None:  # TensorRT-LLM cannot build its config from an empty file either
+                raise ConfigError(f"{_LB}: the placement file is empty; allowed: a mapping of "
+                                  f"{', '.join(fields)}")
+            raw = _mapping(_LB, raw)
+        elif not isinstance(raw, Mapping):
+            raise _fail(_LB, raw, "a mapping or a path (str) to a placement YAML file")
         _check_keys(_LB, raw, fields)
         return LoadBalancerConfig(**raw)
     except ConfigError as e:
@@ -525,6 +530,24 @@ LLM_API_KEYS = frozenset({
 one of them at the top level is an LLM-API options file, not a bare ``moe_config``."""
 
 
+def _refuse_misspelt_moe_keys(data: Mapping) -> None:
+    """An LLM-API file without an MoE section: a key (top level or under
+    ``pytorch_backend_config``) one typo away from ``moe_config`` or a legacy key would
+    silently give the defaults, so it is an error (TensorRT-LLM refuses unknown options too)."""
+    nested = data.get("pytorch_backend_config")
+    places = [("", data)] + ([("pytorch_backend_config.", nested)] if isinstance(nested, Mapping) else [])
+    names = [_MOE, *LEGACY_MOE_KEYS]
+    for prefix, section in places:
+        for key in section:
+            if key in names or key in LLM_API_KEYS or key in ("backend", "max_num_tokens"):
+                continue  # known names (the last two: the engine's options, warned about below)
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.8)
+            if close:
+                raise ConfigError(f"{prefix}{key}: unknown option in a TensorRT-LLM LLM-API options file; "
+                                  f"allowed: {close[0]!r} (the file has no MoE section, so a misspelt one "
+                                  "would leave the MoE at its defaults)")
+
+
 def _moe_section(data: Mapping) -> tuple[Mapping, dict[str, str]]:
     """The ``moe_config`` mapping of a loaded file: its ``moe_config`` key, the legacy
     ``moe_*`` options, or the whole file when it is a bare ``moe_config`` mapping; and,
@@ -546,6 +569,8 @@ def _moe_section(data: Mapping) -> tuple[Mapping, dict[str, str]]:
         return _mapping(_MOE, data[_MOE]), {}
     if not legacy and not LLM_API_KEYS & data.keys():
         return data, {}  # a bare moe_config mapping: every key must be ours
+    if not legacy:  # no MoE section: TensorRT-LLM's defaults, as there, unless one is misspelt
+        _refuse_misspelt_moe_keys(data)
     # An LLM-API options file: its other keys are not ours. Top-level names that are also
     # moe_config keys (backend, max_num_tokens) are the engine's options there, not the MoE's.
     for k in {"backend", "max_num_tokens"} & data.keys():
@@ -593,20 +618,38 @@ def load_moe_config(
         data, base_dir = source, Path.cwd()
     else:
         raise _fail("source", source, "a YAML file path (str or os.PathLike) or a mapping")
-    data, written = _moe_section(_mapping("source", data))
+    data = _mapping("source", data)
+    bare = _MOE not in data and not LEGACY_MOE_KEYS.keys() & data.keys() and not LLM_API_KEYS & data.keys()
+    data, written = _moe_section(data)
     if num_experts is None and ep_size is not None:
         raise ConfigError(
             f"num_experts=None, ep_size={ep_size!r}: allowed: num_experts given with ep_size "
             "(the slot count may default to num_experts)"
         )
+    fields = tuple(f.name for f in dataclasses.fields(MoEConfig))
+    unknown = [k for k in data if k not in fields]
+    if bare and unknown:
+        lb_fields = {f.name for f in dataclasses.fields(LoadBalancerConfig)}
+        hint = ("; it looks like a load_balancer placement file: name it from moe_config.load_balancer"
+                if set(data) <= lb_fields else "")
+        raise ConfigError(f"{_MOE}: unknown key {unknown[0]!r}; allowed keys: {', '.join(fields)} (the mapping has "
+                          "no moe_config key, no legacy moe_* key and no TensorRT-LLM LLM-API option, so it was "
+                          f"read as a bare moe_config mapping{hint})")
+    placement_file = data.get("load_balancer") if isinstance(data.get("load_balancer"), (str, os.PathLike)) else None
     try:
-        fields = tuple(f.name for f in dataclasses.fields(MoEConfig))
         _check_keys(_MOE, data, fields)
         kwargs = dict(data)
         kwargs["load_balancer"] = _load_balancer(data.get("load_balancer"), base_dir)
         cfg = MoEConfig(**kwargs)
         if num_experts is not None:
-            cfg.validate(num_experts=num_experts, ep_size=1 if ep_size is None else ep_size)
+            try:
+                cfg.validate(num_experts=num_experts, ep_size=1 if ep_size is None else ep_size)
+            except ConfigError as err:
+                if placement_file is None or f"{_MOE}.load_balancer." not in str(err):
+                    raise
+                path = _placement_path(placement_file, base_dir)
+                raise ConfigError(f"{err} (in the placement file {str(path)!r}, for num_experts="
+                                  f"{num_experts}, ep_size={1 if ep_size is None else ep_size})") from None
     except ConfigError as err:
         if not written:
             raise

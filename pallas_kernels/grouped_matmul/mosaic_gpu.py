@@ -145,7 +145,7 @@ def default_config(
     Chosen by sustained timing (``bench_grouped_matmul --sustain``, ad4decd): the
     H200 holds its 700 W cap by lowering clocks, so a kernel that draws more power
     per FLOP runs slower when the card stays busy, as it does while serving. Timed
-    in short bursts in turns, the ping-pong consumers looked 2-6 % faster; run
+    in short bursts in turns, the ping-pong consumers looked 1-7 % faster (not at Zipf gate/up); run
     back to back they clocked 1268 MHz against the cooperative kernel's 1440 at
     gate/up and lost 11 %.
 
@@ -170,6 +170,10 @@ def default_config(
     walking columns at DeepSeek-V3's shapes and up to 4 % faster where a group spans
     many row tiles (Llama 4 Maverick's 4096-token Zipf prefill, all 128 experts
     on one GPU), whose weight column tiles are then read once for the band.
+
+    Tiles shrink to fit K and N; an N that is an odd multiple of 64 gets one 64-column
+    warpgroup tile split along M, since 32-column ones would need epilogue rows of
+    64 bytes, which fault (see `_check`).
     """
     walk = dict(grid_minor="m", grid_tile_width=4)
     prefill = num_rows // max(1, num_groups) >= 128
