@@ -2,12 +2,19 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax.numpy as jnp
 
 from wideep_jax.routing import RouterSpec
 from wideep_jax.spec import MoESpec
+
+
+class CheckpointError(ValueError):
+    """A Hugging Face checkpoint's ``config.json`` or weights are invalid; the message names
+    the file, the key or tensor, the bad value and what is allowed."""
+
 
 ARCHITECTURES = ("qwen3_moe", "mixtral", "deepseek_v3", "llama4_text", "llama4")
 """``model_type`` values `from_hf_config` reads (``llama4``: the text model of Llama 4's
@@ -112,8 +119,43 @@ def _get(cfg: dict, key: str, default=dataclasses.MISSING):
     if key in cfg and cfg[key] is not None:
         return cfg[key]
     if default is dataclasses.MISSING:
-        raise ValueError(f"config.json: missing key {key!r} (model_type={cfg.get('model_type')!r})")
+        raise CheckpointError(f"config.json: missing key {key!r} (model_type={cfg.get('model_type')!r})")
     return default
+
+
+def _integer(value) -> int | None:
+    """``value`` as an int if it is one (bools are not; an integral float such as 48.0, as
+    some exporters write, is), else None."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _int(cfg: dict, key: str, default=dataclasses.MISSING, *, minimum: int = 1, name: str | None = None) -> int:
+    """An integer key (sizes and counts: >= ``minimum``); a fraction, string or bool is an
+    error naming the key (``name``, if given) and the value, never truncated by ``int()``."""
+    value = _get(cfg, key, default)
+    number = _integer(value)
+    if number is None or number < minimum:
+        raise CheckpointError(f"config.json: {name or key}={value!r}; allowed: an int >= {minimum}")
+    return number
+
+
+def _float(cfg: dict, key: str, default=dataclasses.MISSING, *, name: str | None = None) -> float:
+    value = _get(cfg, key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CheckpointError(f"config.json: {name or key}={value!r}; allowed: a finite number")
+    return float(value)
+
+
+def _layer_list(cfg: dict, key: str, layers: int) -> tuple[int, ...]:
+    """A list of layer indices, each in [0, num_hidden_layers)."""
+    value = cfg[key]
+    numbers = [_integer(i) for i in value] if isinstance(value, list) else [None]
+    if any(i is None or not 0 <= i < layers for i in numbers):
+        raise CheckpointError(f"config.json: {key}={value!r}; allowed: a list of layer indices (ints) in "
+                              f"[0, num_hidden_layers={layers})")
+    return tuple(numbers)
 
 
 def _token_id(cfg: dict, key: str) -> int | None:
@@ -136,40 +178,62 @@ def _token_ids(cfg: dict, key: str) -> tuple[int, ...]:
     return tuple(values)
 
 
-def _num_experts(cfg: dict) -> int:
+def _num_experts(cfg: dict, minimum: int = 1) -> int:
     # Hub configs say num_experts (Qwen) or num_local_experts (Mixtral); transformers 5
     # writes num_local_experts for both.
     key = "num_experts" if cfg.get("num_experts") is not None else "num_local_experts"
-    return int(_get(cfg, key))
+    return _int(cfg, key, minimum=minimum)
+
+
+# Keys each rope type needs in rope_scaling / rope_parameters.
+_ROPE_KEYS = {"llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
+              "yarn": ("factor", "original_max_position_embeddings")}
 
 
 def _rope(cfg: dict) -> RopeConfig:
-    params = dict(cfg.get("rope_parameters") or {})
-    params.update(cfg.get("rope_scaling") or {})
+    sections = [section for section in ("rope_parameters", "rope_scaling") if cfg.get(section) is not None]
+    for section in sections:
+        if not isinstance(cfg[section], dict):
+            raise CheckpointError(f"config.json: {section}={cfg[section]!r}; allowed: a JSON object or null")
+    params = {key: value for section in sections for key, value in cfg[section].items()}  # rope_scaling's win
+    section = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
     kind = params.get("rope_type", params.get("type", "default"))
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    theta = (_float(params, "rope_theta", name=f"{section}.rope_theta") if params.get("rope_theta") is not None
+             else _float(cfg, "rope_theta", 10000.0))
     if kind == "default":
         return RopeConfig(theta=theta)
+    if kind not in _ROPE_KEYS:
+        raise CheckpointError(f"config.json: rope type {kind!r} is not supported; allowed: 'default', 'yarn', 'llama3'")
+    missing = [key for key in _ROPE_KEYS[kind] if params.get(key) is None]
+    if missing:
+        raise CheckpointError(f"config.json: missing key {section}.{missing[0]} (rope_type={kind!r}); "
+                              f"allowed: rope type {kind!r} with all of {list(_ROPE_KEYS[kind])}")
+    factor = _float(params, "factor", name=f"{section}.factor")
+    original = _int(params, "original_max_position_embeddings", name=f"{section}.original_max_position_embeddings")
     if kind == "llama3":
-        return RopeConfig(theta=theta, kind="llama3", factor=float(params["factor"]),
-                          original_max_position_embeddings=int(params["original_max_position_embeddings"]),
-                          low_freq_factor=float(params["low_freq_factor"]),
-                          high_freq_factor=float(params["high_freq_factor"]))
-    if kind != "yarn":
-        raise ValueError(f"config.json: rope type {kind!r} is not supported; allowed: 'default', 'yarn', 'llama3'")
+        return RopeConfig(theta=theta, kind="llama3", factor=factor, original_max_position_embeddings=original,
+                          low_freq_factor=_float(params, "low_freq_factor", name=f"{section}.low_freq_factor"),
+                          high_freq_factor=_float(params, "high_freq_factor", name=f"{section}.high_freq_factor"))
     if params.get("attention_factor") is not None or params.get("truncate", True) is not True:
         raise ValueError("config.json: yarn with attention_factor or truncate=false is not supported")
-    return RopeConfig(theta=theta, kind="yarn", factor=float(params["factor"]),
-                      original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+    return RopeConfig(theta=theta, kind="yarn", factor=factor, original_max_position_embeddings=original,
                       beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
                       mscale=float(params.get("mscale") or 0), mscale_all_dim=float(params.get("mscale_all_dim") or 0))
 
 
 def from_hf_config(cfg: dict, *, dtype=jnp.float32) -> DecoderConfig:
-    """Reads a Hugging Face config dict; unknown architectures raise naming them."""
+    """Reads a Hugging Face config dict; unknown architectures raise naming them.
+
+    Integer keys must hold ints (an integral float such as 48.0 is read as 48; 48.7, "48"
+    and true are errors), sizes and counts positive; layer lists hold indices of layers."""
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"config.json holds a {type(cfg).__name__} ({str(cfg)[:40]}); "
+                              "allowed: a JSON object of model settings (model_type, hidden_size, ...)")
     if cfg.get("model_type") == "llama4":  # multimodal: the decoder is the text model
         outer = cfg
-        cfg = _get(cfg, "text_config") | {"model_type": "llama4_text"}
+        if not isinstance(_get(cfg, "text_config"), dict):
+            raise CheckpointError(f"config.json: text_config={cfg['text_config']!r}; allowed: a JSON object")
+        cfg = cfg["text_config"] | {"model_type": "llama4_text"}
         # The token ids may be given on the outer config only: the text model uses them.
         cfg |= {k: outer[k] for k in ("eos_token_id", "pad_token_id") if cfg.get(k) is None and k in outer}
     model_type = cfg.get("model_type")
@@ -177,31 +241,31 @@ def from_hf_config(cfg: dict, *, dtype=jnp.float32) -> DecoderConfig:
         raise ValueError(f"config.json: model_type={model_type!r} is not supported; allowed: {ARCHITECTURES}")
     if cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json: hidden_act={cfg['hidden_act']!r}; allowed: 'silu'")
-    layers = int(_get(cfg, "num_hidden_layers"))
-    heads = int(_get(cfg, "num_attention_heads"))
-    hidden = int(_get(cfg, "hidden_size"))
+    layers = _int(cfg, "num_hidden_layers")
+    heads = _int(cfg, "num_attention_heads")
+    hidden = _int(cfg, "hidden_size")
     common = dict(
-        model_type=model_type, vocab_size=int(_get(cfg, "vocab_size")), hidden_size=hidden,
+        model_type=model_type, vocab_size=_int(cfg, "vocab_size"), hidden_size=hidden,
         num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=int(_get(cfg, "num_key_value_heads", heads)),
-        head_dim=int(_get(cfg, "head_dim", hidden // heads)),
-        rms_norm_eps=float(_get(cfg, "rms_norm_eps", 1e-6)), rope_theta=_rope(cfg).theta, rope=_rope(cfg),
+        num_key_value_heads=_int(cfg, "num_key_value_heads", heads),
+        head_dim=_int(cfg, "head_dim", hidden // heads),
+        rms_norm_eps=_float(cfg, "rms_norm_eps", 1e-6), rope_theta=_rope(cfg).theta, rope=_rope(cfg),
         tie_word_embeddings=bool(_get(cfg, "tie_word_embeddings", False)), dtype=dtype,
         eos_token_id=_token_ids(cfg, "eos_token_id"), pad_token_id=_token_id(cfg, "pad_token_id"),
     )
     if model_type == "qwen3_moe":
-        step = int(_get(cfg, "decoder_sparse_step", 1))
-        dense_only = set(_get(cfg, "mlp_only_layers", []))
-        num_experts = _num_experts(cfg)
+        step = _int(cfg, "decoder_sparse_step", 1)
+        dense_only = _layer_list(cfg, "mlp_only_layers", layers) if cfg.get("mlp_only_layers") is not None else ()
+        num_experts = _num_experts(cfg, minimum=0)  # 0: every layer dense
         moe_layers = tuple(i for i in range(layers)
                            if i not in dense_only and num_experts > 0 and (i + 1) % step == 0)
         window = _get(cfg, "sliding_window", None) if _get(cfg, "use_sliding_window", False) else None
         return DecoderConfig(
-            **common, intermediate_size=int(_get(cfg, "intermediate_size")),
-            moe_intermediate_size=int(_get(cfg, "moe_intermediate_size")), num_experts=num_experts,
-            num_experts_per_tok=int(_get(cfg, "num_experts_per_tok")), moe_layers=moe_layers,
+            **common, intermediate_size=_int(cfg, "intermediate_size"),
+            moe_intermediate_size=_int(cfg, "moe_intermediate_size"), num_experts=num_experts,
+            num_experts_per_tok=_int(cfg, "num_experts_per_tok"), moe_layers=moe_layers,
             norm_topk_prob=bool(_get(cfg, "norm_topk_prob", False)), qk_norm=True,
-            sliding_window=None if window is None else int(window),
+            sliding_window=None if window is None else _int(cfg, "sliding_window"),
         )
     if model_type == "deepseek_v3":
         return _deepseek_v3(cfg, common, layers)
@@ -209,12 +273,12 @@ def from_hf_config(cfg: dict, *, dtype=jnp.float32) -> DecoderConfig:
         return _llama4(cfg, common, layers)
     # mixtral: every layer is MoE, softmax top-k renormalised, optional sliding window.
     window = _get(cfg, "sliding_window", None)
-    width = int(_get(cfg, "intermediate_size"))
+    width = _int(cfg, "intermediate_size")
     return DecoderConfig(
         **common, intermediate_size=width, moe_intermediate_size=width,
-        num_experts=_num_experts(cfg), num_experts_per_tok=int(_get(cfg, "num_experts_per_tok")),
+        num_experts=_num_experts(cfg), num_experts_per_tok=_int(cfg, "num_experts_per_tok"),
         moe_layers=tuple(range(layers)), norm_topk_prob=True, qk_norm=False,
-        sliding_window=None if window is None else int(window),
+        sliding_window=None if window is None else _int(cfg, "sliding_window"),
     )
 
 
@@ -222,34 +286,35 @@ def _deepseek_v3(cfg: dict, common: dict, layers: int) -> DecoderConfig:
     if cfg.get("topk_method", "noaux_tc") != "noaux_tc" or cfg.get("scoring_func", "sigmoid") != "sigmoid":
         raise ValueError(f"config.json: topk_method={cfg.get('topk_method')!r}, scoring_func="
                          f"{cfg.get('scoring_func')!r}; allowed: 'noaux_tc' with 'sigmoid'")
-    rope_dim = int(_get(cfg, "qk_rope_head_dim"))
-    mla = MLAConfig(q_lora_rank=cfg.get("q_lora_rank"), kv_lora_rank=int(_get(cfg, "kv_lora_rank")),
-                    qk_nope_head_dim=int(_get(cfg, "qk_nope_head_dim")), qk_rope_head_dim=rope_dim,
-                    v_head_dim=int(_get(cfg, "v_head_dim")), rope_interleave=bool(_get(cfg, "rope_interleave", True)))
-    num_experts = int(cfg["n_routed_experts"]) if cfg.get("n_routed_experts") is not None else _num_experts(cfg)
+    rope_dim = _int(cfg, "qk_rope_head_dim")
+    q_rank = None if cfg.get("q_lora_rank") is None else _int(cfg, "q_lora_rank")
+    mla = MLAConfig(q_lora_rank=q_rank, kv_lora_rank=_int(cfg, "kv_lora_rank"),
+                    qk_nope_head_dim=_int(cfg, "qk_nope_head_dim"), qk_rope_head_dim=rope_dim,
+                    v_head_dim=_int(cfg, "v_head_dim"), rope_interleave=bool(_get(cfg, "rope_interleave", True)))
+    num_experts = _int(cfg, "n_routed_experts") if cfg.get("n_routed_experts") is not None else _num_experts(cfg)
     # Keys a config.json leaves out take transformers' DeepseekV3Config defaults.
     router = RouterSpec(kind="noaux_tc", norm_topk_prob=bool(_get(cfg, "norm_topk_prob", True)),
-                        n_group=int(_get(cfg, "n_group", 8)), topk_group=int(_get(cfg, "topk_group", 4)),
-                        routed_scaling_factor=float(_get(cfg, "routed_scaling_factor", 2.5)))
-    first_dense = int(_get(cfg, "first_k_dense_replace", 3))
+                        n_group=_int(cfg, "n_group", 8), topk_group=_int(cfg, "topk_group", 4),
+                        routed_scaling_factor=_float(cfg, "routed_scaling_factor", 2.5))
+    first_dense = _int(cfg, "first_k_dense_replace", 3, minimum=0)
     common = common | {"head_dim": rope_dim}
     return DecoderConfig(
-        **common, intermediate_size=int(_get(cfg, "intermediate_size")),
-        moe_intermediate_size=int(_get(cfg, "moe_intermediate_size")), num_experts=num_experts,
-        num_experts_per_tok=int(_get(cfg, "num_experts_per_tok")),
+        **common, intermediate_size=_int(cfg, "intermediate_size"),
+        moe_intermediate_size=_int(cfg, "moe_intermediate_size"), num_experts=num_experts,
+        num_experts_per_tok=_int(cfg, "num_experts_per_tok"),
         moe_layers=tuple(range(first_dense, layers)), norm_topk_prob=router.norm_topk_prob,
-        mla=mla, router=router, n_shared_experts=int(_get(cfg, "n_shared_experts", 1)),
+        mla=mla, router=router, n_shared_experts=_int(cfg, "n_shared_experts", 1, minimum=0),
     )
 
 
 def _llama4(cfg: dict, common: dict, layers: int) -> DecoderConfig:
     """Llama 4 (Scout, Maverick): interleaved MoE layers, iRoPE attention."""
-    step = int(_get(cfg, "interleave_moe_layer_step", 1))
+    step = _int(cfg, "interleave_moe_layer_step", 1)
     moe_layers = cfg.get("moe_layers")
-    moe_layers = tuple(range(step - 1, layers, step)) if moe_layers is None else tuple(int(i) for i in moe_layers)
+    moe_layers = tuple(range(step - 1, layers, step)) if moe_layers is None else _layer_list(cfg, "moe_layers", layers)
     # no_rope_layers[i] == 1 means layer i *uses* RoPE (HF's naming); default: every
     # no_rope_layer_interval-th layer is NoPE.
-    interval = int(_get(cfg, "no_rope_layer_interval", 4))
+    interval = _int(cfg, "no_rope_layer_interval", 4)
     uses_rope = cfg.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(layers)]
     if len(uses_rope) != layers:
         raise ValueError(f"config.json: no_rope_layers has {len(uses_rope)} entries; allowed: one per layer "
@@ -269,14 +334,14 @@ def _llama4(cfg: dict, common: dict, layers: int) -> DecoderConfig:
         raise ValueError("config.json: layer_types has chunked_attention layers but attention_chunk_size is missing")
     if _get(cfg, "attention_bias", False):
         raise ValueError("config.json: attention_bias=true is not supported for llama4_text; allowed: false")
-    width = int(_get(cfg, "intermediate_size"))
+    width = _int(cfg, "intermediate_size")
     return DecoderConfig(
-        **common, intermediate_size=int(_get(cfg, "intermediate_size_mlp")), moe_intermediate_size=width,
-        num_experts=_num_experts(cfg), num_experts_per_tok=int(_get(cfg, "num_experts_per_tok")),
+        **common, intermediate_size=_int(cfg, "intermediate_size_mlp"), moe_intermediate_size=width,
+        num_experts=_num_experts(cfg), num_experts_per_tok=_int(cfg, "num_experts_per_tok"),
         moe_layers=moe_layers, norm_topk_prob=False, router=RouterSpec(kind="llama4", norm_topk_prob=False),
         n_shared_experts=1, router_weight_on_input=True, rope_interleaved=True, nope_layers=nope,
         qk_l2_norm=bool(_get(cfg, "use_qk_norm", True)), chunked_layers=chunked,
-        attention_chunk_size=None if chunk is None else int(chunk),
+        attention_chunk_size=None if chunk is None else _int(cfg, "attention_chunk_size"),
         attn_temperature_tuning=bool(_get(cfg, "attn_temperature_tuning", True)),
-        floor_scale=float(_get(cfg, "floor_scale", 8192)), attn_scale=float(_get(cfg, "attn_scale", 0.1)),
+        floor_scale=_float(cfg, "floor_scale", 8192), attn_scale=_float(cfg, "attn_scale", 0.1),
     )

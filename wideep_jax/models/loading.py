@@ -14,6 +14,7 @@ FP8 block-quantized weights (DeepSeek-V3/R1's ``F8_E4M3`` tensors with a float32
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from pathlib import Path
@@ -27,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from wideep_jax.config import MoEConfig
 from wideep_jax.layer import MoELayer
-from wideep_jax.models.config import from_hf_config
+from wideep_jax.models.config import CheckpointError, from_hf_config
 from wideep_jax.models.decoder import CausalLM
 
 _FP8 = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
@@ -37,6 +38,70 @@ _IGNORED = ("rotary_emb.inv_freq",)
 _VISION = ("vision_model.", "multi_modal_projector.")  # Llama 4's image tower, unused by the decoder
 # config.json's ``quantization_config`` values that we read (DeepSeek-V3/R1's).
 _QUANT_METHODS, _FP8_FORMATS = ("fp8",), ("e4m3", "e5m2")
+_EXPECTED = "a Hugging Face checkpoint folder with config.json (a JSON object) and *.safetensors files"
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint folder, its ``config.json`` or its ``*.safetensors`` files are missing."""
+
+
+class MissingTensorError(CheckpointError, KeyError):
+    """Tensors the model needs are not in the checkpoint (a KeyError too, as before)."""
+
+    def __str__(self) -> str:  # not KeyError's quoted repr
+        return str(self.args[0])
+
+
+def read_config(folder: Path) -> dict:
+    """``folder/config.json``; errors name the file and what is expected there."""
+    file = folder / "config.json"
+    if not folder.is_dir():
+        raise CheckpointNotFoundError(f"{folder}: no such folder; expected {_EXPECTED}")
+    if not file.is_file():
+        raise CheckpointNotFoundError(f"{file}: {'not a file' if file.exists() else 'no such file'}; "
+                                      f"expected {_EXPECTED}")
+    try:
+        config = json.loads(file.read_bytes())
+    except ValueError as err:  # json.JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{file}: not valid JSON ({err}); expected a JSON object of model settings") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: holds a {type(config).__name__} ({str(config)[:40]}); "
+                              "expected a JSON object of model settings (model_type, hidden_size, ...)")
+    return config
+
+
+def _read_header(file: Path) -> tuple[dict, int]:
+    """A safetensors file's JSON header and the offset of its tensor data. The file begins
+    with the header's length (8 bytes, little-endian), checked against the file's size."""
+    total = file.stat().st_size
+    layout = "an 8-byte header length, that many bytes of JSON header, then the tensor data"
+    with file.open("rb") as f:
+        prefix = f.read(8)
+        size = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
+        if size is None or size > total - 8:
+            found = "" if size is None else f" and a header length of {size}"
+            raise CheckpointError(f"{file}: {total} bytes{found}; not a safetensors file (truncated or corrupt?): "
+                                  f"expected {layout}")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError as err:
+            raise CheckpointError(f"{file}: safetensors header is not valid JSON ({err}); expected {layout}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: safetensors header is a {type(header).__name__}; expected a JSON object")
+    data = total - 8 - size
+    for name, info in header.items():
+        if name != "__metadata__" and not _entry_ok(info, data):
+            raise CheckpointError(f"{file}: tensor {name!r}: header entry {info!r}; expected dtype, shape (ints "
+                                  f">= 0) and data_offsets [begin, end] within the file's {data} data bytes")
+    return header, 8 + size
+
+
+def _entry_ok(info, data: int) -> bool:
+    """A safetensors header entry: dtype, shape and data_offsets inside the ``data`` bytes."""
+    ints = lambda values, n=None: (isinstance(values, list) and (n is None or len(values) == n)
+                                   and all(type(v) is int and v >= 0 for v in values))
+    return (isinstance(info, dict) and isinstance(info.get("dtype"), str) and ints(info.get("shape"))
+            and ints(info.get("data_offsets"), 2) and info["data_offsets"][0] <= info["data_offsets"][1] <= data)
 
 
 def _block_size(hf_config: dict) -> tuple[int, int]:
@@ -77,22 +142,20 @@ class Checkpoint:
     """
 
     def __init__(self, folder: Path, block: tuple[int, int] = (128, 128)):
-        self.block = tuple(block)
-        files = sorted(folder.glob("*.safetensors"))
+        self.folder, self.block = Path(folder), tuple(block)
+        files = sorted(self.folder.glob("*.safetensors"))
         if not files:
-            raise FileNotFoundError(f"{folder}: no *.safetensors files")
+            raise CheckpointNotFoundError(f"{folder}: no *.safetensors files; expected {_EXPECTED}")
         self._where: dict[str, tuple[Path, dict, int]] = {}
         for file in files:
-            with file.open("rb") as f:
-                (size,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(size))
+            header, base = _read_header(file)
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
                 if name in self._where:  # which copy to read would depend on the files' order
                     raise ValueError(f"tensor {name!r} is in two checkpoint files: {self._where[name][0].name!r} "
                                      f"and {file.name!r}; allowed: each tensor in one *.safetensors file")
-                self._where[name] = (file, info, 8 + size)
+                self._where[name] = (file, info, base)
         self.unused = set(self._where)
 
     def __contains__(self, name: str) -> bool:
@@ -101,11 +164,15 @@ class Checkpoint:
     def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
         """The tensor ``name`` (memory-mapped); raises naming it if missing or misshapen."""
         if name not in self._where:
-            raise KeyError(f"checkpoint has no tensor {name!r}")
+            raise self.missing([name])
         file, info, base = self._where[name]
         if info["dtype"] not in _DTYPES:
             raise ValueError(f"tensor {name!r}: dtype {info['dtype']} not supported; allowed: {sorted(_DTYPES)}")
         begin, end = info["data_offsets"]
+        need = math.prod(info["shape"]) * np.dtype(_DTYPES[info["dtype"]]).itemsize
+        if end - begin != need:
+            raise CheckpointError(f"{file}: tensor {name!r}: data_offsets {info['data_offsets']} hold {end - begin} "
+                                  f"bytes; its dtype {info['dtype']} and shape {info['shape']} need {need}")
         array = np.memmap(file, dtype=_DTYPES[info["dtype"]], mode="r", offset=base + begin,
                           shape=tuple(info["shape"])) if end > begin else np.zeros(info["shape"])
         if shape is not None and tuple(array.shape) != tuple(shape):
@@ -114,6 +181,23 @@ class Checkpoint:
             array = self._dequantized(name, info["dtype"], array)
         self.unused.discard(name)
         return array
+
+    def missing(self, names: list[str], cause: str | None = None) -> MissingTensorError:
+        """The error for tensors the model needs that the checkpoint lacks: a few of their
+        names, their count, the folder and ``cause`` (else the likely one)."""
+        shown = ", ".join(map(repr, names[:5])) + (", ..." if len(names) > 5 else "")
+        if cause is None:  # a shard the index names but the folder lacks, else a config/weights mismatch
+            index = self.folder / "model.safetensors.index.json"
+            try:
+                shards = sorted({json.loads(index.read_text())["weight_map"][n] for n in names})
+            except (OSError, ValueError, KeyError, TypeError):
+                shards = []
+            absent = [shard for shard in shards if not (self.folder / shard).is_file()]
+            cause = (f"{index.name} puts them in {absent}, which the folder lacks (an incomplete download?)"
+                     if absent else "config.json does not match these weights (another architecture, or other "
+                     "layer or expert counts), or a *.safetensors file of the checkpoint is missing")
+        return MissingTensorError(f"{self.folder}: checkpoint has no tensor {shown} ({len(names)} missing); "
+                                  f"likely cause: {cause}")
 
     def _dequantized(self, name: str, dtype: str, weight: np.ndarray) -> np.ndarray:
         scale_name = f"{name}_scale_inv"
@@ -190,10 +274,7 @@ def from_pretrained(path, *, moe_config: MoEConfig | None = None, mesh: Mesh | N
       The model, callable as ``model(input_ids) -> logits [batch, seq, vocab]``.
     """
     folder = Path(path)
-    config_file = folder / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{folder}: no config.json")
-    hf_config = json.loads(config_file.read_text())
+    hf_config = read_config(folder)
     cfg = from_hf_config(hf_config, dtype=dtype)
     ckpt = Checkpoint(folder, _block_size(hf_config))
     # Built abstractly (no random weights), then every parameter is read from the checkpoint.
@@ -202,6 +283,7 @@ def from_pretrained(path, *, moe_config: MoEConfig | None = None, mesh: Mesh | N
     h, v = cfg.hidden_size, cfg.vocab_size
     # Llama 4's multimodal checkpoints hold the text model under "language_model.".
     root = "language_model." if "language_model.model.embed_tokens.weight" in ckpt else ""
+    _check_layers(ckpt, cfg.num_hidden_layers, root)
     _set(model.embed, ckpt.get(f"{root}model.embed_tokens.weight", (v, h)), replicated, dtype)
     _set(model.norm.weight, ckpt.get(f"{root}model.norm.weight", (h,)), replicated, dtype)
     if model.lm_head is not None:
@@ -246,6 +328,22 @@ def from_pretrained(path, *, moe_config: MoEConfig | None = None, mesh: Mesh | N
         raise ValueError(f"checkpoint tensors not used by {cfg.model_type}: {unused[:5]}"
                          f"{' ...' if len(unused) > 5 else ''} ({len(unused)} in all)")
     return model
+
+
+def _check_layers(ckpt: Checkpoint, layers: int, root: str) -> None:
+    """Each of config.json's ``num_hidden_layers`` layers has its norms in the checkpoint;
+    else one error lists the missing tensors before anything is read."""
+    norms = ("input_layernorm.weight", "post_attention_layernorm.weight")
+    name = lambda i, norm: f"{root}model.layers.{i}.{norm}"
+    missing = [name(i, n) for i in range(layers) for n in norms if name(i, n) not in ckpt]
+    if not missing:
+        return
+    absent = [i for i in range(layers) if all(name(i, n) not in ckpt for n in norms)]
+    cause = None  # the generic one, unless the last layers are absent and no others
+    if absent and absent[0] > 0 and absent == list(range(absent[0], layers)) and len(missing) == 2 * len(absent):
+        cause = (f"config.json num_hidden_layers={layers}, but the weights hold only layers 0..{absent[0] - 1} "
+                 f"(layers {absent[0]}..{layers - 1} absent)")
+    raise ckpt.missing(missing, cause)
 
 
 def _mtp_layers(hf_config: dict, cfg) -> range:

@@ -1,0 +1,227 @@
+"""Broken Hugging Face checkpoints (config.json, safetensors files, missing tensors) raise
+errors naming the file, the key or tensor, the bad value and what is allowed."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+from pathlib import Path
+
+import jax.numpy as jnp
+import pytest
+
+from wideep_jax.models import from_hf_config, from_pretrained
+from wideep_jax.models.config import CheckpointError
+from wideep_jax.models.loading import CheckpointNotFoundError, MissingTensorError
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def _config(arch: str) -> dict:
+    return json.loads((FIXTURES / f"{arch}_tiny" / "config.json").read_text())
+
+
+def _copy(tmp_path: Path, arch: str = "qwen3_moe", **changes) -> Path:
+    """A copy of a tiny fixture checkpoint with config.json's keys updated by ``changes``."""
+    folder = tmp_path / f"{arch}_copy"
+    shutil.copytree(FIXTURES / f"{arch}_tiny", folder)
+    (folder / "config.json").write_text(json.dumps(_config(arch) | changes))
+    return folder
+
+
+def _load(folder: Path):
+    return from_pretrained(folder, dtype=jnp.float32)
+
+
+def test_layers_missing_from_the_weights_are_listed_with_the_folder_and_cause(tmp_path):
+    # ValueErrors; KeyError and FileNotFoundError too, as these cases raised before.
+    assert issubclass(CheckpointError, ValueError)
+    assert issubclass(MissingTensorError, CheckpointError) and issubclass(MissingTensorError, KeyError)
+    assert issubclass(CheckpointNotFoundError, CheckpointError) and issubclass(CheckpointNotFoundError,
+                                                                               FileNotFoundError)
+    folder = _copy(tmp_path, num_hidden_layers=5)  # the weights hold layers 0..2
+    names = [f"'model.layers.{i}.{n}.weight'" for i in (3, 4) for n in ("input_layernorm", "post_attention_layernorm")]
+    with pytest.raises(MissingTensorError, match=re.escape(
+            f"{folder}: checkpoint has no tensor {', '.join(names)} (4 missing); likely cause: config.json "
+            "num_hidden_layers=5, but the weights hold only layers 0..2 (layers 3..4 absent)")):
+        _load(folder)
+
+
+def _without(tmp_path: Path, name: str, index: dict | None = None) -> Path:
+    """The qwen3_moe fixture without tensor ``name`` (and with ``index`` as its index file)."""
+    from safetensors.numpy import load_file, save_file
+
+    folder = _copy(tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors[name]
+    save_file(tensors, folder / "model.safetensors")
+    if index is not None:
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+def test_a_missing_tensor_names_the_folder_and_likely_cause(tmp_path):
+    name = "model.layers.2.mlp.experts.5.up_proj.weight"
+    folder = _without(tmp_path / "a", name)
+    with pytest.raises(MissingTensorError, match=re.escape(
+            f"{folder}: checkpoint has no tensor {name!r} (1 missing); likely cause: config.json does not match")):
+        _load(folder)
+    # The index puts it in a shard the folder lacks (an interrupted download).
+    shard = "model-00002-of-00002.safetensors"
+    folder = _without(tmp_path / "b", name, {"metadata": {}, "weight_map": {name: shard}})
+    with pytest.raises(MissingTensorError, match=re.escape(
+            f"{name!r} (1 missing); likely cause: model.safetensors.index.json puts them in [{shard!r}], "
+            "which the folder lacks")):
+        _load(folder)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[1]", ": holds a list ([1]); expected a JSON object of model settings"),
+    ('"qwen3_moe"', ": holds a str (qwen3_moe); expected a JSON object"),
+    ("{not json", ": not valid JSON (Expecting property name"),
+    (b"\xff\xfe{}", ": not valid JSON ("),
+])
+def test_config_json_that_is_not_a_json_object(tmp_path, text, message):
+    folder = _copy(tmp_path)
+    file = folder / "config.json"
+    file.write_bytes(text) if isinstance(text, bytes) else file.write_text(text)
+    with pytest.raises(CheckpointError, match=re.escape(f"{file}{message}")):
+        _load(folder)
+
+
+def test_from_hf_config_of_a_list():
+    with pytest.raises(CheckpointError, match=re.escape("config.json holds a list ([1]); allowed: a JSON object")):
+        from_hf_config([1])
+    with pytest.raises(CheckpointError, match=re.escape("text_config=[1]; allowed: a JSON object")):
+        from_hf_config({"model_type": "llama4", "text_config": [1]})
+
+
+def test_missing_config_json_or_folder(tmp_path):
+    folder = _copy(tmp_path)
+    (folder / "config.json").unlink()
+    expected = "expected a Hugging Face checkpoint folder with config.json (a JSON object) and *.safetensors files"
+    with pytest.raises(CheckpointNotFoundError, match=re.escape(f"{folder / 'config.json'}: no such file; {expected}")):
+        _load(folder)
+    (folder / "config.json").mkdir()
+    with pytest.raises(CheckpointNotFoundError, match=re.escape(f"{folder / 'config.json'}: not a file; {expected}")):
+        _load(folder)
+    with pytest.raises(CheckpointNotFoundError, match=re.escape(f"{tmp_path / 'nowhere'}: no such folder")):
+        _load(tmp_path / "nowhere")
+    folder = _copy(tmp_path / "b")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointNotFoundError, match=re.escape(f"{folder}: no *.safetensors files; {expected}")):
+        _load(folder)
+
+
+def test_rope_type_without_its_keys():
+    config = _config("llama4_text")
+    scaling = {k: v for k, v in config.pop("rope_parameters").items() if k != "factor"}
+    with pytest.raises(CheckpointError, match=re.escape(
+            "config.json: missing key rope_scaling.factor (rope_type='llama3'); allowed: rope type 'llama3' with "
+            "all of ['factor', 'original_max_position_embeddings', 'low_freq_factor', 'high_freq_factor']")):
+        from_hf_config(config | {"rope_scaling": scaling})
+    with pytest.raises(CheckpointError, match=re.escape("config.json: rope_scaling.factor='8'; allowed: a finite "
+                                                        "number")):
+        from_hf_config(config | {"rope_scaling": scaling | {"factor": "8"}})
+    with pytest.raises(CheckpointError, match=re.escape(
+            "config.json: rope_scaling.original_max_position_embeddings=16.5; allowed: an int >= 1")):
+        from_hf_config(config | {"rope_scaling": scaling | {"factor": 8.0, "original_max_position_embeddings": 16.5}})
+    with pytest.raises(CheckpointError, match=re.escape("config.json: rope_scaling=[8]; allowed: a JSON object")):
+        from_hf_config(config | {"rope_scaling": [8]})
+
+
+def _write_weights(folder: Path, data: bytes) -> Path:
+    file = folder / "model.safetensors"
+    file.write_bytes(data)
+    return file
+
+
+def test_safetensors_files_that_are_empty_or_corrupt(tmp_path):
+    folder = _copy(tmp_path)
+    original = (folder / "model.safetensors").read_bytes()
+    layout = "expected an 8-byte header length, that many bytes of JSON header, then the tensor data"
+    file = _write_weights(folder, b"")
+    with pytest.raises(CheckpointError, match=re.escape(f"{file}: 0 bytes; not a safetensors file (truncated or "
+                                                        f"corrupt?): {layout}")):
+        _load(folder)
+    # Garbage: its first 8 bytes read as a header length far past the file's end.
+    _write_weights(folder, struct.pack("<Q", 2**40) + b"\x00" * 56)
+    with pytest.raises(CheckpointError, match=re.escape(f"{file}: 64 bytes and a header length of {2**40}; "
+                                                        "not a safetensors file")):
+        _load(folder)
+    _write_weights(folder, struct.pack("<Q", 9) + b"not json!")
+    with pytest.raises(CheckpointError, match=re.escape(f"{file}: safetensors header is not valid JSON (")):
+        _load(folder)
+    _write_weights(folder, struct.pack("<Q", 3) + b"[1]")
+    with pytest.raises(CheckpointError, match=re.escape(f"{file}: safetensors header is a list; expected a JSON")):
+        _load(folder)
+    # Truncated (a partial download): tensor data past the file's end.
+    _write_weights(folder, original[:len(original) // 2])
+    with pytest.raises(CheckpointError, match=re.escape(f"{file}: tensor '") + r".*'data_offsets'.*"
+                       + re.escape("; expected dtype, shape (ints >= 0) and data_offsets [begin, end] within the "
+                                   "file's")):
+        _load(folder)
+
+
+def test_a_tensor_whose_offsets_disagree_with_its_shape(tmp_path):
+    """data_offsets too short for dtype x shape would read the next tensor's bytes."""
+    folder = _copy(tmp_path)
+    data = (folder / "model.safetensors").read_bytes()
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + size])
+    name = "model.norm.weight"
+    header[name]["shape"] = [header[name]["shape"][0] // 2]  # same offsets, half the elements
+    text = json.dumps(header).encode()
+    file = _write_weights(folder, struct.pack("<Q", len(text)) + text + data[8 + size:])
+    with pytest.raises(CheckpointError, match=re.escape(f"{file}: tensor {name!r}: data_offsets") + ".*"
+                       + re.escape("bytes; its dtype F32 and shape [24] need 96")):
+        _load(folder)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("hidden_size", 48.7), ("hidden_size", "abc"), ("hidden_size", -48), ("hidden_size", 0), ("hidden_size", True),
+    ("num_hidden_layers", "3"), ("num_experts_per_tok", 2.5), ("vocab_size", [96]), ("decoder_sparse_step", 0),
+    ("head_dim", 16.5), ("num_local_experts", -1),
+])
+def test_integer_keys_must_be_ints(tmp_path, key, value):
+    message = re.escape(f"config.json: {key}={value!r}; allowed: an int >= ")
+    with pytest.raises(CheckpointError, match=message):
+        from_hf_config(_config("qwen3_moe") | {key: value})
+    if key == "hidden_size":  # from the folder too, before anything is read
+        with pytest.raises(CheckpointError, match=message):
+            _load(_copy(tmp_path, hidden_size=value))
+
+
+@pytest.mark.parametrize("arch, key, value", [
+    ("deepseek_v3", "q_lora_rank", 1.5), ("deepseek_v3", "n_routed_experts", "8"),
+    ("deepseek_v3", "first_k_dense_replace", -1), ("llama4_text", "attention_chunk_size", 2.5),
+    ("mixtral", "intermediate_size", 64.5),
+])
+def test_integer_keys_of_each_architecture(arch, key, value):
+    with pytest.raises(CheckpointError, match=re.escape(f"config.json: {key}={value!r}; allowed: an int >= ")):
+        from_hf_config(_config(arch) | {key: value})
+
+
+def test_an_integral_float_reads_as_its_int_a_fraction_is_an_error(tmp_path):
+    """48.0 (as some exporters write) is read as 48, exactly; 48.7 is not truncated to it."""
+    with pytest.raises(CheckpointError, match=re.escape("config.json: hidden_size=48.7; allowed: an int >= 1")):
+        _load(_copy(tmp_path / "a", hidden_size=48.7))
+    cfg = from_hf_config(_config("qwen3_moe") | {"hidden_size": 48.0, "num_hidden_layers": 3.0})
+    assert (cfg.hidden_size, cfg.num_hidden_layers) == (48, 3) and type(cfg.hidden_size) is int
+    assert _load(_copy(tmp_path / "b", hidden_size=48.0)).embed.get_value().shape == (96, 48)
+
+
+@pytest.mark.parametrize("arch, key, value", [
+    ("qwen3_moe", "mlp_only_layers", "1"), ("qwen3_moe", "mlp_only_layers", 1),
+    ("qwen3_moe", "mlp_only_layers", [3]), ("qwen3_moe", "mlp_only_layers", [-1]),
+    ("qwen3_moe", "mlp_only_layers", ["1"]), ("qwen3_moe", "mlp_only_layers", [True]),
+    ("llama4_text", "moe_layers", "13"), ("llama4_text", "moe_layers", [1, 4]),
+])
+def test_layer_lists_hold_layer_indices(arch, key, value):
+    layers = _config(arch)["num_hidden_layers"]
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"config.json: {key}={value!r}; allowed: a list of layer indices (ints) in "
+            f"[0, num_hidden_layers={layers})")):
+        from_hf_config(_config(arch) | {key: value})
+    assert from_hf_config(_config("qwen3_moe") | {"mlp_only_layers": [1.0]}).moe_layers == (0, 2)
