@@ -5,6 +5,7 @@ import importlib.util
 import json
 import re
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -13,8 +14,8 @@ from safetensors.numpy import load_file, save_file
 
 from moe_helpers import make_layer, make_spec, random_routing, random_tokens, run_layer
 from wideep_jax.cli import main
-from wideep_jax.config import default_placement, load_moe_config
-from wideep_jax.eplb.offline import (format_report, generate_placement, report, save_heatmap,
+from wideep_jax.config import ConfigWarning, default_placement, load_moe_config
+from wideep_jax.eplb.offline import (Placements, format_report, generate_placement, report, save_heatmap,
                                      write_placement_file)
 from wideep_jax.eplb.stats_files import (StatsFileError, StatsRecorder, load_stats,
                                          parse_iter_range)
@@ -133,6 +134,63 @@ def test_recorder_removes_stale_rank_files(tmp_path):
     assert load_stats(tmp_path).ep_size == 2
 
 
+def test_recorder_refuses_a_folder_of_other_statistics(tmp_path, rng):
+    """Statistics of another shape (another meta_info.json) are not overwritten: their
+    rank files would be replaced and TensorRT-LLM's other files of the old shape kept."""
+    num_experts, top_k = int(rng.integers(4, 12)), int(rng.integers(1, 4))
+    old = write_trtllm_stats(tmp_path / "old", rng.integers(0, 9, (3, 2, 2, num_experts)), iters=[0, 1],
+                             layers=[1, 2], top_k=top_k)
+    before = {f.name: f.read_bytes() for f in old.iterdir()}
+    theirs = json.dumps({"num_experts": num_experts, "num_experts_per_token": top_k})
+    for mine in ({"num_experts": num_experts + 1, "top_k": top_k}, {"num_experts": num_experts, "top_k": top_k + 1}):
+        ours = json.dumps({"num_experts": mine["num_experts"], "num_experts_per_token": mine["top_k"]})
+        with pytest.raises(StatsFileError, match=re.escape(
+                f"meta_info.json' holds {theirs}, statistics of another shape than this recorder's {ours}; "
+                f"allowed: a new or empty folder")):
+            StatsRecorder(old, 0, 1, **mine)
+    # A recorder made before the folder was written refuses at save, writing nothing.
+    late = StatsRecorder(tmp_path / "late", 0, 1, num_experts=num_experts + 2, top_k=top_k)
+    late.record(0, 1, rng.integers(0, 9, (2, num_experts + 2)).astype(np.int32))
+    write_trtllm_stats(tmp_path / "late", rng.integers(0, 9, (3, 1, 1, num_experts)), iters=[0], layers=[1],
+                       top_k=top_k)
+    with pytest.raises(StatsFileError, match="statistics of another shape"):
+        late.save()
+    assert load_stats(tmp_path / "late").num_experts == num_experts and not late.saved
+    assert {f.name: f.read_bytes() for f in old.iterdir()} == before
+    # Rank files without meta_info.json, or an unreadable one: of unknown shape, also refused.
+    (old / "meta_info.json").unlink()
+    with pytest.raises(StatsFileError, match=r"holds rank0\.safetensors, rank1\.safetensors, rank2\.safetensors "
+                                             r"but no meta_info\.json"):
+        StatsRecorder(old, 0, 1, num_experts=num_experts, top_k=top_k)
+    (old / "meta_info.json").write_text("{num_experts: 8")
+    with pytest.raises(StatsFileError, match="meta_info.json' exists but is not readable JSON"):
+        StatsRecorder(old, 0, 1, num_experts=num_experts, top_k=top_k)
+    # Same shape: overwritten (a re-recording), every old count replaced.
+    (old / "meta_info.json").write_text(theirs)
+    same = StatsRecorder(old, 5, 6, num_experts=num_experts, top_k=top_k)
+    same.record(5, 7, np.ones((2, num_experts), np.int32))
+    same.save()
+    again = load_stats(old)
+    assert (again.iters, again.layers, again.ep_size) == ([5], [7], 2)
+
+
+def test_recorder_writes_nothing_the_loader_refuses(tmp_path, rng):
+    num_experts = int(rng.integers(2, 12))
+    with pytest.raises(ValueError, match=re.escape(f"top_k={num_experts + 1}: allowed: an int in "
+                                                   f"[1, num_experts = {num_experts}]")):
+        StatsRecorder(tmp_path / "k", 0, 1, num_experts=num_experts, top_k=num_experts + 1)
+    rec = StatsRecorder(tmp_path / "neg", 0, 2, num_experts=num_experts, top_k=1)
+    counts = rng.integers(0, 9, (2, 3, num_experts)).astype(np.int32)
+    a, r, e = (int(rng.integers(n)) for n in counts.shape)
+    counts[a, r, e] = -int(rng.integers(1, 50))
+    for i in range(2):
+        rec.record(i, 4, counts[i])
+    with pytest.raises(ValueError, match=re.escape(f"counts of iteration {a}, layer 4, rank {r} have "
+                                                   f"{counts[a, r, e]} for expert {e}; allowed: counts >= 0")):
+        rec.save()
+    assert not (tmp_path / "neg").exists()
+
+
 def test_parse_iter_range_and_env(monkeypatch, tmp_path):
     assert parse_iter_range("100-200") == (100, 200) and parse_iter_range(" 3 - 4 ") == (3, 4)
     for bad in ("100", "a-b", "5-5", "7-3", "-1-4", "1-2-3"):
@@ -197,6 +255,36 @@ def test_load_stats_errors_name_the_problem(tmp_path, rng):
     (ranks / "rank1.safetensors").rename(ranks / "rank2.safetensors")
     with pytest.raises(StatsFileError, match=r"missing rank1\.safetensors"):
         load_stats(ranks)
+
+
+def test_load_stats_refuses_negative_counts(tmp_path, rng, capsys):
+    counts = rng.integers(0, 50, (3, 3, 2, 8))
+    r, a, b, e = (int(rng.integers(n)) for n in counts.shape)
+    value = -int(rng.integers(1, 100))
+    counts[r, a, b, e] = value
+    path = write_trtllm_stats(tmp_path, counts, iters=[4, 5, 6], layers=[2, 9])
+    i, l = 4 + a, [2, 9][b]
+    want = (f"rank{r}.safetensors': key '{i}_{l}' (iteration {i}, layer {l}) has count {value} for expert {e}; "
+            "allowed: counts >= 0")
+    with pytest.raises(StatsFileError, match=re.escape(want)):
+        load_stats(path)
+    for command in ("report", "generate"):  # report printed a table of them, exit 0
+        assert main(["eplb", command, "--stats", str(path), "--no-heatmap" if command == "report" else "-o",
+                     *([] if command == "report" else [str(tmp_path / "lb.yaml")])]) == 2
+        assert want in capsys.readouterr().err
+    assert not (tmp_path / "lb.yaml").exists()
+
+
+def test_load_stats_refuses_top_k_above_num_experts(tmp_path, rng):
+    num_experts = int(rng.integers(2, 40))
+    path = write_trtllm_stats(tmp_path, rng.integers(0, 9, (2, 2, 1, num_experts)), iters=[0, 1], layers=[3],
+                              top_k=num_experts)
+    assert load_stats(path).top_k == num_experts  # every expert per token: allowed
+    top_k = num_experts + int(rng.integers(1, 400))
+    (path / "meta_info.json").write_text(json.dumps({"num_experts": num_experts, "num_experts_per_token": top_k}))
+    with pytest.raises(StatsFileError, match=re.escape(
+            f"meta_info.json': num_experts_per_token={top_k}; allowed: an int in [1, num_experts = {num_experts}]")):
+        load_stats(path)
 
 
 # -- generate and report -------------------------------------------------------------------
@@ -287,12 +375,40 @@ def test_report_refuses_a_placement_that_leaves_out_a_layer(tmp_path, rng):
     assert report(stats, ep_size=4, placement=placement).placed_rank_load.shape == (3, 4)
     del placement[4]
     with pytest.raises(ValueError, match=re.escape(
-            "placement: the statistics' layers [4] have no placement (it has layers [3, 5]); allowed: a "
-            "placement for every layer of the statistics (every MoE layer of the model)")):
+            "placement: the statistics' layers [4] have no placement (it has layers [3, 5], the statistics have "
+            "layers [3..5]); allowed: a placement for every layer of the statistics and no other layer (every MoE "
+            "layer of the model)")):
         report(stats, ep_size=4, placement=placement)
     path = write_placement_file(tmp_path / "lb.yaml", placement, 24)
-    with pytest.raises(ValueError, match=r"layers \[4\] have no placement"):
+    with pytest.raises(ValueError, match=re.escape(f"placement {str(path)!r}: the statistics' layers [4] have no "
+                                                   "placement")):
         report(stats, ep_size=4, placement=path)
+
+
+def test_report_refuses_a_placement_with_a_layer_not_in_the_statistics(tmp_path, rng, capsys):
+    """As the runtime refuses placement layers that are no MoE layers of the model."""
+    layers = sorted(rng.choice(10, 2, replace=False).tolist())
+    stray = int(rng.integers(10, 60))
+    stats_dir = write_trtllm_stats(tmp_path / "s", zipf_counts(rng, 2, 2, 2, 16), iters=[0, 1], layers=layers)
+    stats = load_stats(stats_dir)
+    placement = dict(generate_placement(stats, ep_size=4, num_slots=24))
+    placement[stray] = placement[layers[0]]
+    want = (f"layers [{stray}] are not in the statistics (it has layers [{layers[0]}, {layers[1]}, {stray}], the "
+            f"statistics have layers [{layers[0]}, {layers[1]}]); allowed: a placement for every layer of the "
+            "statistics and no other layer")
+    with pytest.raises(ValueError, match=re.escape(f"placement: {want}")):
+        report(stats, ep_size=4, placement=placement)
+    path = write_placement_file(tmp_path / "lb.yaml", placement, 24)
+    with pytest.raises(ValueError, match=re.escape(f"placement {str(path)!r}: {want}")):
+        report(stats, ep_size=4, placement=path)
+    assert main(["eplb", "report", "--stats", str(stats_dir), "--ep-size", "4", "--placement", str(path),
+                 "--no-heatmap"]) == 2
+    assert want in capsys.readouterr().err
+    del placement[layers[1]]  # one missing and one stray: both named
+    with pytest.raises(ValueError, match=re.escape(
+            f"placement: the statistics' layers [{layers[1]}] have no placement and layers [{stray}] are not in "
+            "the statistics")):
+        report(stats, ep_size=4, placement=placement)
 
 
 def test_placement_file_layer_updates_per_iter(tmp_path, rng):
@@ -311,6 +427,62 @@ def test_placement_file_layer_updates_per_iter(tmp_path, rng):
         with pytest.raises(ValueError, match=f"layer_updates_per_iter={bad!r}: allowed: an int >= 0"):
             write_placement_file(tmp_path / "bad.yaml", placement, 24, layer_updates_per_iter=bad)
     assert not (tmp_path / "bad.yaml").exists()
+
+
+def test_placement_file_keeps_num_nodes_for_online_eplb(tmp_path, rng, capsys):
+    """num_nodes of generate is written into an online placement file (it was only in a comment,
+    so online re-placement from the file ran with num_nodes 1) and loads back."""
+    num_nodes, ep = 2, 4
+    stats_dir = write_trtllm_stats(tmp_path / "s", zipf_counts(rng, 4, 2, 2, 16), iters=[0, 1], layers=[1, 6])
+    stats = load_stats(stats_dir)
+    placement = generate_placement(stats, ep_size=ep, num_slots=24, num_nodes=num_nodes)
+    assert isinstance(placement, Placements) and placement.num_nodes == num_nodes
+
+    def load(path):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConfigWarning)
+            return load_moe_config({"backend": "WIDEEP", "load_balancer": str(path)}, num_experts=16,
+                                   ep_size=ep).load_balancer
+    online = write_placement_file(tmp_path / "online.yaml", placement, 24, layer_updates_per_iter=1)
+    assert "\nnum_nodes: 2\n" in online.read_text()
+    lb = load(online)
+    assert (lb.num_nodes, lb.layer_updates_per_iter, sorted(lb.initial_global_assignments)) == (num_nodes, 1, [1, 6])
+    # Explicit wins; 1 is the default and is not written; static: inert (the loader warns), not written.
+    assert load(write_placement_file(tmp_path / "one.yaml", placement, 24, layer_updates_per_iter=1,
+                                     num_nodes=1)).num_nodes == 1
+    assert "num_nodes" not in (tmp_path / "one.yaml").read_text()
+    assert load(write_placement_file(tmp_path / "plain.yaml", dict(placement), 24, layer_updates_per_iter=1,
+                                     num_nodes=num_nodes)).num_nodes == num_nodes
+    static = write_placement_file(tmp_path / "static.yaml", placement, 24)
+    assert "num_nodes" not in static.read_text() and load(static).num_nodes == 1
+    with pytest.raises(ValueError, match="num_nodes=0: allowed: an int >= 1"):
+        write_placement_file(tmp_path / "bad.yaml", placement, 24, layer_updates_per_iter=1, num_nodes=0)
+    # The command line: the file round-trips to the --num-nodes it was generated with.
+    out = tmp_path / "cli.yaml"
+    assert main(["eplb", "generate", "--stats", str(stats_dir), "--ep-size", str(ep), "--num-slots", "24",
+                 "--num-nodes", str(num_nodes), "--layer-updates-per-iter", "1", "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert load(out).num_nodes == num_nodes
+
+
+def test_heatmap_path_must_end_in_png(tmp_path, rng, capsys):
+    """matplotlib writes '<path>.png' for a path without a suffix (and picks the format from
+    any other): the path printed and returned must be the file written."""
+    matrix = rng.random((2, 3))
+    for name, got in (("noext", "no suffix"), ("h.pdf", "suffix '.pdf'"), ("h.png.bak", "suffix '.bak'")):
+        with pytest.raises(ValueError, match=re.escape(f"{str(tmp_path / name)!r}: {got}; allowed: a file path "
+                                                       "ending in '.png'")):
+            save_heatmap(tmp_path / name, matrix, "t")
+    (tmp_path / "dir.png").mkdir()
+    with pytest.raises(ValueError, match=r"dir\.png' is a folder; allowed: a file path ending in '\.png'"):
+        save_heatmap(tmp_path / "dir.png", matrix, "t")
+    stats_dir = write_trtllm_stats(tmp_path / "s", zipf_counts(rng, 2, 2, 2, 8), iters=[0, 1], layers=[0, 1])
+    heat = tmp_path / "heat"
+    assert main(["eplb", "report", "--stats", str(stats_dir), "--heatmap", str(heat)]) == 2
+    assert f"heatmap path {str(heat)!r}: no suffix" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.png", "s"]  # nothing written
+    if HAVE_MPL:
+        assert save_heatmap(tmp_path / "H.PNG", matrix, "t").read_bytes().startswith(b"\x89PNG")
 
 
 def test_heatmap_png(tmp_path):
@@ -371,8 +543,9 @@ def test_cli_eplb_errors(tmp_path, rng, capsys):
 
 def test_bench_moe_records_statistics(tmp_path, capsys):
     stats_dir = tmp_path / "bench_stats"
-    assert main(SMALL + ["--ep", "4", "--skew", "zipf:1.5", "--layer-idx", "3", "--stats-dir", str(stats_dir),
-                         "--stats-iters", "2-5"]) == 0
+    # --iters 5: iterations 2..4 must be timed ones (B <= --iters).
+    assert main(SMALL + ["--iters", "5", "--ep", "4", "--skew", "zipf:1.5", "--layer-idx", "3",
+                         "--stats-dir", str(stats_dir), "--stats-iters", "2-5"]) == 0
     assert "expert statistics: layer 3, iterations 2..4" in capsys.readouterr().out
     stats = load_stats(stats_dir)
     assert (stats.ep_size, stats.iters, stats.layers, stats.top_k) == (4, [2, 3, 4], [3], 4)

@@ -26,6 +26,7 @@ from wideep_jax.eplb.stats_files import LoadedStats
 __all__ = [
     "LayerLoad",
     "LoadReport",
+    "Placements",
     "format_report",
     "generate_placement",
     "normalised",
@@ -47,9 +48,20 @@ def _positive_int(name: str, value) -> int:
     return _int_at_least(name, value, 1)
 
 
+class Placements(dict):
+    """``{layer: int32 [num_slots] slot_to_expert}`` from :func:`generate_placement`, with the
+    ``num_nodes`` it was balanced for: :func:`write_placement_file` writes that into the
+    file (for online EPLB), so re-placement keeps the node groups of the initial placement."""
+
+    def __init__(self, rows=(), *, num_nodes: int = 1) -> None:
+        super().__init__(rows)
+        self.num_nodes = _positive_int("num_nodes", num_nodes)
+
+
 def generate_placement(stats: LoadedStats, *, ep_size: int, num_slots: int,
-                       num_nodes: int = 1) -> dict[int, np.ndarray]:
-    """``{layer: int32 [num_slots] slot_to_expert}`` balancing the load summed over ``stats.iters``."""
+                       num_nodes: int = 1) -> Placements:
+    """``{layer: int32 [num_slots] slot_to_expert}`` balancing the load summed over ``stats.iters``
+    (a :class:`Placements`, which also keeps ``num_nodes``)."""
     from wideep_jax.eplb.algorithm import compute_placement
 
     ep_size = _positive_int("ep_size", ep_size)
@@ -62,19 +74,26 @@ def generate_placement(stats: LoadedStats, *, ep_size: int, num_slots: int,
         raise ValueError(f"num_slots={num_slots}: allowed: a multiple of ep_size = {ep_size}")
     load = stats.load().astype(np.float32)  # [L, E]
     slots = np.asarray(compute_placement(load, num_slots, ep_size, num_nodes=num_nodes), np.int32)
-    return {layer: slots[i] for i, layer in enumerate(stats.layers)}
+    return Placements({layer: slots[i] for i, layer in enumerate(stats.layers)}, num_nodes=num_nodes)
 
 
 def write_placement_file(path: str | os.PathLike, placements: Placement, num_slots: int, *,
-                         comment: str | None = None, layer_updates_per_iter: int = 0) -> Path:
+                         comment: str | None = None, layer_updates_per_iter: int = 0,
+                         num_nodes: int | None = None) -> Path:
     """Writes TensorRT-LLM's placement YAML (``num_slots``, ``layer_updates_per_iter``,
     ``initial_global_assignments`` with one inline list per layer); returns the path.
 
     ``layer_updates_per_iter`` 0 is a static placement; N > 0 starts online EPLB
     (N layers re-placed per iteration) from this placement, as TensorRT-LLM's option.
+    ``num_nodes`` (None: ``placements.num_nodes`` of a :func:`generate_placement` result,
+    else 1) other than 1 is written as our ``num_nodes`` key when N > 0, so online
+    re-placement keeps the node groups; a static placement is used as written (the
+    loader warns that ``num_nodes`` does nothing there), so it is not written then.
     """
     num_slots = _positive_int("num_slots", num_slots)
     layer_updates_per_iter = _int_at_least("layer_updates_per_iter", layer_updates_per_iter, 0)
+    num_nodes = _positive_int("num_nodes", getattr(placements, "num_nodes", 1) if num_nodes is None else num_nodes)
+    online_nodes = num_nodes if layer_updates_per_iter > 0 and num_nodes != 1 else None
     rows = {}
     for layer, ids in sorted(placements.items()):
         ids = np.asarray(ids)
@@ -83,14 +102,17 @@ def write_placement_file(path: str | os.PathLike, placements: Placement, num_slo
                              f"allowed: {num_slots} (num_slots) integer expert ids")
         rows[int(layer)] = [int(e) for e in ids]
     lines = [f"# {line}" for line in (comment or "").splitlines()]
-    lines += [f"num_slots: {num_slots}", f"layer_updates_per_iter: {layer_updates_per_iter}",
-              "initial_global_assignments:"]
+    lines += [f"num_slots: {num_slots}", f"layer_updates_per_iter: {layer_updates_per_iter}"]
+    if online_nodes is not None:
+        lines += [f"num_nodes: {online_nodes}"]
+    lines += ["initial_global_assignments:"]
     # Inline (flow-style) lists, one line per layer, as TensorRT-LLM's generate_eplb_config.py.
     lines += [f"  {layer}: [{', '.join(map(str, ids))}]" for layer, ids in rows.items()]
     text = "\n".join(lines) + "\n"
     parsed = yaml.safe_load(text)
     assert parsed["initial_global_assignments"] == (rows or None) and parsed["num_slots"] == num_slots
     assert parsed["layer_updates_per_iter"] == layer_updates_per_iter
+    assert parsed.get("num_nodes") == online_nodes
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -161,8 +183,10 @@ def _resolve_placement(placement, stats: LoadedStats, ep_size: int) -> tuple[int
     by the config loader (coverage, lengths, num_slots a multiple of ep_size)."""
     from wideep_jax.config import load_moe_config
 
+    name = "placement"
     if isinstance(placement, (str, os.PathLike)):
         source = str(Path(placement).expanduser().resolve())
+        name = f"placement {str(placement)!r}"
     elif isinstance(placement, Mapping):
         rows = {int(k): np.asarray(v).tolist() for k, v in placement.items()}
         lengths = {len(v) for v in rows.values()}
@@ -181,15 +205,19 @@ def _resolve_placement(placement, stats: LoadedStats, ep_size: int) -> tuple[int
     if given and not set(given) & set(stats.layers):
         # Most likely numbered differently (e.g. from 0 where the statistics count MoE layers
         # by model layer): projecting the default placement instead would be silently wrong.
-        raise ValueError(f"placement: layers {sorted(given)[:8]} hold none of the statistics' layers "
-                         f"{list(stats.layers)[:8]}; allowed: placements keyed by the statistics' layer ids")
+        raise ValueError(f"{name}: layers {_layer_list(given)} hold none of the statistics' layers "
+                         f"{_layer_list(stats.layers)}; allowed: placements keyed by the statistics' layer ids")
     missing = [l for l in stats.layers if l not in given]
-    if given and missing:
+    stray = sorted(set(given) - set(stats.layers))
+    if given and (missing or stray):
         # The runtime refuses such a placement (so does TensorRT-LLM): a projection with the
-        # default placement on those layers would report a run that cannot happen.
-        raise ValueError(f"placement: the statistics' layers {_layer_list(missing)} have no placement (it has "
-                         f"layers {_layer_list(given)}); allowed: a placement for every layer of the statistics "
-                         "(every MoE layer of the model)")
+        # default placement on missing layers would report a run that cannot happen, and a
+        # layer the statistics lack is no MoE layer of the model the statistics came from.
+        problems = ([f"the statistics' layers {_layer_list(missing)} have no placement"] if missing else []) + (
+            [f"layers {_layer_list(stray)} are not in the statistics"] if stray else [])
+        raise ValueError(f"{name}: {' and '.join(problems)} (it has layers {_layer_list(given)}, the statistics "
+                         f"have layers {_layer_list(stats.layers)}); allowed: a placement for every layer of the "
+                         "statistics and no other layer (every MoE layer of the model)")
     return num_slots, {l: np.asarray(given.get(l, default), np.int64) for l in stats.layers}
 
 
@@ -252,10 +280,27 @@ def format_report(rep: LoadReport) -> str:
     return "\n".join(lines)
 
 
+def check_png_path(png_path: str | os.PathLike) -> Path:
+    """``png_path`` as a Path if it can name a heatmap file (see `save_heatmap`), else ValueError."""
+    path = Path(png_path)
+    if path.suffix.lower() != ".png":
+        got = f"suffix {path.suffix!r}" if path.suffix else "no suffix"
+        raise ValueError(f"heatmap path {str(path)!r}: {got}; allowed: a file path ending in '.png'")
+    if path.is_dir():
+        raise ValueError(f"heatmap path {str(path)!r} is a folder; allowed: a file path ending in '.png'")
+    return path
+
+
 def save_heatmap(png_path: str | os.PathLike, matrix, title: str, *, row_labels=None,
                  xlabel: str = "EP rank", ylabel: str = "MoE layer",
                  colorbar_label: str = "load / layer mean") -> Path:
-    """Draws ``matrix [layers, ranks]`` as a heatmap PNG (matplotlib, Agg); returns the path."""
+    """Draws ``matrix [layers, ranks]`` as a heatmap PNG (matplotlib, Agg); returns the path.
+
+    ``png_path`` must end in ``.png`` (any case): the file written is exactly that path.
+    Another suffix or none raises ValueError (matplotlib would pick the format from the
+    suffix, or write ``<path>.png`` for none), as does an existing folder.
+    """
+    path = check_png_path(png_path)
     try:  # lazily: the package and the other commands work without matplotlib
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -278,7 +323,6 @@ def save_heatmap(png_path: str | os.PathLike, matrix, title: str, *, row_labels=
         step = max(1, rows // 32)  # keep the labels readable for deep models
         ax.set_yticks(range(0, rows, step), [str(v) for v in list(row_labels)[::step]])
     fig.tight_layout()
-    path = Path(png_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path

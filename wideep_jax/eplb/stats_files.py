@@ -75,6 +75,8 @@ class StatsRecorder:
     device adds), so recording adds no host sync; :meth:`save` converts them. The
     files are written once, by :meth:`save` or automatically when ``record`` or
     :meth:`step` first sees an iteration ``>= iter_stop`` (as TensorRT-LLM does).
+    A ``path`` holding statistics of another shape (another ``meta_info.json``) is
+    refused when the recorder is made, not overwritten (see :meth:`save`).
     """
 
     def __init__(self, path: str | os.PathLike, iter_start: int, iter_stop: int, *,
@@ -87,6 +89,8 @@ class StatsRecorder:
             raise ValueError(f"iter_start={iter_start}, iter_stop={iter_stop}: allowed: iter_start < iter_stop")
         if num_experts < 1 or top_k < 1:
             raise ValueError(f"num_experts={num_experts}, top_k={top_k}: allowed: both >= 1")
+        if top_k > num_experts:  # load_stats refuses such a meta_info.json
+            raise ValueError(f"top_k={top_k}: allowed: an int in [1, num_experts = {num_experts}]")
         self.path = Path(path)
         self.iter_start, self.iter_stop = int(iter_start), int(iter_stop)
         self.num_experts, self.top_k = int(num_experts), int(top_k)
@@ -94,6 +98,35 @@ class StatsRecorder:
         self._num_ranks: int | None = None
         self._done = False
         self._saved = False
+        # Now, so a run that would end in a refused save fails before it starts.
+        self._check_folder()
+
+    @property
+    def meta(self) -> dict:
+        """The ``meta_info.json`` this recorder writes."""
+        return {"num_experts": self.num_experts, "num_experts_per_token": self.top_k}
+
+    def _check_folder(self) -> None:
+        """Refuses a folder that holds statistics of another shape (see :meth:`save`)."""
+        if not self.path.is_dir():
+            return
+        meta_path = self.path / META_FILE
+        allowed = (f"allowed: a new or empty folder, or one holding statistics with this {META_FILE} "
+                   f"{json.dumps(self.meta)} (they are overwritten); remove the old files or pick another path")
+        if not meta_path.exists():
+            ranks = [f.name for _, f in _rank_files(self.path)]
+            if ranks:
+                shown = ", ".join(ranks[:4]) + (" ..." if len(ranks) > 4 else "")
+                raise StatsFileError(f"{str(self.path)!r} holds {shown} but no {META_FILE}: statistics of an "
+                                     "unknown shape would be overwritten; " + allowed)
+            return
+        try:
+            theirs = json.loads(meta_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise StatsFileError(f"{str(meta_path)!r} exists but is not readable JSON ({e}); " + allowed) from None
+        if not isinstance(theirs, dict) or {k: theirs.get(k) for k in self.meta} != self.meta:
+            raise StatsFileError(f"{str(meta_path)!r} holds {json.dumps(theirs)}, statistics of another shape than "
+                                 f"this recorder's {json.dumps(self.meta)}; " + allowed)
 
     @classmethod
     def from_env(cls, num_experts: int, top_k: int) -> StatsRecorder | None:
@@ -168,7 +201,15 @@ class StatsRecorder:
             self._records[key] = previous + counts
 
     def save(self) -> Path:
-        """Writes ``meta_info.json`` and ``rank{r}.safetensors`` for every rank; returns the directory."""
+        """Writes ``meta_info.json`` and ``rank{r}.safetensors`` for every rank; returns the directory.
+
+        A folder that already holds statistics is overwritten only if its ``meta_info.json``
+        is this recorder's (same ``num_experts`` and ``num_experts_per_token``): every rank
+        file is then rewritten and the rank files past this run's ranks are removed, so no
+        old counts remain. A differing or unreadable ``meta_info.json``, or rank files
+        without one, raise :class:`StatsFileError` naming both (checked when the recorder is
+        made, and again here); nothing is written then.
+        """
         from safetensors.numpy import save_file
 
         if not self._records:
@@ -178,10 +219,16 @@ class StatsRecorder:
 
         # Counts are replicated on every device, so in a multi-process run one writer suffices.
         if jax.process_index() == 0:
-            self.path.mkdir(parents=True, exist_ok=True)
+            self._check_folder()  # again: the folder may have been written since the recorder was made
             host = {f"{i}_{l}": np.asarray(c, np.int32) for (i, l), c in sorted(self._records.items())}
-            meta = {"num_experts": self.num_experts, "num_experts_per_token": self.top_k}
-            (self.path / META_FILE).write_text(json.dumps(meta))
+            for key, value in host.items():  # load_stats refuses negative counts: write none
+                if value.min() < 0:
+                    r, e = (int(v) for v in np.unravel_index(np.argmin(value), value.shape))
+                    i, l = key.split("_")
+                    raise ValueError(f"StatsRecorder({str(self.path)!r}): counts of iteration {i}, layer {l}, rank "
+                                     f"{r} have {int(value[r, e])} for expert {e}; allowed: counts >= 0")
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / META_FILE).write_text(json.dumps(self.meta))
             for r in range(self._num_ranks):
                 save_file({k: np.ascontiguousarray(v[r]) for k, v in host.items()},
                           str(self.path / f"rank{r}.safetensors"))
@@ -261,6 +308,10 @@ def _read_meta(path: Path) -> dict:
         value = meta.get(key) if isinstance(meta, dict) else None
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise StatsFileError(f"{str(meta_path)!r}: {key}={value!r}; allowed: an int >= 1")
+    if meta["num_experts_per_token"] > meta["num_experts"]:
+        raise StatsFileError(f"{str(meta_path)!r}: num_experts_per_token={meta['num_experts_per_token']!r}; "
+                             f"allowed: an int in [1, num_experts = {meta['num_experts']}] (each token picks "
+                             "top-k distinct experts)")
     return meta
 
 
@@ -282,6 +333,11 @@ def _read_rank(file: Path, num_experts: int) -> dict[tuple[int, int], np.ndarray
                                  f"allowed: [num_experts={num_experts}] (meta_info.json)")
         if not np.issubdtype(value.dtype, np.integer):
             raise StatsFileError(f"{str(file)!r}: key {key!r} has dtype {value.dtype}; allowed: integer counts")
+        if value.size and value.min() < 0:
+            expert = int(np.argmin(value))
+            raise StatsFileError(f"{str(file)!r}: key {key!r} (iteration {m.group(1)}, layer {m.group(2)}) has "
+                                 f"count {int(value[expert])} for expert {expert}; allowed: counts >= 0 "
+                                 "(routed (token, k) pairs per expert)")
         out[(int(m.group(1)), int(m.group(2)))] = value.astype(np.int64)
     return out
 
