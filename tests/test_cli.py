@@ -21,7 +21,10 @@ def _ints(line: str) -> list[int]:
                                       (["--ep", "2", "--skew", "router", "--backend", "CUTLASS"], 2),
                                       (["--ep", "4", "--skew", "router", "--router", "llama4"], 4)])
 def test_bench_moe_reports_load(capsys, extra, ep):
-    assert main(SMALL + extra) == 0
+    group_flags = SMALL.index("--n-group"), SMALL.index("--topk-group")
+    base = SMALL if "--router" not in extra else [  # the group flags are noaux_tc's only
+        arg for i, arg in enumerate(SMALL) if not any(i in (f, f + 1) for f in group_flags)]
+    assert main(base + extra) == 0
     out = capsys.readouterr().out
     assert re.search(r"-> [\d,]+ tokens/s", out)
     received = _ints(next(line for line in out.splitlines() if "per-rank" in line and "tokens" in line))
@@ -80,6 +83,48 @@ def test_bench_moe_errors_name_the_value(capsys, tmp_path):
     assert "zipf:-1" in capsys.readouterr().err
     assert main(SMALL + ["--ep", "9"]) == 2
     assert "--ep=9: allowed: 1..8" in capsys.readouterr().err
+
+
+def test_user_errors_are_one_line_before_any_compute(capsys, tmp_path, monkeypatch):
+    """Each mistake below stops with exit 2 and one line naming the flag (or variable), the
+    value and the rule: before the layer or model is built, not after the run, and no
+    traceback (a folder as output file, a file as output folder, non-UTF-8 YAML)."""
+    import os
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe")
+    built = []
+    monkeypatch.setattr("wideep_jax.models.CausalLM.__init__", lambda *a, **k: built.append(1) or 1 / 0)
+    monkeypatch.setattr("wideep_jax.bench.bench_moe_layer", lambda *a, **k: built.append(1) or 1 / 0)
+    cases = [
+        (SMALL + ["--config", str(binary)], rf"--config: '{re.escape(str(binary))}' is not UTF-8 text"),
+        (SMALL + ["--router", "softmax"], r"--n-group=4, --topk-group=2: allowed only with --router noaux_tc"),
+        (SMALL + ["--layer-idx", "3"], r"--layer-idx=3: allowed only with a --config placement"),
+        (SMALL + ["--stats-dir", str(a_file / "sub")], r"--stats-dir=.*cannot create that folder"),
+        (SMALL + ["--stats-dir", str(tmp_path / "s"), "--stats-iters", "0-3"],
+         r"--stats-iters='0-3': allowed: iterations within the 1 timed ones"),
+        (SMALL + ["--cpu-devices", "2000"], r"--cpu-devices=2000: allowed: 1..1024"),
+        (["run", "--top-p", "2"], r"--top-p=2.0: allowed: a number with 0 < top_p <= 1"),
+        (["run", "--temperature", "-1"], r"--temperature=-1.0: allowed: a finite number >= 0"),
+        (["run", "--prompt", "abc"], r"--prompt='abc': allowed: comma-separated token ids"),
+        (["run", "--moe-config", str(binary)], r"--moe-config: .* is not UTF-8 text"),
+        (["build-ffi", "--archs", "abc"], r"--archs='abc': allowed: comma-separated GPU archs"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "Traceback" not in err and err.count("\n") == 1, (argv, err)
+    # --cpu-devices must agree with a count XLA_FLAGS already sets (it cannot change it).
+    assert "xla_force_host_platform_device_count=8" in os.environ["XLA_FLAGS"]
+    assert main(SMALL + ["--cpu-devices", "4"]) == 2
+    assert "--cpu-devices=4: XLA_FLAGS already sets --xla_force_host_platform_device_count=8" in capsys.readouterr().err
+    monkeypatch.setenv("EXPERT_STATISTIC_ITER_RANGE", "0-2")
+    monkeypatch.setenv("EXPERT_STATISTIC_PATH", str(a_file / "stats"))
+    assert main(["run", "--max-new-tokens", "3"]) == 2
+    assert "EXPERT_STATISTIC_PATH=" in capsys.readouterr().err
+    assert not built  # every case failed before building a layer or model
 
 
 @pytest.mark.parametrize("command,flag,value,rule", [

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 
@@ -43,8 +44,8 @@ def _add_bench_moe(sub) -> None:
     p.add_argument("--intermediate", type=POSITIVE, default=256, help="per-expert width (DeepSeek-V3: 2048)")
     p.add_argument("--experts", type=POSITIVE, default=64, help="routed experts (DeepSeek-V3: 256)")
     p.add_argument("--top-k", type=POSITIVE, default=8, help="experts per token")
-    p.add_argument("--n-group", type=POSITIVE, default=8, help="expert groups for noaux_tc routing")
-    p.add_argument("--topk-group", type=POSITIVE, default=4, help="groups kept per token")
+    p.add_argument("--n-group", type=POSITIVE, default=None, help="expert groups for noaux_tc routing (default 8)")
+    p.add_argument("--topk-group", type=POSITIVE, default=None, help="groups kept per token (noaux_tc, default 4)")
     p.add_argument("--router", choices=["noaux_tc", "softmax", "llama4"], default="noaux_tc",
                    help="llama4: sigmoid of the top-k logits, the weight applied to the expert's input")
     p.add_argument("--shared-experts", type=NON_NEGATIVE, default=1)
@@ -55,14 +56,15 @@ def _add_bench_moe(sub) -> None:
     p.add_argument("--skew", default="uniform",
                    help="routing: 'uniform', 'zipf:S' (Zipf exponent S over experts) or 'router' (the layer's router)")
     p.add_argument("--backend", choices=["WIDEEP", "CUTLASS"], default=None,
-                   help="overrides the config's backend (default WIDEEP)")
+                   help="overrides the config's backend (without --config: WIDEEP)")
     p.add_argument("--alltoall", default=None, help="communication backend (overrides the config)")
     p.add_argument("--config", default=None, help="moe_config YAML (TensorRT-LLM schema)")
     p.add_argument("--layer-idx", type=NON_NEGATIVE, default=None,
                    help="the layer whose initial_global_assignments row to use (default: the placement's only "
                         "layer; required when it has several)")
     p.add_argument("--iters", type=POSITIVE, default=5)
-    p.add_argument("--cpu-devices", type=POSITIVE, default=8, help="emulated CPU devices when there is no GPU")
+    p.add_argument("--cpu-devices", type=POSITIVE, default=None,
+                   help=f"emulated CPU devices when there is no GPU (default {DEFAULT_CPU_DEVICES})")
     p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     p.add_argument("--stats-dir", default=None,
                    help="write expert statistics (TensorRT-LLM's format) of the layer to this directory")
@@ -80,7 +82,7 @@ def _bench_moe(args) -> int:
 
     from wideep_jax.bench import bench_moe_layer, imbalance, parse_skew
     from wideep_jax.comm import resolve_alltoall_backend
-    from wideep_jax.config import MoEConfig, load_moe_config
+    from wideep_jax.config import MoEConfig
     from wideep_jax.routing import RouterSpec
     from wideep_jax.spec import MoESpec
 
@@ -89,22 +91,29 @@ def _bench_moe(args) -> int:
     if args.stats_dir is not None:
         from wideep_jax.eplb.stats_files import parse_iter_range
         stats_iters = parse_iter_range(args.stats_iters or f"0-{args.iters}", name="--stats-iters")
+        if stats_iters[1] > args.iters:  # iterations that never ran would get invented counts
+            raise ValueError(f"--stats-iters={args.stats_iters!r}: allowed: iterations within the "
+                             f"{args.iters} timed ones (--iters), i.e. A-B with B <= {args.iters}")
+        check_output_dir("--stats-dir", args.stats_dir)
     elif args.stats_iters is not None:
         raise ValueError(f"--stats-iters={args.stats_iters!r}: allowed: only with --stats-dir")
+    if args.router != "noaux_tc" and (args.n_group, args.topk_group) != (None, None):
+        raise ValueError(f"--n-group={args.n_group}, --topk-group={args.topk_group}: allowed only with "
+                         f"--router noaux_tc (got --router {args.router})")
     platform = jax.default_backend()
     dtype = jnp.dtype(args.dtype or ("bfloat16" if platform == "gpu" else "float32"))
     ep = jax.device_count() if args.ep is None else args.ep
     if not 1 <= ep <= jax.device_count():
         raise ValueError(f"--ep={ep}: allowed: 1..{jax.device_count()} ({platform} devices)")
-    router = {"noaux_tc": lambda: RouterSpec(kind="noaux_tc", n_group=args.n_group, topk_group=args.topk_group,
-                                             routed_scaling_factor=2.5),
+    router = {"noaux_tc": lambda: RouterSpec(kind="noaux_tc", n_group=args.n_group or 8,
+                                             topk_group=args.topk_group or 4, routed_scaling_factor=2.5),
               "softmax": lambda: RouterSpec(kind="softmax"),
               "llama4": lambda: RouterSpec(kind="llama4", norm_topk_prob=False)}[args.router]()
     spec = MoESpec(hidden_size=args.hidden, intermediate_size=args.intermediate,
                    num_experts=args.experts, top_k=args.top_k, router=router,
                    num_shared_experts=args.shared_experts, dtype=dtype, param_dtype=dtype,
                    apply_router_weight_on_input=args.router == "llama4")
-    config = load_moe_config(args.config) if args.config else MoEConfig(backend="WIDEEP")
+    config = load_config_file("--config", args.config) if args.config else MoEConfig(backend="WIDEEP")
     overrides = {}
     if args.backend:
         overrides["backend"] = args.backend
@@ -115,6 +124,12 @@ def _bench_moe(args) -> int:
     config.validate(num_experts=spec.num_experts, ep_size=ep)
     placed = sorted((config.load_balancer and config.load_balancer.initial_global_assignments) or {})
     layer_idx = _placed_layer(placed, args.layer_idx)
+    if args.layer_idx is not None and not placed and args.stats_dir is None:
+        raise ValueError(f"--layer-idx={args.layer_idx}: allowed only with a --config placement "
+                         "(initial_global_assignments) or --stats-dir (the layer the statistics name)")
+    if config.load_balancer is not None and config.load_balancer.is_online:
+        print("  note: bench-moe times the initial placement; online balancing (layer_updates_per_iter) "
+              "is not run here")
 
     result = bench_moe_layer(spec, config, mesh, tokens_per_rank=args.tokens, skew=skew,
                              iters=args.iters, seed=args.seed, layer_idx=layer_idx)
@@ -242,9 +257,11 @@ def _eplb_generate(args) -> int:
 def _eplb_report(args) -> int:
     from pathlib import Path
 
-    from wideep_jax.eplb.offline import format_report, normalised, report, save_heatmap
+    from wideep_jax.eplb.offline import check_png_path, format_report, normalised, report, save_heatmap
     from wideep_jax.eplb.stats_files import load_stats
 
+    if args.heatmap and not args.no_heatmap:
+        check_png_path(args.heatmap)  # before the report is printed, not after
     stats = load_stats(args.stats, iter_start=args.iter_start, iter_stop=args.iter_stop)
     rep = report(stats, ep_size=args.ep_size, placement=args.placement)
     print(f"wideep eplb report: {args.stats}, iterations {stats.iter_start}..{stats.iter_stop - 1}, "
@@ -284,8 +301,11 @@ def _add_build_ffi(sub) -> None:
 def _build_ffi(args) -> int:
     from wideep_jax.comm import ffi_build
 
-    if args.archs:
-        os.environ["WIDEEP_CUDA_ARCHS"] = args.archs
+    if args.archs is not None:
+        archs = [a.strip() for a in args.archs.split(",")]
+        if not all(a.replace(".", "").isdigit() for a in archs):
+            raise ValueError(f"--archs={args.archs!r}: allowed: comma-separated GPU archs, e.g. 90 or 90,100")
+        os.environ["WIDEEP_CUDA_ARCHS"] = ",".join(archs)
     try:
         path = ffi_build.build_library(force=args.force, verbose=args.verbose)
     except ffi_build.FfiBuildError as err:
@@ -307,15 +327,61 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Emulated CPU devices must be requested before the first backend is created;
     # the flag only affects the CPU platform, so it is harmless on a GPU machine.
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        cpu_devices = getattr(args, "cpu_devices", 8)
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={cpu_devices}".strip()
     try:
+        _request_cpu_devices(getattr(args, "cpu_devices", None))
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:  # config, argument and path errors: one line, no traceback
+    except (ValueError, OSError) as err:  # config, argument and path errors: one line, no traceback
         print(f"wideep: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        print(f"wideep: error: out of memory: {str(err).splitlines()[0][:300]}; allowed: fewer tokens "
+              "(--tokens, --batch, --prompt-len, --max-new-tokens), more devices, or a smaller model", file=sys.stderr)
+        return 2
+
+
+DEFAULT_CPU_DEVICES = 8
+MAX_CPU_DEVICES = 1024  # XLA creates each emulated device up front: far more takes minutes
+
+
+def _request_cpu_devices(requested: int | None) -> None:
+    """Asks XLA for ``--cpu-devices`` emulated CPU devices (default 8) before the first
+    backend is created; the flag only affects the CPU platform, so it is harmless on a GPU
+    machine. An ``XLA_FLAGS`` count that disagrees with ``--cpu-devices`` is an error."""
+    if requested is not None and not 1 <= requested <= MAX_CPU_DEVICES:
+        raise ValueError(f"--cpu-devices={requested}: allowed: 1..{MAX_CPU_DEVICES}")
+    flags = os.environ.get("XLA_FLAGS", "")
+    found = re.search(r"--xla_force_host_platform_device_count=(\S+)", flags)
+    if found is None:
+        count = DEFAULT_CPU_DEVICES if requested is None else requested
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    elif requested is not None and found.group(1) != str(requested):
+        raise ValueError(f"--cpu-devices={requested}: XLA_FLAGS already sets "
+                         f"--xla_force_host_platform_device_count={found.group(1)}; allowed: the same count, "
+                         "or leave one of them out")
+
+
+def check_output_dir(flag: str, path) -> None:
+    """Creates the output folder now, so a path under a file fails before the run, not after it."""
+    from pathlib import Path
+
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{flag}={str(path)!r}: cannot create that folder ({err.strerror}); allowed: a folder "
+                         "path that exists or can be created") from None
+
+
+def load_config_file(flag: str, path, **kwargs):
+    """`load_moe_config` of a command-line file; errors name the flag instead of ``source``."""
+    from wideep_jax.config import ConfigError, load_moe_config
+
+    try:
+        return load_moe_config(path, **kwargs)
+    except ConfigError as err:
+        text = str(err)
+        raise ConfigError(f"{flag}{text[len('source'):]}" if text.startswith("source") else text) from None
 
 
 if __name__ == "__main__":

@@ -453,6 +453,9 @@ def _read_yaml(key: str, path: Path) -> Any:
         raise ConfigError(f"{key}: file not found: {str(path)!r}; allowed: a path to an existing YAML file") from None
     except OSError as e:
         raise ConfigError(f"{key}: cannot read {str(path)!r}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{key}: {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}); allowed: "
+                          "a YAML file") from None
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:

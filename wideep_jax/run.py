@@ -49,8 +49,8 @@ def add_parser(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="default: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--cpu-devices", type=POSITIVE, default=8,
-                   help="emulated CPU devices (per process) when there is no GPU")
+    p.add_argument("--cpu-devices", type=POSITIVE, default=None,
+                   help="emulated CPU devices (per process) when there is no GPU (default 8)")
     p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="join a multi-process run (one process per host; the EP group spans them): "
@@ -96,6 +96,9 @@ def init_distributed(coordinator: str | None, num_processes: int | None, process
     # CPU devices of different processes talk through gloo (the default has no
     # cross-process collectives); GPUs use NCCL whatever this says.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # jax.distributed waits for every process (up to its 300 s initialization timeout): say so.
+    print(f"wideep: joining the multi-process run at {coordinator} (process {process_id} of {num_processes}); "
+          "waiting for the others", file=sys.stderr, flush=True)
     try:
         if coordinator == "auto":
             jax.distributed.initialize(local_device_ids=local_device_ids)
@@ -111,10 +114,11 @@ def init_distributed(coordinator: str | None, num_processes: int | None, process
 
 
 def _moe_config(path, num_experts: int, ep: int):
+    from wideep_jax.cli import load_config_file
     from wideep_jax.config import load_moe_config
 
     if path is not None:
-        return load_moe_config(path, num_experts=num_experts, ep_size=ep)
+        return load_config_file("--moe-config", path, num_experts=num_experts, ep_size=ep)
     if ep == 1:
         # One rank holds every expert: there is nothing to balance, and a replica would sit
         # beside its own expert (online placement allows one copy of an expert per rank).
@@ -128,7 +132,10 @@ def _moe_config(path, num_experts: int, ep: int):
 
 def _stats_recorder(cfg, max_new_tokens: int):
     """A StatsRecorder when ``EXPERT_STATISTIC_ITER_RANGE`` is set, else None."""
-    from wideep_jax.eplb.stats_files import ENV_RANGE, StatsRecorder
+    import jax
+
+    from wideep_jax.cli import check_output_dir
+    from wideep_jax.eplb.stats_files import ENV_PATH, ENV_RANGE, StatsRecorder
 
     recorder = StatsRecorder.from_env(cfg.num_experts, cfg.num_experts_per_tok)
     if recorder is None:
@@ -142,6 +149,8 @@ def _stats_recorder(cfg, max_new_tokens: int):
         raise ValueError(f"{span}: this run has iterations 0..{max_new_tokens - 1} (the prefill, then "
                          f"one per decode step, --max-new-tokens={max_new_tokens}); allowed: a range "
                          f"starting at most {max_new_tokens - 1}, or a larger --max-new-tokens")
+    if jax.process_index() == 0:  # the writer: a bad folder fails now, not after the run
+        check_output_dir(ENV_PATH, recorder.path)
     return recorder
 
 
@@ -246,7 +255,8 @@ def main_job(args) -> int:
     from wideep_jax.eplb.algorithm import imbalance, rank_loads
     from wideep_jax.layer import MoELayer
     from wideep_jax.models import CausalLM, DecoderConfig, from_hf_config, from_pretrained
-    from wideep_jax.models.generate import generate, generated_lengths, model_balancer
+    from wideep_jax.models.generate import check_sampling, generate, generated_lengths, model_balancer
+    from wideep_jax.models.loading import read_config
 
     init_distributed(args.coordinator, args.num_processes, args.process_id, args.local_device_ids)
     # Every process runs the same program; process 0 reports.
@@ -265,12 +275,18 @@ def main_job(args) -> int:
     if folder is None:
         cfg = DecoderConfig(**PRESETS[args.model], dtype=dtype)
     else:
-        import json
-        cfg = from_hf_config(json.loads((folder / "config.json").read_text()), dtype=dtype)
+        cfg = from_hf_config(read_config(folder), dtype=dtype)
     # A placement file for another model, or one with a layer left out, fails here, before
     # the model is built (the layers would refuse it one by one, after building the ones before).
     moe_config = _moe_config(args.moe_config, cfg.num_experts, ep).check_layers(cfg.moe_layers)
     recorder = _stats_recorder(cfg, args.max_new_tokens)
+    # Argument errors that need no model: said before the (possibly long) build.
+    try:
+        check_sampling(args.temperature, args.top_p)
+    except ValueError as err:
+        raise ValueError(f"--{err}".replace("top_p=", "top-p=", 1)) from None
+    tokenizer = _tokenizer(folder)
+    prompts = _prompts(args, cfg.vocab_size, tokenizer)
     mesh = jax.make_mesh((ep,), (moe_config.ep_axis,), devices=jax.devices()[:ep],
                          axis_types=(jax.sharding.AxisType.Auto,))
     start = time.perf_counter()
@@ -284,8 +300,6 @@ def main_job(args) -> int:
     say(f"wideep run: {args.model} ({cfg.model_type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
         f"{cfg.num_experts} experts top-{cfg.num_experts_per_tok}, {dtype.name}) on {ep} {platform} devices, "
         f"{moe_config.backend}{comm}; built in {time.perf_counter() - start:.1f} s")
-    tokenizer = _tokenizer(folder)
-    prompts = _prompts(args, cfg.vocab_size, tokenizer)
     moe_layers = [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoELayer)]
     # generate steps the model's online balancer itself (after the prefill and every decode
     # step, before after_step): the same object, asked for here to say so.
