@@ -103,8 +103,6 @@ def test_user_errors_are_one_line_before_any_compute(capsys, tmp_path, monkeypat
         (SMALL + ["--router", "softmax"], r"--n-group=4, --topk-group=2: allowed only with --router noaux_tc"),
         (SMALL + ["--layer-idx", "3"], r"--layer-idx=3: allowed only with a --config placement"),
         (SMALL + ["--stats-dir", str(a_file / "sub")], r"--stats-dir=.*cannot create that folder"),
-        (SMALL + ["--stats-dir", str(tmp_path / "s"), "--stats-iters", "0-3"],
-         r"--stats-iters='0-3': allowed: iterations within the 1 timed ones"),
         (SMALL + ["--cpu-devices", "2000"], r"--cpu-devices=2000: allowed: 1..1024"),
         (["run", "--top-p", "2"], r"--top-p=2.0: allowed: a number with 0 < top_p <= 1"),
         (["run", "--temperature", "-1"], r"--temperature=-1.0: allowed: a finite number >= 0"),
