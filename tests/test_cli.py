@@ -95,6 +95,9 @@ def test_user_errors_are_one_line_before_any_compute(capsys, tmp_path, monkeypat
     a_file.write_text("x")
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"\xff\xfe")
+    other_stats = tmp_path / "other_stats"  # another run's statistics: 99 experts
+    other_stats.mkdir()
+    (other_stats / "meta_info.json").write_text('{"num_experts": 99, "num_experts_per_token": 2}')
     built = []
     monkeypatch.setattr("wideep_jax.models.CausalLM.__init__", lambda *a, **k: built.append(1) or 1 / 0)
     monkeypatch.setattr("wideep_jax.bench.bench_moe_layer", lambda *a, **k: built.append(1) or 1 / 0)
@@ -103,6 +106,7 @@ def test_user_errors_are_one_line_before_any_compute(capsys, tmp_path, monkeypat
         (SMALL + ["--router", "softmax"], r"--n-group=4, --topk-group=2: allowed only with --router noaux_tc"),
         (SMALL + ["--layer-idx", "3"], r"--layer-idx=3: allowed only with a --config placement"),
         (SMALL + ["--stats-dir", str(a_file / "sub")], r"--stats-dir=.*cannot create that folder"),
+        (SMALL + ["--stats-dir", str(other_stats)], r"meta_info.json' holds .*statistics of another shape"),
         (SMALL + ["--cpu-devices", "2000"], r"--cpu-devices=2000: allowed: 1..1024"),
         (["run", "--top-p", "2"], r"--top-p=2.0: allowed: a number with 0 < top_p <= 1"),
         (["run", "--temperature", "-1"], r"--temperature=-1.0: allowed: a finite number >= 0"),

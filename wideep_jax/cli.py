@@ -87,10 +87,11 @@ def _bench_moe(args) -> int:
     from wideep_jax.spec import MoESpec
 
     skew = parse_skew(args.skew)
-    stats_iters = None
-    if args.stats_dir is not None:
-        from wideep_jax.eplb.stats_files import parse_iter_range
+    stats_iters = recorder = None
+    if args.stats_dir is not None:  # checked now (the folder, its older statistics), not after the run
+        from wideep_jax.eplb.stats_files import StatsRecorder, parse_iter_range
         stats_iters = parse_iter_range(args.stats_iters or f"0-{args.iters}", name="--stats-iters")
+        recorder = StatsRecorder(args.stats_dir, *stats_iters, num_experts=args.experts, top_k=args.top_k)
         check_output_dir("--stats-dir", args.stats_dir)
     elif args.stats_iters is not None:
         raise ValueError(f"--stats-iters={args.stats_iters!r}: allowed: only with --stats-dir")
@@ -147,11 +148,8 @@ def _bench_moe(args) -> int:
     label = "received tokens" if config.backend == "WIDEEP" else "computed tokens"
     print(f"  per-rank {label}: {received}  (max-mean)/mean {imbalance(received):.3f}")
     print(f"  per-rank expert rows:     {rows}  (max-mean)/mean {imbalance(rows):.3f}")
-    if stats_iters is not None:
-        from wideep_jax.eplb.stats_files import StatsRecorder
+    if recorder is not None:
         layer = layer_idx or 0
-        recorder = StatsRecorder(args.stats_dir, *stats_iters, num_experts=spec.num_experts,
-                                 top_k=spec.top_k)
         # The timed loop reruns one batch, so its stats (already returned, no extra host
         # sync in the timed region) are every iteration's stats.
         for iteration in range(*stats_iters):

@@ -551,10 +551,11 @@ def _refuse_misspelt_moe_keys(data: Mapping) -> None:
                                   "would leave the MoE at its defaults)")
 
 
-def _moe_section(data: Mapping) -> tuple[Mapping, dict[str, str]]:
+def _moe_section(data: Mapping) -> tuple[Mapping, dict[str, str], bool]:
     """The ``moe_config`` mapping of a loaded file: its ``moe_config`` key, the legacy
-    ``moe_*`` options, or the whole file when it is a bare ``moe_config`` mapping; and,
-    for legacy keys, ``{"moe_config.<key>": where the file wrote it}`` for error messages."""
+    ``moe_*`` options, or the whole file when it is a bare ``moe_config`` mapping; for
+    legacy keys, ``{"moe_config.<key>": where the file wrote it}`` for error messages; and
+    whether the file was read as a bare mapping."""
     nested = data.get("pytorch_backend_config")
     legacy = {k: v for k, v in data.items() if k in LEGACY_MOE_KEYS}
     written = {k: k for k in legacy}
@@ -569,9 +570,9 @@ def _moe_section(data: Mapping) -> tuple[Mapping, dict[str, str]]:
         if legacy:
             raise ConfigError(f"{_MOE} and the legacy {', '.join(sorted(legacy))}: both given; allowed: one "
                               f"of them (moe_config.{LEGACY_MOE_KEYS[min(legacy)]} replaces {min(legacy)})")
-        return _mapping(_MOE, data[_MOE]), {}
+        return _mapping(_MOE, data[_MOE]), {}, False
     if not legacy and not LLM_API_KEYS & data.keys():
-        return data, {}  # a bare moe_config mapping: every key must be ours
+        return data, {}, True  # a bare moe_config mapping: every key must be ours
     if not legacy:  # no MoE section: TensorRT-LLM's defaults, as there, unless one is misspelt
         _refuse_misspelt_moe_keys(data)
     # An LLM-API options file: its other keys are not ours. Top-level names that are also
@@ -585,7 +586,7 @@ def _moe_section(data: Mapping) -> tuple[Mapping, dict[str, str]]:
     if legacy:
         written = {k: written.get(k, k) for k in LEGACY_MOE_KEYS}
     return ({LEGACY_MOE_KEYS[k]: v for k, v in legacy.items()},
-            {f"{_MOE}.{LEGACY_MOE_KEYS[k]}": where for k, where in written.items()})
+            {f"{_MOE}.{LEGACY_MOE_KEYS[k]}": where for k, where in written.items()}, False)
 
 
 def _legacy_names(message: str, written: Mapping[str, str]) -> str:
@@ -621,9 +622,7 @@ def load_moe_config(
         data, base_dir = source, Path.cwd()
     else:
         raise _fail("source", source, "a YAML file path (str or os.PathLike) or a mapping")
-    data = _mapping("source", data)
-    bare = _MOE not in data and not LEGACY_MOE_KEYS.keys() & data.keys() and not LLM_API_KEYS & data.keys()
-    data, written = _moe_section(data)
+    data, written, bare = _moe_section(_mapping("source", data))
     if num_experts is None and ep_size is not None:
         raise ConfigError(
             f"num_experts=None, ep_size={ep_size!r}: allowed: num_experts given with ep_size "

@@ -97,8 +97,10 @@ def init_distributed(coordinator: str | None, num_processes: int | None, process
     # cross-process collectives); GPUs use NCCL whatever this says.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     # jax.distributed waits for every process (up to its 300 s initialization timeout): say so.
-    print(f"wideep: joining the multi-process run at {coordinator} (process {process_id} of {num_processes}); "
-          "waiting for the others", file=sys.stderr, flush=True)
+    who = ("the cluster's coordinator" if coordinator == "auto"
+           else f"{coordinator} as process {process_id} of {num_processes}")
+    print(f"wideep: joining the multi-process run at {who}; waiting for the others (jax.distributed)",
+          file=sys.stderr, flush=True)
     try:
         if coordinator == "auto":
             jax.distributed.initialize(local_device_ids=local_device_ids)
