@@ -440,6 +440,15 @@ def test_bad_source_type():
         load_moe_config(42)
 
 
+def test_source_errors_use_the_given_name(tmp_path):
+    """A tool's flag names the file in its errors (``name=``), in place of ``source``."""
+    for source, what in ((42, "got 42"), (tmp_path / "nope.yaml", "file not found"),
+                         (write(tmp_path / "list.yaml", "- 1\n"), "allowed: a mapping")):
+        with pytest.raises(ConfigError) as err:
+            load_moe_config(source, name="--moe-config")
+        assert str(err.value).startswith("--moe-config: ") and what in str(err.value), str(err.value)
+
+
 def test_missing_files(tmp_path):
     with raises("source", str(tmp_path / "nope.yaml")):
         load_moe_config(tmp_path / "nope.yaml")

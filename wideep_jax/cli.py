@@ -369,15 +369,10 @@ def check_output_dir(flag: str, path) -> None:
 
 
 def load_config_file(flag: str, path, **kwargs):
-    """`load_moe_config` of a command-line file; errors name the flag instead of ``source``."""
-    from wideep_jax.config import ConfigError, load_moe_config
+    """`load_moe_config` of a command-line file; its errors name the flag."""
+    from wideep_jax.config import load_moe_config
 
-    try:
-        return load_moe_config(path, **kwargs)
-    except ConfigError as err:
-        text = str(err)
-        raise ConfigError(f"{flag}{text[len('source'):]}" if text.startswith("source") else text) from None
-
+    return load_moe_config(path, name=flag, **kwargs)
 
 if __name__ == "__main__":
     sys.exit(main())

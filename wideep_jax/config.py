@@ -603,6 +603,7 @@ def load_moe_config(
     *,
     num_experts: int | None = None,
     ep_size: int | None = None,
+    name: str = "source",
 ) -> MoEConfig:
     """Load a :class:`MoEConfig` from a YAML file path or a mapping.
 
@@ -613,16 +614,17 @@ def load_moe_config(
     LLM-API file when it has a key of :data:`LLM_API_KEYS`. Empty content gives the
     defaults. A relative ``load_balancer`` path is found from the current directory (as
     TensorRT-LLM does) or beside the config file. If ``num_experts`` is given (with
-    ``ep_size``, default 1), :meth:`MoEConfig.validate` runs too.
+    ``ep_size``, default 1), :meth:`MoEConfig.validate` runs too. ``name`` is what errors
+    about ``source`` itself call it (a command-line tool passes its flag).
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
-        data, base_dir = _read_yaml("source", path), path.resolve().parent
+        data, base_dir = _read_yaml(name, path), path.resolve().parent
     elif source is None or isinstance(source, Mapping):
         data, base_dir = source, Path.cwd()
     else:
-        raise _fail("source", source, "a YAML file path (str or os.PathLike) or a mapping")
-    data, written, bare = _moe_section(_mapping("source", data))
+        raise _fail(name, source, "a YAML file path (str or os.PathLike) or a mapping")
+    data, written, bare = _moe_section(_mapping(name, data))
     if num_experts is None and ep_size is not None:
         raise ConfigError(
             f"num_experts=None, ep_size={ep_size!r}: allowed: num_experts given with ep_size "
