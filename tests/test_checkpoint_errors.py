@@ -225,3 +225,83 @@ def test_layer_lists_hold_layer_indices(arch, key, value):
             f"[0, num_hidden_layers={layers})")):
         from_hf_config(_config(arch) | {key: value})
     assert from_hf_config(_config("qwen3_moe") | {"mlp_only_layers": [1.0]}).moe_layers == (0, 2)
+
+
+@pytest.mark.parametrize("arch, key, value", [
+    ("qwen3_moe", "tie_word_embeddings", "false"), ("qwen3_moe", "norm_topk_prob", "false"),
+    ("qwen3_moe", "use_sliding_window", "false"), ("mixtral", "tie_word_embeddings", 0),
+    ("deepseek_v3", "norm_topk_prob", 1), ("deepseek_v3", "rope_interleave", "true"),
+    ("llama4_text", "attention_bias", "false"), ("llama4_text", "use_qk_norm", "false"),
+    ("llama4_text", "attn_temperature_tuning", [True]),
+])
+def test_flags_must_be_true_or_false(arch, key, value):
+    """bool("false") is True: a flag written as a string (or 0/1) is an error, not read as true."""
+    with pytest.raises(CheckpointError, match=re.escape(f"config.json: {key}={value!r}; allowed: true or false")):
+        from_hf_config(_config(arch) | {key: value})
+    assert getattr(from_hf_config(_config(arch) | {key: False}), key, False) is False
+
+
+def test_no_rope_layers_hold_0_or_1():
+    config = _config("llama4_text")
+    flags = ["1", "0"] * (config["num_hidden_layers"] // 2)  # "0" would be truthy: a RoPE layer
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"config.json: no_rope_layers={flags!r}; allowed: a list of 1 (RoPE) or 0 (NoPE), one per layer")):
+        from_hf_config(config | {"no_rope_layers": flags})
+
+
+def _rope_case(arch: str, section: str, **changes) -> dict:
+    """The fixture's rope keys, moved to ``section``, with ``changes``."""
+    config = _config(arch)
+    return config | {"rope_parameters": None, section: config["rope_parameters"] | changes}
+
+
+@pytest.mark.parametrize("arch, section, key, value, allowed", [
+    ("deepseek_v3", "rope_parameters", "beta_fast", "32", "a finite number"),
+    ("deepseek_v3", "rope_scaling", "beta_slow", [1], "a finite number"),
+    ("deepseek_v3", "rope_scaling", "mscale", "abc", "a finite number"),
+    ("deepseek_v3", "rope_scaling", "mscale_all_dim", True, "a finite number"),
+    ("deepseek_v3", "rope_scaling", "beta_fast", 0, "a finite number > 0"),
+    ("deepseek_v3", "rope_scaling", "beta_slow", -1.0, "a finite number > 0"),
+    ("deepseek_v3", "rope_scaling", "factor", 0.0, "a finite number > 0"),
+    ("deepseek_v3", "rope_scaling", "truncate", "false", "true or false"),
+    ("llama4_text", "rope_scaling", "low_freq_factor", 0, "a finite number > 0"),
+    ("llama4_text", "rope_parameters", "high_freq_factor", -4.0, "a finite number > 0"),
+    ("llama4_text", "rope_scaling", "factor", -8.0, "a finite number > 0"),
+    ("llama4_text", "rope_scaling", "rope_theta", 0.0, "a finite number > 0"),
+])
+def test_rope_numbers_are_checked(arch, section, key, value, allowed):
+    with pytest.raises(CheckpointError, match=re.escape(f"config.json: {section}.{key}={value!r}; allowed: {allowed}")):
+        from_hf_config(_rope_case(arch, section, **{key: value}))
+    # null: the key's default (as before), for the keys that have one
+    if key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+        assert from_hf_config(_rope_case(arch, section, **{key: None})).rope.kind == "yarn"
+
+
+@pytest.mark.parametrize("value", [["fp8"], "fp8", 1])
+def test_quantization_config_must_be_an_object(tmp_path, value):
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"config.json: quantization_config={value!r}; allowed: a JSON object or null")):
+        _load(_copy(tmp_path, quantization_config=value))
+
+
+@pytest.mark.parametrize("arch, changes, message", [
+    ("qwen3_moe", {"num_key_value_heads": 3}, "num_key_value_heads=3 with num_attention_heads=4; allowed: a "
+                                              "divisor of num_attention_heads"),
+    ("mixtral", {"num_key_value_heads": 8}, "num_key_value_heads=8 with num_attention_heads=4; allowed: a "
+                                            "divisor of num_attention_heads"),
+    ("qwen3_moe", {"head_dim": None, "hidden_size": 50}, "hidden_size=50 with num_attention_heads=4 and no "
+                                                         "head_dim; allowed: a multiple of num_attention_heads, or "
+                                                         "head_dim given"),
+])
+def test_attention_heads_must_split_evenly(arch, changes, message):
+    with pytest.raises(CheckpointError, match=re.escape(f"config.json: {message}")):
+        from_hf_config(_config(arch) | changes)
+
+
+def test_head_rules_keep_real_layouts():
+    # Qwen3: an explicit head_dim unlike hidden_size / heads (16, not 48 / 4).
+    assert from_hf_config(_config("qwen3_moe")).head_dim == 16
+    assert from_hf_config(_config("qwen3_moe") | {"head_dim": None}).head_dim == 12
+    # DeepSeek's MLA has its own head dims and no kv head groups.
+    cfg = from_hf_config(_config("deepseek_v3") | {"num_key_value_heads": 3, "head_dim": None, "hidden_size": 50})
+    assert cfg.mla is not None and cfg.head_dim == cfg.mla.qk_rope_head_dim

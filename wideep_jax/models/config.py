@@ -141,14 +141,25 @@ def _int(cfg: dict, key: str, default=dataclasses.MISSING, *, minimum: int = 1, 
     return number
 
 
-def _float(cfg: dict, key: str, default=dataclasses.MISSING, *, name: str | None = None) -> float:
+def _float(cfg: dict, key: str, default=dataclasses.MISSING, *, name: str | None = None,
+           positive: bool = False) -> float:
+    """A number key (``positive``: > 0, as for divisors and logarithms' arguments)."""
     value = _get(cfg, key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise CheckpointError(f"config.json: {name or key}={value!r}; allowed: a finite number")
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or (positive and value <= 0)):
+        raise CheckpointError(f"config.json: {name or key}={value!r}; allowed: a finite number{' > 0' * positive}")
     return float(value)
 
 
-def _layer_list(cfg: dict, key: str, layers: int) -> tuple[int, ...]:
+def _bool(cfg: dict, key: str, default=dataclasses.MISSING, *, name: str | None = None) -> bool:
+    """A flag: JSON true or false only (bool("false") would be True; 0/1 are not flags)."""
+    value = _get(cfg, key, default)
+    if not isinstance(value, bool):
+        raise CheckpointError(f"config.json: {name or key}={value!r}; allowed: true or false")
+    return value
+
+
+def _layer_indices(cfg: dict, key: str, layers: int) -> tuple[int, ...]:
     """A list of layer indices, each in [0, num_hidden_layers)."""
     value = cfg[key]
     numbers = [_integer(i) for i in value] if isinstance(value, list) else [None]
@@ -198,8 +209,8 @@ def _rope(cfg: dict) -> RopeConfig:
     params = {key: value for section in sections for key, value in cfg[section].items()}  # rope_scaling's win
     section = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
     kind = params.get("rope_type", params.get("type", "default"))
-    theta = (_float(params, "rope_theta", name=f"{section}.rope_theta") if params.get("rope_theta") is not None
-             else _float(cfg, "rope_theta", 10000.0))
+    theta = (_float(params, "rope_theta", name=f"{section}.rope_theta", positive=True)
+             if params.get("rope_theta") is not None else _float(cfg, "rope_theta", 10000.0, positive=True))
     if kind == "default":
         return RopeConfig(theta=theta)
     if kind not in _ROPE_KEYS:
@@ -208,24 +219,30 @@ def _rope(cfg: dict) -> RopeConfig:
     if missing:
         raise CheckpointError(f"config.json: missing key {section}.{missing[0]} (rope_type={kind!r}); "
                               f"allowed: rope type {kind!r} with all of {list(_ROPE_KEYS[kind])}")
-    factor = _float(params, "factor", name=f"{section}.factor")
+
+    def number(key, default=dataclasses.MISSING, *, positive=True):
+        # factor, llama3's band factors and YaRN's betas are divisors or logs' arguments: > 0.
+        return _float(params, key, default, name=f"{section}.{key}", positive=positive)
+
+    factor = number("factor")
     original = _int(params, "original_max_position_embeddings", name=f"{section}.original_max_position_embeddings")
     if kind == "llama3":
         return RopeConfig(theta=theta, kind="llama3", factor=factor, original_max_position_embeddings=original,
-                          low_freq_factor=_float(params, "low_freq_factor", name=f"{section}.low_freq_factor"),
-                          high_freq_factor=_float(params, "high_freq_factor", name=f"{section}.high_freq_factor"))
-    if params.get("attention_factor") is not None or params.get("truncate", True) is not True:
-        raise ValueError("config.json: yarn with attention_factor or truncate=false is not supported")
+                          low_freq_factor=number("low_freq_factor"), high_freq_factor=number("high_freq_factor"))
+    if params.get("attention_factor") is not None or not _bool(params, "truncate", True, name=f"{section}.truncate"):
+        raise CheckpointError("config.json: yarn with attention_factor or truncate=false is not supported")
     return RopeConfig(theta=theta, kind="yarn", factor=factor, original_max_position_embeddings=original,
-                      beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
-                      mscale=float(params.get("mscale") or 0), mscale_all_dim=float(params.get("mscale_all_dim") or 0))
+                      beta_fast=number("beta_fast", 32.0), beta_slow=number("beta_slow", 1.0),
+                      mscale=number("mscale", 0.0, positive=False),
+                      mscale_all_dim=number("mscale_all_dim", 0.0, positive=False))
 
 
 def from_hf_config(cfg: dict, *, dtype=jnp.float32) -> DecoderConfig:
     """Reads a Hugging Face config dict; unknown architectures raise naming them.
 
     Integer keys must hold ints (an integral float such as 48.0 is read as 48; 48.7, "48"
-    and true are errors), sizes and counts positive; layer lists hold indices of layers."""
+    and true are errors), sizes and counts positive; layer lists hold indices of layers;
+    flags are JSON true or false ("false" is an error, not true)."""
     if not isinstance(cfg, dict):
         raise CheckpointError(f"config.json holds a {type(cfg).__name__} ({str(cfg)[:40]}); "
                               "allowed: a JSON object of model settings (model_type, hidden_size, ...)")
@@ -244,27 +261,30 @@ def from_hf_config(cfg: dict, *, dtype=jnp.float32) -> DecoderConfig:
     layers = _int(cfg, "num_hidden_layers")
     heads = _int(cfg, "num_attention_heads")
     hidden = _int(cfg, "hidden_size")
+    kv_heads = _int(cfg, "num_key_value_heads", heads)
+    if model_type != "deepseek_v3":  # MLA has its own head dims and no kv head groups
+        _check_heads(cfg, hidden, heads, kv_heads)
+    rope = _rope(cfg)
     common = dict(
         model_type=model_type, vocab_size=_int(cfg, "vocab_size"), hidden_size=hidden,
-        num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=_int(cfg, "num_key_value_heads", heads),
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         head_dim=_int(cfg, "head_dim", hidden // heads),
-        rms_norm_eps=_float(cfg, "rms_norm_eps", 1e-6), rope_theta=_rope(cfg).theta, rope=_rope(cfg),
-        tie_word_embeddings=bool(_get(cfg, "tie_word_embeddings", False)), dtype=dtype,
+        rms_norm_eps=_float(cfg, "rms_norm_eps", 1e-6), rope_theta=rope.theta, rope=rope,
+        tie_word_embeddings=_bool(cfg, "tie_word_embeddings", False), dtype=dtype,
         eos_token_id=_token_ids(cfg, "eos_token_id"), pad_token_id=_token_id(cfg, "pad_token_id"),
     )
     if model_type == "qwen3_moe":
         step = _int(cfg, "decoder_sparse_step", 1)
-        dense_only = _layer_list(cfg, "mlp_only_layers", layers) if cfg.get("mlp_only_layers") is not None else ()
+        dense_only = _layer_indices(cfg, "mlp_only_layers", layers) if cfg.get("mlp_only_layers") is not None else ()
         num_experts = _num_experts(cfg, minimum=0)  # 0: every layer dense
         moe_layers = tuple(i for i in range(layers)
                            if i not in dense_only and num_experts > 0 and (i + 1) % step == 0)
-        window = _get(cfg, "sliding_window", None) if _get(cfg, "use_sliding_window", False) else None
+        window = _get(cfg, "sliding_window", None) if _bool(cfg, "use_sliding_window", False) else None
         return DecoderConfig(
             **common, intermediate_size=_int(cfg, "intermediate_size"),
             moe_intermediate_size=_int(cfg, "moe_intermediate_size"), num_experts=num_experts,
             num_experts_per_tok=_int(cfg, "num_experts_per_tok"), moe_layers=moe_layers,
-            norm_topk_prob=bool(_get(cfg, "norm_topk_prob", False)), qk_norm=True,
+            norm_topk_prob=_bool(cfg, "norm_topk_prob", False), qk_norm=True,
             sliding_window=None if window is None else _int(cfg, "sliding_window"),
         )
     if model_type == "deepseek_v3":
@@ -282,6 +302,18 @@ def from_hf_config(cfg: dict, *, dtype=jnp.float32) -> DecoderConfig:
     )
 
 
+def _check_heads(cfg: dict, hidden: int, heads: int, kv_heads: int) -> None:
+    """Grouped-query attention splits the query heads into num_key_value_heads equal groups;
+    without head_dim, each head is hidden_size / num_attention_heads wide (an explicit
+    head_dim, as Qwen3's, may differ)."""
+    if heads % kv_heads:
+        raise CheckpointError(f"config.json: num_key_value_heads={kv_heads} with "
+                              f"num_attention_heads={heads}; allowed: a divisor of num_attention_heads")
+    if cfg.get("head_dim") is None and hidden % heads:
+        raise CheckpointError(f"config.json: hidden_size={hidden} with num_attention_heads={heads} and no head_dim; "
+                              "allowed: a multiple of num_attention_heads, or head_dim given")
+
+
 def _deepseek_v3(cfg: dict, common: dict, layers: int) -> DecoderConfig:
     if cfg.get("topk_method", "noaux_tc") != "noaux_tc" or cfg.get("scoring_func", "sigmoid") != "sigmoid":
         raise ValueError(f"config.json: topk_method={cfg.get('topk_method')!r}, scoring_func="
@@ -290,10 +322,10 @@ def _deepseek_v3(cfg: dict, common: dict, layers: int) -> DecoderConfig:
     q_rank = None if cfg.get("q_lora_rank") is None else _int(cfg, "q_lora_rank")
     mla = MLAConfig(q_lora_rank=q_rank, kv_lora_rank=_int(cfg, "kv_lora_rank"),
                     qk_nope_head_dim=_int(cfg, "qk_nope_head_dim"), qk_rope_head_dim=rope_dim,
-                    v_head_dim=_int(cfg, "v_head_dim"), rope_interleave=bool(_get(cfg, "rope_interleave", True)))
+                    v_head_dim=_int(cfg, "v_head_dim"), rope_interleave=_bool(cfg, "rope_interleave", True))
     num_experts = _int(cfg, "n_routed_experts") if cfg.get("n_routed_experts") is not None else _num_experts(cfg)
     # Keys a config.json leaves out take transformers' DeepseekV3Config defaults.
-    router = RouterSpec(kind="noaux_tc", norm_topk_prob=bool(_get(cfg, "norm_topk_prob", True)),
+    router = RouterSpec(kind="noaux_tc", norm_topk_prob=_bool(cfg, "norm_topk_prob", True),
                         n_group=_int(cfg, "n_group", 8), topk_group=_int(cfg, "topk_group", 4),
                         routed_scaling_factor=_float(cfg, "routed_scaling_factor", 2.5))
     first_dense = _int(cfg, "first_k_dense_replace", 3, minimum=0)
@@ -311,11 +343,15 @@ def _llama4(cfg: dict, common: dict, layers: int) -> DecoderConfig:
     """Llama 4 (Scout, Maverick): interleaved MoE layers, iRoPE attention."""
     step = _int(cfg, "interleave_moe_layer_step", 1)
     moe_layers = cfg.get("moe_layers")
-    moe_layers = tuple(range(step - 1, layers, step)) if moe_layers is None else _layer_list(cfg, "moe_layers", layers)
+    moe_layers = (tuple(range(step - 1, layers, step)) if moe_layers is None
+                  else _layer_indices(cfg, "moe_layers", layers))
     # no_rope_layers[i] == 1 means layer i *uses* RoPE (HF's naming); default: every
     # no_rope_layer_interval-th layer is NoPE.
     interval = _int(cfg, "no_rope_layer_interval", 4)
     uses_rope = cfg.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(layers)]
+    if not isinstance(uses_rope, list) or any(flag not in (0, 1) for flag in uses_rope):  # "0" would be truthy
+        raise CheckpointError(f"config.json: no_rope_layers={uses_rope!r}; allowed: a list of 1 (RoPE) or 0 (NoPE), "
+                              "one per layer")
     if len(uses_rope) != layers:
         raise ValueError(f"config.json: no_rope_layers has {len(uses_rope)} entries; allowed: one per layer "
                          f"(num_hidden_layers={layers})")
@@ -332,16 +368,16 @@ def _llama4(cfg: dict, common: dict, layers: int) -> DecoderConfig:
         chunked = tuple(i for i in range(layers) if i not in nope) if chunk is not None else ()
     if chunked and chunk is None:
         raise ValueError("config.json: layer_types has chunked_attention layers but attention_chunk_size is missing")
-    if _get(cfg, "attention_bias", False):
-        raise ValueError("config.json: attention_bias=true is not supported for llama4_text; allowed: false")
+    if _bool(cfg, "attention_bias", False):
+        raise CheckpointError("config.json: attention_bias=true is not supported for llama4_text; allowed: false")
     width = _int(cfg, "intermediate_size")
     return DecoderConfig(
         **common, intermediate_size=_int(cfg, "intermediate_size_mlp"), moe_intermediate_size=width,
         num_experts=_num_experts(cfg), num_experts_per_tok=_int(cfg, "num_experts_per_tok"),
         moe_layers=moe_layers, norm_topk_prob=False, router=RouterSpec(kind="llama4", norm_topk_prob=False),
         n_shared_experts=1, router_weight_on_input=True, rope_interleaved=True, nope_layers=nope,
-        qk_l2_norm=bool(_get(cfg, "use_qk_norm", True)), chunked_layers=chunked,
+        qk_l2_norm=_bool(cfg, "use_qk_norm", True), chunked_layers=chunked,
         attention_chunk_size=None if chunk is None else _int(cfg, "attention_chunk_size"),
-        attn_temperature_tuning=bool(_get(cfg, "attn_temperature_tuning", True)),
+        attn_temperature_tuning=_bool(cfg, "attn_temperature_tuning", True),
         floor_scale=_float(cfg, "floor_scale", 8192), attn_scale=_float(cfg, "attn_scale", 0.1),
     )

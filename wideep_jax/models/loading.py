@@ -109,6 +109,8 @@ def _block_size(hf_config: dict) -> tuple[int, int]:
     quant = hf_config.get("quantization_config")
     if quant is None:
         return (128, 128)
+    if not isinstance(quant, dict):  # quant.get would raise a bare AttributeError
+        raise CheckpointError(f"config.json: quantization_config={quant!r}; allowed: a JSON object or null")
     method, fmt = quant.get("quant_method"), quant.get("fmt", "e4m3")
     if method not in _QUANT_METHODS:
         raise ValueError(f"config.json quantization_config.quant_method={method!r} not supported; "
