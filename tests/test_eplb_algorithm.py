@@ -207,6 +207,11 @@ def test_no_recompile_when_only_data_changes(rng):
      "allowed: finite and >= 0"),
     (dict(num_slots=12, ep_size=4, load=np.r_[np.ones(7), np.nan]), "with NaN; allowed: finite and >= 0"),
     (dict(num_slots=12, ep_size=4, load=np.r_[np.ones(7), -2.0]), r"load: got values in \[-2.0, 1.0\]"),
+    # Finite, yet float32 sums overflow (or the value itself does): refused, not an invalid placement.
+    (dict(num_slots=12, ep_size=4, load=np.full(8, 3e38, np.float32)), r"load: got a layer total of 2\.4e\+39; "
+     r"allowed: at most 1\.701e\+38 \(loads are summed in float32\)"),
+    (dict(num_slots=12, ep_size=4, load=np.r_[np.ones(7), 1e39]), r"load: got a layer total of 1e\+39"),
+    (dict(num_slots=12, ep_size=4, load=np.r_[np.ones((1, 8)), np.full((1, 8), 1e38)]), "layer total of 8e\\+38"),
 ])
 def test_bad_arguments_name_the_value(kwargs, match):
     kwargs = dict(kwargs)

@@ -269,3 +269,62 @@ def test_compile_counter_sees_a_compile():
     with count_compiles() as n:
         jax.jit(lambda a: a * 3 + 1)(jnp.arange(7.0)).block_until_ready()
     assert n[0] >= 1
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    # More slots per rank than experts: refused at construction, under EplbConfig's name,
+    # not at the first step's trace by compute_placement.
+    (dict(num_experts=4, num_slots=24, ep_size=4), r"EplbConfig.num_slots: got 24; allowed: <= num_experts \* ranks"),
+    (dict(num_experts=8, num_slots=12, ep_size=4, num_nodes=3), "EplbConfig.num_nodes: got 3; allowed: a divisor of "
+     "ep_size = 4"),
+    (dict(num_experts=6, num_slots=8, ep_size=4, num_nodes=4), "EplbConfig.num_nodes: got 4; allowed: a divisor of "
+     "num_experts = 6"),
+    (dict(num_experts=8, num_slots=12, ep_size=4, decay="0.5"), "EplbConfig.decay: got '0.5'; allowed: a number"),
+    (dict(num_experts=8, num_slots=12, ep_size=4, decay=True), "EplbConfig.decay: got True; allowed: a number"),
+    (dict(num_experts=8, num_slots=12, ep_size=4, tolerance=None), "EplbConfig.tolerance: got None; allowed: a number"),
+])
+def test_eplb_config_checks_the_computed_placement(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EplbConfig(num_layers=2, **kwargs)
+
+
+def test_init_state_refuses_a_placement_without_every_expert(rng):
+    """A placement that gives an expert no slot would leave its load out of every rank and
+    never be re-placed (its tokens run another expert's weights): refused, naming it."""
+    num_layers, num_experts, num_slots = 3, 8, 12
+    placement = np.stack([covering_placement(rng, num_slots, num_experts, EP) for _ in range(num_layers)])
+    state = init_state(placement, num_experts)  # a valid one is taken as it is
+    np.testing.assert_array_equal(np.asarray(state.placement), placement)
+    layer, expert = int(rng.integers(num_layers)), int(rng.integers(num_experts))
+    dropped = placement.copy()
+    dropped[layer][dropped[layer] == expert] = (expert + 1) % num_experts
+    with pytest.raises(ValueError, match=rf"placement\[{layer}\] gives no slot to experts \[{expert}\]; "
+                                         rf"allowed: every expert in \[0, {num_experts}\)"):
+        init_state(dropped, num_experts)
+    slot = int(rng.integers(num_slots))
+    for bad in (-1, num_experts):
+        wrong = placement.copy()
+        wrong[layer, slot] = bad
+        with pytest.raises(ValueError, match=rf"placement\[{layer}, {slot}\]: got {bad}; allowed: an expert id "
+                                             rf"in \[0, {num_experts}\)"):
+            init_state(wrong, num_experts)
+    with pytest.raises(ValueError, match="placement: got dtype float32; allowed: integer expert ids"):
+        init_state(placement.astype(np.float32), num_experts)
+    with pytest.raises(ValueError, match="num_experts: got 0; allowed: an int >= 1"):
+        init_state(placement, 0)
+
+
+def test_eplb_update_refuses_a_state_of_other_experts_and_negative_counts(rng):
+    mesh = make_mesh(EP)
+    placement = covering_placement(rng, 12, 8, EP)
+    config = EplbConfig(num_layers=1, num_experts=8, num_slots=12, ep_size=EP, reshard="collective")
+    weights = [slot_weights_of(expert_weights(rng, 8), placement, mesh)]
+    state = init_state(placement[None], 8)
+    other = state._replace(load=jnp.zeros((1, 9), jnp.float32))
+    with pytest.raises(ValueError, match=r"state.load has shape \(1, 9\); allowed: \[num_layers, num_experts\] "
+                                         r"= \[1, 8\]"):
+        eplb_update(other, weights, jnp.zeros((1, 8), jnp.int32), config=config, mesh=mesh)
+    counts = rng.integers(0, 50, (1, 8)).astype(np.int32)
+    counts[0, rng.integers(8)] = -3
+    with pytest.raises(ValueError, match="counts: got a minimum of -3; allowed: routed pairs, >= 0"):
+        eplb_update(state, weights, counts, config=config, mesh=mesh)

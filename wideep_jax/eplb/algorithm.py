@@ -42,7 +42,8 @@ ranks and ``k = S/R`` slots per rank, per layer:
 
 Float32 arithmetic and every tie-break are fixed, so the NumPy loops of
 :mod:`wideep_jax.eplb.algorithm_reference` give identical output. Loads must be
-finite; negative and NaN loads count as zero.
+finite, each layer's total within float32 range (refused otherwise outside jit);
+under jit, negative and NaN loads count as zero.
 """
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ __all__ = ["compute_placement", "greedy_placement", "imbalance", "rank_loads"]
 _F32 = jnp.float32
 _I32 = jnp.int32
 _SLACK = 1e-6  # relative; absorbs float32 rounding of loads summed in another order
+_MAX_TOTAL = float(np.finfo(np.float32).max) / 2  # a layer's loads sum to less: no float32 overflow
 
 
 def _check(load_shape: tuple[int, ...], num_slots: int, ep_size: int, num_nodes: int,
@@ -411,6 +413,11 @@ def _run(load, current, tolerance, num_slots: int, ep_size: int, num_nodes: int,
         if values.size and (not np.isfinite(values).all() or (values < 0).any()):
             raise ValueError(f"load: got values in [{np.nanmin(values)}, {np.nanmax(values)}]"
                              f"{' with NaN' if np.isnan(values).any() else ''}; allowed: finite and >= 0")
+        # Rank and node loads are float32 sums of a layer's loads: a sum that overflows
+        # to inf breaks every comparison (experts without a slot, duplicates on a rank).
+        if values.ndim in (1, 2) and values.size and values.sum(-1).max() > _MAX_TOTAL:
+            raise ValueError(f"load: got a layer total of {values.sum(-1).max():.4g}; allowed: at most "
+                             f"{_MAX_TOTAL:.4g} (loads are summed in float32)")
     load = jnp.asarray(load)
     current_shape = None if current is None else tuple(jnp.shape(current))
     _check(tuple(load.shape), num_slots, ep_size, num_nodes, current_shape, tolerance)

@@ -107,7 +107,8 @@ class OnlineBalancer:
         if not jnp.issubdtype(counts.dtype, jnp.integer):
             raise ValueError(f"stats: counts of dtype {counts.dtype}; allowed: an integer dtype")
         weights = [self._slot_weights(layer) for layer in self.layers]
-        check_update(self.state, weights, counts, self.master, self.config, self.mesh, self.axis)
+        check_update(self.state, weights, stats if isinstance(stats, np.ndarray) else counts, self.master,
+                     self.config, self.mesh, self.axis)
         step = compiled_step(self.config, self.mesh, self.axis, weights, self.master)
         self.state, weights, placements = step(self.state, weights, counts, self.master)
         for layer, (gate_up, down), placement in zip(self.layers, weights, placements):

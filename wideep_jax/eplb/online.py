@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from wideep_jax.eplb.algorithm import compute_placement, rank_loads
@@ -47,9 +48,14 @@ def check_update(state: EplbState, weights: Sequence[Pytree], counts: jax.Array,
     want = (config.num_layers, config.num_experts)
     if tuple(counts.shape) != want:
         raise ValueError(f"counts has shape {tuple(counts.shape)}; allowed: [num_layers, num_experts] = {list(want)}")
+    if isinstance(counts, np.ndarray) and counts.size and counts.min() < 0:  # host counts: no sync
+        raise ValueError(f"counts: got a minimum of {counts.min()}; allowed: routed pairs, >= 0")
     if tuple(state.placement.shape) != (config.num_layers, config.num_slots):
         raise ValueError(f"state.placement has shape {tuple(state.placement.shape)}; allowed: "
                          f"[{config.num_layers}, {config.num_slots}]")
+    if tuple(state.load.shape) != want:
+        raise ValueError(f"state.load has shape {tuple(state.load.shape)}; allowed: [num_layers, num_experts] = "
+                         f"{list(want)} (init_state's num_experts must be EplbConfig.num_experts)")
     if len(weights) != config.num_layers:
         raise ValueError(f"weights has {len(weights)} layers; allowed: num_layers = {config.num_layers}")
     for leaf in jax.tree.leaves(weights):

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wideep_jax.config import RESHARD_MODES, LoadBalancerConfig, MoEConfig
+from wideep_jax.config import RESHARD_MODES, LoadBalancerConfig, MoEConfig, placement_violation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,15 @@ class EplbConfig:
         if self.num_slots < self.num_experts or self.num_slots % self.ep_size:
             raise ValueError(f"EplbConfig.num_slots: got {self.num_slots}; allowed: >= num_experts = "
                              f"{self.num_experts} and a multiple of ep_size = {self.ep_size}")
+        # The placement the balancer computes has more limits (nodes, one replica of an
+        # expert per rank): checked here, not at the first step's trace under another name.
+        bad = placement_violation(self.num_experts, self.num_slots, self.ep_size, self.num_nodes, computed=True)
+        if bad:
+            raise ValueError(f"EplbConfig.{bad[0]}: got {bad[1]}; allowed: {bad[2]}")
+        for name in ("decay", "tolerance"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"EplbConfig.{name}: got {value!r}; allowed: a number")
         if not 0.0 < self.decay <= 1.0:
             raise ValueError(f"EplbConfig.decay: got {self.decay!r}; allowed: a number in (0, 1]")
         if self.reshard not in RESHARD_MODES:
@@ -88,7 +98,31 @@ class EplbState(NamedTuple):
 
 
 def init_state(placement: jax.Array | np.ndarray, num_experts: int) -> EplbState:
-    """Fresh state for ``placement`` (int32 [L, S]); loads start at zero."""
+    """Fresh state for ``placement`` (int32 [L, S]); loads start at zero.
+
+    Every layer's placement must hold every expert ``[0, num_experts)`` in at least
+    one slot: an expert without a slot would drop out of the statistics (its load
+    counts on no rank) and its tokens would run another expert's weights.
+    """
+    if isinstance(num_experts, bool) or not isinstance(num_experts, numbers.Integral) or num_experts < 1:
+        raise ValueError(f"num_experts: got {num_experts!r}; allowed: an int >= 1")
+    num_experts = int(num_experts)
+    if not isinstance(placement, jax.core.Tracer):
+        values = np.asarray(placement)
+        if values.ndim != 2:
+            raise ValueError(f"placement has shape {values.shape}; allowed: [num_layers, num_slots]")
+        if not np.issubdtype(values.dtype, np.integer):
+            raise ValueError(f"placement: got dtype {values.dtype}; allowed: integer expert ids")
+        bad = np.argwhere((values < 0) | (values >= num_experts))
+        if bad.size:
+            layer, slot = (int(i) for i in bad[0])
+            raise ValueError(f"placement[{layer}, {slot}]: got {int(values[layer, slot])}; allowed: an "
+                             f"expert id in [0, {num_experts})")
+        for layer, row in enumerate(values):
+            missing = np.setdiff1d(np.arange(num_experts), row)
+            if missing.size:
+                raise ValueError(f"placement[{layer}] gives no slot to experts {missing.tolist()}; allowed: "
+                                 f"every expert in [0, {num_experts}) in at least one slot")
     placement = jnp.asarray(placement, jnp.int32)
     if placement.ndim != 2:
         raise ValueError(f"placement has shape {placement.shape}; allowed: [num_layers, num_slots]")
