@@ -304,9 +304,74 @@ def test_bad_weights_and_routing_are_refused(rng):
         call(w, routing._replace(ids=routing.ids.astype(jnp.float32)))
     with pytest.raises(ValueError, match="routing.weights has dtype int32; allowed: a floating dtype"):
         call(w, Routing(routing.ids, routing.ids))  # ids and weights swapped
+    # Integer tokens would come back as truncated integer sums.
+    with pytest.raises(ValueError, match="x has dtype int32; allowed: a floating dtype"):
+        moe_forward(jnp.ones((8, spec.hidden_size), jnp.int32), w, spec=spec, config=config, mesh=mesh)
     no_shared = make_spec(experts=8)
     with pytest.raises(ValueError, match="shared_gate_up / shared_down are given"):
         moe_forward(x, w, spec=no_shared, config=config, mesh=mesh)
+
+
+def test_masked_tokens_routing_ids_are_not_checked(rng):
+    """Padding rows often carry id -1: a masked-out token's ids are never read, so an
+    eager call takes them (and gives what jit gives) instead of refusing them; a kept
+    token's bad id is still refused, naming it."""
+    spec = make_spec(experts=8)
+    layer = make_layer(spec, ep=2)
+    x = random_tokens(rng, 7, spec.hidden_size)
+    routing = random_routing(rng, 7, spec.num_experts, spec.top_k)
+    mask = jnp.ones(7, bool).at[2].set(False).at[6].set(False)
+    padded = routing._replace(ids=routing.ids.at[2].set(-1).at[6, 1].set(99))
+    got, stats = layer(x, token_mask=mask, routing=padded)  # eager: the ids are checked here
+    want, want_stats = run_layer(layer, x, mask, routing)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    for a, b in zip(stats, want_stats):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.asarray(got)[[2, 6]].any()
+    with pytest.raises(ValueError, match=r"routing.ids: .*\(first: 8 at token 4, k 0\); allowed: \[0, 8\) "
+                                         r"for tokens the token_mask keeps"):
+        layer(x, token_mask=mask, routing=padded._replace(ids=padded.ids.at[4, 0].set(8)))
+    with pytest.raises(ValueError, match=r"routing.ids: got values in \[-1, 99\] \(first: -1 at token 2, k 0\)"):
+        layer(x, routing=padded)  # no mask: every token is routed
+
+
+@pytest.mark.parametrize("backend, ep", [("WIDEEP", 4), ("CUTLASS", 1)])
+def test_nan_in_masked_tokens_reaches_no_gradient(rng, backend, ep):
+    """A masked-out row holding NaN / inf (and NaN routing weights) changes neither the
+    output nor any gradient: all equal, exactly, those of the batch with zeros there
+    (it used to poison the shared experts' weight gradients through 0 * NaN)."""
+    spec = make_spec(kind="llama4", top_k=2, experts=8, shared=1, on_input=True)
+    layer = make_layer(spec, backend=backend, ep=ep, seed=int(rng.integers(1 << 30)))
+    weights, config, mesh = unsharded(layer.weights()), layer.config, layer.mesh
+    num_tokens = 9
+    routing = random_routing(rng, num_tokens, spec.num_experts, spec.top_k)
+    mask = jnp.ones(num_tokens, bool).at[0].set(False).at[5].set(False)  # token 0 fills padding rows
+    clean = random_tokens(rng, num_tokens, spec.hidden_size).at[0].set(0.0).at[5].set(0.0)
+    dirty = clean.at[0].set(jnp.nan).at[5, 3].set(jnp.inf)
+    dirty_weights = routing.weights.at[0].set(jnp.nan)
+    cot = jnp.asarray(rng.standard_normal((num_tokens, spec.hidden_size)), jnp.float32)
+
+    def loss(w, x, rw, use_routing):
+        y, _ = moe_forward(x, w, spec=spec, config=config, mesh=mesh, token_mask=mask,
+                           routing=Routing(routing.ids, rw) if use_routing else None)
+        return jnp.sum(y * cot), y
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True, allow_int=True), static_argnums=3)
+    routed = {}
+    for use_routing in (False, True):
+        (g_clean, y_clean) = grad(weights, clean, routing.weights, use_routing)
+        (g_dirty, y_dirty) = routed[use_routing] = grad(weights, dirty, dirty_weights, use_routing)
+        np.testing.assert_array_equal(np.asarray(y_dirty), np.asarray(y_clean))
+        leaves_clean, leaves_dirty = jax.tree.leaves(g_clean), jax.tree.leaves(g_dirty)
+        assert len(leaves_clean) == len(leaves_dirty)
+        for a, b in zip(leaves_dirty, leaves_clean):
+            if jnp.issubdtype(a.dtype, jnp.floating):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert np.isfinite(np.asarray(g_dirty[0].shared_gate_up)).all()
+    # The reference zeroes masked rows too, and the layer's gradients match it.
+    ref_grad = jax.grad(lambda w: jnp.sum(dense_moe_reference(dirty, w, spec, token_mask=mask) * cot), allow_int=True)(weights)
+    for name in ("router", "shared_gate_up", "shared_down"):
+        assert_close(getattr(routed[False][0][0], name), getattr(ref_grad, name))
 
 
 @pytest.mark.parametrize("backend", ["WIDEEP", "CUTLASS"])

@@ -35,6 +35,28 @@ class DispatchPlan(NamedTuple):
         return self.send_token.shape[1]
 
 
+def check_pairs(slots: jax.Array, weights: jax.Array, valid: jax.Array, *,
+                names: tuple[str, str] = ("slots", "weights"), rows: str = "tokens") -> jax.Array:
+    """Refuses a (slot, weight) pair table ``[N, K]`` and row mask ``[N]`` of other shapes,
+    naming the argument (``names``: how the caller calls the first two; ``rows``: what a
+    row is); returns ``valid`` as bool (an int mask: nonzero is valid; a bitwise ``&``
+    with 2 would drop the row).
+
+    Mismatched shapes would broadcast (one weight for every pair) or read clamped
+    out-of-range rows, silently.
+    """
+    slot_name, weight_name = names
+    if slots.ndim != 2:
+        raise ValueError(f"{slot_name} has shape {tuple(slots.shape)}; allowed: [{rows}, top_k]")
+    if weights.shape != slots.shape:
+        owner = f"{slot_name}'" if slot_name.endswith("s") else f"{slot_name}'s"
+        raise ValueError(f"{weight_name} has shape {tuple(weights.shape)}; "
+                         f"allowed: {owner} shape {tuple(slots.shape)}")
+    if valid.shape != slots.shape[:1]:
+        raise ValueError(f"valid has shape {tuple(valid.shape)}; allowed: [{slots.shape[0]}]")
+    return valid.astype(bool)
+
+
 def make_dispatch_plan(
     slots: jax.Array,
     weights: jax.Array,
@@ -64,14 +86,8 @@ def make_dispatch_plan(
     """
     # Mismatched shapes would broadcast (one weight for all pairs) and a size < 1 would
     # send every token nowhere: both silently, so they are refused here.
-    if slots.ndim != 2:
-        raise ValueError(f"slots has shape {tuple(slots.shape)}; allowed: [tokens, top_k]")
-    num_tokens, top_k = slots.shape
-    if weights.shape != slots.shape:
-        raise ValueError(f"weights has shape {tuple(weights.shape)}; allowed: slots' shape {tuple(slots.shape)}")
-    if valid.shape != (num_tokens,):
-        raise ValueError(f"valid has shape {tuple(valid.shape)}; allowed: [{num_tokens}]")
-    valid = valid.astype(bool)  # an int mask: nonzero is valid (a bitwise & with 2 would drop the token)
+    valid = check_pairs(slots, weights, valid)
+    num_tokens = slots.shape[0]
     for name, value in (("num_ranks", num_ranks), ("slots_per_rank", slots_per_rank)):
         if value < 1:
             raise ValueError(f"{name}={value}; allowed: >= 1")

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from pallas_kernels import grouped_matmul, grouped_swiglu
 from pallas_kernels import triton_backend
 from pallas_kernels import permute as permute_kernels
+from wideep_jax.dispatch import check_pairs
 
 
 class ExpertOutput(NamedTuple):
@@ -69,15 +70,8 @@ def stable_order(key: jax.Array, num_keys: int, *,
 
 def sort_pairs(slot: jax.Array, weight: jax.Array, valid: jax.Array, num_slots: int) -> PairOrder:
     """Orders the live (token, k) pairs by slot; dead pairs go last, as padding."""
-    # Mismatched shapes would broadcast or read clamped out-of-range weights, silently.
-    if slot.ndim != 2:
-        raise ValueError(f"slot has shape {tuple(slot.shape)}; allowed: [rows, top_k]")
-    if weight.shape != slot.shape:
-        raise ValueError(f"weight has shape {tuple(weight.shape)}; allowed: slot's shape {tuple(slot.shape)}")
-    if valid.shape != slot.shape[:1]:
-        raise ValueError(f"valid has shape {tuple(valid.shape)}; allowed: [{slot.shape[0]}]")
+    valid = check_pairs(slot, weight, valid, names=("slot", "weight"), rows="rows")
     num_rows, top_k = slot.shape
-    valid = valid.astype(bool)  # an int mask: nonzero is valid (a bitwise & with 2 would drop the row)
     # One row per (token, k) pair: every pair may be live (a caller's routing may
     # even repeat an expert), so nothing can be cut off whatever the routing.
     # A slot past the last is no slot, like -1 (under jit it cannot be refused; read, it

@@ -57,6 +57,9 @@ class MoEStats(NamedTuple):
 def _check_inputs(x, token_mask, routing, spec: MoESpec):
     if x.ndim != 2 or x.shape[1] != spec.hidden_size:
         raise ValueError(f"x has shape {x.shape}; allowed: [tokens, hidden_size={spec.hidden_size}]")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        # The output has x's dtype: integer x would get its expert sums truncated, silently.
+        raise ValueError(f"x has dtype {x.dtype}; allowed: a floating dtype (the output has x's dtype)")
     if token_mask is not None and token_mask.shape != x.shape[:1]:
         raise ValueError(f"token_mask has shape {token_mask.shape}; allowed: [{x.shape[0]}]")
     if routing is not None:
@@ -110,14 +113,25 @@ def _on_host(a) -> bool:
     return not isinstance(a, jax.core.Tracer) and getattr(a, "is_fully_addressable", True)
 
 
-def _check_routing_ids(routing: Routing | None, num_experts: int) -> None:
-    """Out-of-range ids would run another expert's weights: refused where concrete
-    (under jit, moe_forward makes those tokens' outputs NaN)."""
-    if routing is None or not _on_host(routing.ids):
-        return
+def _check_routing_ids(routing: Routing | None, token_mask, num_experts: int) -> bool:
+    """Out-of-range ids would run another expert's weights: refused where the ids (and
+    the mask) are concrete; returns whether they were checked (if not, moe_forward makes
+    those tokens' outputs NaN under jit). Masked-out tokens are not routed, so their ids
+    (padding rows often hold -1) are not checked, here as under jit."""
+    if routing is None:
+        return True
+    if not _on_host(routing.ids) or (token_mask is not None and not _on_host(token_mask)):
+        return False
     ids = np.asarray(routing.ids)
-    if ids.size and (ids.min() < 0 or ids.max() >= num_experts):
-        raise ValueError(f"routing.ids: got values in [{ids.min()}, {ids.max()}]; allowed: [0, {num_experts})")
+    bad = (ids < 0) | (ids >= num_experts)
+    if token_mask is not None:
+        bad &= np.asarray(token_mask).astype(bool)[:, None]
+    if bad.any():
+        token, k = np.argwhere(bad)[0]
+        raise ValueError(f"routing.ids: got values in [{ids[bad].min()}, {ids[bad].max()}] "
+                         f"(first: {ids[token, k]} at token {token}, k {k}); allowed: [0, {num_experts})"
+                         + ("" if token_mask is None else " for tokens the token_mask keeps"))
+    return True
 
 
 def constrain(a: jax.Array, mesh: Mesh, spec: P) -> jax.Array:
@@ -153,11 +167,13 @@ def moe_forward(
       spec: model dims and router.
       config: backend, chunking, all-to-all backend, EP axis.
       mesh: device mesh; required for ``WIDEEP``.
-      token_mask: bool [T]; False tokens are not routed (output 0, not counted).
+      token_mask: bool [T]; False tokens are not routed (output 0, not counted, and
+        their values, NaN or inf included, reach no other output and no gradient).
       routing: precomputed top-k (ids, weights) instead of the router. Ids outside
-        [0, num_experts) raise where the ids are concrete; under jit they cannot, so
-        those tokens' outputs are NaN instead of another expert's result. Likewise a
-        token routed to an expert that ``weights.slot_to_expert`` gives no slot.
+        [0, num_experts) of tokens the mask keeps raise where the ids are concrete; under
+        jit they cannot, so those tokens' outputs are NaN instead of another expert's
+        result. Likewise a token routed to an expert that ``weights.slot_to_expert`` gives
+        no slot. Masked-out tokens' ids are never read (padding rows may hold -1).
 
     Returns:
       ``(y [T, H] in x.dtype, MoEStats)``.
@@ -174,9 +190,9 @@ def moe_forward(
             raise ValueError(f"ep_axis={axis!r} is not an axis of the mesh; allowed: {mesh.axis_names}")
         num_ranks = mesh.shape[axis]
     _check_weights(weights, spec, num_ranks)
-    _check_routing_ids(routing, spec.num_experts)
+    ids_checked = _check_routing_ids(routing, token_mask, spec.num_experts)
     # What the value checks above could not see (traced arrays) is guarded on the device.
-    guard = not _on_host(weights.slot_to_expert) or (routing is not None and not _on_host(routing.ids))
+    guard = not _on_host(weights.slot_to_expert) or not ids_checked
     inputs = (x, weights, token_mask, routing)
     if not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(inputs)):
         # Called eagerly (a notebook, a plain script): one cached program per static setup,
@@ -252,9 +268,14 @@ class _Body:
     def __call__(self, args):
         spec, w = self.spec, args["weights"]
         x, mask = args["x"], args["mask"]
+        # A masked-out row is never routed: zeroed (with its routing weights), whatever it
+        # holds (NaN, inf) reaches no gradient, the shared experts' weights' included.
+        x = jnp.where(mask[:, None], x, jnp.zeros((), x.dtype))
         rank = jax.lax.axis_index(self.axis) if self.axis else 0
         routing = args.get("routing")
-        if routing is None:
+        if routing is not None:
+            routing = Routing(routing.ids, jnp.where(mask[:, None], routing.weights, 0.0))
+        else:
             logits = jnp.dot(x.astype(jnp.float32), w.router.astype(jnp.float32),
                              preferred_element_type=jnp.float32)
             routing = route(logits, spec.top_k, spec.router, correction_bias=w.correction_bias)

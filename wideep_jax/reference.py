@@ -24,6 +24,10 @@ def dense_moe_reference(x: jax.Array, weights: MoEWeights, spec: MoESpec, *,
                         routing: Routing | None = None, token_mask: jax.Array | None = None) -> jax.Array:
     """The MoE layer's output computed densely in float32."""
     x32 = x.astype(jnp.float32)
+    if token_mask is not None:
+        # Masked-out rows are not routed: zeroed, as the layer does, so whatever they hold
+        # (NaN, inf) reaches no gradient.
+        x32 = jnp.where(token_mask[:, None], x32, 0.0)
     if routing is None:
         logits = x32 @ weights.router.astype(jnp.float32)
         routing = route(logits, spec.top_k, spec.router, correction_bias=weights.correction_bias)
