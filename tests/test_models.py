@@ -770,3 +770,76 @@ def test_bad_eos_and_pad_ids_are_errors(tmp_path, rng):
                                                    f"id {bad} outside the vocabulary")):
         generate(model, prompts, max_new_tokens=2)
     generate(model, prompts, max_new_tokens=2, eos_token_id=None)  # the way out
+
+
+def test_batch_that_ep_does_not_divide_on_an_explicit_mesh():
+    """jax.make_mesh's default (Explicit) axes, a batch EP does not divide (2 sequences over
+    EP 4): the MoE output's token split cuts through sequences, and was reshaped to
+    [batch, seq] as it was (ShardingTypeError). The forward and generate equal the local
+    model's."""
+    from wideep_jax.models.generate import generate
+
+    folder, ids, want = fixture("qwen3_moe")
+    cfg = from_hf_config(json.loads((folder / "config.json").read_text()))
+    mesh = jax.make_mesh((4,), ("ep",), devices=jax.devices()[:4], axis_types=(jax.sharding.AxisType.Explicit,))
+    moe = load_moe_config({"backend": "WIDEEP"}, num_experts=cfg.num_experts, ep_size=4)
+    model = from_pretrained(folder, moe_config=moe, mesh=mesh, dtype=jnp.float32)
+    ids = jnp.asarray(ids)[:2, :6]  # 12 tokens: split 3 per device, 2 sequences of 6
+    assert rel_err(nnx.jit(lambda m, x: m(x))(model, ids), want[:2, :6]) <= 1e-4
+    prompts = [list(map(int, ids[0])), list(map(int, ids[1, :2]))]
+    local = generate(from_pretrained(folder, dtype=jnp.float32), prompts, max_new_tokens=3, eos_token_id=None)
+    np.testing.assert_array_equal(generate(model, prompts, max_new_tokens=3, eos_token_id=None).tokens,
+                                  local.tokens)
+
+
+def test_generate_argument_errors_name_the_value():
+    """A generator of prompts was consumed by the emptiness check ("max() iterable argument
+    is empty"), a 2-D array of prompts, a flat list of ids, a float or None max_new_tokens
+    and a bad seed failed deep inside with messages naming none of them (or, for
+    max_new_tokens=True, ran one step). Now: iterables and 2-D arrays work, the rest is a
+    ValueError naming the argument, the value and what is allowed."""
+    from wideep_jax.models.generate import generate
+
+    folder, ids, _ = fixture("qwen3_moe")
+    model = from_pretrained(folder, dtype=jnp.float32)
+    rows = np.asarray(ids[:2, :4], np.int64)
+    want = generate(model, [list(map(int, row)) for row in rows], max_new_tokens=2, eos_token_id=None).tokens
+    for prompts in (rows, (list(row) for row in rows), tuple(map(tuple, rows))):
+        np.testing.assert_array_equal(generate(model, prompts, max_new_tokens=2, eos_token_id=None).tokens, want)
+    allowed = "allowed: one or more prompts, each a non-empty list of token ids"
+    for prompts, message in (([1, 2, 3], f"prompts[0]=1: a single value, not a prompt; {allowed}"),
+                             ([], f"prompts=[]: {allowed}"), (iter([]), f"prompts=[]: {allowed}"),
+                             ([[1], []], f"prompts[1] is empty; {allowed}"), (5, f"prompts=5: {allowed}"),
+                             ("abc", f"prompts='abc': {allowed}"),
+                             (rows[0], "prompts: an array of shape (4,); allowed: shape [batch, length]")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            generate(model, prompts, max_new_tokens=2)
+    for value in (0, -1, 2.0, None, True, "3"):
+        with pytest.raises(ValueError, match=re.escape(f"max_new_tokens={value!r}: allowed: an int >= 1")):
+            generate(model, rows, max_new_tokens=value)
+    for value in (1.5, None, 2**63, -2**63 - 1, "0"):
+        with pytest.raises(ValueError, match=re.escape(f"seed={value!r}: allowed: an int in [-2**63, 2**63)")):
+            generate(model, rows, max_new_tokens=2, temperature=1.0, seed=value)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "llama4_text"])
+def test_generate_greedy_matches_the_uncached_forward_across_window_and_chunks(arch):
+    """Mixtral's sliding window (5) and Llama 4's chunked (4) and NoPE layers, with
+    left-padded prompts of lengths 1, 6 and 9 decoding past window and chunk boundaries:
+    each row's greedy tokens are the argmax of the uncached full forward of that row alone
+    (prompt + generated tokens; causal, so one forward checks every step)."""
+    from wideep_jax.models.generate import generate
+
+    folder, _, _ = fixture(arch)
+    model = from_pretrained(folder, dtype=jnp.float32)
+    rng = np.random.default_rng(3)  # fixed: margins between the top two logits checked below
+    prompts = [list(map(int, rng.integers(0, model.cfg.vocab_size, n))) for n in (1, 6, 9)]
+    new = 7
+    got = generate(model, prompts, max_new_tokens=new, eos_token_id=None).tokens
+    forward = nnx.jit(lambda m, x: m(x))
+    for row, prompt in enumerate(prompts):
+        logits = np.asarray(forward(model, jnp.asarray([prompt + list(map(int, got[row]))])))[0]
+        steps = logits[len(prompt) - 1:len(prompt) - 1 + new]
+        top2 = np.sort(steps, axis=-1)[:, -2:]
+        assert (top2[:, 1] - top2[:, 0] > 1e-4).all()  # no near-tie the comparison would hinge on
+        np.testing.assert_array_equal(got[row], np.argmax(steps, axis=-1), err_msg=f"row {row}")

@@ -35,10 +35,14 @@ class DecoderLayer(nnx.Module):
         b, t, hidden = h.shape
         if isinstance(self.mlp, MoELayer):
             y, stats = self.mlp(h.reshape(b * t, hidden), token_mask=token_valid.reshape(b * t))
+            if self.mlp.mesh is not None:
+                # Batch-major tokens come back sharded over EP when their count divides: that
+                # is the attention's batch split (no data moves) when the batch divides too;
+                # else they are gathered before the reshape, which on an Explicit mesh cannot
+                # turn a token split that cuts through sequences into [b, t] (b=2, t=6, EP 4).
+                y = constrain(y, self.mlp.mesh, batch_spec)
             y = y.reshape(b, t, hidden)
             if self.mlp.mesh is not None:
-                # Batch-major tokens come back sharded over EP, which is the attention's
-                # batch split (no data moves) when the batch divides; else replicated.
                 y = constrain(y, self.mlp.mesh, batch_spec)
         else:
             y, stats = self.mlp(h), None

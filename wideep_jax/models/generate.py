@@ -9,6 +9,7 @@ masked out of the MoE layers; decoding stops once every sequence has finished.
 from __future__ import annotations
 
 import collections
+import collections.abc
 import math
 import time
 import weakref
@@ -211,12 +212,13 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
 
     Args:
       model: a `CausalLM`.
-      prompts: token-id lists (any lengths >= 1) of ints in ``[0, vocab_size)``.
+      prompts: token-id lists (any lengths >= 1) of ints in ``[0, vocab_size)``: a sequence
+        or iterable of them, or a 2-D array (one prompt per row).
       max_new_tokens: tokens to generate per prompt (>= 1).
       temperature, top_p: sampling: a finite temperature >= 0 (0 = greedy) and
         ``0 < top_p <= 1``. Traced: other values reuse the compiled steps (greedy or
         not compiles separately).
-      seed: sampling key.
+      seed: sampling key: an int in ``[-2**63, 2**63)``.
       on_token: called with the step index after each decode step is enqueued (progress bars;
         the device may still be running it). Not called for the steps an early stop skips.
       after_step: called with each step's per-layer ``MoEStats`` (e.g. a statistics recorder),
@@ -237,10 +239,12 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
       pad_token_id: any int32 (e.g. -1); default: the config's ``pad_token_id``, else the
         first EOS id.
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("prompts: allowed: one or more non-empty token-id lists")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: allowed: >= 1")
+    prompts = _prompt_list(prompts)
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: allowed: an int >= 1")
+    if not _is_int(seed) or not -2**63 <= seed < 2**63:
+        raise ValueError(f"seed={seed!r}: allowed: an int in [-2**63, 2**63)")
+    max_new_tokens = int(max_new_tokens)
     temperature, top_p = check_sampling(temperature, top_p)
     eos, pad = _stop_ids(model.cfg, eos_token_id, pad_token_id)
     stopping = bool((eos >= 0).any())
@@ -373,6 +377,32 @@ def _stop_ids(cfg, eos_token_id, pad_token_id) -> tuple[np.ndarray, int]:
                          "sequence's EOS)")
     slots = max(1, -(-len(ids) // _EOS_SLOTS)) * _EOS_SLOTS
     return np.array(ids + [-1] * (slots - len(ids)), np.int32), int(pad_token_id)
+
+
+def _prompt_list(prompts) -> list:
+    """The prompts as a list (an iterator is read once, here); a 2-D array gives one prompt
+    per row. ``ValueError`` unless there is at least one prompt and each is a non-empty
+    sequence (a flat list of ids, ``[1, 2]``, is refused: it is not a list of prompts)."""
+    allowed = "allowed: one or more prompts, each a non-empty list of token ids (e.g. [[1, 2, 3]] for one prompt)"
+    if isinstance(prompts, (np.ndarray, jax.Array)):
+        if prompts.ndim != 2:
+            raise ValueError(f"prompts: an array of shape {tuple(prompts.shape)}; allowed: shape [batch, length], "
+                             f"or {allowed[len('allowed: '):]}")
+        prompts = list(np.asarray(prompts))
+    elif isinstance(prompts, (str, bytes)) or not isinstance(prompts, collections.abc.Iterable):
+        raise ValueError(f"prompts={prompts!r}: {allowed}")
+    else:
+        prompts = list(prompts)
+    if not prompts:
+        raise ValueError(f"prompts={prompts!r}: {allowed}")
+    for row, prompt in enumerate(prompts):
+        try:
+            size = len(prompt)
+        except TypeError:  # an int (a flat list of ids given as the prompts) or a 0-d array
+            raise ValueError(f"prompts[{row}]={prompt!r}: a single value, not a prompt; {allowed}") from None
+        if size == 0:
+            raise ValueError(f"prompts[{row}] is empty; {allowed}")
+    return prompts
 
 
 def _prompt_ids(row: int, prompt, vocab_size: int) -> np.ndarray:
