@@ -1,8 +1,10 @@
 """wideep_jax: Wide Expert Parallelism for Mixture-of-Experts inference in JAX.
 
 Public API:
-  - :func:`load_moe_config` / :class:`MoEConfig`: TensorRT-LLM ``moe_config`` YAML.
-  - :class:`MoESpec`, :class:`RouterSpec`: model-side dims and routing.
+  - :func:`load_moe_config` / :class:`MoEConfig` / :class:`LoadBalancerConfig`: TensorRT-LLM
+    ``moe_config`` YAML; bad values raise :class:`ConfigError`, inert ones warn :class:`ConfigWarning`.
+  - :class:`MoESpec`, :class:`RouterSpec`: model-side dims and routing; :func:`route` and
+    :class:`Routing` (top-k ids and weights, which ``layer(x, routing=...)`` accepts).
   - :class:`MoELayer`: the Flax NNX layer; ``y, stats = layer(x)``.
   - :func:`moe_forward`, :class:`MoEWeights`, :class:`MoEStats`: the functional core.
   - :func:`forward_jit`: jit a forward of an NNX module without copying its weights per call.

@@ -59,9 +59,9 @@ the others with a :class:`ConfigWarning`)."""
 ALLTOALL_BACKENDS = ("auto", "xla", "nccl", "nvlink")
 """Communication backends for ``WIDEEP``."""
 REPLICA_SELECTIONS = ("round_robin", "local_first")
-EXPERT_KERNELS = ("auto", "mosaic_gpu", "triton", "xla")
-"""Grouped-matmul implementations for the expert FFN (``auto``: by device and dtype)."""
 """How a routed pair picks one of its expert's replicas."""
+EXPERT_KERNELS = ("auto", "mosaic_gpu", "triton", "xla")
+"""Grouped-matmul implementations for the expert FFN (``auto``: by device, dtype and widths)."""
 RESHARD_MODES = ("host", "collective")
 """Where online re-sharding reads moved expert weights from."""
 
@@ -80,7 +80,8 @@ class ConfigError(ValueError):
 
 
 class ConfigWarning(UserWarning):
-    """A key of ours was set to a non-default value where the chosen mode ignores it."""
+    """A value that loads but is ignored or runs differently here: a key of ours set away from its
+    default where the chosen mode ignores it, or a TensorRT-LLM value with no equivalent path."""
 
 
 def _warn_inert(obj: Any, prefix: str, names: tuple[str, ...], why: str) -> None:

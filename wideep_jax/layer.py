@@ -46,7 +46,7 @@ class MoELayer(nnx.Module):
     Args:
       spec: model dims and router (:class:`MoESpec`).
       config: how to run it (:class:`MoEConfig`, e.g. from ``load_moe_config``);
-        ``None`` = local backend, no balancer.
+        ``None`` = ``MoEConfig()`` (``CUTLASS``, one slot per expert, no balancer).
       mesh: device mesh; required for ``WIDEEP``.
       layer_idx: this layer's index in the model, used to look up
         ``initial_global_assignments`` (one that leaves it out raises ``ConfigError``);
