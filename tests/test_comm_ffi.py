@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -165,6 +166,22 @@ def test_build_key_follows_sources(tmp_path, monkeypatch):
     assert ffi_build.library_path() != before
 
 
+def test_build_key_follows_the_compiler_flags_and_ptx_is_the_newest_arch(monkeypatch):
+    """A changed nvcc flag is another build (the key hashed only sources and toolchain), and
+    the PTX for GPUs newer than any listed is the newest arch, in whatever order listed."""
+    if _toolchain_missing():
+        pytest.skip("no nvcc / NCCL headers")
+    monkeypatch.setenv("WIDEEP_CUDA_ARCHS", "90")
+    before = ffi_build.library_path()
+    command = ffi_build.nvcc_command
+    monkeypatch.setattr(ffi_build, "nvcc_command", lambda out, archs: [*command(out, archs), "-lineinfo"])
+    assert ffi_build.library_path() != before
+    monkeypatch.setattr(ffi_build, "nvcc_command", command)
+    assert ffi_build.library_path() == before
+    cmd = " ".join(ffi_build.nvcc_command(Path("out"), ("100", "90")))
+    assert "arch=compute_100,code=compute_100" in cmd and "code=compute_90" not in cmd
+
+
 def test_build_key_follows_the_nccl_library_dir(tmp_path, monkeypatch):
     """The NCCL lib dir is baked in as rpath, so another venv's NCCL means another build."""
     if _toolchain_missing():
@@ -292,6 +309,10 @@ def test_bad_arch_list_is_rejected(monkeypatch):
     monkeypatch.setenv("WIDEEP_CUDA_ARCHS", "90,sm_100")
     with pytest.raises(ffi_build.FfiBuildError, match="WIDEEP_CUDA_ARCHS"):
         ffi_build.target_archs()
+    # Set but naming no arch: an error naming it (nvcc_command indexed an empty tuple).
+    monkeypatch.setenv("WIDEEP_CUDA_ARCHS", " , ")
+    with pytest.raises(ffi_build.FfiBuildError, match="WIDEEP_CUDA_ARCHS=' , ' names no arch; allowed"):
+        ffi_build.target_archs()
 
 
 def _mesh(shape=(R,), names=("ep",)):
@@ -306,7 +327,11 @@ def test_selection_on_cpu(monkeypatch):
     assert resolve_alltoall_backend("XLA", mesh, "ep") == "xla"
     assert isinstance(get_alltoall_backend("auto", mesh=mesh), XlaAllToAll)
     monkeypatch.setenv("WIDEEP_ALLTOALL", "nvlink")  # the environment overrides the config
-    assert resolve_alltoall_backend("xla", mesh, "ep") == "nvlink"
+    assert resolve_alltoall_backend("xla") == "nvlink"  # (no mesh: on this CPU mesh, an error)
+    monkeypatch.setenv("WIDEEP_ALLTOALL", "xla")
+    assert resolve_alltoall_backend("nccl", mesh, "ep") == "xla"
+    monkeypatch.setenv("WIDEEP_ALLTOALL", "")  # empty: unset, the config decides
+    assert resolve_alltoall_backend("XLA", mesh, "ep") == "xla"
     monkeypatch.setenv("WIDEEP_ALLTOALL", "mpi")
     with pytest.raises(ValueError, match=r"WIDEEP_ALLTOALL='mpi'.*allowed: \['auto', 'xla', 'nccl', 'nvlink'\]"):
         resolve_alltoall_backend("auto", mesh, "ep")
@@ -332,7 +357,13 @@ def test_auto_without_toolchain_warns_and_uses_xla(monkeypatch):
     monkeypatch.setattr(ffi_lib, "peer_access", no_toolchain)
     with pytest.warns(RuntimeWarning, match="nvcc not found"):
         assert resolve_alltoall_backend("auto", FakeMesh(), "ep") == "xla"
+    # Groups across processes: peer_access answers False without the library, which nccl
+    # needs all the same, so auto must find out now rather than fail when tracing.
     monkeypatch.setattr(ffi_lib, "peer_access", lambda groups: False)
+    monkeypatch.setattr(ffi_lib, "library", lambda: no_toolchain(None))
+    with pytest.warns(RuntimeWarning, match="nvcc not found"):
+        assert resolve_alltoall_backend("auto", FakeMesh(), "ep") == "xla"
+    monkeypatch.setattr(ffi_lib, "library", lambda: None)
     assert resolve_alltoall_backend("auto", FakeMesh(), "ep") == "nccl"
     monkeypatch.setattr(ffi_lib, "peer_access", lambda groups: True)
     assert resolve_alltoall_backend("auto", FakeMesh(), "ep") == "nvlink"
@@ -367,6 +398,17 @@ def test_ffi_backends_refuse_cpu_devices(name, monkeypatch):
         get_alltoall_backend(name, mesh=_mesh())
     with pytest.raises(ValueError, match="needs the device mesh"):
         get_alltoall_backend(name)
+
+
+@pytest.mark.parametrize("name", ["nccl", "nvlink"])
+def test_ffi_backend_from_the_env_on_cpu_names_the_env(name, monkeypatch):
+    """$WIDEEP_ALLTOALL asking for an FFI backend on CPU: the error names the variable and its
+    value, not the config key (whose value, here 'xla', was not the one refused)."""
+    monkeypatch.setenv("WIDEEP_ALLTOALL", name.upper())
+    for call in (lambda: resolve_alltoall_backend("xla", _mesh(), "ep"),
+                 lambda: get_alltoall_backend("xla", mesh=_mesh())):
+        with pytest.raises(ValueError, match=rf"^WIDEEP_ALLTOALL='{name.upper()}' needs GPU devices.*'cpu'.*allowed"):
+            call()
 
 
 def test_ep_groups_follow_the_axis():

@@ -11,6 +11,9 @@ All share :class:`AllToAllBackend`'s interface, so ``moe_config.alltoall_backend
 * ``auto``: ``nvlink`` for one process with peer-connected GPUs, ``nccl``
   across processes, ``xla`` on CPU and for an EP group of one GPU (and, with a
   warning, on GPUs where the FFI library cannot be built: no nvcc or NCCL headers).
+
+``nccl`` or ``nvlink`` asked for by name on a mesh of non-GPU devices is a
+ValueError naming the config key or the variable that asked, never ``xla``.
 """
 from __future__ import annotations
 
@@ -36,9 +39,14 @@ def resolve_alltoall_backend(name: str, mesh: Mesh | None = None, axis: str = "e
         name, source = str(name).lower(), f"alltoall_backend={name!r}"
     if name not in BACKEND_NAMES:
         raise ValueError(f"{source} is not a communication backend; allowed: {list(BACKEND_NAMES)}")
+    platforms = set() if mesh is None else {d.platform for d in mesh.devices.flat}
     if name != "auto":
+        if name != "xla" and platforms - {"gpu"}:
+            # Never a silent fallback: the user asked for this backend by name.
+            raise ValueError(f"{source} needs GPU devices, the mesh has {sorted(platforms)} devices; "
+                             "allowed there: 'xla' or 'auto'")
         return name
-    if mesh is None or any(d.platform != "gpu" for d in mesh.devices.flat):
+    if mesh is None or platforms - {"gpu"}:
         return "xla"
     if mesh.shape.get(axis) == 1:
         # One rank: no token leaves its device, so nothing needs the FFI library (built on first use).
@@ -47,7 +55,11 @@ def resolve_alltoall_backend(name: str, mesh: Mesh | None = None, axis: str = "e
     from wideep_jax.comm.ffi_build import FfiBuildError
 
     try:
-        return "nvlink" if ffi_lib.peer_access(ffi_lib.ep_groups(mesh, axis)) else "nccl"
+        if ffi_lib.peer_access(ffi_lib.ep_groups(mesh, axis)):
+            return "nvlink"
+        # nccl needs the library too; peer_access need not have built it (groups across processes).
+        ffi_lib.library()
+        return "nccl"
     except FfiBuildError as err:
         # auto must still run where no toolchain is installed; say so loudly.
         warnings.warn(f"{source} uses 'xla': the FFI all-to-all library cannot be built here ({err}). "

@@ -107,8 +107,9 @@ def target_archs() -> tuple[str, ...]:
     if env:
         archs = tuple(a.strip().replace(".", "") for a in env.split(",") if a.strip())
         bad = [a for a in archs if not a.isdigit()]
-        if bad:
-            raise FfiBuildError(f"WIDEEP_CUDA_ARCHS={env!r} has {bad}; allowed: comma-separated like '80,90'")
+        if bad or not archs:
+            what = f"has {bad}" if bad else "names no arch"
+            raise FfiBuildError(f"WIDEEP_CUDA_ARCHS={env!r} {what}; allowed: comma-separated like '80,90'")
         return archs
     import jax
 
@@ -137,7 +138,9 @@ def _build_key(nvcc: str, archs: tuple[str, ...], nccl_version: str, nccl_lib: P
     except subprocess.TimeoutExpired:
         raise FfiBuildError(f"`{nvcc} --version` did not answer in 60 s; check $NVCC / the CUDA install") from None
     # The NCCL lib dir is the library's rpath: a build from another venv would point at its NCCL.
-    for part in (jaxlib.__version__, nccl_version, str(nccl_lib), version, ",".join(archs)):
+    # The compiler flags count too (a changed flag rebuilds), not where the sources lie.
+    flags = " ".join(nvcc_command(Path("out"), archs)).replace(str(SOURCE_DIR), "<src>")
+    for part in (jaxlib.__version__, nccl_version, str(nccl_lib), version, ",".join(archs), flags):
         h.update(part.encode())
     return h.hexdigest()[:20]
 
@@ -157,7 +160,8 @@ def nvcc_command(out: Path, archs: tuple[str, ...]) -> list[str]:
     ]
     for arch in archs:
         cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-    cmd += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]  # PTX for newer GPUs
+    newest = max(archs, key=int)  # PTX for newer GPUs than any listed
+    cmd += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
     cmd += [str(p) for p in source_files() if p.suffix == ".cu"]
     cmd += ["-o", str(out), "-L", str(nccl_lib), f"-l:{_nccl_library(nccl_lib)}",
             "-Xlinker", f"-rpath={nccl_lib}"]
