@@ -307,3 +307,56 @@ def test_work_items_cover_each_real_row_once(rng, block_m):
         assert lo < hi  # every live item does real work
         covered[lo:hi] += 1
     np.testing.assert_array_equal(covered, (np.arange(m) < sizes.sum()).astype(np.int64))
+
+
+def np_clipped_sizes(sizes: np.ndarray, m: int) -> np.ndarray:
+    """The documented reading of group_sizes: negatives count as 0, rows past M are cut."""
+    ends = np.minimum(np.cumsum(np.maximum(sizes, 0)), m)
+    return np.diff(ends, prepend=0).astype(np.int32)
+
+
+@pytest.mark.parametrize("sizes", [[8, 5], [3, 9, 4], [5, -2, 3], [-3, 4, 20]])
+def test_overfull_and_negative_group_sizes_are_clipped(rng, sizes):
+    """sum(group_sizes) > M cuts the last groups at M (a cut group must not reach back
+    into its predecessor's rows); negative sizes count as 0, as in the Pallas kernels'
+    schedule, the reference and the gradients' padding mask."""
+    m, k, n = 10, 8, 6
+    sizes = np.asarray(sizes, np.int32)
+    clipped = np_clipped_sizes(sizes, m)
+    x, w = make_inputs(rng, m, k, n, len(sizes))
+    dy = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
+    gs, cfg = jnp.asarray(sizes), GroupedMatmulConfig(block_m=4)
+    with jax.default_matmul_precision("highest"):
+        out = grouped_matmul(x, w, gs, implementation="xla", config=cfg)
+        dw = grouped_matmul_transposed(x, dy, gs, implementation="xla", config=cfg)
+        ref = grouped_matmul_reference(x, w, gs)
+        dx, dw_grad = jax.grad(lambda x, w: jnp.sum(grouped_matmul(x, w, gs, config=cfg) * dy), (0, 1))(x, w)
+    expected = np_gmm(np.asarray(x), np.asarray(w), clipped)
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(ref), expected, rtol=1e-5, atol=1e-4)
+    expected_dw = np_tgmm(np.asarray(x), np.asarray(dy), clipped)
+    np.testing.assert_allclose(np.asarray(dw), expected_dw, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dw_grad), expected_dw, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dx), np_gmm(np.asarray(dy), np.asarray(jnp.swapaxes(w, 1, 2)), clipped),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_eager_calls_do_not_recompile(rng):
+    """Eager calls with new group_sizes reuse one compiled program (the doc's promise
+    holds outside jit too: an eager while_loop would be retraced and recompiled)."""
+    from moe_helpers import count_compiles
+
+    m, k, n, g = 64, 8, 8, 4
+    x, w = make_inputs(rng, m, k, n, g)
+    scale = jnp.asarray(rng.standard_normal(m), jnp.float32)
+
+    def call():
+        sizes = jnp.asarray(random_sizes(rng, int(rng.integers(0, m + 1)), g))
+        jax.block_until_ready(grouped_matmul(x, w, sizes, implementation="xla", row_scale=scale))
+        jax.block_until_ready(grouped_matmul_transposed(x, x, sizes, implementation="xla"))
+
+    call()
+    with count_compiles() as compiles:
+        call()
+        call()
+    assert compiles[0] == 0

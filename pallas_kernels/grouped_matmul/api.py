@@ -196,6 +196,21 @@ def _gmm_bwd(name, config, epilogue, out_dtype, residuals, dy):
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
+# Jitted so that eager calls with new group_sizes (or new data) reuse one program: an
+# eager call traces the XLA loop's while_loop afresh, and the new body misses the cache.
+# `lower_for_gpu` only keys the cache: the traced code reads `_LOWER_FOR_GPU` itself.
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _gmm_jit(lower_for_gpu, name, config, epilogue, out_dtype, x, w, group_sizes, row_scale):
+    del lower_for_gpu
+    return _gmm(name, config, epilogue, out_dtype, x, w, group_sizes, row_scale)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 6, 7))
+def _tgmm_jit(lower_for_gpu, name, config, x, dy, group_sizes, num_groups, out_dtype):
+    del lower_for_gpu
+    return _tgmm(name, config, x, dy, group_sizes, num_groups, out_dtype)
+
+
 def _run(x, w, group_sizes, *, epilogue, row_scale, implementation, config, preferred_element_type):
     if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
         raise ValueError(f"expected x [M, K] and w [G, K, N], got {x.shape} and {w.shape}")
@@ -210,7 +225,7 @@ def _run(x, w, group_sizes, *, epilogue, row_scale, implementation, config, pref
     config = _resolve_config(name, config, x.shape[0], w.shape[0], x.shape[1], n_out, epilogue)
     out_dtype = jnp.dtype(preferred_element_type or x.dtype)
     scale = None if row_scale is None else row_scale.astype(jnp.float32)
-    return _gmm(name, config, epilogue, out_dtype, x, w, group_sizes, scale)
+    return _gmm_jit(_LOWER_FOR_GPU, name, config, epilogue, out_dtype, x, w, group_sizes, scale)
 
 
 def grouped_matmul(
@@ -230,7 +245,9 @@ def grouped_matmul(
         [offset_g, offset_g + group_sizes[g]) with offset the exclusive cumsum.
       w: [G, K, N] per-group weights.
       group_sizes: int [G], may hold zeros; sum <= M. Data, not shape: changing it
-        never recompiles.
+        never recompiles. Not checked (it is data): negative sizes count as 0, and
+        rows past M are cut off (the groups that reach past M lose their tail;
+        `ragged_dot` leaves negative sizes to `lax.ragged_dot`).
       row_scale: optional float [M]; row r of the product is scaled by
         row_scale[r] inside the kernel (the routing weight of the down projection).
       implementation: one of IMPLEMENTATIONS; None picks `default_implementation`
@@ -320,4 +337,4 @@ def grouped_matmul_transposed(
     else:
         config = _resolve_config(name, config, x.shape[0], total_groups, x.shape[1], dy.shape[1])
     out_dtype = jnp.dtype(preferred_element_type or x.dtype)
-    return _tgmm(name, config, x, dy, group_sizes, num_groups, out_dtype)
+    return _tgmm_jit(_LOWER_FOR_GPU, name, config, x, dy, group_sizes, num_groups, out_dtype)

@@ -6,8 +6,10 @@ import jax.numpy as jnp
 
 
 def _group_one_hot(group_sizes: jax.Array, num_rows: int) -> jax.Array:
-    """[M, G] float32 one-hot of each row's group; rows past sum(group_sizes) are all-zero."""
-    ends = jnp.cumsum(group_sizes)
+    """[M, G] float32 one-hot of each row's group; rows past sum(group_sizes) are all-zero.
+
+    Negative sizes count as 0, as in the implementations."""
+    ends = jnp.cumsum(jnp.maximum(group_sizes, 0))
     # Row r belongs to the first group whose end is > r; rows past the total get G.
     row_group = jnp.searchsorted(ends, jnp.arange(num_rows), side="right")
     return jax.nn.one_hot(row_group, group_sizes.shape[0], dtype=jnp.float32)

@@ -38,10 +38,13 @@ def make_work_items(
     """Vectorised work-item list; groups >= num_groups are skipped (for tgmm)."""
     num_all_groups = group_sizes.shape[0]
     num_groups = num_all_groups if num_groups is None else num_groups
-    sizes = group_sizes.astype(jnp.int32)
-    # Clamp to num_rows so an over-full group_sizes can never slice out of bounds.
-    ends = jnp.minimum(jnp.cumsum(sizes), num_rows)
-    starts = jnp.minimum(ends - sizes, num_rows)
+    # As `schedule.tile_schedule`: negative sizes count as 0, and groups are clipped
+    # at num_rows (an over-full group_sizes never slices out of bounds, and a group
+    # cut at num_rows never reaches back into its predecessor's rows).
+    sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
+    cum = jnp.cumsum(sizes)
+    ends = jnp.minimum(cum, num_rows)
+    starts = jnp.minimum(cum - sizes, num_rows)
     live = (ends > starts) & (jnp.arange(num_all_groups) < num_groups)
     first_tile = starts // block_m
     last_tile = (ends - 1) // block_m
