@@ -93,6 +93,12 @@ def _warn_inert(obj: Any, prefix: str, names: tuple[str, ...], why: str) -> None
             warnings.warn(f"{prefix}.{name}={value!r} does nothing {why}", ConfigWarning, stacklevel=4)
 
 
+def experts_without_slot(slot_to_expert, num_experts: int) -> list[int]:
+    """The experts in ``[0, num_experts)`` that no slot of one layer's placement holds
+    (each must hold at least one: its tokens would otherwise run another expert)."""
+    return sorted(set(range(num_experts)) - {int(e) for e in np.asarray(slot_to_expert).ravel()})
+
+
 def placement_violation(num_experts: int, num_slots: int, ep_size: int, num_nodes: int, *,
                         computed: bool) -> tuple[str, int, str] | None:
     """The first placement limit these counts break, as (name, value, what is allowed), or None.
@@ -314,7 +320,7 @@ class LoadBalancerConfig:
             for s, e in enumerate(ids):
                 if e >= num_experts:
                     raise _fail(f"{_layer_key(layer)}[{s}]", e, f"an expert id in [0, {num_experts})")
-            missing = sorted(set(range(num_experts)) - set(ids))
+            missing = experts_without_slot(ids, num_experts)
             if missing:
                 raise ConfigError(
                     f"{_layer_key(layer)}: layer {layer} gives no slot to experts {missing}; "

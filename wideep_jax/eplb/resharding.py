@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from wideep_jax.config import experts_without_slot
+
 Pytree = Any
 
 
@@ -56,7 +58,7 @@ def make_master_copy(slot_weights: Pytree, slot_to_expert: jax.Array | np.ndarra
     host memory. For real checkpoints, load the experts straight into this layout.
     """
     placement = np.asarray(slot_to_expert)  # replicated: readable in every process
-    missing = sorted(set(range(num_experts)) - set(placement.tolist()))
+    missing = experts_without_slot(placement, num_experts)
     if missing:
         raise ValueError(f"slot_to_expert gives no slot to experts {missing}; allowed: every expert "
                          f"in [0, {num_experts}) in at least one slot")

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wideep_jax.config import RESHARD_MODES, LoadBalancerConfig, MoEConfig, placement_violation
+from wideep_jax.config import RESHARD_MODES, LoadBalancerConfig, MoEConfig, experts_without_slot, placement_violation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,9 +119,9 @@ def init_state(placement: jax.Array | np.ndarray, num_experts: int) -> EplbState
             raise ValueError(f"placement[{layer}, {slot}]: got {int(values[layer, slot])}; allowed: an "
                              f"expert id in [0, {num_experts})")
         for layer, row in enumerate(values):
-            missing = np.setdiff1d(np.arange(num_experts), row)
-            if missing.size:
-                raise ValueError(f"placement[{layer}] gives no slot to experts {missing.tolist()}; allowed: "
+            missing = experts_without_slot(row, num_experts)
+            if missing:
+                raise ValueError(f"placement[{layer}] gives no slot to experts {missing}; allowed: "
                                  f"every expert in [0, {num_experts}) in at least one slot")
     placement = jnp.asarray(placement, jnp.int32)
     if placement.ndim != 2:
