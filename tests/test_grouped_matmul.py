@@ -11,6 +11,7 @@ from pallas_kernels import (
     grouped_matmul,
     grouped_matmul_reference,
     grouped_matmul_transposed,
+    grouped_swiglu,
 )
 from pallas_kernels.grouped_matmul import IMPLEMENTATIONS, default_implementation
 
@@ -289,6 +290,109 @@ def test_bad_shapes_and_config_raise(rng):
         GroupedMatmulConfig(block_m=0)
 
 
+# The three entry points, each as f(x, w_or_dy, group_sizes, **kw), with the operand
+# names their errors use. w for the transposed one is dy [M, N].
+ENTRY_POINTS = {
+    "grouped_matmul": (lambda x, w, gs, **kw: grouped_matmul(x, w, gs, **kw), "w"),
+    "grouped_swiglu": (lambda x, w, gs, **kw: grouped_swiglu(x, w, gs, **kw), "w_gate_up"),
+    "grouped_matmul_transposed": (lambda x, dy, gs, **kw: grouped_matmul_transposed(x, dy, gs, **kw), "dy"),
+}
+
+
+def entry_inputs(entry, x_dtype, w_dtype, m=8, k=4, n=6, g=2):
+    x = jnp.ones((m, k), x_dtype)
+    other = jnp.ones((m, n), w_dtype) if entry == "grouped_matmul_transposed" else jnp.ones((g, k, n), w_dtype)
+    return x, other, jnp.asarray([3, 5], jnp.int32)
+
+
+@pytest.mark.parametrize("impl", [None, "xla", "ragged_dot", "mosaic_gpu", "triton"])
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+@pytest.mark.parametrize("x_dtype,w_dtype", [(jnp.float32, jnp.bfloat16), (jnp.bfloat16, jnp.float32),
+                                             (jnp.bfloat16, jnp.float16)])
+def test_mixed_operand_dtypes_are_refused(entry, impl, x_dtype, w_dtype):
+    """Operands are not promoted: float32 x against bfloat16 weights ran in float32 on
+    the XLA path (silently off the GPU kernels' bf16 path). Refused, naming both dtypes."""
+    fn, other = ENTRY_POINTS[entry]
+    x, w, gs = entry_inputs(entry, x_dtype, w_dtype)
+    want = rf"x and {other} must have the same dtype, got x {jnp.dtype(x_dtype).name} and {other} {jnp.dtype(w_dtype).name}"
+    with pytest.raises(TypeError, match=want):
+        fn(x, w, gs, implementation=impl)
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_non_float_operands_and_group_sizes_are_refused(entry):
+    fn, other = ENTRY_POINTS[entry]
+    x, w, gs = entry_inputs(entry, jnp.float32, jnp.float32)
+    with pytest.raises(TypeError, match="x must have a floating dtype .*got int32"):
+        fn(x.astype(jnp.int32), w.astype(jnp.int32), gs)
+    with pytest.raises(TypeError, match=f"{other} must have a floating dtype .*got bool"):
+        fn(x, w.astype(bool), gs)
+    with pytest.raises(TypeError, match="group_sizes must have an integer dtype .*got float32"):
+        fn(x, w, gs.astype(jnp.float32))
+    with pytest.raises(TypeError, match="group_sizes must have an integer dtype .*got bool"):
+        fn(x, w, gs > 3)
+    with pytest.raises(TypeError, match="group_sizes must be an array .*got list"):
+        fn(x, w, [3, 5])
+    with pytest.raises(TypeError, match=f"{other} must be an array .*got list"):
+        fn(x, np.asarray(w).tolist(), gs)
+    with pytest.raises(TypeError, match="preferred_element_type must be a floating dtype .*got int32"):
+        fn(x, w, gs, preferred_element_type=jnp.int32)
+    with pytest.raises(TypeError, match="preferred_element_type must be a floating dtype .*got 'nope'"):
+        fn(x, w, gs, preferred_element_type="nope")
+    with pytest.raises(ValueError, match=r"unknown grouped_matmul implementation \['xla'\]; allowed: .*xla"):
+        fn(x, w, gs, implementation=["xla"])
+    # NumPy operands are arrays too, and a float16 output of float32 operands is allowed.
+    assert fn(np.asarray(x), np.asarray(w), np.asarray(gs), preferred_element_type=jnp.float16).dtype == jnp.float16
+
+
+def test_row_scale_any_float_dtype_but_not_integer(rng):
+    """Routing weights are float32 next to bf16 activations (experts.routed_experts):
+    any float row_scale is taken (applied in float32); an integer or bool one is refused."""
+    x, w = make_inputs(rng, 8, 4, 6, 2, jnp.bfloat16)
+    gs = jnp.asarray([3, 5], jnp.int32)
+    scale = jnp.asarray(rng.random(8), jnp.float32)
+    out = grouped_matmul(x, w, gs, row_scale=scale, preferred_element_type=jnp.float32)
+    base = grouped_matmul(x, w, gs, preferred_element_type=jnp.float32)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(base) * np.asarray(scale)[:, None], rtol=1e-6)
+    grouped_matmul(x, w, gs, row_scale=scale.astype(jnp.bfloat16))
+    for bad in (jnp.ones(8, jnp.int32), jnp.ones(8, bool)):
+        with pytest.raises(TypeError, match=f"row_scale must have a floating dtype, got {bad.dtype}"):
+            grouped_matmul(x, w, gs, row_scale=bad)
+    with pytest.raises(TypeError, match="row_scale must be an array .*got list"):
+        grouped_matmul(x, w, gs, row_scale=[1.0] * 8)
+
+
+def test_shape_errors_name_the_argument():
+    x, w = jnp.ones((8, 4)), jnp.ones((2, 4, 6))
+    gs = jnp.asarray([3, 5], jnp.int32)
+    with pytest.raises(ValueError, match=r"x must be 2-D \[M, K\], got shape \(1, 8, 4\)"):
+        grouped_matmul(x[None], w, gs)
+    with pytest.raises(ValueError, match=r"w must be 3-D \[G, K, N\], got shape \(4, 6\)"):
+        grouped_matmul(x, w[0], gs)
+    with pytest.raises(ValueError, match=r"w_gate_up must be 3-D \[G, K, N\], got shape \(4, 6\)"):
+        grouped_swiglu(x, w[0], gs)
+    with pytest.raises(ValueError, match=r"x's K=4 must equal w's K=5"):
+        grouped_matmul(x, jnp.ones((2, 5, 6)), gs)
+    with pytest.raises(ValueError, match=r"group_sizes must be an integer array of shape \(2,\) .*got int32\[3\]"):
+        grouped_swiglu(x, w, jnp.asarray([3, 5, 0], jnp.int32))
+    with pytest.raises(ValueError, match=r"dy must be 2-D \[M, N\], got shape \(8,\)"):
+        grouped_matmul_transposed(x, x[:, 0], gs)
+    with pytest.raises(ValueError, match=r"x and dy must have the same number of rows M, got x \(8, 4\) and dy \(7, 4\)"):
+        grouped_matmul_transposed(x, x[:7], gs)
+    with pytest.raises(ValueError, match=r"group_sizes must be 1-D \[G\], got shape \(1, 2\)"):
+        grouped_matmul_transposed(x, x, gs[None])
+
+
+def test_num_groups_must_be_an_int():
+    x, gs = jnp.ones((8, 4)), jnp.asarray([3, 5], jnp.int32)
+    for bad in (1.0, True, jnp.float32(1)):
+        with pytest.raises(TypeError, match=r"num_groups must be an int .*got"):
+            grouped_matmul_transposed(x, x, gs, num_groups=bad)
+    with pytest.raises(ValueError, match=r"num_groups must be in \[0, 2\], got 3"):
+        grouped_matmul_transposed(x, x, gs, num_groups=3)
+    assert grouped_matmul_transposed(x, x, gs, num_groups=np.int64(1)).shape == (1, 4, 4)
+
+
 @pytest.mark.parametrize("block_m", [1, 7, 32])
 def test_work_items_cover_each_real_row_once(rng, block_m):
     from pallas_kernels.grouped_matmul.xla import make_work_items
@@ -311,15 +415,19 @@ def test_work_items_cover_each_real_row_once(rng, block_m):
 
 def np_clipped_sizes(sizes: np.ndarray, m: int) -> np.ndarray:
     """The documented reading of group_sizes: negatives count as 0, rows past M are cut."""
-    ends = np.minimum(np.cumsum(np.maximum(sizes, 0)), m)
+    ends = np.minimum(np.cumsum(np.maximum(sizes, 0).astype(np.int64)), m)
     return np.diff(ends, prepend=0).astype(np.int32)
 
 
-@pytest.mark.parametrize("sizes", [[8, 5], [3, 9, 4], [5, -2, 3], [-3, 4, 20]])
-def test_overfull_and_negative_group_sizes_are_clipped(rng, sizes):
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("sizes", [[8, 5], [3, 9, 4], [5, -2, 3], [-3, 4, 20], [-5, -1, 12, 3],
+                                   [2**31 - 1, 2**31 - 1, 3], [4, 2**31 - 1, 2**31 - 1, 1]])  # int32 cumsum overflows
+def test_overfull_and_negative_group_sizes_are_clipped(rng, impl, sizes):
     """sum(group_sizes) > M cuts the last groups at M (a cut group must not reach back
     into its predecessor's rows); negative sizes count as 0, as in the Pallas kernels'
-    schedule, the reference and the gradients' padding mask."""
+    schedule, the reference and the gradients' padding mask. Every loop implementation
+    reads them so (ragged_dot clips before `lax.ragged_dot`, which has no defined result
+    for them); the Pallas kernels' copy is in test_grouped_matmul_kernels.py."""
     m, k, n = 10, 8, 6
     sizes = np.asarray(sizes, np.int32)
     clipped = np_clipped_sizes(sizes, m)
@@ -327,10 +435,11 @@ def test_overfull_and_negative_group_sizes_are_clipped(rng, sizes):
     dy = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
     gs, cfg = jnp.asarray(sizes), GroupedMatmulConfig(block_m=4)
     with jax.default_matmul_precision("highest"):
-        out = grouped_matmul(x, w, gs, implementation="xla", config=cfg)
-        dw = grouped_matmul_transposed(x, dy, gs, implementation="xla", config=cfg)
+        out = grouped_matmul(x, w, gs, implementation=impl, config=cfg)
+        dw = grouped_matmul_transposed(x, dy, gs, implementation=impl, config=cfg)
         ref = grouped_matmul_reference(x, w, gs)
-        dx, dw_grad = jax.grad(lambda x, w: jnp.sum(grouped_matmul(x, w, gs, config=cfg) * dy), (0, 1))(x, w)
+        dx, dw_grad = jax.grad(lambda x, w: jnp.sum(grouped_matmul(x, w, gs, implementation=impl, config=cfg) * dy),
+                               (0, 1))(x, w)
     expected = np_gmm(np.asarray(x), np.asarray(w), clipped)
     np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(np.asarray(ref), expected, rtol=1e-5, atol=1e-4)

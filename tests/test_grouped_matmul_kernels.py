@@ -86,6 +86,25 @@ def test_forward_bf16_matches_float64(rng, impl, epilogue, kind, m):
     assert err <= 1e-2, err
 
 
+@pytest.mark.parametrize("impl", IMPLS + ["ragged_dot"])
+@pytest.mark.parametrize("sizes, clipped", [
+    ([-4, 7, -1, 0, 9, 30], [0, 7, 0, 0, 9, 4]),  # rows 0-6, 7-15, then 16-19 of 30
+    ([2**31 - 1, 2**31 - 1, 3, 0, 0, 0], [20, 0, 0, 0, 0, 0]),  # an int32 sum would wrap
+])
+def test_negative_and_overfull_group_sizes_are_clipped_alike(rng, impl, sizes, clipped):
+    """Every implementation reads a bad group_sizes the same way (it is data, not
+    checked): negative sizes count as 0, and the groups reaching past M lose their tail
+    (the Pallas kernels through `schedule.tile_schedule`, xla and ragged_dot by their
+    own clipping, which test_grouped_matmul.py checks in float32 with the gradients)."""
+    m = 20
+    x = jnp.asarray(rng.standard_normal((m, K)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((G, K, N)) / np.sqrt(K), jnp.bfloat16)
+    sizes, clipped = np.array(sizes, np.int32), np.array(clipped, np.int32)
+    out = np.asarray(run(impl, "none", x, w, sizes, None), np.float64)
+    ref = np_forward(np.asarray(x, np.float32), np.asarray(w, np.float32), clipped, "none")
+    assert np.linalg.norm(out - ref) <= 1e-2 * np.linalg.norm(ref)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("epilogue", ["swiglu", "row_scale"])
 def test_gradients_match_reference(rng, impl, epilogue):

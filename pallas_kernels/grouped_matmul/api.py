@@ -13,6 +13,7 @@ The Pallas kernels run in their interpret modes off GPU (slow; for tests).
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Literal
 
 import jax
@@ -57,7 +58,7 @@ def default_implementation(dtype=jnp.bfloat16, k: int = 7168, n_out: int = 4096)
 
 def _resolve(implementation: str | None, dtype=jnp.bfloat16, k: int = 7168, n_out: int = 4096) -> str:
     name = default_implementation(dtype, k, n_out) if implementation is None else implementation
-    if name not in _CONFIG_TYPES:
+    if not isinstance(name, str) or name not in _CONFIG_TYPES:
         raise ValueError(
             f"unknown grouped_matmul implementation {name!r}; "
             f"allowed: {', '.join(IMPLEMENTATIONS)} (or None for the default)"
@@ -81,17 +82,60 @@ def _resolve_config(name: str, config, num_rows: int, num_groups: int, k: int, n
     return config
 
 
+def _check_array(name: str, value) -> None:
+    """``value`` is an array (jax or NumPy), not a list or a scalar."""
+    if not (hasattr(value, "shape") and hasattr(value, "dtype") and hasattr(value, "ndim")):
+        raise TypeError(f"{name} must be an array (jax.Array or numpy.ndarray), got {type(value).__name__}")
+
+
+def _check_operands(a_name: str, a, b_name: str, b) -> None:
+    """The two matmul operands: floating, and of one dtype. The GPU kernels take one
+    16-bit operand dtype (float32 accumulation); the XLA paths also take float32. Mixed
+    dtypes are refused rather than promoted: a float32 x against bfloat16 weights would
+    otherwise run in float32 on the XLA path (and off the GPU kernels) without a word."""
+    for name, value in ((a_name, a), (b_name, b)):
+        _check_array(name, value)
+    for name, value in ((a_name, a), (b_name, b)):
+        if not jnp.issubdtype(value.dtype, jnp.floating):
+            raise TypeError(f"{name} must have a floating dtype (bfloat16, float16, float32), got {value.dtype}")
+    if a.dtype != b.dtype:
+        raise TypeError(
+            f"{a_name} and {b_name} must have the same dtype, got {a_name} {a.dtype} and {b_name} {b.dtype}; "
+            f"cast one first (e.g. {b_name}.astype({a_name}.dtype)): operands are not promoted"
+        )
+
+
 def _check_group_sizes(group_sizes: jax.Array, num_groups: int) -> None:
-    if group_sizes.shape != (num_groups,) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+    _check_array("group_sizes", group_sizes)
+    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise TypeError(f"group_sizes must have an integer dtype (e.g. int32), got {group_sizes.dtype}")
+    if group_sizes.shape != (num_groups,):
         raise ValueError(
-            f"group_sizes must be an integer array of shape ({num_groups},), "
+            f"group_sizes must be an integer array of shape ({num_groups},) (one size per group of w), "
             f"got {group_sizes.dtype}{list(group_sizes.shape)}"
         )
 
 
+def _out_dtype(preferred_element_type, default) -> jnp.dtype:
+    """``preferred_element_type`` as a floating dtype (``default`` for None)."""
+    if preferred_element_type is None:
+        return jnp.dtype(default)
+    try:
+        dtype = jnp.dtype(preferred_element_type)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"preferred_element_type must be a floating dtype (bfloat16, float16, float32) or None, "
+            f"got {repr(preferred_element_type) if dtype is None else dtype.name}"
+        )
+    return dtype
+
+
 def _live_rows(group_sizes: jax.Array, num_rows: int) -> jax.Array:
     """bool [M]: rows inside some group (the rest are padding)."""
-    total = jnp.minimum(jnp.sum(jnp.maximum(group_sizes, 0)), num_rows)
+    # Each size clipped to [0, M] first: the sum of near-int32-max sizes would overflow.
+    total = jnp.minimum(jnp.sum(jnp.clip(group_sizes, 0, num_rows).astype(jnp.int32)), num_rows)
     return jnp.arange(num_rows) < total
 
 
@@ -211,19 +255,31 @@ def _tgmm_jit(lower_for_gpu, name, config, x, dy, group_sizes, num_groups, out_d
     return _tgmm(name, config, x, dy, group_sizes, num_groups, out_dtype)
 
 
-def _run(x, w, group_sizes, *, epilogue, row_scale, implementation, config, preferred_element_type):
-    if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"expected x [M, K] and w [G, K, N], got {x.shape} and {w.shape}")
-    name = _resolve(implementation, jnp.result_type(x, w), x.shape[1],
-                    w.shape[2] // (2 if epilogue == "swiglu" else 1))
-    _check_group_sizes(group_sizes, w.shape[0])
+def _run(x, w, group_sizes, *, epilogue, row_scale, implementation, config, preferred_element_type,
+         w_name="w"):
+    _check_operands("x", x, w_name, w)
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if w.ndim != 3:
+        raise ValueError(f"{w_name} must be 3-D [G, K, N], got shape {tuple(w.shape)}")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"x's K={x.shape[1]} must equal {w_name}'s K={w.shape[1]} "
+                         f"(x {tuple(x.shape)}, {w_name} {tuple(w.shape)})")
     if epilogue == "swiglu" and w.shape[2] % 2:
         raise ValueError(f"w_gate_up's last dim must be even (gate | up), got {w.shape[2]}")
-    if row_scale is not None and (row_scale.shape != (x.shape[0],)):
-        raise ValueError(f"row_scale must have shape ({x.shape[0]},), got {row_scale.shape}")
+    _check_group_sizes(group_sizes, w.shape[0])
+    if row_scale is not None:
+        _check_array("row_scale", row_scale)
+        if row_scale.shape != (x.shape[0],):
+            raise ValueError(f"row_scale must have shape ({x.shape[0]},), got {row_scale.shape}")
+        # Any float dtype (routing weights are float32 next to bf16 activations): it is
+        # applied in float32 whatever it is stored in.
+        if not jnp.issubdtype(row_scale.dtype, jnp.floating):
+            raise TypeError(f"row_scale must have a floating dtype, got {row_scale.dtype}")
+    out_dtype = _out_dtype(preferred_element_type, x.dtype)
     n_out = w.shape[2] // (2 if epilogue == "swiglu" else 1)
+    name = _resolve(implementation, x.dtype, x.shape[1], n_out)
     config = _resolve_config(name, config, x.shape[0], w.shape[0], x.shape[1], n_out, epilogue)
-    out_dtype = jnp.dtype(preferred_element_type or x.dtype)
     scale = None if row_scale is None else row_scale.astype(jnp.float32)
     return _gmm_jit(_LOWER_FOR_GPU, name, config, epilogue, out_dtype, x, w, group_sizes, scale)
 
@@ -243,18 +299,23 @@ def grouped_matmul(
     Args:
       x: [M, K] rows, grouped contiguously: group g owns rows
         [offset_g, offset_g + group_sizes[g]) with offset the exclusive cumsum.
-      w: [G, K, N] per-group weights.
-      group_sizes: int [G], may hold zeros; sum <= M. Data, not shape: changing it
-        never recompiles. Not checked (it is data): negative sizes count as 0, and
-        rows past M are cut off (the groups that reach past M lose their tail;
-        `ragged_dot` leaves negative sizes to `lax.ragged_dot`).
-      row_scale: optional float [M]; row r of the product is scaled by
-        row_scale[r] inside the kernel (the routing weight of the down projection).
+        A floating dtype: bfloat16 / float16 for the GPU kernels, float32 too for
+        `xla` and `ragged_dot`.
+      w: [G, K, N] per-group weights, of x's dtype. Operands are never promoted: a
+        dtype mismatch (say float32 x, bfloat16 w) is a TypeError; cast first.
+      group_sizes: integer [G], may hold zeros; sum <= M. Data, not shape: changing
+        it never recompiles. Not checked (it is data), and read the same way by
+        every implementation: negative sizes count as 0, and rows past M are cut
+        off (the groups that reach past M lose their tail).
+      row_scale: optional float [M], any float dtype (applied in float32); row r
+        of the product is scaled by row_scale[r] inside the kernel (the routing
+        weight of the down projection).
       implementation: one of IMPLEMENTATIONS; None picks `default_implementation`
         for the operands' dtype.
       config: the implementation's tiling dataclass; None uses its default. It
         tiles the forward product; the gradients' kernels use their own defaults.
-      preferred_element_type: output dtype (default x.dtype). Accumulation is f32.
+      preferred_element_type: a floating output dtype (default x.dtype).
+        Accumulation is f32.
 
     Returns:
       [M, N]. Rows at or past sum(group_sizes) are padding: not computed, and
@@ -280,14 +341,14 @@ def grouped_swiglu(
     Args:
       x, group_sizes, implementation, config, preferred_element_type: as in
         `grouped_matmul`.
-      w_gate_up: [G, K, 2I], gate columns then up columns.
+      w_gate_up: [G, K, 2I] of x's dtype, gate columns then up columns.
 
     Returns:
       [M, I]; padding rows unspecified. Differentiable in x and w_gate_up.
     """
     return _run(x, w_gate_up, group_sizes, epilogue="swiglu", row_scale=None,
                 implementation=implementation, config=config,
-                preferred_element_type=preferred_element_type)
+                preferred_element_type=preferred_element_type, w_name="w_gate_up")
 
 
 def grouped_matmul_transposed(
@@ -303,9 +364,10 @@ def grouped_matmul_transposed(
     """Per-group x^T @ dy (the weight gradient of `grouped_matmul`).
 
     Args:
-      x: [M, K]; dy: [M, N]; group_sizes: int [G] as in `grouped_matmul`.
-      num_groups: number of leading groups to return (default G, must be <= G);
-        rows of later groups are skipped.
+      x: [M, K]; dy: [M, N] of x's dtype (not promoted: a mismatch is a
+        TypeError); group_sizes: integer [G], read as in `grouped_matmul`.
+      num_groups: an int, the number of leading groups to return (default G,
+        must be <= G); rows of later groups are skipped.
       implementation, config: as in `grouped_matmul`, except that the Pallas
         implementations take their transposed kernels' tilings (a forward config
         is an error): `mosaic_gpu` runs the Mosaic GPU transposed kernel
@@ -314,21 +376,39 @@ def grouped_matmul_transposed(
         128, else the Triton one runs); `triton` runs the Triton transposed kernel
         (`triton.tgmm`; config a `TritonConfig` for it, None for
         `triton.default_tgmm_config`).
-      preferred_element_type: output dtype (default x.dtype). Accumulation is f32.
+      preferred_element_type: a floating output dtype (default x.dtype).
+        Accumulation is f32.
 
     Returns:
       dw [num_groups, K, N] with dw[g] = x[rows_g].T @ dy[rows_g]; empty groups 0.
     """
-    if x.ndim != 2 or dy.ndim != 2 or x.shape[0] != dy.shape[0]:
-        raise ValueError(f"expected x [M, K] and dy [M, N], got {x.shape} and {dy.shape}")
-    name = _resolve(implementation, jnp.result_type(x, dy), x.shape[1], dy.shape[1])
+    _check_operands("x", x, "dy", dy)
+    for arg, value in (("x", x), ("dy", dy)):
+        if value.ndim != 2:
+            raise ValueError(f"{arg} must be 2-D [M, {'K' if arg == 'x' else 'N'}], got shape {tuple(value.shape)}")
+    if x.shape[0] != dy.shape[0]:
+        raise ValueError(f"x and dy must have the same number of rows M, got x {tuple(x.shape)} "
+                         f"and dy {tuple(dy.shape)}")
+    _check_array("group_sizes", group_sizes)
     if group_sizes.ndim != 1:
-        raise ValueError(f"group_sizes must be 1-D, got shape {group_sizes.shape}")
+        raise ValueError(f"group_sizes must be 1-D [G], got shape {tuple(group_sizes.shape)}")
     total_groups = group_sizes.shape[0]
     _check_group_sizes(group_sizes, total_groups)
-    num_groups = total_groups if num_groups is None else num_groups
+    if num_groups is None:
+        num_groups = total_groups
+    else:
+        # Static: it sets the output's shape. A bool or float is refused, not truncated.
+        try:
+            if isinstance(num_groups, bool):
+                raise TypeError
+            num_groups = operator.index(num_groups)
+        except TypeError:
+            raise TypeError(f"num_groups must be an int (static: it sets dw's shape) or None, "
+                            f"got {num_groups!r} ({type(num_groups).__name__})") from None
     if not 0 <= num_groups <= total_groups:
         raise ValueError(f"num_groups must be in [0, {total_groups}], got {num_groups}")
+    out_dtype = _out_dtype(preferred_element_type, x.dtype)
+    name = _resolve(implementation, x.dtype, x.shape[1], dy.shape[1])
     if name in _TGMM_CONFIG_TYPES:
         expected = _TGMM_CONFIG_TYPES[name]
         if config is not None and not isinstance(config, expected):
@@ -336,5 +416,4 @@ def grouped_matmul_transposed(
                              f"{name!r}: it takes a {expected.__name__} (its transposed kernel's tiles) or None")
     else:
         config = _resolve_config(name, config, x.shape[0], total_groups, x.shape[1], dy.shape[1])
-    out_dtype = jnp.dtype(preferred_element_type or x.dtype)
     return _tgmm_jit(_LOWER_FOR_GPU, name, config, x, dy, group_sizes, num_groups, out_dtype)

@@ -11,6 +11,19 @@ from jax import lax
 from pallas_kernels.grouped_matmul.config import GroupedMatmulConfig
 
 
+def clipped_group_sizes(group_sizes: jax.Array, num_rows: int) -> jax.Array:
+    """int32 [G] sizes read as the other implementations read them (`xla.make_work_items`,
+    `schedule.tile_schedule`): negative sizes count as 0 and groups are cut at
+    ``num_rows`` (a group reaching past it loses its tail, later groups are empty).
+
+    `lax.ragged_dot` itself has no defined result for a negative size or a sum past M.
+    """
+    # Clip each size first, so that the int32 cumsum cannot overflow.
+    sizes = jnp.clip(group_sizes, 0, num_rows).astype(jnp.int32)
+    ends = jnp.minimum(jnp.cumsum(sizes), num_rows)
+    return ends - jnp.concatenate([jnp.zeros((1,), jnp.int32), ends])[:-1]
+
+
 def gmm(
     x: jax.Array,
     w: jax.Array,
@@ -22,7 +35,7 @@ def gmm(
     del config  # no tiling knobs
     dtype = jnp.result_type(x, w)
     out = lax.ragged_dot(
-        x.astype(dtype), w.astype(dtype), group_sizes.astype(jnp.int32),
+        x.astype(dtype), w.astype(dtype), clipped_group_sizes(group_sizes, x.shape[0]),
         preferred_element_type=jnp.float32,
     )
     return out.astype(preferred_element_type)
@@ -46,7 +59,7 @@ def tgmm(
         rhs_group_dimensions=[],
     )
     dw = lax.ragged_dot_general(
-        x.astype(dtype), dy.astype(dtype), group_sizes.astype(jnp.int32), dims,
+        x.astype(dtype), dy.astype(dtype), clipped_group_sizes(group_sizes, x.shape[0]), dims,
         preferred_element_type=jnp.float32,
     )
     return dw[:num_groups].astype(preferred_element_type)

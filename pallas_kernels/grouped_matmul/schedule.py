@@ -42,7 +42,8 @@ def tile_schedule(
     over-full ``group_sizes`` can never make a kernel write out of bounds).
     """
     num_groups = group_sizes.shape[0]
-    sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
+    # Each size clipped to [0, num_rows] before the sum: sizes near 2**31 would wrap it.
+    sizes = jnp.clip(group_sizes.astype(jnp.int32), 0, num_rows)
     ends = jnp.minimum(jnp.cumsum(sizes), num_rows)
     starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
     sizes = ends - starts

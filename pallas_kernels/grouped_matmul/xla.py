@@ -40,8 +40,9 @@ def make_work_items(
     num_groups = num_all_groups if num_groups is None else num_groups
     # As `schedule.tile_schedule`: negative sizes count as 0, and groups are clipped
     # at num_rows (an over-full group_sizes never slices out of bounds, and a group
-    # cut at num_rows never reaches back into its predecessor's rows).
-    sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
+    # cut at num_rows never reaches back into its predecessor's rows). Each size is
+    # clipped to [0, num_rows] first, so that the int32 cumsum cannot overflow.
+    sizes = jnp.clip(group_sizes, 0, num_rows).astype(jnp.int32)
     cum = jnp.cumsum(sizes)
     ends = jnp.minimum(cum, num_rows)
     starts = jnp.minimum(cum - sizes, num_rows)
