@@ -335,6 +335,43 @@ def test_masked_tokens_routing_ids_are_not_checked(rng):
         layer(x, routing=padded)  # no mask: every token is routed
 
 
+def test_plain_tuple_routing_and_list_token_mask(rng):
+    """A plain (ids, weights) tuple runs as the Routing it spells, and a list token_mask as
+    its array, eagerly and under jit (both raised AttributeError); a swapped (weights, ids)
+    pair (jax.lax.top_k's order) and other types are refused, naming the argument."""
+    spec = make_spec(experts=8)
+    layer = make_layer(spec, ep=2)
+    x = random_tokens(rng, 6, spec.hidden_size)
+    routing = random_routing(rng, 6, spec.num_experts, spec.top_k)
+    mask = [True, False, True, True, False, True]
+    want, want_stats = layer(x, token_mask=jnp.asarray(mask), routing=routing)
+    w, kw = layer.weights(), dict(spec=spec, config=layer.config, mesh=layer.mesh)
+    jitted = jax.jit(lambda ids, wts: moe_forward(x, w, token_mask=mask, routing=(ids, wts), **kw))
+    for got, stats in (layer(x, token_mask=mask, routing=tuple(routing)), jitted(*routing)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        for a, b in zip(stats, want_stats):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match=r"float ids .* and integer weights .*swapped\? allowed: \(ids, weights\)"):
+        layer(x, routing=(routing.weights, routing.ids))
+    with pytest.raises(TypeError, match=r"routing: got list of length 2; allowed: a Routing\(ids, weights\), "
+                                        r"a plain \(ids, weights\) tuple, or None"):
+        layer(x, routing=list(routing))
+    with pytest.raises(TypeError, match=r"routing: got ArrayImpl; allowed: a Routing"):
+        layer(x, routing=routing.ids)
+    with pytest.raises(TypeError, match=r"routing.weights: got NoneType; allowed: a float \[tokens, top_k\] array"):
+        layer(x, routing=(routing.ids, None))
+    with pytest.raises(TypeError, match=r"token_mask: got str; allowed: a bool \[tokens\] array"):
+        layer(x, token_mask="all")
+    with pytest.raises(TypeError, match=r"token_mask: got a list that is not an array .*; allowed: a bool"):
+        layer(x, token_mask=[True, [False]] + [True] * 4)
+    with pytest.raises(ValueError, match=r"token_mask has shape \(5,\); allowed: \[6\]"):
+        layer(x, token_mask=mask[:5])
+    with pytest.raises(ValueError, match=r"token_mask has dtype float32; allowed: bool \(or 0/1 integers\)"):
+        layer(x, token_mask=[0.2, 0.0] * 3)  # cast to bool, 0.2 would keep its token
+    int_mask, _ = layer(x, token_mask=np.asarray(mask, np.int32), routing=routing)
+    np.testing.assert_array_equal(np.asarray(int_mask), np.asarray(want))
+
+
 @pytest.mark.parametrize("backend, ep", [("WIDEEP", 4), ("CUTLASS", 1)])
 def test_nan_in_masked_tokens_reaches_no_gradient(rng, backend, ep):
     """A masked-out row holding NaN / inf (and NaN routing weights) changes neither the

@@ -119,8 +119,10 @@ class MoELayer(nnx.Module):
 
         Args:
           x: tokens (data-parallel over the EP axis when there is a mesh).
-          token_mask: bool [tokens]; False rows are padding (output 0, not counted).
-          routing: precomputed top-k (ids, weights) to bypass the router.
+          token_mask: bool [tokens] (a list is converted); False rows are padding (output 0,
+            not counted).
+          routing: precomputed top-k to bypass the router: a :class:`Routing` or a plain
+            ``(ids, weights)`` tuple, in that order (see :func:`moe_forward`).
 
         Returns:
           ``(y [tokens, hidden], MoEStats)``.

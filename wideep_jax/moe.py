@@ -54,6 +54,41 @@ class MoEStats(NamedTuple):
     rank_expert_counts: jax.Array
 
 
+def _as_array(name: str, value, allowed: str):
+    """``value`` as an array: arrays (tracers included) pass, a list or tuple is converted;
+    ``TypeError`` naming ``name`` for anything else (it would fail later on ``.shape``)."""
+    if isinstance(value, (jax.Array, np.ndarray)):
+        return value
+    if isinstance(value, (list, tuple)):
+        try:
+            return jnp.asarray(value)
+        except (TypeError, ValueError) as e:  # ragged, or not numbers
+            raise TypeError(f"{name}: got a {type(value).__name__} that is not an array ({e}); "
+                            f"allowed: {allowed}") from None
+    raise TypeError(f"{name}: got {type(value).__name__}; allowed: {allowed}")
+
+
+def _as_mask(token_mask):
+    if token_mask is None:
+        return None
+    return _as_array("token_mask", token_mask, "a bool [tokens] array (or a list of bools), or None")
+
+
+def _as_routing(routing) -> Routing | None:
+    """``routing`` as a :class:`Routing`. A plain 2-tuple is read in Routing's field order,
+    (ids, weights), as the docstrings write it; a (weights, ids) pair (``jax.lax.top_k``'s
+    order) is refused by the dtype checks, not run swapped."""
+    if routing is None:
+        return None
+    if not isinstance(routing, tuple) or len(routing) != 2:  # a Routing is a 2-tuple too
+        raise TypeError(f"routing: got {type(routing).__name__}"
+                        + (f" of length {len(routing)}" if isinstance(routing, (tuple, list)) else "")
+                        + "; allowed: a Routing(ids, weights), a plain (ids, weights) tuple, or None")
+    ids, weights = routing
+    return Routing(_as_array("routing.ids", ids, "an int [tokens, top_k] array"),
+                   _as_array("routing.weights", weights, "a float [tokens, top_k] array"))
+
+
 def _check_inputs(x, token_mask, routing, spec: MoESpec):
     if x.ndim != 2 or x.shape[1] != spec.hidden_size:
         raise ValueError(f"x has shape {x.shape}; allowed: [tokens, hidden_size={spec.hidden_size}]")
@@ -62,6 +97,9 @@ def _check_inputs(x, token_mask, routing, spec: MoESpec):
         raise ValueError(f"x has dtype {x.dtype}; allowed: a floating dtype (the output has x's dtype)")
     if token_mask is not None and token_mask.shape != x.shape[:1]:
         raise ValueError(f"token_mask has shape {token_mask.shape}; allowed: [{x.shape[0]}]")
+    # A float mask would be cut to True/False silently (0.2 -> kept); 0/1 integers are unambiguous.
+    if token_mask is not None and not (token_mask.dtype == jnp.bool_ or jnp.issubdtype(token_mask.dtype, jnp.integer)):
+        raise ValueError(f"token_mask has dtype {token_mask.dtype}; allowed: bool (or 0/1 integers)")
     if routing is not None:
         want = (x.shape[0], spec.top_k)
         if routing.ids.shape != want or routing.weights.shape != want:
@@ -69,6 +107,10 @@ def _check_inputs(x, token_mask, routing, spec: MoESpec):
                 f"routing has ids {routing.ids.shape} / weights {routing.weights.shape}; allowed: {want}"
             )
         # Float ids would be cut to integers (or ids and weights passed swapped run silently).
+        if jnp.issubdtype(routing.ids.dtype, jnp.floating) and jnp.issubdtype(routing.weights.dtype, jnp.integer):
+            raise ValueError(f"routing has float ids ({routing.ids.dtype}) and integer weights "
+                             f"({routing.weights.dtype}): swapped? allowed: (ids, weights), Routing's order "
+                             "(jax.lax.top_k returns (values, indices))")
         if not jnp.issubdtype(routing.ids.dtype, jnp.integer):
             raise ValueError(f"routing.ids has dtype {routing.ids.dtype}; allowed: an integer dtype (expert ids)")
         if not jnp.issubdtype(routing.weights.dtype, jnp.floating):
@@ -167,9 +209,11 @@ def moe_forward(
       spec: model dims and router.
       config: backend, chunking, all-to-all backend, EP axis.
       mesh: device mesh; required for ``WIDEEP``.
-      token_mask: bool [T]; False tokens are not routed (output 0, not counted, and
-        their values, NaN or inf included, reach no other output and no gradient).
-      routing: precomputed top-k (ids, weights) instead of the router. Ids outside
+      token_mask: bool [T] (a list is converted); False tokens are not routed (output 0,
+        not counted, and their values, NaN or inf included, reach no other output and no
+        gradient).
+      routing: precomputed top-k (ids, weights) instead of the router: a :class:`Routing`
+        or a plain ``(ids, weights)`` tuple, in that order. Ids outside
         [0, num_experts) of tokens the mask keeps raise where the ids are concrete; under
         jit they cannot, so those tokens' outputs are NaN instead of another expert's
         result. Likewise a token routed to an expert that ``weights.slot_to_expert`` gives
@@ -178,6 +222,7 @@ def moe_forward(
     Returns:
       ``(y [T, H] in x.dtype, MoEStats)``.
     """
+    token_mask, routing = _as_mask(token_mask), _as_routing(routing)
     _check_inputs(x, token_mask, routing, spec)
     wide = config.backend == "WIDEEP"
     axis = config.ep_axis

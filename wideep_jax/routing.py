@@ -32,6 +32,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from wideep_jax._checks import is_int as _is_int
+
 __all__ = [
     "ROUTER_KINDS",
     "Routing",
@@ -121,10 +123,6 @@ class RouterSpec:
                 f"= {self.topk_group} * {group_size} = {self.topk_group * group_size} "
                 f"(RouterSpec.topk_group={self.topk_group!r}, n_group={self.n_group!r})"
             )
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _num_experts(logits: jax.Array) -> int:
