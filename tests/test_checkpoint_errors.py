@@ -305,3 +305,200 @@ def test_head_rules_keep_real_layouts():
     # DeepSeek's MLA has its own head dims and no kv head groups.
     cfg = from_hf_config(_config("deepseek_v3") | {"num_key_value_heads": 3, "head_dim": None, "hidden_size": 50})
     assert cfg.mla is not None and cfg.head_dim == cfg.mla.qk_rope_head_dim
+
+
+@pytest.mark.parametrize("arch, key, value, allowed", [
+    ("qwen3_moe", "model_type", "llama", "is not supported; allowed: ('qwen3_moe', 'mixtral', 'deepseek_v3', "
+                                         "'llama4_text', 'llama4')"),
+    ("qwen3_moe", "model_type", None, "is not supported; allowed: ('qwen3_moe',"),
+    ("mixtral", "hidden_act", "gelu", "is not supported; allowed: 'silu'"),
+    ("llama4_text", "hidden_act", ["silu"], "is not supported; allowed: 'silu'"),
+    ("deepseek_v3", "topk_method", "greedy", "is not supported; allowed: 'noaux_tc'"),
+    ("deepseek_v3", "scoring_func", "softmax", "is not supported; allowed: 'sigmoid'"),
+])
+def test_unsupported_architecture_settings(tmp_path, arch, key, value, allowed):
+    message = re.escape(f"config.json: {key}={value!r} {allowed}")
+    with pytest.raises(CheckpointError, match=message):
+        from_hf_config(_config(arch) | {key: value})
+    if arch == "qwen3_moe":  # from the folder too, before anything is read
+        with pytest.raises(CheckpointError, match=message):
+            _load(_copy(tmp_path, **{key: value}))
+
+
+def test_null_architecture_settings_take_their_defaults():
+    for arch, key in (("mixtral", "hidden_act"), ("deepseek_v3", "topk_method"), ("deepseek_v3", "scoring_func")):
+        assert from_hf_config(_config(arch) | {key: None}) == from_hf_config(_config(arch))
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("eos_token_id", "7", "an int token id, a list of them, or null"),
+    ("eos_token_id", [7, 1.5], "an int token id, a list of them, or null"),
+    ("eos_token_id", True, "an int token id, a list of them, or null"),
+    ("pad_token_id", "0", "an int token id or null"),
+    ("pad_token_id", [0], "an int token id or null"),
+])
+def test_token_ids(key, value, allowed):
+    with pytest.raises(CheckpointError, match=re.escape(f"config.json: {key}={value!r}; allowed: {allowed}")):
+        from_hf_config(_config("qwen3_moe") | {key: value})
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"no_rope_layers": [1, 0]}, "no_rope_layers=[1, 0] has 2 entries; allowed: one per layer (num_hidden_layers=4)"),
+    ({"layer_types": 3}, "layer_types=3; allowed: a list of 4 entries (num_hidden_layers), each one of "
+                         "('chunked_attention', 'full_attention')"),
+    ({"layer_types": "full_attention"}, "layer_types='full_attention'; allowed: a list of 4 entries"),
+    ({"layer_types": [["full_attention"]] * 4}, "layer_types=[['full_attention'], "),
+    ({"layer_types": ["sliding_attention"] * 4}, "layer_types=['sliding_attention', "),
+    ({"layer_types": ["full_attention"] * 3}, "layer_types=['full_attention', 'full_attention', 'full_attention']; "
+                                              "allowed: a list of 4 entries"),
+    ({"attention_chunk_size": None}, "attention_chunk_size=None (missing) with chunked_attention layers [0, 1, 2] "
+                                     "in layer_types; allowed: an int >= 1, or layer_types without chunked_attention"),
+    ({"floor_scale": 0}, "floor_scale=0; allowed: a finite number > 0"),
+])
+def test_llama4_layer_settings(changes, message):
+    with pytest.raises(CheckpointError, match=re.escape(f"config.json: {message}")):
+        from_hf_config(_config("llama4_text") | changes)
+    config = _config("llama4_text")  # multimodal: the text model's keys, under text_config
+    with pytest.raises(CheckpointError, match=re.escape(f"config.json: {message}")):
+        from_hf_config({"model_type": "llama4", "text_config": config | changes})
+
+
+@pytest.mark.parametrize("arch, section, changes, message", [
+    ("llama4_text", "rope_scaling", {"rope_type": "dynamic"}, "rope_scaling.rope_type='dynamic' is not supported; "
+                                                              "allowed: 'default', 'yarn', 'llama3'"),
+    ("llama4_text", "rope_parameters", {"rope_type": ["llama3"]}, "rope_parameters.rope_type=['llama3'] is not "
+                                                                  "supported"),
+    ("llama4_text", "rope_scaling", {"rope_type": None, "type": {"llama3": 1}}, "rope_scaling.type={'llama3': 1} is "
+                                                                                "not supported"),
+    ("deepseek_v3", "rope_scaling", {"attention_factor": 1.5}, "rope_scaling.attention_factor=1.5 is not supported "
+                                                               "for yarn; allowed: null"),
+    ("deepseek_v3", "rope_parameters", {"truncate": False}, "rope_parameters.truncate=false is not supported for "
+                                                            "yarn; allowed: true"),
+])
+def test_rope_types(arch, section, changes, message):
+    with pytest.raises(CheckpointError, match=re.escape(f"config.json: {message}")):
+        from_hf_config(_rope_case(arch, section, **changes))
+
+
+def test_rope_type_under_its_old_key_or_null():
+    config = _config("llama4_text")
+    rope = config["rope_parameters"]
+    old = {k: v for k, v in rope.items() if k != "rope_type"} | {"type": "llama3"}
+    assert from_hf_config(config | {"rope_parameters": old}) == from_hf_config(config)
+    assert from_hf_config(config | {"rope_parameters": {"rope_type": None, "rope_theta": 7.0}}).rope.kind == "default"
+
+
+@pytest.mark.parametrize("arch, changes, message", [
+    ("qwen3_moe", {"num_experts_per_tok": 9}, "num_experts_per_tok=9 with num_local_experts=8; allowed: an int "
+                                              "in [1, num_local_experts]"),
+    ("qwen3_moe", {"num_experts": 1}, "num_experts_per_tok=2 with num_experts=1; allowed"),  # num_experts wins
+    ("mixtral", {"num_experts_per_tok": 7}, "num_experts_per_tok=7 with num_local_experts=6; allowed: an int in "
+                                            "[1, num_local_experts]"),
+    ("llama4_text", {"num_experts_per_tok": 7}, "num_experts_per_tok=7 with num_local_experts=6; allowed"),
+    ("deepseek_v3", {"n_group": 3}, "n_group=3 with n_routed_experts=16; allowed: a divisor of n_routed_experts"),
+    ("deepseek_v3", {"n_group": 16, "topk_group": 2}, "n_group=16 with n_routed_experts=16 gives groups of 1 expert; "
+                                                      "allowed: n_group=1 or groups of >= 2 experts"),
+    ("deepseek_v3", {"topk_group": 5}, "topk_group=5 with n_group=4; allowed: an int in [1, n_group]"),
+    ("deepseek_v3", {"topk_group": 1, "num_experts_per_tok": 5}, "num_experts_per_tok=5 with topk_group=1 of "
+                                                                 "n_group=4 groups of 4 experts; allowed: <= "
+                                                                 "topk_group * (n_routed_experts // n_group) = 4"),
+    ("deepseek_v3", {"routed_scaling_factor": 0}, "routed_scaling_factor=0; allowed: a finite number > 0"),
+])
+def test_moe_keys_must_agree(tmp_path, arch, changes, message):
+    """Checked when config.json is read, naming its keys (not the MoE layer's fields, later)."""
+    with pytest.raises(CheckpointError, match=re.escape(f"config.json: {message}")):
+        from_hf_config(_config(arch) | changes)
+    if arch == "qwen3_moe":
+        with pytest.raises(CheckpointError, match=re.escape(f"config.json: {message}")):
+            _load(_copy(tmp_path, **changes))
+
+
+def test_moe_key_checks_keep_dense_models():
+    # Qwen3 with no experts: every layer dense, num_experts_per_tok unused.
+    assert from_hf_config(_config("qwen3_moe") | {"num_experts": 0, "num_experts_per_tok": 9}).moe_layers == ()
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, "float33", "int8"])
+def test_dtype_argument(tmp_path, dtype):
+    message = re.escape(f"dtype={dtype!r}: allowed: a floating dtype (e.g. jnp.bfloat16, jnp.float32)")
+    with pytest.raises(ValueError, match=message) as err:
+        from_hf_config(_config("qwen3_moe"), dtype=dtype)
+    assert not isinstance(err.value, CheckpointError)  # the caller's argument, not the checkpoint
+    with pytest.raises(ValueError, match=message):
+        from_pretrained(FIXTURES / "qwen3_moe_tiny", dtype=dtype)
+
+
+def test_from_pretrained_arguments():
+    folder = FIXTURES / "qwen3_moe_tiny"
+    with pytest.raises(TypeError, match=re.escape("path=None: allowed: a checkpoint folder (a str or os.PathLike)")):
+        from_pretrained(None)
+    with pytest.raises(TypeError, match=re.escape("moe_config={'backend': 'WIDEEP'}: allowed: a MoEConfig (e.g. "
+                                                  "from load_moe_config) or None")):
+        from_pretrained(folder, moe_config={"backend": "WIDEEP"})
+    with pytest.raises(TypeError, match=re.escape("mesh='ep': allowed: a jax.sharding.Mesh or None")):
+        from_pretrained(folder, mesh="ep")
+
+
+def _with_tensors(tmp_path: Path, arch: str = "qwen3_moe", **tensors) -> Path:
+    """A copy of a fixture with ``tensors`` (name -> array) replaced or added."""
+    from safetensors.numpy import load_file, save_file
+
+    folder = _copy(tmp_path, arch)
+    weights = load_file(folder / "model.safetensors") | tensors
+    save_file(weights, folder / "model.safetensors")
+    return folder
+
+
+def test_a_tensor_of_an_unsupported_dtype(tmp_path):
+    import numpy as np
+
+    folder = _with_tensors(tmp_path, **{"model.norm.weight": np.ones(48, np.int8)})
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{folder / 'model.safetensors'}: tensor 'model.norm.weight': dtype 'I8' is not supported; allowed: "
+            "['BF16', 'F16', 'F32', 'F64', 'F8_E4M3', 'F8_E5M2', 'I32', 'I64']")):
+        _load(folder)
+
+
+@pytest.mark.parametrize("value", [None, 1.0])
+def test_num_nextn_predict_layers_null_or_integral(tmp_path, value):
+    import numpy as np
+
+    # The fixture's layer 3 tensor is read as DeepSeek-V3's one MTP layer (null: the default 1).
+    extra = {"model.layers.3.enorm.weight": np.ones(48, np.float32)}
+    _load(_with_tensors(tmp_path / "a", "deepseek_v3", **extra))
+    folder = _with_tensors(tmp_path / "b", "deepseek_v3", **extra)
+    (folder / "config.json").write_text(json.dumps(_config("deepseek_v3") | {"num_nextn_predict_layers": value}))
+    _load(folder)
+
+
+def test_num_nextn_predict_layers_is_checked_before_any_tensor(tmp_path):
+    folder = _copy(tmp_path, "deepseek_v3", num_nextn_predict_layers=1.5)
+    (folder / "model.safetensors").write_bytes(b"")  # would be an error of its own, if read
+    with pytest.raises(CheckpointError, match=re.escape(
+            "config.json: num_nextn_predict_layers=1.5; allowed: an int >= 0")):
+        _load(folder)
+
+
+@pytest.mark.parametrize("quant, message", [
+    ({"quant_method": "awq"}, "quantization_config.quant_method='awq' is not supported; allowed: ['fp8']"),
+    ({"quant_method": "fp8", "fmt": "e2m1"}, "quantization_config.fmt='e2m1' is not supported; allowed: "
+                                             "['e4m3', 'e5m2']"),
+    ({"quant_method": "fp8", "fmt": ["e4m3"]}, "quantization_config.fmt=['e4m3'] is not supported"),
+    ({"quant_method": "fp8", "weight_block_size": [True, True]}, "quantization_config.weight_block_size=[True, True]; "
+                                                                 "allowed: two ints >= 1 (rows, columns), e.g. "
+                                                                 "[128, 128]"),
+    ({"quant_method": "fp8", "weight_block_size": "128"}, "quantization_config.weight_block_size='128'; allowed"),
+    ({"quant_method": "fp8", "weight_block_size": [128, 0]}, "quantization_config.weight_block_size=[128, 0]; "),
+])
+def test_quantization_config_keys(tmp_path, quant, message):
+    with pytest.raises(CheckpointError, match=re.escape(f"config.json: {message}")):
+        _load(_copy(tmp_path, quantization_config=quant))
+
+
+def test_quantization_config_null_keys_and_integral_block_sizes():
+    from wideep_jax.models.loading import _block_size
+
+    fp8 = {"quant_method": "fp8"}
+    assert _block_size({"quantization_config": fp8 | {"fmt": None, "weight_block_size": None}}) == (128, 128)
+    block = _block_size({"quantization_config": fp8 | {"weight_block_size": [32.0, 16]}})
+    assert block == (32, 16) and all(type(b) is int for b in block)

@@ -17,6 +17,7 @@ from moe_helpers import make_mesh
 from test_models import fixture, rel_err
 from wideep_jax.config import load_moe_config
 from wideep_jax.models import from_hf_config, from_pretrained
+from wideep_jax.models.config import CheckpointError
 from wideep_jax.models.loading import Checkpoint
 
 # Attention projections, dense MLP, routed and shared experts; not norms, embeddings,
@@ -170,21 +171,31 @@ def test_fp8_errors_name_the_tensor(tmp_path, rng):
 
     def no_scale(t):
         del t[scale]
-    with pytest.raises(ValueError, match=rf"{re.escape(name)}.*F8_E4M3.*{re.escape(scale)}"):
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: tensor {re.escape(repr(name))}: dtype F8_E4M3 "
+                       rf"without a block scale {re.escape(repr(scale))}"):
         from_pretrained(fp8_copy(tmp_path / "a", edit=no_scale)[0], dtype=jnp.float32)
 
     def bad_scale(t):
         t[scale] = np.ones((t[scale].shape[0] + 1, t[scale].shape[1]), np.float32)
-    with pytest.raises(ValueError, match=rf"{re.escape(scale)}.*shape \(2, 1\).*expected \(1, 1\)"):
+    with pytest.raises(CheckpointError, match=rf"tensor {re.escape(repr(scale))}: shape \(2, 1\), expected \(1, 1\) "
+                       r".*quantization_config.weight_block_size"):
         from_pretrained(fp8_copy(tmp_path / "b", edit=bad_scale)[0], dtype=jnp.float32)
 
     def dequantized_but_scale_kept(t):  # the scale is read only with its FP8 weight
         t[name] = t[name].astype(np.float32)
-    with pytest.raises(ValueError, match=rf"not used.*{re.escape(scale)}"):
+    with pytest.raises(CheckpointError, match=rf"not used.*{re.escape(scale)}"):
         from_pretrained(fp8_copy(tmp_path / "c", edit=dequantized_but_scale_kept)[0], dtype=jnp.float32)
 
+    def one_axis(t):  # an FP8 vector, even with a scale, is no block-quantized weight
+        norm = "model.norm.weight"
+        t[norm], t[f"{norm}_scale_inv"] = t[norm].astype(ml_dtypes.float8_e4m3fn), np.ones((1,), np.float32)
+    with pytest.raises(CheckpointError, match=re.escape("model.safetensors: tensor 'model.norm.weight': dtype "
+                                                        "F8_E4M3 with shape (48,); allowed: FP8 weights with 2 or "
+                                                        "more axes")):
+        from_pretrained(fp8_copy(tmp_path / "d", edit=one_axis)[0], dtype=jnp.float32)
+
     for i, (key, value, allowed) in enumerate([("quant_method", "awq", "fp8"), ("fmt", "e2m1", "e4m3"),
-                                               ("weight_block_size", [128], "two positive ints")]):
+                                               ("weight_block_size", [128], "two ints >= 1")]):
         folder, _ = fp8_copy(tmp_path / f"q{i}", quant={key: value})
-        with pytest.raises(ValueError, match=rf"quantization_config\.{key}={re.escape(repr(value))}.*{allowed}"):
+        with pytest.raises(CheckpointError, match=rf"quantization_config\.{key}={re.escape(repr(value))}.*{allowed}"):
             from_pretrained(folder, dtype=jnp.float32)

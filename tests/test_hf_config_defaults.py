@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from wideep_jax.models.config import from_hf_config
+from wideep_jax.models.config import CheckpointError, from_hf_config
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -46,7 +46,7 @@ def test_eos_and_pad_token_ids_are_read():
     cfg = from_hf_config(base | {"eos_token_id": [7, 9], "pad_token_id": 3})
     assert (cfg.eos_token_id, cfg.pad_token_id) == ((7, 9), 3)
     for bad in ("7", [7, 1.5], True):
-        with pytest.raises(ValueError, match=r"config.json: eos_token_id=.*allowed: an int token id, a list"):
+        with pytest.raises(CheckpointError, match=r"config.json: eos_token_id=.*allowed: an int token id, a list"):
             from_hf_config(base | {"eos_token_id": bad})
     text = _without("llama4_text", "eos_token_id", "pad_token_id")
     outer = {"model_type": "llama4", "text_config": text, "eos_token_id": [5, 6], "pad_token_id": 4}

@@ -17,6 +17,7 @@ from flax import nnx
 from moe_helpers import TRACE_EVENT, count_compiles, make_mesh
 from wideep_jax.config import ConfigError, load_moe_config
 from wideep_jax.models import from_hf_config, from_pretrained
+from wideep_jax.models.config import CheckpointError
 from wideep_jax.models.loading import Checkpoint
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -121,7 +122,8 @@ def test_llama4_multimodal_checkpoint_loads_its_text_model(tmp_path):
     # Anything else left over is still an error.
     tensors["language_model.model.layers.0.feed_forward.extra"] = np.zeros((2,), np.float32)
     save_file(tensors, tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match="feed_forward.extra"):
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path}: checkpoint tensors not used by llama4_text: "
+                                                        "['language_model.model.layers.0.feed_forward.extra']")):
         from_pretrained(tmp_path, dtype=jnp.float32)
 
 
@@ -136,11 +138,11 @@ def test_llama4_config_reading():
     cfg = from_hf_config(scout | {"interleave_moe_layer_step": 1, "num_hidden_layers": 8})
     assert cfg.moe_layers == tuple(range(8)) and cfg.nope_layers == (3, 7)
     assert cfg.chunked_layers == (0, 1, 2, 4, 5, 6)
-    for bad, fragment in (({"layer_types": ["sliding_attention"] * 4}, "layer_types="),
-                          ({"no_rope_layers": [1, 0]}, "no_rope_layers has 2 entries"),
+    for bad, fragment in (({"layer_types": ["sliding_attention"] * 4}, "layer_types=['sliding_attention', "),
+                          ({"no_rope_layers": [1, 0]}, "no_rope_layers=[1, 0] has 2 entries"),
                           ({"attention_bias": True}, "attention_bias=true"),
-                          ({"attention_chunk_size": None}, "attention_chunk_size is missing")):
-        with pytest.raises(ValueError, match=re.escape(fragment)):
+                          ({"attention_chunk_size": None}, "attention_chunk_size=None (missing)")):
+        with pytest.raises(CheckpointError, match=re.escape(f"config.json: {fragment}")):
             from_hf_config(text | bad)
 
 
@@ -165,19 +167,22 @@ def test_loading_errors_name_the_tensor(tmp_path):
     def bad_shape(t):
         t["model.layers.0.self_attn.k_proj.weight"] = np.zeros((5, 48), np.float32)
     (tmp_path / "b").mkdir()
-    with pytest.raises(ValueError, match=r"k_proj.weight.*\(5, 48\).*\(32, 48\)"):
+    with pytest.raises(CheckpointError, match=re.escape("model.safetensors: tensor 'model.layers.0.self_attn.k_proj."
+                                                        "weight': shape (5, 48), expected (32, 48)")):
         from_pretrained(_edited_copy(tmp_path / "b", bad_shape), dtype=jnp.float32)
 
     def extra(t):
         t["model.layers.0.mlp.shared_expert.weight"] = np.zeros((2,), np.float32)
     (tmp_path / "c").mkdir()
-    with pytest.raises(ValueError, match="shared_expert.weight"):
+    with pytest.raises(CheckpointError, match=re.escape("not used by qwen3_moe: "
+                                                        "['model.layers.0.mlp.shared_expert.weight']")):
         from_pretrained(_edited_copy(tmp_path / "c", extra), dtype=jnp.float32)
 
     (tmp_path / "d").mkdir()
     cfg = json.loads((FIXTURES / "qwen3_moe_tiny" / "config.json").read_text()) | {"model_type": "llama"}
     (tmp_path / "d" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="model_type='llama'.*qwen3_moe"):
+    with pytest.raises(CheckpointError, match=re.escape("config.json: model_type='llama' is not supported; "
+                                                        "allowed: ('qwen3_moe',")):
         from_pretrained(tmp_path / "d")
 
 
@@ -249,6 +254,33 @@ def test_generate_greedy_matches_step_by_step_argmax():
                                   np.argmax(np.asarray(logits), axis=-1))
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, prompts, max_new_tokens=0)
+
+
+def test_generate_warns_past_max_position_embeddings(tmp_path):
+    """Past max_position_embeddings nothing is clamped (the cache fits every token, RoPE is
+    computed per position), the model extrapolates: a warning naming both numbers, at the
+    caller's line; none at the limit. The limit is config.json's."""
+    import shutil
+    import warnings
+
+    from wideep_jax.models.generate import generate
+
+    folder, ids, _ = fixture("qwen3_moe")
+    shutil.copytree(folder, tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text()) | {"max_position_embeddings": 9}
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    model = from_pretrained(tmp_path / "model", dtype=jnp.float32)
+    assert model.cfg.max_position_embeddings == 9
+    prompts = [list(ids[0, :7]), list(ids[1, :3])]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        generate(model, prompts, max_new_tokens=2)  # 7 + 2 = 9 positions: at the limit
+    assert not [w for w in seen if "max_position_embeddings" in str(w.message)]
+    with pytest.warns(UserWarning, match=re.escape(
+            "the longest prompt (7 tokens) + max_new_tokens (3) = 10 positions, past the model's "
+            "max_position_embeddings=9")) as seen:
+        generate(model, prompts, max_new_tokens=3)
+    assert [w.filename for w in seen if "max_position" in str(w.message)] == [__file__]
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "llama4_text"])
@@ -440,16 +472,17 @@ def test_tensors_of_layers_past_the_model_are_errors_but_deepseek_mtp_layers(tmp
         load("mtp_default", n, {k: v for k, v in config.items() if k != "num_nextn_predict_layers"})
         load("mtp_n", n + nextn - 1, config | {"num_nextn_predict_layers": nextn})
         past = n + nextn
-        with pytest.raises(ValueError, match=re.escape(f"model.layers.{past}.{suffix}")):
+        with pytest.raises(CheckpointError, match=re.escape(f"model.layers.{past}.{suffix}")):
             load("past_mtp", past, config | {"num_nextn_predict_layers": nextn})
-        with pytest.raises(ValueError, match=re.escape(f"model.layers.{n}.{suffix}")):
+        with pytest.raises(CheckpointError, match=re.escape(f"model.layers.{n}.{suffix}")):
             load("no_mtp", n, config | {"num_nextn_predict_layers": 0})
-        with pytest.raises(ValueError, match=re.escape("num_nextn_predict_layers=-1; allowed: an int >= 0")):
+        with pytest.raises(CheckpointError, match=re.escape("config.json: num_nextn_predict_layers=-1; allowed: an "
+                                                            "int >= 0")):
             load("bad_count", n, config | {"num_nextn_predict_layers": -1})
     else:
         layer = n + int(rng.integers(0, 3))
-        with pytest.raises(ValueError, match=re.escape(f"'model.layers.{layer}.{suffix}' belongs to a layer past "
-                                                       f"config.json num_hidden_layers={n}")):
+        with pytest.raises(CheckpointError, match=re.escape(f"'model.layers.{layer}.{suffix}' belongs to a layer "
+                                                            f"past config.json num_hidden_layers={n}")):
             load("extra", layer, config)
     # config.json says one layer fewer than the checkpoint holds: the last layer is left over
     # (for DeepSeek-V3 with no MTP layer, else it would pass for one).
@@ -457,7 +490,7 @@ def test_tensors_of_layers_past_the_model_are_errors_but_deepseek_mtp_layers(tmp
     if arch == "llama4_text":  # per-layer lists, trimmed to the layers kept
         fewer |= {"layer_types": config["layer_types"][:n - 1], "no_rope_layers": config["no_rope_layers"][:n - 1],
                   "moe_layers": [i for i in config["moe_layers"] if i < n - 1]}
-    with pytest.raises(ValueError, match=re.escape(f"'model.layers.{n - 1}.") + r".*num_hidden_layers="
+    with pytest.raises(CheckpointError, match=re.escape(f"'model.layers.{n - 1}.") + r".*num_hidden_layers="
                        + str(n - 1)):
         from_pretrained(_write_checkpoint(tmp_path / "fewer", fewer, {"m.safetensors": tensors}), dtype=jnp.float32)
 
@@ -471,8 +504,8 @@ def test_a_tensor_in_two_checkpoint_files_is_an_error(tmp_path, rng):
     first, second = sorted(f"model-{i:05d}-of-{int(rng.integers(2, 9)):05d}.safetensors" for i in (1, 2))
     copy = (tensors[name] + rng.standard_normal(tensors[name].shape)).astype(tensors[name].dtype)
     files = {first: tensors, second: {name: copy}}
-    with pytest.raises(ValueError, match=re.escape(f"tensor {name!r} is in two checkpoint files: {first!r} "
-                                                   f"and {second!r}")):
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'dup'}: tensor {name!r} is in two checkpoint "
+                                                        f"files: {first!r} and {second!r}")):
         from_pretrained(_write_checkpoint(tmp_path / "dup", json.loads(
             (FIXTURES / "qwen3_moe_tiny" / "config.json").read_text()), files), dtype=jnp.float32)
     # Split without duplicates, the shards load as one checkpoint.

@@ -465,3 +465,16 @@ def test_validate_errors(kwargs, num_experts, top_k, fragments):
 )
 def test_validate_accepts(spec, num_experts, top_k):
     spec.validate(num_experts=num_experts, top_k=top_k)
+
+
+def test_is_int_is_one_helper_shared_with_generate():
+    """The router's checks and generate's take ints by one rule (each module had a copy):
+    Python and NumPy ints; bools (NumPy's too) and floats are not ints."""
+    from wideep_jax import _checks, routing
+    from wideep_jax.models import generate
+
+    assert routing._is_int is _checks.is_int and generate._is_int is _checks.is_int
+    assert all(map(_checks.is_int, (3, -1, np.int64(3), np.uint8(0))))
+    assert not any(map(_checks.is_int, (True, np.bool_(True), 3.0, np.float32(3), "3", None)))
+    with pytest.raises(ValueError, match=r"top_k=True: must be an int"):
+        RouterSpec().validate(num_experts=4, top_k=True)

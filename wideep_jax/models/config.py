@@ -99,6 +99,7 @@ class DecoderConfig:
     attn_scale: float = 0.1
     eos_token_id: tuple[int, ...] = ()  # config.json's end-of-sequence ids (an int or a list there)
     pad_token_id: int | None = None
+    max_position_embeddings: int | None = None  # the trained length; `generate` warns past it
 
     @property
     def rope_config(self) -> RopeConfig:
@@ -174,7 +175,7 @@ def _token_id(cfg: dict, key: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"config.json: {key}={value!r}; allowed: an int token id or null")
+        raise CheckpointError(f"config.json: {key}={value!r}; allowed: an int token id or null")
     return value
 
 
@@ -185,7 +186,7 @@ def _token_ids(cfg: dict, key: str) -> tuple[int, ...]:
     if value is None:
         return ()
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise ValueError(f"config.json: {key}={value!r}; allowed: an int token id, a list of them, or null")
+        raise CheckpointError(f"config.json: {key}={value!r}; allowed: an int token id, a list of them, or null")
     return tuple(values)
 
 
@@ -208,13 +209,17 @@ def _rope(cfg: dict) -> RopeConfig:
             raise CheckpointError(f"config.json: {section}={cfg[section]!r}; allowed: a JSON object or null")
     params = {key: value for section in sections for key, value in cfg[section].items()}  # rope_scaling's win
     section = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
-    kind = params.get("rope_type", params.get("type", "default"))
+    # The rope type's key: rope_type (transformers 4.45+) or type (older configs); null: default.
+    type_key = "rope_type" if params.get("rope_type") is not None else "type"
+    kind = _get(params, type_key, "default")
     theta = (_float(params, "rope_theta", name=f"{section}.rope_theta", positive=True)
              if params.get("rope_theta") is not None else _float(cfg, "rope_theta", 10000.0, positive=True))
     if kind == "default":
         return RopeConfig(theta=theta)
-    if kind not in _ROPE_KEYS:
-        raise CheckpointError(f"config.json: rope type {kind!r} is not supported; allowed: 'default', 'yarn', 'llama3'")
+    if not isinstance(kind, str) or kind not in _ROPE_KEYS:  # a list would not hash
+        where = next(s for s in reversed(sections) if cfg[s].get(type_key) is not None)
+        raise CheckpointError(f"config.json: {where}.{type_key}={kind!r} is not supported; allowed: 'default', "
+                              "'yarn', 'llama3'")
     missing = [key for key in _ROPE_KEYS[kind] if params.get(key) is None]
     if missing:
         raise CheckpointError(f"config.json: missing key {section}.{missing[0]} (rope_type={kind!r}); "
@@ -229,8 +234,11 @@ def _rope(cfg: dict) -> RopeConfig:
     if kind == "llama3":
         return RopeConfig(theta=theta, kind="llama3", factor=factor, original_max_position_embeddings=original,
                           low_freq_factor=number("low_freq_factor"), high_freq_factor=number("high_freq_factor"))
-    if params.get("attention_factor") is not None or not _bool(params, "truncate", True, name=f"{section}.truncate"):
-        raise CheckpointError("config.json: yarn with attention_factor or truncate=false is not supported")
+    if params.get("attention_factor") is not None:
+        raise CheckpointError(f"config.json: {section}.attention_factor={params['attention_factor']!r} is not "
+                              "supported for yarn; allowed: null (the factor from mscale and mscale_all_dim)")
+    if not _bool(params, "truncate", True, name=f"{section}.truncate"):
+        raise CheckpointError(f"config.json: {section}.truncate=false is not supported for yarn; allowed: true")
     return RopeConfig(theta=theta, kind="yarn", factor=factor, original_max_position_embeddings=original,
                       beta_fast=number("beta_fast", 32.0), beta_slow=number("beta_slow", 1.0),
                       mscale=number("mscale", 0.0, positive=False),
@@ -242,7 +250,54 @@ def from_hf_config(cfg: dict, *, dtype=jnp.float32) -> DecoderConfig:
 
     Integer keys must hold ints (an integral float such as 48.0 is read as 48; 48.7, "48"
     and true are errors), sizes and counts positive; layer lists hold indices of layers;
-    flags are JSON true or false ("false" is an error, not true)."""
+    flags are JSON true or false ("false" is an error, not true); the MoE keys must agree
+    (num_experts_per_tok at most the expert count; DeepSeek-V3's expert groups). Errors
+    about the config are `CheckpointError`; a ``dtype`` that is not a floating dtype is a
+    ValueError."""
+    try:
+        floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        floating = False
+    if not floating:
+        raise ValueError(f"dtype={dtype!r}: allowed: a floating dtype (e.g. jnp.bfloat16, jnp.float32)")
+    decoder = _decoder(cfg, dtype)
+    _check_moe(cfg["text_config"] if cfg.get("model_type") == "llama4" else cfg, decoder)
+    return decoder
+
+
+def _check_moe(cfg: dict, decoder: DecoderConfig) -> None:
+    """The MoE keys agree with each other (else the MoE layer's own check would name its
+    fields, not config.json's keys)."""
+    if not decoder.moe_layers:
+        return
+    experts = next(key for key in ("n_routed_experts", "num_experts", "num_local_experts")
+                   if cfg.get(key) is not None and (key != "n_routed_experts" or decoder.model_type == "deepseek_v3"))
+    e, k = decoder.num_experts, decoder.num_experts_per_tok
+    if k > e:
+        raise CheckpointError(f"config.json: num_experts_per_tok={k} with {experts}={e}; allowed: an int in "
+                              f"[1, {experts}]")
+    router = decoder.router
+    if router is not None and router.kind == "noaux_tc":
+        groups, kept = router.n_group, router.topk_group
+        if e % groups:
+            raise CheckpointError(f"config.json: n_group={groups} with {experts}={e}; allowed: a divisor of {experts}")
+        if groups > 1 and e // groups < 2:  # a group's score is its top-2 experts' sum
+            raise CheckpointError(f"config.json: n_group={groups} with {experts}={e} gives groups of {e // groups} "
+                                  f"expert; allowed: n_group=1 or groups of >= 2 experts")
+        if kept > groups:
+            raise CheckpointError(f"config.json: topk_group={kept} with n_group={groups}; allowed: an int in "
+                                  "[1, n_group]")
+        if k > kept * (e // groups):
+            raise CheckpointError(f"config.json: num_experts_per_tok={k} with topk_group={kept} of n_group={groups} "
+                                  f"groups of {e // groups} experts; allowed: <= topk_group * ({experts} // n_group) "
+                                  f"= {kept * (e // groups)}")
+    try:  # anything else the MoE layer refuses
+        decoder.moe_spec()
+    except ValueError as err:
+        raise CheckpointError(f"config.json: the MoE settings are unusable: {err}") from None
+
+
+def _decoder(cfg: dict, dtype) -> DecoderConfig:
     if not isinstance(cfg, dict):
         raise CheckpointError(f"config.json holds a {type(cfg).__name__} ({str(cfg)[:40]}); "
                               "allowed: a JSON object of model settings (model_type, hidden_size, ...)")
@@ -255,9 +310,10 @@ def from_hf_config(cfg: dict, *, dtype=jnp.float32) -> DecoderConfig:
         cfg |= {k: outer[k] for k in ("eos_token_id", "pad_token_id") if cfg.get(k) is None and k in outer}
     model_type = cfg.get("model_type")
     if model_type not in ARCHITECTURES:
-        raise ValueError(f"config.json: model_type={model_type!r} is not supported; allowed: {ARCHITECTURES}")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json: hidden_act={cfg['hidden_act']!r}; allowed: 'silu'")
+        raise CheckpointError(f"config.json: model_type={model_type!r} is not supported; allowed: {ARCHITECTURES}")
+    activation = _get(cfg, "hidden_act", "silu")  # null: the architectures' default
+    if activation != "silu":
+        raise CheckpointError(f"config.json: hidden_act={activation!r} is not supported; allowed: 'silu'")
     layers = _int(cfg, "num_hidden_layers")
     heads = _int(cfg, "num_attention_heads")
     hidden = _int(cfg, "hidden_size")
@@ -272,6 +328,8 @@ def from_hf_config(cfg: dict, *, dtype=jnp.float32) -> DecoderConfig:
         rms_norm_eps=_float(cfg, "rms_norm_eps", 1e-6), rope_theta=rope.theta, rope=rope,
         tie_word_embeddings=_bool(cfg, "tie_word_embeddings", False), dtype=dtype,
         eos_token_id=_token_ids(cfg, "eos_token_id"), pad_token_id=_token_id(cfg, "pad_token_id"),
+        max_position_embeddings=(None if cfg.get("max_position_embeddings") is None
+                                 else _int(cfg, "max_position_embeddings")),
     )
     if model_type == "qwen3_moe":
         step = _int(cfg, "decoder_sparse_step", 1)
@@ -315,9 +373,11 @@ def _check_heads(cfg: dict, hidden: int, heads: int, kv_heads: int) -> None:
 
 
 def _deepseek_v3(cfg: dict, common: dict, layers: int) -> DecoderConfig:
-    if cfg.get("topk_method", "noaux_tc") != "noaux_tc" or cfg.get("scoring_func", "sigmoid") != "sigmoid":
-        raise ValueError(f"config.json: topk_method={cfg.get('topk_method')!r}, scoring_func="
-                         f"{cfg.get('scoring_func')!r}; allowed: 'noaux_tc' with 'sigmoid'")
+    for key, allowed in (("topk_method", "noaux_tc"), ("scoring_func", "sigmoid")):
+        value = _get(cfg, key, allowed)  # null: transformers' default
+        if value != allowed:
+            raise CheckpointError(f"config.json: {key}={value!r} is not supported; allowed: {allowed!r} "
+                                  "(DeepSeek-V3's noaux_tc routing with sigmoid scores)")
     rope_dim = _int(cfg, "qk_rope_head_dim")
     q_rank = None if cfg.get("q_lora_rank") is None else _int(cfg, "q_lora_rank")
     mla = MLAConfig(q_lora_rank=q_rank, kv_lora_rank=_int(cfg, "kv_lora_rank"),
@@ -327,7 +387,7 @@ def _deepseek_v3(cfg: dict, common: dict, layers: int) -> DecoderConfig:
     # Keys a config.json leaves out take transformers' DeepseekV3Config defaults.
     router = RouterSpec(kind="noaux_tc", norm_topk_prob=_bool(cfg, "norm_topk_prob", True),
                         n_group=_int(cfg, "n_group", 8), topk_group=_int(cfg, "topk_group", 4),
-                        routed_scaling_factor=_float(cfg, "routed_scaling_factor", 2.5))
+                        routed_scaling_factor=_float(cfg, "routed_scaling_factor", 2.5, positive=True))
     first_dense = _int(cfg, "first_k_dense_replace", 3, minimum=0)
     common = common | {"head_dim": rope_dim}
     return DecoderConfig(
@@ -353,21 +413,25 @@ def _llama4(cfg: dict, common: dict, layers: int) -> DecoderConfig:
         raise CheckpointError(f"config.json: no_rope_layers={uses_rope!r}; allowed: a list of 1 (RoPE) or 0 (NoPE), "
                               "one per layer")
     if len(uses_rope) != layers:
-        raise ValueError(f"config.json: no_rope_layers has {len(uses_rope)} entries; allowed: one per layer "
-                         f"(num_hidden_layers={layers})")
+        raise CheckpointError(f"config.json: no_rope_layers={uses_rope!r} has {len(uses_rope)} entries; allowed: "
+                              f"one per layer (num_hidden_layers={layers})")
     nope = tuple(i for i, rope in enumerate(uses_rope) if not rope)
     chunk = cfg.get("attention_chunk_size")
     layer_types = cfg.get("layer_types")
     if layer_types is not None:
         allowed = ("chunked_attention", "full_attention")
-        bad = sorted({t for t in layer_types if t not in allowed})
-        if bad or len(layer_types) != layers:
-            raise ValueError(f"config.json: layer_types={layer_types!r}; allowed: {layers} entries of {allowed}")
+        # a string or a list of lists would iterate or hash badly: checked as a list of names
+        if (not isinstance(layer_types, list) or len(layer_types) != layers
+                or any(t not in allowed for t in layer_types)):
+            raise CheckpointError(f"config.json: layer_types={layer_types!r}; allowed: a list of {layers} entries "
+                                  f"(num_hidden_layers), each one of {allowed}")
         chunked = tuple(i for i, t in enumerate(layer_types) if t == "chunked_attention")
     else:
         chunked = tuple(i for i in range(layers) if i not in nope) if chunk is not None else ()
     if chunked and chunk is None:
-        raise ValueError("config.json: layer_types has chunked_attention layers but attention_chunk_size is missing")
+        raise CheckpointError(f"config.json: attention_chunk_size=None (missing) with chunked_attention layers "
+                              f"{list(chunked)} in layer_types; allowed: an int >= 1, or layer_types without "
+                              "chunked_attention")
     if _bool(cfg, "attention_bias", False):
         raise CheckpointError("config.json: attention_bias=true is not supported for llama4_text; allowed: false")
     width = _int(cfg, "intermediate_size")
@@ -379,5 +443,5 @@ def _llama4(cfg: dict, common: dict, layers: int) -> DecoderConfig:
         qk_l2_norm=_bool(cfg, "use_qk_norm", True), chunked_layers=chunked,
         attention_chunk_size=None if chunk is None else _int(cfg, "attention_chunk_size"),
         attn_temperature_tuning=_bool(cfg, "attn_temperature_tuning", True),
-        floor_scale=_float(cfg, "floor_scale", 8192), attn_scale=_float(cfg, "attn_scale", 0.1),
+        floor_scale=_float(cfg, "floor_scale", 8192, positive=True), attn_scale=_float(cfg, "attn_scale", 0.1),
     )

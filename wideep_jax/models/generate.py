@@ -12,6 +12,7 @@ import collections
 import collections.abc
 import math
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from wideep_jax._checks import is_int as _is_int
 from wideep_jax.eplb.balancer import OnlineBalancer, layer_balancer, register_balancer as _register
 from wideep_jax.jit import forward_jit
 from wideep_jax.layer import MoELayer
@@ -256,6 +258,7 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
         ids[row, width - len(prompt):] = prompt
         valid[row, width - len(prompt):] = True
     positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
+    _warn_past_max_positions(model.cfg, width, max_new_tokens)
     lengths = valid.sum(axis=1).astype(np.int32)
     balancer = model_balancer(model) if balance else None
     if balancer is not None and after_step == balancer.step:
@@ -344,8 +347,18 @@ def generated_lengths(tokens: np.ndarray, eos_token_id: int | Sequence[int] | No
     return np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, tokens.shape[1]).astype(np.int32)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+def _warn_past_max_positions(cfg, longest_prompt: int, max_new_tokens: int) -> None:
+    """Warns when a sequence would run past the model's ``max_position_embeddings``. Not an
+    error: the cache is sized for every token and RoPE is computed per position, so nothing
+    is clamped or corrupted; the model just extrapolates past its trained length (output
+    quality may drop, as Hugging Face's warning says). ``None`` (a config.json without the
+    key, or a config built by hand): nothing to check."""
+    limit = cfg.max_position_embeddings
+    total = longest_prompt + max_new_tokens
+    if limit is not None and total > limit:
+        warnings.warn(f"generate: the longest prompt ({longest_prompt} tokens) + max_new_tokens ({max_new_tokens}) "
+                      f"= {total} positions, past the model's max_position_embeddings={limit}; RoPE extrapolates "
+                      "beyond it and the output may degrade", stacklevel=3)
 
 
 def _stop_ids(cfg, eos_token_id, pad_token_id) -> tuple[np.ndarray, int]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 from pathlib import Path
@@ -28,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from wideep_jax.config import MoEConfig
 from wideep_jax.layer import MoELayer
-from wideep_jax.models.config import CheckpointError, from_hf_config
+from wideep_jax.models.config import CheckpointError, _int, _integer, from_hf_config
 from wideep_jax.models.decoder import CausalLM
 
 _FP8 = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
@@ -111,17 +112,21 @@ def _block_size(hf_config: dict) -> tuple[int, int]:
         return (128, 128)
     if not isinstance(quant, dict):  # quant.get would raise a bare AttributeError
         raise CheckpointError(f"config.json: quantization_config={quant!r}; allowed: a JSON object or null")
-    method, fmt = quant.get("quant_method"), quant.get("fmt", "e4m3")
+    # null fmt / weight_block_size: their defaults, as for config.json's other keys
+    method = quant.get("quant_method")
+    fmt = "e4m3" if quant.get("fmt") is None else quant["fmt"]
+    block = [128, 128] if quant.get("weight_block_size") is None else quant["weight_block_size"]
     if method not in _QUANT_METHODS:
-        raise ValueError(f"config.json quantization_config.quant_method={method!r} not supported; "
-                         f"allowed: {list(_QUANT_METHODS)}")
+        raise CheckpointError(f"config.json: quantization_config.quant_method={method!r} is not supported; "
+                              f"allowed: {list(_QUANT_METHODS)}")
     if fmt not in _FP8_FORMATS:
-        raise ValueError(f"config.json quantization_config.fmt={fmt!r} not supported; allowed: {list(_FP8_FORMATS)}")
-    block = quant.get("weight_block_size", [128, 128])
-    if not (isinstance(block, (list, tuple)) and len(block) == 2
-            and all(isinstance(b, int) and b > 0 for b in block)):
-        raise ValueError(f"config.json quantization_config.weight_block_size={block!r}; allowed: two positive ints")
-    return tuple(block)
+        raise CheckpointError(f"config.json: quantization_config.fmt={fmt!r} is not supported; "
+                              f"allowed: {list(_FP8_FORMATS)}")
+    sizes = [_integer(b) for b in block] if isinstance(block, list) else []  # true is not a size; 128.0 is
+    if len(sizes) != 2 or any(b is None or b < 1 for b in sizes):
+        raise CheckpointError(f"config.json: quantization_config.weight_block_size={block!r}; allowed: two ints "
+                              ">= 1 (rows, columns), e.g. [128, 128]")
+    return tuple(sizes)
 
 
 def _dequantize(weight: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> np.ndarray:
@@ -155,8 +160,9 @@ class Checkpoint:
                 if name == "__metadata__":
                     continue
                 if name in self._where:  # which copy to read would depend on the files' order
-                    raise ValueError(f"tensor {name!r} is in two checkpoint files: {self._where[name][0].name!r} "
-                                     f"and {file.name!r}; allowed: each tensor in one *.safetensors file")
+                    raise CheckpointError(f"{self.folder}: tensor {name!r} is in two checkpoint files: "
+                                          f"{self._where[name][0].name!r} and {file.name!r}; allowed: each "
+                                          "tensor in one *.safetensors file")
                 self._where[name] = (file, info, base)
         self.unused = set(self._where)
 
@@ -169,7 +175,8 @@ class Checkpoint:
             raise self.missing([name])
         file, info, base = self._where[name]
         if info["dtype"] not in _DTYPES:
-            raise ValueError(f"tensor {name!r}: dtype {info['dtype']} not supported; allowed: {sorted(_DTYPES)}")
+            raise CheckpointError(f"{file}: tensor {name!r}: dtype {info['dtype']!r} is not supported; "
+                                  f"allowed: {sorted(_DTYPES)}")
         begin, end = info["data_offsets"]
         need = math.prod(info["shape"]) * np.dtype(_DTYPES[info["dtype"]]).itemsize
         if end - begin != need:
@@ -178,7 +185,8 @@ class Checkpoint:
         array = np.memmap(file, dtype=_DTYPES[info["dtype"]], mode="r", offset=base + begin,
                           shape=tuple(info["shape"])) if end > begin else np.zeros(info["shape"])
         if shape is not None and tuple(array.shape) != tuple(shape):
-            raise ValueError(f"tensor {name!r}: shape {tuple(array.shape)}, expected {tuple(shape)}")
+            raise CheckpointError(f"{file}: tensor {name!r}: shape {tuple(array.shape)}, expected {tuple(shape)} "
+                                  "(from config.json's sizes)")
         if info["dtype"] in _FP8:
             array = self._dequantized(name, info["dtype"], array)
         self.unused.discard(name)
@@ -203,17 +211,20 @@ class Checkpoint:
 
     def _dequantized(self, name: str, dtype: str, weight: np.ndarray) -> np.ndarray:
         scale_name = f"{name}_scale_inv"
+        file = self._where[name][0]
         if scale_name not in self._where:
-            raise ValueError(f"tensor {name!r}: dtype {dtype} without a block scale {scale_name!r}; "
-                             "FP8 weights are read only with one")
+            raise CheckpointError(f"{file}: tensor {name!r}: dtype {dtype} without a block scale {scale_name!r} in "
+                                  f"{self.folder}; allowed: FP8 weights with their scale")
         if weight.ndim < 2:
-            raise ValueError(f"tensor {name!r}: dtype {dtype} with shape {weight.shape}; FP8 needs 2 or more axes")
+            raise CheckpointError(f"{file}: tensor {name!r}: dtype {dtype} with shape {weight.shape}; allowed: "
+                                  "FP8 weights with 2 or more axes")
         rows, cols = self.block
         want = weight.shape[:-2] + (-(-weight.shape[-2] // rows), -(-weight.shape[-1] // cols))
-        scale = self._where[scale_name][1]
+        scale_file, scale, _ = self._where[scale_name]
         if tuple(scale["shape"]) != want:
-            raise ValueError(f"tensor {scale_name!r}: shape {tuple(scale['shape'])}, expected {want} "
-                             f"(weight {weight.shape} in blocks of {self.block})")
+            raise CheckpointError(f"{scale_file}: tensor {scale_name!r}: shape {tuple(scale['shape'])}, expected "
+                                  f"{want} (weight {weight.shape} in blocks of {self.block}, config.json "
+                                  "quantization_config.weight_block_size)")
         return _dequantize(weight, self.get(scale_name), self.block)
 
 
@@ -274,10 +285,24 @@ def from_pretrained(path, *, moe_config: MoEConfig | None = None, mesh: Mesh | N
 
     Returns:
       The model, callable as ``model(input_ids) -> logits [batch, seq, vocab]``.
+
+    Raises:
+      CheckpointError: config.json (its keys, quantization_config) or the tensors (names,
+        dtypes, shapes) are invalid; the message names the file, key or tensor, the value and
+        what is allowed (`CheckpointNotFoundError` / `MissingTensorError` for absent ones).
+      TypeError, ValueError: an argument of the wrong kind (``path``, ``moe_config``, ``mesh``,
+        a non-floating ``dtype``).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path={path!r}: allowed: a checkpoint folder (a str or os.PathLike)")
+    if moe_config is not None and not isinstance(moe_config, MoEConfig):
+        raise TypeError(f"moe_config={moe_config!r}: allowed: a MoEConfig (e.g. from load_moe_config) or None")
+    if mesh is not None and not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh={mesh!r}: allowed: a jax.sharding.Mesh or None")
     folder = Path(path)
     hf_config = read_config(folder)
     cfg = from_hf_config(hf_config, dtype=dtype)
+    mtp = _mtp_layers(hf_config, cfg)  # config.json checked in full before any tensor is read
     ckpt = Checkpoint(folder, _block_size(hf_config))
     # Built abstractly (no random weights), then every parameter is read from the checkpoint.
     model = nnx.eval_shape(lambda: CausalLM(cfg, moe_config, mesh=mesh, rngs=nnx.Rngs(0)))
@@ -309,7 +334,6 @@ def from_pretrained(path, *, moe_config: MoEConfig | None = None, mesh: Mesh | N
             _set(layer.mlp.down, ckpt.get(f"{p}.{mlp}.down_proj.weight", (h, w)).T, replicated, dtype)
     # DeepSeek-V3's multi-token-prediction layers sit right past num_hidden_layers; inference
     # skips them. Any other layer past the model (a config.json with too few layers) is an error.
-    mtp = _mtp_layers(hf_config, cfg)
     layer_of = re.compile(rf"{re.escape(root)}model\.layers\.(\d+)\.").match
     unused, extra = [], []
     for n in sorted(ckpt.unused):
@@ -323,12 +347,14 @@ def from_pretrained(path, *, moe_config: MoEConfig | None = None, mesh: Mesh | N
     if extra:
         allowed = (f"layers 0..{cfg.num_hidden_layers - 1}" + (f" and DeepSeek-V3's multi-token-prediction "
                    f"layers {mtp.start}..{mtp.stop - 1} (num_nextn_predict_layers={len(mtp)})" if mtp else ""))
-        raise ValueError(f"checkpoint tensor {extra[0]!r} belongs to a layer past config.json num_hidden_layers="
-                         f"{cfg.num_hidden_layers} ({len(extra)} such tensors: {extra[:5]}"
-                         f"{' ...' if len(extra) > 5 else ''}); allowed: {allowed}")
+        raise CheckpointError(f"{folder}: checkpoint tensor {extra[0]!r} belongs to a layer past config.json "
+                              f"num_hidden_layers={cfg.num_hidden_layers} ({len(extra)} such tensors: {extra[:5]}"
+                              f"{' ...' if len(extra) > 5 else ''}); allowed: {allowed}")
     if unused:
-        raise ValueError(f"checkpoint tensors not used by {cfg.model_type}: {unused[:5]}"
-                         f"{' ...' if len(unused) > 5 else ''} ({len(unused)} in all)")
+        raise CheckpointError(f"{folder}: checkpoint tensors not used by {cfg.model_type}: {unused[:5]}"
+                              f"{' ...' if len(unused) > 5 else ''} ({len(unused)} in all); allowed: only the "
+                              f"tensors of config.json's model_type={cfg.model_type!r} with its layer and expert "
+                              "counts")
     return model
 
 
@@ -354,9 +380,7 @@ def _mtp_layers(hf_config: dict, cfg) -> range:
     ``num_nextn_predict_layers`` absent: 1, as DeepSeek-V3/R1 ship."""
     if cfg.model_type != "deepseek_v3":
         return range(0)
-    count = hf_config.get("num_nextn_predict_layers", 1)
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-        raise ValueError(f"config.json num_nextn_predict_layers={count!r}; allowed: an int >= 0")
+    count = _int(hf_config, "num_nextn_predict_layers", 1, minimum=0)  # null: 1 too
     return range(cfg.num_hidden_layers, cfg.num_hidden_layers + count)
 
 
