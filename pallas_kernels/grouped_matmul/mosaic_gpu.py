@@ -139,14 +139,20 @@ class MosaicGpuConfig:
             raise ValueError(f"MosaicGpuConfig.tail_rows must be 0, or 64 with CTA tiles of at least 128x128, "
                              f"got tail_rows={self.tail_rows!r} with {self.cta_tile_m}x{self.cta_tile_n} CTA tiles")
 
-    def tail_config(self, k: int) -> MosaicGpuConfig:
-        """Tiles of the launch that computes the short tails (``tail_rows``): as wide as
-        this config's CTA tile, ``tail_rows`` rows, columns fastest (each tail is its own
-        group, so no weight tile is shared), 4 stages, chained when K allows."""
-        return MosaicGpuConfig(tile_m=self.tail_rows, tile_n=self.cta_tile_n // 2, tile_k=self.tile_k,
-                               max_concurrent_steps=4, wg_split="n", grid_minor="n",
-                               epi_tile_n=min(self.epi_tile_n, self.cta_tile_n // 2),
-                               chain_items=(k // self.tile_k) % 4 == 0, max_ctas=self.max_ctas)
+    def tail_config(self, k: int, n_out: int, epilogue: Epilogue = "none") -> MosaicGpuConfig:
+        """Tiles of the launch that computes the short tails (``tail_rows``): ``tail_rows``
+        rows, each warpgroup as wide as this config's warpgroup tile where ``n_out`` allows
+        (the same wgmma shape, so the same sums as the first launch's), else half the CTA
+        tile; columns fastest (each tail is its own group, so no weight tile is shared);
+        up to 4 stages, as many as fit shared memory; chained when K allows."""
+        tile_n = self.tile_n if n_out % (2 * self.tile_n) == 0 else self.cta_tile_n // 2
+        epi_n = min(self.epi_tile_n, tile_n)
+        weights = 2 if epilogue == "swiglu" else 1
+        stage = (self.tail_rows + weights * 2 * tile_n) * self.tile_k * 2  # bf16 x and w tiles
+        stages = max(2, min(4, (_SMEM_BYTES - 2 * 2 * self.epi_tile_m * epi_n * 2) // stage))
+        return MosaicGpuConfig(tile_m=self.tail_rows, tile_n=tile_n, tile_k=self.tile_k,
+                               max_concurrent_steps=stages, wg_split="n", grid_minor="n", epi_tile_n=epi_n,
+                               chain_items=(k // self.tile_k) % stages == 0, max_ctas=self.max_ctas)
 
     @property
     def cta_tile_m(self) -> int:
@@ -426,7 +432,7 @@ def grouped_matmul(
         schedule, tails = split_short_tails(schedule, w.shape[0], config.tail_rows)
     out = kernel(*_walk(schedule, config, n_out), schedule.num_tiles, x_in, w, scale)
     if config.tail_rows:
-        tail_config = config.tail_config(x.shape[1])
+        tail_config = config.tail_config(x.shape[1], n_out, epilogue)
         _check(x, w, tail_config, n_out, epilogue, out_dtype)
         tail_body = functools.partial(_kernel, config=tail_config, epilogue=epilogue, n_out=n_out)
         # The output as a ref: the tail launch writes its rows into it in place (an aliased operand).
