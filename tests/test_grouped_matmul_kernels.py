@@ -17,7 +17,7 @@ import pytest
 from moe_helpers import count_compiles
 from pallas_kernels import MosaicGpuConfig, grouped_matmul, grouped_swiglu
 from pallas_kernels.grouped_matmul import GroupedMatmulConfig, default_implementation
-from pallas_kernels.grouped_matmul.schedule import group_band_walk, max_tiles, split_short_tails, tile_schedule
+from pallas_kernels.grouped_matmul.schedule import group_band_walk, max_tiles, tile_schedule
 
 IMPLS = ["xla", "mosaic_gpu", "triton"]
 G, K, N = 6, 128, 256
@@ -444,73 +444,6 @@ def test_mosaic_group_band_walk_on_few_ctas(rng, consumers, kind):
     got = np.asarray(run("mosaic_gpu", "none", x, w, sizes, None, bands))[:live]
     snake = np.asarray(run("mosaic_gpu", "none", x, w, sizes, None, MosaicGpuConfig(**common)))[:live]
     np.testing.assert_array_equal(got, snake)
-
-
-@pytest.mark.parametrize("seed", range(3))
-def test_split_short_tails_partitions_the_schedule(seed):
-    """Every real tile lands in exactly one part, in order: tiles with <= 64 live rows in the
-    tail part, the others in the main part; padding past each part's count is zeros."""
-    rng = np.random.default_rng(seed)
-    g, m = 16, 2000
-    sizes = rng.multinomial(m - int(rng.integers(0, 300)), rng.dirichlet(np.full(g, 0.3)))
-    sizes[rng.integers(g)] = 0
-    sched = tile_schedule(jnp.asarray(sizes, jnp.int32), m, 128, 8)
-    main, tails = split_short_tails(sched, g, 64)
-    tiles = lambda s: [tuple(int(a[i]) for a in s[:4]) for i in range(int(s.num_tiles[0]))]
-    everything = tiles(sched)
-    short = [t for t in everything if t[3] <= 64]
-    assert tiles(tails) == short and tiles(main) == [t for t in everything if t[3] > 64]
-    assert 0 < len(short) <= g and all(t[2] < 8 for t in short)  # a tail starts where its tile does
-    assert tails.group.shape == (g,)
-    for part in (main, tails):
-        count = int(part.num_tiles[0])
-        assert all(not np.asarray(a[count:]).any() for a in part[:4])
-
-
-@pytest.mark.parametrize("epilogue", ["row_scale", "swiglu"])
-def test_mosaic_short_tails_second_launch_on_few_ctas(rng, epilogue):
-    """``tail_rows=64``: the short tails computed by a second launch of 64-row tiles, written
-    into the first launch's output in place, match float64 and the single launch bit for bit
-    (the same K order per row); a tail launch that wrote nothing would leave its rows unset."""
-    m = 300
-    sizes = np.array([130, 20, 0, 70, 3, 60], np.int32)  # five short tails, one group of two tiles
-    x = jnp.asarray(rng.standard_normal((m, K)), jnp.bfloat16)
-    n = 2 * N if epilogue == "swiglu" else N
-    w = jnp.asarray(rng.standard_normal((G, K, n)) / np.sqrt(K), jnp.bfloat16)
-    scale = jnp.asarray(rng.random(m), jnp.float32)
-    one = MosaicGpuConfig(tile_m=64, tile_n=128, wg_split="m", max_ctas=2, max_concurrent_steps=2,
-                          grid_minor="m", walk="mixed_bands")
-    two = dataclasses.replace(one, tail_rows=64)
-    assert_mosaic_live_rows_close(two, epilogue, x, w, sizes, scale)
-    live = int(sizes.sum())
-    got = np.asarray(run("mosaic_gpu", epilogue, x, w, sizes, scale, two))[:live]
-    np.testing.assert_array_equal(got, np.asarray(run("mosaic_gpu", epilogue, x, w, sizes, scale, one))[:live])
-
-
-@pytest.mark.parametrize("epilogue", ["none", "swiglu", "row_scale"])
-def test_mosaic_short_tails_lower_for_cuda(epilogue):
-    """Both launches lower through Mosaic GPU at prefill size (shared memory, TMA boxes), the
-    second one writing into the first one's output in place (an aliased operand, no copy)."""
-    from pallas_kernels.grouped_matmul import mosaic_gpu
-
-    m, k, n = 4100, 512, 768
-    config = dataclasses.replace(mosaic_gpu.default_config(m, G, k=k, n_out=n, epilogue=epilogue), tail_rows=64)
-    wn = 2 * n if epilogue == "swiglu" else n
-    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((G, k, wn), jnp.bfloat16),
-            jax.ShapeDtypeStruct((G,), jnp.int32), jax.ShapeDtypeStruct((m,), jnp.float32))
-    f = jax.jit(lambda x, w, gs, s: mosaic_gpu.grouped_matmul(
-        x, w, gs, config=config, epilogue=epilogue, row_scale=s if epilogue == "row_scale" else None))
-    text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("@mosaic_gpu") == 2 and "output_operand_alias" in text
-
-
-def test_mosaic_short_tails_config_errors():
-    with pytest.raises(ValueError, match="tail_rows must be 0, or 64 .* got tail_rows=32 with 128x256"):
-        MosaicGpuConfig(tail_rows=32)
-    with pytest.raises(ValueError, match="got tail_rows=64 with 64x256 CTA tiles"):
-        MosaicGpuConfig(tile_m=64, tail_rows=64)
-    with pytest.raises(ValueError, match="got tail_rows=64 with 128x64 CTA tiles"):
-        MosaicGpuConfig(tile_m=64, tile_n=64, wg_split="m", tail_rows=64)
 
 
 def test_mosaic_walk_config_errors():

@@ -26,7 +26,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.grouped_matmul import mosaic_gpu_pingpong
 from pallas_kernels.grouped_matmul.mosaic_gpu_epilogue import epilogue_value, store_rows, swizzled, work_item
-from pallas_kernels.grouped_matmul.schedule import TileSchedule, group_band_walk, split_short_tails, tile_schedule
+from pallas_kernels.grouped_matmul.schedule import TileSchedule, group_band_walk, tile_schedule
 
 Epilogue = Literal["none", "swiglu", "row_scale"]
 _INTERPRET_CTAS = 4  # simulated CTAs on CPU: enough to exercise the persistent loop
@@ -65,10 +65,6 @@ class MosaicGpuConfig:
       swizzled_epilogue: store whole epilogue tiles through swizzled shared
         memory (no bank conflicts) and only partial ones through the plain
         buffer that row-granular TMA stores need; costs one more buffer.
-      tail_rows: 0, or 64: row tiles with at most 64 live rows (a group's last few
-        rows) are left to a second launch of 64-row tiles (``tail_config``), which
-        writes them into the first launch's output in place; half the MMA work for
-        those tiles, one more launch. Needs 128-row CTA tiles.
     """
 
     tile_m: int = 128
@@ -86,7 +82,6 @@ class MosaicGpuConfig:
     swizzled_epilogue: bool = False
     consumers: Literal["cooperative", "pingpong"] = "cooperative"
     walk: Literal["snake", "group_bands", "mixed_bands"] = "snake"
-    tail_rows: int = 0
 
     def __post_init__(self) -> None:
         for name in ("tile_m", "tile_n", "tile_k", "epi_tile_m", "epi_tile_n"):
@@ -132,27 +127,6 @@ class MosaicGpuConfig:
                     f"MosaicGpuConfig(consumers='pingpong'): one warpgroup holds the whole {self.tile_m}x"
                     f"{self.tile_n} accumulator; at most 128x128 elements (128 registers a thread) fit"
                 )
-
-        if self.tail_rows not in (0, 64) or (self.tail_rows and (self.cta_tile_m < 128 or self.cta_tile_n < 128)):
-            # The tail launch splits the CTA's columns over its two warpgroups: 64 at least
-            # (narrower epilogue rows fault, see `_check`).
-            raise ValueError(f"MosaicGpuConfig.tail_rows must be 0, or 64 with CTA tiles of at least 128x128, "
-                             f"got tail_rows={self.tail_rows!r} with {self.cta_tile_m}x{self.cta_tile_n} CTA tiles")
-
-    def tail_config(self, k: int, n_out: int, epilogue: Epilogue = "none") -> MosaicGpuConfig:
-        """Tiles of the launch that computes the short tails (``tail_rows``): ``tail_rows``
-        rows, each warpgroup as wide as this config's warpgroup tile where ``n_out`` allows
-        (the same wgmma shape, so the same sums as the first launch's), else half the CTA
-        tile; columns fastest (each tail is its own group, so no weight tile is shared);
-        up to 4 stages, as many as fit shared memory; chained when K allows."""
-        tile_n = self.tile_n if n_out % (2 * self.tile_n) == 0 else self.cta_tile_n // 2
-        epi_n = min(self.epi_tile_n, tile_n)
-        weights = 2 if epilogue == "swiglu" else 1
-        stage = (self.tail_rows + weights * 2 * tile_n) * self.tile_k * 2  # bf16 x and w tiles
-        stages = max(2, min(4, (_SMEM_BYTES - 2 * 2 * self.epi_tile_m * epi_n * 2) // stage))
-        return MosaicGpuConfig(tile_m=self.tail_rows, tile_n=tile_n, tile_k=self.tile_k,
-                               max_concurrent_steps=stages, wg_split="n", grid_minor="n", epi_tile_n=epi_n,
-                               chain_items=(k // self.tile_k) % stages == 0, max_ctas=self.max_ctas)
 
     @property
     def cta_tile_m(self) -> int:
@@ -428,24 +402,10 @@ def grouped_matmul(
     kernel = persistent_kernel(body,
                                jax.ShapeDtypeStruct((rows, n_out), out_dtype), max_ctas=config.max_ctas,
                                interpret=interpret)
-    if config.tail_rows:
-        schedule, tails = split_short_tails(schedule, w.shape[0], config.tail_rows)
-    out = kernel(*_walk(schedule, config, n_out), schedule.num_tiles, x_in, w, scale)
-    if config.tail_rows:
-        tail_config = config.tail_config(x.shape[1], n_out, epilogue)
-        _check(x, w, tail_config, n_out, epilogue, out_dtype)
-        tail_body = functools.partial(_kernel, config=tail_config, epilogue=epilogue, n_out=n_out)
-        # The output as a ref: the tail launch writes its rows into it in place (an aliased operand).
-        out_ref = jax.new_ref(out)
-        persistent_kernel(tail_body, (), max_ctas=tail_config.max_ctas, interpret=interpret)(
-            *_walk(tails, tail_config, n_out), tails.num_tiles, x_in, w, scale, out_ref)
-        out = out_ref[...]
-    return out if rows == m else out[:m]
-
-
-def _walk(schedule: TileSchedule, config: MosaicGpuConfig, n_out: int) -> tuple:
-    """The per-item (or, for the snake, per-tile) arrays the kernel walks."""
     if config.walk != "snake":
-        return tuple(group_band_walk(schedule, n_out // config.cta_tile_n, config.grid_tile_width,
+        walk = tuple(group_band_walk(schedule, n_out // config.cta_tile_n, config.grid_tile_width,
                                      mix_widths=config.walk == "mixed_bands"))
-    return (*schedule[:4], jnp.zeros((1,), jnp.int32))
+    else:
+        walk = (*schedule[:4], jnp.zeros((1,), jnp.int32))
+    out = kernel(*walk, schedule.num_tiles, x_in, w, scale)
+    return out if rows == m else out[:m]

@@ -143,34 +143,3 @@ def group_band_walk(schedule: TileSchedule, n_iters: int, max_width: int,
     col = jnp.where(backwards, n_iters - 1 - r // w, r // w)
     return ItemWalk(schedule.group[tile], schedule.start[tile], schedule.live_begin[tile],
                     schedule.live_end[tile], col.astype(jnp.int32))
-
-
-def split_short_tails(schedule: TileSchedule, num_groups: int, short_rows: int) -> tuple[TileSchedule, TileSchedule]:
-    """``schedule`` cut in two: its tiles with more than ``short_rows`` live rows, and those
-    with at most ``short_rows`` (their live rows are then within ``[0, short_rows)``).
-
-    Why: a group's last tile holds what is left of the group, often a few rows; a second
-    launch with ``short_rows``-row tiles computes those tails at a fraction of a whole
-    tile's MMA work. Only a group's last tile can be short (the others hold all but at most
-    ``align - 1`` leading rows), and such a tile starts at ``live_begin < align``, so the
-    short tiles keep their start and live rows. Both parts keep the schedule's order; the
-    tail part has room for ``min(num_groups, T)`` tiles.
-    """
-    num_tiles = schedule.group.shape[0]
-    t = jnp.arange(num_tiles, dtype=jnp.int32)
-    real = t < schedule.num_tiles[0]
-    short = real & (schedule.live_end <= short_rows)
-
-    def compact(keep: jax.Array, size: int) -> TileSchedule:
-        # Destination d takes the tile kept d-th: a [size, T] compare, no sort or scatter.
-        rank = jnp.cumsum(keep.astype(jnp.int32)) - 1
-        d = jnp.arange(size, dtype=jnp.int32)
-        hit = keep[None, :] & (rank[None, :] == d[:, None])
-        src = jnp.sum(jnp.where(hit, t[None, :], 0), axis=1)
-        count = jnp.sum(keep.astype(jnp.int32))
-        valid = d < count
-        pick = lambda a: jnp.where(valid, a[src], 0).astype(jnp.int32)
-        return TileSchedule(pick(schedule.group), pick(schedule.start), pick(schedule.live_begin),
-                            pick(schedule.live_end), count.astype(jnp.int32)[None])
-
-    return compact(real & ~short, num_tiles), compact(short, min(num_groups, num_tiles))
