@@ -414,3 +414,50 @@ def test_eplb_statistics_path_default_and_errors(tmp_path, rng, monkeypatch, cap
         with pytest.raises(SystemExit):
             main(["eplb", command])
         assert "required: --stats/--expert_statistic_path" in capsys.readouterr().err
+
+
+def test_override_and_layer_flag_errors_name_the_flag(capsys, tmp_path, monkeypatch):
+    """Found in review: ``--alltoall ''`` was ignored (the config's backend ran), a bad
+    ``--alltoall`` or an override the config refuses named only the config key, a layer
+    the router flags cannot make named RouterSpec fields (n_group=8 that no flag set), a
+    Pallas expert_kernel with float32 weights failed inside the kernel after the model was
+    built, and a missing --stats folder named no flag. Each is now one line naming the flag,
+    value and rule, before any layer or model is built."""
+    online = tmp_path / "online.yaml"
+    online.write_text("moe_config: {backend: WIDEEP, load_balancer: {num_slots: 16, layer_updates_per_iter: 1}}\n")
+    pallas = tmp_path / "pallas.yaml"
+    pallas.write_text("moe_config: {backend: WIDEEP, expert_kernel: mosaic_gpu}\n")
+    built = []
+    monkeypatch.setattr("wideep_jax.models.CausalLM.__init__", lambda *a, **k: built.append(1) or 1 / 0)
+    monkeypatch.setattr("wideep_jax.bench.bench_moe_layer", lambda *a, **k: built.append(1) or 1 / 0)
+    for value in ("", "foo"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(SMALL + ["--alltoall", value])
+        assert exit_info.value.code == 2
+        assert f"argument --alltoall: invalid choice: '{value}'" in capsys.readouterr().err
+    cases = [
+        (SMALL + ["--experts", "10"], r"--experts 10 --top-k 4 --router noaux_tc --n-group 4 --topk-group 2: "
+                                      r"RouterSpec.n_group=4: must divide num_experts \(10\)"),
+        (SMALL + ["--top-k", "17"],
+         r"--experts 16 --top-k 17 --router noaux_tc --n-group 4 --topk-group 2: .*top_k"),
+        (SMALL + ["--config", str(online), "--backend", "cutlass"],
+         r"--backend CUTLASS over --config .*online.yaml: moe_config.load_balancer.layer_updates_per_iter: got 1"),
+        (SMALL + ["--config", str(pallas)], r"--config: moe_config.expert_kernel='mosaic_gpu' takes bfloat16 or "
+                                            r"float16 weights, got --dtype float32 \(the default on this platform\)"),
+        (["run", "--moe-config", str(pallas), "--dtype", "float32"],
+         r"--moe-config: moe_config.expert_kernel='mosaic_gpu' takes .* got --dtype float32; allowed: --dtype "
+         r"bfloat16, or expert_kernel auto or xla"),
+        (["eplb", "generate", "--stats", str(tmp_path / "none")],
+         r"--stats='.*none': statistics directory .* not found; allowed: a statistics directory"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "Traceback" not in err and err.count("\n") == 1, (argv, err)
+    assert not built
+
+
+def test_backend_and_alltoall_flags_are_case_insensitive(capsys):
+    """As the config's own values are (``backend: wideep`` loads): ``--backend wideep`` was refused."""
+    assert main(SMALL + ["--ep", "2", "--backend", "wideep", "--alltoall", "XLA"]) == 0
+    assert "wideep bench-moe: WIDEEP (xla all-to-all), EP 2" in capsys.readouterr().out

@@ -387,8 +387,11 @@ def test_schema_errors(source, key, value):
         # no slot count written: the message names what to change, not an unset key
         ({}, 3, "num_experts=8 (the slot count", f"multiple of the EP size 3; allowed: set {LB}.num_slots to a "
          "multiple of 3 that is >= 8 (e.g. 9)"),
-        ({"initial_global_assignments": {1: [0, 1, 2]}}, 2, f"{IGA}[1]", "3 expert ids; allowed: exactly num_slots = 8 (one expert id per slot); "
-         f"num_slots is not set, so it is num_experts: set {LB}.num_slots: 3"),
+        ({"initial_global_assignments": {1: [0, 1, 2]}}, 2, f"{IGA}[1]", "3 expert ids; allowed: exactly num_slots = 8 (one expert id per slot)"),
+        # longer than num_experts: the list may want replica slots, and the message says how
+        ({"initial_global_assignments": {1: [0, 1, 2, 3, 4, 5, 6, 7, 0, 1]}}, 2, f"{IGA}[1]",
+         f"10 expert ids; allowed: exactly num_slots = 8 (one expert id per slot); num_slots is not set, so it is "
+         f"num_experts: set {LB}.num_slots: 10"),
         ({"initial_global_assignments": {1: [0, 1, 2, 3, 4, 5, 6, 8]}}, 2, f"{IGA}[1][7]", "8 (int); allowed: an expert id in [0, 8)"),
         ({"initial_global_assignments": {4: [0, 1, 2, 3, 4, 0, 1, 0]}}, 2, f"{IGA}[4]", "layer 4 gives no slot to experts [5, 6, 7]"),
         # online placement: at most one replica of an expert per rank, node groups of E / num_nodes experts
@@ -577,3 +580,30 @@ def test_every_config_key_is_documented_in_the_readme():
             assert f"| `moe_config.{f.name}` |" in text, (doc.name, f.name)
         for f in dataclasses.fields(LoadBalancerConfig):
             assert f"| `moe_config.load_balancer.{f.name}` |" in text, (doc.name, f.name)
+
+
+def test_review_loader_edges(tmp_path):
+    """Found in review: a directory as config file gave an OSError text with no rule;
+    ``check_layers`` of None or a str raised a TypeError from set arithmetic; a list
+    shorter than num_experts was told to set num_slots to its length (0 for an empty list,
+    which num_slots can never be); NumPy's bool was refused as 'got np.True_ (bool)'."""
+    with pytest.raises(ConfigError, match=re.escape(f"source: cannot read {str(tmp_path)!r}: it is a directory; "
+                                                    "allowed: a path to a readable YAML file")):
+        load_moe_config(tmp_path)
+    placed = MoEConfig(load_balancer=LoadBalancerConfig(initial_global_assignments={3: list(range(8))}))
+    for cfg in (placed, MoEConfig()):
+        for bad in (None, "abc", 3, [1, -1], [True]):
+            with raises("moe_layers", repr(bad)):
+                cfg.check_layers(bad)
+        assert cfg.check_layers(range(3, 4)) is cfg and cfg.check_layers(np.array([3])) is cfg
+    advice = f"set {LB}.num_slots"
+    for ids in ([], [0, 1, 2]):
+        with pytest.raises(ConfigError, match=re.escape(f"got a list of {len(ids)} expert ids; allowed: exactly "
+                                                        "num_slots = 8 (one expert id per slot)")) as info:
+            load_moe_config({"load_balancer": {"initial_global_assignments": {0: ids}}}, num_experts=8, ep_size=2)
+        assert advice not in str(info.value)
+    with pytest.raises(ConfigError, match=re.escape(f"{advice}: 10 for lists of this length")):
+        load_moe_config({"load_balancer": {"initial_global_assignments": {0: list(range(8)) + [0, 1]}}},
+                        num_experts=8, ep_size=2)
+    flag = MoEConfig(disable_finalize_fusion=np.bool_(True)).disable_finalize_fusion
+    assert flag is True

@@ -1,6 +1,8 @@
 """`wideep_jax.forward_jit`: nnx.jit's results without handing the module's weights back."""
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,3 +78,29 @@ def test_bound_forward_sees_new_weights_after_refresh():
     bound.refresh()  # (flax 0.12's split state holds the Variables themselves, so it sees set_value anyway)
     np.testing.assert_allclose(np.asarray(bound(x)), before + 1.0, rtol=1e-6)
     assert forward.jitted._cache_size() == 1
+
+
+def test_argument_errors_name_the_argument_in_fns_numbering():
+    """Found in review: ``donate_argnums=True`` donated argument 1 without a word; None, 1.0
+    or ``static_argnames=1`` gave "'...' object is not iterable"; a position past fn's
+    arguments was reported by jax.jit one higher than the caller wrote it; naming the module
+    parameter static gave jax's 'invalid argnames'."""
+    def step(m, x, cache=None, *, scale=1.0):
+        return m(x) * scale
+
+    for bad in (True, None, 1.0, [1, True], "1"):
+        with pytest.raises(ValueError, match=re.escape(f"forward_jit donate_argnums={bad!r}: allowed: positions >= 1")):
+            forward_jit(step, donate_argnums=bad)
+    with pytest.raises(ValueError, match=re.escape("forward_jit donate_argnums=3: fn(m, x, cache=None, *, scale=1.0) "
+                                                   "has positional arguments 0..2 (0 the module); allowed: 1..2")):
+        forward_jit(step, donate_argnums=3)
+    with pytest.raises(ValueError, match=re.escape("forward_jit static_argnames=1: allowed: a parameter name")):
+        forward_jit(step, static_argnames=1)
+    with pytest.raises(ValueError, match=re.escape("forward_jit static_argnames='nope': fn(m, x, cache=None, *, "
+                                                   "scale=1.0) has no such parameter; allowed: x, cache, scale")):
+        forward_jit(step, static_argnames="nope")
+    with pytest.raises(ValueError, match=re.escape("forward_jit static_argnames='m': that is fn's module parameter")):
+        forward_jit(step, static_argnames=("scale", "m"))
+    with pytest.raises(ValueError, match=re.escape("forward_jit fn=3: allowed: a callable")):
+        forward_jit(3)
+    forward_jit(lambda m, *args, **kwargs: m, static_argnames="anything", donate_argnums=5)  # *args / **kwargs take them

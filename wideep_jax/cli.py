@@ -55,9 +55,13 @@ def _add_bench_moe(sub) -> None:
                    help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--skew", default="uniform",
                    help="routing: 'uniform', 'zipf:S' (Zipf exponent S over experts) or 'router' (the layer's router)")
-    p.add_argument("--backend", choices=["WIDEEP", "CUTLASS"], default=None,
+    from wideep_jax.config import ALLTOALL_BACKENDS
+
+    # Case-insensitive, as the config's keys are.
+    p.add_argument("--backend", type=str.upper, choices=["WIDEEP", "CUTLASS"], default=None,
                    help="overrides the config's backend (without --config: WIDEEP)")
-    p.add_argument("--alltoall", default=None, help="communication backend (overrides the config)")
+    p.add_argument("--alltoall", type=str.lower, choices=ALLTOALL_BACKENDS, default=None,
+                   help="communication backend (overrides the config's alltoall_backend)")
     p.add_argument("--config", default=None, help="moe_config YAML (TensorRT-LLM schema)")
     p.add_argument("--layer-idx", type=NON_NEGATIVE, default=None,
                    help="the layer whose initial_global_assignments row to use (default: the placement's only "
@@ -103,21 +107,31 @@ def _bench_moe(args) -> int:
     ep = jax.device_count() if args.ep is None else args.ep
     if not 1 <= ep <= jax.device_count():
         raise ValueError(f"--ep={ep}: allowed: 1..{jax.device_count()} ({platform} devices)")
-    router = {"noaux_tc": lambda: RouterSpec(kind="noaux_tc", n_group=args.n_group or 8,
-                                             topk_group=args.topk_group or 4, routed_scaling_factor=2.5),
-              "softmax": lambda: RouterSpec(kind="softmax"),
-              "llama4": lambda: RouterSpec(kind="llama4", norm_topk_prob=False)}[args.router]()
-    spec = MoESpec(hidden_size=args.hidden, intermediate_size=args.intermediate,
-                   num_experts=args.experts, top_k=args.top_k, router=router,
-                   num_shared_experts=args.shared_experts, dtype=dtype, param_dtype=dtype,
-                   apply_router_weight_on_input=args.router == "llama4")
+    try:
+        router = {"noaux_tc": lambda: RouterSpec(kind="noaux_tc", n_group=args.n_group or 8,
+                                                 topk_group=args.topk_group or 4, routed_scaling_factor=2.5),
+                  "softmax": lambda: RouterSpec(kind="softmax"),
+                  "llama4": lambda: RouterSpec(kind="llama4", norm_topk_prob=False)}[args.router]()
+        spec = MoESpec(hidden_size=args.hidden, intermediate_size=args.intermediate,
+                       num_experts=args.experts, top_k=args.top_k, router=router,
+                       num_shared_experts=args.shared_experts, dtype=dtype, param_dtype=dtype,
+                       apply_router_weight_on_input=args.router == "llama4")
+    except ValueError as err:  # RouterSpec / MoESpec name their fields: say which flags set them
+        grouped = (f" --n-group {args.n_group or '8 (default)'} --topk-group {args.topk_group or '4 (default)'}"
+                   if args.router == "noaux_tc" else "")
+        raise ValueError(f"--experts {args.experts} --top-k {args.top_k} --router {args.router}{grouped}: {err}") from None
     config = load_config_file("--config", args.config) if args.config else MoEConfig(backend="WIDEEP")
     overrides = {}
-    if args.backend:
+    if args.backend is not None:
         overrides["backend"] = args.backend
-    if args.alltoall:
+    if args.alltoall is not None:
         overrides["alltoall_backend"] = args.alltoall
-    config = dataclasses.replace(config, **overrides)
+    try:
+        config = dataclasses.replace(config, **overrides)
+    except ValueError as err:  # e.g. --backend CUTLASS over an online --config
+        flags = " ".join(f"--{'backend' if k == 'backend' else 'alltoall'} {v}" for k, v in overrides.items())
+        raise ValueError(f"{flags} over --config {args.config}: {err}") from None
+    check_kernel_dtype(config, dtype, config_flag="--config", dtype_flag="--dtype", dtype_given=args.dtype)
     mesh = jax.make_mesh((ep,), (config.ep_axis,), devices=jax.devices()[:ep])
     config.validate(num_experts=spec.num_experts, ep_size=ep)
     placed = sorted((config.load_balancer and config.load_balancer.initial_global_assignments) or {})
@@ -227,11 +241,23 @@ def _add_eplb(sub) -> None:
     r.set_defaults(func=_eplb_report)
 
 
+def _load_stats(args):
+    """``load_stats`` of ``--stats``; its errors name the flag and, where they do not, what is allowed."""
+    from wideep_jax.eplb.stats_files import StatsFileError, load_stats
+
+    try:
+        return load_stats(args.stats, iter_start=args.iter_start, iter_stop=args.iter_stop)
+    except StatsFileError as err:
+        hint = "" if "allowed" in str(err) else (
+            "; allowed: a statistics directory (meta_info.json + rank<r>.safetensors, as a run with "
+            "EXPERT_STATISTIC_ITER_RANGE writes)")
+        raise ValueError(f"--stats={args.stats!r}: {err}{hint}") from None
+
+
 def _eplb_generate(args) -> int:
     from wideep_jax.eplb.offline import generate_placement, report, write_placement_file
-    from wideep_jax.eplb.stats_files import load_stats
 
-    stats = load_stats(args.stats, iter_start=args.iter_start, iter_stop=args.iter_stop)
+    stats = _load_stats(args)
     ep = stats.ep_size if args.ep_size is None else args.ep_size
     slots = stats.num_experts if args.num_slots is None else args.num_slots
     placements = generate_placement(stats, ep_size=ep, num_slots=slots, num_nodes=args.num_nodes)
@@ -253,11 +279,10 @@ def _eplb_report(args) -> int:
     from pathlib import Path
 
     from wideep_jax.eplb.offline import check_png_path, format_report, normalised, report, save_heatmap
-    from wideep_jax.eplb.stats_files import load_stats
 
     if args.heatmap and not args.no_heatmap:
         check_png_path(args.heatmap)  # before the report is printed, not after
-    stats = load_stats(args.stats, iter_start=args.iter_start, iter_stop=args.iter_stop)
+    stats = _load_stats(args)
     rep = report(stats, ep_size=args.ep_size, placement=args.placement)
     print(f"wideep eplb report: {args.stats}, iterations {stats.iter_start}..{stats.iter_stop - 1}, "
           f"{stats.num_experts} experts, top-{stats.top_k}, {len(stats.layers)} layers, EP {rep.ep_size} "
@@ -366,6 +391,18 @@ def check_output_dir(flag: str, path) -> None:
     except OSError as err:
         raise ValueError(f"{flag}={str(path)!r}: cannot create that folder ({err.strerror}); allowed: a folder "
                          "path that exists or can be created") from None
+
+
+def check_kernel_dtype(config, dtype, *, config_flag: str, dtype_flag: str, dtype_given) -> None:
+    """The Pallas expert kernels take 16-bit operands only: an ``expert_kernel`` naming one
+    with float32 weights is refused now, before a model is built or loaded, not at its first call."""
+    import jax.numpy as jnp
+
+    if config.expert_kernel in ("mosaic_gpu", "triton") and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        default = "" if dtype_given else " (the default on this platform)"
+        raise ValueError(f"{config_flag}: moe_config.expert_kernel={config.expert_kernel!r} takes bfloat16 or "
+                         f"float16 weights, got {dtype_flag} {jnp.dtype(dtype).name}{default}; allowed: "
+                         f"{dtype_flag} bfloat16, or expert_kernel auto or xla")
 
 
 def load_config_file(flag: str, path, **kwargs):

@@ -190,6 +190,18 @@ def _layer_list(layers) -> str:
     return f"[{', '.join(parts)}]"
 
 
+def _layer_ids(name: str, layers: Any) -> set[int]:
+    """``layers`` (an iterable of non-negative int layer indices) as a set; anything else is a
+    :class:`ConfigError` naming ``name`` (not a TypeError from inside set arithmetic)."""
+    if isinstance(layers, (str, bytes, Mapping)) or not hasattr(layers, "__iter__"):
+        raise _fail(name, layers, "an iterable of non-negative int layer indices (e.g. [3, 4, 5] or range(3, 61))")
+    ids = list(layers)
+    for i in ids:
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, numbers.Integral) or i < 0:
+            raise _fail(name, layers, f"non-negative int layer indices (it holds {i!r})")
+    return {int(i) for i in ids}
+
+
 _ALLOWED_LAYERS = ("allowed: a placement for every MoE layer of the model, or no initial_global_assignments "
                    "(TensorRT-LLM's default placement on every layer)")
 
@@ -274,7 +286,8 @@ class LoadBalancerConfig:
                 raise ConfigError(
                     f"{_layer_key(layer)}: got a list of {len(ids)} expert ids; "
                     f"allowed: exactly num_slots = {num_slots} (one expert id per slot)"
-                    + ("" if self.num_slots is not None else
+                    # A longer list may want replica slots; a shorter one cannot be a slot count (< E).
+                    + ("" if self.num_slots is not None or len(ids) < num_slots else
                        f"; num_slots is not set, so it is num_experts: set {_LB}.num_slots: {len(ids)} "
                        "for lists of this length")
                 )
@@ -283,10 +296,10 @@ class LoadBalancerConfig:
         """Check that ``initial_global_assignments`` (if given) holds exactly the model's
         MoE layers ``moe_layers``: TensorRT-LLM looks each MoE layer up and fails on a
         missing one, and a key that is no MoE layer would be ignored. Returns self."""
+        moe_layers = _layer_ids("moe_layers", moe_layers)
         given = set(self.initial_global_assignments or {})
         if not given:
             return self
-        moe_layers = set(moe_layers)
         stray, missing = given - moe_layers, moe_layers - given
         problems = ([f"layers {_layer_list(stray)} are not MoE layers of this model"] if stray else []) + (
             [f"MoE layers {_layer_list(missing)} have no placement"] if missing else [])
@@ -366,8 +379,9 @@ class MoEConfig:
             backend = "CUTLASS"
         object.__setattr__(self, "backend", backend)
         for name in ("disable_finalize_fusion", "use_low_precision_moe_combine"):
-            if not isinstance(getattr(self, name), bool):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise _fail(f"{_MOE}.{name}", getattr(self, name), "true or false")
+            object.__setattr__(self, name, bool(getattr(self, name)))  # NumPy's bool too, stored as bool
         if self.use_low_precision_moe_combine:
             warnings.warn(f"{_MOE}.use_low_precision_moe_combine=True does nothing: it is for NVFP4 models, "
                           "which have no path here", ConfigWarning, stacklevel=3)
@@ -412,8 +426,7 @@ class MoEConfig:
 
     def check_layers(self, moe_layers) -> MoEConfig:
         """:meth:`LoadBalancerConfig.check_layers` (nothing to check without a load balancer); returns self."""
-        if self.load_balancer is not None:
-            self.load_balancer.check_layers(moe_layers)
+        (self.load_balancer or LoadBalancerConfig()).check_layers(moe_layers)
         return self
 
     def slot_to_expert(self, layer_idx: int | None, *, num_experts: int, ep_size: int) -> np.ndarray:
@@ -459,7 +472,9 @@ def _read_yaml(key: str, path: Path) -> Any:
     except FileNotFoundError:
         raise ConfigError(f"{key}: file not found: {str(path)!r}; allowed: a path to an existing YAML file") from None
     except OSError as e:
-        raise ConfigError(f"{key}: cannot read {str(path)!r}: {e}") from None
+        what = "a directory" if path.is_dir() else f"unreadable ({e.strerror or e})"
+        raise ConfigError(f"{key}: cannot read {str(path)!r}: it is {what}; allowed: a path to a readable "
+                          "YAML file") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{key}: {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}); allowed: "
                           "a YAML file") from None

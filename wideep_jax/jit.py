@@ -28,6 +28,7 @@ class ForwardJit:
         # fn's, with the module replaced by (graphdef, state). Given static_argnums
         # too, jax.jit no longer derives them, so both are spelled out.
         signature = inspect.signature(fn)
+        _check_arguments(signature, static_argnames, donate)
         head = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_ONLY) for n in ("_graphdef", "_state")]
         pure.__signature__ = signature.replace(parameters=head + list(signature.parameters.values())[1:])
         # Only parameters that can be passed by position get a number; keyword-only ones
@@ -81,9 +82,52 @@ def forward_jit(fn: Callable[..., Any], *, static_argnames: str | Sequence[str] 
     0 (which cannot be donated); donate a KV cache that ``fn`` returns updated, so
     XLA updates it in place instead of copying all of it every step.
     """
-    donate = (donate_argnums,) if isinstance(donate_argnums, int) else tuple(donate_argnums)
-    if any(not isinstance(i, int) or i < 1 for i in donate):
-        raise ValueError(f"forward_jit donate_argnums={donate_argnums!r}: allowed: positions >= 1 "
-                         "(0 is the module, whose weights the caller keeps)")
-    names = (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames)
+    allowed = "allowed: positions >= 1 (0 is the module, whose weights the caller keeps)"
+    try:  # a bool is an int to Python: True would donate argument 1 without a word
+        donate = ((donate_argnums,) if isinstance(donate_argnums, int) and not isinstance(donate_argnums, bool)
+                  else tuple(donate_argnums))
+    except TypeError:
+        raise ValueError(f"forward_jit donate_argnums={donate_argnums!r}: {allowed}, an int or a sequence "
+                         "of ints") from None
+    if any(isinstance(i, bool) or not isinstance(i, int) or i < 1 for i in donate):
+        raise ValueError(f"forward_jit donate_argnums={donate_argnums!r}: {allowed}")
+    try:
+        names = (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames)
+    except TypeError:
+        names = None
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"forward_jit static_argnames={static_argnames!r}: allowed: a parameter name of fn, "
+                         "or a sequence of them")
+    if not callable(fn):
+        raise ValueError(f"forward_jit fn={fn!r}: allowed: a callable fn(module, *args, **kwargs)")
     return ForwardJit(fn, names, donate)
+
+
+def _check_arguments(signature: inspect.Signature, static_argnames: tuple[str, ...],
+                     donate: tuple[int, ...]) -> None:
+    """Names and positions that ``fn``'s signature has, said in ``fn``'s own numbering
+    (jax.jit's errors would count ``pure``'s arguments, one more than the caller's)."""
+    params = list(signature.parameters.values())
+    kinds = {p.kind for p in params}
+    positional = [p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                       inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    if not positional and inspect.Parameter.VAR_POSITIONAL not in kinds:
+        raise ValueError(f"forward_jit fn{signature}: allowed: a function whose first parameter is the module")
+    module = positional[0] if positional else None
+    named = [p.name for p in params[1:] if p.kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                                           inspect.Parameter.VAR_KEYWORD)]
+    for name in static_argnames:
+        if name == module:
+            raise ValueError(f"forward_jit static_argnames={name!r}: that is fn's module parameter (its arrays "
+                             f"are traced, its structure is static already); allowed: fn's other parameters "
+                             f"({', '.join(named) or 'none'})")
+        if name not in named and inspect.Parameter.VAR_KEYWORD not in kinds:
+            raise ValueError(f"forward_jit static_argnames={name!r}: fn{signature} has no such parameter; "
+                             f"allowed: {', '.join(named) or 'none (fn takes only the module)'}")
+    if inspect.Parameter.VAR_POSITIONAL not in kinds:
+        for i in donate:
+            if i >= len(positional):
+                raise ValueError(f"forward_jit donate_argnums={i}: fn{signature} has positional arguments "
+                                 f"0..{len(positional) - 1} (0 the module); allowed: "
+                                 + (f"1..{len(positional) - 1}" if len(positional) > 1 else
+                                    "none (fn takes no positional argument after the module)"))

@@ -254,6 +254,7 @@ def main_job(args) -> int:
     import numpy as np
     from flax import nnx
 
+    from wideep_jax.cli import check_kernel_dtype
     from wideep_jax.eplb.algorithm import imbalance, rank_loads
     from wideep_jax.layer import MoELayer
     from wideep_jax.models import CausalLM, DecoderConfig, from_hf_config, from_pretrained
@@ -281,6 +282,7 @@ def main_job(args) -> int:
     # A placement file for another model, or one with a layer left out, fails here, before
     # the model is built (the layers would refuse it one by one, after building the ones before).
     moe_config = _moe_config(args.moe_config, cfg.num_experts, ep).check_layers(cfg.moe_layers)
+    check_kernel_dtype(moe_config, dtype, config_flag="--moe-config", dtype_flag="--dtype", dtype_given=args.dtype)
     recorder = _stats_recorder(cfg, args.max_new_tokens)
     # Argument errors that need no model: said before the (possibly long) build.
     try:
