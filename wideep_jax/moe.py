@@ -89,6 +89,29 @@ def _as_routing(routing) -> Routing | None:
                    _as_array("routing.weights", weights, "a float [tokens, top_k] array"))
 
 
+# The Pallas expert kernels' width rule (their tiles): both GEMMs' K and N are the hidden
+# and expert widths.
+_KERNEL_WIDTH_MULTIPLE = {"mosaic_gpu": 64, "triton": 16}
+
+
+def _check_expert_kernel(kernel: str, spec: MoESpec, dtype) -> None:
+    """A named Pallas expert kernel fits the tokens' dtype and the layer's widths: said
+    here, naming the key, instead of by the kernel at its first call."""
+    multiple = _KERNEL_WIDTH_MULTIPLE.get(kernel)
+    if multiple is None:
+        return
+    allowed = "or moe_config.expert_kernel 'auto' (picks a kernel that fits) or 'xla'"
+    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"moe_config.expert_kernel={kernel!r} takes bfloat16 or float16 tokens, got x of "
+                         f"{jnp.dtype(dtype).name}; allowed: bfloat16/float16 x, {allowed}")
+    widths = {"hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size}
+    bad = {name: width for name, width in widths.items() if width % multiple}
+    if bad:
+        raise ValueError(f"moe_config.expert_kernel={kernel!r} needs hidden_size and intermediate_size that are "
+                         f"multiples of {multiple}, got {', '.join(f'{k}={v}' for k, v in bad.items())}; "
+                         f"allowed: such widths, {allowed}")
+
+
 def _check_inputs(x, token_mask, routing, spec: MoESpec):
     if x.ndim != 2 or x.shape[1] != spec.hidden_size:
         raise ValueError(f"x has shape {x.shape}; allowed: [tokens, hidden_size={spec.hidden_size}]")
@@ -224,6 +247,7 @@ def moe_forward(
     """
     token_mask, routing = _as_mask(token_mask), _as_routing(routing)
     _check_inputs(x, token_mask, routing, spec)
+    _check_expert_kernel(config.expert_kernel, spec, x.dtype)
     wide = config.backend == "WIDEEP"
     axis = config.ep_axis
     if mesh is None:
