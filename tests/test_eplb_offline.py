@@ -257,6 +257,17 @@ def test_load_stats_errors_name_the_problem(tmp_path, rng):
         load_stats(ranks)
 
 
+@pytest.mark.parametrize("bad", [{"iter_start": 1.9}, {"iter_stop": 2.5}, {"iter_start": True},
+                                 {"iter_start": "2"}, {"iter_stop": -1}])
+def test_load_stats_refuses_iteration_arguments_that_are_not_ints(tmp_path, rng, bad):
+    """int() truncated 1.9 to 1 (a silently different range) and named no argument for a string."""
+    stats = write_trtllm_stats(tmp_path, rng.integers(0, 9, (2, 3, 1, 4)), iters=[1, 2, 3], layers=[0])
+    (key, value), = bad.items()
+    with pytest.raises(ValueError, match=re.escape(f"{key}={value!r}: allowed: an int >= 0")):
+        load_stats(stats, **bad)
+    assert load_stats(stats, iter_start=np.int64(2)).iters == [2, 3]
+
+
 def test_load_stats_refuses_negative_counts(tmp_path, rng, capsys):
     counts = rng.integers(0, 50, (3, 3, 2, 8))
     r, a, b, e = (int(rng.integers(n)) for n in counts.shape)
@@ -409,6 +420,42 @@ def test_report_refuses_a_placement_with_a_layer_not_in_the_statistics(tmp_path,
             f"placement: the statistics' layers [{layers[1]}] have no placement and layers [{stray}] are not in "
             "the statistics")):
         report(stats, ep_size=4, placement=placement)
+
+
+def test_report_projects_a_trtllm_placement_file_with_its_ep_size(tmp_path, rng, capsys):
+    """TensorRT-LLM's newer generators write ``ep_size`` into the placement file and its
+    report_load_statistics.py projects with it; ``wideep eplb report`` refused the key."""
+    import yaml
+
+    stats_dir = write_trtllm_stats(tmp_path / "s", zipf_counts(rng, 4, 3, 2, 16), iters=[0, 1, 2], layers=[1, 3])
+    stats = load_stats(stats_dir)
+    placement = generate_placement(stats, ep_size=8, num_slots=24)
+
+    def trtllm_file(name, **extra):  # as TensorRT-LLM's save_eplb_config: yaml.dump, sorted keys, inline lists
+        text = yaml.dump({"num_slots": 24, "ep_size": 8, "layer_updates_per_iter": 0, **extra,
+                          "initial_global_assignments": {l: v.tolist() for l, v in placement.items()}},
+                         default_flow_style=None, width=float("inf"))
+        (tmp_path / name).write_text(text)
+        return tmp_path / name
+
+    path = trtllm_file("trt.yaml")
+    want = report(stats, ep_size=8, placement=dict(placement))
+    for rep in (report(stats, placement=path), report(stats, ep_size=8, placement=path)):
+        assert rep.ep_size == 8 and rep.placed_rank_load.shape == (2, 8)  # the file's 8, not the stats' 4
+        np.testing.assert_array_equal(rep.placed_rank_load, want.placed_rank_load)
+    with pytest.raises(ValueError, match=re.escape(f"ep_size=4: placement {str(path)!r} was generated for ep_size "
+                                                   "8 (its ep_size key); allowed: 8, or no ep_size")):
+        report(stats, ep_size=4, placement=path)
+    with pytest.raises(ValueError, match=r"ep_size='eight'; allowed: an int >= 1"):
+        report(stats, placement=trtllm_file("word.yaml", ep_size="eight"))
+    with pytest.raises(ValueError, match=r"num_slots: got 24 \(int\); allowed: a multiple of ep_size = 16 \(in the "
+                                         r"placement file .*, ep_size=16 from its ep_size key\)"):
+        report(stats, placement=trtllm_file("e16.yaml", ep_size=16))
+    assert main(["eplb", "report", "--stats", str(stats_dir), "--placement", str(path), "--no-heatmap"]) == 0
+    assert ", EP 8 (default placement: 24 slots" in capsys.readouterr().out
+    assert main(["eplb", "report", "--stats", str(stats_dir), "--ep-size", "4", "--placement", str(path),
+                 "--no-heatmap"]) == 2
+    assert "was generated for ep_size 8" in capsys.readouterr().err
 
 
 def test_placement_file_layer_updates_per_iter(tmp_path, rng):

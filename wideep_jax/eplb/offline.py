@@ -178,15 +178,39 @@ def _imbalance(loads: np.ndarray) -> np.ndarray:
     return np.where(has_load.any(0), np.nansum(ratio, 0) / np.maximum(has_load.sum(0), 1), 0.0)
 
 
-def _resolve_placement(placement, stats: LoadedStats, ep_size: int) -> tuple[int, dict[int, np.ndarray]]:
-    """``(num_slots, {layer: slot_to_expert})`` from a placement file or mapping, validated
-    by the config loader (coverage, lengths, num_slots a multiple of ep_size)."""
-    from wideep_jax.config import load_moe_config
+def _resolve_placement(placement, stats: LoadedStats,
+                       ep_size: int | None) -> tuple[int, dict[int, np.ndarray], int]:
+    """``(num_slots, {layer: slot_to_expert}, ep_size)`` from a placement file or mapping,
+    validated by the config loader (coverage, lengths, num_slots a multiple of ep_size).
+
+    ``ep_size`` None: the file's ``ep_size`` key if it has one, else the statistics' ranks.
+    TensorRT-LLM's newer generators write ``ep_size`` into the file and its
+    ``report_load_statistics.py`` projects with it; the runtime's ``load_balancer`` refuses
+    that key (as TensorRT-LLM's does), so it is read and removed here."""
+    from wideep_jax.config import ConfigError, _read_yaml, load_moe_config
 
     name = "placement"
+    file_ep = None
+    where = None
     if isinstance(placement, (str, os.PathLike)):
-        source = str(Path(placement).expanduser().resolve())
+        path = Path(placement).expanduser().resolve()
+        source = str(path)
         name = f"placement {str(placement)!r}"
+        try:
+            raw = _read_yaml(name, path)
+        except ConfigError:
+            raw = None  # the loader below names the problem, as for the runtime
+        if isinstance(raw, Mapping) and "ep_size" in raw:
+            file_ep = raw["ep_size"]
+            if not isinstance(file_ep, int) or isinstance(file_ep, bool) or file_ep < 1:
+                raise ValueError(f"{name}: ep_size={file_ep!r}; allowed: an int >= 1 (the EP size the "
+                                 "placement was generated for)")
+            if ep_size is not None and ep_size != file_ep:
+                raise ValueError(f"ep_size={ep_size}: {name} was generated for ep_size {file_ep} (its ep_size "
+                                 f"key); allowed: {file_ep}, or no ep_size to use the file's")
+            source = {k: v for k, v in raw.items() if k != "ep_size"}
+            where = (f" (in the placement file {str(path)!r}, for num_experts={stats.num_experts}, "
+                     f"ep_size={file_ep} from its ep_size key)")
     elif isinstance(placement, Mapping):
         rows = {int(k): np.asarray(v).tolist() for k, v in placement.items()}
         lengths = {len(v) for v in rows.values()}
@@ -197,8 +221,17 @@ def _resolve_placement(placement, stats: LoadedStats, ep_size: int) -> tuple[int
         raise ValueError(f"placement={placement!r}: allowed: a placement file path or {{layer: slot_to_expert}}")
     # WIDEEP: a placement spreads slots over EP ranks, and the default backend (CUTLASS)
     # would refuse a file with layer_updates_per_iter > 0 (online EPLB needs WIDEEP).
-    lb = load_moe_config({"backend": "WIDEEP", "load_balancer": source}, num_experts=stats.num_experts,
-                         ep_size=ep_size).load_balancer
+    if file_ep is not None:
+        ep_size = file_ep
+    elif ep_size is None:
+        ep_size = stats.ep_size
+    try:
+        lb = load_moe_config({"backend": "WIDEEP", "load_balancer": source}, num_experts=stats.num_experts,
+                             ep_size=ep_size).load_balancer
+    except ConfigError as err:
+        if where is None:
+            raise
+        raise ConfigError(f"{err}{where}") from None
     num_slots = lb.num_slots or stats.num_experts
     default = default_placement(num_slots, stats.num_experts, ep_size)
     given = lb.initial_global_assignments or {}
@@ -218,18 +251,23 @@ def _resolve_placement(placement, stats: LoadedStats, ep_size: int) -> tuple[int
         raise ValueError(f"{name}: {' and '.join(problems)} (it has layers {_layer_list(given)}, the statistics "
                          f"have layers {_layer_list(stats.layers)}); allowed: a placement for every layer of the "
                          "statistics and no other layer (every MoE layer of the model)")
-    return num_slots, {l: np.asarray(given.get(l, default), np.int64) for l in stats.layers}
+    return num_slots, {l: np.asarray(given.get(l, default), np.int64) for l in stats.layers}, ep_size
 
 
 def report(stats: LoadedStats, *, ep_size: int | None = None, placement=None) -> LoadReport:
     """Per-layer load statistics under the default placement and, if ``placement`` (a
-    placement file or ``{layer: slot_to_expert}``) is given, projected under it."""
-    ep_size = stats.ep_size if ep_size is None else _positive_int("ep_size", ep_size)
+    placement file or ``{layer: slot_to_expert}``) is given, projected under it.
+
+    ``ep_size`` None: the ``ep_size`` key of a placement file that has one (TensorRT-LLM's
+    newer generators write it), else the statistics' number of rank files."""
+    ep_size = None if ep_size is None else _positive_int("ep_size", ep_size)
     num_experts = stats.num_experts
     placed = None
     num_slots = num_experts
     if placement is not None:
-        num_slots, placed = _resolve_placement(placement, stats, ep_size)
+        num_slots, placed, ep_size = _resolve_placement(placement, stats, ep_size)
+    elif ep_size is None:
+        ep_size = stats.ep_size
     if num_slots % ep_size:
         raise ValueError(f"ep_size={ep_size}: allowed: a divisor of num_slots = {num_slots} "
                          "(the default placement has one slot per expert)")

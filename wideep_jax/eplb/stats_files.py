@@ -350,6 +350,10 @@ def load_stats(path: str | os.PathLike, *, iter_start: int | None = None,
     contiguous, every (iteration, layer) pair must be present, and ``ep_size`` is the
     number of rank files. A key missing from one rank file counts as zeros there.
     """
+    for key, value in (("iter_start", iter_start), ("iter_stop", iter_stop)):
+        # int() would silently truncate 10.9 to 10 (and name no argument for "x")
+        if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"{key}={value!r}: allowed: an int >= 0, or None (the recorded range's own bound)")
     path = Path(path)
     if not path.is_dir():
         raise StatsFileError(f"statistics directory {str(path)!r} not found")
