@@ -252,6 +252,11 @@ def test_balancer_on_one_rank_with_host_master(rng, counts_kind):
     np.testing.assert_array_equal(np.asarray(layer.w_gate_up[...]), experts[0][placement])
     with pytest.raises(ValueError, match="stats: got str; allowed: a sequence of MoEStats"):
         balancer.step("counts")
+    # An empty list (numpy's stack error before), None (a TypeError) and one bare MoEStats,
+    # itself a tuple (it was read as a sequence of its fields).
+    for bad, name in (([], "list"), (None, "NoneType"), (stats if counts_kind == "stats" else [], None)):
+        with pytest.raises(ValueError, match=f"stats: got {name or '(list|MoEStats)'}; allowed: a sequence of MoEStats"):
+            balancer.step(bad)
     with pytest.raises(ValueError, match="stats: counts of dtype float32; allowed: an integer dtype"):
         balancer.step(np.zeros((1, 8), np.float32))
 

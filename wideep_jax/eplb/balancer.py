@@ -99,9 +99,10 @@ class OnlineBalancer:
         counts) and applies the re-placement to the layers. No host sync."""
         if isinstance(stats, (jax.Array, np.ndarray)):
             counts = jnp.asarray(stats)
-        elif all(isinstance(s, MoEStats) for s in stats):
+        elif (isinstance(stats, Sequence) and not isinstance(stats, (str, MoEStats)) and stats
+              and all(isinstance(s, MoEStats) for s in stats)):
             counts = jnp.stack([s.expert_counts for s in stats])
-        else:
+        else:  # None, an empty list, one bare MoEStats (a tuple itself), ...
             raise ValueError(f"stats: got {type(stats).__name__}; allowed: a sequence of MoEStats (one per "
                              "layer) or int [num_layers, num_experts] counts")
         if not jnp.issubdtype(counts.dtype, jnp.integer):
