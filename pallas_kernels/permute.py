@@ -162,6 +162,9 @@ def combine_rows(y: jax.Array, position: jax.Array, valid: jax.Array, *, out_dty
                          f"{position.shape}")
     if valid.shape != position.shape:
         raise ValueError(f"valid must have position's shape {position.shape}, got {valid.shape}")
+    if not (valid.dtype == jnp.bool_ or jnp.issubdtype(valid.dtype, jnp.integer)):
+        # A float mask would be cut to bool silently (0.2 -> valid).
+        raise ValueError(f"valid must be bool (or 0/1 integers), got {valid.dtype}")
     out_dtype = jnp.dtype(out_dtype or y.dtype)
     if not jnp.issubdtype(out_dtype, jnp.floating):
         raise ValueError(f"out_dtype must be a floating dtype, got {out_dtype}")

@@ -272,8 +272,8 @@ def test_plan_refuses_bad_shapes_and_sizes(rng):
         (dict(weights=weights[:, :, None]), r"weights has shape \(6, 2, 1\)"),
         (dict(valid=valid[:5]), r"valid has shape \(5,\); allowed: \[6\]"),
         (dict(slots=slots[:, 0]), r"slots has shape \(6,\); allowed: \[tokens, top_k\]"),
-        (dict(num_ranks=0), "num_ranks=0; allowed: >= 1"),
-        (dict(slots_per_rank=0), "slots_per_rank=0; allowed: >= 1"),
+        (dict(num_ranks=0), "num_ranks=0; allowed: an int >= 1"),
+        (dict(slots_per_rank=0), "slots_per_rank=0; allowed: an int >= 1"),
     ]
     for change, needle in cases:
         args = dict(slots=slots, weights=weights, valid=valid, num_ranks=2, slots_per_rank=4) | change
@@ -291,3 +291,35 @@ def test_plan_takes_an_int_mask_as_nonzero(rng):
     got = make_dispatch_plan(slots, weights, jnp.asarray(mask, jnp.int32), num_ranks=2, slots_per_rank=4)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_plan_refuses_non_int_sizes_and_float_slots_or_mask(rng):
+    """slots_per_rank written as S / R is a float: 3.75 split the slots at fractional
+    boundaries (slot 29 went to rank 7 as its local slot 2), silently; a float mask was cut
+    to bool (0.2 kept its token) and float slots to ints. All refused, naming the argument;
+    the same checks guard `experts.routed_experts` (float slots failed there as an
+    unrelated indexing error)."""
+    from wideep_jax.experts import routed_experts
+
+    slots = jnp.asarray(random_slots(rng, "random", 6, 2, 2, 4))
+    weights, valid = jnp.asarray(random_weights(rng, (6, 2))), jnp.ones(6, bool)
+    cases = [
+        (dict(slots_per_rank=30 / 8), "slots_per_rank=3.75; allowed: an int >= 1"),
+        (dict(slots_per_rank=4.0), "slots_per_rank=4.0; allowed: an int >= 1"),
+        (dict(num_ranks=2.0), "num_ranks=2.0; allowed: an int >= 1"),
+        (dict(num_ranks=True), "num_ranks=True; allowed: an int >= 1"),
+        (dict(capacity=6.0), "capacity=6.0; allowed: an int >= the local token count 6, or None"),
+        (dict(valid=jnp.full(6, 0.2)), r"valid has dtype float32; allowed: bool \(or 0/1 integers\)"),
+        (dict(slots=slots.astype(jnp.float32)), "slots has dtype float32; allowed: an integer dtype"),
+    ]
+    for change, needle in cases:
+        args = dict(slots=slots, weights=weights, valid=valid, num_ranks=2, slots_per_rank=4) | change
+        with pytest.raises(ValueError, match=needle):
+            make_dispatch_plan(**args)
+    make_dispatch_plan(slots, weights, valid, num_ranks=np.int64(2), slots_per_rank=np.int32(4), capacity=np.int64(7))
+    x, w_gate_up, w_down = jnp.ones((6, 8)), jnp.ones((4, 8, 6)), jnp.ones((4, 3, 8))
+    local = slots % 4
+    with pytest.raises(ValueError, match="slot has dtype float32; allowed: an integer dtype"):
+        routed_experts(x, local.astype(jnp.float32), weights, valid, w_gate_up, w_down)
+    with pytest.raises(ValueError, match=r"valid has dtype float32; allowed: bool"):
+        routed_experts(x, local, weights, jnp.full(6, 0.2), w_gate_up, w_down)

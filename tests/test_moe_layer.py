@@ -582,3 +582,69 @@ def test_cutlass_shards_slots_and_matches_wideep(rng, routing_kind):
     assert_close(y_gathered, y_wide, rtol=1e-6)
     for got, want in zip(s_gathered, s_wide):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("backend, selection", [("WIDEEP", "round_robin"), ("WIDEEP", "local_first"),
+                                                ("CUTLASS", "round_robin")])
+def test_negative_slot_entry_under_jit_holds_no_expert(rng, backend, selection):
+    """Under jit a slot table is not checked: a slot marked -1 holds no expert. Where every
+    expert keeps another slot the output is unchanged; an expert left with none comes out
+    NaN (the unplaced-expert guard). A -1 used to shift every expert onto its neighbour's
+    slots: wrong outputs everywhere, no NaN."""
+    spec = make_spec(experts=8)
+    extra = {} if selection == "round_robin" else {"replica_selection": selection}
+    layer = make_layer(spec, backend=backend, ep=2, load_balancer={"num_slots": 10}, **extra)
+    w, config, mesh = layer.weights(), layer.config, layer.mesh
+    x = random_tokens(rng, 64, spec.hidden_size)  # 64: some token surely routes to every expert
+    fwd = jax.jit(lambda x, w: moe_forward(x, w, spec=spec, config=config, mesh=mesh)[0])
+    want = np.asarray(fwd(x, w))
+    table = np.asarray(w.slot_to_expert)
+    assert (table == table[9]).sum() == 2  # slot 9 is a replica
+    with_hole = lambda slot: w._replace(slot_to_expert=jax.device_put(jnp.asarray(table).at[slot].set(-1),
+                                                                      w.slot_to_expert.sharding))
+    assert_close(fwd(x, with_hole(9)), want, rtol=1e-6)
+    alone = int(table[2])
+    assert (table == alone).sum() == 1  # slot 2 holds the only replica of its expert
+    got = np.asarray(fwd(x, with_hole(2)))
+    ids = np.asarray(route(x @ w.router, spec.top_k, spec.router).ids)
+    to_alone = (ids == alone).any(-1)
+    assert to_alone.any() and (~to_alone).any()
+    assert np.isnan(got[to_alone]).all()
+    assert_close(got[~to_alone], want[~to_alone], rtol=1e-6)
+
+
+def test_dense_reference_refuses_an_unplaced_expert(rng):
+    """The reference reads each expert's first slot: an expert with none read slot 0's
+    weights (argmax of no match), silently; it is refused, naming the experts."""
+    from wideep_jax.reference import expert_weights
+
+    spec = make_spec(experts=8)
+    w = unsharded(make_layer(spec, backend="CUTLASS", ep=1).weights())
+    x = random_tokens(rng, 4, spec.hidden_size)
+    unplaced = w._replace(slot_to_expert=w.slot_to_expert.at[3].set(0))
+    with pytest.raises(ValueError, match=r"weights.slot_to_expert gives experts \[3\] no slot; "
+                                         r"allowed: every expert in \[0, 8\) in >= 1 slot"):
+        dense_moe_reference(x, unplaced, spec)
+    with pytest.raises(ValueError, match=r"experts \[3\] no slot"):
+        expert_weights(unplaced, 8)
+    jax.jit(lambda w: expert_weights(w, 8))(unplaced)  # under jit it cannot be checked
+
+
+@pytest.mark.parametrize("kernel, hidden, inter, dtype, match", [
+    ("mosaic_gpu", 64, 64, jnp.float32, r"expert_kernel='mosaic_gpu' takes bfloat16 or float16 tokens, got x of float32"),
+    ("triton", 64, 64, jnp.float32, r"expert_kernel='triton' takes bfloat16 or float16 tokens, got x of float32"),
+    ("mosaic_gpu", 64, 96, jnp.bfloat16, r"expert_kernel='mosaic_gpu' needs hidden_size and intermediate_size that "
+                                         r"are multiples of 64, got intermediate_size=96; allowed: such widths, or "
+                                         r"moe_config.expert_kernel 'auto'"),
+    ("triton", 40, 32, jnp.bfloat16, r"multiples of 16, got hidden_size=40"),
+])
+def test_named_expert_kernel_that_cannot_take_the_layer_is_refused(rng, kernel, hidden, inter, dtype, match):
+    """A named Pallas kernel that cannot take the tokens' dtype or the layer's widths is an
+    error naming the key before any kernel runs (it failed inside the kernel before, naming
+    its tiles); 'xla' takes the same layer."""
+    spec = make_spec(hidden=hidden, inter=inter, experts=8, top_k=2, dtype=dtype)
+    x = random_tokens(rng, 16, hidden, dtype)
+    with pytest.raises(ValueError, match=match):
+        run_layer(make_layer(spec, ep=2, expert_kernel=kernel), x)
+    y, _ = run_layer(make_layer(spec, ep=2, expert_kernel="xla"), x)
+    assert np.isfinite(np.asarray(y, np.float32)).all()

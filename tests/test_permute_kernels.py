@@ -296,3 +296,12 @@ def test_routed_experts_input_rules(rng):
     got = experts.routed_experts(**(args | dict(slot=jnp.asarray(past))))
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_combine_refuses_a_float_mask():
+    """A float ``valid`` was cut to bool (0.2 counted its pair), silently."""
+    y, pos = jnp.ones((4, 8)), jnp.zeros((4, 2), jnp.int32)
+    with pytest.raises(ValueError, match=r"valid must be bool \(or 0/1 integers\), got float32"):
+        permute.combine_rows(y, pos, jnp.full((4, 2), 0.2), interpret=True)
+    ints = permute.combine_rows(y, pos, jnp.asarray([[1, 0]] * 4, jnp.int32), **BLOCKS, interpret=True)
+    np.testing.assert_array_equal(np.asarray(ints), np.ones((4, 8)))

@@ -337,3 +337,56 @@ def test_model_takes_a_placement_for_every_moe_layer_only(rng):
             "[1, 3], the model's MoE layers are [1..3]); allowed: a placement for every MoE layer of the model, "
             "or no initial_global_assignments")):
         build(rows)
+
+
+# ----------------------------------------------------------------------------- bad arguments
+
+
+def test_out_of_range_placement_entry_holds_no_expert(rng):
+    """Under jit a slot table cannot be refused: a slot holding -1 (or E) is in no expert's
+    replicas, and every other expert keeps exactly its own slots. A -1 used to wrap onto
+    expert E-1's count and sort first, moving every expert onto its neighbour's slots."""
+    for bad in (-1, -5, E, E + 3):
+        placement = random_placement(rng, 16)
+        hole = int(rng.integers(16))
+        placement[hole] = bad
+        table = _table(jnp.asarray(placement), E)
+        sorted_slots, first, count = (np.asarray(a) for a in table[:3])
+        for e, reps in enumerate(ref_replicas(placement, E)):
+            assert count[e] == len(reps), (bad, e, placement)
+            assert_array_equal(sorted_slots[first[e]: first[e] + count[e]], reps)
+        ids = routing_ids(rng, "random")
+        placed = np.isin(ids, placement).all(axis=1)  # tokens whose experts all kept a slot
+        got = choose(ids, placed, placement, 3)
+        assert hole not in got[placed]
+        assert_array_equal(got, ref_choose_slots(ids, placed, placement, E, 3))
+        for rank in range(4):
+            local = np.asarray(choose_slots(jnp.asarray(ids), jnp.asarray(placed), table,
+                                            local_rank=rank, num_ranks=4))
+            assert hole not in local[placed]
+            assert np.all(placement[local[placed]] == ids[placed])
+
+
+def test_choose_slots_refuses_bad_arguments(rng):
+    """A mask of the wrong shape would broadcast (one entry for every token) or fail as an
+    unrelated reshape error; a local_rank outside [0, num_ranks) or a num_ranks that does
+    not divide the slots would silently make no slot (or the wrong ones) local."""
+    ids = jnp.asarray(routing_ids(rng, "random"))
+    valid = jnp.asarray(random_valid(rng))
+    table = replica_table(jnp.asarray(random_placement(rng, 16)), E)
+    cases = [
+        (dict(valid=valid[:1]), rf"valid has shape \(1,\); allowed: \[{T}\]"),
+        (dict(valid=jnp.ones((T, K), bool)), rf"valid has shape \({T}, {K}\); allowed: \[{T}\]"),
+        (dict(expert_ids=ids[:, 0]), rf"expert_ids has shape \({T},\); allowed: \[tokens, top_k\]"),
+        (dict(local_rank=1), r"local_rank=1; allowed: \[0, num_ranks=1\)"),
+        (dict(local_rank=4, num_ranks=4), r"local_rank=4; allowed: \[0, num_ranks=4\)"),
+        (dict(local_rank=-1, num_ranks=4), r"local_rank=-1; allowed: \[0, num_ranks=4\)"),
+        (dict(local_rank=0, num_ranks=3), "num_ranks=3; allowed: an int >= 1 that divides the 16 slots"),
+        (dict(local_rank=0, num_ranks=0), "num_ranks=0; allowed: an int >= 1"),
+        (dict(local_rank=0, num_ranks=4.0), "num_ranks=4.0; allowed: an int >= 1"),
+    ]
+    for change, needle in cases:
+        args = dict(expert_ids=ids, valid=valid, table=table) | change
+        with pytest.raises(ValueError, match=needle):
+            choose_slots(**args)
+    choose_slots(ids, valid, table, local_rank=jnp.int32(3), num_ranks=4)  # a concrete array rank passes

@@ -12,6 +12,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from wideep_jax._checks import is_int
+
 
 class DispatchPlan(NamedTuple):
     """Send-side layout shared by every communication backend.
@@ -38,14 +40,20 @@ class DispatchPlan(NamedTuple):
 def check_pairs(slots: jax.Array, weights: jax.Array, valid: jax.Array, *,
                 names: tuple[str, str] = ("slots", "weights"), rows: str = "tokens") -> jax.Array:
     """Refuses a (slot, weight) pair table ``[N, K]`` and row mask ``[N]`` of other shapes,
-    naming the argument (``names``: how the caller calls the first two; ``rows``: what a
-    row is); returns ``valid`` as bool (an int mask: nonzero is valid; a bitwise ``&``
-    with 2 would drop the row).
+    non-integer slots and a mask neither bool nor integer, naming the argument (``names``:
+    how the caller calls the first two; ``rows``: what a row is); returns ``valid`` as bool
+    (an int mask: nonzero is valid; a bitwise ``&`` with 2 would drop the row).
 
     Mismatched shapes would broadcast (one weight for every pair) or read clamped
     out-of-range rows, silently.
     """
     slot_name, weight_name = names
+    if not jnp.issubdtype(slots.dtype, jnp.integer):
+        # Float slots would be cut to integers (or fail as an unrelated indexing error).
+        raise ValueError(f"{slot_name} has dtype {slots.dtype}; allowed: an integer dtype (slot ids)")
+    if not (valid.dtype == jnp.bool_ or jnp.issubdtype(valid.dtype, jnp.integer)):
+        # A float mask would be cut to True/False silently (0.2 -> kept).
+        raise ValueError(f"valid has dtype {valid.dtype}; allowed: bool (or 0/1 integers)")
     if slots.ndim != 2:
         raise ValueError(f"{slot_name} has shape {tuple(slots.shape)}; allowed: [{rows}, top_k]")
     if weights.shape != slots.shape:
@@ -75,7 +83,7 @@ def make_dispatch_plan(
       weights: float [T, K] routing weights.
       valid: bool [T] real tokens; padding tokens go nowhere.
       num_ranks: EP group size R.
-      slots_per_rank: S / R.
+      slots_per_rank: S // R (an int).
       capacity: rows per destination buffer. ``None`` = T, which holds every
         token whatever the routing; a smaller value must come with a proof
         that no rank receives more (it is checked to be >= T here because no
@@ -88,11 +96,16 @@ def make_dispatch_plan(
     # send every token nowhere: both silently, so they are refused here.
     valid = check_pairs(slots, weights, valid)
     num_tokens = slots.shape[0]
+    # A float slots_per_rank (S / R written with `/`) would split the slots at fractional
+    # boundaries: 30 / 8 = 3.75 sends slot 29 to rank 7 as its local slot 2, silently.
     for name, value in (("num_ranks", num_ranks), ("slots_per_rank", slots_per_rank)):
-        if value < 1:
-            raise ValueError(f"{name}={value}; allowed: >= 1")
+        if not is_int(value) or value < 1:
+            raise ValueError(f"{name}={value!r}; allowed: an int >= 1")
     if capacity is None:
         capacity = num_tokens
+    if not is_int(capacity):
+        raise ValueError(f"capacity={capacity!r}; allowed: an int >= the local token count "
+                         f"{num_tokens}, or None")
     if capacity < num_tokens:
         raise ValueError(
             f"capacity={capacity} is below the local token count {num_tokens}: "

@@ -11,6 +11,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from wideep_jax._checks import is_int
+
 
 class ReplicaTable(NamedTuple):
     """Expert -> replica slots, derived on device from ``slot_to_expert``.
@@ -26,12 +28,26 @@ class ReplicaTable(NamedTuple):
 
 
 def replica_table(slot_to_expert: jax.Array, num_experts: int) -> ReplicaTable:
-    """Builds the replica table of a placement (``slot_to_expert``: int32 [S])."""
+    """Builds the replica table of a placement (``slot_to_expert``: int32 [S]).
+
+    A slot whose entry lies outside ``[0, num_experts)`` holds no expert: it is in no
+    expert's replicas (under jit such a table cannot be refused). A negative entry
+    would otherwise wrap around (``count[-1]``: expert E-1) and sort first, moving
+    every expert onto the slots of its neighbour, silently.
+    """
     slot_to_expert = slot_to_expert.astype(jnp.int32)
-    sorted_slots = jnp.argsort(slot_to_expert, stable=True).astype(jnp.int32)
-    count = jnp.zeros((num_experts,), jnp.int32).at[slot_to_expert].add(1)
+    held = _held(slot_to_expert, num_experts)
+    sorted_slots = jnp.argsort(held, stable=True).astype(jnp.int32)
+    count = jnp.zeros((num_experts,), jnp.int32).at[held].add(1, mode="drop")
     first = (jnp.cumsum(count) - count).astype(jnp.int32)
     return ReplicaTable(sorted_slots, first, count, slot_to_expert)
+
+
+def _held(slot_to_expert: jax.Array, num_experts: int) -> jax.Array:
+    """The expert each slot holds, ``num_experts`` (one past the last) for an entry outside
+    ``[0, num_experts)``: it sorts after every expert and scatters nowhere."""
+    in_range = (slot_to_expert >= 0) & (slot_to_expert < num_experts)
+    return jnp.where(in_range, slot_to_expert, num_experts)
 
 
 def choose_slots(
@@ -65,6 +81,12 @@ def choose_slots(
     Returns:
       int32 [T, K] global slot ids.
     """
+    # A [1] mask would broadcast over every token, a [T, K] one over the pairs: refused.
+    if expert_ids.ndim != 2:
+        raise ValueError(f"expert_ids has shape {tuple(expert_ids.shape)}; allowed: [tokens, top_k]")
+    if valid.shape != expert_ids.shape[:1]:
+        raise ValueError(f"valid has shape {tuple(valid.shape)}; allowed: [{expert_ids.shape[0]}] "
+                         "(one per token of expert_ids)")
     num_tokens, top_k = expert_ids.shape
     num_experts = table.count.shape[0]
     flat = jnp.where(valid[:, None], expert_ids, num_experts).reshape(-1).astype(jnp.int32)
@@ -89,12 +111,22 @@ def choose_slots(
 
 
 def local_replica(table: ReplicaTable, rank: jax.Array | int, num_ranks: int) -> jax.Array:
-    """int32 [E]: for each expert, its lowest replica slot on ``rank``, or -1 if none."""
+    """int32 [E]: for each expert, its lowest replica slot on ``rank``, or -1 if none.
+
+    ``num_ranks`` must divide the slots, and a concrete ``rank`` lie in ``[0, num_ranks)``:
+    otherwise no slot (or the wrong ones) would count as local, silently.
+    """
     num_slots = table.sorted_slots.shape[0]
+    if not is_int(num_ranks) or num_ranks < 1 or num_slots % num_ranks:
+        raise ValueError(f"num_ranks={num_ranks!r}; allowed: an int >= 1 that divides the "
+                         f"{num_slots} slots")
+    if not isinstance(rank, jax.core.Tracer) and not 0 <= int(rank) < num_ranks:
+        raise ValueError(f"local_rank={rank!r}; allowed: [0, num_ranks={num_ranks})")
     per_rank = num_slots // num_ranks
     slots = jnp.arange(num_slots, dtype=jnp.int32)
     on_rank = slots // per_rank == rank
     big = jnp.int32(num_slots)
-    best = jnp.full((table.count.shape[0],), big, jnp.int32).at[table.slot_to_expert].min(
-        jnp.where(on_rank, slots, big))
+    held = _held(table.slot_to_expert, table.count.shape[0])  # a negative entry would wrap
+    best = jnp.full((table.count.shape[0],), big, jnp.int32).at[held].min(
+        jnp.where(on_rank, slots, big), mode="drop")
     return jnp.where(best < big, best, -1)

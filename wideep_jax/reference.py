@@ -7,15 +7,26 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from wideep_jax.experts import shared_experts, swiglu
-from wideep_jax.moe import MoEWeights
+from wideep_jax.moe import MoEWeights, _on_host
 from wideep_jax.routing import Routing, route
 from wideep_jax.spec import MoESpec
 
 
 def expert_weights(weights: MoEWeights, num_experts: int) -> tuple[jax.Array, jax.Array]:
-    """Per-expert [E, ...] weights from slot weights (first replica of each expert)."""
+    """Per-expert [E, ...] weights from slot weights (first replica of each expert).
+
+    An expert that ``weights.slot_to_expert`` gives no slot is refused where the table
+    is concrete; under jit it cannot be, and such an expert reads slot 0's weights.
+    """
+    table = weights.slot_to_expert
+    if _on_host(table):
+        missing = sorted(set(range(num_experts)) - set(np.asarray(table).ravel().tolist()))
+        if missing:  # argmax of an all-False row is 0: slot 0's weights, silently
+            raise ValueError(f"weights.slot_to_expert gives experts {missing[:8]} no slot; "
+                             f"allowed: every expert in [0, {num_experts}) in >= 1 slot")
     first_slot = jnp.argmax(weights.slot_to_expert[None, :] == jnp.arange(num_experts)[:, None], axis=1)
     return weights.w_gate_up[first_slot], weights.w_down[first_slot]
 
