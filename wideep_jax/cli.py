@@ -398,7 +398,9 @@ def check_kernel_dtype(config, dtype, *, config_flag: str, dtype_flag: str, dtyp
     with float32 weights is refused now, before a model is built or loaded, not at its first call."""
     import jax.numpy as jnp
 
-    if config.expert_kernel in ("mosaic_gpu", "triton") and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    from wideep_jax.moe import expert_kernel_takes_dtype
+
+    if not expert_kernel_takes_dtype(config.expert_kernel, dtype):
         default = "" if dtype_given else " (the default on this platform)"
         raise ValueError(f"{config_flag}: moe_config.expert_kernel={config.expert_kernel!r} takes bfloat16 or "
                          f"float16 weights, got {dtype_flag} {jnp.dtype(dtype).name}{default}; allowed: "

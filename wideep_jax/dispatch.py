@@ -12,7 +12,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from wideep_jax._checks import is_int
+from wideep_jax._checks import is_int, is_mask_dtype
 
 
 class DispatchPlan(NamedTuple):
@@ -51,8 +51,7 @@ def check_pairs(slots: jax.Array, weights: jax.Array, valid: jax.Array, *,
     if not jnp.issubdtype(slots.dtype, jnp.integer):
         # Float slots would be cut to integers (or fail as an unrelated indexing error).
         raise ValueError(f"{slot_name} has dtype {slots.dtype}; allowed: an integer dtype (slot ids)")
-    if not (valid.dtype == jnp.bool_ or jnp.issubdtype(valid.dtype, jnp.integer)):
-        # A float mask would be cut to True/False silently (0.2 -> kept).
+    if not is_mask_dtype(valid.dtype):
         raise ValueError(f"valid has dtype {valid.dtype}; allowed: bool (or 0/1 integers)")
     if slots.ndim != 2:
         raise ValueError(f"{slot_name} has shape {tuple(slots.shape)}; allowed: [{rows}, top_k]")

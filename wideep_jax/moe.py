@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from wideep_jax._checks import is_mask_dtype
 from wideep_jax.comm import get_alltoall_backend
 from wideep_jax.config import MoEConfig
 from wideep_jax.dispatch import make_dispatch_plan
@@ -94,6 +95,12 @@ def _as_routing(routing) -> Routing | None:
 _KERNEL_WIDTH_MULTIPLE = {"mosaic_gpu": 64, "triton": 16}
 
 
+def expert_kernel_takes_dtype(kernel: str, dtype) -> bool:
+    """Whether ``moe_config.expert_kernel`` ``kernel`` computes in ``dtype``: the Pallas
+    kernels take 16-bit operands only (tensor cores), ``auto`` and ``xla`` any float."""
+    return kernel not in _KERNEL_WIDTH_MULTIPLE or jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+
+
 def _check_expert_kernel(kernel: str, spec: MoESpec, dtype) -> None:
     """A named Pallas expert kernel fits the tokens' dtype and the layer's widths: said
     here, naming the key, instead of by the kernel at its first call."""
@@ -101,7 +108,7 @@ def _check_expert_kernel(kernel: str, spec: MoESpec, dtype) -> None:
     if multiple is None:
         return
     allowed = "or moe_config.expert_kernel 'auto' (picks a kernel that fits) or 'xla'"
-    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    if not expert_kernel_takes_dtype(kernel, dtype):
         raise ValueError(f"moe_config.expert_kernel={kernel!r} takes bfloat16 or float16 tokens, got x of "
                          f"{jnp.dtype(dtype).name}; allowed: bfloat16/float16 x, {allowed}")
     widths = {"hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size}
@@ -120,8 +127,7 @@ def _check_inputs(x, token_mask, routing, spec: MoESpec):
         raise ValueError(f"x has dtype {x.dtype}; allowed: a floating dtype (the output has x's dtype)")
     if token_mask is not None and token_mask.shape != x.shape[:1]:
         raise ValueError(f"token_mask has shape {token_mask.shape}; allowed: [{x.shape[0]}]")
-    # A float mask would be cut to True/False silently (0.2 -> kept); 0/1 integers are unambiguous.
-    if token_mask is not None and not (token_mask.dtype == jnp.bool_ or jnp.issubdtype(token_mask.dtype, jnp.integer)):
+    if token_mask is not None and not is_mask_dtype(token_mask.dtype):
         raise ValueError(f"token_mask has dtype {token_mask.dtype}; allowed: bool (or 0/1 integers)")
     if routing is not None:
         want = (x.shape[0], spec.top_k)

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from wideep_jax._checks import is_float_dtype
 from wideep_jax.routing import RouterSpec
 
 
@@ -69,11 +70,7 @@ class MoESpec:
                              "RouterSpec(kind='softmax')")
         for name in ("dtype", "param_dtype"):
             value = getattr(self, name)
-            try:
-                floating = jnp.issubdtype(jnp.dtype(value), jnp.floating)
-            except TypeError:
-                floating = False
-            if not floating:
+            if not is_float_dtype(value):
                 raise ValueError(f"MoESpec.{name}={value!r}: allowed: a floating dtype (e.g. bfloat16, float32)")
         if not isinstance(self.apply_router_weight_on_input, bool):
             raise ValueError(f"MoESpec.apply_router_weight_on_input={self.apply_router_weight_on_input!r}: "

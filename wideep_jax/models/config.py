@@ -7,6 +7,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from wideep_jax._checks import is_float_dtype
 from wideep_jax.routing import RouterSpec
 from wideep_jax.spec import MoESpec
 
@@ -254,11 +255,7 @@ def from_hf_config(cfg: dict, *, dtype=jnp.float32) -> DecoderConfig:
     (num_experts_per_tok at most the expert count; DeepSeek-V3's expert groups). Errors
     about the config are `CheckpointError`; a ``dtype`` that is not a floating dtype is a
     ValueError."""
-    try:
-        floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
-    except TypeError:
-        floating = False
-    if not floating:
+    if not is_float_dtype(dtype):
         raise ValueError(f"dtype={dtype!r}: allowed: a floating dtype (e.g. jnp.bfloat16, jnp.float32)")
     decoder = _decoder(cfg, dtype)
     _check_moe(cfg["text_config"] if cfg.get("model_type") == "llama4" else cfg, decoder)
