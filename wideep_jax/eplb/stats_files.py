@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from wideep_jax._checks import is_int
+
 __all__ = [
     "DEFAULT_STATS_PATH",
     "ENV_PATH",
@@ -83,7 +85,7 @@ class StatsRecorder:
                  num_experts: int, top_k: int) -> None:
         for key, value in (("iter_start", iter_start), ("iter_stop", iter_stop),
                            ("num_experts", num_experts), ("top_k", top_k)):
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ValueError(f"{key}={value!r}: allowed: an int >= 0")
         if iter_start >= iter_stop:
             raise ValueError(f"iter_start={iter_start}, iter_stop={iter_stop}: allowed: iter_start < iter_stop")
@@ -352,7 +354,7 @@ def load_stats(path: str | os.PathLike, *, iter_start: int | None = None,
     """
     for key, value in (("iter_start", iter_start), ("iter_stop", iter_stop)):
         # int() would silently truncate 10.9 to 10 (and name no argument for "x")
-        if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0):
+        if value is not None and (not is_int(value) or value < 0):
             raise ValueError(f"{key}={value!r}: allowed: an int >= 0, or None (the recorded range's own bound)")
     path = Path(path)
     if not path.is_dir():
