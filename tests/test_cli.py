@@ -461,3 +461,28 @@ def test_backend_and_alltoall_flags_are_case_insensitive(capsys):
     """As the config's own values are (``backend: wideep`` loads): ``--backend wideep`` was refused."""
     assert main(SMALL + ["--ep", "2", "--backend", "wideep", "--alltoall", "XLA"]) == 0
     assert "wideep bench-moe: WIDEEP (xla all-to-all), EP 2" in capsys.readouterr().out
+
+
+def test_closed_stdout_reader_stops_quietly():
+    """``wideep ... | head``: the reader leaving early ends the command with exit 1 and no
+    error line or traceback (a BrokenPipeError is an OSError, once reported as an error)."""
+    import subprocess
+    import sys
+
+    # A sub-command that prints far more than a pipe buffer, added the way the real ones are.
+    script = (
+        "import sys\n"
+        "from wideep_jax import cli\n"
+        "real = cli._add_build_ffi\n"
+        "def add(sub):\n"
+        "    real(sub)\n"
+        "    p = sub.add_parser('spam')\n"
+        "    p.set_defaults(func=lambda args: [print('x' * 100) for _ in range(100_000)] and 0)\n"
+        "cli._add_build_ffi = add\n"
+        "sys.exit(cli.main(['spam']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"x" * 100 + b"\n"
+    proc.stdout.close()   # the reader goes away with most of the output unread
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert err == b"", err

@@ -350,6 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _request_cpu_devices(getattr(args, "cpu_devices", None))
         return args.func(args)
+    except BrokenPipeError:
+        # The reader went away (``wideep ... | head``): stop quietly, as a shell tool does,
+        # with stdout pointed at /dev/null so the interpreter's exit flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ValueError, OSError) as err:  # config, argument and path errors: one line, no traceback
         print(f"wideep: error: {err}", file=sys.stderr)
         return 2
