@@ -33,6 +33,19 @@ class ReceivedTokens(NamedTuple):
         return jnp.arange(capacity)[None, :] < self.count[:, None]
 
 
+def check_layout(plan: DispatchPlan, axis_name: str, partial: jax.Array | None = None) -> None:
+    """Refuses a plan made for another EP size than ``axis_name``'s (or partial sums laid out
+    unlike the plan's buffers). A multiple of the axis size would be split over the ranks
+    block by block: each rank gets another rank's rows and slots, silently."""
+    size = jax.lax.axis_size(axis_name)
+    if plan.num_ranks != size:
+        raise ValueError(f"the dispatch plan has num_ranks={plan.num_ranks}, the EP axis {axis_name!r} has "
+                         f"{size} devices; allowed: make_dispatch_plan(..., num_ranks={size})")
+    if partial is not None and (partial.ndim != 3 or partial.shape[:2] != (plan.num_ranks, plan.capacity)):
+        raise ValueError(f"partial sums have shape {tuple(partial.shape)}; allowed: [num_ranks={plan.num_ranks}, "
+                         f"capacity={plan.capacity}, hidden] (the received buffers' layout)")
+
+
 class AllToAllBackend(Protocol):
     """Moves tokens to the ranks that hold their slots and partial sums back."""
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from wideep_jax.comm.base import ReceivedTokens
+from wideep_jax.comm.base import ReceivedTokens, check_layout
 from wideep_jax.comm.ffi_lib import ep_groups
 from wideep_jax.dispatch import DispatchPlan
 
@@ -34,16 +34,25 @@ class FfiAllToAll:
             raise ValueError(f"alltoall_backend={self.name!r} needs the device mesh")
         self.groups = ep_groups(mesh, axis)
         self.num_ranks = len(self.groups[0])
+        self.axis = axis
+
+    def _check(self, plan: DispatchPlan, axis_name: str, partial_sums: jax.Array | None = None) -> None:
+        # The custom calls talk to the groups of the axis given at construction, whatever
+        # axis_name says: another axis (of the same size) would exchange along the wrong one.
+        if axis_name != self.axis:
+            raise ValueError(f"axis_name={axis_name!r}, but this {self.name} backend was built for the mesh "
+                             f"axis {self.axis!r}; allowed: {self.axis!r}")
+        check_layout(plan, axis_name, partial_sums)
 
     def dispatch(self, x: jax.Array, plan: DispatchPlan, *, axis_name: str) -> ReceivedTokens:
         """Sends each local token ``x[T, H]`` once to every rank in ``plan``; only real rows move."""
-        del axis_name  # the EP group is fixed by the mesh given at construction
+        self._check(plan, axis_name)  # the EP group is fixed by the mesh given at construction
         return ReceivedTokens(*_dispatch(self, x, plan))
 
     def combine(self, partial_sums: jax.Array, plan: DispatchPlan, recv_count: jax.Array, *,
                 axis_name: str) -> jax.Array:
         """Returns ``[T, H]`` float32: per token, the sum of its partial rows from every rank."""
-        del axis_name
+        self._check(plan, axis_name, partial_sums)
         return _combine(self, partial_sums, plan, recv_count)
 
     # Forward custom calls, one per backend.

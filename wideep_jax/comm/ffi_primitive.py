@@ -20,17 +20,31 @@ import jax
 import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import mlir
+from jax.sharding import NamedSharding, PartitionSpec
+
+
+def _varying(aval) -> frozenset:
+    """The manual mesh axes ``aval`` varies over (shard_map with check_vma)."""
+    mat = getattr(aval, "manual_axis_type", None)  # jax 0.10+: a ManualAxisType
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()))  # older jax
 
 
 def _abstract_eval(*avals_in, out_types, **_attributes):
-    vma = frozenset().union(*(getattr(a, "vma", frozenset()) for a in avals_in))
-    out = []
-    for t in out_types:
-        try:
-            out.append(jax.core.ShapedArray(t.shape, t.dtype, vma=vma))
-        except TypeError:  # a jax whose avals have no vma
-            out.append(jax.core.ShapedArray(t.shape, t.dtype))
-    return tuple(out)
+    # The outputs vary over every manual axis an input varies over. Typed as invariant,
+    # check_vma's autodiff would psum their cotangents over the EP axis (or refuse a
+    # custom_vjp whose backward pass returns one).
+    vma = frozenset().union(*(_varying(a) for a in avals_in))
+    if not vma:
+        return tuple(jax.core.ShapedArray(t.shape, t.dtype) for t in out_types)
+    if not any(hasattr(a, "manual_axis_type") for a in avals_in):
+        return tuple(jax.core.ShapedArray(t.shape, t.dtype, vma=vma) for t in out_types)  # older jax
+    from jax._src import core  # no public constructor takes the manual axis type
+
+    mesh = next(a.sharding.mesh for a in avals_in if _varying(a))  # the shard_map's (manual) mesh
+    return tuple(core.ShapedArray(t.shape, t.dtype, sharding=NamedSharding(mesh, PartitionSpec()),
+                                  manual_axis_type=core.ManualAxisType(varying=vma)) for t in out_types)
 
 
 @functools.cache

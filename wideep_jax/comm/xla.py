@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from wideep_jax.comm.base import ReceivedTokens
+from wideep_jax.comm.base import ReceivedTokens, check_layout
 from wideep_jax.dispatch import DispatchPlan
 
 
@@ -24,6 +24,7 @@ class XlaAllToAll:
     name = "xla"
 
     def dispatch(self, x: jax.Array, plan: DispatchPlan, *, axis_name: str) -> ReceivedTokens:
+        check_layout(plan, axis_name)
         num_ranks, capacity, top_k = plan.send_slot.shape
         # Slots and the row count share one int32 collective. Weights travel as
         # floats on their own: a bitcast to int would cut their gradient.
@@ -43,6 +44,7 @@ class XlaAllToAll:
     def combine(self, partial: jax.Array, plan: DispatchPlan, recv_count: jax.Array, *,
                 axis_name: str) -> jax.Array:
         del recv_count  # whole buffers move; the padding rows are never read back
+        check_layout(plan, axis_name, partial)
         back = _all_to_all(partial, axis_name)  # back[r] = rank r's partial sums for my rows
         return gather_partials(back, plan.token_row)
 
