@@ -47,6 +47,9 @@ class OnlineBalancer:
       replicate_master: ``reshard: host`` only: a full host copy per device instead
         of one copy sharded over the EP group (see :func:`make_master_copy`).
 
+    The layers' placements (and, with ``reshard: host``, their experts' weights) are taken
+    here: after changing the layers' weights or placements outside the balancer, build a new one.
+
     Attributes:
       state: the current :class:`EplbState` (device arrays).
       master: per layer, the experts' weights in host memory (``reshard: host``), else None.
@@ -57,13 +60,16 @@ class OnlineBalancer:
         if not layers:
             raise ValueError("layers: got an empty sequence; allowed: one or more MoELayer")
         first = layers[0]
-        if first.config.backend != "WIDEEP":
-            raise ValueError(f"moe_config.backend: got {first.config.backend!r}; allowed: 'WIDEEP' "
-                             "(the online balancer moves slots between EP ranks)")
         for i, layer in enumerate(layers):
-            if (layer.mesh, layer.num_slots, layer.spec.num_experts) != (first.mesh, first.num_slots,
-                                                                         first.spec.num_experts):
-                raise ValueError(f"layers[{i}] differs from layers[0] in mesh, num_slots or num_experts; "
+            if layer.config.backend != "WIDEEP":
+                raise ValueError(f"moe_config.backend of layers[{i}]: got {layer.config.backend!r}; allowed: "
+                                 "'WIDEEP' (the online balancer moves slots between EP ranks)")
+            if any(layer is other for other in layers[:i]):
+                raise ValueError(f"layers[{i}] appears twice in layers; allowed: each MoELayer once (its "
+                                 "weights are donated to the step)")
+            if ((layer.mesh, layer.config.ep_axis, layer.num_slots, layer.spec.num_experts)
+                    != (first.mesh, first.config.ep_axis, first.num_slots, first.spec.num_experts)):
+                raise ValueError(f"layers[{i}] differs from layers[0] in mesh, ep_axis, num_slots or num_experts; "
                                  "allowed: one balancer per group of identical layers")
         self.layers = list(layers)
         self.mesh, self.axis = first.mesh, first.config.ep_axis
@@ -71,6 +77,14 @@ class OnlineBalancer:
         if config is None:
             config = EplbConfig.from_moe_config(first.config, num_layers=len(layers),
                                                 num_experts=num_experts, ep_size=first.ep_size)
+            for i, layer in enumerate(layers[1:], 1):
+                # One step serves every layer with layers[0]'s settings: others would be ignored.
+                theirs = EplbConfig.from_moe_config(layer.config, num_layers=len(layers),
+                                                    num_experts=num_experts, ep_size=first.ep_size)
+                if theirs != config:
+                    raise ValueError(f"layers[{i}]'s moe_config.load_balancer gives {theirs}, layers[0]'s "
+                                     f"{config}; allowed: the same balancer settings in every layer (or pass "
+                                     "config= to override them all)")
         if (config.num_layers, config.num_slots, config.num_experts) != (len(layers), first.num_slots, num_experts):
             raise ValueError(f"config: num_layers/num_slots/num_experts = {config.num_layers}/"
                              f"{config.num_slots}/{config.num_experts}; allowed: {len(layers)}/"

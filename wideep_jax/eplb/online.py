@@ -46,6 +46,12 @@ def check_update(state: EplbState, weights: Sequence[Pytree], counts: jax.Array,
         raise ValueError(f"EplbConfig.ep_size: got {config.ep_size}; allowed: {mesh.shape[axis]} "
                          f"(the size of mesh axis {axis!r})")
     want = (config.num_layers, config.num_experts)
+    if not (hasattr(counts, "shape") and hasattr(counts, "dtype")):
+        raise ValueError(f"counts: got {type(counts).__name__}; allowed: an int array [num_layers, num_experts]")
+    if not jnp.issubdtype(counts.dtype, jnp.integer):
+        # Float counts are taken as loads: one NaN makes the layer's load NaN for good, and a
+        # layer with a NaN load is never re-placed again.
+        raise ValueError(f"counts: got dtype {counts.dtype}; allowed: an integer dtype (routed pairs)")
     if tuple(counts.shape) != want:
         raise ValueError(f"counts has shape {tuple(counts.shape)}; allowed: [num_layers, num_experts] = {list(want)}")
     if isinstance(counts, np.ndarray) and counts.size and counts.min() < 0:  # host counts: no sync
@@ -62,6 +68,13 @@ def check_update(state: EplbState, weights: Sequence[Pytree], counts: jax.Array,
         if leaf.shape[0] != config.num_slots:
             raise ValueError(f"a slot-weight leaf has shape {leaf.shape}; allowed: leading dim num_slots = "
                              f"{config.num_slots}")
+    seen = {}
+    for layer, w in enumerate(weights):
+        for leaf in jax.tree.leaves(w):
+            if id(leaf) in seen:  # donated twice: XLA refuses it only at run time
+                raise ValueError(f"weights[{layer}] holds the array of weights[{seen[id(leaf)]}] again; allowed: "
+                                 "distinct arrays (the weights are donated to the step)")
+            seen[id(leaf)] = layer
     if config.reshard == "host":
         if master is None or len(master) != config.num_layers:
             raise ValueError("reshard='host' needs master: one [num_experts, ...] pytree per layer "
@@ -73,6 +86,16 @@ def check_update(state: EplbState, weights: Sequence[Pytree], counts: jax.Array,
             if leaf.shape[0] != want:
                 raise ValueError(f"a master leaf has shape {leaf.shape}; allowed: leading dim {want} "
                                  "(num_experts replicated, or padded to a multiple of ep_size when sharded)")
+        for layer, (w, m) in enumerate(zip(weights, master)):
+            # Moved slots take master rows: each leaf must be its slot-weight leaf's expert.
+            if jax.tree.structure(m) != jax.tree.structure(w):
+                raise ValueError(f"master[{layer}] is a {jax.tree.structure(m)}; allowed: the structure of "
+                                 f"weights[{layer}], {jax.tree.structure(w)}")
+            for index, (wl, ml) in enumerate(zip(jax.tree.leaves(w), jax.tree.leaves(m))):
+                if tuple(ml.shape[1:]) != tuple(wl.shape[1:]):
+                    raise ValueError(f"master[{layer}] leaf {index} has shape {tuple(ml.shape)}; allowed: "
+                                     f"[experts, *{list(wl.shape[1:])}] (the expert shape of weights[{layer}] "
+                                     f"leaf {index})")
     elif master is not None:
         raise ValueError("reshard='collective' moves weights between devices; got a master copy, allowed: None")
 
