@@ -91,5 +91,5 @@ def test_layers_with_other_balancer_settings_or_backend_are_refused():
     overridden = EplbConfig(num_layers=2, num_experts=8, num_slots=12, ep_size=EP, reshard="collective")
     assert OnlineBalancer([first, other], overridden).config == overridden   # config= overrides them all
     static = make_layer(make_spec(experts=8), ep=EP, seed=3, backend="CUTLASS", load_balancer={"num_slots": 12})
-    with pytest.raises(ValueError, match=r"moe_config.backend of layers\[1\]: got 'CUTLASS'; allowed: 'WIDEEP'"):
+    with pytest.raises(ValueError, match=r"moe_config.backend: got 'CUTLASS' in layers\[1\]; allowed: 'WIDEEP'"):
         OnlineBalancer([first, static])

@@ -62,7 +62,7 @@ class OnlineBalancer:
         first = layers[0]
         for i, layer in enumerate(layers):
             if layer.config.backend != "WIDEEP":
-                raise ValueError(f"moe_config.backend of layers[{i}]: got {layer.config.backend!r}; allowed: "
+                raise ValueError(f"moe_config.backend: got {layer.config.backend!r} in layers[{i}]; allowed: "
                                  "'WIDEEP' (the online balancer moves slots between EP ranks)")
             if any(layer is other for other in layers[:i]):
                 raise ValueError(f"layers[{i}] appears twice in layers; allowed: each MoELayer once (its "
