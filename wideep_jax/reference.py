@@ -42,6 +42,10 @@ def dense_moe_reference(x: jax.Array, weights: MoEWeights, spec: MoESpec, *,
     if routing is None:
         logits = x32 @ weights.router.astype(jnp.float32)
         routing = route(logits, spec.top_k, spec.router, correction_bias=weights.correction_bias)
+    if token_mask is not None:
+        # Nor are their routing weights used (a caller's may be NaN, with ids of -1): 0 * NaN
+        # would reach the expert weights' gradients.
+        routing = Routing(routing.ids, jnp.where(token_mask[:, None], routing.weights, 0.0))
     w_gate_up, w_down = (w.astype(jnp.float32) for w in expert_weights(weights, spec.num_experts))
 
     def every_expert(tokens):  # [T, H] -> [E, T, H]: each expert's SwiGLU output for every token

@@ -81,7 +81,7 @@ class RouterSpec:
             raise ValueError(f"RouterSpec.norm_topk_prob={self.norm_topk_prob!r}: must be True or False")
         if not _is_int(self.n_group) or self.n_group < 1:
             raise ValueError(f"RouterSpec.n_group={self.n_group!r}: must be an int >= 1")
-        if num_experts % self.n_group != 0:
+        if self.kind == "noaux_tc" and num_experts % self.n_group != 0:  # other kinds: must be 1, below
             raise ValueError(
                 f"RouterSpec.n_group={self.n_group!r}: must divide num_experts ({num_experts})"
             )
@@ -140,12 +140,18 @@ def softmax_topk(logits: jax.Array, top_k: int, *, norm_topk_prob: bool = True) 
 
     With ``norm_topk_prob`` the k weights are divided by their sum (Mixtral always
     does this; Qwen3-MoE has the switch).
+
+    Selection is on the logits (softmax is monotone, so this is the same top-k):
+    float32 probabilities underflow, and XLA flushes denormals, to exactly 0, which
+    would tie distinct logits (e.g. -50 and -inf) and pick the lower index.
     """
     RouterSpec(kind="softmax", norm_topk_prob=norm_topk_prob).validate(
         num_experts=_num_experts(logits), top_k=top_k
     )
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    weights, ids = jax.lax.top_k(probs, top_k)  # ties: lower index first
+    logits = logits.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    _, ids = jax.lax.top_k(logits, top_k)  # ties: lower index first
+    weights = jnp.take_along_axis(probs, ids, axis=-1)
     if norm_topk_prob:
         weights = _normalize(weights)  # >= 1/E, never zero
     return Routing(ids.astype(jnp.int32), weights)
