@@ -356,3 +356,29 @@ def test_mosaic_defaults_at_odd_multiples_of_64(rng, epilogue, n_out):
             ref = np.asarray(want(x.astype(jnp.float32), w.astype(jnp.float32), gs), np.float64)
         assert np.isfinite(out[:live]).all(), "a live row was not written"
         assert_close(out[:live], ref[:live], rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_routing_ties_on_gpu_match_cpu(rng, dtype):
+    """The routers rely on top_k keeping the lower index first on ties (a token's experts must
+    not depend on the device): logits drawn from 3 values tie almost everywhere."""
+    from wideep_jax.routing import RouterSpec, route
+
+    cpu, gpu = jax.devices("cpu")[0], jax.devices()[0]
+    cases = [(256, 8, RouterSpec(kind="noaux_tc", n_group=8, topk_group=4, routed_scaling_factor=2.5)),
+             (256, 8, RouterSpec(kind="noaux_tc")), (32, 4, RouterSpec(kind="noaux_tc", n_group=16, topk_group=3)),
+             (128, 8, RouterSpec()), (64, 6, RouterSpec(norm_topk_prob=False)),
+             (16, 1, RouterSpec(kind="llama4", norm_topk_prob=False))]
+    routed = jax.jit(route, static_argnums=(1, 2))
+    for num_experts, top_k, spec in cases:
+        for tokens in (7, 5000):
+            logits = ((rng.integers(0, 3, (tokens, num_experts)) - 1) / 4 + 0.25).astype(np.float32)
+            on_gpu = routed(jax.device_put(jnp.asarray(logits, dtype), gpu), top_k, spec)
+            on_cpu = routed(jax.device_put(jnp.asarray(logits, dtype), cpu), top_k, spec)
+            where = f"{spec.kind} E={num_experts} k={top_k} T={tokens}"
+            np.testing.assert_array_equal(np.asarray(on_gpu.ids), np.asarray(on_cpu.ids), err_msg=where)
+            np.testing.assert_allclose(np.asarray(on_gpu.weights), np.asarray(on_cpu.weights), rtol=1e-5,
+                                       err_msg=where)
+            if spec.kind != "noaux_tc" or spec.n_group == 1:   # plain top-k: the stable order's first k
+                first_k = np.argsort(-np.asarray(jnp.asarray(logits, dtype), np.float32), -1, kind="stable")[:, :top_k]
+                np.testing.assert_array_equal(np.asarray(on_gpu.ids), first_k, err_msg=where)
