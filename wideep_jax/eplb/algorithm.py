@@ -43,7 +43,8 @@ ranks and ``k = S/R`` slots per rank, per layer:
 Float32 arithmetic and every tie-break are fixed, so the NumPy loops of
 :mod:`wideep_jax.eplb.algorithm_reference` give identical output. Loads must be
 finite, each layer's total within float32 range (refused otherwise outside jit);
-under jit, negative and NaN loads count as zero.
+under jit, negative and NaN loads count as zero, if any load is +inf those count as
+1 and the others as 0, and a layer of huge loads is scaled by ``2**-64`` (exactly).
 """
 from __future__ import annotations
 
@@ -369,6 +370,12 @@ def _solve_layer(load, current, tolerance, *, num_slots: int, ep_size: int, num_
     num_experts = load.shape[0]
     ranks_per_node, per_rank = ep_size // num_nodes, num_slots // ep_size
     load = jnp.where(load > 0, load, 0).astype(_F32)  # also turns -0.0 and NaN into +0.0
+    # Under jit (unchecked): +inf would break every comparison (experts without a slot),
+    # so +inf loads dominate: they count as 1, the others as 0. A layer whose float32
+    # sums could overflow is scaled by 2**-64: exact, so no comparison changes.
+    inf = jnp.isinf(load)
+    big = jnp.max(load) > _F32(_MAX_TOTAL / num_experts)
+    load = jnp.where(inf.any(), inf.astype(_F32), jnp.where(big, load * _F32(2.0 ** -64), load))
     ids = (_partition_nodes(load, num_nodes) if num_nodes > 1
            else jnp.arange(num_experts, dtype=_I32)[None])  # [N, E/N] expert ids per node
     node_load = load[ids]
@@ -418,6 +425,9 @@ def _run(load, current, tolerance, num_slots: int, ep_size: int, num_nodes: int,
         if values.ndim in (1, 2) and values.size and values.sum(-1).max() > _MAX_TOTAL:
             raise ValueError(f"load: got a layer total of {values.sum(-1).max():.4g}; allowed: at most "
                              f"{_MAX_TOTAL:.4g} (loads are summed in float32)")
+        # int64 counts above 2**31 would wrap to negative int32 in jnp.asarray (x64 off).
+        if not isinstance(load, jax.Array) and np.asarray(load).dtype.kind in "iu":
+            load = np.asarray(load, np.float32)
     load = jnp.asarray(load)
     current_shape = None if current is None else tuple(jnp.shape(current))
     _check(tuple(load.shape), num_slots, ep_size, num_nodes, current_shape, tolerance)

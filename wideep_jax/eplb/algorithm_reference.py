@@ -11,6 +11,7 @@ import numpy as np
 __all__ = ["compute_placement", "greedy_placement"]
 
 _F32 = np.float32
+_MAX_TOTAL = float(np.finfo(np.float32).max) / 2
 
 
 def _argmin(values: np.ndarray, mask: np.ndarray) -> int:
@@ -212,6 +213,10 @@ def _solve_layer(load, current, tolerance, num_slots, ep_size, num_nodes, refine
     num_experts = len(load)
     ranks_per_node, per_rank = ep_size // num_nodes, num_slots // ep_size
     load = np.where(load > 0, load, 0).astype(_F32)
+    if np.isinf(load).any():  # +inf dominates: those count as 1, the others as 0
+        load = np.isinf(load).astype(_F32)
+    elif load.max() > _F32(_MAX_TOTAL / num_experts):  # float32 sums could overflow
+        load = load * _F32(2.0 ** -64)
     if num_nodes > 1:
         ids = _partition_nodes(load, num_nodes)
     else:
