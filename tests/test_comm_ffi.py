@@ -527,23 +527,25 @@ class _StandInBackend(FfiAllToAll):
         return self._xla.combine(jnp.where(live, partial_sums, jnp.nan), plan, recv_count, axis_name=self._axis)
 
 
+def dispatch_combine_loss(comm, x, w, slots, valid):
+    """dispatch -> per-row math using slot and weight -> combine -> a scalar (inside shard_map)."""
+    plan = make_dispatch_plan(slots, w, valid, num_ranks=R, slots_per_rank=SPR)
+    recv = comm.dispatch(x, plan, axis_name="ep")
+    live = recv.valid_rows()[:, :, None]
+    pair = jnp.where(recv.slot >= 0, recv.weight * (recv.slot + 1), 0.0).sum(-1, keepdims=True)
+    partial = jnp.where(live, jnp.sin(recv.x) * pair, 0.0)
+    y = comm.combine(partial, plan, recv.count, axis_name="ep")
+    return jax.lax.psum(jnp.sum(y * jnp.cos(x)), "ep")
+
+
 @pytest.mark.parametrize("mode", ["random", "one_rank", "every_rank"])
 def test_ffi_gradient_rules_match_the_portable_path(rng, mode):
     """d/dx and d/dweights through dispatch -> per-row math -> combine equal XLA's autodiff."""
     mesh = _mesh()
     stand_in, xla = _StandInBackend(mesh, "ep"), XlaAllToAll()
 
-    def loss(comm, x, w, slots, valid):
-        plan = make_dispatch_plan(slots, w, valid, num_ranks=R, slots_per_rank=SPR)
-        recv = comm.dispatch(x, plan, axis_name="ep")
-        live = recv.valid_rows()[:, :, None]
-        pair = jnp.where(recv.slot >= 0, recv.weight * (recv.slot + 1), 0.0).sum(-1, keepdims=True)
-        partial = jnp.where(live, jnp.sin(recv.x) * pair, 0.0)
-        y = comm.combine(partial, plan, recv.count, axis_name="ep")
-        return jax.lax.psum(jnp.sum(y * jnp.cos(x)), "ep")
-
     def grads(comm):
-        f = jax.shard_map(lambda *a: jax.grad(loss, argnums=(1, 2))(comm, *a), mesh=mesh,
+        f = jax.shard_map(lambda *a: jax.grad(dispatch_combine_loss, argnums=(1, 2))(comm, *a), mesh=mesh,
                           in_specs=(P("ep"),) * 4, out_specs=(P("ep"), P("ep")), check_vma=False)
         return jax.jit(f)
 

@@ -15,6 +15,7 @@ import pytest
 from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from test_comm_ffi import dispatch_combine_loss
 from test_dispatch import dyadic_tokens, random_slots, random_valid, random_weights
 from wideep_jax.comm import XlaAllToAll
 from wideep_jax.comm.ffi_backend import FfiAllToAll
@@ -53,16 +54,6 @@ class _PrimitiveStandIn(FfiAllToAll):
         return _through(self._xla.combine(partial_sums, plan, recv_count, axis_name=self._axis))[0]
 
 
-def _loss(comm, x, w, slots, valid):
-    plan = make_dispatch_plan(slots, w, valid, num_ranks=R, slots_per_rank=SPR)
-    recv = comm.dispatch(x, plan, axis_name="ep")
-    live = recv.valid_rows()[:, :, None]
-    pair = jnp.where(recv.slot >= 0, recv.weight * (recv.slot + 1), 0.0).sum(-1, keepdims=True)
-    partial = jnp.where(live, jnp.sin(recv.x) * pair, 0.0)
-    y = comm.combine(partial, plan, recv.count, axis_name="ep")
-    return jax.lax.psum(jnp.sum(y * jnp.cos(x)), "ep")
-
-
 def test_ffi_outputs_vary_like_inputs_so_grads_work_with_check_vma(rng):
     mesh = _mesh()
     sharding = NamedSharding(mesh, P("ep"))
@@ -73,7 +64,8 @@ def test_ffi_outputs_vary_like_inputs_so_grads_work_with_check_vma(rng):
     args = [jax.device_put(jnp.asarray(a), sharding) for a in (x, w, slots, valid)]
 
     def grads(comm):  # shard_map's default check_vma=True
-        return jax.jit(jax.shard_map(lambda *a: jax.grad(_loss, argnums=(1, 2))(comm, *a), mesh=mesh,
+        grad = jax.grad(dispatch_combine_loss, argnums=(1, 2))
+        return jax.jit(jax.shard_map(lambda *a: grad(comm, *a), mesh=mesh,
                                      in_specs=(P("ep"),) * 4, out_specs=(P("ep"), P("ep"))))
 
     got, want = grads(_PrimitiveStandIn(mesh, "ep"))(*args), grads(XlaAllToAll())(*args)

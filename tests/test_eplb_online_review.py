@@ -2,7 +2,6 @@
 (before, some were taken silently or failed deep in XLA)."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -63,7 +62,8 @@ def test_eplb_update_refuses_a_master_of_other_shapes(rng):
     master = make_master_copy(slot_weights_of(masters, placement, mesh), placement, 8, mesh)
     counts = np.zeros((1, 8), np.int32)
     counts[0, 0] = 1000
-    with pytest.raises(ValueError, match=r"master\[0\] leaf 0 has shape \(\d+, 5, 6\); allowed: \[experts, \*\[6, 10\]\]"):
+    with pytest.raises(ValueError,
+                       match=r"master\[0\] leaf 0 has shape \(\d+, 5, 6\); allowed: \[experts, \*\[6, 10\]\]"):
         eplb_update(state, [slot_weights_of(masters, placement, mesh)], counts, config=config, mesh=mesh,
                     master=[(master[1], master[0])])
     with pytest.raises(ValueError, match=r"master\[0\] is a .*; allowed: the structure of weights\[0\]"):
