@@ -532,7 +532,8 @@ def main() -> int:
             print("  " + lines[-1], flush=True)
 
     card = jax.devices()[0].device_kind
-    mode = (", quick" if args.quick else "") + (" + ragged_dot_mgpu" if args.quick and args.mgpu else "") \
+    timed_mgpu = args.quick and args.mgpu and args.phase != "decode"  # it is a prefill/dW peer only
+    mode = (", quick" if args.quick else "") + (" + ragged_dot_mgpu" if timed_mgpu else "") \
         + (", default tiles only" if DEFAULTS_ONLY else "") + (", sustained" if SUSTAIN_S else "")
     mode += "" if args.model == "deepseek_v3" or args.small else f", {args.model} dims"
     title = (f"## bench_grouped_matmul ({args.phase}{mode}): 1x {card}, {datetime.date.today()}, commit {commit()}, "

@@ -78,12 +78,13 @@ def stage_functions(layer: MoELayer):
     return (shard(dispatch, (t, t, t, r), t), shard(experts, (t, t, t), t), shard(combine, (t, t, t), t))
 
 
-def dense_rate(iters: int) -> float:
-    """Measured bf16 matmul rate (FLOP/s) of one device, on random data."""
+def dense_rate(iters: int, *, batch: int = 1) -> float:
+    """Measured bf16 matmul rate (FLOP/s) of one device, on random data (``batch`` back-to-back
+    calls per sample, as the forward is timed: one call alone includes its launch gap)."""
     n = 8192 if jax.default_backend() == "gpu" else 512
     a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in range(2))
     f = jax.jit(lambda a, b: a @ b)
-    return 2 * n**3 / (median_ms(time_fn(lambda: f(a, b), iters=iters)) / 1e3)
+    return 2 * n**3 / (median_ms(time_fn(lambda: f(a, b), iters=iters, batch=batch)) / 1e3)
 
 
 def commit() -> str:
@@ -203,7 +204,7 @@ def main() -> int:
     local_forward = None
     if not args.no_local:
         local_forward = all_experts_local(spec, mesh)
-    rate, bandwidth = dense_rate(args.iters), copy_rate(args.iters)
+    rate, bandwidth = dense_rate(args.iters, batch=args.batch), copy_rate(args.iters, batch=args.batch)
     flops_per_row = 2 * spec.hidden_size * 3 * spec.intermediate_size
     bytes_per_slot = 3 * spec.hidden_size * spec.intermediate_size * jnp.dtype(spec.param_dtype).itemsize
     tok_sharding = NamedSharding(mesh, P("ep"))
