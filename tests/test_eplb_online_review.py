@@ -2,6 +2,7 @@
 (before, some were taken silently or failed deep in XLA)."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -69,6 +70,11 @@ def test_eplb_update_refuses_a_master_of_other_shapes(rng):
     with pytest.raises(ValueError, match=r"master\[0\] is a .*; allowed: the structure of weights\[0\]"):
         eplb_update(state, [slot_weights_of(masters, placement, mesh)], counts, config=config, mesh=mesh,
                     master=[(master[0],)])
+    # A master of another dtype: moved slots were cast to the weights' dtype silently.
+    half = (jax.device_put(np.asarray(master[0]).astype(np.float16), master[0].sharding), master[1])
+    with pytest.raises(ValueError, match=r"master\[0\] leaf 0 has dtype float16; allowed: float32"):
+        eplb_update(state, [slot_weights_of(masters, placement, mesh)], counts, config=config, mesh=mesh,
+                    master=[half])
     weights = [slot_weights_of(masters, placement, mesh)]
     state, weights = eplb_update(state, weights, counts, config=config, mesh=mesh, master=[master])
     new = np.asarray(state.placement[0])
@@ -93,3 +99,24 @@ def test_layers_with_other_balancer_settings_or_backend_are_refused():
     static = make_layer(make_spec(experts=8), ep=EP, seed=3, backend="CUTLASS", load_balancer={"num_slots": 12})
     with pytest.raises(ValueError, match=r"moe_config.backend: got 'CUTLASS' in layers\[1\]; allowed: 'WIDEEP'"):
         OnlineBalancer([first, static])
+
+
+def test_balancer_step_compiles_once_for_numpy_device_and_stats_counts(rng):
+    """Counts as MoEStats, a NumPy array and a single-device jax array reach the step with
+    one sharding: switching between them compiled the step again (one program per kind)."""
+    from moe_helpers import random_tokens
+    from wideep_jax.eplb.online import compiled_step
+
+    spec = make_spec(kind="softmax", experts=16, top_k=4, hidden=16, inter=8)
+    lb = {"num_slots": 24, "layer_updates_per_iter": 1, "reshard": "collective"}
+    layers = [make_layer(spec, ep=EP, seed=i, load_balancer=lb) for i in range(2)]
+    balancer = OnlineBalancer(layers)
+    x = random_tokens(rng, 64, spec.hidden_size)
+    stats = [layer(x)[1] for layer in layers]
+    draws = [lambda: stats, lambda: rng.integers(0, 50, (2, 16), dtype=np.int32),
+             lambda: jax.device_put(jnp.asarray(rng.integers(0, 50, (2, 16)), jnp.int32), jax.devices()[1])]
+    for draw in draws * 2:
+        balancer.step(draw())
+        weights = [balancer._slot_weights(layer) for layer in layers]
+        step = compiled_step(balancer.config, balancer.mesh, balancer.axis, weights, balancer.master)
+        assert step._cache_size() == 1

@@ -121,6 +121,11 @@ class OnlineBalancer:
                              "layer) or int [num_layers, num_experts] counts")
         if not jnp.issubdtype(counts.dtype, jnp.integer):
             raise ValueError(f"stats: counts of dtype {counts.dtype}; allowed: an integer dtype")
+        if jax.process_count() == 1:
+            # One sharding for NumPy, single-device and stacked MoEStats counts alike, so switching
+            # between them does not compile the step again. (Across processes the counts are
+            # already global arrays, or host data the jitted step places itself.)
+            counts = jax.device_put(counts, NamedSharding(self.mesh, P()))
         weights = [self._slot_weights(layer) for layer in self.layers]
         check_update(self.state, weights, stats if isinstance(stats, np.ndarray) else counts, self.master,
                      self.config, self.mesh, self.axis)

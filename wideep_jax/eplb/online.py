@@ -96,6 +96,9 @@ def check_update(state: EplbState, weights: Sequence[Pytree], counts: jax.Array,
                     raise ValueError(f"master[{layer}] leaf {index} has shape {tuple(ml.shape)}; allowed: "
                                      f"[experts, *{list(wl.shape[1:])}] (the expert shape of weights[{layer}] "
                                      f"leaf {index})")
+                if ml.dtype != wl.dtype:  # moved slots would be cast to the weights' dtype silently
+                    raise ValueError(f"master[{layer}] leaf {index} has dtype {ml.dtype}; allowed: {wl.dtype} "
+                                     f"(the dtype of weights[{layer}] leaf {index})")
     elif master is not None:
         raise ValueError("reshard='collective' moves weights between devices; got a master copy, allowed: None")
 
