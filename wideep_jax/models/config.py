@@ -198,6 +198,28 @@ def _num_experts(cfg: dict, minimum: int = 1) -> int:
     return _int(cfg, key, minimum=minimum)
 
 
+# transformers' defaults (MixtralConfig, Llama4TextConfig, Qwen3MoeConfig, DeepseekV3Config)
+# for keys a config.json leaves out, where they differ between the architectures. A key
+# given as null takes the generic fallback instead, as there: num_key_value_heads =
+# num_attention_heads, head_dim = hidden_size // num_attention_heads, no sliding window
+# or attention chunks.
+_ARCH_DEFAULTS = {
+    "qwen3_moe": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "num_key_value_heads": 4, "sliding_window": 4096},
+    "mixtral": {"rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "num_key_value_heads": 8},
+    "deepseek_v3": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0},
+    "llama4_text": {"rms_norm_eps": 1e-5, "rope_theta": 500000.0, "num_key_value_heads": 8, "head_dim": 128,
+                    "attention_chunk_size": 8192},
+}
+
+
+def _absent_default(cfg: dict, key: str, fallback):
+    """transformers' default for ``key`` when config.json leaves it out; ``fallback`` when
+    it is given as null (or the architecture has no default of its own)."""
+    if key in cfg:
+        return fallback
+    return _ARCH_DEFAULTS.get(cfg.get("model_type"), {}).get(key, fallback)
+
+
 # Keys each rope type needs in rope_scaling / rope_parameters.
 _ROPE_KEYS = {"llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
               "yarn": ("factor", "original_max_position_embeddings")}
@@ -214,7 +236,8 @@ def _rope(cfg: dict) -> RopeConfig:
     type_key = "rope_type" if params.get("rope_type") is not None else "type"
     kind = _get(params, type_key, "default")
     theta = (_float(params, "rope_theta", name=f"{section}.rope_theta", positive=True)
-             if params.get("rope_theta") is not None else _float(cfg, "rope_theta", 10000.0, positive=True))
+             if params.get("rope_theta") is not None
+             else _float(cfg, "rope_theta", _absent_default(cfg, "rope_theta", 10000.0), positive=True))
     if kind == "default":
         return RopeConfig(theta=theta)
     if not isinstance(kind, str) or kind not in _ROPE_KEYS:  # a list would not hash
@@ -314,15 +337,17 @@ def _decoder(cfg: dict, dtype) -> DecoderConfig:
     layers = _int(cfg, "num_hidden_layers")
     heads = _int(cfg, "num_attention_heads")
     hidden = _int(cfg, "hidden_size")
-    kv_heads = _int(cfg, "num_key_value_heads", heads)
+    kv_heads = _int(cfg, "num_key_value_heads", _absent_default(cfg, "num_key_value_heads", heads))
+    head_dim = _absent_default(cfg, "head_dim", None)
     if model_type != "deepseek_v3":  # MLA has its own head dims and no kv head groups
-        _check_heads(cfg, hidden, heads, kv_heads)
+        _check_heads(cfg, hidden, heads, kv_heads, head_dim)
     rope = _rope(cfg)
     common = dict(
         model_type=model_type, vocab_size=_int(cfg, "vocab_size"), hidden_size=hidden,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        head_dim=_int(cfg, "head_dim", hidden // heads),
-        rms_norm_eps=_float(cfg, "rms_norm_eps", 1e-6), rope_theta=rope.theta, rope=rope,
+        head_dim=_int(cfg, "head_dim", hidden // heads if head_dim is None else head_dim),
+        rms_norm_eps=_float(cfg, "rms_norm_eps", _absent_default(cfg, "rms_norm_eps", 1e-6)),
+        rope_theta=rope.theta, rope=rope,
         tie_word_embeddings=_bool(cfg, "tie_word_embeddings", False), dtype=dtype,
         eos_token_id=_token_ids(cfg, "eos_token_id"), pad_token_id=_token_id(cfg, "pad_token_id"),
         max_position_embeddings=(None if cfg.get("max_position_embeddings") is None
@@ -334,13 +359,14 @@ def _decoder(cfg: dict, dtype) -> DecoderConfig:
         num_experts = _num_experts(cfg, minimum=0)  # 0: every layer dense
         moe_layers = tuple(i for i in range(layers)
                            if i not in dense_only and num_experts > 0 and (i + 1) % step == 0)
-        window = _get(cfg, "sliding_window", None) if _bool(cfg, "use_sliding_window", False) else None
+        window = (_get(cfg, "sliding_window", _absent_default(cfg, "sliding_window", None))
+                  if _bool(cfg, "use_sliding_window", False) else None)
         return DecoderConfig(
             **common, intermediate_size=_int(cfg, "intermediate_size"),
             moe_intermediate_size=_int(cfg, "moe_intermediate_size"), num_experts=num_experts,
             num_experts_per_tok=_int(cfg, "num_experts_per_tok"), moe_layers=moe_layers,
             norm_topk_prob=_bool(cfg, "norm_topk_prob", False), qk_norm=True,
-            sliding_window=None if window is None else _int(cfg, "sliding_window"),
+            sliding_window=None if window is None else _int(cfg, "sliding_window", window),
         )
     if model_type == "deepseek_v3":
         return _deepseek_v3(cfg, common, layers)
@@ -357,14 +383,16 @@ def _decoder(cfg: dict, dtype) -> DecoderConfig:
     )
 
 
-def _check_heads(cfg: dict, hidden: int, heads: int, kv_heads: int) -> None:
+def _check_heads(cfg: dict, hidden: int, heads: int, kv_heads: int, head_dim: int | None) -> None:
     """Grouped-query attention splits the query heads into num_key_value_heads equal groups;
     without head_dim, each head is hidden_size / num_attention_heads wide (an explicit
-    head_dim, as Qwen3's, may differ)."""
+    head_dim, as Qwen3's, may differ; ``head_dim``: the architecture's default for an
+    absent key, Llama 4's 128)."""
     if heads % kv_heads:
-        raise CheckpointError(f"config.json: num_key_value_heads={kv_heads} with "
+        given = "" if "num_key_value_heads" in cfg else " (absent: transformers' default for this model_type)"
+        raise CheckpointError(f"config.json: num_key_value_heads={kv_heads}{given} with "
                               f"num_attention_heads={heads}; allowed: a divisor of num_attention_heads")
-    if cfg.get("head_dim") is None and hidden % heads:
+    if cfg.get("head_dim") is None and head_dim is None and hidden % heads:
         raise CheckpointError(f"config.json: hidden_size={hidden} with num_attention_heads={heads} and no head_dim; "
                               "allowed: a multiple of num_attention_heads, or head_dim given")
 
@@ -413,7 +441,7 @@ def _llama4(cfg: dict, common: dict, layers: int) -> DecoderConfig:
         raise CheckpointError(f"config.json: no_rope_layers={uses_rope!r} has {len(uses_rope)} entries; allowed: "
                               f"one per layer (num_hidden_layers={layers})")
     nope = tuple(i for i, rope in enumerate(uses_rope) if not rope)
-    chunk = cfg.get("attention_chunk_size")
+    chunk = cfg.get("attention_chunk_size", _ARCH_DEFAULTS["llama4_text"]["attention_chunk_size"])
     layer_types = cfg.get("layer_types")
     if layer_types is not None:
         allowed = ("chunked_attention", "full_attention")
@@ -438,7 +466,7 @@ def _llama4(cfg: dict, common: dict, layers: int) -> DecoderConfig:
         moe_layers=moe_layers, norm_topk_prob=False, router=RouterSpec(kind="llama4", norm_topk_prob=False),
         n_shared_experts=1, router_weight_on_input=True, rope_interleaved=True, nope_layers=nope,
         qk_l2_norm=_bool(cfg, "use_qk_norm", True), chunked_layers=chunked,
-        attention_chunk_size=None if chunk is None else _int(cfg, "attention_chunk_size"),
+        attention_chunk_size=None if chunk is None else _int(cfg, "attention_chunk_size", chunk),
         attn_temperature_tuning=_bool(cfg, "attn_temperature_tuning", True),
         floor_scale=_float(cfg, "floor_scale", 8192, positive=True), attn_scale=_float(cfg, "attn_scale", 0.1),
     )

@@ -92,7 +92,9 @@ def sample(logits: jax.Array, key: jax.Array, *, temperature, top_p, greedy: boo
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-    keep = jnp.cumsum(probs, axis=-1) - probs < top_p
+    # top_p = 1 keeps every token: the float32 cumsum over a large vocabulary can reach 1
+    # before its tail, which the comparison alone would drop (HF applies no filter at 1).
+    keep = (jnp.cumsum(probs, axis=-1) - probs < top_p) | (top_p >= 1)
     keep = keep.at[:, 0].set(True)
     choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)

@@ -84,8 +84,11 @@ def rope_frequencies(rope: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
         old_len = rope.original_max_position_embeddings
         wavelen = 2 * math.pi / inv_freq
         scaled = np.where(wavelen > old_len / rope.low_freq_factor, inv_freq / rope.factor, inv_freq)
-        smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
-        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        # Equal band factors (Llama 4 Scout's 1.0 and 1.0): no band between, and the smooth
+        # factor's 0 division (inf/NaN, only where the mask below drops it) must not warn.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+            smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
         medium = (wavelen >= old_len / rope.high_freq_factor) & (wavelen <= old_len / rope.low_freq_factor)
         return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
     # YaRN: interpolate low frequencies by `factor`, keep high ones, ramp in between.
@@ -112,22 +115,28 @@ def softmax_scale(rope: RopeConfig, head_dim: int) -> float:
     return scale
 
 
-def rotary(x: jax.Array, positions: jax.Array, rope: RopeConfig, *, interleaved: bool = False) -> jax.Array:
+def rotary(x: jax.Array, positions: jax.Array, rope: RopeConfig, *, interleaved: bool = False,
+           float32: bool = False) -> jax.Array:
     """Rotates ``x [B, T, heads, D]`` by position.
 
     Half-split pairs (x_i, x_{i+D/2}) as HF's rotate_half, or with ``interleaved``
     adjacent pairs (x_2i, x_2i+1) written back half-split (DeepSeek's layout).
+    ``float32``: rotate in float32 and round once to ``x``'s dtype (Llama 4's complex
+    product on ``x.float()``); else in ``x``'s dtype with cos/sin cast to it, as HF's
+    rotate_half models (Qwen3, Mixtral, DeepSeek-V3) do.
     """
-    dim = x.shape[-1]
+    dim, dtype = x.shape[-1], x.dtype
     inv_freq, scale = rope_frequencies(rope, dim)
     angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, D/2]
+    if float32:
+        x = x.astype(jnp.float32)
     cos = (jnp.cos(angles) * scale)[:, :, None, :].astype(x.dtype)
     sin = (jnp.sin(angles) * scale)[:, :, None, :].astype(x.dtype)
     if interleaved:
         first, second = x[..., 0::2], x[..., 1::2]
     else:
         first, second = x[..., : dim // 2], x[..., dim // 2:]
-    return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1).astype(dtype)
 
 
 class Attention(nnx.Module):
@@ -163,8 +172,9 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
             # Interleaved pairs come back half-split; q and k alike, so q.k is unchanged.
-            q = rotary(q, positions, cfg.rope_config, interleaved=cfg.rope_interleaved)
-            k = rotary(k, positions, cfg.rope_config, interleaved=cfg.rope_interleaved)
+            # Llama 4 (interleaved pairs) rotates in float32 as HF's complex product does.
+            q = rotary(q, positions, cfg.rope_config, interleaved=cfg.rope_interleaved, float32=cfg.rope_interleaved)
+            k = rotary(k, positions, cfg.rope_config, interleaved=cfg.rope_interleaved, float32=cfg.rope_interleaved)
             if cfg.qk_l2_norm:
                 q, k = rms_normalize(q, cfg.rms_norm_eps), rms_normalize(k, cfg.rms_norm_eps)
         elif cfg.attn_temperature_tuning:
