@@ -91,7 +91,8 @@ def gather_rows(x: jax.Array, index: jax.Array, *, block_rows: int = 16, block_c
     """``out[r] = x[index[r]]``: x [N, H], index int [R] -> [R, H] in x's dtype.
 
     Indices should lie in [0, N); others are clamped into it (negatives read row
-    0, unlike NumPy's wrap-around). Bitwise copies, any dtype.
+    0, unlike NumPy's wrap-around). Bitwise copies, any dtype. Differentiable in a
+    floating x: the gradient scatter-adds into the (clamped) rows that were read.
     """
     triton_backend.require("pallas_kernels.permute.gather_rows")
     _check_tiling(block_rows, block_cols, num_warps, num_stages)
@@ -107,8 +108,28 @@ def gather_rows(x: jax.Array, index: jax.Array, *, block_rows: int = 16, block_c
     if x.dtype == jnp.bool_:  # Triton has no bool memory type: copy the bytes as uint8
         return gather_rows(x.astype(jnp.uint8), index, block_rows=block_rows, block_cols=block_cols,
                            num_warps=num_warps, num_stages=num_stages, interpret=interpret).astype(jnp.bool_)
-    return _gather_call(index.astype(jnp.int32), x, bm=block_rows, bc=_col_block(h, block_cols),
-                        num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+    options = dict(bm=block_rows, bc=_col_block(h, block_cols), num_warps=num_warps, num_stages=num_stages,
+                   interpret=interpret)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):  # integer data: nothing to differentiate
+        return _gather_call(index.astype(jnp.int32), x, **options)
+    return _gather_diff(tuple(options.items()), x, index.astype(jnp.int32))
+
+
+# Differentiable in x (a pallas_call has no transpose rule: jax.grad of the bare kernel
+# failed with "Too few leaves for PyTreeDef"). The tangent is the same gather in XLA, of
+# the same clamped indices, so its transpose (the gradient) is a scatter-add into the
+# rows the forward read: a negative index's cotangent goes to row 0, an index >= N's to
+# row N-1 (NumPy-style indexing would wrap the one and drop the other).
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _gather_diff(options, x, index):
+    return _gather_call(index, x, **dict(options))
+
+
+@_gather_diff.defjvp
+def _gather_diff_jvp(options, primals, tangents):
+    x, index = primals
+    x_dot = tangents[0]
+    return _gather_diff(options, x, index), jnp.take(x_dot, jnp.clip(index, 0, x.shape[0] - 1), axis=0)
 
 
 # Jitted so that eager calls with new data reuse one program: a bare pallas_call traces
@@ -151,7 +172,8 @@ def combine_rows(y: jax.Array, position: jax.Array, valid: jax.Array, *, out_dty
     y [R, H]; position int [N, K]; valid bool [N, K] -> [N, H] in ``out_dtype``
     (default y's dtype). The K terms are added in order k = 0..K-1 onto 0.0, as
     `wideep_jax.experts.combine_rows` does. Valid positions should lie in
-    [0, R) (others are clamped); invalid ones are never read.
+    [0, R) (others are clamped); invalid ones are never read. Differentiable in a
+    floating y (invalid pairs get no gradient).
     """
     triton_backend.require("pallas_kernels.permute.combine_rows")
     _check_tiling(block_rows, block_cols, num_warps, num_stages)
@@ -171,9 +193,31 @@ def combine_rows(y: jax.Array, position: jax.Array, valid: jax.Array, *, out_dty
     (r, h), (n, top_k) = y.shape, position.shape
     if n == 0 or h == 0 or top_k == 0 or r == 0:
         return jnp.zeros((n, h), out_dtype)  # nothing to read (R == 0: no pair can be valid)
-    return _combine_call(position.astype(jnp.int32), valid.astype(jnp.bool_), y, out_dtype=out_dtype,
-                         bm=block_rows, bc=_col_block(h, block_cols), num_warps=num_warps,
-                         num_stages=num_stages, interpret=interpret)
+    options = dict(out_dtype=out_dtype, bm=block_rows, bc=_col_block(h, block_cols), num_warps=num_warps,
+                   num_stages=num_stages, interpret=interpret)
+    position, valid = position.astype(jnp.int32), valid.astype(jnp.bool_)
+    if not jnp.issubdtype(y.dtype, jnp.inexact):
+        return _combine_call(position, valid, y, **options)
+    return _combine_diff(tuple(options.items()), y, position, valid)
+
+
+# Differentiable in y, as `_gather_diff`: the tangent is the same masked, clamped
+# gather-and-sum in XLA, whose transpose scatter-adds each valid pair's cotangent into
+# the row the forward read (invalid pairs get none).
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _combine_diff(options, y, position, valid):
+    return _combine_call(position, valid, y, **dict(options))
+
+
+@_combine_diff.defjvp
+def _combine_diff_jvp(options, primals, tangents):
+    y, position, valid = primals
+    y_dot = tangents[0]
+    clamped = jnp.clip(position, 0, y.shape[0] - 1)
+    tangent = jnp.zeros((position.shape[0], y.shape[1]), jnp.float32)
+    for k in range(position.shape[1]):  # as the kernel: no [N, K, H] intermediate
+        tangent = tangent + jnp.where(valid[:, k, None], y_dot[clamped[:, k]].astype(jnp.float32), 0.0)
+    return _combine_diff(options, y, position, valid), tangent.astype(dict(options)["out_dtype"])
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "bm", "bc", "num_warps", "num_stages", "interpret"))

@@ -99,6 +99,9 @@ def _pallas_gather_fwd(x, index):
 
 def _pallas_gather_bwd(residuals, dy):
     index, num_rows = residuals
+    # Into the rows the forward read: the kernel clamps an index outside [0, N) (a bare
+    # .at[index] would wrap a negative one onto the last rows and drop one >= N).
+    index = jnp.clip(index, 0, max(num_rows - 1, 0))
     dx = jnp.zeros((num_rows, dy.shape[1]), jnp.float32).at[index].add(dy.astype(jnp.float32))
     return dx.astype(dy.dtype), None
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from pallas_kernels import triton_backend
 from pallas_kernels.grouped_matmul import mosaic_gpu, mosaic_gpu_tgmm, ragged_dot, triton, xla
 from pallas_kernels.grouped_matmul.config import GroupedMatmulConfig, default_config
+from pallas_kernels.grouped_matmul.schedule import clipped_sizes
 
 Epilogue = Literal["none", "swiglu", "row_scale"]
 IMPLEMENTATIONS: tuple[str, ...] = ("mosaic_gpu", "triton", "xla", "ragged_dot")
@@ -135,7 +136,7 @@ def _out_dtype(preferred_element_type, default) -> jnp.dtype:
 def _live_rows(group_sizes: jax.Array, num_rows: int) -> jax.Array:
     """bool [M]: rows inside some group (the rest are padding)."""
     # Each size clipped to [0, M] first: the sum of near-int32-max sizes would overflow.
-    total = jnp.minimum(jnp.sum(jnp.clip(group_sizes, 0, num_rows).astype(jnp.int32)), num_rows)
+    total = jnp.minimum(jnp.sum(clipped_sizes(group_sizes, num_rows)), num_rows)
     return jnp.arange(num_rows) < total
 
 

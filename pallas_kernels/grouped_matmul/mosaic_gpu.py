@@ -381,6 +381,8 @@ def grouped_matmul(
     config = config or default_config(m, w.shape[0], k=x.shape[1], n_out=n_out, epilogue=epilogue)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     _check(x, w, config, n_out, epilogue, out_dtype)
+    if m == 0 or w.shape[0] == 0:  # no rows, or no groups: every row is padding
+        return jnp.zeros((m, n_out), out_dtype)
     cta_m = config.cta_tile_m
     if schedule is None:
         schedule = tile_schedule(group_sizes, m, cta_m, _ROW_ALIGN)

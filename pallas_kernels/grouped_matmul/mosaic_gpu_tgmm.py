@@ -34,6 +34,7 @@ from pallas_kernels.grouped_matmul import mosaic_gpu_tgmm_pingpong
 from pallas_kernels.grouped_matmul.mosaic_gpu import _ROW_ALIGN, _SMEM_BYTES, persistent_kernel
 from pallas_kernels.grouped_matmul.mosaic_gpu_epilogue import swizzled
 from pallas_kernels.grouped_matmul.mosaic_gpu_tgmm_pingpong import mask_rows, store_slabs
+from pallas_kernels.grouped_matmul.schedule import group_bounds
 
 _INTERPRET_CTAS = 3
 # One consumer's output staging buffer in shared memory; ping-pong keeps more stages instead.
@@ -221,9 +222,9 @@ def tgmm(
                              "CTA has: fewer max_concurrent_steps, block_rows or smaller tiles")
     if m == 0 or num_groups == 0:
         return jnp.zeros((num_groups, k, n), out_dtype)
-    # Group bounds, clipped to the rows that exist (an over-full group_sizes reads nothing past M).
-    ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), m)[:num_groups]
-    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    # Group bounds, clipped to the rows that exist (an over-full group_sizes reads nothing past M),
+    # each size clipped before the cumsum (sizes near int32's max would wrap it to negative bounds).
+    starts, ends = (b[:num_groups] for b in group_bounds(group_sizes, m))
     # Tiled TMA needs a row count that is a multiple of 8; only then a copy (the
     # added rows belong to no group, so they are masked like padding).
     rows = -(-m // _ROW_ALIGN) * _ROW_ALIGN

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.grouped_matmul.config import GroupedMatmulConfig
+from pallas_kernels.grouped_matmul.schedule import group_bounds
 
 
 def clipped_group_sizes(group_sizes: jax.Array, num_rows: int) -> jax.Array:
@@ -18,10 +19,8 @@ def clipped_group_sizes(group_sizes: jax.Array, num_rows: int) -> jax.Array:
 
     `lax.ragged_dot` itself has no defined result for a negative size or a sum past M.
     """
-    # Clip each size first, so that the int32 cumsum cannot overflow.
-    sizes = jnp.clip(group_sizes, 0, num_rows).astype(jnp.int32)
-    ends = jnp.minimum(jnp.cumsum(sizes), num_rows)
-    return ends - jnp.concatenate([jnp.zeros((1,), jnp.int32), ends])[:-1]
+    starts, ends = group_bounds(group_sizes, num_rows)
+    return ends - starts
 
 
 def gmm(

@@ -4,13 +4,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.grouped_matmul.schedule import clipped_sizes
+
 
 def _group_one_hot(group_sizes: jax.Array, num_rows: int) -> jax.Array:
     """[M, G] float32 one-hot of each row's group; rows past sum(group_sizes) are all-zero.
 
     Negative sizes count as 0, as in the implementations (each size is clipped to
     [0, M] first: the int32 cumsum of sizes near int32's max would overflow)."""
-    ends = jnp.cumsum(jnp.clip(group_sizes, 0, num_rows).astype(jnp.int32))
+    ends = jnp.cumsum(clipped_sizes(group_sizes, num_rows))
     # Row r belongs to the first group whose end is > r; rows past the total get G.
     row_group = jnp.searchsorted(ends, jnp.arange(num_rows), side="right")
     return jax.nn.one_hot(row_group, group_sizes.shape[0], dtype=jnp.float32)

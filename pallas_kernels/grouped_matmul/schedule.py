@@ -25,6 +25,26 @@ class TileSchedule(NamedTuple):
     num_tiles: jax.Array  # int32 [1] number of real tiles
 
 
+def clipped_sizes(group_sizes: jax.Array, num_rows: int) -> jax.Array:
+    """int32 [G]: each size clipped to [0, num_rows], as every implementation reads them.
+
+    Clipped before the cast to int32 (a uint32 size past 2**31 would wrap negative) and
+    in at least int32 (an int8 ``group_sizes`` cannot hold ``num_rows``: clipped in int8,
+    the bound itself wraps). Clipping each size first also keeps an int32 cumsum of sizes
+    near int32's max from overflowing.
+    """
+    if jnp.dtype(group_sizes.dtype).itemsize < 4:
+        group_sizes = group_sizes.astype(jnp.int32)
+    return jnp.clip(group_sizes, 0, num_rows).astype(jnp.int32)
+
+
+def group_bounds(group_sizes: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
+    """int32 [G] (starts, ends): group g owns rows [starts[g], ends[g]). Negative sizes
+    count as 0 and the groups reaching past ``num_rows`` are cut there."""
+    ends = jnp.minimum(jnp.cumsum(clipped_sizes(group_sizes, num_rows)), num_rows)
+    return jnp.concatenate([jnp.zeros((1,), jnp.int32), ends])[:-1], ends  # G = 0: two empty arrays
+
+
 def max_tiles(num_rows: int, num_groups: int, block_m: int, align: int = 1) -> int:
     """Static bound on the tiles any ``group_sizes`` with sum <= num_rows needs."""
     # A group of s rows spans at most s + align - 1 aligned rows, so it needs at most
@@ -42,10 +62,7 @@ def tile_schedule(
     over-full ``group_sizes`` can never make a kernel write out of bounds).
     """
     num_groups = group_sizes.shape[0]
-    # Each size clipped to [0, num_rows] before the sum: sizes near 2**31 would wrap it.
-    sizes = jnp.clip(group_sizes.astype(jnp.int32), 0, num_rows)
-    ends = jnp.minimum(jnp.cumsum(sizes), num_rows)
-    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    starts, ends = group_bounds(group_sizes, num_rows)
     sizes = ends - starts
     first_row = starts // align * align
     span = jnp.where(sizes > 0, ends - first_row, 0)

@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import triton_backend
 from pallas_kernels.triton_backend import plgpu_triton
-from pallas_kernels.grouped_matmul.schedule import TileSchedule, tile_schedule
+from pallas_kernels.grouped_matmul.schedule import TileSchedule, group_bounds, tile_schedule
 
 Epilogue = Literal["none", "swiglu", "row_scale"]
 
@@ -168,8 +168,8 @@ def grouped_matmul(
     config = config or default_config(m, w.shape[0], k=x.shape[1], n_out=n_out, epilogue=epilogue)
     _check(x, w, config, n_out)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
-    if m == 0:
-        return jnp.zeros((0, n_out), out_dtype)
+    if m == 0 or w.shape[0] == 0:  # no rows, or no groups: every row is padding
+        return jnp.zeros((m, n_out), out_dtype)
     if schedule is None:
         schedule = tile_schedule(group_sizes, m, config.block_m)
     operands = [*schedule, x, w]
@@ -257,8 +257,11 @@ def tgmm(
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     if m == 0 or num_groups == 0:
         return jnp.zeros((num_groups, k, n), out_dtype)
-    sizes = group_sizes.astype(jnp.int32)
-    offsets = jnp.cumsum(sizes) - sizes
+    # Groups clipped to the rows that exist, as the forward's schedule reads them: a
+    # negative size counts as 0 (it would shift every later group's rows) and an
+    # over-full group_sizes reads nothing past M (the kernel masks by size only).
+    offsets, ends = group_bounds(group_sizes, m)
+    sizes = ends - offsets
     return pl.pallas_call(
         functools.partial(_tgmm_kernel, config=config),
         out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.grouped_matmul.config import GroupedMatmulConfig
+from pallas_kernels.grouped_matmul.schedule import clipped_sizes
 
 
 class WorkItems(NamedTuple):
@@ -42,7 +43,7 @@ def make_work_items(
     # at num_rows (an over-full group_sizes never slices out of bounds, and a group
     # cut at num_rows never reaches back into its predecessor's rows). Each size is
     # clipped to [0, num_rows] first, so that the int32 cumsum cannot overflow.
-    sizes = jnp.clip(group_sizes, 0, num_rows).astype(jnp.int32)
+    sizes = clipped_sizes(group_sizes, num_rows)
     cum = jnp.cumsum(sizes)
     ends = jnp.minimum(cum, num_rows)
     starts = jnp.minimum(cum - sizes, num_rows)
