@@ -631,8 +631,8 @@ def test_dense_reference_refuses_an_unplaced_expert(rng):
 
 
 @pytest.mark.parametrize("kernel, hidden, inter, dtype, match", [
-    ("mosaic_gpu", 64, 64, jnp.float32, r"expert_kernel='mosaic_gpu' takes bfloat16 or float16 tokens, got x of float32"),
-    ("triton", 64, 64, jnp.float32, r"expert_kernel='triton' takes bfloat16 or float16 tokens, got x of float32"),
+    ("mosaic_gpu", 64, 64, jnp.float32, r"expert_kernel='mosaic_gpu' takes bfloat16 or float16 operands, got MoESpec.dtype=float32"),
+    ("triton", 64, 64, jnp.float32, r"expert_kernel='triton' takes bfloat16 or float16 operands, got MoESpec.dtype=float32"),
     ("mosaic_gpu", 64, 96, jnp.bfloat16, r"expert_kernel='mosaic_gpu' needs hidden_size and intermediate_size that "
                                          r"are multiples of 64, got intermediate_size=96; allowed: such widths, or "
                                          r"moe_config.expert_kernel 'auto'"),

@@ -56,6 +56,11 @@ class MoELayer(nnx.Module):
 
     def __init__(self, spec: MoESpec, config: MoEConfig | None = None, *,
                  mesh: Mesh | None = None, layer_idx: int | None = None, rngs: nnx.Rngs):
+        if not isinstance(spec, MoESpec):
+            raise TypeError(f"MoELayer spec: got {type(spec).__name__}; allowed: a MoESpec")
+        if config is not None and not isinstance(config, MoEConfig):
+            raise TypeError(f"MoELayer config: got {type(config).__name__}; allowed: a MoEConfig (e.g. "
+                            "load_moe_config(path or dict)) or None (MoEConfig())")
         config = config if config is not None else MoEConfig()
         self.spec, self.config, self.mesh, self.layer_idx = spec, config, mesh, layer_idx
         wide = config.backend == "WIDEEP"

@@ -101,16 +101,18 @@ def expert_kernel_takes_dtype(kernel: str, dtype) -> bool:
     return kernel not in _KERNEL_WIDTH_MULTIPLE or jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
 
 
-def _check_expert_kernel(kernel: str, spec: MoESpec, dtype) -> None:
-    """A named Pallas expert kernel fits the tokens' dtype and the layer's widths: said
-    here, naming the key, instead of by the kernel at its first call."""
+def _check_expert_kernel(kernel: str, spec: MoESpec) -> None:
+    """A named Pallas expert kernel fits the layer's compute dtype and widths: said here,
+    naming the key, instead of by the kernel at its first call. The experts compute in
+    ``MoESpec.dtype`` (tokens and weights are cast to it), whatever x's dtype."""
     multiple = _KERNEL_WIDTH_MULTIPLE.get(kernel)
     if multiple is None:
         return
     allowed = "or moe_config.expert_kernel 'auto' (picks a kernel that fits) or 'xla'"
-    if not expert_kernel_takes_dtype(kernel, dtype):
-        raise ValueError(f"moe_config.expert_kernel={kernel!r} takes bfloat16 or float16 tokens, got x of "
-                         f"{jnp.dtype(dtype).name}; allowed: bfloat16/float16 x, {allowed}")
+    if not expert_kernel_takes_dtype(kernel, spec.dtype):
+        raise ValueError(f"moe_config.expert_kernel={kernel!r} takes bfloat16 or float16 operands, got "
+                         f"MoESpec.dtype={jnp.dtype(spec.dtype).name} (the experts' compute dtype, whatever "
+                         f"x's); allowed: MoESpec.dtype bfloat16/float16, {allowed}")
     widths = {"hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size}
     bad = {name: width for name, width in widths.items() if width % multiple}
     if bad:
@@ -147,8 +149,22 @@ def _check_inputs(x, token_mask, routing, spec: MoESpec):
 
 
 def _check_weights(w: MoEWeights, spec: MoESpec, num_ranks: int) -> None:
-    """Shapes always; the slot table's values where they are concrete (not under jit)."""
+    """Shapes and dtypes always; the slot table's values where they are concrete (not under jit)."""
+    if not isinstance(w, MoEWeights):
+        raise TypeError(f"weights: got {type(w).__name__}; allowed: a MoEWeights (e.g. MoELayer.weights())")
     h, i, e = spec.hidden_size, spec.intermediate_size, spec.num_experts
+    for name, array in w._asdict().items():
+        if array is not None and not isinstance(array, (jax.Array, np.ndarray)):
+            raise TypeError(f"weights.{name}: got {type(array).__name__}; allowed: an array")
+    # A float table would be cut to integers (2.7 -> expert 2), and integer weights (say int8
+    # without their scales) cast to float: both run silently on the wrong numbers.
+    if not jnp.issubdtype(w.slot_to_expert.dtype, jnp.integer):
+        raise ValueError(f"weights.slot_to_expert has dtype {w.slot_to_expert.dtype}; allowed: an integer "
+                         "dtype (expert ids)")
+    for name in ("router", "w_gate_up", "w_down", "correction_bias", "shared_gate_up", "shared_down"):
+        array = getattr(w, name)
+        if array is not None and not jnp.issubdtype(array.dtype, jnp.floating):
+            raise ValueError(f"weights.{name} has dtype {array.dtype}; allowed: a floating dtype")
     if w.slot_to_expert.ndim != 1:
         raise ValueError(f"weights.slot_to_expert has shape {tuple(w.slot_to_expert.shape)}; allowed: [num_slots]")
     s = w.slot_to_expert.shape[0]
@@ -251,9 +267,15 @@ def moe_forward(
     Returns:
       ``(y [T, H] in x.dtype, MoEStats)``.
     """
+    if not isinstance(spec, MoESpec):
+        raise TypeError(f"spec: got {type(spec).__name__}; allowed: a MoESpec")
+    if not isinstance(config, MoEConfig):
+        raise TypeError(f"config: got {type(config).__name__}; allowed: a MoEConfig (e.g. "
+                        "load_moe_config(path or dict), or MoEConfig())")
+    x = _as_array("x", x, "a float [tokens, hidden_size] array")
     token_mask, routing = _as_mask(token_mask), _as_routing(routing)
     _check_inputs(x, token_mask, routing, spec)
-    _check_expert_kernel(config.expert_kernel, spec, x.dtype)
+    _check_expert_kernel(config.expert_kernel, spec)
     wide = config.backend == "WIDEEP"
     axis = config.ep_axis
     if mesh is None:

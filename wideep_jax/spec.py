@@ -70,7 +70,8 @@ class MoESpec:
                              "RouterSpec(kind='softmax')")
         for name in ("dtype", "param_dtype"):
             value = getattr(self, name)
-            if not is_float_dtype(value):
+            # None reads as NumPy's default float64 (then float32 without x64): refused, not guessed.
+            if value is None or not is_float_dtype(value):
                 raise ValueError(f"MoESpec.{name}={value!r}: allowed: a floating dtype (e.g. bfloat16, float32)")
         if not isinstance(self.apply_router_weight_on_input, bool):
             raise ValueError(f"MoESpec.apply_router_weight_on_input={self.apply_router_weight_on_input!r}: "
