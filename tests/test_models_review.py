@@ -147,3 +147,14 @@ def test_llama4_rope_rotates_in_float32_like_transformers(monkeypatch):
 
     np.testing.assert_array_equal(q_rot, reference(attn.q_proj, cfg.num_attention_heads))
     np.testing.assert_array_equal(k_rot, reference(attn.k_proj, cfg.num_key_value_heads))
+
+
+def test_deepseek_moe_layer_freq_selects_the_moe_layers():
+    """DeepSeek's moe_layer_freq (MoE where layer >= first_k_dense_replace and layer % freq == 0,
+    as its own modeling code) was ignored: every layer from first_k_dense_replace on was MoE."""
+    base = json.loads((FIXTURES / "deepseek_v3_tiny" / "config.json").read_text())
+    cfg = base | {"num_hidden_layers": 7, "first_k_dense_replace": 1, "moe_layer_freq": 2}
+    assert from_hf_config(cfg).moe_layers == (2, 4, 6)
+    assert from_hf_config(base | {"num_hidden_layers": 4, "first_k_dense_replace": 1}).moe_layers == (1, 2, 3)
+    with pytest.raises(CheckpointError, match=r"moe_layer_freq=0; allowed: an int >= 1"):
+        from_hf_config(base | {"moe_layer_freq": 0})

@@ -414,12 +414,16 @@ def _deepseek_v3(cfg: dict, common: dict, layers: int) -> DecoderConfig:
                         n_group=_int(cfg, "n_group", 8), topk_group=_int(cfg, "topk_group", 4),
                         routed_scaling_factor=_float(cfg, "routed_scaling_factor", 2.5, positive=True))
     first_dense = _int(cfg, "first_k_dense_replace", 3, minimum=0)
+    # DeepSeek's own modeling code: MoE where layer >= first_k_dense_replace and layer % moe_layer_freq
+    # == 0 (1 in every V3/R1 config; transformers ignores the key and would misread other values).
+    freq = _int(cfg, "moe_layer_freq", 1, minimum=1)
     common = common | {"head_dim": rope_dim}
     return DecoderConfig(
         **common, intermediate_size=_int(cfg, "intermediate_size"),
         moe_intermediate_size=_int(cfg, "moe_intermediate_size"), num_experts=num_experts,
         num_experts_per_tok=_int(cfg, "num_experts_per_tok"),
-        moe_layers=tuple(range(first_dense, layers)), norm_topk_prob=router.norm_topk_prob,
+        moe_layers=tuple(i for i in range(first_dense, layers) if i % freq == 0),
+        norm_topk_prob=router.norm_topk_prob,
         mla=mla, router=router, n_shared_experts=_int(cfg, "n_shared_experts", 1, minimum=0),
     )
 
