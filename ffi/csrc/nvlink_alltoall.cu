@@ -650,7 +650,9 @@ Grid MakeGrid(int nranks, int sms, int64_t max_ctas, int64_t send_ctas) {
 // 16-byte aligned.
 Pieces SplitRows(int64_t payload, int64_t rows, int send_ctas, int64_t flag_room, int64_t align) {
   Pieces p{payload, payload, 1};
-  if (payload % 16 != 0 || rows <= 0) return p;
+  // Payload 0 (x [T, 0]: only the slots and weights move) is one empty piece; splitting it
+  // gave piece 0 and divided by it.
+  if (payload <= 0 || payload % 16 != 0 || rows <= 0) return p;
   const int64_t warps = static_cast<int64_t>(send_ctas > 0 ? send_ctas : 1) * kWarps;
   int64_t splits = (warps + rows - 1) / rows;
   int64_t most = payload / kMinPiece > 1 ? payload / kMinPiece : 1;
@@ -718,7 +720,14 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer x,
                                        std::to_string(m.nranks));
   }
   const int64_t tokens = xd[0], capacity = td[1], top_k = sd[2];
-  if (capacity == 0 || tokens == 0) return ffi::Error::Success();
+  if (capacity == 0 || tokens == 0) {
+    // Nothing to move (every rank has these shapes, so none launches): no rows from any
+    // source and every pair padding (slot -1, weight 0), as the kernel writes them.
+    WIDEEP_CUDA_OR_RETURN(cudaMemsetAsync(recv_count->untyped_data(), 0, recv_count->size_bytes(), stream));
+    WIDEEP_CUDA_OR_RETURN(cudaMemsetAsync(recv_slot->untyped_data(), 0xFF, recv_slot->size_bytes(), stream));
+    WIDEEP_CUDA_OR_RETURN(cudaMemsetAsync(recv_weight->untyped_data(), 0, recv_weight->size_bytes(), stream));
+    return ffi::Error::Success();
+  }
   const int64_t payload = static_cast<int64_t>(x.size_bytes()) / tokens;
   const Layout l = PlanLayout(false, m.nranks, m.sms, m.half_bytes, capacity, payload, top_k, max_ctas, send_ctas);
   if (std::string err = RoomError("dispatch", l, m.half_bytes, workspace); !err.empty()) {
@@ -973,11 +982,11 @@ int wideep_nvlink_create(int64_t id, int ngroups, int nranks, const int* ordinal
 int wideep_nvlink_layout(int combine, int nranks, int sms, int64_t capacity, int64_t payload, int64_t top_k,
                          int64_t max_ctas, int64_t send_ctas, uint64_t half_bytes, int64_t* out) {
   using namespace wideep;
-  if (nranks < 1 || nranks > kMaxRanks || sms < 1 || capacity < 1 || payload < 1 || top_k < 0) {
+  if (nranks < 1 || nranks > kMaxRanks || sms < 1 || capacity < 1 || payload < 0 || top_k < 0) {
     return Fail("wideep_nvlink_layout: nranks=" + std::to_string(nranks) + " sms=" + std::to_string(sms) +
                 " capacity=" + std::to_string(capacity) + " payload=" + std::to_string(payload) +
                 " top_k=" + std::to_string(top_k) + "; allowed: 1 <= nranks <= " + std::to_string(kMaxRanks) +
-                ", sms, capacity, payload >= 1, top_k >= 0");
+                ", sms, capacity >= 1, payload, top_k >= 0");
   }
   const Layout l = PlanLayout(combine != 0, nranks, sms, half_bytes, capacity, payload, top_k, max_ctas, send_ctas);
   const int64_t values[6] = {l.grid.ctas, l.grid.send_ctas, l.row.splits, l.row.piece,

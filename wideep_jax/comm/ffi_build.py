@@ -3,9 +3,10 @@
 The library has no Python ABI: C++/CUDA against XLA's FFI headers
 (``jax.ffi.include_dir()``) and NCCL (the ``nvidia-nccl-cu13`` package).
 It is cached under ``$WIDEEP_CACHE_DIR`` (default ``~/.cache/wideep_jax``),
-keyed by the sources' hash, the jaxlib and NCCL versions, NCCL's directory
-(the library's rpath), nvcc and the GPU architectures, so editing a source or
-upgrading jaxlib rebuilds it. Built on first use or by ``wideep build-ffi``,
+keyed by the hash of every source and header in ``ffi/csrc``, the jaxlib and
+NCCL versions, NCCL's directory (the library's rpath), nvcc (its version, flags
+and ``NVCC_PREPEND_FLAGS``/``NVCC_APPEND_FLAGS``/``NVCC_CCBIN``) and the GPU
+architectures, so editing a source or upgrading jaxlib rebuilds it. Built on first use or by ``wideep build-ffi``,
 within ``$WIDEEP_FFI_BUILD_TIMEOUT_S``.
 """
 from __future__ import annotations
@@ -34,14 +35,21 @@ class FfiBuildError(RuntimeError):
     """The FFI library could not be built; the message says what to install."""
 
 
+# What nvcc compiles (each one a translation unit) and what they may include (-I ffi/csrc).
+COMPILED_SUFFIXES = (".cu", ".cc", ".cpp", ".cxx")
+SOURCE_SUFFIXES = (*COMPILED_SUFFIXES, ".h", ".hh", ".hpp", ".hxx", ".cuh", ".inc", ".inl")
+# Environment variables nvcc itself reads: they change the build as flags do.
+NVCC_ENV = ("NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS", "NVCC_CCBIN")
+
+
 def source_files() -> list[Path]:
-    """The library's sources (``ffi/csrc/*.cu``, ``*.h``), sorted."""
+    """The library's sources and headers (``ffi/csrc/**``: ``.cu``, ``.cc``, ``.h``, ``.cuh``, ...), sorted."""
     if not SOURCE_DIR.is_dir():
         raise FfiBuildError(
             f"FFI sources not found at {SOURCE_DIR}; install wideep-jax from a source checkout "
             "(pip install -e .) so ffi/csrc ships with it"
         )
-    return sorted(p for p in SOURCE_DIR.iterdir() if p.suffix in (".cu", ".h"))
+    return sorted(p for p in SOURCE_DIR.rglob("*") if p.suffix in SOURCE_SUFFIXES and p.is_file())
 
 
 def find_nvcc() -> str:
@@ -123,7 +131,10 @@ def target_archs() -> tuple[str, ...]:
 
 
 def _cache_root() -> Path:
-    return Path(os.environ.get("WIDEEP_CACHE_DIR", Path.home() / ".cache" / "wideep_jax"))
+    """``$WIDEEP_CACHE_DIR`` (``~`` expanded; unset or empty: ``~/.cache/wideep_jax``), made absolute."""
+    raw = os.environ.get("WIDEEP_CACHE_DIR", "").strip()
+    root = Path(raw).expanduser() if raw else Path.home() / ".cache" / "wideep_jax"
+    return root.absolute()
 
 
 def _build_key(nvcc: str, archs: tuple[str, ...], nccl_version: str, nccl_lib: Path) -> str:
@@ -131,8 +142,8 @@ def _build_key(nvcc: str, archs: tuple[str, ...], nccl_version: str, nccl_lib: P
 
     h = hashlib.sha256()
     for path in source_files():
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
+        h.update(path.relative_to(SOURCE_DIR).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(path.read_bytes()).digest())
     try:
         version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
     except subprocess.TimeoutExpired:
@@ -140,8 +151,9 @@ def _build_key(nvcc: str, archs: tuple[str, ...], nccl_version: str, nccl_lib: P
     # The NCCL lib dir is the library's rpath: a build from another venv would point at its NCCL.
     # The compiler flags count too (a changed flag rebuilds), not where the sources lie.
     flags = " ".join(nvcc_command(Path("out"), archs)).replace(str(SOURCE_DIR), "<src>")
-    for part in (jaxlib.__version__, nccl_version, str(nccl_lib), version, ",".join(archs), flags):
-        h.update(part.encode())
+    nvcc_env = ";".join(f"{k}={os.environ.get(k, '')}" for k in NVCC_ENV)
+    for part in (jaxlib.__version__, nccl_version, str(nccl_lib), version, ",".join(archs), flags, nvcc_env):
+        h.update(part.encode() + b"\0")
     return h.hexdigest()[:20]
 
 
@@ -162,7 +174,7 @@ def nvcc_command(out: Path, archs: tuple[str, ...]) -> list[str]:
         cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
     newest = max(archs, key=int)  # PTX for newer GPUs than any listed
     cmd += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
-    cmd += [str(p) for p in source_files() if p.suffix == ".cu"]
+    cmd += [str(p) for p in source_files() if p.suffix in COMPILED_SUFFIXES]
     cmd += ["-o", str(out), "-L", str(nccl_lib), f"-l:{_nccl_library(nccl_lib)}",
             "-Xlinker", f"-rpath={nccl_lib}"]
     return cmd
@@ -231,16 +243,36 @@ def _run_nvcc(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def _complete(path: Path) -> bool:
+    """Whether ``path`` is a whole 64-bit ELF file: its section header table, which the
+    linker writes last, lies within it. An empty or cut file (a crash before the data
+    reached the disk, a copy that stopped) is not, and is built again."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(64)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if len(header) < 64 or header[:5] != b"\x7fELF\x02":
+        return False
+    order = "little" if header[5] == 1 else "big"
+    shoff = int.from_bytes(header[0x28:0x30], order)
+    shentsize = int.from_bytes(header[0x3A:0x3C], order)
+    shnum = int.from_bytes(header[0x3C:0x3E], order)
+    return 0 < shoff and shoff + shentsize * shnum <= size
+
+
 def build_library(*, force: bool = False, archs: tuple[str, ...] | None = None, verbose: bool = False) -> Path:
     """Builds the library if the cache lacks it and returns its path.
 
     Concurrent builders (several processes) serialize on a lock file; the
-    result is moved into place atomically. The build and the wait for another
-    process's build are each bounded by ``build_timeout_s()``.
+    result is moved into place atomically. A cached file that is not a whole
+    ELF library (empty or cut) is built again. The build and the wait for
+    another process's build are each bounded by ``build_timeout_s()``.
     """
     archs = archs or target_archs()
     out = library_path(archs)
-    if out.is_file() and not force:
+    if not force and _complete(out):
         return out
     timeout = build_timeout_s()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -251,7 +283,7 @@ def build_library(*, force: bool = False, archs: tuple[str, ...] | None = None, 
         lock.truncate(0)
         lock.write(str(os.getpid()))
         lock.flush()
-        if out.is_file() and not force:
+        if not force and _complete(out):
             return out
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             tmp_out = Path(tmp) / LIBRARY_NAME
@@ -264,5 +296,7 @@ def build_library(*, force: bool = False, archs: tuple[str, ...] | None = None, 
                     f"building {LIBRARY_NAME} failed (exit {proc.returncode}):\n{' '.join(cmd)}\n"
                     f"{proc.stdout[-4000:]}{proc.stderr[-8000:]}"
                 )
+            with open(tmp_out, "rb") as f:  # on disk before it is named: no empty file after a crash
+                os.fsync(f.fileno())
             os.replace(tmp_out, out)
     return out

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from wideep_jax.comm.ffi_build import build_library, nccl_library_file, seconds_from_env
+from wideep_jax.comm.ffi_build import FfiBuildError, build_library, nccl_library_file, seconds_from_env
 
 TARGETS = {
     "wideep_nvlink_dispatch": "WideepNvlinkDispatch",
@@ -45,7 +45,15 @@ def library() -> ctypes.CDLL:
             # Load the NCCL it was linked against first, by path: the loader then resolves
             # libnccl.so.2 to it whatever the rpath or LD_LIBRARY_PATH say.
             ctypes.CDLL(str(nccl_library_file()), mode=ctypes.RTLD_GLOBAL)
-            lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+            try:
+                lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+                missing = [s for s in (*TARGETS.values(), "wideep_last_error") if not hasattr(lib, s)]
+            except OSError as e:
+                raise FfiBuildError(f"loading the cached FFI library {path} failed: {e}; rebuild it with "
+                                    "`wideep build-ffi --force` (or delete its directory)") from None
+            if missing:
+                raise FfiBuildError(f"the cached FFI library {path} lacks {missing}; rebuild it with "
+                                    "`wideep build-ffi --force` (or delete its directory)")
             lib.wideep_last_error.restype = ctypes.c_char_p
             lib.wideep_nvlink_peer_access.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
             lib.wideep_nvlink_create.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int,
