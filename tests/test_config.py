@@ -607,3 +607,14 @@ def test_review_loader_edges(tmp_path):
                         num_experts=8, ep_size=2)
     flag = MoEConfig(disable_finalize_fusion=np.bool_(True)).disable_finalize_fusion
     assert flag is True
+
+
+def test_duplicate_yaml_key_is_refused_with_its_line(tmp_path):
+    """A key given twice in one mapping is an error (YAML keeps the last one silently),
+    naming the key, the file, where it is and the rule."""
+    path = tmp_path / "dup.yaml"
+    path.write_text("moe_config:\n    backend: WIDEEP\n    load_balancer:\n        num_slots: 8\n"
+                    "        num_slots: 16\n")
+    with pytest.raises(ConfigError, match=r"(?s)invalid YAML in .*dup\.yaml.*duplicate key 'num_slots' "
+                                          r"\(allowed: each key once per mapping\).*line 5"):
+        load_moe_config(path, num_experts=8, ep_size=4)

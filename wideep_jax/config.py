@@ -460,7 +460,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                    None, None, f"duplicate key {key!r} (allowed: each key once per mapping)", key_node.start_mark
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
