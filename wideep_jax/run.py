@@ -203,10 +203,17 @@ def _measured_imbalance(steps: list, ep: int):
     return mean, np.asarray(imbalance(ranks.sum(0)), np.float64), int(loaded.any(1).sum())
 
 
-def _save_stats(recorder, say) -> None:
-    """Writes the recorded iterations (process 0 only, see StatsRecorder.save); says which."""
-    from wideep_jax.eplb.stats_files import ENV_RANGE
+def _save_stats(recorder, say, ran: int) -> str | None:
+    """Writes the recorded iterations (process 0 only, see StatsRecorder.save); says which.
+    ``ran``: the iterations the run had. Returns the error to raise after the report when
+    the run (every sequence at EOS) ended before the range started: nothing to write."""
+    from wideep_jax.eplb.stats_files import ENV_PATH, ENV_RANGE
 
+    if not recorder.iterations:
+        return (f"{ENV_RANGE}={os.environ.get(ENV_RANGE)!r}: the run ended after iteration {ran - 1} (every "
+                f"sequence reached EOS) before the range started at {recorder.iter_start}: nothing was recorded "
+                f"and no statistics were written to {ENV_PATH}={str(recorder.path)!r}; allowed: a range starting "
+                f"at most {ran - 1}, or prompts that decode longer")
     first, last = recorder.iterations[0], recorder.iterations[-1]
     path = recorder.save()
     # A run shorter than the range still writes what it saw; the line says it fell short.
@@ -360,10 +367,12 @@ def main_job(args) -> int:
             loads = np.asarray(rank_loads(counts, layer.slot_to_expert[...], layer.ep_size))
             say(f"  layer {layer.layer_idx}: rank imbalance {float(imbalance(loads)):.3f} over the run "
                 f"(projected); {note}")
-    if recorder is not None:
-        _save_stats(recorder, say)
+    # steps: one entry per iteration the run had (kept whenever there is a recorder).
+    stats_error = _save_stats(recorder, say, len(steps)) if recorder is not None else None
     for row, prompt in enumerate(prompts[:4]):
         new = [int(t) for t in result.tokens[row]]
         text = tokenizer.decode(new) if tokenizer is not None else " ".join(map(str, new[:16]))
         say(f"  [{row}] {len(prompt)} prompt tokens -> {text}{' ...' if tokenizer is None and len(new) > 16 else ''}")
+    if stats_error is not None:  # after the report: the generation itself ran
+        raise ValueError(stats_error)
     return 0

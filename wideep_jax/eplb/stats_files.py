@@ -234,10 +234,11 @@ class StatsRecorder:
             for r in range(self._num_ranks):
                 save_file({k: np.ascontiguousarray(v[r]) for k, v in host.items()},
                           str(self.path / f"rank{r}.safetensors"))
-            # A stale rank file of an earlier, wider run would be summed into these counts.
-            for stale in _rank_files(self.path):
-                if stale[0] >= self._num_ranks:
-                    stale[1].unlink()
+            # A stale rank file of an earlier, wider run would be summed into these counts; a
+            # second file of a rank (rank01 beside rank1) would make load_stats refuse the folder.
+            for rank, stale in _rank_files(self.path):
+                if rank >= self._num_ranks or stale.name != f"rank{rank}.safetensors":
+                    stale.unlink()
         self._saved = True
         return self.path
 
@@ -304,8 +305,9 @@ def _read_meta(path: Path) -> dict:
                              f"{META_FILE} and rank<r>.safetensors files")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise StatsFileError(f"{str(meta_path)!r}: invalid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # JSON is UTF-8 text
+        raise StatsFileError(f"{str(meta_path)!r}: invalid JSON ({e}); allowed: "
+                             '{"num_experts": E, "num_experts_per_token": K}') from None
     for key in ("num_experts", "num_experts_per_token"):
         value = meta.get(key) if isinstance(meta, dict) else None
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -340,7 +342,14 @@ def _read_rank(file: Path, num_experts: int) -> dict[tuple[int, int], np.ndarray
             raise StatsFileError(f"{str(file)!r}: key {key!r} (iteration {m.group(1)}, layer {m.group(2)}) has "
                                  f"count {int(value[expert])} for expert {expert}; allowed: counts >= 0 "
                                  "(routed (token, k) pairs per expert)")
-        out[(int(m.group(1)), int(m.group(2)))] = value.astype(np.int64)
+        pair = (int(m.group(1)), int(m.group(2)))
+        if pair in out:  # e.g. '5_3' and '05_3': one would silently replace the other
+            other = next(k for k in raw if k != key and _KEY.match(k) and
+                         (int(_KEY.match(k).group(1)), int(_KEY.match(k).group(2))) == pair)
+            raise StatsFileError(f"{str(file)!r}: keys {other!r} and {key!r} both name iteration {pair[0]}, "
+                                 f"layer {pair[1]}; allowed: one key per (iteration, layer), "
+                                 f"'{pair[0]}_{pair[1]}'")
+        out[pair] = value.astype(np.int64)
     return out
 
 
@@ -365,6 +374,11 @@ def load_stats(path: str | os.PathLike, *, iter_start: int | None = None,
     if not files:
         raise StatsFileError(f"{str(path)!r} has no rank<r>.safetensors files")
     ranks = [r for r, _ in files]
+    twice = sorted({r for r in ranks if ranks.count(r) > 1})
+    if twice:  # e.g. rank1 and rank01: both would be summed as one rank
+        names = [f.name for r, f in files if r == twice[0]]
+        raise StatsFileError(f"{str(path)!r}: {' and '.join(names)} are both rank {twice[0]}; allowed: one "
+                             f"file per EP rank, rank{twice[0]}.safetensors")
     if ranks != list(range(len(ranks))):
         missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
         raise StatsFileError(f"{str(path)!r}: rank files {ranks}; missing rank{missing[0]}.safetensors "

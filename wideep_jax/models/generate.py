@@ -327,12 +327,15 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
             if len(flags) > _STOP_LAG and bool(host_array(flags.popleft())):
                 break
     ran = len(tokens)
+    # The clock stops when the last step is done: the stack below compiles on a first call
+    # (the warm-up does not stack) and copies to the host; neither is decoding.
+    jax.block_until_ready(tokens[-1])
+    decode = time.perf_counter() - start
     # Stacked at full length whatever step it stopped at: another count of arrays would
     # compile another stack. The columns an early stop skipped are padding (every
     # sequence had finished).
     tokens += tokens[-1:] * (max_new_tokens - ran)
     out = host_array(jnp.stack(tokens, axis=1)).astype(np.int32)
-    decode = time.perf_counter() - start
     out[:, ran:] = pad
     return Generation(out, prefill, decode, host_array(total).astype(np.int64))
 
