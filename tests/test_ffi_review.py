@@ -25,13 +25,15 @@ from pathlib import Path
 import jax
 import pytest
 
+from test_comm_ffi import _fake_toolchain as fake_nvcc_and_nccl
 from wideep_jax.comm import ffi_build, ffi_lib
 
-NVCC_ENV = ("NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS", "NVCC_CCBIN")  # what nvcc reads itself
+NVCC_ENV = ffi_build.NVCC_ENV  # what nvcc reads itself
 
 
 def _fake_toolchain(tmp_path, monkeypatch, elf: Path | None = None) -> None:
-    """A stand-in nvcc (copies ``elf`` to its -o argument) and NCCL tree, and an empty cache."""
+    """test_comm_ffi's stand-in nvcc and NCCL tree; this nvcc copies ``elf`` to its -o argument
+    (none: it fails), and nvcc's own environment variables are unset."""
     body = "exit 1"
     if elf is not None:
         body = textwrap.dedent(f"""\
@@ -39,17 +41,7 @@ def _fake_toolchain(tmp_path, monkeypatch, elf: Path | None = None) -> None:
             for a in "$@"; do if [ "$prev" = "-o" ]; then out="$a"; fi; prev="$a"; done
             cp "{elf}" "$out"
             """)
-    nvcc = tmp_path / "nvcc"
-    nvcc.write_text(f'#!/bin/sh\nif [ "$1" = "--version" ]; then echo fake nvcc; exit 0; fi\n{body}\n')
-    nvcc.chmod(0o755)
-    (tmp_path / "nccl" / "include").mkdir(parents=True)
-    (tmp_path / "nccl" / "include" / "nccl.h").write_text("#define NCCL_MAJOR 2\n")
-    (tmp_path / "nccl" / "lib").mkdir()
-    (tmp_path / "nccl" / "lib" / "libnccl.so.2").write_bytes(b"")
-    monkeypatch.setenv("NVCC", str(nvcc))
-    monkeypatch.setenv("NCCL_HOME", str(tmp_path / "nccl"))
-    monkeypatch.setenv("WIDEEP_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("WIDEEP_CUDA_ARCHS", "90")
+    fake_nvcc_and_nccl(tmp_path, monkeypatch, body)
     for name in NVCC_ENV:
         monkeypatch.delenv(name, raising=False)
 
