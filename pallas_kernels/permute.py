@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels import triton_backend
 from pallas_kernels.triton_backend import plgpu_triton
 
-__all__ = ["gather_rows", "combine_rows"]
+__all__ = ["gather_rows", "combine_rows", "combine_rows_reference"]
 
 
 def _is_pow2(value) -> bool:
@@ -171,7 +171,7 @@ def combine_rows(y: jax.Array, position: jax.Array, valid: jax.Array, *, out_dty
 
     y [R, H]; position int [N, K]; valid bool [N, K] -> [N, H] in ``out_dtype``
     (default y's dtype). The K terms are added in order k = 0..K-1 onto 0.0, as
-    `wideep_jax.experts.combine_rows` does. Valid positions should lie in
+    `combine_rows_reference` (the layer's XLA combine) does. Valid positions should lie in
     [0, R) (others are clamped); invalid ones are never read. Differentiable in a
     floating y (invalid pairs get no gradient).
     """
@@ -212,12 +212,19 @@ def _combine_diff(options, y, position, valid):
 @_combine_diff.defjvp
 def _combine_diff_jvp(options, primals, tangents):
     y, position, valid = primals
-    y_dot = tangents[0]
-    clamped = jnp.clip(position, 0, y.shape[0] - 1)
-    tangent = jnp.zeros((position.shape[0], y.shape[1]), jnp.float32)
+    tangent = combine_rows_reference(tangents[0], position, valid, dict(options)["out_dtype"])
+    return _combine_diff(options, y, position, valid), tangent
+
+
+def combine_rows_reference(y: jax.Array, position: jax.Array, valid: jax.Array, out_dtype) -> jax.Array:
+    """`combine_rows` in XLA: the K terms added in order onto 0.0 in float32, positions
+    clamped into [0, R) as the kernel reads them, invalid pairs selected away (``where``,
+    not a multiply: their rows' values, NaN included, cannot leak in)."""
+    clamped = jnp.clip(position, 0, max(y.shape[0] - 1, 0))
+    total = jnp.zeros((position.shape[0], y.shape[1]), jnp.float32)
     for k in range(position.shape[1]):  # as the kernel: no [N, K, H] intermediate
-        tangent = tangent + jnp.where(valid[:, k, None], y_dot[clamped[:, k]].astype(jnp.float32), 0.0)
-    return _combine_diff(options, y, position, valid), tangent.astype(dict(options)["out_dtype"])
+        total = total + jnp.where(valid[:, k, None], y[clamped[:, k]].astype(jnp.float32), 0.0)
+    return total.astype(out_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "bm", "bc", "num_warps", "num_stages", "interpret"))

@@ -133,12 +133,7 @@ def combine_rows(out: jax.Array, pairs: PairOrder, dtype) -> jax.Array:
     Rows of invalid pairs and padding rows are never selected (``where``, not a
     multiply, so their unspecified values, NaN included, cannot leak in).
     """
-    num_rows, top_k = pairs.position.shape
-    partial = jnp.zeros((num_rows, out.shape[-1]), jnp.float32)
-    for k in range(top_k):
-        partial = partial + jnp.where(pairs.pair_valid[:, k, None],
-                                      out[pairs.position[:, k]].astype(jnp.float32), 0.0)
-    return partial.astype(dtype)
+    return permute_kernels.combine_rows_reference(out, pairs.position, pairs.pair_valid, dtype)
 
 
 def routed_experts(
