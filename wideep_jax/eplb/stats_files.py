@@ -327,7 +327,7 @@ def _read_rank(file: Path, num_experts: int) -> dict[tuple[int, int], np.ndarray
         raw = load_file(str(file))
     except (SafetensorError, OSError) as e:
         raise StatsFileError(f"{str(file)!r}: not a readable safetensors file ({e})") from None
-    out = {}
+    out, key_of = {}, {}
     for key, value in raw.items():
         m = _KEY.match(key)
         if m is None:
@@ -343,12 +343,11 @@ def _read_rank(file: Path, num_experts: int) -> dict[tuple[int, int], np.ndarray
                                  f"count {int(value[expert])} for expert {expert}; allowed: counts >= 0 "
                                  "(routed (token, k) pairs per expert)")
         pair = (int(m.group(1)), int(m.group(2)))
-        if pair in out:  # e.g. '5_3' and '05_3': one would silently replace the other
-            other = next(k for k in raw if k != key and _KEY.match(k) and
-                         (int(_KEY.match(k).group(1)), int(_KEY.match(k).group(2))) == pair)
-            raise StatsFileError(f"{str(file)!r}: keys {other!r} and {key!r} both name iteration {pair[0]}, "
-                                 f"layer {pair[1]}; allowed: one key per (iteration, layer), "
+        if pair in key_of:  # e.g. '5_3' and '05_3': one would silently replace the other
+            raise StatsFileError(f"{str(file)!r}: keys {key_of[pair]!r} and {key!r} both name iteration "
+                                 f"{pair[0]}, layer {pair[1]}; allowed: one key per (iteration, layer), "
                                  f"'{pair[0]}_{pair[1]}'")
+        key_of[pair] = key
         out[pair] = value.astype(np.int64)
     return out
 
