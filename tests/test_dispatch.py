@@ -29,6 +29,8 @@ def random_slots(rng: np.random.Generator, mode: str, num_tokens: int, top_k: in
                  num_ranks: int, slots_per_rank: int) -> np.ndarray:
     """int32 [T, K] global slots for one routing pattern."""
     num_slots = num_ranks * slots_per_rank
+    if num_tokens == 0:  # np.stack needs at least one row
+        return np.zeros((0, top_k), np.int32)
     if mode in ("random", "none_valid"):  # distinct slots per token
         return np.stack([rng.choice(num_slots, top_k, replace=False)
                          for _ in range(num_tokens)]).astype(np.int32)
@@ -55,7 +57,8 @@ def random_valid(rng: np.random.Generator, mode: str, num_tokens: int) -> np.nda
     if mode == "none_valid":
         return np.zeros(num_tokens, bool)
     valid = rng.random(num_tokens) < 0.75
-    valid[rng.integers(num_tokens)] = True
+    if num_tokens:
+        valid[rng.integers(num_tokens)] = True
     return valid
 
 

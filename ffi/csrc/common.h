@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 
 #include "xla/ffi/api/ffi.h"
@@ -37,6 +38,37 @@ inline int Fail(std::string message) {
   } while (0)
 
 constexpr int kMaxRanks = 64;
+
+// Whether `dims` (a buffer's dimensions) is exactly `want`.
+template <typename Dims>
+bool HasDims(const Dims& dims, std::initializer_list<int64_t> want) {
+  if (dims.size() != want.size()) return false;
+  size_t i = 0;
+  for (int64_t w : want) {
+    if (dims[i++] != w) return false;
+  }
+  return true;
+}
+
+// "[a, b, c]", for error messages.
+template <typename Dims>
+std::string DimsString(const Dims& dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
+// A buffer's shape check: empty if `dims` is `want`, else what is wrong with `name`.
+// The handlers write as many bytes as the inputs say, so a smaller output would be overrun.
+template <typename Dims>
+std::string ShapeError(const char* op, const char* name, const Dims& dims,
+                             std::initializer_list<int64_t> want) {
+  if (HasDims(dims, want)) return "";
+  std::string w = "[";
+  size_t i = 0;
+  for (int64_t d : want) w += (i++ ? ", " : "") + std::to_string(d);
+  return std::string(op) + ": " + name + " is " + DimsString(dims) + "; allowed: " + w + "]";
+}
 
 __host__ __device__ inline int64_t AlignUp(int64_t n, int64_t a) { return (n + a - 1) / a * a; }
 

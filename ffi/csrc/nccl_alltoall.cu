@@ -202,6 +202,18 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer sen
     return ffi::Error::InvalidArgument("wideep nccl dispatch: expected send_x [R, C, H], send_meta [R, C, M], "
                                        "send_count [R] with R = " + std::to_string(m.nranks));
   }
+  for (const std::string& err : {ShapeError("wideep nccl dispatch", "output recv_x", recv_x->dimensions(),
+                                                  {xd[0], xd[1], xd[2]}),
+                                 ShapeError("wideep nccl dispatch", "output recv_meta", recv_meta->dimensions(),
+                                                  {md[0], md[1], md[2]}),
+                                 ShapeError("wideep nccl dispatch", "output recv_count", recv_count->dimensions(),
+                                                  {m.nranks})}) {
+    if (!err.empty()) return ffi::Error::InvalidArgument(err);
+  }
+  if (recv_x->element_type() != send_x.element_type()) {
+    return ffi::Error::InvalidArgument("wideep nccl dispatch: output recv_x's dtype differs from send_x's; "
+                                       "allowed: the same dtype");
+  }
   const int64_t capacity = xd[1];
   const int32_t* dev_send = send_count.typed_data();
   int32_t* dev_recv = recv_count->typed_data();
@@ -245,6 +257,14 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer part
       recv_rows.element_count() != static_cast<size_t>(m.nranks)) {
     return ffi::Error::InvalidArgument("wideep nccl combine: expected partial [R, C, H], send_rows [R], "
                                        "recv_rows [R] with R = " + std::to_string(m.nranks));
+  }
+  if (std::string err = ShapeError("wideep nccl combine", "output back", back->dimensions(), {pd[0], pd[1], pd[2]});
+      !err.empty()) {
+    return ffi::Error::InvalidArgument(err);
+  }
+  if (back->element_type() != partial.element_type()) {
+    return ffi::Error::InvalidArgument("wideep nccl combine: output back's dtype differs from partial's; "
+                                       "allowed: the same dtype");
   }
   const int64_t capacity = pd[1];
   if (capacity == 0) return ffi::Error::Success();

@@ -139,6 +139,22 @@ __device__ void WaitFlag(const uint64_t* flag, uint64_t seq, uint64_t timeout_ns
   }
 }
 
+// A row count, row or token index of the plan outside [lo, hi]: the kernel would read
+// or write past a buffer (and a peer's workspace), so it stops at once, like a timeout.
+// make_dispatch_plan never builds such a plan; a hand-made or corrupted one can.
+__device__ __noinline__ void BadPlanIndex(const char* op, int rank, const char* what, int64_t value, int64_t lo,
+                                          int64_t hi) {
+  printf("wideep nvlink %s: rank %d got %s %lld; allowed: %lld..%lld (the dispatch plan is inconsistent)\n", op,
+         rank, what, static_cast<long long>(value), static_cast<long long>(lo), static_cast<long long>(hi));
+  __trap();
+}
+
+__device__ __forceinline__ int64_t CheckedIndex(int64_t value, int64_t lo, int64_t hi, const char* op, int rank,
+                                                const char* what) {
+  if (value < lo || value > hi) BadPlanIndex(op, rank, what, value, lo, hi);
+  return value;
+}
+
 __device__ __forceinline__ void StartCall(Ctrl* ctrl) {
   if (threadIdx.x != 0) return;
   const uint64_t now = GlobalTimerNs();
@@ -285,11 +301,13 @@ __device__ __forceinline__ void PublishPieces(uint64_t* const* flags, int n, uin
 // piece; `write_piece(dst_row, dest, i, k)` stores piece k of row i there. A warp
 // publishes its pieces kBatch at a time (and the rest at its end).
 template <int kBatch, typename WritePiece>
-__device__ __forceinline__ void SendRows(Ctrl* ctrl, ItemOrder* order, const int32_t* counts, int rank, int R,
-                                         int64_t C, int half, uint64_t seq, uint64_t half_bytes,
+__device__ __forceinline__ void SendRows(const char* op, Ctrl* ctrl, ItemOrder* order, const int32_t* counts,
+                                         int rank, int R, int64_t C, int half, uint64_t seq, uint64_t half_bytes,
                                          int64_t row_bytes, int splits, int send_ctas, WritePiece write_piece) {
   static_assert(kBatch >= 1, "a sender warp publishes at least every piece it stores");
-  BuildItemOrder(order, R - 1, splits, [&](int j) { return static_cast<int64_t>(counts[(rank + 1 + j) % R]); });
+  BuildItemOrder(order, R - 1, splits, [&](int j) {
+    return CheckedIndex(counts[(rank + 1 + j) % R], 0, C, op, rank, "a row count to send");
+  });
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t stride = static_cast<int64_t>(send_ctas) * kWarps;
   int band = 0;
@@ -323,6 +341,7 @@ __device__ __forceinline__ void PostCall(Ctrl* ctrl, int rank, int nranks, int h
 struct DispatchParams {
   Ctrl* ctrl;
   int rank, nranks, capacity, top_k, send_ctas;
+  int64_t num_tokens;
   Pieces row;
   int64_t meta_offset, row_bytes;
   uint64_t half_bytes, timeout_ns;
@@ -353,10 +372,11 @@ __global__ void __launch_bounds__(kThreads) DispatchKernel(DispatchParams p) {
   PostCall(p.ctrl, p.rank, p.nranks, half, seq, p.send_count);
 
   if (blockIdx.x < p.send_ctas) {
-    SendRows<kDispatchSendBatch>(p.ctrl, &order, p.send_count, p.rank, R, C, half, seq, p.half_bytes, p.row_bytes, P,
-             p.send_ctas,
+    SendRows<kDispatchSendBatch>("dispatch", p.ctrl, &order, p.send_count, p.rank, R, C, half, seq, p.half_bytes,
+             p.row_bytes, P, p.send_ctas,
              [&](char* dst, int dest, int64_t i, int k) {
-               const int64_t t = p.send_token[dest * C + i];
+               const int64_t t = CheckedIndex(p.send_token[dest * C + i], 0, p.num_tokens - 1, "dispatch", p.rank,
+                                              "a token index");
                WarpCopy<false>(dst + p.row.Offset(k), p.x + t * p.row.payload + p.row.Offset(k), p.row.Length(k),
                                lane);
                if (k == 0) {
@@ -374,12 +394,14 @@ __global__ void __launch_bounds__(kThreads) DispatchKernel(DispatchParams p) {
     const uint64_t started = rcv == 0 && threadIdx.x == 0 ? GlobalTimerNs() : 0;
     if (threadIdx.x < R) {
       const int s = threadIdx.x;
+      int32_t count;
       if (s == p.rank) {
-        counts[s] = p.send_count[s];
+        count = p.send_count[s];
       } else {
         WaitFlag(&p.ctrl->calls[s], seq, p.timeout_ns, "dispatch", p.rank, s);
-        counts[s] = *reinterpret_cast<volatile int32_t*>(&p.ctrl->recv_count[half][s]);
+        count = *reinterpret_cast<volatile int32_t*>(&p.ctrl->recv_count[half][s]);
       }
+      counts[s] = static_cast<int32_t>(CheckedIndex(count, 0, C, "dispatch", p.rank, "a row count to receive"));
     }
     __syncthreads();
     // How long peers took to start this call (launch skew plus one NVLink round
@@ -410,7 +432,7 @@ __global__ void __launch_bounds__(kThreads) DispatchKernel(DispatchParams p) {
       const int64_t row = src * C + i;
       char* out = p.recv_x + row * p.row.payload + p.row.Offset(k);
       if (src == p.rank) {
-        const int64_t t = p.send_token[row];
+        const int64_t t = CheckedIndex(p.send_token[row], 0, p.num_tokens - 1, "dispatch", p.rank, "a token index");
         WarpCopy<false>(out, p.x + t * p.row.payload + p.row.Offset(k), p.row.Length(k), lane);
         if (k == 0) {
           for (int64_t e = lane; e < K; e += 32) {
@@ -546,8 +568,8 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
 
   if (blockIdx.x < p.send_ctas) {
     __shared__ ItemOrder order;
-    SendRows<kCombineSendBatch>(p.ctrl, &order, p.send_rows, p.rank, R, C, half, seq, p.half_bytes, p.row_bytes, P,
-             p.send_ctas,
+    SendRows<kCombineSendBatch>("combine", p.ctrl, &order, p.send_rows, p.rank, R, C, half, seq, p.half_bytes,
+             p.row_bytes, P, p.send_ctas,
              [&](char* dst, int dest, int64_t i, int k) {
                WarpCopy<false>(dst + p.row.Offset(k), p.partial + (dest * C + i) * p.row.payload + p.row.Offset(k),
                                p.row.Length(k), lane);
@@ -569,7 +591,8 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
       const int k = static_cast<int>(b0 / p.row.piece);  // the pushed piece holding these bytes
       __syncwarp();
       for (int r = lane; r < R; r += 32) {
-        const int row = p.token_row[t * R + r];
+        const int row = static_cast<int>(CheckedIndex(p.token_row[t * R + r], -1, C - 1, "combine", p.rank,
+                                                      "a token's row"));
         rows[warp][r] = row;
         if (row >= 0 && r != p.rank) {
           WaitFlag(here.flags + (r * C + row) * P + k, seq, p.timeout_ns, "combine", p.rank, r);
@@ -719,7 +742,21 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer x,
                                        "send_slot [R, C, K], send_count [R] with R = " +
                                        std::to_string(m.nranks));
   }
-  const int64_t tokens = xd[0], capacity = td[1], top_k = sd[2];
+  const int64_t tokens = xd[0], hidden = xd[1], capacity = td[1], top_k = sd[2];
+  for (const std::string& err :
+       {ShapeError("wideep nvlink dispatch", "input send_weight", send_weight.dimensions(),
+                         {m.nranks, capacity, top_k}),
+        ShapeError("wideep nvlink dispatch", "output recv_x", recv_x->dimensions(), {m.nranks, capacity, hidden}),
+        ShapeError("wideep nvlink dispatch", "output recv_slot", recv_slot->dimensions(), {m.nranks, capacity, top_k}),
+        ShapeError("wideep nvlink dispatch", "output recv_weight", recv_weight->dimensions(),
+                         {m.nranks, capacity, top_k}),
+        ShapeError("wideep nvlink dispatch", "output recv_count", recv_count->dimensions(), {m.nranks})}) {
+    if (!err.empty()) return ffi::Error::InvalidArgument(err);
+  }
+  if (recv_x->element_type() != x.element_type()) {
+    return ffi::Error::InvalidArgument("wideep nvlink dispatch: output recv_x's dtype differs from x's; "
+                                       "allowed: the same dtype");
+  }
   if (capacity == 0 || tokens == 0) {
     // Nothing to move (every rank has these shapes, so none launches): no rows from any
     // source and every pair padding (slot -1, weight 0), as the kernel writes them.
@@ -737,6 +774,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer x,
   DispatchParams p;
   p.ctrl = reinterpret_cast<Ctrl*>(m.base);
   p.rank = m.rank, p.nranks = m.nranks, p.capacity = static_cast<int>(capacity);
+  p.num_tokens = tokens;
   p.top_k = static_cast<int>(top_k);
   p.send_ctas = grid.send_ctas;
   p.meta_offset = l.meta_offset;
@@ -772,6 +810,10 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer part
                                        "token_row [T, R] with R = " + std::to_string(m.nranks));
   }
   const int64_t capacity = pd[1], hidden = pd[2], tokens = rd[0];
+  if (std::string err = ShapeError("wideep nvlink combine", "output y", y->dimensions(), {tokens, hidden});
+      !err.empty()) {
+    return ffi::Error::InvalidArgument(err);
+  }
   if (tokens == 0 || hidden == 0) return ffi::Error::Success();
   if (capacity == 0) {  // nothing was sent anywhere: every token's sum is empty
     WIDEEP_CUDA_OR_RETURN(cudaMemsetAsync(y->untyped_data(), 0, y->size_bytes(), stream));
