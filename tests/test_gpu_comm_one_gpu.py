@@ -152,7 +152,7 @@ def test_nccl_count_past_capacity_is_an_error_and_the_communicator_survives(rng)
         plan = plan._replace(send_count=plan.send_count + extra)
         return comm.dispatch(x, plan, axis_name="ep").x
 
-    fn = jax.jit(body)
+    fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("ep"), P()), out_specs=P("ep"), check_vma=False))
     x = jnp.asarray(dyadic_tokens(rng, (8, 64)))
     with pytest.raises(Exception, match=r"row count 9 is outside \[0, capacity=8\]"):
         jax.block_until_ready(fn(x, 1))
@@ -161,6 +161,7 @@ def test_nccl_count_past_capacity_is_an_error_and_the_communicator_survives(rng)
 
 _TRAP_SCRIPT = """
 import jax, jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 from wideep_jax.comm import get_alltoall_backend
 from wideep_jax.dispatch import make_dispatch_plan
 mesh = jax.make_mesh((1,), ("ep",), devices=jax.devices()[:1])
@@ -177,7 +178,8 @@ def body(x):
     if CASE == "row":
         plan = plan._replace(token_row=plan.token_row.at[5, 0].set(8))
     return comm.combine(recv.x, plan, recv.count, axis_name="ep")
-print("value", float(jax.jit(body)(jnp.ones((8, 64), jnp.bfloat16)).sum()), flush=True)
+fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"), check_vma=False))
+print("value", float(fn(jnp.ones((8, 64), jnp.bfloat16)).sum()), flush=True)
 """
 
 
