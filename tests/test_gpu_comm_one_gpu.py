@@ -153,7 +153,7 @@ def test_nccl_count_past_capacity_is_an_error_and_the_communicator_survives(rng)
         return comm.dispatch(x, plan, axis_name="ep").x
 
     fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("ep"), P()), out_specs=P("ep"), check_vma=False))
-    x = jnp.asarray(dyadic_tokens(rng, (8, 64)))
+    x = jax.device_put(dyadic_tokens(rng, (8, 64)), NamedSharding(mesh, P("ep")))
     with pytest.raises(Exception, match=r"row count 9 is outside \[0, capacity=8\]"):
         jax.block_until_ready(fn(x, 1))
     assert_array_equal(np.asarray(fn(x, 0))[0], np.asarray(x))
@@ -179,7 +179,8 @@ def body(x):
         plan = plan._replace(token_row=plan.token_row.at[5, 0].set(8))
     return comm.combine(recv.x, plan, recv.count, axis_name="ep")
 fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"), check_vma=False))
-print("value", float(fn(jnp.ones((8, 64), jnp.bfloat16)).sum()), flush=True)
+x = jax.device_put(jnp.ones((8, 64), jnp.bfloat16), jax.sharding.NamedSharding(mesh, P("ep")))
+print("value", float(fn(x).sum()), flush=True)
 """
 
 
