@@ -71,6 +71,8 @@ WIDEEP_ONLY_KEYS = ("alltoall_backend", "replica_selection")
 """``moe_config`` keys of ours that only ``backend: WIDEEP`` reads."""
 
 _MOE = "moe_config"
+_AXIS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+"""What ``ep_axis`` may be: an identifier-like mesh axis name (``ep``, ``expert``)."""
 _LB = f"{_MOE}.load_balancer"
 _IGA = f"{_LB}.initial_global_assignments"
 
@@ -395,8 +397,10 @@ class MoEConfig:
             "alltoall_backend",
             _choice(f"{_MOE}.alltoall_backend", self.alltoall_backend, ALLTOALL_BACKENDS, upper=False),
         )
-        if not isinstance(self.ep_axis, str) or not self.ep_axis:
-            raise _fail(f"{_MOE}.ep_axis", self.ep_axis, "a non-empty mesh axis name (str)")
+        if not isinstance(self.ep_axis, str) or not _AXIS_NAME.fullmatch(self.ep_axis):
+            # A name with spaces (or only spaces) is no axis any mesh here is built with.
+            raise _fail(f"{_MOE}.ep_axis", self.ep_axis, "a mesh axis name: letters, digits and underscores, "
+                        "not starting with a digit (e.g. ep, expert)")
         object.__setattr__(
             self, "replica_selection",
             _choice(f"{_MOE}.replica_selection", self.replica_selection, REPLICA_SELECTIONS, upper=False),
@@ -457,6 +461,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor`: SafeLoader merges it; a key written here overrides a merged one
             key = self.construct_object(key_node, deep=True)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
@@ -556,9 +562,10 @@ one of them at the top level is an LLM-API options file, not a bare ``moe_config
 
 
 def _refuse_misspelt_moe_keys(data: Mapping) -> None:
-    """An LLM-API file without an MoE section: a key (top level or under
-    ``pytorch_backend_config``) one typo away from ``moe_config`` or a legacy key would
-    silently give the defaults, so it is an error (TensorRT-LLM refuses unknown options too)."""
+    """An LLM-API file: a key (top level or under ``pytorch_backend_config``) one typo, or
+    only letter case, away from ``moe_config`` or a legacy key would be silently ignored
+    (its setting left at the default), so it is an error (TensorRT-LLM refuses unknown
+    options too)."""
     nested = data.get("pytorch_backend_config")
     places = [("", data)] + ([("pytorch_backend_config.", nested)] if isinstance(nested, Mapping) else [])
     names = [_MOE, *LEGACY_MOE_KEYS]
@@ -566,11 +573,11 @@ def _refuse_misspelt_moe_keys(data: Mapping) -> None:
         for key in section:
             if key in names or key in LLM_API_KEYS or key in ("backend", "max_num_tokens"):
                 continue  # known names (the last two: the engine's options, warned about below)
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.8)
+            close = difflib.get_close_matches(str(key).lower(), names, n=1, cutoff=0.8)
             if close:
                 raise ConfigError(f"{prefix}{key}: unknown option in a TensorRT-LLM LLM-API options file; "
-                                  f"allowed: {close[0]!r} (the file has no MoE section, so a misspelt one "
-                                  "would leave the MoE at its defaults)")
+                                  f"allowed: {close[0]!r} (a misspelt MoE option would be ignored, leaving "
+                                  "its setting at the default)")
 
 
 def _moe_section(data: Mapping) -> tuple[Mapping, dict[str, str], bool]:
@@ -579,6 +586,11 @@ def _moe_section(data: Mapping) -> tuple[Mapping, dict[str, str], bool]:
     legacy keys, ``{"moe_config.<key>": where the file wrote it}`` for error messages; and
     whether the file was read as a bare mapping."""
     nested = data.get("pytorch_backend_config")
+    if isinstance(nested, Mapping) and _MOE in nested:
+        raise ConfigError(f"pytorch_backend_config.{_MOE}: got a {type(nested[_MOE]).__name__} there, where "
+                          f"it is not read (it would be ignored); allowed: {_MOE} at the top "
+                          "level of the file, or the legacy moe_backend, moe_max_num_tokens, moe_load_balancer "
+                          "under pytorch_backend_config")
     legacy = {k: v for k, v in data.items() if k in LEGACY_MOE_KEYS}
     written = {k: k for k in legacy}
     if isinstance(nested, Mapping):
@@ -592,11 +604,12 @@ def _moe_section(data: Mapping) -> tuple[Mapping, dict[str, str], bool]:
         if legacy:
             raise ConfigError(f"{_MOE} and the legacy {', '.join(sorted(legacy))}: both given; allowed: one "
                               f"of them (moe_config.{LEGACY_MOE_KEYS[min(legacy)]} replaces {min(legacy)})")
+        _refuse_misspelt_moe_keys(data)
         return _mapping(_MOE, data[_MOE]), {}, False
     if not legacy and not LLM_API_KEYS & data.keys():
         return data, {}, True  # a bare moe_config mapping: every key must be ours
-    if not legacy:  # no MoE section: TensorRT-LLM's defaults, as there, unless one is misspelt
-        _refuse_misspelt_moe_keys(data)
+    # Legacy keys, or no MoE section (TensorRT-LLM's defaults, as there): none may be misspelt.
+    _refuse_misspelt_moe_keys(data)
     # An LLM-API options file: its other keys are not ours. Top-level names that are also
     # moe_config keys (backend, max_num_tokens) are the engine's options there, not the MoE's.
     for k in {"backend", "max_num_tokens"} & data.keys():

@@ -41,7 +41,9 @@ class MoEStats(NamedTuple):
 
     Attributes:
       expert_counts: int32 [E] routed (token, k) pairs per expert, summed over ranks.
-      slot_counts: int32 [S] rows computed per slot.
+        A pair with no slot to run on (under jit: an id outside [0, E), or an expert the
+        slot table gives no slot) is computed nowhere and counted nowhere, here or below.
+      slot_counts: int32 [S] rows computed per slot (sums to ``expert_counts``' total).
       rank_tokens: int32 [R] tokens each rank ran experts for (deduplicated): those it
         received (WIDEEP), or those of the gathered tokens with a pair on its slots
         (CUTLASS); without a mesh, the tokens computed.
@@ -262,7 +264,8 @@ def moe_forward(
         [0, num_experts) of tokens the mask keeps raise where the ids are concrete; under
         jit they cannot, so those tokens' outputs are NaN instead of another expert's
         result. Likewise a token routed to an expert that ``weights.slot_to_expert`` gives
-        no slot. Masked-out tokens' ids are never read (padding rows may hold -1).
+        no slot. Such a pair is computed nowhere and counted in no :class:`MoEStats`
+        field. Masked-out tokens' ids are never read (padding rows may hold -1).
 
     Returns:
       ``(y [T, H] in x.dtype, MoEStats)``.
@@ -377,16 +380,6 @@ class _Body:
                              preferred_element_type=jnp.float32)
             routing = route(logits, spec.top_k, spec.router, correction_bias=w.correction_bias)
         table = replica_table(w.slot_to_expert, spec.num_experts)
-        counted = None
-        if self.guard:
-            # A pair whose id is outside [0, E), or whose expert has no slot, would run another
-            # expert's weights: a NaN weight makes its token NaN instead ([T, K] work only). It
-            # runs on a clipped id (a valid slot) and is left out of the expert counts, which
-            # feed the load balancer.
-            ids = routing.ids
-            clipped = jnp.clip(ids, 0, spec.num_experts - 1)
-            counted = (ids >= 0) & (ids < spec.num_experts) & (table.count[clipped] > 0)
-            routing = Routing(clipped, jnp.where(counted, routing.weights, jnp.nan))
         # local_first: a pair uses a replica on its own rank when there is one.
         local_rank = rank if (self.wide and self.config.replica_selection == "local_first") else None
         w_gate_up = w.w_gate_up.astype(spec.dtype)
@@ -394,12 +387,15 @@ class _Body:
         x_c = x.astype(spec.dtype)
 
         def chunk(operands):
-            xc, mc, ids, rw, *pair_ok = operands
+            xc, mc, ids, rw = operands
+            # A pair whose id is outside [0, E), or whose expert has no slot (possible only where
+            # the checks could not see the values, under jit), gets slot -1: it is computed
+            # nowhere and counted in no statistic; its token comes out NaN below.
             slots = choose_slots(ids, mc, table, rank_offset=rank, local_rank=local_rank,
                                  num_ranks=self.num_ranks)
-            counted_pairs = mc[:, None] & pair_ok[0] if pair_ok else mc[:, None]
+            counted = mc[:, None] & (slots >= 0)
             counts = jnp.zeros((spec.num_experts + 1,), jnp.int32).at[
-                jnp.where(counted_pairs, ids, spec.num_experts)].add(1)[:-1]
+                jnp.where(counted, ids, spec.num_experts)].add(1)[:-1]
             if self.wide:
                 y, group_sizes, received = self._wide(xc, mc, slots, rw, w_gate_up, w_down)
             elif self.axis is not None:
@@ -407,10 +403,15 @@ class _Body:
             else:
                 out = routed_experts(xc, slots, rw, mc, w_gate_up, w_down, gmm_implementation=self.kernel,
                                      weight_on_input=spec.apply_router_weight_on_input)
-                y, group_sizes, received = out.partial.astype(jnp.float32), out.group_sizes, mc.sum()
+                y, group_sizes = out.partial.astype(jnp.float32), out.group_sizes
+                received = counted.any(axis=1).sum()
+            if self.guard:
+                # A token with a pair that has no slot: NaN, not a silently partial sum. (Where
+                # the values were checked on the host no pair lacks a slot: no select then.)
+                y = jnp.where((mc[:, None] & (slots < 0)).any(axis=1)[:, None], jnp.nan, y)
             return y, (counts, group_sizes, received.astype(jnp.int32))
 
-        operands = (x_c, mask, routing.ids, routing.weights) + (() if counted is None else (counted,))
+        operands = (x_c, mask, routing.ids, routing.weights)
         rows = rows_per_chunk(x.shape[0], self.num_ranks, self.config.max_num_tokens)
         y, (counts, group_sizes, received) = _chunked(chunk, operands, rows)
         if w.shared_gate_up is not None:

@@ -66,6 +66,12 @@ def choose_slots(
     replica ``rank_offset % count[e]``, so sources on different ranks start on
     different replicas. Pairs of invalid tokens get slot 0 (they are never sent).
 
+    A pair of a valid token whose expert id lies outside ``[0, num_experts)``, or whose
+    expert holds no slot, gets slot -1: no slot, which ``make_dispatch_plan`` and
+    ``routed_experts`` skip, so it is neither computed nor counted (under jit such ids
+    cannot be refused; a real slot would run another expert's weights). It takes no
+    replica's turn.
+
     With ``local_rank`` set (``replica_selection: local_first``), a pair whose
     expert has a replica on ``local_rank`` (of ``num_ranks``) uses that replica
     instead: it never leaves the rank, at the cost of balance between replicas.
@@ -79,7 +85,7 @@ def choose_slots(
       num_ranks: EP ranks the slots are split over (for ``local_rank``).
 
     Returns:
-      int32 [T, K] global slot ids.
+      int32 [T, K] global slot ids (-1: no slot, see above).
     """
     # A [1] mask would broadcast over every token, a [T, K] one over the pairs: refused.
     if expert_ids.ndim != 2:
@@ -89,7 +95,10 @@ def choose_slots(
                          "(one per token of expert_ids)")
     num_tokens, top_k = expert_ids.shape
     num_experts = table.count.shape[0]
-    flat = jnp.where(valid[:, None], expert_ids, num_experts).reshape(-1).astype(jnp.int32)
+    # A pair routes only with an id in range: a negative one would otherwise sort first
+    # and index the table from its end, one >= E would take padding's slot 0.
+    routed = valid[:, None] & (expert_ids >= 0) & (expert_ids < num_experts)
+    flat = jnp.where(routed, expert_ids, num_experts).reshape(-1).astype(jnp.int32)
     order = jnp.argsort(flat, stable=True)
     sorted_ids = flat[order]
     # Each sorted pair's group starts at the last index where the id changed (a running
@@ -106,8 +115,9 @@ def choose_slots(
     if local_rank is not None:
         local = local_replica(table, local_rank, num_ranks)[ids]
         slots = jnp.where(local >= 0, local, slots)
-    slots = jnp.where(flat < num_experts, slots, 0)
-    return slots.reshape(num_tokens, top_k)
+    # An expert without a slot (count 0) would read its neighbour's first replica.
+    has_slot = routed & (table.count[ids] > 0).reshape(num_tokens, top_k)
+    return jnp.where(has_slot, slots.reshape(num_tokens, top_k), jnp.where(valid[:, None], -1, 0))
 
 
 def local_replica(table: ReplicaTable, rank: jax.Array | int, num_ranks: int) -> jax.Array:
