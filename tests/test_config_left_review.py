@@ -17,7 +17,7 @@ import pytest
 
 from moe_helpers import make_layer, make_spec, random_routing, random_tokens
 from wideep_jax import moe_forward
-from wideep_jax.config import ConfigError, MoEConfig, load_moe_config
+from wideep_jax.config import ConfigError, ConfigWarning, MoEConfig, load_moe_config
 from wideep_jax.placement import choose_slots, replica_table
 from wideep_jax.routing import Routing
 
@@ -203,3 +203,30 @@ def test_stats_leave_out_pairs_of_an_expert_without_a_slot(rng, backend):
                                   np.bincount(ids[keep], minlength=E))
     got = np.asarray(got)
     assert np.isnan(got[(ids == 3).any(axis=1)]).all() and not np.isnan(got[keep.all(axis=1)]).any()
+
+
+# --- MoE parallel sizes of an LLM-API file ------------------------------------------------------
+
+@pytest.mark.parametrize("key", ["moe_tensor_parallel_size", "moe_cluster_parallel_size"])
+def test_moe_tensor_or_cluster_parallel_size_above_one_is_said_to_be_ignored(key):
+    """Experts are never split over ranks here: a size > 1 was read as nothing, silently."""
+    with pytest.warns(ConfigWarning, match=f"{key}=2: experts are not split over ranks here"):
+        cfg = load_moe_config({key: 2, "moe_config": {"backend": "WIDEEP"}}, num_experts=8, ep_size=4)
+    assert cfg.backend == "WIDEEP"
+
+
+def test_moe_expert_parallel_size_unlike_the_ep_group_is_said():
+    with pytest.warns(ConfigWarning, match="moe_expert_parallel_size=8, but the EP group has 4 ranks"):
+        load_moe_config({"moe_expert_parallel_size": 8, "enable_attention_dp": True}, num_experts=8, ep_size=4)
+
+
+@pytest.mark.parametrize("options", [
+    {"moe_expert_parallel_size": 4, "moe_tensor_parallel_size": 1, "moe_cluster_parallel_size": 1},
+    {"moe_expert_parallel_size": -1, "moe_tensor_parallel_size": None},  # TensorRT-LLM's 'auto' values
+    {"moe_expert_parallel_size": 8},  # no ep_size given: nothing to compare
+])
+def test_matching_or_auto_parallel_sizes_load_quietly(options, recwarn):
+    ep_size = None if options == {"moe_expert_parallel_size": 8} else 4
+    load_moe_config({**options, "moe_config": {"backend": "WIDEEP"}}, num_experts=8 if ep_size else None,
+                    ep_size=ep_size)
+    assert not [w for w in recwarn if issubclass(w.category, ConfigWarning)]

@@ -92,7 +92,7 @@ def _warn_inert(obj: Any, prefix: str, names: tuple[str, ...], why: str) -> None
     for name in names:
         value = getattr(obj, name)
         if value != defaults[name]:
-            warnings.warn(f"{prefix}.{name}={value!r} does nothing {why}", ConfigWarning, stacklevel=4)
+            warnings.warn(f"{prefix}.{name}={value!r} does nothing {why}", ConfigWarning, stacklevel=3)
 
 
 def experts_without_slot(slot_to_expert, num_experts: int) -> list[int]:
@@ -624,6 +624,25 @@ def _moe_section(data: Mapping) -> tuple[Mapping, dict[str, str], bool]:
             {f"{_MOE}.{LEGACY_MOE_KEYS[k]}": where for k, where in written.items()}, False)
 
 
+def _warn_parallel_sizes(data: Mapping, ep_size: int | None) -> None:
+    """An LLM-API file's MoE parallel sizes, which set nothing here: the EP group is the
+    mesh's ``ep_axis`` and an expert always runs whole on one rank. Sizes asking for
+    something else give a warning (the file stays loadable, as its engine options do)."""
+    def size(key):
+        value = data.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    for key in ("moe_tensor_parallel_size", "moe_cluster_parallel_size"):
+        if (size(key) or 1) > 1:
+            warnings.warn(ConfigWarning(f"{key}={data[key]!r}: experts are not split over ranks here (each runs "
+                                        "whole on one rank, as with 1); the EP group is the mesh's ep_axis"),
+                          stacklevel=3)
+    expert = size("moe_expert_parallel_size")
+    if ep_size is not None and expert is not None and expert > 0 and expert != ep_size:
+        warnings.warn(ConfigWarning(f"moe_expert_parallel_size={expert!r}, but the EP group has {ep_size} ranks "
+                                    "(the mesh's ep_axis), which is what runs"), stacklevel=3)
+
+
 def _legacy_names(message: str, written: Mapping[str, str]) -> str:
     """``message`` with each ``moe_config.<key>`` in ``written`` named as the legacy key
     the file has; quoted values (paths, strings the file wrote) are left as they are."""
@@ -659,7 +678,9 @@ def load_moe_config(
         data, base_dir = source, Path.cwd()
     else:
         raise _fail(name, source, "a YAML file path (str or os.PathLike) or a mapping")
-    data, written, bare = _moe_section(_mapping(name, data))
+    data, written, bare = _moe_section(raw := _mapping(name, data))
+    if not bare:
+        _warn_parallel_sizes(raw, ep_size)
     if num_experts is None and ep_size is not None:
         raise ConfigError(
             f"num_experts=None, ep_size={ep_size!r}: allowed: num_experts given with ep_size "
