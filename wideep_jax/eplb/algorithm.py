@@ -45,6 +45,8 @@ Float32 arithmetic and every tie-break are fixed, so the NumPy loops of
 finite, each layer's total within float32 range (refused otherwise outside jit);
 under jit, negative and NaN loads count as zero, if any load is +inf those count as
 1 and the others as 0, and a layer of huge loads is scaled by ``2**-64`` (exactly).
+Then loads below ``2**-80`` count as zero (in both versions, jit or not), so no value
+computed is a subnormal float, which XLA may flush to zero and NumPy does not.
 """
 from __future__ import annotations
 
@@ -64,6 +66,10 @@ _F32 = jnp.float32
 _I32 = jnp.int32
 _SLACK = 1e-6  # relative; absorbs float32 rounding of loads summed in another order
 _MAX_TOTAL = float(np.finfo(np.float32).max) / 2  # a layer's loads sum to less: no float32 overflow
+# Smallest load counted (smaller ones count as 0): a share load / count (count <= ranks per
+# node, far below 2**23) is then >= 2**-103, and sums and differences of such shares are 0
+# or >= 2**-126, the smallest normal float32; subnormals would differ between XLA and NumPy.
+_MIN_LOAD = 2.0 ** -80
 
 
 def _check(load_shape: tuple[int, ...], num_slots: int, ep_size: int, num_nodes: int,
@@ -376,6 +382,9 @@ def _solve_layer(load, current, tolerance, *, num_slots: int, ep_size: int, num_
     inf = jnp.isinf(load)
     big = jnp.max(load) > _F32(_MAX_TOTAL / num_experts)
     load = jnp.where(inf.any(), inf.astype(_F32), jnp.where(big, load * _F32(2.0 ** -64), load))
+    # XLA may flush subnormal floats to zero (on CPU it does), NumPy keeps them: loads
+    # below _MIN_LOAD count as 0, so no load, replica share or sum here is subnormal.
+    load = jnp.where(load >= _F32(_MIN_LOAD), load, 0)
     ids = (_partition_nodes(load, num_nodes) if num_nodes > 1
            else jnp.arange(num_experts, dtype=_I32)[None])  # [N, E/N] expert ids per node
     node_load = load[ids]

@@ -12,6 +12,7 @@ __all__ = ["compute_placement", "greedy_placement"]
 
 _F32 = np.float32
 _MAX_TOTAL = float(np.finfo(np.float32).max) / 2
+_MIN_LOAD = 2.0 ** -80  # smaller loads count as 0: see algorithm._MIN_LOAD
 
 
 def _argmin(values: np.ndarray, mask: np.ndarray) -> int:
@@ -217,6 +218,7 @@ def _solve_layer(load, current, tolerance, num_slots, ep_size, num_nodes, refine
         load = np.isinf(load).astype(_F32)
     elif load.max() > _F32(_MAX_TOTAL / num_experts):  # float32 sums could overflow
         load = load * _F32(2.0 ** -64)
+    load = np.where(load >= _F32(_MIN_LOAD), load, _F32(0))  # no subnormals, as under XLA
     if num_nodes > 1:
         ids = _partition_nodes(load, num_nodes)
     else:

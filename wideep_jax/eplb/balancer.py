@@ -110,7 +110,8 @@ class OnlineBalancer:
 
     def step(self, stats: Sequence[MoEStats] | jax.Array) -> EplbState:
         """Feeds one iteration's statistics (a ``MoEStats`` per layer, or int [L, E]
-        counts) and applies the re-placement to the layers. No host sync."""
+        counts) and applies the re-placement to the layers. No host sync: negative NumPy
+        counts are refused, negative device counts count as 0 (see :func:`~wideep_jax.eplb.eplb_update`)."""
         if isinstance(stats, (jax.Array, np.ndarray)):
             counts = jnp.asarray(stats)
         elif (isinstance(stats, Sequence) and not isinstance(stats, (str, MoEStats)) and stats

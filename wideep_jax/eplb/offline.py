@@ -178,6 +178,13 @@ def _imbalance(loads: np.ndarray) -> np.ndarray:
     return np.where(has_load.any(0), np.nansum(ratio, 0) / np.maximum(has_load.sum(0), 1), 0.0)
 
 
+def _ep_of_stats(stats: LoadedStats) -> str:
+    """Where a defaulted ``ep_size`` came from, and how to give one: statistics files hold none."""
+    return (f"; ep_size {stats.ep_size} is the number of rank files in {str(stats.path)!r}, used as no ep_size "
+            "was given (the statistics hold none): pass ep_size (`wideep eplb report --ep-size N`), or a "
+            "placement file with an ep_size key")
+
+
 def _resolve_placement(placement, stats: LoadedStats,
                        ep_size: int | None) -> tuple[int, dict[int, np.ndarray], int]:
     """``(num_slots, {layer: slot_to_expert}, ep_size)`` from a placement file or mapping,
@@ -225,6 +232,7 @@ def _resolve_placement(placement, stats: LoadedStats,
         ep_size = file_ep
     elif ep_size is None:
         ep_size = stats.ep_size
+        where = _ep_of_stats(stats)
     try:
         lb = load_moe_config({"backend": "WIDEEP", "load_balancer": source}, num_experts=stats.num_experts,
                              ep_size=ep_size).load_balancer
@@ -264,13 +272,14 @@ def report(stats: LoadedStats, *, ep_size: int | None = None, placement=None) ->
     num_experts = stats.num_experts
     placed = None
     num_slots = num_experts
+    where = ""  # where a defaulted ep_size came from
     if placement is not None:
         num_slots, placed, ep_size = _resolve_placement(placement, stats, ep_size)
     elif ep_size is None:
-        ep_size = stats.ep_size
+        ep_size, where = stats.ep_size, _ep_of_stats(stats)
     if num_slots % ep_size:
         raise ValueError(f"ep_size={ep_size}: allowed: a divisor of num_slots = {num_slots} "
-                         "(the default placement has one slot per expert)")
+                         f"(the default placement has one slot per expert){where}")
     counts = stats.counts.astype(np.float64)  # [I, L, E]
     num_layers = len(stats.layers)
 

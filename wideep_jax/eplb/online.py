@@ -2,7 +2,9 @@
 
 ``state, weights = eplb_update(state, weights, counts, config=..., mesh=...)``:
 
-1. statistics: ``load = decay * load + counts`` (skipped during warm-up);
+1. statistics: ``load = decay * load + counts`` (skipped during warm-up; negative
+   counts are refused in NumPy counts and count as 0 in device arrays, which are not
+   read back: that would be a host sync);
 2. schedule: the layers of group ``iteration % num_groups`` (layer ``l`` is in
    group ``l % num_groups``, ``num_groups = ceil(L / layer_updates_per_iter)``,
    TRT-LLM's interleaving) get a new placement from their load, migration-aware
@@ -54,7 +56,8 @@ def check_update(state: EplbState, weights: Sequence[Pytree], counts: jax.Array,
         raise ValueError(f"counts: got dtype {counts.dtype}; allowed: an integer dtype (routed pairs)")
     if tuple(counts.shape) != want:
         raise ValueError(f"counts has shape {tuple(counts.shape)}; allowed: [num_layers, num_experts] = {list(want)}")
-    if isinstance(counts, np.ndarray) and counts.size and counts.min() < 0:  # host counts: no sync
+    # Host counts only: device counts would need a sync; the step counts their negatives as 0.
+    if isinstance(counts, np.ndarray) and counts.size and counts.min() < 0:
         raise ValueError(f"counts: got a minimum of {counts.min()}; allowed: routed pairs, >= 0")
     if tuple(state.placement.shape) != (config.num_layers, config.num_slots):
         raise ValueError(f"state.placement has shape {tuple(state.placement.shape)}; allowed: "
@@ -206,7 +209,9 @@ def eplb_update(state: EplbState, weights: Sequence[Pytree], counts: jax.Array, 
       weights: per MoE layer, a pytree of slot weights with leaves ``[num_slots, ...]``
         sharded over ``axis`` (e.g. ``(w_gate_up, w_down)``).
       counts: int [num_layers, num_experts] routed pairs of this iteration
-        (stack of each layer's ``MoEStats.expert_counts``).
+        (stack of each layer's ``MoEStats.expert_counts``), >= 0: NumPy counts with a
+        negative are refused; a device array's are not read back (no host sync) and
+        count as 0.
       config: static balancer settings.
       mesh: the device mesh of the weights.
       axis: the EP mesh axis.

@@ -136,8 +136,13 @@ def init_state(placement: jax.Array | np.ndarray, num_experts: int) -> EplbState
 
 
 def accumulate(load: jax.Array, counts: jax.Array, *, decay: float, active: jax.Array) -> jax.Array:
-    """``decay * load + counts`` where ``active`` (a bool scalar), else ``load``."""
-    updated = decay * load + counts.astype(jnp.float32)
+    """``decay * load + counts`` where ``active`` (a bool scalar), else ``load``.
+
+    Negative counts count as 0: NumPy counts are refused before the step (``check_update``),
+    but device counts are not read back (that would be a host sync), so here, under jit,
+    the rule is applied as :func:`~wideep_jax.eplb.compute_placement` applies it to loads.
+    """
+    updated = decay * load + jnp.maximum(counts, 0).astype(jnp.float32)
     return jnp.where(active, updated, load)
 
 

@@ -44,6 +44,8 @@ META_FILE = "meta_info.json"
 # experts_rank* and rank*_raw files in the same directory, and those are not counts.
 _RANK_FILE = re.compile(r"^rank(\d+)\.safetensors$")
 _KEY = re.compile(r"^(\d+)_(\d+)$")
+_INT64_MAX = int(np.iinfo(np.int64).max)
+_INT32_MAX = int(np.iinfo(np.int32).max)
 
 
 class StatsFileError(ValueError):
@@ -222,13 +224,19 @@ class StatsRecorder:
         # Counts are replicated on every device, so in a multi-process run one writer suffices.
         if jax.process_index() == 0:
             self._check_folder()  # again: the folder may have been written since the recorder was made
-            host = {f"{i}_{l}": np.asarray(c, np.int32) for (i, l), c in sorted(self._records.items())}
-            for key, value in host.items():  # load_stats refuses negative counts: write none
-                if value.min() < 0:
-                    r, e = (int(v) for v in np.unravel_index(np.argmin(value), value.shape))
+            host = {f"{i}_{l}": np.asarray(c) for (i, l), c in sorted(self._records.items())}
+            for key, value in host.items():
+                # load_stats refuses negative counts, and the files hold int32 (a larger count
+                # would wrap): write neither.
+                negative = value.min() < 0
+                bad = value < 0 if negative else value > _INT32_MAX
+                if bad.any():
+                    r, e = (int(v) for v in np.argwhere(bad)[0])
                     i, l = key.split("_")
                     raise ValueError(f"StatsRecorder({str(self.path)!r}): counts of iteration {i}, layer {l}, rank "
-                                     f"{r} have {int(value[r, e])} for expert {e}; allowed: counts >= 0")
+                                     f"{r} have {int(value[r, e])} for expert {e}; allowed: counts "
+                                     + (">= 0" if negative else "< 2**31 (the files hold int32)"))
+            host = {key: value.astype(np.int32) for key, value in host.items()}
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / META_FILE).write_text(json.dumps(self.meta))
             for r in range(self._num_ranks):
@@ -256,7 +264,10 @@ def _rank_files(path: Path) -> list[tuple[int, Path]]:
     found = []
     for f in path.iterdir():
         m = _RANK_FILE.match(f.name)
-        if m and f.is_file():
+        if m and not f.is_file():  # skipped, its rank's counts would be missing silently
+            raise StatsFileError(f"{str(f)!r} is not a file (a directory or broken link); allowed: "
+                                 "rank<r>.safetensors names only files of counts, one per EP rank")
+        if m:
             found.append((int(m.group(1)), f))
     return sorted(found)
 
@@ -337,6 +348,11 @@ def _read_rank(file: Path, num_experts: int) -> dict[tuple[int, int], np.ndarray
                                  f"allowed: [num_experts={num_experts}] (meta_info.json)")
         if not np.issubdtype(value.dtype, np.integer):
             raise StatsFileError(f"{str(file)!r}: key {key!r} has dtype {value.dtype}; allowed: integer counts")
+        if value.size and value.dtype.kind == "u" and value.max() > _INT64_MAX:  # would wrap in int64
+            expert = int(np.argmax(value))
+            raise StatsFileError(f"{str(file)!r}: key {key!r} (iteration {m.group(1)}, layer {m.group(2)}) has "
+                                 f"count {int(value[expert])} for expert {expert}; allowed: counts < 2**63 "
+                                 "(they are summed as int64)")
         if value.size and value.min() < 0:
             expert = int(np.argmin(value))
             raise StatsFileError(f"{str(file)!r}: key {key!r} (iteration {m.group(1)}, layer {m.group(2)}) has "
@@ -411,5 +427,14 @@ def load_stats(path: str | os.PathLike, *, iter_start: int | None = None,
             for b, l in enumerate(layers):
                 if (i, l) in rec:
                     per_rank[r, a, b] = rec[(i, l)]
+    # Counts add up over ranks and iterations as int64: a total >= 2**63 would wrap to
+    # negative. The float64 sum is within a relative 1e-6 of exact: only near 2**63 is it redone exactly.
+    if per_rank.size and per_rank.sum(axis=(0, 1), dtype=np.float64).max() >= 2.0 ** 62:
+        total = per_rank.astype(object).sum(axis=(0, 1))
+        b, e = np.unravel_index(np.argmax(total), total.shape)
+        if total[b, e] > _INT64_MAX:
+            raise StatsFileError(f"{str(path)!r}: layer {layers[b]}, expert {e}: the counts of iterations "
+                                 f"[{start}, {stop}) over all rank files sum to {total[b, e]}; allowed: a sum "
+                                 "< 2**63 (counts are summed as int64)")
     return LoadedStats(path=path, meta=dict(meta), ep_size=len(files), iters=iters, layers=layers,
                        counts=per_rank.sum(axis=0), per_rank=per_rank)
