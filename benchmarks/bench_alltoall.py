@@ -24,6 +24,7 @@ import argparse
 import datetime
 import functools
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -88,9 +89,9 @@ def torch_peer(counts: np.ndarray, hidden: int, loops: int) -> dict | None:
         import torch.multiprocessing as mp
     except ImportError:
         return None
-    if not torch.cuda.is_available():
-        return None
     ranks = counts.shape[0]
+    if not torch.cuda.is_available() or torch.cuda.device_count() < ranks:
+        return None  # too few GPUs: main refuses the --ep (a rank without a GPU would hang the others)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_torch_worker, args=(r, ranks, counts.tolist(), hidden, loops, queue))
@@ -106,40 +107,50 @@ def torch_peer(counts: np.ndarray, hidden: int, loops: int) -> dict | None:
 # ----------------------------------------------------------------------------- ours
 
 
-def jax_times(backend_name: str, mesh, ids, weights, tokens: int, hidden: int, experts: int,
-              loops: int, iters: int, dtype) -> dict:
+def _touch(a, acc):
+    """``a`` plus ``acc * 0`` at its first element: ties a loop step's input to the previous step."""
+    return a.at[(0,) * a.ndim].add((acc * 0).astype(a.dtype))
+
+
+def _firsts(tree):
+    """The sum of each output's first element (float32), read through an optimization
+    barrier: XLA computes every element of every output. Reading one element alone, it
+    may drop an output no one reads (the xla backend's weight all-to-all) or compute
+    only the elements read."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from wideep_jax.bench import seconds_per_call
-    from wideep_jax.comm import ffi_lib, get_alltoall_backend
+    leaves = jax.lax.optimization_barrier(jax.tree.leaves(tree))
+    return sum(leaf.reshape(-1)[0].astype(jnp.float32) for leaf in leaves)
+
+
+def op_loops(comm, ranks: int, slots_per_rank: int):
+    """``(dispatch_loop, combine_loop)``: shard_map bodies ``f(loops, x, slots, w)`` running the
+    op ``loops`` times in one unrolled ``fori_loop``, each op depending on the previous one."""
+    import jax
+    import jax.numpy as jnp
+
     from wideep_jax.dispatch import make_dispatch_plan
 
-    ranks = mesh.shape["ep"]
-    if backend_name.startswith("nvlink:"):  # nvlink:N[:S] = at most N CTAs per call, S of them sending
-        from wideep_jax.comm.nvlink import NvlinkAllToAll
-
-        sizes = [int(v) or None for v in backend_name.split(":")[1:]] + [None]
-        comm = NvlinkAllToAll(mesh, "ep", max_ctas=sizes[0], send_ctas=sizes[1])
-    else:
-        comm = get_alltoall_backend(backend_name, mesh=mesh, axis="ep")
-    spr = experts // ranks
-    tok = P("ep")
-
     def plan_of(slots, w):
-        return make_dispatch_plan(slots, w, jnp.ones(slots.shape[:1], bool), num_ranks=ranks, slots_per_rank=spr)
+        return make_dispatch_plan(slots, w, jnp.ones(slots.shape[:1], bool), num_ranks=ranks,
+                                  slots_per_rank=slots_per_rank)
 
     def dispatch_loop(loops, x, slots, w):
         plan = plan_of(slots, w)
 
         def step(i, carry):
-            x, acc = carry
-            x = x.at[0, 0].add((acc * 0).astype(x.dtype))  # in place: defeats loop-invariant hoisting
+            x, plan, acc = carry
+            x = _touch(x, acc)  # in place: defeats loop-invariant hoisting
+            if comm.name == "xla":
+                # Its slot/count and weight all-to-alls read only the plan: left fixed, XLA ran
+                # them once per loop (and dropped the unread weights), timing one collective of three.
+                plan = plan._replace(send_slot=_touch(plan.send_slot, acc),
+                                     send_weight=_touch(plan.send_weight, acc))
             recv = comm.dispatch(x, plan, axis_name="ep")
-            return x, acc + recv.x[0, 0, 0].astype(jnp.float32) + recv.count[0]
+            return x, plan, acc + _firsts(recv)
 
-        return jax.lax.fori_loop(0, loops, step, (x, jnp.float32(0)), unroll=True)[1][None]
+        return jax.lax.fori_loop(0, loops, step, (x, plan, jnp.float32(0)), unroll=True)[2][None]
 
     def combine_loop(loops, x, slots, w):
         plan = plan_of(slots, w)
@@ -148,11 +159,44 @@ def jax_times(backend_name: str, mesh, ids, weights, tokens: int, hidden: int, e
 
         def step(i, carry):
             p, acc = carry
-            p = p.at[0, 0, 0].add((acc * 0).astype(p.dtype))
+            p = _touch(p, acc)
             y = comm.combine(p, plan, recv.count, axis_name="ep")
-            return p, acc + y[0, 0]
+            return p, acc + _firsts(y)
 
         return jax.lax.fori_loop(0, loops, step, (partial, jnp.float32(0)), unroll=True)[1][None]
+
+    return dispatch_loop, combine_loop
+
+
+def make_comm(backend_name: str, mesh):
+    """The backend a --backends entry names; refuses $WIDEEP_ALLTOALL, which would run another
+    backend under this row's name."""
+    from wideep_jax.comm import ENV_VAR, get_alltoall_backend
+
+    if os.environ.get(ENV_VAR):
+        raise SystemExit(f"{ENV_VAR}={os.environ[ENV_VAR]!r} would replace every --backends entry; "
+                         f"allowed: unset it (bench_alltoall picks backends with --backends)")
+    if backend_name.startswith("nvlink:"):  # nvlink:N[:S] = at most N CTAs per call, S of them sending
+        from wideep_jax.comm.nvlink import NvlinkAllToAll
+
+        sizes = [int(v) or None for v in backend_name.split(":")[1:]] + [None]
+        return NvlinkAllToAll(mesh, "ep", max_ctas=sizes[0], send_ctas=sizes[1])
+    return get_alltoall_backend(backend_name, mesh=mesh, axis="ep")
+
+
+def jax_times(backend_name: str, mesh, ids, weights, tokens: int, hidden: int, experts: int,
+              loops: int, iters: int, dtype) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from wideep_jax.bench import seconds_per_call
+    from wideep_jax.comm import ffi_lib
+
+    ranks = mesh.shape["ep"]
+    comm = make_comm(backend_name, mesh)
+    dispatch_loop, combine_loop = op_loops(comm, ranks, experts // ranks)
+    tok = P("ep")
 
     sharding = NamedSharding(mesh, tok)
     x = jax.device_put(jax.random.normal(jax.random.key(0), (ranks * tokens, hidden), dtype), sharding)
@@ -229,13 +273,30 @@ def stamp_text(t: dict) -> str:
         ", ".join(f"{n} {v:.1f}" for n, v in zip(names, t[op + "_stamps"])) for op in ("dispatch", "combine"))
 
 
+def backend_arg(text: str) -> str:
+    """A --backends entry, checked before anything runs."""
+    if not re.fullmatch(r"xla|nccl|nvlink(:\d+(:\d+)?)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed: xla, nccl, nvlink or nvlink:N[:S] (N, S integers "
+                                         ">= 0; 0 = default)")
+    return text
+
+
+def check_ranks(ranks: int, experts: int) -> None:
+    """Exits unless ``ranks`` divides the experts (one slot per expert, the same count on every rank)."""
+    if experts % ranks:
+        sys.exit(f"--ep {ranks}: {experts} experts do not split evenly; allowed: a divisor of {experts} "
+                 f"(at most this host's GPU count)")
+
+
 def main() -> int:
+    from wideep_jax.bench import positive_int  # (imports jax: no GPU memory taken until first used)
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ep", type=int, default=None, help="EP ranks (default: every GPU, at most 8)")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[128, 4096], help="tokens per rank")
-    parser.add_argument("--loop", type=int, default=50, help="ops per timed jit call")
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--backends", nargs="+", default=["xla", "nccl", "nvlink"],
+    parser.add_argument("--ep", type=positive_int, default=None, help="EP ranks (default: every GPU, at most 8)")
+    parser.add_argument("--tokens", type=positive_int, nargs="+", default=[128, 4096], help="tokens per rank")
+    parser.add_argument("--loop", type=positive_int, default=50, help="ops per timed jit call")
+    parser.add_argument("--iters", type=positive_int, default=5)
+    parser.add_argument("--backends", type=backend_arg, nargs="+", default=["xla", "nccl", "nvlink"],
                         help="xla, nccl, nvlink, or nvlink:N[:S] (at most N CTAs per call, S of them sending; 0 = default)")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--small", action="store_true", help="CPU smoke run: --ep (default 4) emulated devices, hidden 256")
@@ -250,6 +311,8 @@ def main() -> int:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.ep or 4}")
         args.loop = min(args.loop, 5)
+    if args.ep is not None:
+        check_ranks(args.ep, experts)
 
     # torch first, before JAX takes the GPUs' memory.
     ranks_guess = args.ep
@@ -273,6 +336,7 @@ def main() -> int:
     if args.ep is not None:
         check_ep(args.ep)
     ranks = args.ep or min(8, jax.device_count())
+    check_ranks(ranks, experts)
     if ranks_guess and ranks != ranks_guess:
         peers = {}
     mesh = jax.make_mesh((ranks,), ("ep",), devices=jax.devices()[:ranks])
@@ -305,6 +369,11 @@ def main() -> int:
         lines.append(f"| {tokens} | loop only (1-row op) | {loop_us:.1f} | {loop_us:.1f} |  |  |  |  |")
         print(lines[-1], flush=True)
 
+    torch_version = ""
+    if any(peers.values()):
+        import torch
+
+        torch_version = f" {torch.__version__}"
     text = "\n".join([
         "",
         f"## bench_alltoall: {card}, EP{ranks}, {datetime.date.today()}, commit {commit()}, jax {jax.__version__}",
@@ -314,8 +383,11 @@ def main() -> int:
         f"of {args.iters}, so each run's launch, sync and start skew between GPUs cancel (rows before "
         "2026-11-28's slope rows divided one loop's time by its ops instead); GB/s per GPU = off-rank token "
         "rows (hidden x 2 bytes) of the busiest rank / time; ratio = xla time / this time (dispatch / combine). "
-        "torch: NCCL all_to_all_single with the same splits, one process per GPU (CUDA events, eager "
-        "loop). nvlink kernel: the custom call's own time (device timer, first CTA's start to the last "
+        "Every op's outputs are read through an optimization barrier, and xla's slot and weight inputs "
+        "depend on the previous op (two one-element updates per op); earlier rows let XLA run xla's slot/count "
+        "and weight all-to-alls once per loop, timing its dispatch as one collective of three. "
+        f"torch{torch_version}: NCCL all_to_all_single with the same splits (token rows only), one process "
+        "per GPU (CUDA events, eager loop). nvlink kernel: the custom call's own time (device timer, first CTA's start to the last "
         "CTA's end, slowest rank), without the loop's other ops; peers started: of dispatch's kernel time, "
         "how long until every peer had started the call (launch skew plus a round trip; slowest rank); "
         "between calls: the GPU's median idle time from one call's end to the next one's start (slowest rank); "

@@ -7,12 +7,13 @@ Run on a GPU machine (one process, EP = GPU count up to --ep):
     python benchmarks/bench_eplb.py --small     # CPU smoke run of the same code
 
 Sections (one table each, appended to benchmarks/RESULTS.md):
-  1. MoE layer forward with Zipf-skewed routing (a fixed expert popularity, fresh
-     samples each call): no balancer (one slot per expert); offline (placement
-     solved from a calibration batch, ``num_slots`` slots); online
-     (``layer_updates_per_iter: 1``, after warm-up iterations). Rank imbalance is
-     (max-mean)/mean of the expert rows per rank.
-  2. Online step overhead: forward alone vs forward + ``OnlineBalancer.step``.
+  1. MoE layer forward with Zipf-skewed routing (a fixed expert popularity; samples
+     drawn before timing, a different one each call): no balancer (one slot per
+     expert); offline (placement solved from a calibration batch, ``num_slots``
+     slots); online (``layer_updates_per_iter: 1``, after warm-up iterations).
+     Rank imbalance is (max-mean)/mean of the expert rows per rank.
+  2. Online step overhead: forward alone vs forward + ``OnlineBalancer.step`` (the
+     routing sampling is outside both).
   3. Re-sharding one layer: slots moved, bytes, time and GB/s for the host mode
      (pinned_host master copy sharded over the EP group, or replicated per
      device) and the collective mode (ppermute from old slots).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import os
 import sys
 import time
@@ -68,16 +70,19 @@ def layer_section(spec, mesh, ep, tokens, skew, num_slots, iters, warmup_updates
     n = tokens * ep
     sample = jax.jit(lambda k: sample_routing(k, log_p, n, spec.top_k), out_shardings=sharding)
     x = jax.device_put(jax.random.normal(jax.random.key(1), (n, spec.hidden_size)).astype(spec.dtype), sharding)
-    keys = [jax.random.key(100 + i) for i in range(max(iters, warmup_updates))]
+    # Drawn before any timing (a Gumbel top-k over every expert costs about as much as a
+    # small forward): the timed calls take them in turn, a different sample each call.
+    routings = jax.block_until_ready([sample(jax.random.key(100 + i))
+                                      for i in range(max(iters, warmup_updates))])
     rows = {}
 
     def measure(layer, name):
         forward = jitted_forward(layer)
-        times = time_fn(lambda: forward(x, sample(keys[0])), iters=iters)
+        turn = itertools.count()
+        times = time_fn(lambda: forward(x, routings[next(turn) % len(routings)]), iters=iters)
         loads, traffic = [], []
         local_first = layer.config.replica_selection == "local_first"
-        for k in keys[:iters]:
-            routing = sample(k)
+        for routing in routings[:iters]:
             _, stats = forward(x, routing)
             loads.append(imbalance(rank_rows(stats, ep)))
             traffic.append(offrank_copies(routing.ids, layer.slot_to_expert[...], spec.num_experts, ep, local_first))
@@ -111,7 +116,7 @@ def layer_section(spec, mesh, ep, tokens, skew, num_slots, iters, warmup_updates
     step_forward = jax.jit(lambda w, x, r: online_forward(online, w, x, r))
     moved = []
     for i in range(warmup_updates):
-        _, stats = step_forward(online.weights(), x, sample(keys[i]))
+        _, stats = step_forward(online.weights(), x, routings[i])
         moved.append(int(balancer.step([stats]).moved_slots.sum()))
     measure(online, "online")
     rows["online"]["moved_per_update"] = float(np.mean(moved[1:])) if len(moved) > 1 else float("nan")
@@ -120,7 +125,7 @@ def layer_section(spec, mesh, ep, tokens, skew, num_slots, iters, warmup_updates
     def run(with_step: bool, count: int):
         start = time.perf_counter()
         for i in range(count):
-            out = step_forward(online.weights(), x, sample(keys[i % len(keys)]))
+            out = step_forward(online.weights(), x, routings[i % len(routings)])
             if with_step:
                 balancer.step([out[1]])
         # The forwards' outputs too: without a step the weights do not depend on them,
@@ -282,8 +287,10 @@ def main() -> int:
 
     title = (f"## bench_eplb: {card}, EP{ep}, {datetime.date.today()}, commit {commit()}, jax {jax.__version__}")
     notes = (f"hidden {spec.hidden_size}, {spec.num_experts} experts x {spec.intermediate_size}, top-{spec.top_k}, "
-             f"{jnp.dtype(spec.dtype).name}; Zipf {args.skew} popularity over a fixed ranking, fresh samples per "
-             f"call; balanced modes use {num_slots} slots; median of {args.iters}. "
+             f"{jnp.dtype(spec.dtype).name}; Zipf {args.skew} popularity over a fixed ranking, "
+             f"{max(args.iters, args.warmup_updates)} samples drawn before timing, a different one each call "
+             f"(timed: the forward, and the online step where named); balanced modes use {num_slots} slots; "
+             f"median of {args.iters}. "
              f"{backends_text(load_moe_config({'backend': 'WIDEEP'}), mesh, spec)}.")
     t1 = "\n".join(["| tokens/rank | balancer | slots | fwd ms | speed-up vs none | rank imbalance | "
                     "off-rank copies/token | slots moved/update |", "|" + "---|" * 8] + lines)

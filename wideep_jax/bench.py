@@ -5,6 +5,7 @@ first, block on the result, repeat, take the median.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import statistics
 import time
@@ -38,6 +39,18 @@ def parse_skew(text: str) -> float | None:
         if 0 < value < float("inf"):
             return value
     raise ValueError(f"--skew={text!r}: allowed: 'uniform', 'router' or 'zipf:S' with a finite S > 0")
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for counts (--iters, --loop, --tokens, ...): an integer >= 1. argparse
+    names the flag: ``argument --loop: '0': allowed: an integer >= 1``."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed: an integer >= 1")
+    return value
 
 
 def synthetic_routing(key: jax.Array, num_tokens: int, num_experts: int, top_k: int,
