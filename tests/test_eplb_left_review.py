@@ -186,3 +186,15 @@ def test_report_names_where_a_defaulted_ep_size_came_from(tmp_path, rng, capsys)
                                      {1: list(range(8)), 2: list(range(8))}}))
     assert report(stats, placement=placement).ep_size == 4
     assert main(["eplb", "report", "--stats", str(path), "--no-heatmap", "--ep-size", "2"]) == 0
+
+
+def test_generate_names_where_a_defaulted_ep_size_came_from(tmp_path, rng, capsys):
+    """`wideep eplb generate` takes the rank files' count as ep_size too: 3 over 8 slots said
+    'a multiple of ep_size = 3' without where the 3 came from or how to give another."""
+    path = write_trtllm_stats(tmp_path / "s", rng.integers(0, 50, (3, 2, 2, 8)), iters=[0, 1], layers=[1, 2])
+    out = tmp_path / "lb.yaml"
+    assert main(["eplb", "generate", "--stats", str(path), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "allowed: a multiple of ep_size = 3" in err and "3 is the number of rank files" in err, err
+    assert "pass --ep-size N" in err, err
+    assert main(["eplb", "generate", "--stats", str(path), "--ep-size", "4", "-o", str(out)]) == 0
