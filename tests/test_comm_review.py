@@ -126,3 +126,30 @@ def test_ffi_backend_refuses_another_axis_plan_size_or_layout():
     with pytest.raises(ValueError, match=r"partial sums have shape"):
         _trace(_plan_body(comm, 2, capacity_cut=1), mesh)
     _trace(_plan_body(comm, 2), mesh)
+
+
+def test_dispatch_backward_runs_its_two_combines_one_after_the_other(rng):
+    """The dispatch's backward pass combines the row and the weight cotangents: two custom
+    calls with no data between them, which XLA could run as parallel branches (a command
+    buffer in concurrent mode), two all-to-all kernels waiting on each other's peers. The
+    second must depend on the first's output."""
+    mesh = _mesh()
+    comm = _PrimitiveStandIn(mesh, "ep")
+    grad = jax.grad(dispatch_combine_loss, argnums=(1, 2))
+    f = jax.shard_map(lambda *a: grad(comm, *a), mesh=mesh, in_specs=(P("ep"),) * 4, out_specs=(P("ep"), P("ep")))
+    sharding = NamedSharding(mesh, P("ep"))
+    specs = [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in
+             (((R * T, H), jnp.float32), ((R * T, K), jnp.float32), ((R * T, K), jnp.int32), ((R * T,), jnp.bool_))]
+    (body,) = [e.params["jaxpr"] for e in jax.make_jaxpr(f)(*specs).jaxpr.eqns if e.primitive.name == "shard_map"]
+    body = getattr(body, "jaxpr", body)
+    calls, depends = [], {}  # var -> indexes of the custom calls it depends on
+    for eqn in body.eqns:
+        before = frozenset().union(*(depends.get(v, frozenset()) for v in eqn.invars if not hasattr(v, "val")))
+        if eqn.primitive.name == IDENTITY:
+            calls.append(before)
+            before = before | {len(calls) - 1}
+        for v in eqn.outvars:
+            depends[v] = before
+    # forward dispatch, forward combine, combine's backward (a dispatch), then the two combines
+    assert len(calls) == 5, len(calls)
+    assert 3 in calls[4], "the weight cotangents' combine does not wait for the rows' combine"

@@ -83,6 +83,10 @@ def _dispatch_bwd(backend, residuals, cotangents):
     plan, recv_count = residuals
     d_x, _, d_weight, _ = cotangents  # d_x has x's dtype (recv_x's)
     dx = backend._combine(d_x, plan, recv_count).astype(d_x.dtype)
+    # The second combine waits for the first: independent, XLA could run the two as parallel
+    # branches (a command buffer in concurrent mode), and two all-to-all kernels spinning on
+    # each other's peers at once can hang.
+    dx, d_weight = jax.lax.optimization_barrier((dx, d_weight))
     # Each (token, k) pair lives on one rank, so summing the weight cotangents
     # over ranks and reading them back where the pair was sent is exact.
     d_pair = backend._combine(d_weight.astype(jnp.float32), plan, recv_count)  # [T, K]
