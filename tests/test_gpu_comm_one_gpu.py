@@ -19,8 +19,10 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 from numpy.testing import assert_array_equal
 
+from moe_helpers import make_layer, make_spec, random_routing, random_tokens, run_layer
 from test_dispatch import ROUTINGS, dyadic_tokens, random_slots, random_valid, random_weights
 from test_gpu_comm import SPR, _round_trip
+from wideep_jax import moe_forward
 
 pytestmark = [
     pytest.mark.gpu,
@@ -64,6 +66,35 @@ def test_one_rank_empty_tokens_or_rows_match_xla(rng, backend, tokens, hidden):
     for _ in range(3):  # the garbage a skipped write leaves shows on reuse
         for got, want in zip(fn(*args), ref(*args)):
             assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_rank_moe_layer_and_gradients_equal_xla(rng, backend):
+    """The whole layer (bf16, Pallas expert kernels, replicas) named onto the backend at EP1
+    gives the portable path's bits; its f32 gradients (dispatch's backward: two combines,
+    ordered) equal them up to f32 rounding."""
+    spec = make_spec(kind="noaux_tc", top_k=8, shared=0, hidden=512, inter=256, experts=64, dtype=jnp.bfloat16)
+    x = random_tokens(rng, 128, spec.hidden_size, jnp.bfloat16)
+    routing = random_routing(rng, x.shape[0], spec.num_experts, spec.top_k)
+    outs = {}
+    for name in ("xla", backend):
+        layer = make_layer(spec, ep=1, alltoall_backend=name, load_balancer={"num_slots": spec.num_experts + 2})
+        outs[name] = [np.asarray(run_layer(layer, x, routing=r)[0], np.float32) for r in (None, routing)]
+    for got, want in zip(outs[backend], outs["xla"]):
+        assert_array_equal(got, want)
+
+    spec = make_spec(top_k=4, shared=0, hidden=64, inter=32, experts=16)
+    x = random_tokens(rng, 32, spec.hidden_size)
+    grads = {}
+    for name in ("xla", backend):
+        layer = make_layer(spec, ep=1, alltoall_backend=name)
+        loss = lambda w, x: jnp.sum(moe_forward(x, w, spec=spec, config=layer.config, mesh=layer.mesh)[0] ** 2)
+        with jax.default_matmul_precision("highest"):
+            grads[name] = jax.jit(jax.grad(loss, argnums=(0, 1), allow_int=True))(layer.weights(), x)
+    np.testing.assert_allclose(np.asarray(grads[backend][1]), np.asarray(grads["xla"][1]), rtol=1e-4, atol=1e-5)
+    for field in ("router", "w_gate_up", "w_down"):
+        np.testing.assert_allclose(np.asarray(getattr(grads[backend][0], field)),
+                                   np.asarray(getattr(grads["xla"][0], field)), rtol=1e-4, atol=1e-5, err_msg=field)
 
 
 def _dispatch_operands(backend, capacity=4, hidden=8, top_k=2):
