@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from wideep_jax.eplb.online import check_update, compiled_step
+from wideep_jax.eplb.online import check_update, compiled_step, counts_on_mesh
 from wideep_jax.eplb.resharding import make_master_copy
 from wideep_jax.eplb.state import EplbConfig, EplbState, init_state
 from wideep_jax.layer import MoELayer
@@ -122,11 +122,7 @@ class OnlineBalancer:
                              "layer) or int [num_layers, num_experts] counts")
         if not jnp.issubdtype(counts.dtype, jnp.integer):
             raise ValueError(f"stats: counts of dtype {counts.dtype}; allowed: an integer dtype")
-        if jax.process_count() == 1:
-            # One sharding for NumPy, single-device and stacked MoEStats counts alike, so switching
-            # between them does not compile the step again. (Across processes the counts are
-            # already global arrays, or host data the jitted step places itself.)
-            counts = jax.device_put(counts, NamedSharding(self.mesh, P()))
+        counts = counts_on_mesh(counts, self.mesh)
         weights = [self._slot_weights(layer) for layer in self.layers]
         check_update(self.state, weights, stats if isinstance(stats, np.ndarray) else counts, self.master,
                      self.config, self.mesh, self.axis)

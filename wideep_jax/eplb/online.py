@@ -199,6 +199,16 @@ def compiled_step(config: EplbConfig, mesh: Mesh, axis: str, weights: Sequence[P
     return _jitted_step(config, mesh, axis, shardings, master is not None and master_is_replicated(master))
 
 
+def counts_on_mesh(counts, mesh: Mesh):
+    """``counts`` replicated on ``mesh`` in a one-process run: NumPy counts, single-device
+    arrays and stacked ``MoEStats`` counts (those sit on the mesh) then share one compiled
+    step, which each kind compiled again otherwise. Across processes the counts are global
+    arrays already, or host data the jitted step places itself: returned as given."""
+    if jax.process_count() == 1:
+        return jax.device_put(counts, NamedSharding(mesh, P()))
+    return counts
+
+
 def eplb_update(state: EplbState, weights: Sequence[Pytree], counts: jax.Array, *,
                 config: EplbConfig, mesh: Mesh, axis: str = "ep",
                 master: Sequence[Pytree] | None = None) -> tuple[EplbState, list[Pytree]]:
@@ -225,6 +235,7 @@ def eplb_update(state: EplbState, weights: Sequence[Pytree], counts: jax.Array, 
     # The step's state comes out replicated on the mesh: put a fresh state (init_state's
     # arrays sit on one device) there too, or the second call compiles the step again.
     state = jax.device_put(state, NamedSharding(mesh, P()))
+    counts = counts_on_mesh(counts, mesh)
     weights = list(weights)
     step = compiled_step(config, mesh, axis, weights, master)
     state, weights, _ = step(state, weights, counts, None if master is None else list(master))
