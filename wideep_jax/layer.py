@@ -8,7 +8,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from wideep_jax.config import MoEConfig
-from wideep_jax.moe import MoEStats, MoEWeights, moe_forward
+from wideep_jax.moe import MoEStats, MoEWeights, forward_config, moe_forward
 from wideep_jax.routing import Routing
 from wideep_jax.spec import MoESpec
 
@@ -19,6 +19,11 @@ class Placement(nnx.Variable):
 
 class RouterBias(nnx.Variable):
     """DeepSeek's ``e_score_correction_bias``: set by load balancing, not by gradients."""
+
+
+class LayerIndex(nnx.Variable):
+    """The layer's index in its model, -1 for none. Data, not a static attribute, so the
+    layers of a model share compiled programs (and can be stacked)."""
 
 
 def _normal(key, shape, fan_in: int, dtype):
@@ -50,7 +55,10 @@ class MoELayer(nnx.Module):
       mesh: device mesh; required for ``WIDEEP``.
       layer_idx: this layer's index in the model, used to look up
         ``initial_global_assignments`` (one that leaves it out raises ``ConfigError``);
-        ``None`` = default placement.
+        ``None`` = default placement. Kept as data (``layer_index``, read back as
+        ``layer_idx``), and ``config`` is kept less ``initial_global_assignments`` (this
+        layer's row is ``slot_to_expert``): layers that differ only in them share
+        compiled programs.
       rngs: ``nnx.Rngs`` for initialization.
     """
 
@@ -62,7 +70,10 @@ class MoELayer(nnx.Module):
             raise TypeError(f"MoELayer config: got {type(config).__name__}; allowed: a MoEConfig (e.g. "
                             "load_moe_config(path or dict)) or None (MoEConfig())")
         config = config if config is not None else MoEConfig()
-        self.spec, self.config, self.mesh, self.layer_idx = spec, config, mesh, layer_idx
+        # initial_global_assignments is read once, below, into slot_to_expert; kept in the
+        # config (a static attribute), it would make layers built from different placement
+        # files compile separately.
+        self.spec, self.config, self.mesh = spec, forward_config(config), mesh
         wide = config.backend == "WIDEEP"
         if wide and (mesh is None or config.ep_axis not in mesh.axis_names):
             raise ValueError(
@@ -91,6 +102,9 @@ class MoELayer(nnx.Module):
         self.w_gate_up = nnx.Param(make_slots(key_up, s2e, (h, 2 * i), h))
         self.w_down = nnx.Param(make_slots(key_down, s2e, (i, h), i))
         self.slot_to_expert = Placement(self._put(s2e))
+        if layer_idx is not None and layer_idx > np.iinfo(np.int32).max:  # checked >= 0 above
+            raise ValueError(f"MoELayer layer_idx: got {layer_idx}; allowed: an int in [0, 2**31) or None")
+        self.layer_index = LayerIndex(self._put(jnp.int32(-1 if layer_idx is None else layer_idx)))
         self.correction_bias = (
             RouterBias(self._put(jnp.zeros((e,), jnp.float32))) if spec.router.kind == "noaux_tc" else None
         )
@@ -101,6 +115,23 @@ class MoELayer(nnx.Module):
             self.shared_down = nnx.Param(self._put(_normal(k2, (width, h), width, spec.param_dtype)))
         else:
             self.shared_gate_up = self.shared_down = None
+
+    @property
+    def layer_idx(self) -> int | None:
+        """The ``layer_idx`` the layer was built with (from ``layer_index``). Read it outside
+        jit: inside, the layers of a model share one traced program, and it raises."""
+        value = self.layer_index.get_value()
+        if isinstance(value, jax.core.Tracer):
+            raise TypeError("MoELayer.layer_idx read inside a jit-traced function: it is data there (layers that "
+                            "differ only in it share one program); allowed: read it outside jit (e.g. to label "
+                            "each layer's MoEStats after the call), or use layer.layer_index[...] as an array")
+        if isinstance(value, jax.ShapeDtypeStruct):
+            raise ValueError("MoELayer.layer_idx of an abstract layer (nnx.eval_shape): it holds no values yet")
+        if getattr(value, "ndim", 0):
+            raise ValueError(f"MoELayer.layer_idx of stacked layers (layer_index has shape {tuple(value.shape)}, "
+                             "e.g. from nnx.vmap): allowed: read layer.layer_index[...] for every layer's index")
+        index = int(value)
+        return None if index < 0 else index
 
     def _sharding(self, spec: P):
         return None if self.mesh is None else NamedSharding(self.mesh, spec)

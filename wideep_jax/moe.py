@@ -6,6 +6,7 @@ routing or the placement is data, so neither recompiles.
 """
 from __future__ import annotations
 
+import copy
 import functools
 from typing import NamedTuple
 
@@ -297,8 +298,22 @@ def moe_forward(
     if not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(inputs)):
         # Called eagerly (a notebook, a plain script): one cached program per static setup,
         # not a fresh trace and two compiles per call.
-        return _eager_forward(spec, config, mesh, guard)(*inputs)
+        return _eager_forward(spec, forward_config(config), mesh, guard)(*inputs)
     return _forward(*inputs, spec=spec, config=config, mesh=mesh, guard=guard)
+
+
+def forward_config(config: MoEConfig) -> MoEConfig:
+    """``config`` less ``load_balancer.initial_global_assignments``, which no forward pass
+    reads (the placement arrives as ``slot_to_expert``): layers built from different
+    placement files then share one cache key and compiled program. Not re-validated
+    (it was), so no ConfigWarning is given twice."""
+    lb = config.load_balancer
+    if lb is None or lb.initial_global_assignments is None:
+        return config
+    lb, config = copy.copy(lb), copy.copy(config)
+    object.__setattr__(lb, "initial_global_assignments", None)
+    object.__setattr__(config, "load_balancer", lb)
+    return config
 
 
 @functools.cache

@@ -325,7 +325,7 @@ def from_pretrained(path, *, moe_config: MoEConfig | None = None, mesh: Mesh | N
         else:
             _load_attention(ckpt, layer.attn, cfg, p, replicated, dtype)
         if isinstance(layer.mlp, MoELayer):
-            _load_moe(ckpt, layer.mlp, cfg, p, mesh, replicated, dtype)
+            _load_moe(ckpt, layer.mlp, i, moe_config, cfg, p, mesh, replicated, dtype)
         else:
             w = cfg.intermediate_size
             gate = ckpt.get(f"{p}.{mlp}.gate_proj.weight", (w, h))
@@ -413,7 +413,8 @@ def _load_latent_attention(ckpt, attn, cfg, p, replicated, dtype) -> None:
     linear(attn.o_proj, "o_proj", (h, nh * m.v_head_dim))
 
 
-def _load_moe(ckpt, layer: MoELayer, cfg, prefix, mesh, replicated, dtype) -> None:
+def _load_moe(ckpt, layer: MoELayer, index: int, moe_config: MoEConfig | None, cfg, prefix, mesh, replicated,
+              dtype) -> None:
     h, e, w = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
     llama4 = cfg.model_type == "llama4_text"
     if llama4:
@@ -423,9 +424,12 @@ def _load_moe(ckpt, layer: MoELayer, cfg, prefix, mesh, replicated, dtype) -> No
         router, shared = "gate", "shared_experts"
     _set(layer.router, ckpt.get(f"{moe}.{router}.weight", (e, h)).T, replicated, dtype)
     gate_up, down = _experts(ckpt, moe, cfg.model_type, e, h, w, np.dtype(dtype))
-    # The abstract layer holds no values: its placement comes from the config again.
-    slot_to_expert = np.asarray(layer.config.slot_to_expert(layer.layer_idx, num_experts=e, ep_size=layer.ep_size))
+    # The abstract layer holds no values (and its config no placement file): its index and
+    # placement come from the model's config again.
+    config = moe_config if moe_config is not None else layer.config
+    slot_to_expert = np.asarray(config.slot_to_expert(index, num_experts=e, ep_size=layer.ep_size))
     _set(layer.slot_to_expert, slot_to_expert, replicated, np.int32)
+    _set(layer.layer_index, np.int32(index), replicated, np.int32)
     sharded = mesh is not None and layer.config.ep_axis in mesh.axis_names
     slots = None if mesh is None else NamedSharding(mesh, P(layer.config.ep_axis) if sharded else P())
     _put_slots(layer.w_gate_up, gate_up, slot_to_expert, slots, dtype)
