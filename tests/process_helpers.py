@@ -68,3 +68,36 @@ def run_processes(commands: Sequence[Sequence[str]], envs: Sequence[Mapping[str,
                f"killed at the {timeout:.0f} s time limit" if late else "killed after another process failed")
         assert p.returncode == 0, f"process {i} ({' '.join(commands[i][1:3])}): {why}\n{out[-2000:]}\n{err[-3000:]}"
     return [out for out, _ in texts]
+
+
+def run_processes_to_end(commands: Sequence[Sequence[str]], envs: Sequence[Mapping[str, str]], *,
+                         timeout: float) -> list[tuple[int | None, str, str, float]]:
+    """Starts every command at once and waits for each to end by itself (or the time
+    limit, when the rest are killed): ``(exit code or None if killed, stdout, stderr,
+    seconds)`` per command. For runs that must fail alike on every process."""
+    files = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in commands]
+    procs: list[subprocess.Popen] = []
+    start = time.monotonic()
+    ended: dict[int, float] = {}
+    try:
+        for c, env, (out, err) in zip(commands, envs, files, strict=True):
+            procs.append(subprocess.Popen(list(c), stdout=out, stderr=err, text=True, env=dict(env), cwd=ROOT))
+        while len(ended) < len(procs) and time.monotonic() - start < timeout:
+            for i, p in enumerate(procs):
+                if i not in ended and p.poll() is not None:
+                    ended[i] = time.monotonic() - start
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    results = []
+    for i, (p, pair) in enumerate(zip(procs, files)):
+        for f in pair:
+            f.seek(0)
+        out, err = (f.read() for f in pair)
+        for f in pair:
+            f.close()
+        results.append((p.returncode if i in ended else None, out, err, ended.get(i, timeout)))
+    return results

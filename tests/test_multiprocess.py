@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from process_helpers import ROOT, child_env, free_port, run_processes
+from process_helpers import ROOT, child_env, free_port, run_processes, run_processes_to_end
 from wideep_jax import cli
 
 
@@ -152,3 +152,72 @@ def test_main_job_coordinator_auto_under_slurm():
     assert "on 8 cpu devices, WIDEEP" in first, first[-2000:]
     assert len(_report(first)) == 3 + 2  # 3 MoE layers, 2 prompts
     assert _report(second) == [] and "wideep run:" not in second
+
+
+@pytest.mark.parametrize("case", ["statistics_on_one_process", "prompts_differ", "placements_differ",
+                                  "writer_folder_bad"])
+def test_main_job_processes_that_disagree_fail_alike(tmp_path, case):
+    """A setting that differs between the processes (EXPERT_STATISTIC_ITER_RANGE adds
+    collectives to every step: they hung for ever; another prompt mixed rows silently),
+    or a check only the writer makes (its statistics folder): every process exits 2 with
+    the same one-line error, before the model is built."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    run = [sys.executable, "-m", "wideep_jax.cli", "run", "--max-new-tokens", "2", "--cpu-devices", "2",
+           "--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2", "--process-id"]
+    stats = {"EXPERT_STATISTIC_ITER_RANGE": "0-2", "EXPERT_STATISTIC_PATH": str(tmp_path / "stats")}
+    if case == "statistics_on_one_process":
+        argvs, envs = [[], []], [_env() | stats, _env()]
+        message = ("EXPERT_STATISTIC_ITER_RANGE differs between the processes of this run: process 0: 0-2, "
+                   "process 1: unset; allowed: the same on every process")
+    elif case == "prompts_differ":
+        argvs, envs = [["--prompt", "1,2,3"], ["--prompt", "1,2,4"]], [_env()] * 2
+        message = r"the prompts \(--prompt, or --batch, --prompt-len and --seed\) differs between the processes"
+    elif case == "placements_differ":  # each host's copy of "the" placement file
+        argvs, envs = [], [_env()] * 2
+        for pid in range(2):
+            rows = {layer: [(e + pid) % 32 for e in range(32)] for layer in (1, 2, 3)}
+            (tmp_path / f"cfg{pid}.yaml").write_text(
+                f"backend: WIDEEP\nload_balancer:\n  initial_global_assignments: {rows}\n")
+            argvs.append(["--moe-config", str(tmp_path / f"cfg{pid}.yaml")])
+        message = r"--moe-config differs between the processes of this run: process 0: moe_config digest \w+, "
+    else:  # process 0 alone writes, so it alone checks the folder
+        bad = stats | {"EXPERT_STATISTIC_PATH": str(blocker / "stats")}
+        argvs, envs = [[], []], [_env() | bad] * 2
+        message = "EXPERT_STATISTIC_PATH=.*: cannot create that folder"
+    results = run_processes_to_end([run + [str(pid)] + argv for pid, argv in enumerate(argvs)], envs, timeout=300)
+    for pid, (code, out, err, seconds) in enumerate(results):
+        assert code == 2, f"process {pid}: exit {code} after {seconds:.0f} s\n{out[-1500:]}\n{err[-3000:]}"
+        assert re.search(message, err), err[-3000:]
+        assert "wideep run:" not in out  # nothing was built
+    if case == "writer_folder_bad":
+        assert "process 0 failed checking the run's arguments: EXPERT_STATISTIC_PATH=" in results[1][2]
+
+
+def test_agree_raises_alike_on_every_process():
+    """processes.agree between two processes: equal settings pass; a differing setting, or
+    an error on one process (a ValueError, or a bug's KeyError), raises on both, marked as
+    raised alike and naming the setting / process; a step one process skipped times out on
+    the other without marking, and the next step reads no record of it."""
+    port = free_port()
+    child = str(ROOT / "tests" / "agree_child.py")
+    results = run_processes_to_end([[sys.executable, child, str(pid), str(port)] for pid in range(2)],
+                                   [_env()] * 2, timeout=120)
+    lines = {}
+    for pid, (code, out, err, _) in enumerate(results):
+        assert code == 0, f"process {pid}: exit {code}\n{out}\n{err[-3000:]}"
+        for line in out.splitlines():
+            who, step, rest = line.split(" ", 2)
+            lines[int(who), step] = rest
+    for pid in range(2):
+        assert lines[pid, "same"] == "ok"
+        assert lines[pid, "differ"] == ("DisagreementError True a differs between the processes of this run: "
+                                        "process 0: 0, process 1: 1; allowed: the same on every process (each "
+                                        "runs the same program over the whole EP group)")
+        assert lines[pid, "after"] == "ok", lines
+    assert lines[1, "fail"] == "ValueError True bad value on one"
+    assert lines[0, "fail"] == "DisagreementError True process 1 failed fail: bad value on one"
+    assert lines[0, "bug"] == "KeyError True 'k'"
+    assert lines[1, "bug"] == "DisagreementError True process 0 failed bug: KeyError: 'k'"
+    assert lines[0, "skipped"].startswith("DisagreementError False process 1 did not finish skipped within 2 s")
+    assert (1, "skipped") not in lines

@@ -17,6 +17,7 @@ import argparse
 import os
 import re
 import sys
+import traceback
 
 
 def int_at_least(minimum: int):
@@ -224,7 +225,7 @@ def _add_eplb(sub) -> None:
                    help="written into the file: 0 = static placement, N > 0 = online EPLB re-placing "
                         "N layers per iteration, starting from this placement")
     g.add_argument("-o", "--output", "--output_path", dest="output", default="moe_load_balancer.yaml",
-                   help="placement file to write")
+                   help="placement file to write (replaced if it exists; default: %(default)s)")
     g.set_defaults(func=_eplb_generate)
     r = eplb.add_parser("report", help="per-layer load statistics and a per-rank heatmap",
                         description="Per-layer load statistics under the default placement and, "
@@ -257,6 +258,7 @@ def _load_stats(args):
 def _eplb_generate(args) -> int:
     from wideep_jax.eplb.offline import generate_placement, report, write_placement_file
 
+    _check_output_file("-o", args.output)  # before the placement is computed, not after
     stats = _load_stats(args)
     ep = stats.ep_size if args.ep_size is None else args.ep_size
     slots = stats.num_experts if args.num_slots is None else args.num_slots
@@ -272,13 +274,17 @@ def _eplb_generate(args) -> int:
                f"{stats.iter_start}..{stats.iter_stop - 1}), ep_size {ep}, num_nodes {args.num_nodes}.")
     path = write_placement_file(args.output, placements, slots, comment=comment,
                                 layer_updates_per_iter=args.layer_updates_per_iter)
-    avg = report(stats, ep_size=ep, placement=path).average()
+    rep = report(stats, ep_size=ep, placement=path)
+    avg, (summed, placed_summed) = rep.average(), rep.summed_rank_imbalance()
     mode = (f"online, {args.layer_updates_per_iter} layer(s) per iteration" if args.layer_updates_per_iter
             else "static")
     print(f"wideep eplb generate: {len(placements)} layers, {stats.num_experts} experts in {slots} "
           f"slots over {ep} ranks ({mode}) -> {path}")
-    print(f"  (max-mean)/mean per rank, mean over layers: default {avg.rank_imbalance:.3f} "
-          f"-> placed {avg.placed_rank_imbalance:.3f}")
+    # The placement balances the summed load; per iteration (the report's measure) a few
+    # tokens per step are noisy and can read worse than the default.
+    print(f"  rank imbalance (max-mean)/mean, mean over layers: of the load summed over the iterations "
+          f"(what the placement balances) default {summed:.3f} -> placed {placed_summed:.3f}; per iteration, "
+          f"averaged (`eplb report`'s measure) {avg.rank_imbalance:.3f} -> {avg.placed_rank_imbalance:.3f}")
     return 0
 
 
@@ -352,25 +358,47 @@ def main(argv: list[str] | None = None) -> int:
     _add_eplb(sub)
     _add_build_ffi(sub)
     args = parser.parse_args(argv)
-    # Emulated CPU devices must be requested before the first backend is created;
-    # the flag only affects the CPU platform, so it is harmless on a GPU machine.
     try:
+        return _run_command(args)
+    except Exception as err:
+        from wideep_jax.processes import exit_now, in_multiprocess_run, raised_alike
+
+        if not in_multiprocess_run() or raised_alike(err):
+            raise
+        traceback.print_exc()  # a bug's traceback; then see exit_now
+        exit_now(1)
+
+
+def _run_command(args) -> int:
+    try:
+        # Emulated CPU devices must be requested before the first backend is created;
+        # the flag only affects the CPU platform, so it is harmless on a GPU machine.
         _request_cpu_devices(getattr(args, "cpu_devices", None))
         return args.func(args)
-    except BrokenPipeError:
+    except BrokenPipeError as err:
         # The reader went away (``wideep ... | head``): stop quietly, as a shell tool does,
         # with stdout pointed at /dev/null so the interpreter's exit flush cannot fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        return _error_exit(1, err)
     except (ValueError, OSError) as err:  # config, argument and path errors: one line, no traceback
         print(f"wideep: error: {err}", file=sys.stderr)
-        return 2
+        return _error_exit(2, err)
     except Exception as err:
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise
         print(f"wideep: error: out of memory: {str(err).splitlines()[0][:300]}; allowed: fewer tokens "
               "(--tokens, --batch, --prompt-len, --max-new-tokens), more devices, or a smaller model", file=sys.stderr)
-        return 2
+        return _error_exit(2, err)
+
+
+def _error_exit(code: int, error: Exception) -> int:
+    """``code``. A process of a multi-process run whose error the others may not share
+    ends here (see processes.exit_now); one raised alike on every process returns."""
+    from wideep_jax.processes import exit_now, in_multiprocess_run, raised_alike
+
+    if in_multiprocess_run() and not raised_alike(error):
+        exit_now(code)
+    return code
 
 
 DEFAULT_CPU_DEVICES = 8
@@ -403,6 +431,20 @@ def check_output_dir(flag: str, path) -> None:
     except OSError as err:
         raise ValueError(f"{flag}={str(path)!r}: cannot create that folder ({err.strerror}); allowed: a folder "
                          "path that exists or can be created") from None
+
+
+def _check_output_file(flag: str, path) -> None:
+    """An output file's path: not a folder, and its folder exists or can be created."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag}={str(path)!r} is a folder; allowed: a file path (e.g. {str(path / 'lb.yaml')!r})")
+    # Checked, not created yet: a run that fails later leaves no empty folder behind.
+    existing = next(p for p in path.absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{flag}={str(path)!r}: cannot create its folder {str(path.parent)!r} ({str(existing)!r} "
+                         "is a file); allowed: a file path whose folder exists or can be created")
 
 
 def check_kernel_dtype(config, dtype, *, config_flag: str, dtype_flag: str, dtype_given) -> None:

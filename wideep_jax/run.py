@@ -12,10 +12,12 @@ prefill, then one per decode step) are written in TensorRT-LLM's format, for
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 PRESETS = {
     "tiny": dict(model_type="qwen3_moe", vocab_size=512, hidden_size=256, num_hidden_layers=4,
@@ -113,6 +115,8 @@ def init_distributed(coordinator: str | None, num_processes: int | None, process
                          "--num-processes and --process-id") from None
     except RuntimeError as err:  # e.g. a backend already started in this process
         raise ValueError(f"--coordinator={coordinator}: {err}") from None
+    from wideep_jax.processes import mark_joined
+    mark_joined()
 
 
 def _moe_config(path, num_experts: int, ep: int):
@@ -255,22 +259,17 @@ def _prompts(args, vocab: int, tokenizer) -> list[list[int]]:
     return prompts
 
 
-def main_job(args) -> int:
+def _set_up(args) -> SimpleNamespace:
+    """The run's model config, moe_config, recorder and prompts, from its arguments:
+    every check that needs no model, before the (possibly long) build."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
 
     from wideep_jax.cli import check_kernel_dtype
-    from wideep_jax.eplb.algorithm import imbalance, rank_loads
-    from wideep_jax.layer import MoELayer
-    from wideep_jax.models import CausalLM, DecoderConfig, from_hf_config, from_pretrained
-    from wideep_jax.models.generate import check_sampling, generate, generated_lengths, model_balancer
+    from wideep_jax.models import DecoderConfig, from_hf_config
+    from wideep_jax.models.generate import check_sampling
     from wideep_jax.models.loading import read_config
 
-    init_distributed(args.coordinator, args.num_processes, args.process_id, args.local_device_ids)
-    # Every process runs the same program; process 0 reports.
-    say = print if jax.process_index() == 0 else (lambda *a, **k: None)
     platform = jax.default_backend()
     dtype = jnp.dtype(args.dtype or ("bfloat16" if platform == "gpu" else "float32"))
     ep = jax.device_count() if args.ep is None else args.ep
@@ -300,14 +299,69 @@ def main_job(args) -> int:
     prompts = _prompts(args, cfg.vocab_size, tokenizer)
     mesh = jax.make_mesh((ep,), (moe_config.ep_axis,), devices=jax.devices()[:ep],
                          axis_types=(jax.sharding.AxisType.Auto,))
+    alltoall = None
+    if moe_config.backend == "WIDEEP":  # resolved per host (WIDEEP_ALLTOALL, the FFI build): compared
+        from wideep_jax.comm import resolve_alltoall_backend
+        alltoall = resolve_alltoall_backend(moe_config.alltoall_backend, mesh, moe_config.ep_axis)
+    return SimpleNamespace(platform=platform, dtype=dtype, ep=ep, folder=folder, cfg=cfg, moe_config=moe_config,
+                           recorder=recorder, tokenizer=tokenizer, prompts=prompts, mesh=mesh, alltoall=alltoall)
+
+
+def _settings(args, setup: SimpleNamespace) -> dict[str, str]:
+    """What every process of a run must have alike, as short texts (digests of long values;
+    file contents, not paths, which may differ between hosts)."""
+    from wideep_jax.eplb.stats_files import ENV_RANGE
+
+    def digest(value) -> str:
+        return hashlib.sha256(repr(value).encode()).hexdigest()[:12]
+
+    settings = {
+        "--model": args.model if setup.folder is None else f"config.json digest {digest(setup.cfg)}",
+        "--moe-config": f"moe_config digest {digest(setup.moe_config)}",
+        "--dtype": setup.dtype.name, "--ep": str(setup.ep), "--max-new-tokens": str(args.max_new_tokens),
+        "--temperature": repr(args.temperature), "--top-p": repr(args.top_p), "--seed": str(args.seed),
+        "the prompts (--prompt, or --batch, --prompt-len and --seed)":
+            f"{len(setup.prompts)} prompts, token ids digest {digest(setup.prompts)}",
+        # It adds the statistics' collectives to every step: processes without it hang with it.
+        ENV_RANGE: os.environ.get(ENV_RANGE, "unset"),
+        "the all-to-all backend (moe_config.alltoall_backend, WIDEEP_ALLTOALL)": str(setup.alltoall),
+    }
+    if setup.folder is not None:
+        files = sorted((f.name, f.stat().st_size) for f in setup.folder.glob("*.safetensors"))
+        settings["--model's checkpoint files"] = f"{len(files)} .safetensors files, names and sizes digest {digest(files)}"
+    return settings
+
+
+def main_job(args) -> int:
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from wideep_jax.eplb.algorithm import imbalance, rank_loads
+    from wideep_jax.layer import MoELayer
+    from wideep_jax.models import CausalLM, from_pretrained
+    from wideep_jax.models.generate import generate, generated_lengths, model_balancer
+    from wideep_jax.processes import agree, mark_raised_alike
+
+    init_distributed(args.coordinator, args.num_processes, args.process_id, args.local_device_ids)
+    # Every process runs the same program; process 0 reports. A check that fails on one
+    # process, or a setting that differs, fails on every process here, before the build.
+    try:
+        setup = _set_up(args)
+        settings = _settings(args, setup)
+    except Exception as err:  # any kind: the others must not wait for this process
+        agree("checking the run's arguments", error=err)
+        raise
+    agree("checking the run's arguments", settings)
+    say = print if jax.process_index() == 0 else (lambda *a, **k: None)
+    platform, dtype, ep, folder = setup.platform, setup.dtype, setup.ep, setup.folder
+    cfg, moe_config, recorder, tokenizer, prompts = (setup.cfg, setup.moe_config, setup.recorder,
+                                                     setup.tokenizer, setup.prompts)
+    mesh = setup.mesh
     start = time.perf_counter()
     model = (CausalLM(cfg, moe_config, mesh=mesh, rngs=nnx.Rngs(args.seed)) if folder is None
              else from_pretrained(folder, moe_config=moe_config, mesh=mesh, dtype=dtype))
-    if moe_config.backend == "WIDEEP":
-        from wideep_jax.comm import resolve_alltoall_backend
-        comm = f" ({resolve_alltoall_backend(moe_config.alltoall_backend, mesh, moe_config.ep_axis)} all-to-all)"
-    else:
-        comm = ""
+    comm = "" if setup.alltoall is None else f" ({setup.alltoall} all-to-all)"
     say(f"wideep run: {args.model} ({cfg.model_type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
         f"{cfg.num_experts} experts top-{cfg.num_experts_per_tok}, {dtype.name}) on {ep} {platform} devices, "
         f"{moe_config.backend}{comm}; built in {time.perf_counter() - start:.1f} s")
@@ -368,11 +422,17 @@ def main_job(args) -> int:
             say(f"  layer {layer.layer_idx}: rank imbalance {float(imbalance(loads)):.3f} over the run "
                 f"(projected); {note}")
     # steps: one entry per iteration the run had (kept whenever there is a recorder).
-    stats_error = _save_stats(recorder, say, len(steps)) if recorder is not None else None
+    # Process 0 writes; a failure is reported after the tokens, by every process.
+    save_failure = stats_error = None
+    try:
+        stats_error = _save_stats(recorder, say, len(steps)) if recorder is not None else None
+    except Exception as err:  # e.g. safetensors' own error type: the others wait in agree below
+        save_failure = err
     for row, prompt in enumerate(prompts[:4]):
         new = [int(t) for t in result.tokens[row]]
         text = tokenizer.decode(new) if tokenizer is not None else " ".join(map(str, new[:16]))
         say(f"  [{row}] {len(prompt)} prompt tokens -> {text}{' ...' if tokenizer is None and len(new) > 16 else ''}")
-    if stats_error is not None:  # after the report: the generation itself ran
-        raise ValueError(stats_error)
+    agree("writing the expert statistics", error=save_failure)
+    if stats_error is not None:  # after the report: the generation itself ran (alike on every process)
+        raise mark_raised_alike(ValueError(stats_error))
     return 0

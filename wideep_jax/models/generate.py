@@ -228,7 +228,10 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
       after_step: called with each step's per-layer ``MoEStats`` (e.g. a statistics recorder),
         after the balancer. Passing the balancer's own ``step`` here is harmless (it
         still runs once per step); a wrapper that steps it raises ``ValueError``
-        (use ``balance=False`` to step it yourself).
+        (use ``balance=False`` to step it yourself). In a multi-process run it must
+        behave alike on every process: one that raises on one process only leaves the
+        others waiting in the next step's collectives (``wideep run`` then ends that
+        process at once, so that jax.distributed's heartbeat ends the others).
       balance: with an online ``load_balancer`` in the model's ``moe_config``, re-place
         layers after every step (prefill and each decode step) with
         :func:`model_balancer` (a balancer you built over the model's layers is the one
