@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -230,7 +231,7 @@ def test_library_loads_when_its_rpath_is_stale(tmp_path):
 
 
 def test_missing_toolchain_says_what_to_install(monkeypatch):
-    monkeypatch.setenv("NVCC", "/nonexistent/nvcc")
+    monkeypatch.delenv("NVCC", raising=False)
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.setenv("CUDA_HOME", "/nonexistent")
     monkeypatch.setattr(ffi_build, "FALLBACK_CUDA_HOMES", ())
@@ -240,6 +241,25 @@ def test_missing_toolchain_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.nccl", None)
     with pytest.raises(ffi_build.FfiBuildError, match="pip install nvidia-nccl-cu13"):
         ffi_build.nccl_paths()
+
+
+def test_nvcc_or_nccl_home_set_to_nothing_is_refused(tmp_path, monkeypatch):
+    """$NVCC / $NCCL_HOME pointing nowhere: an error naming the variable and its value, not
+    a build with the toolkit or NCCL found elsewhere (PATH, the pip package), where both
+    exist too."""
+    _fake_toolchain(tmp_path, monkeypatch, "exit 0")
+    monkeypatch.setenv("PATH", str(tmp_path) + os.pathsep + os.environ["PATH"])  # a working nvcc on PATH
+    assert ffi_build.find_nvcc() == str(tmp_path / "nvcc")
+    assert ffi_build.nccl_paths() == (tmp_path / "nccl" / "include", tmp_path / "nccl" / "lib")
+    for value in (str(tmp_path / "missing" / "nvcc"), str(tmp_path)):  # absent; a folder
+        monkeypatch.setenv("NVCC", value)
+        with pytest.raises(ffi_build.FfiBuildError, match=f"NVCC='{re.escape(value)}' is no executable file"):
+            ffi_build.find_nvcc()
+    (tmp_path / "half" / "include").mkdir(parents=True)
+    for value in (str(tmp_path / "missing"), str(tmp_path / "half")):
+        monkeypatch.setenv("NCCL_HOME", value)
+        with pytest.raises(ffi_build.FfiBuildError, match=f"NCCL_HOME='{re.escape(value)}' has no include/nccl.h"):
+            ffi_build.nccl_paths()
 
 
 def _fake_toolchain(tmp_path, monkeypatch, nvcc_body: str) -> None:

@@ -139,6 +139,9 @@ def test_load_balancer_path_naming_two_files_or_none_is_an_error(tmp_path, monke
     with raises(LB, f"file not found: 'other.yaml' (looked in '{tmp_path / 'other.yaml'!s}' and "
                     f"'{tmp_path / 'cfg' / 'other.yaml'!s}')"):
         load_moe_config(write(tmp_path / "cfg" / "d.yaml", "load_balancer: other.yaml\n"))
+    for empty in ('""', "' '"):  # Path("") is the current directory: no file name at all
+        with raises(LB, "(str); allowed: a placement file's path, a mapping, or null (no load balancer)"):
+            load_moe_config(write(tmp_path / "cfg" / "e.yaml", f"load_balancer: {empty}\n"))
 
 
 @pytest.mark.parametrize("nested", [False, True])
@@ -396,9 +399,9 @@ def test_schema_errors(source, key, value):
         ({"initial_global_assignments": {4: [0, 1, 2, 3, 4, 0, 1, 0]}}, 2, f"{IGA}[4]", "layer 4 gives no slot to experts [5, 6, 7]"),
         # online placement: at most one replica of an expert per rank, node groups of E / num_nodes experts
         ({"num_slots": 20, "layer_updates_per_iter": 1}, 2, f"{LB}.num_slots",
-         "20 (int); allowed: <= num_experts * ranks per node group = 16"),
+         "20 (int); allowed: <= num_experts * ranks per node group = 16 (here 8 experts, ep_size 2 over num_nodes 1;"),
         ({"num_nodes": 2, "num_slots": 24, "layer_updates_per_iter": 1}, 4, f"{LB}.num_slots",
-         "24 (int); allowed: <= num_experts * ranks per node group = 16"),
+         "24 (int); allowed: <= num_experts * ranks per node group = 16 (here 8 experts, ep_size 4 over num_nodes 2;"),
         ({"num_nodes": 3, "num_slots": 12, "layer_updates_per_iter": 1}, 6, f"{LB}.num_nodes",
          "3 (int); allowed: a divisor of num_experts = 8"),
     ],

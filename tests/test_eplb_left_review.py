@@ -188,6 +188,43 @@ def test_report_names_where_a_defaulted_ep_size_came_from(tmp_path, rng, capsys)
     assert main(["eplb", "report", "--stats", str(path), "--no-heatmap", "--ep-size", "2"]) == 0
 
 
+def test_report_placement_errors_not_about_sizes_get_no_ep_size_note(tmp_path, rng):
+    """A missing placement file, or a moe_config file given as the placement, is no
+    matter of ep_size: the note on where it came from stays out of those errors."""
+    path = write_trtllm_stats(tmp_path / "s", rng.integers(0, 50, (4, 2, 2, 8)), iters=[0, 1], layers=[1, 2])
+    config = tmp_path / "config.yaml"
+    config.write_text("moe_config:\n  backend: WIDEEP\n")
+    for placement, problem in ((tmp_path / "nosuch.yaml", "not found"), (config, "moe_config")):
+        with pytest.raises(ConfigError, match=problem) as err:
+            report(load_stats(path), placement=placement)
+        assert "rank files" not in str(err.value), err.value
+    # An expert id past the statistics' experts is a matter of the sizes: the note stays.
+    ids = list(range(8, 16))
+    placement = tmp_path / "lb.yaml"
+    placement.write_text(json.dumps({"num_slots": 8, "initial_global_assignments": {1: ids, 2: ids}}))
+    with pytest.raises(ConfigError, match=r"allowed: an expert id in \[0, 8\) .*; ep_size 4 is the number of rank"):
+        report(load_stats(path), placement=placement)
+    placement.write_text(json.dumps({"ep_size": 2, "num_slots": 8, "initial_global_assignments": {1: ids, 2: ids}}))
+    with pytest.raises(ConfigError, match=r"allowed: an expert id in \[0, 8\) \(in the placement file .*, for "
+                                          r"num_experts=8, ep_size=2 from its ep_size key\)"):
+        report(load_stats(path), placement=placement)
+
+
+def test_generate_output_path_checked_before_the_placement(tmp_path, rng, capsys):
+    """-o naming a folder, or a file under a file: one line naming -o, exit 2 (they were
+    raw OS errors after the placement was computed)."""
+    path = write_trtllm_stats(tmp_path / "s", rng.integers(0, 50, (4, 2, 2, 8)), iters=[0, 1], layers=[1, 2])
+    blocker = tmp_path / "file.yaml"
+    blocker.write_text("")
+    for output, problem in ((tmp_path, "is a folder; allowed: a file path"),
+                            (blocker / "x.yaml", "cannot create its folder")):
+        assert main(["eplb", "generate", "--stats", str(path), "-o", str(output)]) == 2
+        captured = capsys.readouterr()
+        assert f"-o={str(output)!r}" in captured.err and problem in captured.err, captured.err
+        assert "wideep eplb generate:" not in captured.out
+    assert main(["eplb", "generate", "--stats", str(path), "-o", str(tmp_path / "new" / "lb.yaml")]) == 0
+
+
 def test_generate_names_where_a_defaulted_ep_size_came_from(tmp_path, rng, capsys):
     """`wideep eplb generate` takes the rank files' count as ep_size too: 3 over 8 slots said
     'a multiple of ep_size = 3' without where the 3 came from or how to give another."""

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 from moe_helpers import make_layer, make_spec, random_routing, random_tokens, run_layer
 from wideep_jax.cli import main
-from wideep_jax.config import ConfigWarning, default_placement, load_moe_config
+from wideep_jax.config import ConfigError, ConfigWarning, default_placement, load_moe_config
 from wideep_jax.eplb.offline import (Placements, format_report, generate_placement, report, save_heatmap,
                                      write_placement_file)
 from wideep_jax.eplb.stats_files import (StatsFileError, StatsRecorder, load_stats,
@@ -108,6 +108,9 @@ def test_recorder_arrays_step_and_checks(tmp_path):
         jax.jit(lambda c: rec.record(1, 0, c) or c)(np.zeros((2, 4), np.int32))
     rec.step(2)
     assert rec.done and load_stats(tmp_path / "s").counts.tolist() == [[[1, 2, 0, 0]], [[0, 0, 3, 1]]]
+    # Every file as the umask makes a new one (safetensors alone writes 0600).
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "s").iterdir()}
+    assert set(modes.values()) == {modes["meta_info.json"]}, modes
 
     # A caller that reuses one buffer must not rewrite the iterations recorded before.
     reuse = StatsRecorder(tmp_path / "r", 0, 3, num_experts=4, top_k=1)
@@ -456,6 +459,9 @@ def test_report_projects_a_trtllm_placement_file_with_its_ep_size(tmp_path, rng,
     assert main(["eplb", "report", "--stats", str(stats_dir), "--ep-size", "4", "--placement", str(path),
                  "--no-heatmap"]) == 2
     assert "was generated for ep_size 8" in capsys.readouterr().err
+    # Deployed as it is, the runtime refuses the key (as TensorRT-LLM's does) and says what to do.
+    with pytest.raises(ConfigError, match=r"unknown key 'ep_size'; .*remove it from a placement file you deploy"):
+        load_moe_config({"backend": "WIDEEP", "load_balancer": str(path)}, num_experts=16, ep_size=8)
 
 
 def test_placement_file_layer_updates_per_iter(tmp_path, rng):
@@ -555,8 +561,16 @@ def test_cli_generate_and_report(tmp_path, rng, capsys):
                  "--iter-start", "6", "-o", str(out)]) == 0
     text = capsys.readouterr().out
     assert "2 layers, 32 experts in 48 slots over 8 ranks" in text and str(out) in text
-    default, placed = map(float, re.search(r"default ([\d.]+) -> placed ([\d.]+)", text).groups())
+    default, placed, per_iter, per_iter_placed = map(float, re.search(
+        r"summed over the iterations \(what the placement balances\) default ([\d.]+) -> placed ([\d.]+); "
+        r"per iteration, averaged \(`eplb report`'s measure\) ([\d.]+) -> ([\d.]+)", text).groups())
     assert placed < default
+    rep = report(load_stats(stats_dir, iter_start=6), ep_size=8, placement=out)
+    imb = lambda load: ((load.max(-1) - load.mean(-1)) / load.mean(-1)).mean()  # noqa: E731
+    np.testing.assert_allclose([default, placed], [imb(rep.rank_load), imb(rep.placed_rank_load)], atol=5e-4)
+    avg = rep.average()
+    np.testing.assert_allclose([per_iter, per_iter_placed], [avg.rank_imbalance, avg.placed_rank_imbalance],
+                               atol=5e-4)
     assert load_moe_config({"load_balancer": str(out)}, num_experts=32, ep_size=8).load_balancer.num_slots == 48
 
     heat = tmp_path / "heat.png"

@@ -122,8 +122,10 @@ def placement_violation(num_experts: int, num_slots: int, ep_size: int, num_node
                                             "(each node group holds E / num_nodes experts)")
         most = num_experts * (ep_size // num_nodes)
         if num_slots > most:
-            return "num_slots", num_slots, (f"<= num_experts * ranks per node group = {most} (at most one "
-                                            "replica of an expert per rank, all in one node group)")
+            return "num_slots", num_slots, (f"<= num_experts * ranks per node group = {most} (here "
+                                            f"{num_experts} experts, ep_size {ep_size} over num_nodes "
+                                            f"{num_nodes}; at most one replica of an expert per rank, all "
+                                            "in one node group)")
     return None
 
 
@@ -173,7 +175,10 @@ def _choice(key: str, value: Any, choices: tuple[str, ...], *, upper: bool) -> s
 def _check_keys(key: str, raw: Mapping, allowed: tuple[str, ...]) -> None:
     for k in raw:
         if k not in allowed:
-            raise ConfigError(f"{key}: unknown key {k!r}; allowed keys: {', '.join(allowed)}")
+            # TensorRT-LLM's newer placement generators write ep_size for its report; its runtime refuses it too.
+            advice = ("; ep_size is read by `wideep eplb report` only: remove it from a placement file you "
+                      "deploy (TensorRT-LLM's runtime refuses it too)") if k == "ep_size" and key == _LB else ""
+            raise ConfigError(f"{key}: unknown key {k!r}; allowed keys: {', '.join(allowed)}{advice}")
 
 
 def _layer_key(key: str) -> str:
@@ -503,6 +508,8 @@ def _placement_path(raw: str | os.PathLike, base_dir: Path) -> Path:
     """A placement file's path. Relative: from the current directory, as TensorRT-LLM
     opens it, or else beside the config file (``base_dir``); both existing and
     differing is an error, since either reading could be the wrong one."""
+    if not str(raw).strip():  # Path("") is the current directory
+        raise _fail(_LB, raw, "a placement file's path, a mapping, or null (no load balancer)")
     path = Path(raw).expanduser()
     if path.is_absolute():
         return path

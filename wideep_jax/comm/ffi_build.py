@@ -54,7 +54,12 @@ def source_files() -> list[Path]:
 
 def find_nvcc() -> str:
     """Path of nvcc: ``$NVCC``, then ``PATH``, then ``$CUDA_HOME/bin``, ``/usr/local/cuda/bin``."""
-    candidates = [os.environ.get("NVCC"), shutil.which("nvcc")]
+    given = os.environ.get("NVCC")
+    if given and not (Path(given).is_file() and os.access(given, os.X_OK)):
+        # Set on purpose: another nvcc from PATH would build against another toolkit unannounced.
+        raise FfiBuildError(f"NVCC={given!r} is no executable file; allowed: the path of nvcc (>= 12.4), "
+                            "or NVCC unset (PATH, then $CUDA_HOME/bin)")
+    candidates = [given, shutil.which("nvcc")]
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), *FALLBACK_CUDA_HOMES):
         if home:
             candidates.append(str(Path(home) / "bin" / "nvcc"))
@@ -71,8 +76,14 @@ def find_nvcc() -> str:
 def nccl_paths() -> tuple[Path, Path]:
     """(include dir, lib dir) of NCCL from the ``nvidia-nccl-cu13`` package or ``$NCCL_HOME``."""
     roots = []
-    if os.environ.get("NCCL_HOME"):
-        roots.append(Path(os.environ["NCCL_HOME"]))
+    given = os.environ.get("NCCL_HOME")
+    if given:
+        root = Path(given)
+        if not ((root / "include" / "nccl.h").is_file() and (root / "lib").is_dir()):
+            # Set on purpose: the pip package's NCCL instead would be a different one unannounced.
+            raise FfiBuildError(f"NCCL_HOME={given!r} has no include/nccl.h and lib/; allowed: an NCCL install "
+                                "folder holding both, or NCCL_HOME unset (the nvidia-nccl-cu13 package)")
+        roots.append(root)
     try:
         import nvidia.nccl
 

@@ -153,6 +153,13 @@ class LoadReport:
     """float64 [num_layers, ep_size] under the given placement, or None."""
     placement_num_slots: int | None = None
 
+    def summed_rank_imbalance(self) -> tuple[float, float | None]:
+        """(max - mean) / mean of the per-rank load summed over the iterations (what
+        :func:`generate_placement` balances), mean over layers: ``(default, placed or None)``."""
+        def imb(load):
+            return None if load is None else float(np.mean(_imbalance(load[None])))
+        return imb(self.rank_load), imb(self.placed_rank_load)
+
     def average(self) -> LayerLoad:
         """Mean of every column over the layers (``layer = -1``)."""
         def avg(name):
@@ -199,6 +206,7 @@ def _resolve_placement(placement, stats: LoadedStats,
     name = "placement"
     file_ep = None
     where = None
+    unreadable = False
     if isinstance(placement, (str, os.PathLike)):
         path = Path(placement).expanduser().resolve()
         source = str(path)
@@ -207,6 +215,7 @@ def _resolve_placement(placement, stats: LoadedStats,
             raw = _read_yaml(name, path)
         except ConfigError:
             raw = None  # the loader below names the problem, as for the runtime
+            unreadable = True
         if isinstance(raw, Mapping) and "ep_size" in raw:
             file_ep = raw["ep_size"]
             if not isinstance(file_ep, int) or isinstance(file_ep, bool) or file_ep < 1:
@@ -237,7 +246,9 @@ def _resolve_placement(placement, stats: LoadedStats,
         lb = load_moe_config({"backend": "WIDEEP", "load_balancer": source}, num_experts=stats.num_experts,
                              ep_size=ep_size).load_balancer
     except ConfigError as err:
-        if where is None:
+        # Where the sizes came from, for the placement's checks (not for a missing or unreadable
+        # file, or a key the file should not have).
+        if where is None or unreadable or ": unknown key " in str(err):
             raise
         raise ConfigError(f"{err}{where}") from None
     num_slots = lb.num_slots or stats.num_experts

@@ -239,9 +239,12 @@ class StatsRecorder:
             host = {key: value.astype(np.int32) for key, value in host.items()}
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / META_FILE).write_text(json.dumps(self.meta))
+            mode = (self.path / META_FILE).stat().st_mode & 0o777  # as the umask gives a new file
             for r in range(self._num_ranks):
-                save_file({k: np.ascontiguousarray(v[r]) for k, v in host.items()},
-                          str(self.path / f"rank{r}.safetensors"))
+                rank_file = self.path / f"rank{r}.safetensors"
+                save_file({k: np.ascontiguousarray(v[r]) for k, v in host.items()}, str(rank_file))
+                # safetensors creates its files 0600: readable to others as the meta file is.
+                rank_file.chmod(mode)
             # A stale rank file of an earlier, wider run would be summed into these counts; a
             # second file of a rank (rank01 beside rank1) would make load_stats refuse the folder.
             for rank, stale in _rank_files(self.path):
