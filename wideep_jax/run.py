@@ -328,7 +328,8 @@ def _settings(args, setup: SimpleNamespace) -> dict[str, str]:
     }
     if setup.folder is not None:
         files = sorted((f.name, f.stat().st_size) for f in setup.folder.glob("*.safetensors"))
-        settings["--model's checkpoint files"] = f"{len(files)} .safetensors files, names and sizes digest {digest(files)}"
+        settings["--model's checkpoint files"] = (f"{len(files)} .safetensors files, names and sizes digest "
+                                                  f"{digest(files)}")
     return settings
 
 
