@@ -35,39 +35,16 @@ def run_processes(commands: Sequence[Sequence[str]], envs: Sequence[Mapping[str,
 
     Once one fails the others would wait for it in a collective, so they are killed
     then, and at the time limit: a failure never becomes a hang."""
-    files = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in commands]
-    procs: list[subprocess.Popen] = []
-    deadline = time.monotonic() + timeout
-    try:
-        for c, env, (out, err) in zip(commands, envs, files, strict=True):
-            procs.append(subprocess.Popen(list(c), stdout=out, stderr=err, text=True, env=dict(env), cwd=ROOT))
-        while any(p.poll() is None for p in procs):
-            if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-    finally:
-        killed = [p.poll() is None for p in procs]
-        late = time.monotonic() > deadline
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    texts = []
-    for pair in files:
-        for f in pair:
-            f.seek(0)
-        texts.append(tuple(f.read() for f in pair))
-        for f in pair:
-            f.close()
+    results = _run(commands, envs, timeout=timeout, stop_on_failure=True)
     # The first failure is the one to read: report the processes that failed by
     # themselves before those killed because of them.
-    order = sorted(range(len(procs)), key=lambda i: killed[i])
-    for i in order:
-        p, (out, err) = procs[i], texts[i]
-        why = (f"exit {p.returncode}" if not killed[i] else
+    for i in sorted(range(len(results)), key=lambda i: results[i][0] is None):
+        code, out, err, _ = results[i]
+        late = max(r[3] for r in results) >= timeout
+        why = (f"exit {code}" if code is not None else
                f"killed at the {timeout:.0f} s time limit" if late else "killed after another process failed")
-        assert p.returncode == 0, f"process {i} ({' '.join(commands[i][1:3])}): {why}\n{out[-2000:]}\n{err[-3000:]}"
-    return [out for out, _ in texts]
+        assert code == 0, f"process {i} ({' '.join(commands[i][1:3])}): {why}\n{out[-2000:]}\n{err[-3000:]}"
+    return [out for _, out, _, _ in results]
 
 
 def run_processes_to_end(commands: Sequence[Sequence[str]], envs: Sequence[Mapping[str, str]], *,
@@ -75,6 +52,10 @@ def run_processes_to_end(commands: Sequence[Sequence[str]], envs: Sequence[Mappi
     """Starts every command at once and waits for each to end by itself (or the time
     limit, when the rest are killed): ``(exit code or None if killed, stdout, stderr,
     seconds)`` per command. For runs that must fail alike on every process."""
+    return _run(commands, envs, timeout=timeout, stop_on_failure=False)
+
+
+def _run(commands, envs, *, timeout: float, stop_on_failure: bool) -> list[tuple[int | None, str, str, float]]:
     files = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in commands]
     procs: list[subprocess.Popen] = []
     start = time.monotonic()
@@ -86,12 +67,16 @@ def run_processes_to_end(commands: Sequence[Sequence[str]], envs: Sequence[Mappi
             for i, p in enumerate(procs):
                 if i not in ended and p.poll() is not None:
                     ended[i] = time.monotonic() - start
+            if stop_on_failure and any(procs[i].returncode != 0 for i in ended):
+                break
             time.sleep(0.1)
     finally:
-        for p in procs:
+        for i, p in enumerate(procs):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+            elif i not in ended:  # ended since the last look
+                ended[i] = time.monotonic() - start
     results = []
     for i, (p, pair) in enumerate(zip(procs, files)):
         for f in pair:
@@ -99,5 +84,5 @@ def run_processes_to_end(commands: Sequence[Sequence[str]], envs: Sequence[Mappi
         out, err = (f.read() for f in pair)
         for f in pair:
             f.close()
-        results.append((p.returncode if i in ended else None, out, err, ended.get(i, timeout)))
+        results.append((p.returncode if i in ended else None, out, err, ended.get(i, time.monotonic() - start)))
     return results
