@@ -87,6 +87,8 @@ class MoELayer(nnx.Module):
         sharded = mesh is not None
         ep_size = mesh.shape[config.ep_axis] if sharded else 1
         placement = config.slot_to_expert(layer_idx, num_experts=spec.num_experts, ep_size=ep_size)
+        if layer_idx is not None and layer_idx > np.iinfo(np.int32).max:  # >= 0 checked just above
+            raise ValueError(f"MoELayer layer_idx: got {layer_idx}; allowed: an int in [0, 2**31) or None")
         self.num_slots = int(placement.shape[0])
         self.ep_size = ep_size
 
@@ -102,8 +104,6 @@ class MoELayer(nnx.Module):
         self.w_gate_up = nnx.Param(make_slots(key_up, s2e, (h, 2 * i), h))
         self.w_down = nnx.Param(make_slots(key_down, s2e, (i, h), i))
         self.slot_to_expert = Placement(self._put(s2e))
-        if layer_idx is not None and layer_idx > np.iinfo(np.int32).max:  # checked >= 0 above
-            raise ValueError(f"MoELayer layer_idx: got {layer_idx}; allowed: an int in [0, 2**31) or None")
         self.layer_index = LayerIndex(self._put(jnp.int32(-1 if layer_idx is None else layer_idx)))
         self.correction_bias = (
             RouterBias(self._put(jnp.zeros((e,), jnp.float32))) if spec.router.kind == "noaux_tc" else None
