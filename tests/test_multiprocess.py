@@ -8,10 +8,13 @@ one-process run of the same EP8 program.
 """
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,18 +48,33 @@ def _report(out: str) -> list[str]:
     return [line for line in out.splitlines() if re.match(r"  (layer \d+:|\[\d+\])", line)]
 
 
+def _package_copy(where: Path) -> str:
+    """The package (wideep_jax, pallas_kernels) copied under ``where``: another host's install path."""
+    for name in ("wideep_jax", "pallas_kernels"):
+        shutil.copytree(ROOT / name, where / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return str(where)
+
+
 def test_main_job_across_two_processes_matches_one_process(tmp_path):
     """Same tokens and balance report, and (EXPERT_STATISTIC_*) the same per-rank
-    statistics files, written by process 0 alone."""
+    statistics files, written by process 0 alone. Process 1 imports the package from
+    another path, as another host may: the programs' source locations then differed,
+    and the processes waited on each other for ever in their first collective."""
     from safetensors.numpy import load_file
 
     port = free_port()
-    run = [sys.executable, "-m", "wideep_jax.cli", "run", "--max-new-tokens", "4", "--batch", "4"]
+    # -P: the package comes from PYTHONPATH, not from the working directory.
+    run = [sys.executable, "-P", "-m", "wideep_jax.cli", "run", "--max-new-tokens", "4", "--batch", "4"]
     stats = {name: _env() | {"EXPERT_STATISTIC_ITER_RANGE": "1-3", "EXPERT_STATISTIC_PATH": str(tmp_path / name)}
              for name in ("two", "one")}
+    elsewhere = stats["two"] | {"PYTHONPATH": os.pathsep.join([_package_copy(tmp_path / "host1"),
+                                                               stats["two"]["PYTHONPATH"]])}
+    probe = subprocess.run([sys.executable, "-P", "-c", "import wideep_jax; print(wideep_jax.__file__)"],
+                           env=elsewhere, cwd=ROOT, capture_output=True, text=True, check=True)
+    assert probe.stdout.startswith(str(tmp_path / "host1")), probe.stdout
     outs = run_processes([run + ["--cpu-devices", "4", "--coordinator", f"127.0.0.1:{port}",
                                  "--num-processes", "2", "--process-id", str(pid)] for pid in range(2)]
-                         + [run + ["--cpu-devices", "8"]], [stats["two"], stats["two"], stats["one"]],
+                         + [run + ["--cpu-devices", "8"]], [stats["two"], elsewhere, stats["one"]],
                          timeout=600)
     two, quiet, one = outs
     assert "on 8 cpu devices, WIDEEP" in two and "online EPLB" in two, two[-2000:]

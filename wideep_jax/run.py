@@ -98,6 +98,10 @@ def init_distributed(coordinator: str | None, num_processes: int | None, process
     # CPU devices of different processes talk through gloo (the default has no
     # cross-process collectives); GPUs use NCCL whatever this says.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Programs whose HLO differs only in source locations (the package imported from another
+    # path on another host, a wrapper's frame) never met in their CPU collectives: a hang,
+    # measured with gloo. No locations in the HLO, so every process compiles the same bytes.
+    jax.config.update("jax_traceback_in_locations_limit", 0)
     # jax.distributed waits for every process (up to its 300 s initialization timeout): say so.
     who = ("the cluster's coordinator" if coordinator == "auto"
            else f"{coordinator} as process {process_id} of {num_processes}")
