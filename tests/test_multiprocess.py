@@ -22,6 +22,8 @@ import pytest
 from process_helpers import ROOT, child_env, free_port, run_processes, run_processes_to_end
 from wideep_jax import cli
 
+CHECKPOINT = ROOT / "tests" / "fixtures" / "qwen3_moe_tiny"
+
 
 def _env() -> dict[str, str]:
     return child_env(JAX_PLATFORMS="cpu")
@@ -173,7 +175,7 @@ def test_main_job_coordinator_auto_under_slurm():
 
 
 @pytest.mark.parametrize("case", ["statistics_on_one_process", "prompts_differ", "placements_differ",
-                                  "writer_folder_bad"])
+                                  "checkpoints_differ", "writer_folder_bad"])
 def test_main_job_processes_that_disagree_fail_alike(tmp_path, case):
     """A setting that differs between the processes (EXPERT_STATISTIC_ITER_RANGE adds
     collectives to every step: they hung for ever; another prompt mixed rows silently),
@@ -199,6 +201,24 @@ def test_main_job_processes_that_disagree_fail_alike(tmp_path, case):
                 f"backend: WIDEEP\nload_balancer:\n  initial_global_assignments: {rows}\n")
             argvs.append(["--moe-config", str(tmp_path / f"cfg{pid}.yaml")])
         message = r"--moe-config differs between the processes of this run: process 0: moe_config digest \w+, "
+    elif case == "checkpoints_differ":  # each host's copy: another model of the same architecture
+        from safetensors import safe_open
+        from safetensors.numpy import load_file, save_file
+        argvs, envs = [], [_env()] * 2
+        for pid in range(2):
+            folder = tmp_path / f"ckpt{pid}"
+            shutil.copytree(CHECKPOINT, folder)
+            if pid:  # fine-tuned: every weight differs, names, shapes and file sizes do not
+                path = str(folder / "model.safetensors")
+                with safe_open(path, "np") as f:
+                    metadata = f.metadata()
+                weights = load_file(path)
+                save_file({k: (v * 1.5).astype(v.dtype) for k, v in weights.items()}, path, metadata=metadata)
+            argvs.append(["--model", str(folder)])
+        assert (tmp_path / "ckpt0" / "model.safetensors").stat().st_size == (
+            tmp_path / "ckpt1" / "model.safetensors").stat().st_size
+        message = (r"--model's checkpoint files differs between the processes of this run: process 0: 1 "
+                   r"\.safetensors files, names, sizes and sampled contents digest \w+, process 1: ")
     else:  # process 0 alone writes, so it alone checks the folder
         bad = stats | {"EXPERT_STATISTIC_PATH": str(blocker / "stats")}
         argvs, envs = [[], []], [_env() | bad] * 2
