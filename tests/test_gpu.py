@@ -99,9 +99,9 @@ def test_grouped_matmul_kernels_poisoned(rng, impl, epilogue, kind, m):
 @pytest.mark.parametrize("sizes_kind", ["zipf", "one_giant"])
 def test_mosaic_group_band_walk_bit_equal_on_gpu(rng, epilogue, k, n, sizes_kind):
     """The prefill defaults walking group bands (of at most 4 and 8 row tiles, in group order
-    or mixed by width, with and without skipping dead 64-row MMA blocks) give the snake's
-    output bit for bit at Zipf-skewed sizes (64 groups, some empty) and with every row in
-    one group; the poisoned output must be written everywhere live."""
+    or mixed by width) give the snake's output bit for bit at Zipf-skewed sizes (64 groups,
+    some empty) and with every row in one group; the poisoned output must be written
+    everywhere live."""
     if "mosaic_gpu" not in _gpu_kernels():
         pytest.skip("mosaic_gpu needs a Hopper GPU")
     import dataclasses
@@ -124,8 +124,7 @@ def test_mosaic_group_band_walk_bit_equal_on_gpu(rng, epilogue, k, n, sizes_kind
     snake = dataclasses.replace(mosaic_gpu.default_config(m, g, k=k, n_out=n_out, epilogue=epilogue), walk="snake")
     configs = [snake, dataclasses.replace(snake, walk="group_bands"),
                dataclasses.replace(snake, walk="group_bands", grid_tile_width=8),
-               dataclasses.replace(snake, walk="mixed_bands"),
-               dataclasses.replace(snake, walk="mixed_bands", skip_dead_rows=True)]
+               dataclasses.replace(snake, walk="mixed_bands")]
     outs = []
     for config in configs:
         if epilogue == "swiglu":

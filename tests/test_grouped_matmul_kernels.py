@@ -252,28 +252,6 @@ def test_mosaic_chained_items_on_few_ctas(rng, swizzled):
 
 
 @pytest.mark.parametrize("epilogue", ["none", "swiglu", "row_scale"])
-@pytest.mark.parametrize("split", ["m", "n"])
-def test_mosaic_skip_dead_rows_on_few_ctas(rng, epilogue, split):
-    """Consumers that skip their 64-row MMA blocks with no live row (``skip_dead_rows``)
-    give the plain kernel's live rows bit for bit: groups that end before, at and past
-    a tile's middle row (60, 64, 70 rows), one row, and a tile of two groups' rows."""
-    sizes = np.array([60, 70, 0, 64, 1, 137], np.int32)
-    m = int(sizes.sum()) + 40
-    x = jnp.asarray(rng.standard_normal((m, K)), jnp.bfloat16)
-    w = jnp.asarray(rng.standard_normal((G, K, N)) / np.sqrt(K), jnp.bfloat16)
-    scale = jnp.asarray(rng.random(m), jnp.float32)
-    tiles = dict(tile_m=64, wg_split="m") if split == "m" else dict(tile_m=128, wg_split="n")
-    plain = MosaicGpuConfig(tile_n=64, max_concurrent_steps=2, max_ctas=2, grid_minor="m", grid_tile_width=2,
-                            walk="mixed_bands", **tiles)
-    skip = dataclasses.replace(plain, skip_dead_rows=True)
-    assert_mosaic_live_rows_close(skip, epilogue, x, w, sizes, scale)
-    live = int(sizes.sum())
-    got = np.asarray(run("mosaic_gpu", epilogue, x, w, sizes, scale, skip))[:live]
-    want = np.asarray(run("mosaic_gpu", epilogue, x, w, sizes, scale, plain))[:live]
-    np.testing.assert_array_equal(got, want)
-
-
-@pytest.mark.parametrize("epilogue", ["none", "swiglu", "row_scale"])
 @pytest.mark.parametrize("kind", ["zeros", "giant"])
 def test_mosaic_pingpong_on_few_ctas(rng, epilogue, kind):
     """Ping-pong consumers on two simulated CTAs: 3 stages for 2 K steps an item, so the
@@ -314,8 +292,6 @@ def test_mosaic_pingpong_config_errors():
         MosaicGpuConfig(consumers="pingpong", wg_split="m")
     with pytest.raises(ValueError, match="128x256 accumulator"):
         MosaicGpuConfig(consumers="pingpong", tile_m=128, tile_n=256)
-    with pytest.raises(ValueError, match="pingpong.*skip_dead_rows"):
-        MosaicGpuConfig(consumers="pingpong", skip_dead_rows=True)
     with pytest.raises(ValueError, match="consumers must be 'cooperative' or 'pingpong', got 'both'"):
         MosaicGpuConfig(consumers="both")
     x = jnp.zeros((256, 512), jnp.bfloat16)
@@ -491,8 +467,6 @@ def test_mosaic_lowers_for_cuda(m, epilogue, swizzled):
     if swizzled:
         config = dataclasses.replace(config, swizzled_epilogue=True, max_concurrent_steps=2,
                                      chain_items=False)
-    # Every other case also skips dead MMA rows: that puts wgmma under scf.if.
-    config = dataclasses.replace(config, skip_dead_rows=(m % 2 == 0))
 
     def f(x, w, gs, scale):
         return mosaic_gpu.grouped_matmul(x, w, gs, config=config, epilogue=epilogue,
@@ -641,8 +615,6 @@ def test_mosaic_tgmm_api_default_and_errors(rng):
         MosaicTgmmConfig(tile_k=96)
     # Ping-pong: whole items per consumer (N a multiple of tile_n only), one accumulator
     # per warpgroup, and its stages must fit shared memory (a float32 dw stages more bytes).
-    with pytest.raises(ValueError, match="pingpong.*skip_dead_rows"):
-        MosaicGpuConfig(consumers="pingpong", skip_dead_rows=True)
     with pytest.raises(ValueError, match="consumers must be 'cooperative' or 'pingpong', got 'both'"):
         MosaicTgmmConfig(consumers="both")
     with pytest.raises(ValueError, match="at most 128x128 elements"):

@@ -32,7 +32,6 @@ Epilogue = Literal["none", "swiglu", "row_scale"]
 _INTERPRET_CTAS = 4  # simulated CTAs on CPU: enough to exercise the persistent loop
 _SMEM_BYTES = 227 * 1024  # dynamic shared memory one Hopper CTA may take
 _ROW_ALIGN = 8  # tiled TMA loads of x need row offsets that are multiples of 8
-_WGMMA_M = 64  # rows of one wgmma instruction: the unit skip_dead_rows skips
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +65,6 @@ class MosaicGpuConfig:
       swizzled_epilogue: store whole epilogue tiles through swizzled shared
         memory (no bank conflicts) and only partial ones through the plain
         buffer that row-granular TMA stores need; costs one more buffer.
-      skip_dead_rows: issue each consumer's MMAs in 64-row blocks and skip the
-        blocks with no live row (a group's last, partial row tile), so the other
-        MMAs of the item get the SM's tensor cores to themselves.
     """
 
     tile_m: int = 128
@@ -86,7 +82,6 @@ class MosaicGpuConfig:
     swizzled_epilogue: bool = False
     consumers: Literal["cooperative", "pingpong"] = "cooperative"
     walk: Literal["snake", "group_bands", "mixed_bands"] = "snake"
-    skip_dead_rows: bool = False
 
     def __post_init__(self) -> None:
         for name in ("tile_m", "tile_n", "tile_k", "epi_tile_m", "epi_tile_n"):
@@ -127,8 +122,6 @@ class MosaicGpuConfig:
                     f"(each consumer computes whole items and the producer always streams on), got "
                     f"wg_split={self.wg_split!r}, delay_release={self.delay_release}, chain_items={self.chain_items}"
                 )
-            if self.skip_dead_rows:
-                raise ValueError("MosaicGpuConfig(consumers='pingpong') takes no skip_dead_rows (cooperative only)")
             if self.tile_m * self.tile_n > 128 * 128:
                 raise ValueError(
                     f"MosaicGpuConfig(consumers='pingpong'): one warpgroup holds the whole {self.tile_m}x"
@@ -311,14 +304,7 @@ def _kernel(
             def mma(_, x_smem, *rest):
                 *w_smems, accs = rest
                 for acc, w_smem in zip(accs, w_smems):
-                    if not config.skip_dead_rows:
-                        plgpu.wgmma(acc, x_smem.at[wg_m], w_smem.at[:, wg_n])
-                        continue
-                    x_wg = x_smem.at[wg_m]
-                    for b in range(tile_m // _WGMMA_M):
-                        rows = slice(b * _WGMMA_M, (b + 1) * _WGMMA_M)
-                        pl.when((wg_begin < rows.stop) & (wg_end > rows.start))(
-                            functools.partial(plgpu.wgmma, acc.at[rows], x_wg.at[rows], w_smem.at[:, wg_n]))
+                    plgpu.wgmma(acc, x_smem.at[wg_m], w_smem.at[:, wg_n])
                 plgpu.wgmma_wait(config.delay_release)
                 return accs
 
