@@ -51,8 +51,9 @@ def _report(out: str) -> list[str]:
 
 
 def _package_copy(where: Path) -> str:
-    """The package (wideep_jax, pallas_kernels) copied under ``where``: another host's install path."""
-    for name in ("wideep_jax", "pallas_kernels"):
+    """The package (wideep_jax, pallas_kernels, ffi/csrc) copied under ``where``: another
+    host's install path."""
+    for name in ("wideep_jax", "pallas_kernels", "ffi/csrc"):
         shutil.copytree(ROOT / name, where / name, ignore=shutil.ignore_patterns("__pycache__"))
     return str(where)
 
@@ -175,7 +176,7 @@ def test_main_job_coordinator_auto_under_slurm():
 
 
 @pytest.mark.parametrize("case", ["statistics_on_one_process", "prompts_differ", "placements_differ",
-                                  "checkpoints_differ", "writer_folder_bad"])
+                                  "checkpoints_differ", "sources_differ", "writer_folder_bad"])
 def test_main_job_processes_that_disagree_fail_alike(tmp_path, case):
     """A setting that differs between the processes (EXPERT_STATISTIC_ITER_RANGE adds
     collectives to every step: they hung for ever; another prompt mixed rows silently),
@@ -201,6 +202,16 @@ def test_main_job_processes_that_disagree_fail_alike(tmp_path, case):
                 f"backend: WIDEEP\nload_balancer:\n  initial_global_assignments: {rows}\n")
             argvs.append(["--moe-config", str(tmp_path / f"cfg{pid}.yaml")])
         message = r"--moe-config differs between the processes of this run: process 0: moe_config digest \w+, "
+    elif case == "sources_differ":  # one host has another version of the code (one comment more)
+        copy = Path(_package_copy(tmp_path / "host1"))
+        with open(copy / "wideep_jax" / "layer.py", "a") as f:
+            f.write("# another version\n")
+        run[1:1] = ["-P"]  # the package comes from PYTHONPATH, not from the working directory
+        argvs = [[], []]
+        envs = [_env(), _env() | {"PYTHONPATH": os.pathsep.join([str(copy), _env()["PYTHONPATH"]])}]
+        message = (r"the package's sources \(wideep_jax, pallas_kernels; ffi/csrc for the nccl and nvlink "
+                   r"backends\) differs between the processes of this run: process 0: digest \w+, process 1: "
+                   r"digest \w+;")
     elif case == "checkpoints_differ":  # each host's copy: another model of the same architecture
         from safetensors import safe_open
         from safetensors.numpy import load_file, save_file

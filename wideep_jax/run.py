@@ -329,12 +329,42 @@ def _settings(args, setup: SimpleNamespace) -> dict[str, str]:
         # It adds the statistics' collectives to every step: processes without it hang with it.
         ENV_RANGE: os.environ.get(ENV_RANGE, "unset"),
         "the all-to-all backend (moe_config.alltoall_backend, WIDEEP_ALLTOALL)": str(setup.alltoall),
+        # Another version of the code or of JAX compiles other programs: they wait on each other.
+        "the package's sources (wideep_jax, pallas_kernels; ffi/csrc for the nccl and nvlink backends)":
+            f"digest {_sources_digest(with_ffi=setup.alltoall in ('nccl', 'nvlink'))}",
+        "jax, jaxlib and flax": _library_versions(),
     }
     if setup.folder is not None:
         files = sorted(setup.folder.glob("*.safetensors"))
         settings["--model's checkpoint files"] = (f"{len(files)} .safetensors files, names, sizes and "
                                                   f"sampled contents digest {_checkpoint_digest(files)}")
     return settings
+
+
+def _sources_digest(*, with_ffi: bool) -> str:
+    """Digest of this package's Python sources and, ``with_ffi``, the FFI library's, by
+    path relative to their folder: hosts install the package at different paths."""
+    import pallas_kernels
+    import wideep_jax
+    from wideep_jax.comm import ffi_build
+
+    h = hashlib.sha256()
+    roots = [Path(wideep_jax.__file__).parent, Path(pallas_kernels.__file__).parent]
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            h.update(f"{root.name}/{path.relative_to(root).as_posix()}\0".encode() + path.read_bytes())
+    if with_ffi:
+        for path in ffi_build.source_files():
+            h.update(f"ffi/{path.relative_to(ffi_build.SOURCE_DIR).as_posix()}\0".encode() + path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _library_versions() -> str:
+    import flax
+    import jax
+    import jaxlib
+
+    return f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, flax {flax.__version__}"
 
 
 _SAMPLES_PER_FILE, _SAMPLE_BYTES = 8, 8192
