@@ -348,14 +348,14 @@ def _sources_digest(*, with_ffi: bool) -> str:
     import wideep_jax
     from wideep_jax.comm import ffi_build
 
-    h = hashlib.sha256()
-    roots = [Path(wideep_jax.__file__).parent, Path(pallas_kernels.__file__).parent]
-    for root in roots:
-        for path in sorted(root.rglob("*.py")):
-            h.update(f"{root.name}/{path.relative_to(root).as_posix()}\0".encode() + path.read_bytes())
+    trees = [(root, sorted(root.rglob("*.py")))
+             for root in (Path(wideep_jax.__file__).parent, Path(pallas_kernels.__file__).parent)]
     if with_ffi:
-        for path in ffi_build.source_files():
-            h.update(f"ffi/{path.relative_to(ffi_build.SOURCE_DIR).as_posix()}\0".encode() + path.read_bytes())
+        trees.append((ffi_build.SOURCE_DIR, ffi_build.source_files()))
+    h = hashlib.sha256()
+    for root, paths in trees:
+        for path in paths:
+            h.update(f"{root.name}/{path.relative_to(root).as_posix()}\0".encode() + path.read_bytes())
     return h.hexdigest()[:12]
 
 
