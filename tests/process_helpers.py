@@ -38,9 +38,9 @@ def run_processes(commands: Sequence[Sequence[str]], envs: Sequence[Mapping[str,
     results = _run(commands, envs, timeout=timeout, stop_on_failure=True)
     # The first failure is the one to read: report the processes that failed by
     # themselves before those killed because of them.
+    late = max(r[3] for r in results) >= timeout
     for i in sorted(range(len(results)), key=lambda i: results[i][0] is None):
         code, out, err, _ = results[i]
-        late = max(r[3] for r in results) >= timeout
         why = (f"exit {code}" if code is not None else
                f"killed at the {timeout:.0f} s time limit" if late else "killed after another process failed")
         assert code == 0, f"process {i} ({' '.join(commands[i][1:3])}): {why}\n{out[-2000:]}\n{err[-3000:]}"

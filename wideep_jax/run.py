@@ -375,16 +375,16 @@ def _checkpoint_digest(files: list[Path]) -> str:
     tensor data (the first and last included): two checkpoints of one architecture (a base
     and a fine-tuned model) have the same names and sizes, but their weights differ
     everywhere. About 64 KiB read per file, not the whole checkpoint (hundreds of GB)."""
+    import json
+
+    from wideep_jax.models.loading import _read_header  # the loader's own check of each file
+
     h = hashlib.sha256()
     for path in files:
         size = path.stat().st_size
-        h.update(f"{path.name}\0{size}\0".encode())
+        header, data_start = _read_header(path)
+        h.update(f"{path.name}\0{size}\0{json.dumps(header, sort_keys=True)}\0".encode())
         with open(path, "rb") as f:
-            head = f.read(8)
-            header_len = int.from_bytes(head, "little") if len(head) == 8 else size
-            data_start = min(size, 8 + header_len)
-            f.seek(0)
-            h.update(f.read(min(data_start, 8 + 100_000_000)))  # the format caps headers at 100 MB
             span = max(0, size - data_start - _SAMPLE_BYTES)
             for i in range(_SAMPLES_PER_FILE):
                 f.seek(data_start + span * i // (_SAMPLES_PER_FILE - 1))
