@@ -19,8 +19,12 @@ measured copy bandwidth. ``--phase wgrad`` times the weight gradient (per-group
 tile sweep; both Pallas implementations' dW), the Mosaic GPU transposed kernel
 (``mosaic_gpu_tgmm``, opt-in, a small sweep) and the ``xla`` loop, against
 torch's ``_grouped_mm`` with offsets along the contraction, JAX's
-``transposed_ragged_dot_mgpu`` Pallas kernel (checked on one block, then the best
-of a small tile sweep) and a dense matmul with the same FLOPs. Appends a table to benchmarks/RESULTS.md.
+``transposed_ragged_dot_mgpu`` Pallas kernel (best of a small tile sweep) and a
+dense matmul with the same FLOPs. Before it is timed, every candidate of ours and of
+JAX's Pallas peers is checked against a float32 reference (`forward_check`: sampled
+rows of every non-empty group; `wgrad_check`: a dW block of the largest, the smallest
+and an empty group) and skipped, with the error printed, if it is off by more than
+CHECK_TOLERANCE. Appends a table to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -102,16 +106,24 @@ def jax_sampler(fn) -> Sampler:
     return bench.jax_sampler(fn, batch=BATCH, sustain_s=SUSTAIN_S)
 
 
-def pick(candidates: dict, iters: int) -> tuple[str, Sampler] | None:
+def pick(candidates: dict, iters: int, check: OutputCheck | None = None) -> tuple[str, Sampler] | None:
     """The fastest of some zero-argument jax callables, as ``(label, sampler)``, after
-    compiling each; failing ones are skipped (None if all fail)."""
+    compiling each; failing ones, and with ``check`` ones whose output it refuses, are
+    skipped (None if all are)."""
     live = {}
     for label, fn in candidates.items():
         try:
             time_fn(fn, iters=1, warmup=2)  # compiles
-            live[label] = jax_sampler(fn)
         except Exception as err:  # a tile that does not fit is not a result
             print(f"    skip {label}: {type(err).__name__}: {str(err).splitlines()[0][:120]}", flush=True)
+            continue
+        if check is not None:
+            error = check.error(fn())
+            if not error <= CHECK_TOLERANCE:  # NaN fails too
+                print(f"    skip {label or 'default'}: wrong output ({check.what}: relative error {error:.3g} "
+                      f"> {CHECK_TOLERANCE:g})", flush=True)
+                continue
+        live[label] = jax_sampler(fn)
     if len(live) <= 1:
         return next(iter(live.items()), None)
     times = race(live, iters)
@@ -119,6 +131,60 @@ def pick(candidates: dict, iters: int) -> tuple[str, Sampler] | None:
         print(f"    {label or 'default'}: {ms:.3f} ms", flush=True)
     best = min(times, key=times.get)
     return best, live[best]
+
+
+CHECK_TOLERANCE = 1e-2  # bf16 operands and output against a float32 reference (the issue's bound)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputCheck:
+    """Part of a candidate's output against a float32 reference: a fast kernel that
+    computes something else is not a result. ``pick`` times only candidates whose
+    ``error`` (max |got - want| / max |want| over the checked part) is <= CHECK_TOLERANCE."""
+
+    what: str
+    index: tuple  # numpy index of the checked part of the output
+    want: np.ndarray  # float32
+
+    def error(self, out) -> float:
+        got = np.asarray(jax.device_get(out[self.index]), np.float32)
+        if got.shape != self.want.shape:
+            return float("inf")
+        return float(np.abs(got - self.want).max() / max(float(np.abs(self.want).max()), 1e-30))
+
+
+def forward_check(x, w, sizes: np.ndarray, epilogue: str, row_scale=None, per_group: int = 4) -> OutputCheck:
+    """Rows of every non-empty group (its first, its last and a few drawn between) against
+    ``jax.lax.ragged_dot`` with a float32 result (bf16 products are exact in float32) and
+    the epilogue applied in float32; padding rows are not checked (unspecified)."""
+    rng = np.random.default_rng(1)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    rows, counts = [], []
+    for start, size in zip(starts, sizes):
+        chosen = np.unique(np.concatenate([[0, size - 1], rng.integers(0, size, per_group)])) if size else []
+        rows.append(start + np.asarray(chosen, np.int64))
+        counts.append(len(chosen))
+    rows = np.concatenate(rows)
+    want = jax.lax.ragged_dot(x[rows], w, jnp.asarray(counts, jnp.int32), preferred_element_type=jnp.float32)
+    if epilogue == "swiglu":
+        half = want.shape[1] // 2
+        want = jax.nn.silu(want[:, :half]) * want[:, half:]
+    elif row_scale is not None:
+        want = want * row_scale[rows].astype(jnp.float32)[:, None]
+    return OutputCheck(f"{len(rows)} rows of {int((sizes > 0).sum())} groups", (rows,), np.asarray(want))
+
+
+def wgrad_check(x, dy, sizes: np.ndarray, block: int = 64) -> OutputCheck:
+    """One ``block x block`` corner of dW for the largest, the smallest non-empty and an
+    empty group (all zeros: no rows), where they exist, against float32 ``x_g^T dy_g``."""
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    live = np.flatnonzero(sizes)
+    groups = [int(live[np.argmax(sizes[live])]), int(live[np.argmin(sizes[live])])]
+    groups += [int(g) for g in np.flatnonzero(sizes == 0)[:1]]
+    kb, nb = min(block, x.shape[1]), min(block, dy.shape[1])
+    want = np.stack([np.asarray(x[starts[g]:starts[g] + sizes[g], :kb].astype(jnp.float32).T
+                                @ dy[starts[g]:starts[g] + sizes[g], :nb].astype(jnp.float32)) for g in groups])
+    return OutputCheck(f"dW[{kb}x{nb}] of groups {groups}", (np.asarray(groups), slice(0, kb), slice(0, nb)), want)
 
 
 def timed(entries: dict[str, tuple[str, Sampler] | None], iters: int) -> dict[str, tuple[str, float]]:
@@ -193,7 +259,8 @@ def short(config) -> str:
                     if getattr(config, name) != f.default) or "defaults"
 
 
-def ours(x, w, gs, epilogue, iters, on_gpu, row_scale=None, quick=False) -> dict[str, tuple[str, Sampler] | None]:
+def ours(x, w, gs, epilogue, iters, on_gpu, row_scale=None, quick=False,
+         check: OutputCheck | None = None) -> dict[str, tuple[str, Sampler] | None]:
     m, k = x.shape
     g, n = w.shape[0], w.shape[2] // (2 if epilogue == "swiglu" else 1)
     call = (functools.partial(grouped_swiglu) if epilogue == "swiglu"
@@ -211,12 +278,12 @@ def ours(x, w, gs, epilogue, iters, on_gpu, row_scale=None, quick=False) -> dict
             name = "xla" if impl == "xla loop" else impl
             f = jax.jit(functools.partial(call, implementation=name, config=config))
             candidates["default" if config is None else short(config)] = functools.partial(f, x, w, gs)
-        out[impl] = pick(candidates, iters)
+        out[impl] = pick(candidates, iters, check)
     return out
 
 
-def jax_peers(x, w, sizes, iters: int, on_gpu: bool, quick: bool = False,
-              mgpu: bool = False) -> dict[str, tuple[str, Sampler] | None]:
+def jax_peers(x, w, sizes, iters: int, on_gpu: bool, quick: bool = False, mgpu: bool = False,
+              check: OutputCheck | None = None) -> dict[str, tuple[str, Sampler] | None]:
     gs = jnp.asarray(sizes)
     out = {}
     ragged = jax.jit(jax.lax.ragged_dot)
@@ -237,7 +304,7 @@ def jax_peers(x, w, sizes, iters: int, on_gpu: bool, quick: bool = False,
                                               max_concurrent_steps=steps, grid_block_n=grid_n))
                 sweep[f"bm={bm} bn={bn} steps={steps} grid_n={grid_n}"] = functools.partial(
                     lambda f: f(x, w, group_sizes=gs), f)
-            out["ragged_dot_mgpu"] = pick(sweep, iters)
+            out["ragged_dot_mgpu"] = pick(sweep, iters, check)
     rows = int(sizes.sum())
     dense = jax.jit(lambda a, b: a @ b)
     xd = x[:rows]
@@ -292,13 +359,14 @@ def torch_peer(m, k, n, sizes, epilogue: str = "none"):
     return torch_sampler(torch, fn)
 
 
-def wgrad_ours(x, dy, gs, iters: int, on_gpu: bool) -> dict[str, tuple[str, Sampler] | None]:
+def wgrad_ours(x, dy, gs, iters: int, on_gpu: bool,
+               check: OutputCheck | None = None) -> dict[str, tuple[str, Sampler] | None]:
     """Weight gradient: the XLA loop, the Triton tgmm sweep (the Pallas backends' dW) and the
     Mosaic GPU tgmm sweep."""
     m, k = x.shape
     g, n = gs.shape[0], dy.shape[1]
     loop = jax.jit(functools.partial(grouped_matmul_transposed, implementation="xla"))
-    out = {"xla loop": pick({"default": functools.partial(loop, x, dy, gs)}, iters)}
+    out = {"xla loop": pick({"default": functools.partial(loop, x, dy, gs)}, iters, check)}
     if on_gpu:
         default = triton_module.default_tgmm_config(m, g, k=k, n=n)
         configs = [default] + [c for c in (
@@ -309,7 +377,7 @@ def wgrad_ours(x, dy, gs, iters: int, on_gpu: bool) -> dict[str, tuple[str, Samp
         for config in configs:
             f = jax.jit(functools.partial(triton_module.tgmm, num_groups=g, config=config))
             candidates[short(config)] = functools.partial(f, x, dy, gs)
-        out["triton tgmm"] = pick(candidates, iters)
+        out["triton tgmm"] = pick(candidates, iters, check)
         # The mosaic_gpu dW (its default config first).
         candidates = {}
         default = mosaic_tgmm_module.default_config(k, n)
@@ -322,14 +390,15 @@ def wgrad_ours(x, dy, gs, iters: int, on_gpu: bool) -> dict[str, tuple[str, Samp
         for config in candidates(default, more):
             f = jax.jit(functools.partial(grouped_matmul_transposed, implementation="mosaic_gpu", config=config))
             candidates[short(config)] = functools.partial(f, x, dy, gs)
-        out["mosaic_gpu tgmm"] = pick(candidates, iters)
-        out["transposed_ragged_dot_mgpu"] = transposed_ragged_dot_mgpu_peer(x, dy, gs, iters)
+        out["mosaic_gpu tgmm"] = pick(candidates, iters, check)
+        out["transposed_ragged_dot_mgpu"] = transposed_ragged_dot_mgpu_peer(x, dy, gs, iters, check)
     dense = jax.jit(lambda a, b: a.T @ b)
     out["dense (same FLOPs)"] = pick({"": functools.partial(dense, x, dy)}, iters)
     return out
 
 
-def transposed_ragged_dot_mgpu_peer(x, dy, gs, iters: int) -> tuple[str, Sampler] | None:
+def transposed_ragged_dot_mgpu_peer(x, dy, gs, iters: int,
+                                    check: OutputCheck | None = None) -> tuple[str, Sampler] | None:
     """JAX's own Mosaic GPU weight-gradient kernel (x is its lhs as is), best of a few tiles."""
     try:
         from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
@@ -348,22 +417,7 @@ def transposed_ragged_dot_mgpu_peer(x, dy, gs, iters: int) -> tuple[str, Sampler
             lambda f: f(x, dy, group_sizes=gs), f)
     if not sweep:
         return None
-    # A peer that computes something else is not a result: check the largest group's
-    # first 64x64 block against a float32 reference once.
-    sizes = np.asarray(gs)
-    g = int(np.argmax(sizes))
-    rows = slice(int(sizes[:g].sum()), int(sizes[:g + 1].sum()))
-    want = np.asarray(x[rows, :64].astype(jnp.float32).T @ dy[rows, :64].astype(jnp.float32))
-    try:
-        got = np.asarray(next(iter(sweep.values()))()[g, :64, :64], np.float32)
-    except Exception as err:  # noqa: BLE001 - a peer that fails to build is reported, not fatal
-        print(f"    transposed_ragged_dot_mgpu failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
-        return None
-    if not np.allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max()):
-        print(f"    transposed_ragged_dot_mgpu disagrees with the reference (max err "
-              f"{np.abs(got - want).max():.3g}); not timed", flush=True)
-        return None
-    return pick(sweep, iters)
+    return pick(sweep, iters, check)
 
 
 def wgrad_torch_peer(m, k, n, sizes):
@@ -416,7 +470,7 @@ def wgrad_case(name, shape, rows, groups, kind, rng, iters, on_gpu) -> list[str]
     x = jax.random.normal(jax.random.key(0), (rows, k), jnp.float32).astype(jnp.bfloat16)
     dy = jax.random.normal(jax.random.key(1), (rows, n), jnp.float32).astype(jnp.bfloat16)
     print(f"{name} rows={rows} {kind}", flush=True)
-    entries = wgrad_ours(x, dy, jnp.asarray(sizes), iters, on_gpu)
+    entries = wgrad_ours(x, dy, jnp.asarray(sizes), iters, on_gpu, wgrad_check(x, dy, sizes))
     entries["torch._grouped_mm"] = wgrad_torch_peer(rows, k, n, sizes) if on_gpu else None
     results = timed(entries, iters)
     flops = 2.0 * rows * k * n
@@ -508,10 +562,11 @@ def main() -> int:
         gs = jnp.asarray(sizes)
         print(f"{name} rows={rows} {kind}", flush=True)
         row_scale = jnp.ones((rows,), jnp.float32) if epilogue == "row_scale" else None
-        entries = ours(x, w, gs, epilogue, args.iters, on_gpu, row_scale, args.quick)
+        check = forward_check(x, w, sizes, epilogue, row_scale)
+        entries = ours(x, w, gs, epilogue, args.iters, on_gpu, row_scale, args.quick, check)
         if epilogue == "none":
             entries.update(jax_peers(x, w, sizes, args.iters, on_gpu and rows == prefill_rows, args.quick,
-                                     args.mgpu))
+                                     args.mgpu, check))
         if on_gpu:
             entries["torch._grouped_mm" + ("" if epilogue == "none" else " + eager epilogue")] = torch_peer(
                 rows, k, n, sizes, epilogue)

@@ -209,3 +209,42 @@ def test_seconds_per_call_says_nan_when_noise_hides_the_slope():
         return run
 
     assert np.isnan(seconds_per_call(build, 4, iters=3))
+
+
+@pytest.mark.parametrize("epilogue", ["none", "swiglu", "row_scale"])
+def test_grouped_matmul_bench_times_only_right_outputs(epilogue, capsys):
+    """pick() with a check drops a candidate whose output is off (here: each group's last
+    row left unwritten, the typical tile-edge bug) and keeps a right one; the dW check
+    drops one that leaves an empty group's gradient unwritten."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import jax.numpy as jnp
+
+    import bench_grouped_matmul as bench
+    from pallas_kernels import grouped_matmul, grouped_matmul_transposed, grouped_swiglu
+
+    rng = np.random.default_rng()
+    sizes = rng.multinomial(200, rng.dirichlet(np.ones(5)))
+    sizes[rng.integers(5)] = 0
+    rows, k, n = 208, 32, 48
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((5, k, 2 * n if epilogue == "swiglu" else n)), jnp.bfloat16)
+    scale = jnp.asarray(rng.uniform(0.5, 2, rows), jnp.float32) if epilogue == "row_scale" else None
+    gs = jnp.asarray(sizes, jnp.int32)
+    if epilogue == "swiglu":
+        right = grouped_swiglu(x, w, gs, implementation="xla")
+    else:
+        right = grouped_matmul(x, w, gs, row_scale=scale, implementation="xla")
+    last_rows = np.cumsum(sizes)[sizes > 0] - 1
+    wrong = right.at[last_rows].set(0)
+    check = bench.forward_check(x, w, sizes, epilogue, scale)
+    assert check.error(right) <= bench.CHECK_TOLERANCE < check.error(wrong)
+    label, _ = bench.pick({"wrong": lambda: wrong, "right": lambda: right}, iters=1, check=check)
+    assert label == "right"
+    assert "skip wrong: wrong output" in capsys.readouterr().out
+
+    dy = jnp.asarray(rng.standard_normal((rows, n)), jnp.bfloat16)
+    dw = grouped_matmul_transposed(x, dy, gs, implementation="xla")
+    stale = dw.at[int(np.flatnonzero(sizes == 0)[0])].set(1)  # an empty group's dW left unwritten
+    check = bench.wgrad_check(x, dy, sizes)
+    assert check.error(dw) <= bench.CHECK_TOLERANCE < check.error(stale)
+    assert bench.pick({"stale": lambda: stale}, iters=1, check=check) is None
