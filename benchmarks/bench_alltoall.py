@@ -16,7 +16,10 @@ host), so the time is the device's, not the host's dispatch; the time per op
 is the slope between loops of `--loop` and twice as many ops, so what every
 run pays once (launch, sync, the GPUs' start skew) is not spread over the ops. GB/s
 per GPU = bytes of real token rows leaving the GPU (to other ranks) / time, the
-same count for every backend. Appends a table to benchmarks/RESULTS.md.
+same count for every backend. Before a backend is timed, one dispatch and combine of it
+on the timed inputs must equal the xla backend's (rows, slots, weights and counts
+exactly, combined tokens to float32 rounding); one that differs is not timed, and the
+script exits 1 after the table. Appends a table to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -168,6 +171,46 @@ def op_loops(comm, ranks: int, slots_per_rank: int):
     return dispatch_loop, combine_loop
 
 
+def one_round(comm, mesh, x, slots, w, experts: int) -> dict:
+    """One dispatch and one combine (of the received rows) on the timed inputs: the received
+    rows' counts, rows, slots and weights (padding rows zeroed: backends need not write
+    them) and the combined tokens, left on the devices (at 16384 tokens a rank receives
+    ~1 GB of rows: the host took most of a minute to fetch and compare such buffers)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    from wideep_jax.dispatch import make_dispatch_plan
+
+    ranks = mesh.shape["ep"]
+
+    def body(x, slots, w):
+        plan = make_dispatch_plan(slots, w, jnp.ones(slots.shape[:1], bool), num_ranks=ranks,
+                                  slots_per_rank=experts // ranks)
+        recv = comm.dispatch(x, plan, axis_name="ep")
+        live = recv.valid_rows()[..., None]
+        y = comm.combine(jnp.where(live, recv.x, 0), plan, recv.count, axis_name="ep")
+        return (recv.count[None], jnp.where(live, recv.x, 0)[None], jnp.where(live, recv.slot, 0)[None],
+                jnp.where(live, recv.weight, 0)[None], y)
+
+    tok = P("ep")
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok), out_specs=tok, check_vma=False))
+    return dict(zip(("count", "rows", "slot", "weight", "combined"), f(x, slots, w)))
+
+
+def differences(got: dict, want: dict) -> list[str]:
+    """What of ``got`` (`one_round`'s) differs from ``want``: counts, rows, slots and weights
+    exactly; the combined tokens to float32 rounding (backends may add the ranks' partial
+    sums in another order)."""
+    import jax.numpy as jnp
+
+    wrong = [name for name in ("count", "rows", "slot", "weight") if not jnp.array_equal(got[name], want[name])]
+    a, b = got["combined"], want["combined"]
+    if not jnp.allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max())):
+        wrong.append(f"combined (max error {float(jnp.abs(a - b).max()):.3g})")
+    return wrong
+
+
 def make_comm(backend_name: str, mesh):
     """The backend a --backends entry names; refuses $WIDEEP_ALLTOALL, which would run another
     backend under this row's name."""
@@ -184,24 +227,36 @@ def make_comm(backend_name: str, mesh):
     return get_alltoall_backend(backend_name, mesh=mesh, axis="ep")
 
 
-def jax_times(backend_name: str, mesh, ids, weights, tokens: int, hidden: int, experts: int,
-              loops: int, iters: int, dtype) -> dict:
+def bench_inputs(mesh, ids, weights, tokens: int, hidden: int, dtype) -> tuple:
+    """``(x, slots, w)`` sharded over the EP axis: random token rows and the routing."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
+
+    sharding = NamedSharding(mesh, P("ep"))
+    x = jax.device_put(jax.random.normal(jax.random.key(0), (mesh.shape["ep"] * tokens, hidden), dtype), sharding)
+    slots = jax.device_put(jnp.asarray(ids), sharding)  # one slot per expert: slot == expert
+    return x, slots, jax.device_put(jnp.asarray(weights), sharding)
+
+
+def jax_times(backend_name: str, mesh, inputs: tuple, experts: int, loops: int, iters: int,
+              reference: dict) -> dict:
+    """Per-op times of one backend on ``inputs`` (`bench_inputs`); first its outputs are
+    checked against ``reference`` (`one_round` of the xla backend): a backend that moves
+    the wrong rows is not timed (``{"wrong": [...]}``)."""
+    import jax
+    from jax.sharding import PartitionSpec as P
 
     from wideep_jax.bench import seconds_per_call
     from wideep_jax.comm import ffi_lib
 
     ranks = mesh.shape["ep"]
     comm = make_comm(backend_name, mesh)
+    if wrong := differences(one_round(comm, mesh, *inputs, experts), reference):
+        return {"wrong": wrong}
     dispatch_loop, combine_loop = op_loops(comm, ranks, experts // ranks)
     tok = P("ep")
-
-    sharding = NamedSharding(mesh, tok)
-    x = jax.device_put(jax.random.normal(jax.random.key(0), (ranks * tokens, hidden), dtype), sharding)
-    slots = jax.device_put(jnp.asarray(ids), sharding)  # one slot per expert: slot == expert
-    w = jax.device_put(jnp.asarray(weights), sharding)
+    x, slots, w = inputs
     out = {}
     for name, body in (("dispatch", dispatch_loop), ("combine", combine_loop)):
         def build(n, body=body):
@@ -342,15 +397,23 @@ def main() -> int:
     mesh = jax.make_mesh((ranks,), ("ep",), devices=jax.devices()[:ranks])
     card = f"{ranks}x {jax.devices()[0].device_kind}"
     row_bytes = hidden * 2
-    lines = []
+    lines, failed = [], []
     for tokens in args.tokens:
         ids, weights = routing(tokens, ranks, tokens, experts)
         counts = row_counts(ids, ranks, tokens, experts)
         off_rank = counts * (1 - np.eye(ranks, dtype=int))
         sent = off_rank.sum(1).max() * row_bytes  # busiest sender
         back = off_rank.sum(0).max() * row_bytes  # combine: rows go back the other way
-        results = {name: jax_times(name, mesh, ids, weights, tokens, hidden, experts, args.loop, args.iters,
-                                   jnp.bfloat16) for name in backends}
+        inputs = bench_inputs(mesh, ids, weights, tokens, hidden, jnp.bfloat16)
+        # The portable xla backend's outputs (tested against NumPy in CI) are what every backend
+        # must reproduce before it is timed.
+        reference = one_round(make_comm("xla", mesh), mesh, *inputs, experts)
+        results = {name: jax_times(name, mesh, inputs, experts, args.loop, args.iters, reference)
+                   for name in backends}
+        for name in [n for n, t in results.items() if "wrong" in t]:
+            print(f"| {tokens} | {name} | not timed: its outputs differ from xla's: "
+                  f"{', '.join(results.pop(name)['wrong'])} |", flush=True)
+            failed.append(f"{name} at {tokens} tokens")
         if peers.get(tokens):
             results["torch nccl (all_to_all_single)"] = peers[tokens]
         base = results.get("xla")
@@ -407,6 +470,9 @@ def main() -> int:
         "",
     ])
     publish(text, write=not args.no_write and not args.small)
+    if failed:
+        print(f"bench_alltoall: wrong outputs (not timed): {'; '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -248,3 +248,47 @@ def test_grouped_matmul_bench_times_only_right_outputs(epilogue, capsys):
     check = bench.wgrad_check(x, dy, sizes)
     assert check.error(dw) <= bench.CHECK_TOLERANCE < check.error(stale)
     assert bench.pick({"stale": lambda: stale}, iters=1, check=check) is None
+
+
+@pytest.mark.parametrize("fault", ["drop_last_row", "swap_rows", "lose_a_partial"])
+def test_alltoall_bench_times_only_backends_that_match_xla(fault, monkeypatch):
+    """bench_alltoall checks each backend's dispatch and combine against the xla backend's on
+    the timed inputs first: a backend that drops a row, moves one to the wrong place or loses
+    a partial sum is not timed."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import jax
+    import jax.numpy as jnp
+
+    import bench_alltoall as bench
+
+    monkeypatch.delenv("WIDEEP_ALLTOALL", raising=False)
+    rng = np.random.default_rng()
+    ranks, tokens, experts = 4, int(rng.integers(3, 9)), 16
+    mesh = jax.make_mesh((ranks,), ("ep",), devices=jax.devices()[:ranks])
+    ids, weights = bench.routing(int(rng.integers(1 << 30)), ranks, tokens, experts)
+    inputs = bench.bench_inputs(mesh, ids, weights, tokens, 32, jnp.bfloat16)
+    xla = bench.make_comm("xla", mesh)
+    reference = bench.one_round(xla, mesh, *inputs, experts)
+    assert bench.differences(bench.one_round(bench.make_comm("xla", mesh), mesh, *inputs, experts), reference) == []
+
+    class Faulty:
+        name = "faulty"
+
+        def dispatch(self, x, plan, *, axis_name):
+            recv = xla.dispatch(x, plan, axis_name=axis_name)
+            if fault == "drop_last_row":
+                return recv._replace(count=recv.count.at[-1].add(-1))
+            if fault == "swap_rows":
+                return recv._replace(x=recv.x.at[0, :2].set(recv.x[0, 1::-1]))
+            return recv
+
+        def combine(self, partial, plan, count, *, axis_name):
+            if fault == "lose_a_partial":
+                partial = partial.at[-1, 0].set(0)
+            return xla.combine(partial, plan, count, axis_name=axis_name)
+
+    monkeypatch.setattr(bench, "make_comm", lambda name, mesh: Faulty())
+    result = bench.jax_times("faulty", mesh, inputs, experts, loops=2, iters=1, reference=reference)
+    assert set(result) == {"wrong"}, result
+    assert {"drop_last_row": "count", "swap_rows": "rows", "lose_a_partial": "combined"}[fault] in \
+        " ".join(result["wrong"])
