@@ -162,7 +162,9 @@ def test_legacy_llm_api_moe_options(tmp_path, monkeypatch, nested):
 def test_llm_api_file_without_moe_options_gives_defaults():
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConfigWarning)
-        assert load_moe_config({"enable_attention_dp": True, "cuda_graph_config": {}}) == MoEConfig()
+        assert load_moe_config({"enable_attention_dp": False, "cuda_graph_config": {}}) == MoEConfig()
+        # Under attention DP, TensorRT-LLM's default backend moves tokens by all-to-all.
+        assert load_moe_config({"enable_attention_dp": True, "cuda_graph_config": {}}) == MoEConfig(backend="WIDEEP")
     # The engine's max_num_tokens is not the MoE's: ignored, with a warning saying so.
     with pytest.warns(ConfigWarning, match="max_num_tokens=8192 at the top level .* moe_config.max_num_tokens"):
         cfg = load_moe_config({"enable_attention_dp": True, "max_num_tokens": 8192})
@@ -374,7 +376,7 @@ IGA = f"{LB}.initial_global_assignments"
         ({"load_balancer": {"initial_global_assignments": {3: [0], "3": [0]}}}, IGA, "'3'"),
         # online load balancing moves WIDEEP's slots; the local backend has none to move
         ({"backend": "CUTLASS", "load_balancer": {"layer_updates_per_iter": 1}}, f"{LB}.layer_updates_per_iter",
-         "1 (int); allowed: 0 with backend CUTLASS (online load balancing needs backend WIDEEP)"),
+         "1 (int); allowed: 0 with backend 'CUTLASS' (online load balancing runs on the all-to-all path"),
     ],
 )
 def test_schema_errors(source, key, value):
@@ -532,25 +534,60 @@ def test_shipped_configs_load_without_warnings(name):
 
 
 @pytest.mark.parametrize("backend", TRTLLM_LOCAL_BACKENDS)
-def test_tensorrt_llm_kernel_backends_load_and_run_local(backend):
-    """TensorRT-LLM's other backend names load (its files stay unchanged) and run as the
-    CUTLASS path; all but AUTO say so with a ConfigWarning naming the value."""
-    source = {"moe_config": {"backend": backend.lower(), "max_num_tokens": 4096,
-                             "load_balancer": {"num_slots": E}}, "enable_attention_dp": True}
+@pytest.mark.parametrize("attention_dp", [False, True])
+def test_tensorrt_llm_kernel_backends_load_and_run_on_our_kernels(backend, attention_dp):
+    """TensorRT-LLM's other backend names load (its files stay unchanged) and run on our
+    kernels; all but AUTO say so with a ConfigWarning naming the value. Without attention
+    DP they run the CUTLASS (all-gather) path; in an LLM-API file with enable_attention_dp
+    the all-to-all path with online balancing, as TensorRT-LLM runs them since it
+    deprecated WIDEEP (its communication factory picks all-to-all under attention DP)."""
+    lb = {"num_slots": E, "layer_updates_per_iter": 1} if attention_dp else {"num_slots": E}
+    source = {"moe_config": {"backend": backend.lower(), "max_num_tokens": 4096, "load_balancer": lb},
+              "enable_attention_dp": attention_dp}
     with warnings.catch_warnings(record=True) as got:
         warnings.simplefilter("always")
         cfg = load_moe_config(source, num_experts=E, ep_size=4)
-    assert cfg.backend == "CUTLASS" and cfg.max_num_tokens == 4096
+    runs_as = "WIDEEP" if attention_dp else "CUTLASS"
+    assert cfg.backend == runs_as and cfg.max_num_tokens == 4096
+    assert cfg.load_balancer.is_online == attention_dp
     messages = [str(w.message) for w in got if issubclass(w.category, ConfigWarning)]
     if backend == "AUTO":
         assert messages == []
     else:
         assert len(messages) == 1 and f"moe_config.backend='{backend.lower()}'" in messages[0]
-        assert "runs as CUTLASS" in messages[0]
-    with raises(f"{LB}.layer_updates_per_iter", "1"):  # online still needs WIDEEP, whatever the name
+        assert f"runs as {runs_as}" in messages[0]
+    # Online balancing needs the all-to-all path: refused where the file does not ask for it,
+    # naming the value the file wrote.
+    with raises(f"{LB}.layer_updates_per_iter", f"with backend '{backend}'"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConfigWarning)
             load_moe_config({"backend": backend, "load_balancer": {"layer_updates_per_iter": 1}})
+
+
+@pytest.mark.parametrize("written", [None, "CUTLASS", "cutlass", "WIDEEP"])
+def test_attention_dp_files_run_all_to_all_with_online_balancing(written):
+    """A current TensorRT-LLM wide-EP file (attention DP on, CUTLASS or no backend, online
+    load balancer) loads as WIDEEP without a warning; the same MoE section without attention
+    DP keeps CUTLASS (all-gather), and online balancing is refused there."""
+    moe = {"max_num_tokens": 9216, "load_balancer": {"num_slots": 288, "layer_updates_per_iter": 1}}
+    if written is not None:
+        moe["backend"] = written
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        cfg = load_moe_config({"enable_attention_dp": True, "moe_config": moe}, num_experts=256, ep_size=4)
+        assert cfg.backend == "WIDEEP" and cfg.load_balancer.layer_updates_per_iter == 1
+        legacy = load_moe_config({"enable_attention_dp": True, "moe_backend": written or "CUTLASS"},
+                                 num_experts=256, ep_size=4)
+        assert legacy.backend == "WIDEEP"
+        if written != "WIDEEP":
+            assert load_moe_config({"enable_attention_dp": False, "moe_backend": written or "CUTLASS"}).backend == \
+                "CUTLASS"
+    if written != "WIDEEP":
+        with raises(f"{LB}.layer_updates_per_iter", f"with backend '{written or 'CUTLASS'}'"):
+            load_moe_config({"moe_config": moe})
+    with raises("moe_config.backend" if written else "moe_backend", "'GEMM'"):  # checked under attention DP too
+        load_moe_config({"enable_attention_dp": True, **({"moe_config": {"backend": "GEMM"}} if written
+                                                         else {"moe_backend": "GEMM"})})
 
 
 def test_tensorrt_llm_combine_flags():

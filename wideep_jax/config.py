@@ -8,7 +8,8 @@ The accepted YAML is the ``moe_config`` section of TensorRT-LLM's Wide-EP README
         load_balancer: moe_load_balancer.yaml   # or an inline mapping
 
 with every ``moe_config`` key and ``backend`` value of TensorRT-LLM's ``MoeConfig``
-(its kernel-library backends run as ``CUTLASS``, see :data:`TRTLLM_LOCAL_BACKENDS`),
+(its kernel-library backends run as ``CUTLASS``, or as ``WIDEEP`` in an LLM-API file
+with ``enable_attention_dp: true``, see :data:`TRTLLM_LOCAL_BACKENDS`),
 plus keys of our own, marked "(ours)" below (``alltoall_backend``, ``ep_axis``,
 ``replica_selection``, ``expert_kernel`` and the online balancer's ``decay``, ``warmup_iters``, ``reshard``,
 ``num_nodes``, ``tolerance``). Every bad input raises
@@ -52,10 +53,11 @@ BACKENDS = ("CUTLASS", "WIDEEP")
 """MoE backends, both sharding the slots over the EP axis: ``WIDEEP`` moves tokens by
 all-to-all, ``CUTLASS`` by all-gather and reduce-scatter (TensorRT-LLM's two EP paths)."""
 TRTLLM_LOCAL_BACKENDS = ("AUTO", "CUTEDSL", "TRTLLM", "DEEPGEMM", "DENSEGEMM", "VANILLA", "TRITON", "MARLIN",
-                         "MEGAMOE_DEEPGEMM")
-"""TensorRT-LLM's other ``backend`` values (its kernel libraries for the non-wide-EP MoE):
-accepted so its files load, and run as ``CUTLASS`` (``AUTO`` silently,
-the others with a :class:`ConfigWarning`)."""
+                         "MEGAMOE_DEEPGEMM", "MEGAMOE_CUTEDSL")
+"""TensorRT-LLM's other ``backend`` values (its kernel libraries): accepted so its files
+load, and run on our kernels (``expert_kernel``; ``AUTO`` silently, the others with a
+:class:`ConfigWarning`) as ``CUTLASS``, or as ``WIDEEP`` in an LLM-API options file with
+``enable_attention_dp: true`` (see :func:`load_moe_config`)."""
 ALLTOALL_BACKENDS = ("auto", "xla", "nccl", "nvlink")
 """Communication backends for ``WIDEEP``."""
 REPLICA_SELECTIONS = ("round_robin", "local_first")
@@ -170,6 +172,18 @@ def _choice(key: str, value: Any, choices: tuple[str, ...], *, upper: bool) -> s
         if norm in choices:
             return norm
     raise _fail(key, value, f"one of {', '.join(choices)} (case-insensitive)")
+
+
+def _kernel_library_backend(value: Any, runs_as: str, path: str, *, stacklevel: int) -> str:
+    """``moe_config.backend`` checked and resolved: ``WIDEEP`` and ``CUTLASS`` as they are,
+    TensorRT-LLM's kernel-library names (and ``CUTLASS``, where ``runs_as`` says so) as
+    ``runs_as`` on our own kernels, with a :class:`ConfigWarning` for the library names
+    but ``AUTO``; ``path`` says what ``runs_as`` does, for the warning."""
+    backend = _choice(f"{_MOE}.backend", value, BACKENDS + TRTLLM_LOCAL_BACKENDS, upper=True)
+    if backend in TRTLLM_LOCAL_BACKENDS and backend != "AUTO":
+        warnings.warn(f"{_MOE}.backend={value!r} names a TensorRT-LLM kernel library; it runs as {runs_as} here: "
+                      f"{path}, on our own kernels (see expert_kernel)", ConfigWarning, stacklevel=stacklevel)
+    return backend if backend == "WIDEEP" else runs_as
 
 
 def _check_keys(key: str, raw: Mapping, allowed: tuple[str, ...]) -> None:
@@ -377,13 +391,8 @@ class MoEConfig:
     ``true`` gives a :class:`ConfigWarning`; combine keeps its usual precision."""
 
     def __post_init__(self) -> None:
-        backend = _choice(f"{_MOE}.backend", self.backend, BACKENDS + TRTLLM_LOCAL_BACKENDS, upper=True)
-        if backend in TRTLLM_LOCAL_BACKENDS:
-            if backend != "AUTO":
-                warnings.warn(f"{_MOE}.backend={self.backend!r} names a TensorRT-LLM kernel library; it runs "
-                              "as CUTLASS here (all-gather EP on our own kernels, see expert_kernel)",
-                              ConfigWarning, stacklevel=3)
-            backend = "CUTLASS"
+        written = self.backend
+        backend = _kernel_library_backend(written, "CUTLASS", "all-gather EP", stacklevel=4)
         object.__setattr__(self, "backend", backend)
         for name in ("disable_finalize_fusion", "use_low_precision_moe_combine"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
@@ -416,7 +425,9 @@ class MoEConfig:
         )
         if self.load_balancer is not None and self.load_balancer.is_online and self.backend != "WIDEEP":
             raise _fail(f"{_LB}.layer_updates_per_iter", self.load_balancer.layer_updates_per_iter,
-                        f"0 with backend {self.backend} (online load balancing needs backend WIDEEP)")
+                        f"0 with backend {written!r} (online load balancing runs on the all-to-all path: backend "
+                        "WIDEEP, or any backend in a TensorRT-LLM LLM-API file with enable_attention_dp: true, "
+                        "as TensorRT-LLM runs it)")
         if self.backend != "WIDEEP":
             _warn_inert(self, _MOE, WIDEEP_ONLY_KEYS,
                         f"with backend {self.backend} (all-gather EP: no all-to-all, every slot's rows run where "
@@ -706,6 +717,13 @@ def load_moe_config(
     try:
         _check_keys(_MOE, data, fields)
         kwargs = dict(data)
+        if not bare and raw.get("enable_attention_dp") is True:
+            # TensorRT-LLM (whose current releases no longer take WIDEEP) moves tokens by
+            # all-to-all under attention data parallelism whatever the kernel backend, and
+            # balances load online with any of them: that is our WIDEEP path.
+            kwargs["backend"] = _kernel_library_backend(data.get("backend", "AUTO"), "WIDEEP",
+                                                        "all-to-all EP, as TensorRT-LLM runs it under enable_attention_dp",
+                                                        stacklevel=3)
         kwargs["load_balancer"] = _load_balancer(data.get("load_balancer"), base_dir)
         cfg = MoEConfig(**kwargs)
         if num_experts is not None:

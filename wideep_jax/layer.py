@@ -78,7 +78,8 @@ class MoELayer(nnx.Module):
         if wide and (mesh is None or config.ep_axis not in mesh.axis_names):
             raise ValueError(
                 f"backend='WIDEEP' needs a mesh with an axis named ep_axis={config.ep_axis!r}; "
-                f"got {None if mesh is None else mesh.axis_names}"
+                f"got {None if mesh is None else mesh.axis_names}; allowed: such a mesh, or backend CUTLASS "
+                "(an LLM-API options file with enable_attention_dp: true runs WIDEEP, as TensorRT-LLM does)"
             )
         if mesh is not None and config.ep_axis not in mesh.axis_names:
             # moe_forward would refuse it at the first call; say so where the layer is built.

@@ -284,7 +284,8 @@ def moe_forward(
     axis = config.ep_axis
     if mesh is None:
         if wide:
-            raise ValueError(f"backend='WIDEEP' needs a mesh with an axis named {axis!r}; got mesh=None")
+            raise ValueError(f"backend='WIDEEP' needs a mesh with an axis named {axis!r}; got mesh=None; "
+                             "allowed: such a mesh, or backend CUTLASS")
         num_ranks = 1
     else:
         if axis not in mesh.axis_names:
