@@ -24,6 +24,12 @@ ranks and ``k = S/R`` slots per rank, per layer:
 4. Refinement: while it lowers the maximum, swap a replica of the most-loaded rank
    with one of another rank of its node (the pair minimising the larger new load;
    ties: lowest index). The maximum never rises: never worse than the greedy.
+   A fresh placement (no ``current``) with ``N = 1`` is then compared with
+   TensorRT-LLM's default placement (``config.default_placement``): if the default's
+   maximum rank load is strictly lower, it is returned instead. Replica counts chosen
+   for the load alone (step 2) can force two heavy experts onto one rank when ranks
+   hold few slots (E=5, S=8, R=4: 78.25 against the default's 75), so a placement file
+   is never worse than having none. Rank loads here are summed slot by slot, in order.
 5. Migration (only with ``current``); ``cap = (1 + tolerance + 1e-6) *`` the maximum
    of step 4. Two starting points: (A) ranks are interchangeable for the load, so
    the packed rank contents ("bins") are matched to physical ranks greedily by the
@@ -400,7 +406,11 @@ def _solve_layer(load, current, tolerance, *, num_slots: int, ep_size: int, num_
                                         max_iter=num_slots // num_nodes))(slots, rload, w)
     bins = jax.vmap(lambda i, s: i[s])(ids, slots).reshape(ep_size, per_rank)
     if current is None:
-        return bins.reshape(-1)
+        if not refine or num_nodes > 1:  # the default may split replicas across nodes
+            return bins.reshape(-1)
+        default = _default_placement(num_slots, num_experts, ep_size)
+        better = _max_rank_load(load, default, ep_size) < _max_rank_load(load, bins.reshape(-1), ep_size)
+        return jnp.where(better, default, bins.reshape(-1))
 
     def by_expert(v):  # [N, E/N] per node -> [E] per expert id
         return jnp.zeros(num_experts, v.dtype).at[ids.reshape(-1)].set(v.reshape(-1))
@@ -409,6 +419,24 @@ def _solve_layer(load, current, tolerance, *, num_slots: int, ep_size: int, num_
     cur = current.astype(_I32).reshape(ep_size, per_rank)
     return _migrate(bins, rload.reshape(-1), by_expert(w), by_expert(count), expert_node, cur,
                     tolerance, num_nodes).reshape(-1)
+
+
+def _default_placement(num_slots: int, num_experts: int, ep_size: int) -> jax.Array:
+    """TensorRT-LLM's default placement (``config.default_placement``), int32 [S]."""
+    per_rank = num_slots // ep_size
+    slot = jnp.arange(num_slots, dtype=_I32)
+    return ((slot // per_rank) * num_experts // ep_size + slot % per_rank) % num_experts
+
+
+def _max_rank_load(load: jax.Array, s2e: jax.Array, ep_size: int) -> jax.Array:
+    """The largest rank load of placement ``s2e`` [S], each slot carrying ``load / count``
+    of its expert, summed slot by slot in order (as the NumPy reference does)."""
+    count = jnp.zeros(load.shape, _I32).at[s2e].add(1)
+    per_slot = (load / jnp.maximum(count, 1).astype(_F32))[s2e].reshape(ep_size, -1)
+    total = per_slot[:, 0]
+    for j in range(1, per_slot.shape[1]):
+        total = total + per_slot[:, j]
+    return jnp.max(total)
 
 
 @partial(jax.jit, static_argnames=("num_slots", "ep_size", "num_nodes", "refine"))
@@ -473,13 +501,16 @@ def greedy_placement(load, num_slots: int, ep_size: int) -> jax.Array:
 
 
 def rank_loads(load, slot_to_expert, ep_size: int) -> jax.Array:
-    """float32 [..., ep]: each slot carries ``load[e] / count[e]`` of its expert ``e``."""
+    """float32 [..., ep]: each slot carries ``load[e] / count[e]`` of its expert ``e``; a slot
+    whose entry is outside ``[0, E)`` holds no expert (as in ``placement``) and carries 0."""
     load = jnp.asarray(load, _F32)
     s2e = jnp.asarray(slot_to_expert, _I32)
-    one_hot = s2e[..., :, None] == jnp.arange(load.shape[-1], dtype=_I32)
+    num_experts = load.shape[-1]
+    one_hot = s2e[..., :, None] == jnp.arange(num_experts, dtype=_I32)
     count = one_hot.sum(-2)
     per_replica = load / jnp.maximum(count, 1).astype(_F32)
-    slot_load = jnp.take_along_axis(per_replica, s2e, axis=-1)
+    held = (s2e >= 0) & (s2e < num_experts)
+    slot_load = jnp.where(held, jnp.take_along_axis(per_replica, jnp.clip(s2e, 0, num_experts - 1), axis=-1), 0)
     return slot_load.reshape(*s2e.shape[:-1], ep_size, -1).sum(-1)
 
 

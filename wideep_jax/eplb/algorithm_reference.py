@@ -241,11 +241,27 @@ def _solve_layer(load, current, tolerance, num_slots, ep_size, num_nodes, refine
         w_global[node_ids], count_global[node_ids], expert_node[node_ids] = w, count, n
     bins = np.concatenate(bins)
     if current is None:
+        if refine and num_nodes == 1:  # step 4's last part: the default placement, if strictly better
+            per_slot = np.arange(num_slots) // per_rank * num_experts // ep_size + np.arange(num_slots) % per_rank
+            default = (per_slot % num_experts).reshape(ep_size, per_rank)
+            if _max_rank_load(load, default) < _max_rank_load(load, bins):
+                return default.reshape(-1).astype(np.int32)
         return bins.reshape(-1).astype(np.int32)
     cur = np.asarray(current, np.int64).reshape(ep_size, per_rank)
     out = _migrate(bins, np.concatenate(rank_load), w_global, count_global, expert_node, cur,
                    tolerance, num_nodes)
     return out.reshape(-1).astype(np.int32)
+
+
+def _max_rank_load(load: np.ndarray, slots: np.ndarray) -> np.float32:
+    """Largest rank load of ``slots`` [R, k], each slot carrying ``load / count`` of its expert,
+    summed slot by slot in order (float32)."""
+    count = np.bincount(slots.reshape(-1), minlength=len(load))
+    per = load / np.maximum(count, 1).astype(_F32)
+    total = per[slots[:, 0]]
+    for j in range(1, slots.shape[1]):
+        total = (total + per[slots[:, j]]).astype(_F32)
+    return total.max()
 
 
 def compute_placement(load, num_slots: int, ep_size: int, *, num_nodes: int = 1, current=None,
