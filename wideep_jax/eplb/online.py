@@ -7,7 +7,8 @@
    read back: that would be a host sync);
 2. schedule: the layers of group ``iteration % num_groups`` (layer ``l`` is in
    group ``l % num_groups``, ``num_groups = ceil(L / layer_updates_per_iter)``,
-   TRT-LLM's interleaving) get a new placement from their load, migration-aware
+   TRT-LLM's interleaving; its cycle's extra idle iteration, added when all groups have the
+   same size, is left out) get a new placement from their load, migration-aware
    so that slots whose expert need not move stay put; a layer keeps its current
    placement unless the new one lowers its busiest rank's load by more than
    ``tolerance`` (relative), so noise in the counts does not churn weights;

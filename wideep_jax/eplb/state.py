@@ -147,7 +147,8 @@ def accumulate(load: jax.Array, counts: jax.Array, *, decay: float, active: jax.
 
 
 def group_layers(iteration_in_schedule: jax.Array, config: EplbConfig) -> tuple[jax.Array, jax.Array]:
-    """The layers updated at this iteration (TRT-LLM's interleaving).
+    """The layers updated at this iteration (TRT-LLM's interleaving, without the idle
+    iteration its cycle adds when all groups have the same size).
 
     Returns ``(layers int32 [group_size], valid bool [group_size])``: group
     ``g = iteration % num_groups`` is the layers ``l`` with ``l % num_groups == g``.
