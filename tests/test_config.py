@@ -331,6 +331,34 @@ def test_placement_must_cover_exactly_the_moe_layers():
         assert MoEConfig(load_balancer=lb).check_layers(moe_layers).load_balancer is lb
 
 
+def test_placement_of_multi_token_prediction_layers_is_dropped_with_a_warning():
+    """A placement generated from a TensorRT-LLM run with MTP also places DeepSeek-V3's layer
+    61 (past its 61 decoder layers; TensorRT-LLM builds it and ignores keys it does not look
+    up). Given the model's layer count, such layers are dropped with a warning naming them;
+    a stray key inside the model (a dense layer) is still an error, as is any without it."""
+    cfg = load_moe_config(CONFIGS / "wide_ep.yaml", num_experts=E, ep_size=8)
+    iga = dict(cfg.load_balancer.initial_global_assignments)
+    mtp = MoEConfig(backend="WIDEEP", alltoall_backend="xla",
+                    load_balancer=LoadBalancerConfig(num_slots=288, initial_global_assignments={**iga, 61: iga[3]}))
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        kept = mtp.check_layers(range(3, 61), num_layers=61)
+    assert [str(w.message) for w in got] == [
+        "moe_config.load_balancer.initial_global_assignments: layers [61] are past the model's 61 decoder layers "
+        "(TensorRT-LLM's multi-token-prediction layers, which do not run here): their placements are ignored"]
+    assert got[0].filename == __file__
+    assert kept.load_balancer.initial_global_assignments == cfg.load_balancer.initial_global_assignments
+    assert (kept.backend, kept.alltoall_backend, kept.load_balancer.num_slots) == ("WIDEEP", "xla", 288)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)  # a config without such layers: unchanged, no warning
+        assert cfg.check_layers(range(3, 61), num_layers=61) is cfg
+    with raises("initial_global_assignments", "layers [61] are not MoE layers"):
+        mtp.check_layers(range(3, 61))
+    dense = MoEConfig(load_balancer=LoadBalancerConfig(num_slots=288, initial_global_assignments={**iga, 0: iga[3]}))
+    with raises("initial_global_assignments", "layers [0] are not MoE layers"):
+        dense.check_layers(range(3, 61), num_layers=61)
+
+
 # --- errors ----------------------------------------------------------------------------------
 
 LB = "moe_config.load_balancer"

@@ -57,21 +57,31 @@ def test_logits_match_transformers_wide_ep_with_replicas(arch):
 
 
 def test_placement_for_a_layer_that_is_not_moe_is_refused():
-    """DeepSeek-V3's first layer is dense: a placement for it (or for a layer past the
-    model) names the layers and what the model has, instead of being ignored; one that
-    leaves an MoE layer out is refused before any layer is built."""
+    """DeepSeek-V3's first layer is dense: a placement for it names the layers and what the
+    model has, instead of being ignored; one for the layer past the model (its MTP layer,
+    which TensorRT-LLM places when it runs MTP) is dropped with a warning; one that leaves
+    an MoE layer out is refused before any layer is built."""
+    from wideep_jax import MoELayer
+    from wideep_jax.config import ConfigWarning
     from wideep_jax.models import CausalLM
     folder, _, _ = fixture("deepseek_v3")
     cfg = from_hf_config(json.loads((folder / "config.json").read_text()))
     assert 0 not in cfg.moe_layers
     e = cfg.num_experts
+    reversed_experts = list(range(e))[::-1]
     for layer in (0, cfg.num_hidden_layers):
-        placed = {m: list(range(e)) for m in cfg.moe_layers} | {layer: list(range(e))}
+        placed = {m: reversed_experts for m in cfg.moe_layers} | {layer: list(range(e))}
         moe = load_moe_config({"backend": "WIDEEP", "load_balancer": {"initial_global_assignments": placed}},
                               num_experts=e, ep_size=4)
-        message = f"layers [{layer}] are not MoE layers of this model (it has layers"
-        with pytest.raises(ConfigError, match=re.escape(message)):
-            CausalLM(cfg, moe, mesh=make_mesh(4), rngs=nnx.Rngs(0))
+        if layer == 0:
+            message = f"layers [{layer}] are not MoE layers of this model (it has layers"
+            with pytest.raises(ConfigError, match=re.escape(message)):
+                CausalLM(cfg, moe, mesh=make_mesh(4), rngs=nnx.Rngs(0))
+            continue
+        with pytest.warns(ConfigWarning, match=re.escape(f"layers [{layer}] are past the model's {layer} decoder")):
+            model = CausalLM(cfg, moe, mesh=make_mesh(4), rngs=nnx.Rngs(0))
+        placements = [lay.mlp.slot_to_expert[...].tolist() for lay in model.layers if isinstance(lay.mlp, MoELayer)]
+        assert len(placements) == len(cfg.moe_layers) and all(p == reversed_experts for p in placements)
     first, *rest = cfg.moe_layers
     moe = load_moe_config({"backend": "WIDEEP", "load_balancer": {"initial_global_assignments": {
         m: list(range(e)) for m in rest}}}, num_experts=e, ep_size=4)

@@ -186,6 +186,14 @@ def _kernel_library_backend(value: Any, runs_as: str, path: str, *, stacklevel: 
     return backend if backend == "WIDEEP" else runs_as
 
 
+def _quiet_replace(obj, **changes):
+    """``dataclasses.replace`` without the :class:`ConfigWarning` s that building ``obj`` gave
+    already (``__post_init__`` runs again)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigWarning)
+        return dataclasses.replace(obj, **changes)
+
+
 def _check_keys(key: str, raw: Mapping, allowed: tuple[str, ...]) -> None:
     for k in raw:
         if k not in allowed:
@@ -313,14 +321,26 @@ class LoadBalancerConfig:
                        "for lists of this length")
                 )
 
-    def check_layers(self, moe_layers) -> LoadBalancerConfig:
+    def check_layers(self, moe_layers, *, num_layers: int | None = None) -> LoadBalancerConfig:
         """Check that ``initial_global_assignments`` (if given) holds exactly the model's
         MoE layers ``moe_layers``: TensorRT-LLM looks each MoE layer up and fails on a
-        missing one, and a key that is no MoE layer would be ignored. Returns self."""
+        missing one, and a key that is no MoE layer would be ignored. With ``num_layers``
+        (the model's decoder layers), keys ``>= num_layers`` are its multi-token-prediction
+        layers (DeepSeek-V3's layer 61, which TensorRT-LLM builds and places when it runs
+        MTP; none runs here): dropped with a :class:`ConfigWarning`. Returns self, or a copy
+        without those keys."""
         moe_layers = _layer_ids("moe_layers", moe_layers)
         given = set(self.initial_global_assignments or {})
         if not given:
             return self
+        num_layers = _int("num_layers", num_layers, minimum=0, optional=True)
+        beyond = {l for l in given - moe_layers if num_layers is not None and l >= num_layers}
+        if beyond:
+            warnings.warn(f"{_IGA}: layers {_layer_list(beyond)} are past the model's {num_layers} decoder layers "
+                          "(TensorRT-LLM's multi-token-prediction layers, which do not run here): their placements "
+                          "are ignored", ConfigWarning, stacklevel=3)
+            kept = {l: ids for l, ids in self.initial_global_assignments.items() if l not in beyond}
+            return _quiet_replace(self, initial_global_assignments=kept).check_layers(moe_layers)
         stray, missing = given - moe_layers, moe_layers - given
         problems = ([f"layers {_layer_list(stray)} are not MoE layers of this model"] if stray else []) + (
             [f"MoE layers {_layer_list(missing)} have no placement"] if missing else [])
@@ -444,10 +464,11 @@ class MoEConfig:
                                                               backend=self.backend)
         return self
 
-    def check_layers(self, moe_layers) -> MoEConfig:
-        """:meth:`LoadBalancerConfig.check_layers` (nothing to check without a load balancer); returns self."""
-        (self.load_balancer or LoadBalancerConfig()).check_layers(moe_layers)
-        return self
+    def check_layers(self, moe_layers, *, num_layers: int | None = None) -> MoEConfig:
+        """:meth:`LoadBalancerConfig.check_layers` (nothing to check without a load balancer);
+        returns self, or a copy whose placement drops the layers past ``num_layers``."""
+        lb = (self.load_balancer or LoadBalancerConfig()).check_layers(moe_layers, num_layers=num_layers)
+        return self if self.load_balancer is None or lb is self.load_balancer else _quiet_replace(self, load_balancer=lb)
 
     def slot_to_expert(self, layer_idx: int | None, *, num_experts: int, ep_size: int) -> np.ndarray:
         """int32 ``[num_slots]`` expert id per slot for MoE layer ``layer_idx``.

@@ -291,7 +291,8 @@ def _set_up(args) -> SimpleNamespace:
         cfg = from_hf_config(read_config(folder), dtype=dtype)
     # A placement file for another model, or one with a layer left out, fails here, before
     # the model is built (the layers would refuse it one by one, after building the ones before).
-    moe_config = _moe_config(args.moe_config, cfg.num_experts, ep).check_layers(cfg.moe_layers)
+    moe_config = _moe_config(args.moe_config, cfg.num_experts, ep).check_layers(
+        cfg.moe_layers, num_layers=cfg.num_hidden_layers)
     check_kernel_dtype(moe_config, dtype, config_flag="--moe-config", dtype_flag="--dtype", dtype_given=args.dtype)
     recorder = _stats_recorder(cfg, args.max_new_tokens)
     # Argument errors that need no model: said before the (possibly long) build.

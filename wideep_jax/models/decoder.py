@@ -62,7 +62,7 @@ class CausalLM(nnx.Module):
         self.cfg, self.mesh = cfg, mesh
         if moe_config is not None:
             # A placement file for another model (or with a layer left out) fails before any layer is built.
-            moe_config.check_layers(cfg.moe_layers)
+            moe_config = moe_config.check_layers(cfg.moe_layers, num_layers=cfg.num_hidden_layers)
         axis = (moe_config or MoEConfig()).ep_axis
         # Attention is data parallel over the EP axis (TensorRT-LLM's attention DP):
         # each device holds the KV cache of its share of the sequences.
