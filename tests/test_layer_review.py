@@ -91,3 +91,18 @@ def test_named_kernel_dtype_check_reads_the_compute_dtype(rng):
                                          r"MoESpec.dtype=float32"):
         run_layer(layer, x.astype(jnp.bfloat16))
 
+
+
+def test_alltoall_env_change_between_eager_calls_takes_effect(rng, monkeypatch):
+    """$WIDEEP_ALLTOALL is read when the program is traced; called eagerly, the layer keeps
+    one compiled program per setup, so the variable is part of that key: set between two
+    calls of the same shape it took effect only for new shapes (found in review)."""
+    monkeypatch.delenv("WIDEEP_ALLTOALL", raising=False)
+    layer = make_layer(make_spec())
+    x = random_tokens(rng, 8, 32)
+    y, _ = layer(x)
+    monkeypatch.setenv("WIDEEP_ALLTOALL", "bogus")
+    with pytest.raises(ValueError, match="WIDEEP_ALLTOALL='bogus' is not a communication backend"):
+        layer(x)
+    monkeypatch.setenv("WIDEEP_ALLTOALL", "xla")
+    np.testing.assert_array_equal(np.asarray(layer(x)[0]), np.asarray(y))

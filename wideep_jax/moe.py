@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 from typing import NamedTuple
 
 import jax
@@ -16,7 +17,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from wideep_jax._checks import is_mask_dtype
-from wideep_jax.comm import get_alltoall_backend
+from wideep_jax.comm import ENV_VAR as ALLTOALL_ENV_VAR, get_alltoall_backend
 from wideep_jax.config import MoEConfig
 from wideep_jax.dispatch import make_dispatch_plan
 from wideep_jax.experts import routed_experts, shared_experts
@@ -299,7 +300,10 @@ def moe_forward(
     if not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(inputs)):
         # Called eagerly (a notebook, a plain script): one cached program per static setup,
         # not a fresh trace and two compiles per call.
-        return _eager_forward(spec, forward_config(config), mesh, guard)(*inputs)
+        # $WIDEEP_ALLTOALL is read when the program is traced: part of the key, so that
+        # setting it between calls takes effect for every input shape alike.
+        env = os.environ.get(ALLTOALL_ENV_VAR, "") if config.backend == "WIDEEP" else ""
+        return _eager_forward(spec, forward_config(config), mesh, guard, env)(*inputs)
     return _forward(*inputs, spec=spec, config=config, mesh=mesh, guard=guard)
 
 
@@ -318,7 +322,8 @@ def forward_config(config: MoEConfig) -> MoEConfig:
 
 
 @functools.cache
-def _eager_forward(spec: MoESpec, config: MoEConfig, mesh: Mesh | None, guard: bool):
+def _eager_forward(spec: MoESpec, config: MoEConfig, mesh: Mesh | None, guard: bool, alltoall_env: str):
+    del alltoall_env  # a cache key only (the trace reads the variable)
     return jax.jit(functools.partial(_forward, spec=spec, config=config, mesh=mesh, guard=guard))
 
 
