@@ -189,8 +189,10 @@ def test_bare_mapping_errors_say_how_the_file_was_read(tmp_path):
     """A mapping with no moe_config, legacy or LLM-API key is read as a bare moe_config:
     an unknown key says so, and a placement file given as the config is named as one;
     placement-file errors name the file."""
-    with pytest.raises(ConfigError, match=r"unknown key 'dtype'.*read as a bare moe_config mapping\)$"):
-        load_moe_config({"max_num_tokens": 8192, "dtype": "bfloat16"})
+    with pytest.raises(ConfigError, match=r"unknown key 'hidden_size'.*read as a bare moe_config mapping\)$"):
+        load_moe_config({"max_num_tokens": 8192, "hidden_size": 7168})
+    with pytest.warns(ConfigWarning, match="max_num_tokens=8192 at the top level"):  # dtype: an LLM-API option
+        assert load_moe_config({"max_num_tokens": 8192, "dtype": "bfloat16"}) == MoEConfig()
     with pytest.raises(ConfigError, match=r"unknown key 'num_slots'.*looks like a load_balancer placement file"):
         load_moe_config({"num_slots": 8, "initial_global_assignments": {0: [0, 1]}})
     (tmp_path / "empty.yaml").write_text("")
@@ -686,3 +688,28 @@ def test_duplicate_yaml_key_is_refused_with_its_line(tmp_path):
     with pytest.raises(ConfigError, match=r"(?s)invalid YAML in .*dup\.yaml.*duplicate key 'num_slots' "
                                           r"\(allowed: each key once per mapping\).*line 5"):
         load_moe_config(path, num_experts=8, ep_size=4)
+
+
+def test_llm_api_files_with_any_tensorrt_llm_option_and_disaggregated_configs():
+    """Options files whose only keys are TensorRT-LLM options this list lacked (dtype,
+    gpus_per_node, kv_cache_dtype, ...) were read as bare moe_config mappings and refused
+    ('unknown key'); they load with the MoE defaults. A disaggregated-serving config is
+    refused with what to load instead, and its per-server section loads as an options file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        for source in ({"dtype": "bfloat16", "gpus_per_node": 4}, {"kv_cache_dtype": "fp8", "enable_min_latency": True},
+                       {"context_parallel_size": 2, "cp_config": {}}, {"model": "deepseek-ai/DeepSeek-V3"}):
+            assert load_moe_config(source) == MoEConfig()
+        gen = {"num_instances": 1, "urls": ["gen:8001"], "router": {"type": "round_robin"}, "enable_attention_dp": True,
+               "moe_config": {"backend": "CUTLASS", "load_balancer": {"num_slots": 288, "layer_updates_per_iter": 1}}}
+        cfg = load_moe_config(gen, num_experts=E, ep_size=8)
+        assert cfg.backend == "WIDEEP" and cfg.load_balancer.layer_updates_per_iter == 1
+    disagg = {"hostname": "localhost", "port": 8000, "context_servers": {"num_instances": 1, "urls": ["ctx:8001"]},
+              "generation_servers": gen}
+    with raises("context_servers", "disaggregated-serving config"):
+        load_moe_config(disagg)
+    with raises("generation_servers", "['generation_servers']"):
+        load_moe_config({"hostname": "localhost", "generation_servers": gen})
+    # A bare moe_config mapping is still one: every key checked.
+    with raises("moe_config", "unknown key 'load_balancr'"):
+        load_moe_config({"backend": "WIDEEP", "load_balancr": {}})

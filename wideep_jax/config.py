@@ -587,17 +587,54 @@ LEGACY_MOE_KEYS = types.MappingProxyType(
 ``pytorch_backend_config``) -> the ``moe_config`` key each became."""
 
 LLM_API_KEYS = frozenset({
-    "enable_attention_dp", "attention_dp_config", "cuda_graph_config", "use_cuda_graph", "kv_cache_config",
-    "pytorch_backend_config", "print_iter_log", "disable_overlap_scheduler", "enable_chunked_prefill",
-    "max_batch_size", "max_seq_len", "max_input_len", "max_beam_width", "tensor_parallel_size",
-    "pipeline_parallel_size", "moe_expert_parallel_size", "moe_tensor_parallel_size", "moe_cluster_parallel_size",
-    "enable_iter_perf_stats", "enable_iter_req_stats", "speculative_config", "scheduler_config", "stream_interval",
-    "trust_remote_code", "cache_transceiver_config", "torch_compile_config", "enable_autotuner", "sampler_type",
-    "checkpoint_format", "load_format", "lora_config", "guided_decoding_backend", "attn_backend",
-    "batch_wait_timeout_ms", "enable_layerwise_nvtx_marker", "return_perf_metrics", "num_postprocess_workers",
+    "_mpi_session", "allreduce_strategy", "attention_dp_config", "attn_backend", "auto_parallel",
+    "auto_parallel_world_size", "autotuner_enabled", "batch_wait_max_tokens_ratio", "batch_wait_timeout_iters",
+    "batch_wait_timeout_ms", "batched_logits_processor", "batching_type", "build_config",
+    "cache_transceiver_config", "calib_config", "checkpoint_format", "checkpoint_io_policy",
+    "checkpoint_loader", "connector_config", "context_parallel_size", "cp_config", "cuda_graph_batch_sizes",
+    "cuda_graph_config", "cuda_graph_max_batch_size", "cuda_graph_padding_enabled", "custom_tokenizer",
+    "decoding_config", "disable_flashinfer_sampling", "disable_mm_encoder", "disable_overlap_scheduler",
+    "dtype", "dwdp_config", "embedding_parallel_mode", "enable_attention_dp", "enable_autotuner",
+    "enable_build_cache", "enable_chunked_prefill", "enable_early_first_token_response",
+    "enable_encoder_decoder_mixed_cuda_graph", "enable_energy_metrics", "enable_in_graph_sampling",
+    "enable_iter_perf_stats", "enable_iter_req_stats", "enable_layerwise_nvtx_marker",
+    "enable_lm_head_tp_in_adp", "enable_lora", "enable_low_latency_host_dispatch", "enable_min_latency",
+    "enable_mixed_sampler", "enable_mla_skip_correction", "enable_prompt_adapter", "enable_resource_governor",
+    "enable_sleep", "enable_speculative_beam_history_d2h", "enable_tqdm", "enable_trtllm_sampler",
+    "encode_only", "encoder_cuda_graph_config", "encoder_max_batch_size", "encoder_max_num_tokens",
+    "env_overrides", "extended_runtime_perf_knob_config", "fail_fast_on_attention_window_too_large",
+    "fast_build", "force_dynamic_quantization", "garbage_collection_gen0_threshold", "gather_generation_logits",
+    "generation_config", "gms_config", "gpus_per_node", "guided_decoding_backend", "hf_revision",
+    "iter_stats_max_iterations", "kv_cache_compression_config", "kv_cache_config", "kv_cache_dtype",
+    "kv_connector_config", "layer_wise_benchmarks_config", "load_format", "lora_config", "max_batch_size",
+    "max_beam_width", "max_cpu_loras", "max_input_len", "max_lora_rank", "max_loras",
+    "max_prompt_adapter_token", "max_seq_len", "max_stats_len", "mixed_sampler",
+    "mla_skip_correction_threshold", "mm_encoder_only", "model", "model_kwargs", "moe_cluster_parallel_size",
+    "moe_expert_parallel_size", "moe_tensor_parallel_size", "mpi_session", "multimodal_config", "mx_config",
+    "normalize_log_probs", "num_instances", "num_postprocess_workers", "num_serve_frontends",
+    "nvfp4_gemm_config", "orchestrator_type", "otlp_traces_endpoint", "peft_cache_config",
+    "perf_metrics_max_requests", "perf_metrics_output_dir", "pipeline_parallel_size", "post_processor_hook",
+    "postprocess_tokenizer_dir", "pp_partition", "prefill_capture_num_tokens", "prefill_cuda_graph_backend",
+    "print_iter_log", "prometheus_metrics_config", "pytorch_backend_config", "quant_config",
+    "ray_placement_config", "ray_worker_extension_cls", "ray_worker_nsight_options", "reasoning_parser",
+    "reorder_policy_config", "request_stats_max_iterations", "return_perf_metrics", "revision", "router",
+    "sampler_force_async_worker", "sampler_type", "scheduler_config", "skip_tokenizer_init", "sleep_config",
+    "sparse_attention_config", "speculative_config", "stream_interval", "telemetry_config",
+    "tensor_parallel_size", "tokenizer", "tokenizer_mode", "tokenizer_revision", "torch_compile_config",
+    "trust_remote_code", "urls", "use_cuda_graph", "use_cute_dsl_bf16_bmm", "use_cute_dsl_bf16_gemm",
+    "use_cute_dsl_blockscaling_bmm", "use_cute_dsl_blockscaling_mm", "use_fine_grained_sync", "workspace",
 })
 """TensorRT-LLM LLM-API option names (none of them a ``moe_config`` key): a file with
-one of them at the top level is an LLM-API options file, not a bare ``moe_config``."""
+one of them at the top level is an LLM-API options file, not a bare ``moe_config``. The
+fields of its ``BaseLlmArgs`` / ``TorchLlmArgs`` / ``TrtLlmArgs`` (``llmapi/llm_args.py``,
+current and older releases) and the keys its YAML merge takes besides them, less the
+ones that are also ``moe_config`` or legacy MoE keys; plus ``num_instances``, ``urls`` and
+``router`` of a disaggregated-serving config's per-server section, so that such a
+section (say ``generation_servers``) loads as an options file."""
+
+DISAGG_SERVER_SECTIONS = ("context_servers", "generation_servers")
+"""The per-server sections of a TensorRT-LLM disaggregated-serving config
+(``trtllm-serve disaggregated -c``), each an LLM-API options mapping."""
 
 
 def _refuse_misspelt_moe_keys(data: Mapping) -> None:
@@ -624,6 +661,13 @@ def _moe_section(data: Mapping) -> tuple[Mapping, dict[str, str], bool]:
     ``moe_*`` options, or the whole file when it is a bare ``moe_config`` mapping; for
     legacy keys, ``{"moe_config.<key>": where the file wrote it}`` for error messages; and
     whether the file was read as a bare mapping."""
+    sections = [k for k in DISAGG_SERVER_SECTIONS if k in data]
+    if sections:
+        # Its servers may run different MoE settings (prefill vs decode): not ours to pick.
+        raise ConfigError(f"{sections[0]}: the file is a TensorRT-LLM disaggregated-serving config (its "
+                          f"{' and '.join(sections)} hold each server kind's LLM-API options); allowed: an LLM-API "
+                          "options file or a moe_config mapping: load the section of the servers you run, e.g. "
+                          "load_moe_config(yaml.safe_load(open(path))['generation_servers'])")
     nested = data.get("pytorch_backend_config")
     if isinstance(nested, Mapping) and _MOE in nested:
         raise ConfigError(f"pytorch_backend_config.{_MOE}: got a {type(nested[_MOE]).__name__} there, where "
