@@ -391,6 +391,19 @@ def test_eplb_trtllm_flag_spellings(tmp_path, rng, monkeypatch, capsys):
         assert main(["eplb", "report", *argv, "--no-heatmap"]) == 0
         reports.append(capsys.readouterr().out)
     assert reports[0] == reports[1] and "rank imb (placed)" in reports[0]
+    assert "mean, std: of the load per rank" in reports[0] and "rank files" not in reports[0]
+    # --per_expert (TensorRT-LLM's spelling too): mean and std over the slots.
+    for flag in ("--per-expert", "--per_expert"):
+        assert main(["eplb", "report", "--stats", stats, "--ep-size", "4", "--placement", str(ours), "--no-heatmap",
+                     flag]) == 0
+        out = capsys.readouterr().out
+        assert "mean, std: of the load per slot" in out
+        assert out.splitlines()[-1].split()[1] != reports[0].splitlines()[-1].split()[1]  # another mean
+    # The EP size defaulted from the rank files while a placement is projected: said, since a
+    # placement made for another EP size whose slots the rank count divides projects silently.
+    assert main(["eplb", "report", "--stats", stats, "--placement", str(ours), "--no-heatmap"]) == 0
+    assert "the statistics' rank files (the placement file names no ep_size); pass --ep-size N" in \
+        capsys.readouterr().out
 
 
 def test_eplb_statistics_path_default_and_errors(tmp_path, rng, monkeypatch, capsys):

@@ -303,8 +303,9 @@ def test_load_stats_refuses_top_k_above_num_experts(tmp_path, rng):
 
 # -- generate and report -------------------------------------------------------------------
 
-def _numpy_report(counts, placement, ep):
-    """Per layer [mean, std, rank imb, slot imb], per iteration then averaged (loops)."""
+def _numpy_report(counts, placement, ep, per_expert=False):
+    """Per layer [mean, std, rank imb, slot imb], per iteration then averaged (loops); mean and
+    std over the ranks (TensorRT-LLM's report_load_statistics.py), over the slots with per_expert."""
     def imb(v):
         return (v.max() - v.mean()) / v.mean()
     num_iters, num_layers, num_experts = counts.shape
@@ -315,7 +316,9 @@ def _numpy_report(counts, placement, ep):
             c = counts[a, b].astype(np.float64)
             p = placement[b]
             slot = c[p] / np.bincount(p, minlength=num_experts)[p]
-            rows.append([c.mean(), c.std(ddof=1), imb(slot.reshape(ep, -1).sum(1)), imb(slot)])
+            rank = slot.reshape(ep, -1).sum(1)
+            spread = slot if per_expert else rank
+            rows.append([spread.mean(), spread.std(ddof=1), imb(rank), imb(slot)])
         out.append(np.mean(rows, axis=0))
     return np.array(out)
 
@@ -345,8 +348,13 @@ def test_generate_write_load_and_report(tmp_path, rng):
     want_placed = _numpy_report(total, placed, ep)
     got = np.array([[r.mean, r.std, r.rank_imbalance, r.slot_imbalance] for r in rep.layers])
     np.testing.assert_allclose(got, want_default, rtol=1e-9)
-    got_placed = np.array([[r.placed_rank_imbalance, r.placed_slot_imbalance] for r in rep.layers])
-    np.testing.assert_allclose(got_placed, want_placed[:, 2:], rtol=1e-9)
+    got_placed = np.array([[r.placed_std, r.placed_rank_imbalance, r.placed_slot_imbalance] for r in rep.layers])
+    np.testing.assert_allclose(got_placed, want_placed[:, 1:], rtol=1e-9)
+    # TensorRT-LLM's --per_expert table: mean and std over the slots instead of the ranks.
+    slots_rep = report(stats, ep_size=ep, placement=path, per_expert=True)
+    got = np.array([[r.mean, r.std, r.placed_std] for r in slots_rep.layers])
+    np.testing.assert_allclose(got, np.c_[_numpy_report(total, default, ep, per_expert=True)[:, :2],
+                                          _numpy_report(total, placed, ep, per_expert=True)[:, 1]], rtol=1e-9)
     assert rep.rank_load.shape == (3, ep) and rep.placed_rank_load.shape == (3, ep)
     np.testing.assert_allclose(rep.rank_load.sum(1), total.sum((0, 2)))
     # The balancer works on the summed load: it can only lower that imbalance.

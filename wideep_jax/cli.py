@@ -237,6 +237,8 @@ def _add_eplb(sub) -> None:
                    help="placement file to project the load onto")
     r.add_argument("--iter-start", "--iter_start", dest="iter_start", type=NON_NEGATIVE, default=None)
     r.add_argument("--iter-stop", "--iter_stop", dest="iter_stop", type=NON_NEGATIVE, default=None)
+    r.add_argument("--per-expert", "--per_expert", dest="per_expert", action="store_true",
+                   help="mean and std over the slots (experts, without --placement) instead of the ranks")
     r.add_argument("--heatmap", default=None, help="PNG of per-rank loads (default: STATS/eplb_report.png)")
     r.add_argument("--no-heatmap", action="store_true", help="print the table only")
     r.set_defaults(func=_eplb_report)
@@ -296,12 +298,18 @@ def _eplb_report(args) -> int:
     if args.heatmap and not args.no_heatmap:
         check_png_path(args.heatmap)  # before the report is printed, not after
     stats = _load_stats(args)
-    rep = report(stats, ep_size=args.ep_size, placement=args.placement)
+    rep = report(stats, ep_size=args.ep_size, placement=args.placement, per_expert=args.per_expert)
     print(f"wideep eplb report: {args.stats}, iterations {stats.iter_start}..{stats.iter_stop - 1}, "
           f"{stats.num_experts} experts, top-{stats.top_k}, {len(stats.layers)} layers, EP {rep.ep_size} "
           f"(default placement: {rep.num_slots} slots"
           + (f"; placement {args.placement}: {rep.placement_num_slots} slots)" if args.placement else ")"))
-    print("  imb = (max-mean)/mean per iteration, averaged over iterations")
+    if args.placement and rep.ep_size_from_stats:
+        # TensorRT-LLM's report needs the file's ep_size key; a placement made for another EP
+        # size whose slot count the rank files divide would be projected wrongly, silently.
+        print(f"  EP {rep.ep_size}: the statistics' rank files (the placement file names no ep_size); pass "
+              "--ep-size N if the placement was made for another EP size")
+    print(f"  mean, std: of the load per {'slot' if args.per_expert else 'rank'}; imb = (max-mean)/mean; each "
+          "per iteration, averaged over the iterations (imb: those with load)")
     print(format_report(rep))
     if args.no_heatmap:
         return 0

@@ -122,13 +122,15 @@ def write_placement_file(path: str | os.PathLike, placements: Placement, num_slo
 @dataclasses.dataclass
 class LayerLoad:
     """Load statistics of one MoE layer; each value is computed per iteration, then averaged
-    over the iterations (TensorRT-LLM's convention)."""
+    over the iterations (TensorRT-LLM's convention; the imbalances over the iterations that
+    had load). ``mean`` and ``std`` are over the EP ranks, as ``report_load_statistics.py``
+    gives them, or over the slots with ``per_expert`` (its ``--per_expert``)."""
 
     layer: int
     mean: float
-    """Mean per-expert load (routed pairs)."""
+    """Mean load (routed pairs) of a rank (of a slot with ``per_expert``)."""
     std: float
-    """Standard deviation of the per-expert load (ddof=1, as torch.std)."""
+    """Its standard deviation over the ranks (slots) under the default placement (ddof=1, as torch.std)."""
     rank_imbalance: float
     """(max - mean) / mean of the per-rank load under the default placement."""
     slot_imbalance: float
@@ -137,6 +139,8 @@ class LayerLoad:
     """Projected (max - mean) / mean of the per-rank load under the given placement."""
     placed_slot_imbalance: float | None = None
     """Projected (max - mean) / mean of the per-slot load under the given placement."""
+    placed_std: float | None = None
+    """``std`` under the given placement."""
 
 
 @dataclasses.dataclass
@@ -152,6 +156,8 @@ class LoadReport:
     placed_rank_load: np.ndarray | None = None
     """float64 [num_layers, ep_size] under the given placement, or None."""
     placement_num_slots: int | None = None
+    ep_size_from_stats: bool = False
+    """True when ``ep_size`` is the statistics' number of rank files, for want of another."""
 
     def summed_rank_imbalance(self) -> tuple[float, float | None]:
         """(max - mean) / mean of the per-rank load summed over the iterations (what
@@ -193,8 +199,9 @@ def _ep_of_stats(stats: LoadedStats) -> str:
 
 
 def _resolve_placement(placement, stats: LoadedStats,
-                       ep_size: int | None) -> tuple[int, dict[int, np.ndarray], int]:
-    """``(num_slots, {layer: slot_to_expert}, ep_size)`` from a placement file or mapping,
+                       ep_size: int | None) -> tuple[int, dict[int, np.ndarray], int, bool]:
+    """``(num_slots, {layer: slot_to_expert}, ep_size, ep_size is the statistics' rank count by
+    default)`` from a placement file or mapping,
     validated by the config loader (coverage, lengths, num_slots a multiple of ep_size).
 
     ``ep_size`` None: the file's ``ep_size`` key if it has one, else the statistics' ranks.
@@ -237,6 +244,7 @@ def _resolve_placement(placement, stats: LoadedStats,
         raise ValueError(f"placement={placement!r}: allowed: a placement file path or {{layer: slot_to_expert}}")
     # WIDEEP: a placement spreads slots over EP ranks, and the default backend (CUTLASS)
     # would refuse a file with layer_updates_per_iter > 0 (online EPLB needs WIDEEP).
+    from_stats = file_ep is None and ep_size is None
     if file_ep is not None:
         ep_size = file_ep
     elif ep_size is None:
@@ -270,22 +278,26 @@ def _resolve_placement(placement, stats: LoadedStats,
         raise ValueError(f"{name}: {' and '.join(problems)} (it has layers {_layer_list(given)}, the statistics "
                          f"have layers {_layer_list(stats.layers)}); allowed: a placement for every layer of the "
                          "statistics and no other layer (every MoE layer of the model)")
-    return num_slots, {l: np.asarray(given.get(l, default), np.int64) for l in stats.layers}, ep_size
+    return (num_slots, {l: np.asarray(given.get(l, default), np.int64) for l in stats.layers}, ep_size,
+            from_stats)
 
 
-def report(stats: LoadedStats, *, ep_size: int | None = None, placement=None) -> LoadReport:
+def report(stats: LoadedStats, *, ep_size: int | None = None, placement=None,
+           per_expert: bool = False) -> LoadReport:
     """Per-layer load statistics under the default placement and, if ``placement`` (a
     placement file or ``{layer: slot_to_expert}``) is given, projected under it.
 
     ``ep_size`` None: the ``ep_size`` key of a placement file that has one (TensorRT-LLM's
-    newer generators write it), else the statistics' number of rank files."""
+    newer generators write it), else the statistics' number of rank files. ``mean`` and
+    ``std`` are over the ranks, or over the slots with ``per_expert``."""
     ep_size = None if ep_size is None else _positive_int("ep_size", ep_size)
     num_experts = stats.num_experts
     placed = None
     num_slots = num_experts
     where = ""  # where a defaulted ep_size came from
+    from_stats = ep_size is None
     if placement is not None:
-        num_slots, placed, ep_size = _resolve_placement(placement, stats, ep_size)
+        num_slots, placed, ep_size, from_stats = _resolve_placement(placement, stats, ep_size)
     elif ep_size is None:
         ep_size, where = stats.ep_size, _ep_of_stats(stats)
     if num_slots % ep_size:
@@ -299,22 +311,28 @@ def report(stats: LoadedStats, *, ep_size: int | None = None, placement=None) ->
         rank = slot.reshape(*slot.shape[:2], ep_size, -1).sum(-1)
         return slot, rank
 
+    def std(values):  # [I, L, n] -> [L]: per iteration (ddof=1, as torch.std), averaged
+        return (values.std(-1, ddof=1) if values.shape[-1] > 1 else np.zeros(values.shape[:-1])).mean(0)
+
     default = np.broadcast_to(default_placement(num_slots, num_experts, ep_size), (num_layers, num_slots))
     slot, rank = loads(default)
-    mean = counts.mean(-1).mean(0)
-    std = (counts.std(-1, ddof=1) if num_experts > 1 else np.zeros_like(counts[..., 0])).mean(0)
+    spread = slot if per_expert else rank
+    mean = spread.mean(-1).mean(0)
     rank_imb, slot_imb = _imbalance(rank), _imbalance(slot)
-    placed_rank = placed_slot = placed_rank_load = None
+    placed_rank = placed_slot = placed_rank_load = placed_std = None
     if placed is not None:
         p_slot, p_rank = loads(np.stack([placed[l] for l in stats.layers]))
         placed_rank, placed_slot = _imbalance(p_rank), _imbalance(p_slot)
         placed_rank_load = p_rank.sum(0)
-    rows = [LayerLoad(layer, float(mean[i]), float(std[i]), float(rank_imb[i]), float(slot_imb[i]),
+        placed_std = std(p_slot if per_expert else p_rank)
+    default_std = std(spread)
+    rows = [LayerLoad(layer, float(mean[i]), float(default_std[i]), float(rank_imb[i]), float(slot_imb[i]),
                       None if placed is None else float(placed_rank[i]),
-                      None if placed is None else float(placed_slot[i]))
+                      None if placed is None else float(placed_slot[i]),
+                      None if placed is None else float(placed_std[i]))
             for i, layer in enumerate(stats.layers)]
     return LoadReport(rows, ep_size, num_slots, rank.sum(0), placed_rank_load,
-                      None if placed is None else num_slots)
+                      None if placed is None else num_slots, from_stats)
 
 
 def format_report(rep: LoadReport) -> str:
@@ -322,13 +340,13 @@ def format_report(rep: LoadReport) -> str:
     placed = rep.placed_rank_load is not None
     head = ["layer", "mean", "std", "rank imb", "slot imb"]
     if placed:
-        head += ["rank imb (placed)", "slot imb (placed)"]
+        head += ["std (placed)", "rank imb (placed)", "slot imb (placed)"]
 
     def cells(row: LayerLoad) -> list[str]:
         out = ["avg" if row.layer < 0 else str(row.layer), f"{row.mean:.1f}", f"{row.std:.1f}",
                f"{row.rank_imbalance:.3f}", f"{row.slot_imbalance:.3f}"]
         if placed:
-            out += [f"{row.placed_rank_imbalance:.3f}", f"{row.placed_slot_imbalance:.3f}"]
+            out += [f"{row.placed_std:.1f}", f"{row.placed_rank_imbalance:.3f}", f"{row.placed_slot_imbalance:.3f}"]
         return out
 
     table = [head] + [cells(r) for r in rep.layers] + [cells(rep.average())]
