@@ -502,3 +502,14 @@ def test_quantization_config_null_keys_and_integral_block_sizes():
     assert _block_size({"quantization_config": fp8 | {"fmt": None, "weight_block_size": None}}) == (128, 128)
     block = _block_size({"quantization_config": fp8 | {"weight_block_size": [32.0, 16]}})
     assert block == (32, 16) and all(type(b) is int for b in block)
+
+
+@pytest.mark.parametrize("value, tuned", [(4, True), (0, False), (True, True), (False, False)])
+def test_llama4_attn_temperature_tuning_as_published(value, tuned):
+    """Meta's Llama 4 Scout/Maverick configs write ``attn_temperature_tuning: 4``
+    (transformers only tests it for truth); it was refused as 'allowed: true or false'.
+    Strings, floats, negative ints and lists are still refused."""
+    assert from_hf_config(_config("llama4_text") | {"attn_temperature_tuning": value}).attn_temperature_tuning is tuned
+    for bad in ("4", 4.0, -1, [True]):
+        with pytest.raises(CheckpointError, match=re.escape(f"attn_temperature_tuning={bad!r}; allowed: true or false")):
+            from_hf_config(_config("llama4_text") | {"attn_temperature_tuning": bad})

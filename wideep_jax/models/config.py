@@ -161,6 +161,18 @@ def _bool(cfg: dict, key: str, default=dataclasses.MISSING, *, name: str | None 
     return value
 
 
+def _truthy_flag(cfg: dict, key: str, default: bool) -> bool:
+    """A flag that published configs write as an int too (Llama 4's ``attn_temperature_tuning:
+    4``, which transformers only tests for truth): JSON true/false or an int >= 0."""
+    value = _get(cfg, key, default)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value >= 0:
+        return value != 0
+    raise CheckpointError(f"config.json: {key}={value!r}; allowed: true or false (or an int >= 0, read as "
+                          "true when not 0)")
+
+
 def _layer_indices(cfg: dict, key: str, layers: int) -> tuple[int, ...]:
     """A list of layer indices, each in [0, num_hidden_layers)."""
     value = cfg[key]
@@ -471,6 +483,6 @@ def _llama4(cfg: dict, common: dict, layers: int) -> DecoderConfig:
         n_shared_experts=1, router_weight_on_input=True, rope_interleaved=True, nope_layers=nope,
         qk_l2_norm=_bool(cfg, "use_qk_norm", True), chunked_layers=chunked,
         attention_chunk_size=None if chunk is None else _int(cfg, "attention_chunk_size", chunk),
-        attn_temperature_tuning=_bool(cfg, "attn_temperature_tuning", True),
+        attn_temperature_tuning=_truthy_flag(cfg, "attn_temperature_tuning", True),
         floor_scale=_float(cfg, "floor_scale", 8192, positive=True), attn_scale=_float(cfg, "attn_scale", 0.1),
     )
