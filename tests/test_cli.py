@@ -111,6 +111,12 @@ def test_user_errors_are_one_line_before_any_compute(capsys, tmp_path, monkeypat
         (["run", "--top-p", "2"], r"--top-p=2.0: allowed: a number with 0 < top_p <= 1"),
         (["run", "--temperature", "-1"], r"--temperature=-1.0: allowed: a finite number >= 0"),
         (["run", "--prompt", "abc"], r"--prompt='abc': allowed: comma-separated token ids"),
+        # str.isdigit() takes '²', which int() refuses: was a bare "invalid literal for int()"
+        (["run", "--prompt", "1,\u00b2"], r"--prompt='1,\u00b2': allowed: comma-separated token ids"),
+        # flags that cannot apply are errors, not silently ignored
+        (["run", "--prompt", "1,2", "--batch", "5"], r"--batch=5: allowed only without --prompt"),
+        (["run", "--prompt", "1,2", "--prompt-len", "9"], r"--prompt-len=9: allowed only without --prompt"),
+        (["run", "--top-p", "0.3"], r"--top-p=0.3: allowed only with --temperature > 0"),
         (["run", "--moe-config", str(binary)], r"--moe-config: .* is not UTF-8 text"),
         (["build-ffi", "--archs", "abc"], r"--archs='abc': allowed: comma-separated GPU archs"),
     ]

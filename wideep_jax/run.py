@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -44,11 +45,12 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt", action="append", default=None,
                    help="a prompt: comma-separated token ids, or text when the checkpoint has a "
                         "tokenizer (repeatable); default: random prompts")
-    p.add_argument("--batch", type=POSITIVE, default=8, help="random prompts when --prompt is not given")
-    p.add_argument("--prompt-len", type=POSITIVE, default=32, help="length of the random prompts")
+    p.add_argument("--batch", type=POSITIVE, default=None,
+                   help="random prompts when --prompt is not given (default 8)")
+    p.add_argument("--prompt-len", type=POSITIVE, default=None, help="length of the random prompts (default 32)")
     p.add_argument("--max-new-tokens", type=POSITIVE, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, with --temperature > 0 (default 1)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--cpu-devices", type=POSITIVE, default=None,
@@ -246,11 +248,11 @@ def _prompts(args, vocab: int, tokenizer) -> list[list[int]]:
 
     if not args.prompt:
         rng = np.random.default_rng(args.seed)
-        return [list(map(int, rng.integers(0, vocab, args.prompt_len))) for _ in range(args.batch)]
+        return [list(map(int, rng.integers(0, vocab, args.prompt_len or 32))) for _ in range(args.batch or 8)]
     prompts = []
     for text in args.prompt:
         parts = [p.strip() for p in text.split(",")]
-        if all(p.lstrip("-").isdigit() for p in parts):
+        if all(re.fullmatch(r"-?[0-9]+", p) for p in parts):  # not str.isdigit: it takes '²', which int() refuses
             ids = [int(p) for p in parts]
         elif tokenizer is not None:
             ids = tokenizer.encode(text).ids
@@ -297,9 +299,17 @@ def _set_up(args) -> SimpleNamespace:
     recorder = _stats_recorder(cfg, args.max_new_tokens)
     # Argument errors that need no model: said before the (possibly long) build.
     try:
-        check_sampling(args.temperature, args.top_p)
+        check_sampling(args.temperature, 1.0 if args.top_p is None else args.top_p)
     except ValueError as err:
         raise ValueError(f"--{err}".replace("top_p=", "top-p=", 1)) from None
+    # A flag that cannot apply is an error, not silently ignored.
+    if args.prompt:
+        for flag, value in (("--batch", args.batch), ("--prompt-len", args.prompt_len)):
+            if value is not None:
+                raise ValueError(f"{flag}={value}: allowed only without --prompt (it sizes the random prompts)")
+    if args.top_p is not None and args.temperature == 0:
+        raise ValueError(f"--top-p={args.top_p!r}: allowed only with --temperature > 0 (temperature 0 decodes "
+                         "greedily)")
     tokenizer = _tokenizer(folder)
     prompts = _prompts(args, cfg.vocab_size, tokenizer)
     mesh = jax.make_mesh((ep,), (moe_config.ep_axis,), devices=jax.devices()[:ep],
@@ -309,7 +319,8 @@ def _set_up(args) -> SimpleNamespace:
         from wideep_jax.comm import resolve_alltoall_backend
         alltoall = resolve_alltoall_backend(moe_config.alltoall_backend, mesh, moe_config.ep_axis)
     return SimpleNamespace(platform=platform, dtype=dtype, ep=ep, folder=folder, cfg=cfg, moe_config=moe_config,
-                           recorder=recorder, tokenizer=tokenizer, prompts=prompts, mesh=mesh, alltoall=alltoall)
+                           recorder=recorder, tokenizer=tokenizer, prompts=prompts, mesh=mesh, alltoall=alltoall,
+                           top_p=1.0 if args.top_p is None else args.top_p)
 
 
 def _settings(args, setup: SimpleNamespace) -> dict[str, str]:
@@ -324,7 +335,7 @@ def _settings(args, setup: SimpleNamespace) -> dict[str, str]:
         "--model": args.model if setup.folder is None else f"config.json digest {digest(setup.cfg)}",
         "--moe-config": f"moe_config digest {digest(setup.moe_config)}",
         "--dtype": setup.dtype.name, "--ep": str(setup.ep), "--max-new-tokens": str(args.max_new_tokens),
-        "--temperature": repr(args.temperature), "--top-p": repr(args.top_p), "--seed": str(args.seed),
+        "--temperature": repr(args.temperature), "--top-p": repr(setup.top_p), "--seed": str(args.seed),
         "the prompts (--prompt, or --batch, --prompt-len and --seed)":
             f"{len(setup.prompts)} prompts, token ids digest {digest(setup.prompts)}",
         # It adds the statistics' collectives to every step: processes without it hang with it.
@@ -453,7 +464,7 @@ def main_job(args) -> int:
             hook(stats)
 
     result = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_p=args.top_p, seed=args.seed, on_token=progress,
+                      top_p=setup.top_p, seed=args.seed, on_token=progress,
                       after_step=after_step if hooks else None)
     say(file=sys.stderr)
     prompt_tokens = sum(len(p) for p in prompts)
