@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from wideep_jax.models import from_hf_config, from_pretrained
@@ -69,7 +70,10 @@ def test_a_missing_tensor_names_the_folder_and_likely_cause(tmp_path):
         _load(folder)
     # The index puts it in a shard the folder lacks (an interrupted download).
     shard = "model-00002-of-00002.safetensors"
-    folder = _without(tmp_path / "b", name, {"metadata": {}, "weight_map": {name: shard}})
+    from safetensors.numpy import load_file
+
+    rest = {n: "model.safetensors" for n in load_file(_copy(tmp_path / "src") / "model.safetensors") if n != name}
+    folder = _without(tmp_path / "b", name, {"metadata": {}, "weight_map": {**rest, name: shard}})
     with pytest.raises(MissingTensorError, match=re.escape(
             f"{name!r} (1 missing); likely cause: model.safetensors.index.json puts them in [{shard!r}], "
             "which the folder lacks")):
@@ -513,3 +517,39 @@ def test_llama4_attn_temperature_tuning_as_published(value, tuned):
     for bad in ("4", 4.0, -1, [True]):
         with pytest.raises(CheckpointError, match=re.escape(f"attn_temperature_tuning={bad!r}; allowed: true or false")):
             from_hf_config(_config("llama4_text") | {"attn_temperature_tuning": bad})
+
+
+def test_only_the_checkpoints_files_are_read(tmp_path):
+    """As transformers: the shards model.safetensors.index.json names, else model.safetensors.
+    Mistral's repos ship consolidated*.safetensors beside the HF files (same weights, other
+    names), and a PEFT adapter or a stale shard may sit in the folder: reading every
+    *.safetensors file refused such a folder ('checkpoint tensors not used')."""
+    from safetensors.numpy import load_file, save_file
+
+    from wideep_jax.models.loading import checkpoint_files
+
+    folder = _copy(tmp_path / "plain")
+    want = np.asarray(_load(folder).embed[...])
+    save_file({"tok_embeddings.weight": np.ones((4, 4), np.float32)}, folder / "consolidated.safetensors")
+    save_file({"base_model.lora_A.weight": np.ones((2, 2), np.float32)}, folder / "adapter_model.safetensors")
+    assert checkpoint_files(folder) == [folder / "model.safetensors"]
+    np.testing.assert_array_equal(np.asarray(_load(folder).embed[...]), want)
+    # Sharded: the index's shards only (the consolidated file still ignored).
+    tensors = load_file(folder / "model.safetensors")
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, part in halves.items():
+        save_file({n: tensors[n] for n in part}, folder / shard)
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: shard for shard, part in halves.items() for n in part}}))
+    assert checkpoint_files(folder) == [folder / shard for shard in halves]
+    np.testing.assert_array_equal(np.asarray(_load(folder).embed[...]), want)
+    # An index whose shards are all absent, or that is not an index, says so.
+    for shard in halves:
+        (folder / shard).rename(folder / f"{shard}.part")
+    with pytest.raises(CheckpointNotFoundError, match="names 2 shard files .* none of which is in the folder"):
+        _load(folder)
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": [1]}')
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: not a safetensors index"):
+        _load(folder)

@@ -347,7 +347,9 @@ def _settings(args, setup: SimpleNamespace) -> dict[str, str]:
         "jax, jaxlib and flax": _library_versions(),
     }
     if setup.folder is not None:
-        files = sorted(setup.folder.glob("*.safetensors"))
+        from wideep_jax.models.loading import checkpoint_files
+
+        files = checkpoint_files(setup.folder)
         settings["--model's checkpoint files"] = (f"{len(files)} .safetensors files, names, sizes and "
                                                   f"sampled contents digest {_checkpoint_digest(files)}")
     return settings

@@ -141,8 +141,39 @@ def _dequantize(weight: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -
     return out
 
 
+_INDEX = "model.safetensors.index.json"
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The ``*.safetensors`` files that hold a checkpoint, as transformers picks them: the
+    shards ``model.safetensors.index.json`` names (those present: the tensors of a missing
+    one are reported when the model needs them), else ``model.safetensors``, else every
+    ``*.safetensors`` file (a folder written by hand). Other files are not read: Mistral's
+    ``consolidated*.safetensors`` beside the HF shards, a PEFT ``adapter_model.safetensors``,
+    a stale shard of an older download."""
+    folder = Path(folder)
+    index = folder / _INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+            if not shards or not all(isinstance(s, str) and s.endswith(".safetensors") for s in shards):
+                raise ValueError
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index}: not a safetensors index; allowed: a JSON object whose weight_map maps "
+                                  "tensor names to the *.safetensors files of the folder") from None
+        present = [folder / s for s in shards if (folder / s).is_file()]
+        if not present:
+            raise CheckpointNotFoundError(f"{folder}: {_INDEX} names {len(shards)} shard files ({shards[0]!r}, ...), "
+                                          "none of which is in the folder (an incomplete download?)")
+        return present
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    return sorted(folder.glob("*.safetensors"))
+
+
 class Checkpoint:
-    """Name -> lazily read NumPy array over a folder's ``*.safetensors`` files.
+    """Name -> lazily read NumPy array over a folder's checkpoint files (:func:`checkpoint_files`).
 
     FP8 tensors are returned dequantized to float32 with their ``_scale_inv`` in blocks of
     ``block`` (rows, columns); reading one marks its scale as used too.
@@ -150,7 +181,7 @@ class Checkpoint:
 
     def __init__(self, folder: Path, block: tuple[int, int] = (128, 128)):
         self.folder, self.block = Path(folder), tuple(block)
-        files = sorted(self.folder.glob("*.safetensors"))
+        files = checkpoint_files(self.folder)
         if not files:
             raise CheckpointNotFoundError(f"{folder}: no *.safetensors files; expected {_EXPECTED}")
         self._where: dict[str, tuple[Path, dict, int]] = {}
@@ -197,7 +228,7 @@ class Checkpoint:
         names, their count, the folder and ``cause`` (else the likely one)."""
         shown = ", ".join(map(repr, names[:5])) + (", ..." if len(names) > 5 else "")
         if cause is None:  # a shard the index names but the folder lacks, else a config/weights mismatch
-            index = self.folder / "model.safetensors.index.json"
+            index = self.folder / _INDEX
             try:
                 shards = sorted({json.loads(index.read_text())["weight_map"][n] for n in names})
             except (OSError, ValueError, KeyError, TypeError):
