@@ -711,6 +711,18 @@ def test_generate_eos_pads_the_finished_sequence_and_leaves_the_others(tmp_path,
     np.testing.assert_array_equal(generate(padded, prompts, max_new_tokens=new).tokens, want)
     np.testing.assert_array_equal(generate(padded, prompts, max_new_tokens=new, eos_token_id=None).tokens,
                                   base.tokens)
+    # generation_config.json's ids win over config.json's, as in transformers' generate
+    # (Qwen3: config.json 151645, generation_config.json [151645, 151643]).
+    folder = _checkpoint_with_config(tmp_path / "generation", "qwen3_moe", eos_token_id=unused)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [unused, eos], "pad_token_id": pad,
+                                                               "temperature": 0.6}))
+    from_generation = from_pretrained(folder, dtype=jnp.float32)
+    assert from_generation.cfg.eos_token_id == (unused, eos) and from_generation.cfg.pad_token_id == pad
+    np.testing.assert_array_equal(generate(from_generation, prompts, max_new_tokens=new).tokens, want)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": "2"}))
+    with pytest.raises(ValueError, match=re.escape(f"{folder / 'generation_config.json'}: eos_token_id='2'; "
+                                                   "allowed: an int token id, a list of them, or null")):
+        from_pretrained(folder, dtype=jnp.float32)
 
 
 @pytest.mark.parametrize("ep", [1, 2])

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from wideep_jax.config import MoEConfig
 from wideep_jax.layer import MoELayer
-from wideep_jax.models.config import CheckpointError, _int, _integer, from_hf_config
+from wideep_jax.models.config import CheckpointError, _int, _integer, _token_id, _token_ids, from_hf_config
 from wideep_jax.models.decoder import CausalLM
 
 _FP8 = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
@@ -54,7 +54,10 @@ class MissingTensorError(CheckpointError, KeyError):
 
 
 def read_config(folder: Path) -> dict:
-    """``folder/config.json``; errors name the file and what is expected there."""
+    """``folder/config.json``, with ``generation_config.json``'s ``eos_token_id`` and
+    ``pad_token_id`` over its own where that file gives them (transformers' ``generate``
+    stops on those: Qwen3's lists two end tokens there, config.json one); errors name the
+    file and what is expected there."""
     file = folder / "config.json"
     if not folder.is_dir():
         raise CheckpointNotFoundError(f"{folder}: no such folder; expected {_EXPECTED}")
@@ -68,6 +71,29 @@ def read_config(folder: Path) -> dict:
     if not isinstance(config, dict):
         raise CheckpointError(f"{file}: holds a {type(config).__name__} ({str(config)[:40]}); "
                               "expected a JSON object of model settings (model_type, hidden_size, ...)")
+    return _with_generation_ids(folder, config)
+
+
+def _with_generation_ids(folder: Path, config: dict) -> dict:
+    file = folder / "generation_config.json"
+    if not file.is_file():
+        return config
+    try:
+        generation = json.loads(file.read_bytes())
+    except ValueError as err:
+        raise CheckpointError(f"{file}: not valid JSON ({err}); expected a JSON object of generation "
+                              "settings") from None
+    if not isinstance(generation, dict):
+        raise CheckpointError(f"{file}: holds a {type(generation).__name__}; expected a JSON object of generation "
+                              "settings")
+    ids = {k: generation[k] for k in ("eos_token_id", "pad_token_id") if generation.get(k) is not None}
+    try:  # checked here, so that an error names this file
+        _token_ids(ids, "eos_token_id"), _token_id(ids, "pad_token_id")
+    except CheckpointError as err:
+        raise CheckpointError(str(err).replace("config.json", str(file), 1)) from None
+    config = config | ids
+    if isinstance(config.get("text_config"), dict):  # Llama 4: the text model's ids
+        config["text_config"] = config["text_config"] | ids
     return config
 
 
