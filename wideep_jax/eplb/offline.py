@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +33,7 @@ __all__ = [
     "normalised",
     "report",
     "save_heatmap",
+    "shared_rank_greedy",
     "write_placement_file",
 ]
 
@@ -61,7 +63,12 @@ class Placements(dict):
 def generate_placement(stats: LoadedStats, *, ep_size: int, num_slots: int,
                        num_nodes: int = 1) -> Placements:
     """``{layer: int32 [num_slots] slot_to_expert}`` balancing the load summed over ``stats.iters``
-    (a :class:`Placements`, which also keeps ``num_nodes``)."""
+    (a :class:`Placements`, which also keeps ``num_nodes``).
+
+    Per layer, :func:`~wideep_jax.eplb.algorithm.compute_placement` (at most one replica of
+    an expert per rank), or with one node group :func:`shared_rank_greedy` (TensorRT-LLM's
+    kind of greedy, which may put two replicas of an expert on one rank) where that gives
+    the busiest rank strictly less load: neither is better on every layer."""
     from wideep_jax.eplb.algorithm import compute_placement
 
     ep_size = _positive_int("ep_size", ep_size)
@@ -73,8 +80,49 @@ def generate_placement(stats: LoadedStats, *, ep_size: int, num_slots: int,
     if num_slots % ep_size:
         raise ValueError(f"num_slots={num_slots}: allowed: a multiple of ep_size = {ep_size}")
     load = stats.load().astype(np.float32)  # [L, E]
-    slots = np.asarray(compute_placement(load, num_slots, ep_size, num_nodes=num_nodes), np.int32)
+    slots = np.array(compute_placement(load, num_slots, ep_size, num_nodes=num_nodes), np.int32)  # a copy
+    if num_nodes == 1:  # the greedy knows no node groups
+        for i, layer_load in enumerate(load.astype(np.float64)):
+            greedy = shared_rank_greedy(layer_load, num_slots, ep_size)
+            if _busiest(layer_load, greedy, ep_size) < _busiest(layer_load, slots[i], ep_size) * (1 - 1e-9):
+                slots[i] = greedy
     return Placements({layer: slots[i] for i, layer in enumerate(stats.layers)}, num_nodes=num_nodes)
+
+
+def shared_rank_greedy(load: np.ndarray, num_slots: int, ep_size: int) -> np.ndarray:
+    """int32 [num_slots]: each extra slot replicates the expert with the largest load per
+    replica (ties: lower id; no load at all: spread evenly), then replicas, heaviest first
+    (ties: lower id), go to the least-loaded rank with a free slot (ties: lower rank), even
+    one that holds that expert already (TensorRT-LLM's placement greedy)."""
+    load = np.asarray(load, np.float64)
+    num_experts, per_rank = len(load), num_slots // ep_size
+    if load.sum() > 0:
+        count = np.ones(num_experts, np.int64)
+        heap = [(-float(v), e) for e, v in enumerate(load)]
+        heapq.heapify(heap)
+        for _ in range(num_slots - num_experts):
+            _, e = heapq.heappop(heap)
+            count[e] += 1
+            heapq.heappush(heap, (-float(load[e]) / count[e], e))
+    else:
+        count = np.full(num_experts, num_slots // num_experts) + (np.arange(num_experts) < num_slots % num_experts)
+    replicas = sorted(((-load[e] / count[e], e) for e in range(num_experts) for _ in range(count[e])))
+    out = np.empty((ep_size, per_rank), np.int32)
+    filled = np.zeros(ep_size, np.int64)
+    ranks = [(0.0, r) for r in range(ep_size)]  # (load, rank): a min-heap of the ranks with room
+    for neg_share, e in replicas:
+        rank_load, r = heapq.heappop(ranks)
+        out[r, filled[r]] = e
+        filled[r] += 1
+        if filled[r] < per_rank:
+            heapq.heappush(ranks, (rank_load - neg_share, r))
+    return out.reshape(-1)
+
+
+def _busiest(load: np.ndarray, slot_to_expert: np.ndarray, ep_size: int) -> float:
+    """The largest rank load of one layer's placement (float64)."""
+    replicas = np.bincount(slot_to_expert, minlength=len(load))
+    return float((load[slot_to_expert] / replicas[slot_to_expert]).reshape(ep_size, -1).sum(1).max())
 
 
 def write_placement_file(path: str | os.PathLike, placements: Placement, num_slots: int, *,
