@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from wideep_jax.config import placement_violation
+from wideep_jax.config import default_placement, placement_violation
 
 __all__ = ["compute_placement", "greedy_placement", "imbalance", "rank_loads"]
 
@@ -408,7 +408,7 @@ def _solve_layer(load, current, tolerance, *, num_slots: int, ep_size: int, num_
     if current is None:
         if not refine or num_nodes > 1:  # the default may split replicas across nodes
             return bins.reshape(-1)
-        default = _default_placement(num_slots, num_experts, ep_size)
+        default = jnp.asarray(default_placement(num_slots, num_experts, ep_size))
         better = _max_rank_load(load, default, ep_size) < _max_rank_load(load, bins.reshape(-1), ep_size)
         return jnp.where(better, default, bins.reshape(-1))
 
@@ -419,13 +419,6 @@ def _solve_layer(load, current, tolerance, *, num_slots: int, ep_size: int, num_
     cur = current.astype(_I32).reshape(ep_size, per_rank)
     return _migrate(bins, rload.reshape(-1), by_expert(w), by_expert(count), expert_node, cur,
                     tolerance, num_nodes).reshape(-1)
-
-
-def _default_placement(num_slots: int, num_experts: int, ep_size: int) -> jax.Array:
-    """TensorRT-LLM's default placement (``config.default_placement``), int32 [S]."""
-    per_rank = num_slots // ep_size
-    slot = jnp.arange(num_slots, dtype=_I32)
-    return ((slot // per_rank) * num_experts // ep_size + slot % per_rank) % num_experts
 
 
 def _max_rank_load(load: jax.Array, s2e: jax.Array, ep_size: int) -> jax.Array:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from wideep_jax.config import default_placement
+
 __all__ = ["compute_placement", "greedy_placement"]
 
 _F32 = np.float32
@@ -242,8 +244,7 @@ def _solve_layer(load, current, tolerance, num_slots, ep_size, num_nodes, refine
     bins = np.concatenate(bins)
     if current is None:
         if refine and num_nodes == 1:  # step 4's last part: the default placement, if strictly better
-            per_slot = np.arange(num_slots) // per_rank * num_experts // ep_size + np.arange(num_slots) % per_rank
-            default = (per_slot % num_experts).reshape(ep_size, per_rank)
+            default = default_placement(num_slots, num_experts, ep_size).reshape(ep_size, per_rank)
             if _max_rank_load(load, default) < _max_rank_load(load, bins):
                 return default.reshape(-1).astype(np.int32)
         return bins.reshape(-1).astype(np.int32)

@@ -121,8 +121,7 @@ def shared_rank_greedy(load: np.ndarray, num_slots: int, ep_size: int) -> np.nda
 
 def _busiest(load: np.ndarray, slot_to_expert: np.ndarray, ep_size: int) -> float:
     """The largest rank load of one layer's placement (float64)."""
-    replicas = np.bincount(slot_to_expert, minlength=len(load))
-    return float((load[slot_to_expert] / replicas[slot_to_expert]).reshape(ep_size, -1).sum(1).max())
+    return float(_slot_loads(load[None, None], slot_to_expert[None])[0, 0].reshape(ep_size, -1).sum(1).max())
 
 
 def write_placement_file(path: str | os.PathLike, placements: Placement, num_slots: int, *,
